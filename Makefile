@@ -1,0 +1,30 @@
+# Two commands for a fresh machine: `make run` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/default
+
+.PHONY: run test install install-dev clean
+
+$(BIN)/.runtime: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(BIN)/.runtime
+install-dev: $(BIN)/.dev
+
+run: $(BIN)/.runtime
+	bash launch/local.sh --workdir=$(WORKDIR)
+
+test: $(BIN)/.dev
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,426 @@
+"""Decoder-only transformer (Qwen2 / Qwen2.5 and Llama 3 families) in Flax NNX.
+
+The trainer and the sampler call this one model: the sampler passes a KV
+cache, the trainer asks for final hidden states and computes log-probs in
+chunks from them (objectives.chunked_logprobs_and_entropy).
+
+Dimension letters used in names and einsum strings:
+  B  batch rows              T  query (sequence) length
+  S  key length (cache slots) D  embed (hidden) size
+  F  mlp (ffn) size          N  query heads
+  K  key/value heads         G  query heads per kv head (N // K)
+  H  head dim                V  vocabulary
+  L  layers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from srft_jax import sharding as shd
+
+Array = jax.Array
+f32 = jnp.float32
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3 RoPE frequency scaling (HF `rope_type: llama3`)."""
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of one decoder. Frozen: jitted code may close over it."""
+  model_type: str = "qwen2"          # "qwen2" | "llama" (HF model_type)
+  vocab_size: int = 512
+  embed_dim: int = 128               # D (HF hidden_size)
+  mlp_dim: int = 384                 # F (HF intermediate_size)
+  num_layers: int = 4                # L
+  num_heads: int = 4                 # N
+  num_kv_heads: int = 2              # K
+  head_dim: int = 32                 # H
+  rope_theta: float = 10_000.0
+  rope_scaling: RopeScaling | None = None
+  max_seq_len: int = 2048            # context window (HF max_position_embeddings)
+  norm_eps: float = 1e-6
+  qkv_bias: bool = True              # Qwen2: True, Llama: False
+  tie_embeddings: bool = False
+  param_dtype: str = "float32"
+  dtype: str = "float32"             # compute dtype; norms, softmax, logits stay float32
+  remat: str = "none"                # "none" | "full" | "dots" (save matmul outputs)
+  attention: str = "xla"             # "xla" (one einsum) | "chunked" (query blocks)
+  attention_chunk: int = 512         # query block size for attention="chunked"
+  rules: tuple = shd.DEFAULT_RULES   # logical axis -> mesh axes
+
+  def __post_init__(self):
+    checks = {
+        "model_type": self.model_type in ("qwen2", "llama"),
+        "num_heads": self.num_heads % max(self.num_kv_heads, 1) == 0,
+        "param_dtype": self.param_dtype in DTYPES,
+        "dtype": self.dtype in DTYPES,
+        "remat": self.remat in ("none", "full", "dots"),
+        "attention": self.attention in ("xla", "chunked"),
+    }
+    for name, ok in checks.items():
+      if not ok:
+        raise ValueError(f"ModelConfig.{name}: invalid value {getattr(self, name)!r}")
+    for name in ("vocab_size", "embed_dim", "mlp_dim", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "max_seq_len", "attention_chunk"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"ModelConfig.{name}: must be positive, got {getattr(self, name)}")
+
+  @property
+  def jnp_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def num_params(self) -> int:
+    d, f, n, k, h, v = (self.embed_dim, self.mlp_dim, self.num_heads,
+                        self.num_kv_heads, self.head_dim, self.vocab_size)
+    attn = d * n * h + 2 * d * k * h + n * h * d
+    if self.qkv_bias:
+      attn += n * h + 2 * k * h
+    layer = attn + 3 * d * f + 2 * d
+    return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * layer + d
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "ModelConfig":
+    if name not in PRESETS:
+      raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+_QWEN2_5_MATH_7B = ModelConfig(
+    model_type="qwen2", vocab_size=152_064, embed_dim=3584, mlp_dim=18_944,
+    num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=10_000.0,
+    max_seq_len=4096, norm_eps=1e-6, qkv_bias=True, tie_embeddings=False,
+    param_dtype="bfloat16", dtype="bfloat16", remat="full", attention="chunked")
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU tests and the default run; vocab is replaced by the task tokenizer's.
+    "tiny": ModelConfig(),
+    "qwen2_5_0_5b": ModelConfig(
+        model_type="qwen2", vocab_size=151_936, embed_dim=896, mlp_dim=4864,
+        num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1e6,
+        max_seq_len=32_768, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
+    "qwen2_5_1_5b": ModelConfig(
+        model_type="qwen2", vocab_size=151_936, embed_dim=1536, mlp_dim=8960,
+        num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, rope_theta=1e6,
+        max_seq_len=32_768, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
+    "qwen2_5_math_7b": _QWEN2_5_MATH_7B,
+    # The paper's variant (METHOD.md §5): RoPE theta 40k and a 16,384-token window.
+    "qwen2_5_math_7b_rope40k": dataclasses.replace(
+        _QWEN2_5_MATH_7B, rope_theta=40_000.0, max_seq_len=16_384),
+    "llama3_2_1b": ModelConfig(
+        model_type="llama", vocab_size=128_256, embed_dim=2048, mlp_dim=8192,
+        num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500_000.0,
+        rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), max_seq_len=131_072,
+        norm_eps=1e-5, qkv_bias=False, tie_embeddings=True),
+}
+
+
+# ----------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal"):
+  if init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = (0.02 * jax.random.normal(rngs.params(), shape, f32)).astype(dtype)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def rope_frequencies(cfg: ModelConfig) -> Array:
+  """Inverse frequencies [H/2], with Llama 3 scaling when configured."""
+  h = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=f32) / h))
+  s = cfg.rope_scaling
+  if s is None:
+    return inv
+  wavelen = 2 * math.pi / inv
+  low_wl = s.original_max_position / s.low_freq_factor
+  high_wl = s.original_max_position / s.high_freq_factor
+  smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  medium = (1 - smooth) * inv / s.factor + smooth * inv
+  return jnp.where(wavelen > low_wl, inv / s.factor,
+                   jnp.where(wavelen < high_wl, inv, medium))
+
+
+def apply_rope(x_BTNH: Array, positions_BT: Array, inv_freq: Array) -> Array:
+  """Rotary embedding, HF "rotate half" layout, computed in float32."""
+  angles = positions_BT.astype(f32)[..., None] * inv_freq  # [B, T, H/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x = x_BTNH.astype(f32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, dtype):
+    self.eps = eps
+    self.scale = _param(None, (dim,), ("norm",), dtype, init="ones")
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(f32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(f32)).astype(x.dtype)
+
+
+def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, allowed_BTS: Array) -> Array:
+  """Grouped-query softmax attention, float32 scores and softmax."""
+  b, t, n, h = q_BTNH.shape
+  k = k_BSKH.shape[2]
+  q = q_BTNH.reshape(b, t, k, n // k, h)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=f32)
+  scores = scores * (h ** -0.5)
+  # finfo.min, not -inf: a fully masked row (a padding query) stays finite.
+  scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, jnp.finfo(f32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH, preferred_element_type=f32)
+  return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
+
+
+def attend_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, chunk: int) -> Array:
+  """`attend` over blocks of queries: peak score memory [B, N, chunk, S].
+
+  Each block is rematerialised in the backward pass, so long training
+  sequences (8k+ tokens) never hold a full [T, S] score matrix per head.
+  """
+  b, t, n, h = q_BTNH.shape
+  if t <= chunk:
+    return attend(q_BTNH, k_BSKH, v_BSKH, allowed_BTS)
+  pad = (-t) % chunk
+  q = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  allowed = jnp.pad(allowed_BTS, ((0, 0), (0, pad), (0, 0)))
+  nblk = (t + pad) // chunk
+  q = q.reshape(b, nblk, chunk, n, h).swapaxes(0, 1)
+  allowed = allowed.reshape(b, nblk, chunk, -1).swapaxes(0, 1)
+  block = jax.checkpoint(lambda qa: attend(qa[0], k_BSKH, v_BSKH, qa[1]))
+  out = jax.lax.map(block, (q, allowed))  # [nblk, B, chunk, N, H]
+  return out.swapaxes(0, 1).reshape(b, t + pad, n, h)[:, :t]
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, n, k, h, pd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
+    self.cfg = cfg
+    self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd)
+    self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+    self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+    self.o = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd)
+    if cfg.qkv_bias:
+      self.q_bias = _param(None, (n, h), ("heads", "head_dim"), pd, init="zeros")
+      self.k_bias = _param(None, (k, h), ("kv_heads", "head_dim"), pd, init="zeros")
+      self.v_bias = _param(None, (k, h), ("kv_heads", "head_dim"), pd, init="zeros")
+
+  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None):
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    rules = cfg.rules
+    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q[...].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v[...].astype(dt))
+    if cfg.qkv_bias:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    q = shd.constrain(apply_rope(q, positions_BT, inv_freq),
+                      ("batch", "length", "act_heads", "head_dim"), rules)
+    k = apply_rope(k, positions_BT, inv_freq)
+    if kv is not None:  # write the new keys/values into the cache at `index`
+      k_cache, v_cache = kv
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      kv = (k, v)
+    kv_names = ("batch", "cache_length" if kv is not None else "length", "act_kv_heads", "head_dim")
+    k = shd.constrain(k, kv_names, rules)
+    v = shd.constrain(v, kv_names, rules)
+    if cfg.attention == "chunked":
+      out = attend_chunked(q, k.astype(dt), v.astype(dt), allowed_BTS, cfg.attention_chunk)
+    else:
+      out = attend(q, k.astype(dt), v.astype(dt), allowed_BTS)
+    y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt))
+    return y, kv
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, pd = cfg.embed_dim, cfg.mlp_dim, cfg.jnp_param_dtype
+    self.cfg = cfg
+    self.gate = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.up = _param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.down = _param(rngs, (f, d), ("mlp", "embed"), pd)
+
+  def __call__(self, x_BTD):
+    dt = self.cfg.jnp_dtype
+    g = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt))
+    u = jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt))
+    h = shd.constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"), self.cfg.rules)
+    return jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = cfg.jnp_param_dtype
+    self.cfg = cfg
+    self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None):
+    y, kv = self.attn(self.attn_norm(x_BTD), positions_BT, inv_freq, allowed_BTS, kv, index)
+    x = x_BTD + y
+    x = x + self.mlp(self.mlp_norm(x))
+    x = shd.constrain(x, ("batch", "length", "act_embed"), self.cfg.rules)
+    return x, kv
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _run_block(block: Block, *args):
+  return block(*args)
+
+
+class Transformer(nnx.Module):
+  """The decoder. `__call__` serves training (no cache) and decoding (cache)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = cfg.jnp_param_dtype
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd)
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), pd)
+
+  def unembed(self) -> Array:
+    """The [D, V] output projection (the transposed embedding when tied)."""
+    if self.cfg.tie_embeddings:
+      return self.embed[...].T
+    return self.lm_head[...]
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> dict[str, Any]:
+    return init_cache(self.cfg, batch, length, dtype)
+
+  def __call__(self, tokens_BT: Array, positions_BT: Array, mask_BT: Array | None = None,
+               cache: dict[str, Any] | None = None, return_hidden: bool = False):
+    cfg = self.cfg
+    dt = cfg.jnp_dtype
+    b, t = tokens_BT.shape
+    if mask_BT is None:
+      mask_BT = jnp.ones((b, t), jnp.int32)
+    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+    x = shd.constrain(x, ("batch", "length", "act_embed"), cfg.rules)
+    inv_freq = rope_frequencies(cfg)
+
+    if cache is None:
+      idx = jnp.arange(t)
+      allowed = (idx[None, :] <= idx[:, None])[None] & (mask_BT[:, None, :] > 0)
+      index = None
+    else:
+      index = cache["index"]
+      kv_mask = jax.lax.dynamic_update_slice(
+          cache["mask"], mask_BT.astype(cache["mask"].dtype), (0, index))
+      slots = jnp.arange(kv_mask.shape[1])
+      allowed = (slots[None, :] <= index + jnp.arange(t)[:, None])[None] & (kv_mask[:, None, :] > 0)
+
+    run = _run_block
+    if cfg.remat != "none":
+      run = nnx.remat(_run_block, policy=_REMAT_POLICIES[cfg.remat])
+    new_k, new_v = [], []
+    for i, block in enumerate(self.layers):
+      kv = None if cache is None else (cache["k"][i], cache["v"][i])
+      x, kv = run(block, x, positions_BT, inv_freq, allowed, kv, index)
+      if cache is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = self.final_norm(x)
+    if cache is not None:
+      cache = {"k": tuple(new_k), "v": tuple(new_v), "mask": kv_mask, "index": index + t}
+    if return_hidden:
+      return x, cache
+    logits = jnp.einsum("BTD,DV->BTV", x, self.unembed().astype(dt), preferred_element_type=f32)
+    logits = shd.constrain(logits, ("batch", "length", "act_vocab"), cfg.rules)
+    return logits, cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, Any]:
+  """An empty KV cache: per-layer [B, S, K, H] keys and values, a slot mask and the fill index."""
+  dtype = dtype or cfg.jnp_dtype
+  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+  return {
+      "k": tuple(zeros() for _ in range(cfg.num_layers)),
+      "v": tuple(zeros() for _ in range(cfg.num_layers)),
+      "mask": jnp.zeros((batch, length), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+  }
+
+
+def cache_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
+  """Logical axis names of the cache pytree (same structure as `init_cache`)."""
+  kv = ("batch", "cache_length", "kv_heads", "head_dim")
+  return {
+      "k": tuple(kv for _ in range(cfg.num_layers)),
+      "v": tuple(kv for _ in range(cfg.num_layers)),
+      "mask": ("batch", "cache_length"),
+      "index": (),
+  }
+
+
+def positions_from_mask(mask_BT: Array) -> Array:
+  """Positions that count real tokens only (left padding safe, as HF generate)."""
+  return jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def forward_logits(model: Transformer, tokens_BT: Array, mask_BT: Array | None = None) -> Array:
+  """Float32 logits [B, T, V] of a full forward pass (scoring and tests)."""
+  if mask_BT is None:
+    mask_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+  mask_BT = jnp.asarray(mask_BT, jnp.int32)
+  logits, _ = model(jnp.asarray(tokens_BT), positions_from_mask(mask_BT), mask_BT)
+  return logits
+
+
+def create_model(cfg: ModelConfig, *, seed: int = 0, mesh=None) -> Transformer:
+  """A randomly initialised model, created directly in its sharded layout on `mesh`."""
+  return shd.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh, cfg.rules)
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """The model's shapes and dtypes only (no allocation)."""
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: nnx.Module) -> int:
+  state = nnx.state(model, nnx.Param)
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))

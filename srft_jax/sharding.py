@@ -1,0 +1,191 @@
+"""Device mesh and logical-axis sharding.
+
+Parameters and activations carry *logical* axis names (`embed`, `mlp`, `heads`,
+...). One rules table maps each logical name to mesh axes (`data`, `fsdp`,
+`tensor`), so switching FSDP for tensor parallelism is a config edit, never a
+code edit (MaxText's `logical_axis_rules`). Layers never name mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes (None = replicated). Order of preference matters:
+# an axis already used by an earlier dimension of the same array is skipped.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("cache_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Builds a (data, fsdp, tensor) mesh with Auto axes (classic GSPMD).
+
+  `shape` maps axis -> size; one size may be -1 (fills the remaining devices).
+  Missing axes get size 1.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  if shape is None:
+    shape = {"data": -1}
+  if not isinstance(shape, Mapping):
+    shape = dict(zip(MESH_AXES, shape))
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"mesh: unknown axis {sorted(unknown)}; axes are {MESH_AXES}")
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError("mesh: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh: {len(devices)} devices not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(
+        f"mesh: axes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
+        f"have {len(devices)}")
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  try:
+    dev_array = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
+  except Exception:  # irregular device sets (e.g. CPU processes): plain reshape
+    dev_array = np.asarray(devices).reshape(sizes)
+  return jax.sharding.Mesh(dev_array, MESH_AXES, axis_types=axis_types)
+
+
+def _rules_dict(rules) -> dict[str, tuple[str, ...]]:
+  out = {}
+  for name, axes in rules if rules is not None else DEFAULT_RULES:
+    if axes is None:
+      axes = ()
+    elif isinstance(axes, str):
+      axes = (axes,)
+    out[name] = tuple(axes)
+  return out
+
+
+def logical_to_spec(names: Sequence[str | None], rules=None, mesh=None,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec.
+
+  Mesh axes absent from `mesh` (or of size 1), already used by an earlier
+  dimension, or (when `shape` is given) not dividing the dimension are dropped,
+  so every rules table gives a valid spec for every array.
+  """
+  table = _rules_dict(rules)
+  mesh_sizes = dict(mesh.shape) if mesh is not None else None
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(names):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in table:
+      raise KeyError(f"sharding rules: no rule for logical axis {name!r}")
+    chosen = []
+    dim = None if shape is None else shape[i]
+    for axis in table[name]:
+      if axis in used:
+        continue
+      if mesh_sizes is not None:
+        size = mesh_sizes.get(axis)
+        if size is None or size == 1:
+          continue
+        if dim is not None:
+          prod = math.prod(mesh_sizes[a] for a in chosen) * size
+          if dim % prod:
+            continue
+      chosen.append(axis)
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  return PartitionSpec(*spec)
+
+
+def named_sharding(mesh, names, rules=None, shape=None) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules=None) -> jax.Array:
+  """Sharding constraint by logical names under the ambient mesh (no-op without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return x
+  spec = logical_to_spec(names, rules, mesh, x.shape)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def state_logical_axes(state) -> Any:
+  """The logical axis names of every variable in an NNX state (same tree)."""
+  def axes(v):
+    names = v.get_metadata().get("logical_axes")
+    return v.replace(tuple(names) if names is not None else (None,) * np.ndim(v.get_value()))
+  return jax.tree.map(axes, state, is_leaf=_is_variable)
+
+
+def state_shardings(state, mesh, rules=None) -> Any:
+  """NamedSharding for every variable of an (abstract) NNX state (same tree)."""
+  def one(v):
+    names = v.get_metadata().get("logical_axes")
+    shape = tuple(v.get_value().shape)
+    if names is None:
+      names = (None,) * len(shape)
+    return v.replace(named_sharding(mesh, names, rules, shape))
+  return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def create_sharded(module_fn, mesh=None, rules=None):
+  """Initialises `module_fn()` directly into its sharded layout.
+
+  The module is traced abstractly (`nnx.eval_shape`), shardings are derived
+  from the logical axes, and the real initialiser runs under `jax.jit` with
+  those `out_shardings`: no full-size array ever lands on one device.
+  """
+  abstract = nnx.eval_shape(module_fn)
+  graphdef, abs_state = nnx.split(abstract)
+  if mesh is None:
+    return module_fn()
+  shardings = state_shardings(abs_state, mesh, rules)
+
+  init = jax.jit(lambda: nnx.split(module_fn())[1], out_shardings=shardings)
+  state = init()
+  return nnx.merge(graphdef, state)
+
+
+def shard_module(module, mesh, rules=None):
+  """Moves an existing module's variables onto `mesh` per their logical axes."""
+  graphdef, state = nnx.split(module)
+  shardings = state_shardings(state, mesh, rules)
+  state = jax.device_put(state, shardings)
+  return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh, ndim: int, rules=None, shape=None) -> NamedSharding:
+  """Sharding for a [batch, ...] data array: batch over the data axes."""
+  names = ("batch",) + (None,) * (ndim - 1)
+  return named_sharding(mesh, names, rules, shape)
