@@ -1,0 +1,262 @@
+"""Sampler throughput: srft_jax vs transformers `generate` (and Tunix when given).
+
+CPU mode (default): the same Qwen2-like float32 model shape (~41M params) in
+both frameworks, 32 prompts x 64 tokens, 128 new tokens with no EOS (so no
+early stop), temperature-1 sampling. Prints one JSON line:
+  {"tokens_per_s": {"srft_jax": ..., "transformers": ..., "tunix": ...},
+   "ratio_vs_transformers": ..., "ratio_vs_tunix": ..., ...}
+
+`--tunix_python=/path/to/venv/bin/python` also times Tunix's `Sampler` in that
+(side) interpreter with the same shapes; Tunix is never installed here.
+
+`--device`: a Qwen2.5-1.5B-shaped bfloat16 model on the accelerator; reports
+tokens/s and the fraction of peak HBM bandwidth a decode step achieves:
+(bytes of weights + KV cache read per step) / step time / peak.
+The step time is (t(R new tokens) - t(1 new token)) / (R - 1), i.e. decode only.
+
+  python benchmarks/sampler_throughput.py [--threads N] [--repeats 3]
+  python benchmarks/sampler_throughput.py --device [--preset qwen2_5_1_5b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--prompt_len", type=int, default=64)
+  p.add_argument("--new_tokens", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; median")
+  p.add_argument("--threads", type=int, default=0,
+                 help="CPU threads for both frameworks (0 = all cores; 1 also makes XLA single-threaded)")
+  p.add_argument("--vocab", type=int, default=16384)
+  p.add_argument("--embed", type=int, default=512)
+  p.add_argument("--mlp", type=int, default=1536)
+  p.add_argument("--layers", type=int, default=8)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--kv_heads", type=int, default=2)
+  p.add_argument("--head_dim", type=int, default=64)
+  p.add_argument("--tunix_python", default="", help="python of a side venv with google-tunix")
+  p.add_argument("--skip_transformers", action="store_true")
+  p.add_argument("--device", action="store_true", help="accelerator mode (bf16 1.5B shape)")
+  p.add_argument("--preset", default="qwen2_5_1_5b", help="model preset for --device")
+  return p.parse_args(argv)
+
+
+ARGS = _args()
+if ARGS.threads == 1:  # must precede the jax import
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from srft_jax import model as model_lib  # noqa: E402
+from srft_jax import sampler as smp  # noqa: E402
+
+PEAK_HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def _prompts(batch, length, vocab, seed=0):
+  rs = np.random.RandomState(seed)
+  return rs.randint(1, vocab, size=(batch, length)).astype(np.int32), np.ones((batch, length), np.int32)
+
+
+def _median_time(fn, repeats):
+  fn()  # warm-up (compile)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _time_srft(model, tokens, mask, new_tokens, repeats):
+  cfg = smp.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, eos_ids=(),
+                           prompt_buckets=(tokens.shape[1],))
+  keys = iter(range(10_000))
+
+  def run():
+    out = smp.sample(model, tokens, mask, jax.random.key(next(keys)), cfg)
+    jax.block_until_ready(out.tokens)
+    assert int(out.lengths.min()) == new_tokens  # no early stop
+  return _median_time(run, repeats)
+
+
+def _model_cfg(a) -> model_lib.ModelConfig:
+  return model_lib.ModelConfig(
+      model_type="qwen2", vocab_size=a.vocab, embed_dim=a.embed, mlp_dim=a.mlp,
+      num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads, head_dim=a.head_dim,
+      rope_theta=1e6, max_seq_len=4096, qkv_bias=True, tie_embeddings=False)
+
+
+def _time_transformers(cfg: model_lib.ModelConfig, tokens, mask, new_tokens, repeats, threads):
+  import torch
+  import transformers
+  torch.set_num_threads(threads or os.cpu_count())
+  hf_cfg = transformers.Qwen2Config(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+      max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
+      tie_word_embeddings=cfg.tie_embeddings, rms_norm_eps=cfg.norm_eps)
+  hf = transformers.Qwen2ForCausalLM(hf_cfg).eval().to(torch.float32)
+  ids = torch.tensor(tokens, dtype=torch.long)
+  att = torch.tensor(mask, dtype=torch.long)
+
+  def run():
+    with torch.inference_mode():
+      out = hf.generate(input_ids=ids, attention_mask=att, do_sample=True, temperature=1.0,
+                        top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        eos_token_id=None, pad_token_id=0)
+    assert out.shape[1] == tokens.shape[1] + new_tokens
+  return _median_time(run, repeats)
+
+
+# Runs inside the side venv's python; reads a JSON spec on argv[1], prints seconds.
+_TUNIX_SCRIPT = r'''
+import json, sys, time
+import numpy as np
+import jax
+from flax import nnx
+import tokenizers, transformers
+from tunix.generate import sampler as sampler_lib
+from tunix.models.qwen2 import model as qwen2_lib
+
+spec = json.loads(sys.argv[1])
+v = spec["vocab"]
+words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(2, v)]
+tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+cfg = qwen2_lib.ModelConfig(
+    num_layers=spec["layers"], vocab_size=v, embed_dim=spec["embed"], hidden_dim=spec["mlp"],
+    num_heads=spec["heads"], head_dim=spec["head_dim"], num_kv_heads=spec["kv_heads"],
+    rope_theta=1_000_000, norm_eps=1e-6, use_tied_embedding=False)
+model = qwen2_lib.Qwen2(cfg, rngs=nnx.Rngs(0))
+cache = sampler_lib.CacheConfig(cache_size=spec["prompt_len"] + spec["new_tokens"] + 8,
+                                num_layers=spec["layers"], num_kv_heads=spec["kv_heads"],
+                                head_dim=spec["head_dim"])
+sampler = sampler_lib.Sampler(transformer=model, tokenizer=hf_tok, cache_config=cache)
+rs = np.random.RandomState(0)
+prompts = [" ".join(f"w{i}" for i in rs.randint(2, v, size=spec["prompt_len"]))
+           for _ in range(spec["batch"])]
+def run(seed):
+  out = sampler(prompts, max_generation_steps=spec["new_tokens"], temperature=1.0, top_p=1.0,
+                top_k=None, seed=seed, echo=False, max_prompt_length=spec["prompt_len"])
+  jax.block_until_ready(out.tokens)
+run(0)
+times = []
+for r in range(spec["repeats"]):
+  t0 = time.perf_counter(); run(r + 1); times.append(time.perf_counter() - t0)
+print(json.dumps({"seconds": float(np.median(times))}))
+'''
+
+
+def _time_tunix(a):
+  spec = {"vocab": a.vocab, "layers": a.layers, "embed": a.embed, "mlp": a.mlp, "heads": a.heads,
+          "kv_heads": a.kv_heads, "head_dim": a.head_dim, "prompt_len": a.prompt_len,
+          "new_tokens": a.new_tokens, "batch": a.batch, "repeats": a.repeats}
+  env = dict(os.environ)
+  if a.threads == 1:
+    env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+    f.write(_TUNIX_SCRIPT)
+  try:
+    proc = subprocess.run([a.tunix_python, f.name, json.dumps(spec)], capture_output=True,
+                          text=True, env=env, timeout=3600)
+  finally:
+    os.unlink(f.name)
+  if proc.returncode != 0:
+    raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
+  return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def run_cpu(a):
+  cfg = _model_cfg(a)
+  model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
+  tokens, mask = _prompts(a.batch, a.prompt_len, a.vocab)
+  generated = a.batch * a.new_tokens
+  result = {"mode": "cpu", "backend": jax.default_backend(), "params": model_lib.count_params(model),
+            "batch": a.batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+            "threads": a.threads or os.cpu_count(), "seconds": {}, "tokens_per_s": {}}
+  t = _time_srft(model, tokens, mask, a.new_tokens, a.repeats)
+  result["seconds"]["srft_jax"] = t
+  result["tokens_per_s"]["srft_jax"] = generated / t
+  del model
+  if not a.skip_transformers:
+    t = _time_transformers(cfg, tokens, mask, a.new_tokens, a.repeats, a.threads)
+    result["seconds"]["transformers"] = t
+    result["tokens_per_s"]["transformers"] = generated / t
+  if a.tunix_python:
+    try:
+      t = _time_tunix(a)
+      result["seconds"]["tunix"] = t
+      result["tokens_per_s"]["tunix"] = generated / t
+    except Exception as e:  # noqa: BLE001  (reported, not hidden)
+      result["tunix_error"] = f"{type(e).__name__}: {e}"
+  tps = result["tokens_per_s"]
+  result["ratio_vs_transformers"] = tps["srft_jax"] / tps["transformers"] if "transformers" in tps else None
+  result["ratio_vs_tunix"] = tps["srft_jax"] / tps["tunix"] if "tunix" in tps else None
+  return result
+
+
+def _peak_bandwidth(device) -> float | None:
+  kind = device.device_kind.upper()
+  for name, peak in PEAK_HBM_BYTES_PER_S.items():
+    if name in kind:
+      return peak
+  return None
+
+
+def run_device(a):
+  cfg = model_lib.ModelConfig.preset(a.preset, param_dtype="bfloat16", dtype="bfloat16",
+                                     remat="none", attention="xla")
+  model = model_lib.create_model(cfg, seed=0)
+  tokens, mask = _prompts(a.batch, a.prompt_len, cfg.vocab_size)
+  t_full = _time_srft(model, tokens, mask, a.new_tokens, a.repeats)
+  t_one = _time_srft(model, tokens, mask, 1, a.repeats)
+  step = (t_full - t_one) / (a.new_tokens - 1)
+  weight_bytes = sum(x.size * x.dtype.itemsize
+                     for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  if not cfg.tie_embeddings:  # an untied embedding is only gathered (B rows per step)
+    emb = model.embed[...]
+    weight_bytes -= emb.size * emb.dtype.itemsize - a.batch * cfg.embed_dim * emb.dtype.itemsize
+  # Attention reads every slot of the static cache each step (masked or not).
+  cache_len = a.prompt_len + a.new_tokens
+  kv_bytes = (2 * cfg.num_layers * a.batch * cache_len * cfg.num_kv_heads * cfg.head_dim *
+              jnp.dtype(cfg.jnp_dtype).itemsize)
+  device = jax.devices()[0]
+  peak = _peak_bandwidth(device)
+  achieved = (weight_bytes + kv_bytes) / step
+  return {
+      "mode": "device", "device": device.device_kind, "preset": a.preset, "dtype": "bfloat16",
+      "params": model_lib.count_params(model), "batch": a.batch, "prompt_len": a.prompt_len,
+      "new_tokens": a.new_tokens,
+      "tokens_per_s": {"srft_jax": a.batch * a.new_tokens / t_full},
+      "decode_tokens_per_s": a.batch / step,
+      "seconds": {"total": t_full, "prefill_plus_first": t_one, "decode_step": step},
+      "bytes_per_step": {"weights": int(weight_bytes), "kv_cache": int(kv_bytes)},
+      "achieved_bytes_per_s": achieved, "peak_bytes_per_s": peak,
+      "hbm_bandwidth_fraction": achieved / peak if peak else None,
+  }
+
+
+def main():
+  result = run_device(ARGS) if ARGS.device else run_cpu(ARGS)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,127 @@
+"""Default: SRFT on the built-in reasoning task with the tiny model, on a laptop CPU.
+
+`python -m srft_jax.main --config=configs/default.py --workdir=runs/default`
+First warms a tiny random model up with a short SFT run (so it starts with
+some, not much, accuracy), then trains SRFT from it and reports ID / OOD
+accuracy before and after. Preset args select other methods on the same
+data: `--config=configs/default.py:grpo` (any name of METHOD.md §4, plus
+`sft_then_grpo` and `rl_then_sft`).
+"""
+
+from ml_collections import config_dict
+
+from srft_jax import objectives as obj
+
+# Two-stage schedules of single-stage loss presets (METHOD.md §4, §7 claim 3).
+TWO_STAGE = {
+    "sft_then_grpo": "sft:{half},grpo",
+    "rl_then_sft": "grpo:{half},sft",
+}
+
+
+def loss_fields() -> config_dict.ConfigDict:
+  """Every LossConfig field as an optional override (None = the preset's value)."""
+  import dataclasses
+  fields = {}
+  for f in dataclasses.fields(obj.LossConfig):
+    kind = {"float": float, "int": int, "bool": bool, "str": str}.get(
+        str(f.type).replace("Optional[", "").rstrip("]"), None)
+    fields[f.name] = config_dict.placeholder(kind) if kind else None
+  return config_dict.ConfigDict(fields)
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.seed = 0                      # model init, data order, sampling keys
+  c.steps = 120                   # optimizer steps of the main run (all stages)
+  c.method = "srft"               # loss preset (objectives.PRESETS) for a single stage
+  c.stages = ""                   # two-stage schedule, e.g. "sft:60,grpo" (overrides method)
+  c.loss = loss_fields()          # per-field overrides of the preset (single stage only)
+  c.logit_chunk = 2048            # rows of logits computed at a time in the loss
+  c.max_nonfinite_streak = 5      # stop (with a checkpoint) after this many skipped updates
+
+  c.model = config_dict.ConfigDict()
+  c.model.preset = "tiny"         # model.PRESETS name (random init) ...
+  c.model.hf_path = ""            # ... or an HF checkpoint directory to start from
+  c.model.dtype = "float32"       # compute dtype
+  c.model.param_dtype = "float32"
+  c.model.remat = "none"          # "none" | "full" | "dots"
+  c.model.embed_dim = 128         # tiny-model shape (ignored for hf_path / other presets)
+  c.model.num_layers = 4
+  c.model.mlp_dim = 512
+
+  c.data = config_dict.ConfigDict()
+  c.data.source = "task"          # "task" (built-in) | "tfds" (prepared with srft_jax.data)
+  c.data.data_dir = ""            # TFDS data_dir for source="tfds"
+  c.data.name = "openr1"          # prepared dataset name for source="tfds"
+  c.data.tokenizer = ""           # tokenizer path ("" = the task's sentencepiece model)
+  c.data.template = "plain"       # chat template: "plain" | "qwen_math" | "chatml_plain"
+  c.data.prompt_buckets = (64,)   # padded prompt lengths P
+  c.data.max_response_len = 80    # R: demonstration width and max new tokens
+  c.data.task_train_size = 20000  # built-in task: training problems
+  c.data.task_seed = 0
+
+  c.rollout = config_dict.ConfigDict()
+  c.rollout.n_rollouts = 7        # on-policy samples per prompt (METHOD.md §1: 7 + 1 demo)
+  c.rollout.n_demos = 1
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0
+  c.rollout.require_think = False  # reward 0 without </think> (METHOD.md §1.2 switch)
+
+  c.batch = config_dict.ConfigDict()
+  c.batch.prompts_per_step = 16   # global prompts per step (paper: 128)
+  c.batch.minibatches = 2         # optimizer updates per step (paper: 128 / 64 = 2)
+  c.batch.microbatches = 1        # gradient accumulation chunks per update
+
+  c.optim = config_dict.ConfigDict()
+  c.optim.lr = 5e-4
+  c.optim.schedule = "constant"   # "constant" | "linear" | "cosine"
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.clip_norm = 1.0
+
+  c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.multihost = False             # call jax.distributed.initialize() first
+
+  c.warmup = config_dict.ConfigDict()
+  c.warmup.steps = 60             # SFT steps that make the base model (0 = none)
+  c.warmup.lr = 2e-3
+  c.warmup.prompts_per_step = 32
+  c.warmup.dir = ""               # base-model cache ("" = WORKDIR/base); shared by studies
+
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.every = 50
+  c.checkpoint.keep = 2
+  c.checkpoint.async_save = True
+  c.checkpoint.export_hf = True   # write the final policy as an HF checkpoint
+
+  c.eval = config_dict.ConfigDict()
+  c.eval.n_id = 300               # test problems (in-distribution split)
+  c.eval.n_ood = 300              # test problems (out-of-distribution split)
+  c.eval.batch_size = 100
+  c.eval.temperature = 0.0        # greedy for the built-in task
+  c.eval.before = True
+  c.eval.after = True
+
+  c.log = config_dict.ConfigDict()
+  c.log.tensorboard = True
+  c.log.progress = True
+  c.log.plots = True
+
+  if arg:
+    name = arg
+    if name in TWO_STAGE:
+      c.stages = TWO_STAGE[name].format(half=c.steps // 2)
+    elif name in obj.PRESETS:
+      c.method = name
+    else:
+      raise ValueError(f"configs/default.py: unknown preset arg {arg!r}; known: "
+                       f"{sorted(obj.PRESETS) + sorted(TWO_STAGE)}")
+    if name == "grpo":
+      c.rollout.n_rollouts = 8    # same 8 slots a prompt, all on-policy
+  c.lock()
+  return c

@@ -1,0 +1,112 @@
+"""Orbax checkpoints: async saves, keep-last-N, abstract (sharded) restore,
+fallback past a corrupted latest step, and SIGTERM-triggered saves.
+
+A checkpoint holds the train state (params, optimizer state, step; restored
+straight into its sharded layout), the data-iterator position, the RNG seed
+and the config, so a restarted run continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with the project's item layout."""
+
+  ITEMS = ("state", "data", "meta")
+
+  def __init__(self, directory, *, keep: int = 2, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=self.ITEMS)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mgr.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any, data_state: dict, meta: dict, *, force: bool = True):
+    """Starts an (async) save; returns at once. `wait()` blocks until it is on disk."""
+    self._mgr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=force)
+
+  def wait(self):
+    self._mgr.wait_until_finished()
+
+  def restore(self, abstract_state: Any, step: int | None = None):
+    """Restores the newest readable checkpoint into `abstract_state`'s shardings.
+
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding`.
+    A latest checkpoint that fails to read (truncated, half-written) is
+    skipped with a warning and the previous one is used. Returns
+    `(step, state, data_state, meta)` or None when there is no checkpoint.
+    """
+    steps = [step] if step is not None else list(reversed(self.all_steps()))
+    for s in steps:
+      try:
+        out = self._mgr.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        return s, out["state"], out["data"], out["meta"]
+      except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
+        if step is not None:
+          raise
+        log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
+                    s, self.directory, type(e).__name__, str(e)[:200])
+    return None
+
+  def close(self):
+    self._mgr.wait_until_finished()
+    self._mgr.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) describing a pytree of arrays."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+class PreemptionGuard:
+  """Turns SIGTERM (what Cloud TPU and SLURM send) into a flag read at step boundaries."""
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self.requested = False
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):  # noqa: ARG002
+    log.warning("signal %d received: will checkpoint at the next step boundary and exit", signum)
+    self.requested = True
+
+  def should_stop(self) -> bool:
+    """True on every host once any host was signalled (multi-host agreement)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(jax.numpy.array(int(self.requested)))
+    return bool(flags.max())
+
+  def restore_handlers(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}

@@ -1,0 +1,630 @@
+"""Hugging Face checkpoints <-> srft_jax models (Qwen2 / Llama families).
+
+Import: `load_model(path)` reads `config.json` and the `*.safetensors` files
+and places every tensor straight into its sharded layout: each device reads
+only its own slice from disk (`jax.make_array_from_callback`), so no
+full-size copy ever sits on one device.
+
+Export: `save_model(model, path)` writes `config.json` and safetensors files
+(sharded with `model.safetensors.index.json` when large) that
+`transformers.AutoModelForCausalLM.from_pretrained` loads. Each parameter is
+gathered to the host once and streamed to disk; process 0 writes.
+
+Checks: an unknown architecture, a missing tensor, an unexpected tensor and a
+tensor of the wrong shape are all errors (`CheckpointError`) that name the
+problem. Silently dropping an unexpected tensor would hide a model the
+decoder does not implement (e.g. MLP biases), so only tensors known to be
+redundant are skipped: rotary `inv_freq` buffers and `lm_head.weight` of a
+tied model.
+
+Command line: `python -m srft_jax.hf info PATH` prints the architecture, the
+parameter count and the dtype from the headers only (no weights read).
+
+HF linear weights are [out, in]; ours are einsum layouts (model.py glossary):
+q [D,N,H], k/v [D,K,H], o [N,H,D], gate/up [D,F], down [F,D],
+embed [V,D], lm_head [D,V].
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import struct
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from srft_jax import model as model_lib
+from srft_jax import sharding as shd
+
+SUPPORTED = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# safetensors dtype tag <-> numpy dtype (bf16/fp8 through ml_dtypes).
+_ST_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_ST_TAGS = {v: k for k, v in _ST_DTYPES.items()}
+# Dtypes safetensors' numpy backend cannot build; read through a memory map instead.
+_NUMPY_UNREADABLE = {"BF16", "F8_E4M3", "F8_E5M2"}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not match the model it claims to be."""
+
+
+# ----------------------------------------------------------------------------
+# config.json <-> ModelConfig
+# ----------------------------------------------------------------------------
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, model_lib.RopeScaling | None]:
+  """(theta, llama3 scaling) from 5.x `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
+  params = dict(hf.get("rope_parameters") or {})
+  legacy = hf.get("rope_scaling") or {}
+  for key, value in legacy.items():
+    params.setdefault(key, value)
+  theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type in (None, "default"):
+    return float(theta), None
+  if rope_type != "llama3":
+    raise CheckpointError(f"config.json: rope_type {rope_type!r} is not supported "
+                          "(supported: 'default', 'llama3')")
+  scaling = model_lib.RopeScaling(
+      factor=float(params["factor"]),
+      low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+      high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+      original_max_position=int(params.get("original_max_position_embeddings", 8192)))
+  return float(theta), scaling
+
+
+def checkpoint_dtype(hf: dict[str, Any]) -> str | None:
+  """The dtype config.json declares (5.x `dtype`, 4.x `torch_dtype`), if any."""
+  dtype = hf.get("dtype") or hf.get("torch_dtype")
+  return str(dtype).removeprefix("torch.") if dtype else None
+
+
+def config_from_hf(hf: dict[str, Any], **overrides) -> model_lib.ModelConfig:
+  """A ModelConfig from a transformers 4.x or 5.x `config.json` dict."""
+  model_type = hf.get("model_type")
+  if model_type not in SUPPORTED:
+    raise CheckpointError(f"config.json: unknown model_type {model_type!r}; "
+                          f"supported: {sorted(SUPPORTED)}")
+  archs = hf.get("architectures") or [SUPPORTED[model_type]]
+  unknown = [a for a in archs if a != SUPPORTED[model_type]]
+  if unknown:
+    raise CheckpointError(f"config.json: unknown architectures {unknown} for model_type "
+                          f"{model_type!r}; supported: {SUPPORTED[model_type]!r}")
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (only 'silu')")
+  if hf.get("mlp_bias"):
+    raise CheckpointError("config.json: mlp_bias=True is not supported")
+  if model_type == "llama" and hf.get("attention_bias"):
+    # Llama's attention_bias also puts a bias on o_proj, which the decoder lacks.
+    raise CheckpointError("config.json: Llama attention_bias=True (q/k/v/o biases) is not "
+                          "supported")
+  if model_type == "qwen2" and hf.get("use_sliding_window"):
+    raise CheckpointError("config.json: use_sliding_window=True is not supported")
+  theta, scaling = _rope_from_hf(hf)
+  d, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+  fields = dict(
+      model_type=model_type,
+      vocab_size=int(hf["vocab_size"]),
+      embed_dim=d,
+      mlp_dim=int(hf["intermediate_size"]),
+      num_layers=int(hf["num_hidden_layers"]),
+      num_heads=n,
+      num_kv_heads=int(hf.get("num_key_value_heads") or n),
+      head_dim=int(hf.get("head_dim") or d // n),
+      rope_theta=theta,
+      rope_scaling=scaling,
+      max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      qkv_bias=model_type == "qwen2",  # Qwen2 always has q/k/v biases, Llama none
+
+      # Both Qwen2Config and LlamaConfig default to untied.
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+  )
+  dtype = checkpoint_dtype(hf)
+  if dtype in model_lib.DTYPES:
+    fields["param_dtype"] = fields["dtype"] = dtype
+  fields.update(overrides)
+  return model_lib.ModelConfig(**fields)
+
+
+def config_to_hf(cfg: model_lib.ModelConfig, dtype: str | None = None) -> dict[str, Any]:
+  """A `config.json` dict that transformers 4.x and 5.x both read."""
+  dtype = dtype or cfg.param_dtype
+  rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling is not None:
+    s = cfg.rope_scaling
+    rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position}
+  hf = {
+      "architectures": [SUPPORTED[cfg.model_type]],
+      "model_type": cfg.model_type,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.embed_dim,
+      "intermediate_size": cfg.mlp_dim,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": cfg.max_seq_len,
+      "rms_norm_eps": cfg.norm_eps,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "rope_theta": cfg.rope_theta,        # 4.x
+      "rope_parameters": rope,             # 5.x
+      "dtype": dtype,                      # 5.x
+      "torch_dtype": dtype,                # 4.x
+      "use_cache": True,
+      "initializer_range": 0.02,
+      "attention_dropout": 0.0,
+  }
+  if cfg.rope_scaling is not None:
+    hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}  # 4.x
+  if cfg.model_type == "llama":
+    if cfg.qkv_bias:
+      raise ValueError("config_to_hf: HF Llama has no q/k/v-only bias (attention_bias "
+                       "also adds an o_proj bias)")
+    hf["attention_bias"] = False
+    hf["mlp_bias"] = False
+  else:
+    if not cfg.qkv_bias:
+      raise ValueError("config_to_hf: Qwen2 checkpoints always have q/k/v biases")
+    hf["use_sliding_window"] = False
+    hf["sliding_window"] = None
+    hf["max_window_layers"] = cfg.num_layers
+  return hf
+
+
+# ----------------------------------------------------------------------------
+# Parameter names and layouts
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """How one of our parameters sits in its HF tensor.
+
+  The HF tensor (shape `hf_shape`) is reshaped to `split` (each HF dim is a
+  run of consecutive split dims, `groups`), then transposed by `perm` to ours.
+  """
+  name: str
+  hf_shape: tuple[int, ...]
+  split: tuple[int, ...]
+  groups: tuple[tuple[int, ...], ...]
+  perm: tuple[int, ...]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.split[p] for p in self.perm)
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    inverse = tuple(int(i) for i in np.argsort(self.perm))
+    return np.transpose(x, inverse).reshape(self.hf_shape)
+
+
+def _layout(name, split, groups, perm) -> _Layout:
+  hf_shape = tuple(math.prod(split[i] for i in g) for g in groups)
+  return _Layout(name, hf_shape, tuple(split), tuple(tuple(g) for g in groups), tuple(perm))
+
+
+def _same(name, shape) -> _Layout:
+  return _layout(name, shape, [[i] for i in range(len(shape))], range(len(shape)))
+
+
+def param_layouts(cfg: model_lib.ModelConfig) -> dict[tuple, _Layout]:
+  """Our state path -> HF tensor name and layout, for every parameter of `cfg`."""
+  d, f, n, k, h, v = (cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads,
+                      cfg.head_dim, cfg.vocab_size)
+  out = {("embed",): _same("model.embed_tokens.weight", (v, d)),
+         ("final_norm", "scale"): _same("model.norm.weight", (d,))}
+  if not cfg.tie_embeddings:  # HF [V, D] -> ours [D, V]
+    out[("lm_head",)] = _layout("lm_head.weight", (v, d), [[0], [1]], (1, 0))
+  for i in range(cfg.num_layers):
+    p = f"model.layers.{i}."
+    a = ("layers", i, "attn")
+    out[a + ("q",)] = _layout(p + "self_attn.q_proj.weight", (n, h, d), [[0, 1], [2]], (2, 0, 1))
+    out[a + ("k",)] = _layout(p + "self_attn.k_proj.weight", (k, h, d), [[0, 1], [2]], (2, 0, 1))
+    out[a + ("v",)] = _layout(p + "self_attn.v_proj.weight", (k, h, d), [[0, 1], [2]], (2, 0, 1))
+    out[a + ("o",)] = _layout(p + "self_attn.o_proj.weight", (d, n, h), [[0], [1, 2]], (1, 2, 0))
+    if cfg.qkv_bias:
+      out[a + ("q_bias",)] = _layout(p + "self_attn.q_proj.bias", (n, h), [[0, 1]], (0, 1))
+      out[a + ("k_bias",)] = _layout(p + "self_attn.k_proj.bias", (k, h), [[0, 1]], (0, 1))
+      out[a + ("v_bias",)] = _layout(p + "self_attn.v_proj.bias", (k, h), [[0, 1]], (0, 1))
+    m = ("layers", i, "mlp")
+    out[m + ("gate",)] = _layout(p + "mlp.gate_proj.weight", (f, d), [[0], [1]], (1, 0))
+    out[m + ("up",)] = _layout(p + "mlp.up_proj.weight", (f, d), [[0], [1]], (1, 0))
+    out[m + ("down",)] = _layout(p + "mlp.down_proj.weight", (d, f), [[0], [1]], (1, 0))
+    out[("layers", i, "attn_norm", "scale")] = _same(p + "input_layernorm.weight", (d,))
+    out[("layers", i, "mlp_norm", "scale")] = _same(p + "post_attention_layernorm.weight", (d,))
+  return out
+
+
+def _ignorable(name: str, cfg: model_lib.ModelConfig) -> bool:
+  """Tensors that carry no information for our model (see module docstring)."""
+  return name.endswith("rotary_emb.inv_freq") or (
+      cfg.tie_embeddings and name == "lm_head.weight")
+
+
+# ----------------------------------------------------------------------------
+# Reading safetensors
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _TensorInfo:
+  file: str
+  dtype: str               # safetensors tag, e.g. "BF16"
+  shape: tuple[int, ...]
+  data_start: int          # absolute byte offset in the file
+
+
+def read_header(file: str) -> dict[str, _TensorInfo]:
+  """Tensor name -> dtype, shape and offset, from a safetensors header only."""
+  with open(file, "rb") as fh:
+    (size,) = struct.unpack("<Q", fh.read(8))
+    header = json.loads(fh.read(size))
+  header.pop("__metadata__", None)
+  return {name: _TensorInfo(file, e["dtype"], tuple(e["shape"]), 8 + size + e["data_offsets"][0])
+          for name, e in header.items()}
+
+
+def checkpoint_files(path: str) -> list[str]:
+  """The safetensors files of a checkpoint directory (index file first)."""
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.exists(index):
+    with open(index) as fh:
+      weight_map = json.load(fh)["weight_map"]
+    return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  if not files:
+    raise CheckpointError(f"{path}: no *.safetensors files (and no {INDEX_FILE})")
+  return files
+
+
+def read_tensor_infos(path: str) -> dict[str, _TensorInfo]:
+  infos: dict[str, _TensorInfo] = {}
+  for file in checkpoint_files(path):
+    if not os.path.exists(file):
+      raise CheckpointError(f"{path}: {os.path.basename(file)} is listed in {INDEX_FILE} "
+                            "but missing")
+    for name, info in read_header(file).items():
+      if name in infos:
+        raise CheckpointError(f"{path}: tensor {name!r} appears in two files")
+      infos[name] = info
+  return infos
+
+
+def read_config(path: str) -> dict[str, Any]:
+  file = os.path.join(path, "config.json")
+  if not os.path.exists(file):
+    raise CheckpointError(f"{path}: no config.json")
+  with open(file) as fh:
+    return json.load(fh)
+
+
+class _Reader:
+  """Reads slices of HF tensors: safetensors `get_slice` where numpy supports
+  the dtype, a read-only memory map (bf16 / fp8 via ml_dtypes) otherwise.
+  Either way only the requested rows are read from disk."""
+
+  def __init__(self, infos: dict[str, _TensorInfo]):
+    self.infos = infos
+    self._handles: dict[str, Any] = {}
+
+  def __call__(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    info = self.infos[name]
+    if info.dtype not in _ST_DTYPES:
+      raise CheckpointError(f"tensor {name!r}: unsupported dtype {info.dtype}")
+    if info.dtype in _NUMPY_UNREADABLE:
+      full = np.memmap(info.file, dtype=_ST_DTYPES[info.dtype], mode="r",
+                       offset=info.data_start, shape=info.shape)
+      return np.array(full[index])
+    if info.file not in self._handles:
+      self._handles[info.file] = safe_open(info.file, framework="numpy")
+    return np.asarray(self._handles[info.file].get_slice(name)[index])
+
+  def close(self):
+    self._handles.clear()
+
+
+def _normalize(index, shape) -> tuple[slice, ...]:
+  index = tuple(index) if index is not None else ()
+  index = index + (slice(None),) * (len(shape) - len(index))
+  out = []
+  for s, dim in zip(index, shape):
+    start, stop, step = s.indices(dim)
+    if step != 1:
+      raise ValueError(f"strided shard index {s} is not supported")
+    out.append(slice(start, stop))
+  return tuple(out)
+
+
+def _read_block(reader: _Reader, lay: _Layout, index_ours, dtype) -> np.ndarray:
+  """The block `index_ours` of our parameter, read from its HF tensor.
+
+  An HF dim that merges several of our dims (q_proj rows = N x H) is read as
+  the covering range of its outermost dim; inner dims are then cut in memory.
+  """
+  ours = _normalize(index_ours, lay.shape)
+  split_idx = [None] * len(lay.split)
+  for i, p in enumerate(lay.perm):
+    split_idx[p] = ours[i]
+  hf_idx, block_split, inner_cut = [], [], []
+  for group in lay.groups:
+    outer, inner = group[0], group[1:]
+    span = math.prod(lay.split[j] for j in inner)
+    s = split_idx[outer]
+    hf_idx.append(slice(s.start * span, s.stop * span))
+    block_split.append(s.stop - s.start)
+    inner_cut.append(slice(None))
+    for j in inner:
+      block_split.append(lay.split[j])
+      inner_cut.append(split_idx[j])
+  block = reader(lay.name, tuple(hf_idx)).reshape(block_split)[tuple(inner_cut)]
+  return np.ascontiguousarray(np.transpose(block, lay.perm).astype(dtype))
+
+
+def _check_tensors(infos: dict[str, _TensorInfo], layouts: dict[tuple, _Layout],
+                   cfg: model_lib.ModelConfig, path: str):
+  expected = {lay.name: lay for lay in layouts.values()}
+  problems = []
+  for name, lay in expected.items():
+    if name not in infos:
+      problems.append(f"missing tensor {name!r} (expected shape {list(lay.hf_shape)})")
+    elif infos[name].shape != lay.hf_shape:
+      problems.append(f"tensor {name!r} has shape {list(infos[name].shape)}, "
+                      f"expected {list(lay.hf_shape)}")
+  for name in sorted(set(infos) - set(expected)):
+    if not _ignorable(name, cfg):
+      problems.append(f"unexpected tensor {name!r} (shape {list(infos[name].shape)}) "
+                      f"not used by a {cfg.model_type} model")
+  if problems:
+    raise CheckpointError(f"{path}: checkpoint does not match its config.json:\n  "
+                          + "\n  ".join(problems))
+
+
+def _dtype_name(dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+def load_model(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
+               rules: Sequence | None = None, param_dtype=None,
+               **config_overrides) -> model_lib.Transformer:
+  """Loads an HF Qwen2 / Llama checkpoint directory as a `Transformer`.
+
+  `dtype` is the compute dtype; `param_dtype` (default: `dtype`) the dtype
+  parameters are stored in. With `mesh`, every parameter is created directly
+  in the sharding its logical axes give under `rules` (default: the config's
+  rules); without, on the first local device. `config_overrides` replace
+  ModelConfig fields (e.g. `remat="full"`, `attention="chunked"`).
+  """
+  hf = read_config(path)
+  overrides = dict(config_overrides)
+  overrides["dtype"] = _dtype_name(dtype)
+  overrides["param_dtype"] = _dtype_name(param_dtype if param_dtype is not None else dtype)
+  if rules is not None:
+    overrides["rules"] = tuple(rules)
+  cfg = config_from_hf(hf, **overrides)
+
+  layouts = param_layouts(cfg)
+  infos = read_tensor_infos(path)
+  _check_tensors(infos, layouts, cfg, path)
+
+  graphdef, abs_state = nnx.split(model_lib.abstract_model(cfg))
+  if mesh is not None:
+    shardings = shd.state_shardings(abs_state, mesh, cfg.rules)
+    sharding_of = dict(nnx.to_flat_state(shardings))
+  else:
+    sharding_of = None
+  single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  reader = _Reader(infos)
+  flat = []
+  try:
+    for path_key, var in nnx.to_flat_state(abs_state):
+      if path_key not in layouts:
+        raise CheckpointError(f"model variable {'/'.join(map(str, path_key))} has no HF name")
+      lay = layouts[path_key]
+      abstract = var.get_value()
+      if tuple(abstract.shape) != lay.shape:  # layout table and model disagree
+        raise AssertionError(f"{lay.name}: layout {lay.shape} vs model {abstract.shape}")
+      sharding = sharding_of[path_key].get_value() if sharding_of else single
+      memo: dict[tuple, np.ndarray] = {}  # replicated shards read once
+
+      def callback(index, lay=lay, dt=abstract.dtype, memo=memo):
+        key = tuple((s.start, s.stop) for s in _normalize(index, lay.shape))
+        if key not in memo:
+          memo[key] = _read_block(reader, lay, index, dt)
+        return memo[key]
+
+      array = jax.make_array_from_callback(abstract.shape, sharding, callback)
+      flat.append((path_key, var.replace(array)))
+  finally:
+    reader.close()
+  state = nnx.from_flat_state(flat)
+  return nnx.merge(graphdef, state)
+
+
+# ----------------------------------------------------------------------------
+# Writing safetensors
+# ----------------------------------------------------------------------------
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-host sharded) array on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _write_safetensors(file: str, entries: list[tuple[str, _Layout, Any]], np_dtype,
+                       write: bool) -> None:
+  """Streams tensors to `file`: header first (shapes known), then one tensor at a time."""
+  itemsize = np_dtype.itemsize
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, lay, _ in entries:
+    nbytes = math.prod(lay.hf_shape) * itemsize
+    header[name] = {"dtype": _ST_TAGS[np_dtype], "shape": list(lay.hf_shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+  fh = open(file, "wb") if write else None
+  try:
+    if fh:
+      fh.write(struct.pack("<Q", len(blob)))
+      fh.write(blob)
+    for name, lay, value in entries:
+      x = np.ascontiguousarray(lay.to_hf(_to_host(value)).astype(np_dtype))
+      if fh:
+        if sys.byteorder != "little":  # safetensors is little endian
+          x = x.byteswap()
+        fh.write(x.reshape(-1).view(np.uint8).data)
+  finally:
+    if fh:
+      fh.close()
+
+
+def save_model(model: model_lib.Transformer, path: str, *, dtype=None,
+               max_shard_bytes: int = 5_000_000_000) -> list[str]:
+  """Writes `model` as an HF checkpoint directory; returns the safetensors files.
+
+  `dtype` (default: the parameter dtype) is the dtype written. Checkpoints
+  larger than `max_shard_bytes` are split into `model-0000i-of-0000n` files
+  with `model.safetensors.index.json`. Every process must call this (arrays
+  sharded across hosts are gathered collectively); only process 0 writes.
+  """
+  cfg = model.cfg
+  np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else cfg.jnp_param_dtype))
+  if np_dtype not in _ST_TAGS:
+    raise ValueError(f"save_model: cannot write dtype {np_dtype}")
+  layouts = param_layouts(cfg)
+  values = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  if set(values) != set(layouts):
+    raise ValueError(f"save_model: model parameters {sorted(set(values) ^ set(layouts))} "
+                     "have no HF name")
+  writer = jax.process_index() == 0
+
+  # HF order: embeddings, layers in order, final norm, lm_head.
+  order = sorted(layouts, key=lambda p: (
+      0 if p == ("embed",) else 2 if p[0] == "final_norm" else 3 if p[0] == "lm_head" else 1,
+      p[1] if p[0] == "layers" else 0))
+  entries = [(layouts[p].name, layouts[p], values[p].get_value()) for p in order]
+  shards: list[list] = [[]]
+  size = 0
+  total = 0
+  for entry in entries:
+    nbytes = math.prod(entry[1].hf_shape) * np_dtype.itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(entry)
+    size += nbytes
+    total += nbytes
+
+  if len(shards) == 1:
+    names = [SINGLE_FILE]
+  else:
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  if writer:
+    os.makedirs(path, exist_ok=True)
+    for stale in glob.glob(os.path.join(path, "*.safetensors")) + [
+        os.path.join(path, INDEX_FILE)]:
+      if os.path.exists(stale):
+        os.remove(stale)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+      json.dump(config_to_hf(cfg, np_dtype.name), fh, indent=2)
+    with open(os.path.join(path, "generation_config.json"), "w") as fh:
+      json.dump({"do_sample": False}, fh, indent=2)
+
+  for name, shard in zip(names, shards):  # every process gathers, process 0 writes
+    _write_safetensors(os.path.join(path, name), shard, np_dtype, writer)
+  if writer and len(shards) > 1:
+    weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
+    with open(os.path.join(path, INDEX_FILE), "w") as fh:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+  return [os.path.join(path, n) for n in names]
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+def checkpoint_info(path: str) -> dict[str, Any]:
+  """Architecture, parameter count and dtypes from config.json and headers only."""
+  hf = read_config(path)
+  cfg = config_from_hf(hf)
+  infos = read_tensor_infos(path)
+  used = {n: i for n, i in infos.items() if not _ignorable(n, cfg)}
+  dtypes: dict[str, int] = {}
+  for info in used.values():
+    dtypes[info.dtype] = dtypes.get(info.dtype, 0) + math.prod(info.shape)
+  return {
+      "architecture": SUPPORTED[cfg.model_type],
+      "model_type": cfg.model_type,
+      "num_params": sum(math.prod(i.shape) for i in used.values()),
+      "config_num_params": cfg.num_params(),
+      "num_tensors": len(used),
+      "num_files": len({i.file for i in infos.values()}),
+      "dtype": checkpoint_dtype(hf),
+      "tensor_dtypes": dtypes,
+      "config": cfg,
+  }
+
+
+def _human(n: int) -> str:
+  for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.2f}{unit}"
+  return str(n)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m srft_jax.hf",
+                                   description="Inspect Hugging Face checkpoints.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  info_p = sub.add_parser("info", help="architecture, parameter count, dtype (headers only)")
+  info_p.add_argument("path")
+  args = parser.parse_args(argv)
+  try:
+    info = checkpoint_info(args.path)
+  except CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  cfg = info["config"]
+  tensor_dtypes = ", ".join(f"{k} ({_human(v)})" for k, v in sorted(info["tensor_dtypes"].items()))
+  print(f"architecture: {info['architecture']} (model_type {info['model_type']})")
+  print(f"parameters: {info['num_params']} ({_human(info['num_params'])})")
+  print(f"dtype: {info['dtype']}; tensors: {tensor_dtypes}")
+  print(f"shape: layers={cfg.num_layers} embed={cfg.embed_dim} mlp={cfg.mlp_dim} "
+        f"heads={cfg.num_heads} kv_heads={cfg.num_kv_heads} head_dim={cfg.head_dim} "
+        f"vocab={cfg.vocab_size} tied={cfg.tie_embeddings}")
+  print(f"files: {info['num_files']}, tensors: {info['num_tensors']}")
+  if info["num_params"] != info["config_num_params"]:
+    print(f"warning: config.json implies {info['config_num_params']} parameters")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

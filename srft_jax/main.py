@@ -1,0 +1,56 @@
+"""Entry point: `python -m srft_jax.main --config=configs/default.py --workdir=DIR`.
+
+Flags follow ml_collections' config_flags: `--config=configs/default.py:grpo`
+picks a preset, `--config.steps=50` overrides a field.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints, logs, plots, results.")
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from srft_jax import train
+  results = train.run(_CONFIG.value, _WORKDIR.value)
+  if results.get("status") == "preempted":
+    print(f"preempted at step {results['step']}: checkpoint saved; rerun the same command to resume")
+    return 0
+  print(format_results(results, _WORKDIR.value))
+  return 0
+
+
+def format_results(r: dict, workdir: str) -> str:
+  def pct(x):
+    return "  n/a" if x is None else f"{100 * x:5.1f}%"
+  lines = [
+      "",
+      f"method: {r['method']}   steps: {r['steps']}   wall: {r['wall_s']:.0f}s (training {r['train_s']:.0f}s)",
+      "",
+      "| split | before | after |",
+      "|---|---|---|",
+      f"| ID  | {pct(r['before']['id_acc'])} | {pct(r['after']['id_acc'])} |",
+      f"| OOD | {pct(r['before']['ood_acc'])} | {pct(r['after']['ood_acc'])} |",
+      "",
+      f"results:     {workdir}/results.json",
+      f"checkpoints: {workdir}/checkpoints",
+      f"tensorboard: {workdir}/logs/tb   (tensorboard --logdir {workdir}/logs/tb)",
+      f"plots:       {workdir}/plots",
+      f"HF export:   {workdir}/export/hf",
+  ]
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))

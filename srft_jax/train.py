@@ -1,0 +1,782 @@
+"""SRFT training: sample -> reward -> advantage -> loss -> update (METHOD.md §1).
+
+One step, host side:
+  1. a batch of prompts with their demonstrations (data pipeline);
+  2. n rollouts per prompt from the project's sampler (same model code);
+  3. every rollout and demonstration scored by the reward function;
+  4. the augmented group (rollouts + demos) packed on device, group advantages;
+  5. `train_step`: one jitted, donated update per mini-batch with exact
+     micro-batch gradient accumulation.
+Update metrics are fetched one step late so the host never stalls the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from srft_jax import model as model_lib
+from srft_jax import objectives as obj
+from srft_jax import sharding as shd
+
+log = logging.getLogger(__name__)
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------
+# Static configuration of the jitted pieces (built once from the ConfigDict).
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Everything the jitted train step needs; hashable, never a ConfigDict."""
+  loss: obj.LossConfig
+  minibatches: int = 1          # optimizer updates per rollout batch (paper: 2)
+  microbatches: int = 1         # gradient-accumulation chunks per update
+  temperature: float = 1.0      # log-probs / entropy of softmax(logits / T)
+  logit_chunk: int = 1024       # rows of [T, V] logits computed at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLayout:
+  """How one prompt's augmented group is laid out: n rollouts then d demos."""
+  n_rollouts: int
+  n_demos: int
+
+  @property
+  def size(self) -> int:
+    return self.n_rollouts + self.n_demos
+
+
+def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: str = "constant",
+                   weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, clip_norm: float | None = 1.0):
+  """AdamW with global-norm clipping (METHOD.md §5) and the learning-rate schedule."""
+  if schedule == "constant":
+    sched = optax.constant_schedule(lr) if warmup_steps == 0 else optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
+        [warmup_steps])
+  elif schedule == "linear":
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)),
+         optax.linear_schedule(lr, 0.0, max(steps - warmup_steps, 1))], [max(warmup_steps, 1)])
+  elif schedule == "cosine":
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(steps, 2))
+  else:
+    raise ValueError(f"optim.schedule: unknown schedule {schedule!r}")
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*parts), sched
+
+
+# ----------------------------------------------------------------------------
+# Pure functions: log-probs, batch assembly, the train step.
+# ----------------------------------------------------------------------------
+
+def sequence_logprobs(graphdef, params, tokens_BT, mask_BT, *, temperature=1.0, chunk=1024):
+  """Teacher-forced log-prob of each next token and the full-vocab entropy, [B, T-1].
+
+  Logits are computed in chunks from the final hidden states, so [B, T, V]
+  float32 logits never exist (objectives.chunked_logprobs_and_entropy).
+  """
+  model = nnx.merge(graphdef, params)
+  positions = model_lib.positions_from_mask(mask_BT)
+  hidden, _ = model(tokens_BT, positions, mask_BT, return_hidden=True)
+  return obj.chunked_logprobs_and_entropy(
+      hidden[:, :-1], model.unembed(), tokens_BT[:, 1:], temperature=temperature,
+      chunk_size=chunk)
+
+
+def assemble_batch(prompt_tokens_bP, prompt_mask_bP, roll_tokens, roll_mask, roll_logp,
+                   demo_tokens_bR, demo_mask_bR, rewards, *, layout: GroupLayout,
+                   adv_normalize_std: bool = True, adv_eps: float = 1e-6) -> dict[str, Array]:
+  """Packs rollouts and demonstrations into one [b*g, P+R] training batch.
+
+  Rows are prompt-major: prompt i owns rows [i*g, (i+1)*g), its n rollouts
+  first, then its d demonstrations. `rewards` follows the same order. Loss
+  arrays are aligned with next-token targets (columns 0..T-2).
+  """
+  b, p = prompt_tokens_bP.shape
+  n, d, g = layout.n_rollouts, layout.n_demos, layout.size
+  r = demo_tokens_bR.shape[1]
+  parts_tok, parts_mask, parts_logp = [], [], []
+  if n:
+    parts_tok.append(roll_tokens.reshape(b, n, r))
+    parts_mask.append(roll_mask.reshape(b, n, r))
+    parts_logp.append(roll_logp.reshape(b, n, r).astype(jnp.float32))
+  if d:
+    parts_tok.append(jnp.repeat(demo_tokens_bR[:, None], d, axis=1))
+    parts_mask.append(jnp.repeat(demo_mask_bR[:, None], d, axis=1))
+    parts_logp.append(jnp.zeros((b, d, r), jnp.float32))
+  resp_tok = jnp.concatenate(parts_tok, axis=1).reshape(b * g, r)
+  resp_mask = jnp.concatenate(parts_mask, axis=1).reshape(b * g, r).astype(jnp.int32)
+  resp_logp = jnp.concatenate(parts_logp, axis=1).reshape(b * g, r)
+  prompt_tok = jnp.repeat(prompt_tokens_bP, g, axis=0)
+  prompt_mask = jnp.repeat(prompt_mask_bP, g, axis=0).astype(jnp.int32)
+  tokens = jnp.concatenate([prompt_tok, resp_tok], axis=1)
+  mask = jnp.concatenate([prompt_mask, resp_mask], axis=1)
+  # Target column t predicts token t+1: response token j sits at column p+j-1.
+  response_mask = jnp.concatenate([jnp.zeros_like(prompt_mask), resp_mask], axis=1)[:, 1:]
+  old_logp = jnp.concatenate([jnp.zeros((b * g, p), jnp.float32), resp_logp], axis=1)[:, 1:]
+  is_demo = jnp.tile(jnp.arange(g) >= n, b)
+  group_ids = jnp.arange(b * g) // g
+  rewards = rewards.astype(jnp.float32)
+  advantages = obj.group_advantages(rewards, group_ids, normalize_std=adv_normalize_std,
+                                    eps=adv_eps)
+  return {"tokens": tokens, "mask": mask, "response_mask": response_mask,
+          "old_logp": old_logp * response_mask, "is_demo": is_demo, "rewards": rewards,
+          "advantages": advantages}
+
+
+def _split(tree, n: int):
+  """[B, ...] -> [n, B/n, ...] for every leaf."""
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
+
+
+def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple[dict, dict]:
+  """One rollout batch: `cfg.minibatches` optimizer updates, each accumulating
+  gradients over `cfg.microbatches` chunks with the full mini-batch's loss
+  denominators (exact, METHOD.md §3). Non-finite updates are skipped and counted.
+  """
+  loss_cfg = cfg.loss
+
+  def loss_fn(params, mb, denominators, batch_entropy):
+    logp, ent = sequence_logprobs(graphdef, params, mb["tokens"], mb["mask"],
+                                  temperature=cfg.temperature, chunk=cfg.logit_chunk)
+    return obj.srft_loss(logp, ent, mb, loss_cfg, denominators=denominators,
+                         batch_entropy=batch_entropy)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def update(state, minibatch):
+    denominators = obj.loss_denominators(minibatch, loss_cfg)
+    micro = _split(minibatch, cfg.microbatches)
+    batch_entropy = None
+    if loss_cfg.entropy_granularity == "batch":
+      def ent_sums(carry, mb):
+        _, ent = sequence_logprobs(graphdef, state["params"], mb["tokens"], mb["mask"],
+                                   temperature=cfg.temperature, chunk=cfg.logit_chunk)
+        s, c = obj.entropy_sum_and_count(ent, mb["response_mask"])
+        return (carry[0] + s, carry[1] + c), None
+      (s, c), _ = jax.lax.scan(ent_sums, (0.0, 0.0), micro)
+      batch_entropy = jax.lax.stop_gradient(s / jnp.maximum(c, 1.0))
+
+    def accumulate(carry, mb):
+      grads, loss = carry
+      (l, aux), g = grad_fn(state["params"], mb, denominators, batch_entropy)
+      return (jax.tree.map(jnp.add, grads, g), loss + l), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    (grads, loss), aux = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+    aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    new_state = {
+        "params": keep(params, state["params"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "step": state["step"],
+        "nonfinite_total": state["nonfinite_total"] + (~ok).astype(jnp.int32),
+        "nonfinite_streak": jnp.where(ok, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
+    }
+    metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
+    return new_state, metrics
+
+  state, metrics = jax.lax.scan(update, state, _split(batch, cfg.minibatches))
+  metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), metrics)
+  metrics["skipped"] = metrics["skipped"] * cfg.minibatches
+  state = {**state, "step": state["step"] + 1}
+  metrics["nonfinite/total"] = state["nonfinite_total"]
+  metrics["nonfinite/streak"] = state["nonfinite_streak"]
+  return state, metrics
+
+
+def init_train_state(params, tx) -> dict:
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+          "nonfinite_total": jnp.zeros((), jnp.int32),
+          "nonfinite_streak": jnp.zeros((), jnp.int32)}
+
+
+def state_shardings(state, mesh, rules):
+  """Shardings of the train state: params (and optimizer moments) by logical
+  axes; everything else replicated."""
+  param_sh = shd.state_shardings(state["params"], mesh, rules)
+  param_leaves = jax.tree.leaves(param_sh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  flat_params = jax.tree.leaves(state["params"])
+  by_shape = {}
+  for leaf, sh in zip(flat_params, param_leaves):
+    by_shape.setdefault((leaf.shape, str(leaf.dtype)), sh)
+
+  def opt_leaf(x):
+    # Adam moments mirror their parameter's shape; share its sharding.
+    return by_shape.get((x.shape, str(x.dtype)), replicated) if x.ndim else replicated
+
+  return {
+      "params": param_sh,
+      "opt_state": jax.tree.map(opt_leaf, state["opt_state"]),
+      "step": replicated, "nonfinite_total": replicated, "nonfinite_streak": replicated,
+  }
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_step(graphdef, tx, cfg: StepConfig, state_sh, batch_sh):
+  fn = functools.partial(train_step, graphdef, tx, cfg)
+  return jax.jit(fn, in_shardings=(state_sh.tree, batch_sh.tree),
+                 out_shardings=(state_sh.tree, None), donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------
+# Host side: config -> data, model, sampler, scorer; the loop.
+# ----------------------------------------------------------------------------
+
+def parse_stages(stages: str, steps: int, default_method: str) -> list[tuple[str, int]]:
+  """'sft:40,grpo:60' -> [('sft', 40), ('grpo', 60)]; '' -> [(method, steps)].
+
+  The last stage may omit its length (it takes the remaining steps).
+  """
+  if not stages:
+    return [(default_method, steps)]
+  out, used = [], 0
+  items = [s.strip() for s in stages.split(",") if s.strip()]
+  for i, item in enumerate(items):
+    name, _, n = item.partition(":")
+    if name not in obj.PRESETS:
+      raise ValueError(f"config.stages: unknown loss preset {name!r}; known: {sorted(obj.PRESETS)}")
+    if not n:
+      if i != len(items) - 1:
+        raise ValueError(f"config.stages: only the last stage may omit its length ({stages!r})")
+      n = steps - used
+    n = int(n)
+    if n <= 0:
+      raise ValueError(f"config.stages: stage {item!r} has no steps (config.steps={steps})")
+    out.append((name, n))
+    used += n
+  if used != steps:
+    raise ValueError(f"config.stages: stage lengths sum to {used}, config.steps is {steps}")
+  return out
+
+
+def stage_layout(loss_cfg: obj.LossConfig, n_rollouts: int, n_demos: int) -> GroupLayout:
+  """Rollouts only when a rollout term is on; demos only when a demo term is on."""
+  n = n_rollouts if loss_cfg.use_self_rl else 0
+  d = n_demos if (loss_cfg.use_sft or loss_cfg.use_demo_rl) else 0
+  if n + d == 0:
+    raise ValueError("loss preset uses neither rollouts nor demonstrations")
+  return GroupLayout(n, d)
+
+
+def host_rows(x: Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in global order."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, rows = set(), []
+  for s in shards:
+    start = s.index[0].start or 0
+    if start not in seen:
+      seen.add(start)
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows, axis=0)
+
+
+def global_rows(local: np.ndarray, mesh, rules=None) -> Array:
+  """A global batch-sharded array from this process's rows."""
+  sharding = shd.batch_sharding(mesh, local.ndim, rules,
+                                (local.shape[0] * jax.process_count(),) + local.shape[1:])
+  return jax.make_array_from_process_local_data(sharding, local)
+
+
+def loss_config(name: str, overrides: dict | None, max_response_len: int) -> obj.LossConfig:
+  """A loss preset with config overrides; Dr.GRPO's constant normaliser uses
+  this run's response length unless the config pins one."""
+  overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+  cfg = obj.LossConfig.preset(name, **overrides)
+  if cfg.aggregation == "constant_len" and "max_response_len" not in overrides:
+    cfg = dataclasses.replace(cfg, max_response_len=max_response_len)
+  return cfg
+
+
+@dataclasses.dataclass
+class Stage:
+  name: str
+  start: int            # first global step of this stage
+  steps: int
+  loss: obj.LossConfig
+  layout: GroupLayout
+
+
+class Trainer:
+  """Owns the train state and runs steps; the host loop lives in `fit`."""
+
+  def __init__(self, model, *, config, tokenizer, scorer, mesh, rules=None):
+    from srft_jax import sampler as sampler_lib
+    self.config = config
+    self.tokenizer = tokenizer
+    self.scorer = scorer
+    self.mesh = mesh
+    self.rules = rules
+    self.sampler_lib = sampler_lib
+    self.graphdef, params = nnx.split(model)
+    self.params = params
+    self.state = None
+    self._stage_key = None
+
+  # -- stages -----------------------------------------------------------------
+  def stages(self) -> list[Stage]:
+    c = self.config
+    out, start = [], 0
+    overrides = dict(c.loss) if not c.stages else None
+    for name, n in parse_stages(c.stages, c.steps, c.method):
+      lc = loss_config(name, overrides, c.data.max_response_len)
+      out.append(Stage(name, start, n, lc, stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)))
+      start += n
+    return out
+
+  def _build_stage(self, stage: Stage, *, fresh_optimizer: bool):
+    c = self.config
+    self.tx, self.schedule = self._make_tx(stage)
+    self.step_cfg = StepConfig(loss=stage.loss, minibatches=c.batch.minibatches,
+                               microbatches=c.batch.microbatches,
+                               temperature=c.rollout.temperature, logit_chunk=c.logit_chunk)
+    if fresh_optimizer or self.state is None:
+      params = self.params if self.state is None else self.state["params"]
+      state = init_train_state(params, self.tx)
+      if self.state is not None:
+        state["step"] = self.state["step"]
+      self.state = self._place_state(state)
+    self.stage = stage
+
+  def _make_tx(self, stage: Stage):
+    o = self.config.optim
+    return make_optimizer(
+        o.lr, steps=stage.steps, warmup_steps=o.warmup_steps, schedule=o.schedule,
+        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm or None)
+
+  def _place_state(self, state):
+    self.state_sh = state_shardings(state, self.mesh, self.rules)
+    return jax.device_put(state, self.state_sh)
+
+  def abstract_state(self, stage: Stage):
+    """Sharded ShapeDtypeStructs of the train state (Orbax restore target)."""
+    tx, _ = self._make_tx(stage)
+    state = jax.eval_shape(lambda p: init_train_state(p, tx), self.params)
+    sh = state_shardings(state, self.mesh, self.rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, sh)
+
+  def step_fn(self, batch):
+    batch_sh = {k: shd.batch_sharding(self.mesh, v.ndim, self.rules, v.shape) for k, v in batch.items()}
+    return _jitted_step(self.graphdef, self.tx, self.step_cfg,
+                        _freeze(self.state_sh), _freeze(batch_sh))
+
+  # -- one step -----------------------------------------------------------------
+  def sampling_config(self, n: int, *, temperature=None, greedy=False):
+    c = self.config
+    t = 0.0 if greedy else (c.rollout.temperature if temperature is None else temperature)
+    return self.sampler_lib.SamplingConfig(
+        max_new_tokens=c.data.max_response_len, temperature=t, top_p=c.rollout.top_p,
+        top_k=c.rollout.top_k, eos_ids=tuple(self.tokenizer.stop_ids),
+        pad_id=self.tokenizer.pad_id, prompt_buckets=tuple(c.data.prompt_buckets), n=n)
+
+  def model(self):
+    params = self.state["params"] if self.state is not None else self.params
+    return nnx.merge(self.graphdef, params)
+
+  def run_step(self, batch: dict, step: int, rng: Array) -> tuple[dict, dict]:
+    """Sample, score, assemble and update; returns (host metrics, device metrics)."""
+    layout = self.stage.layout
+    n, d = layout.n_rollouts, layout.n_demos
+    b_local = batch["prompt_tokens"].shape[0]
+    g = layout.size
+    host = {}
+    t0 = time.perf_counter()
+    ptok = global_rows(batch["prompt_tokens"], self.mesh, self.rules)
+    pmask = global_rows(batch["prompt_mask"], self.mesh, self.rules)
+    dtok = global_rows(batch["demo_tokens"], self.mesh, self.rules)
+    dmask = global_rows(batch["demo_mask"], self.mesh, self.rules)
+    texts, truths = [], []
+    roll = None
+    if n:
+      roll = self.sampler_lib.sample(self.model(), ptok, pmask, rng, self.sampling_config(n),
+                                     mesh=self.mesh)
+      roll_tok, roll_mask = host_rows(roll.tokens), host_rows(roll.mask)
+      roll_texts = self.tokenizer.batch_decode(roll_tok, roll_mask)
+      host["rollout/length_mean"] = float(roll_mask.sum(1).mean())
+      host["rollout/truncated_frac"] = float(
+          np.mean(~np.isin(roll_tok[np.arange(len(roll_tok)), np.maximum(roll_mask.sum(1) - 1, 0)],
+                           list(self.tokenizer.stop_ids))))
+      host["tokens/sampled"] = float(roll_mask.sum())
+    t1 = time.perf_counter()
+    demo_texts = self.tokenizer.batch_decode(batch["demo_tokens"], batch["demo_mask"]) if d else []
+    for i in range(b_local):
+      texts += roll_texts[i * n:(i + 1) * n] if n else []
+      texts += demo_texts[i:i + 1] * d
+      truths += [batch["answers"][i]] * g
+    rewards, outcomes = self.scorer.score(texts, truths)
+    rewards = rewards.reshape(b_local, g)
+    if n:
+      host["reward/rollout_mean"] = float(rewards[:, :n].mean())
+      host["reward/rollout_group_solved"] = float((rewards[:, :n].max(1) > 0).mean())
+      host["reward/rollout_group_allsame"] = float((rewards[:, :n].std(1) == 0).mean())
+    if d:
+      host["reward/demo_mean"] = float(rewards[:, n:].mean())
+    for o in ("correct", "wrong", "unparseable", "no_answer", "timeout"):
+      host[f"outcomes/{o}"] = float(sum(x == o for x in outcomes))
+    t2 = time.perf_counter()
+    rewards_g = global_rows(rewards.reshape(-1).astype(np.float32), self.mesh, self.rules)
+    assemble = _jitted_assemble(layout, self.step_cfg.loss.adv_normalize_std, self.step_cfg.loss.adv_eps)
+    rt = roll.tokens if n else None
+    rm = roll.mask if n else None
+    rl = roll.logprobs if n else None
+    train_batch = assemble(ptok, pmask, rt, rm, rl, dtok, dmask, rewards_g)
+    step_fn = self.step_fn(train_batch)
+    self.state, metrics = step_fn(self.state, train_batch)
+    metrics = dict(metrics)
+    metrics["tokens/trained"] = jnp.sum(train_batch["response_mask"])
+    metrics["lr"] = self.schedule(step - self.stage.start)
+    host["time/sample_s"] = t1 - t0
+    host["time/score_s"] = t2 - t1
+    host["time/update_dispatch_s"] = time.perf_counter() - t2
+    return host, metrics
+
+
+def _freeze(tree):
+  """Hashable wrapper of a sharding pytree for the jit cache."""
+  return _Hashable(tree)
+
+
+class _Hashable:
+  def __init__(self, tree):
+    self.tree = tree
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    self._key = (treedef, tuple(leaves))
+
+  def __hash__(self):
+    return hash(self._key)
+
+  def __eq__(self, other):
+    return isinstance(other, _Hashable) and self._key == other._key
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_assemble(layout: GroupLayout, normalize_std: bool, eps: float):
+  return jax.jit(functools.partial(assemble_batch, layout=layout, adv_normalize_std=normalize_std,
+                                   adv_eps=eps))
+
+
+def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True) -> dict:
+  """The training loop: resume, steps, checkpoints, preemption, metrics.
+
+  Returns {"status": "done" | "preempted" | "nonfinite", "step": last step}.
+  """
+  from srft_jax import checkpoint as ckpt_lib
+  from srft_jax import metrics as metrics_lib
+
+  c = trainer.config
+  stages = trainer.stages()
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
+                               async_save=c.checkpoint.async_save)
+  writer = metrics_lib.MetricsWriter(os.path.join(workdir, "logs"), tensorboard=c.log.tensorboard)
+  guard = ckpt_lib.PreemptionGuard()
+  base_key = jax.random.key(c.seed)
+  meta = {"config": c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else str(c)}
+
+  # Resume: the newest readable checkpoint decides the step, stage and data position.
+  start = 0
+  restored = ckpt.restore(trainer.abstract_state(stages[0])) if ckpt.latest_step() is not None else None
+  if restored is not None:
+    start, state, data_state, _ = restored
+    data_iter.set_state(data_state)
+    stage = next(s for s in stages if s.start <= start < s.start + s.steps) if start < c.steps else stages[-1]
+    trainer.state = None
+    trainer.params = state["params"]
+    trainer._build_stage(stage, fresh_optimizer=True)
+    trainer.state = trainer._place_state(state)
+    log.info("resumed from step %d (%s)", start, ckpt.directory)
+
+  def save(step):
+    ckpt.save(step, trainer.state, data_iter.get_state(), {"step": step, **meta})
+
+  status = "done"
+  pending = None  # (step, host metrics, device metrics) of the previous step
+  bar = None
+  if progress and jax.process_index() == 0:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=c.steps, initial=start, desc="train", dynamic_ncols=True, leave=True)
+
+  def flush(p):
+    step, host, dev = p
+    dev = jax.device_get(dev)
+    row = {**host, **{k if "/" in k else f"loss/{k}": float(v) for k, v in dev.items()}}
+    writer.write(step, row)
+    if bar is not None:
+      bar.set_postfix(reward=f"{row.get('reward/rollout_mean', float('nan')):.3f}",
+                      loss=f"{row.get('loss/loss', float('nan')):.3f}", refresh=False)
+      bar.update(1)
+    return row
+
+  last = None
+  step = start
+  try:
+    for step in range(start, c.steps):
+      stage = next(s for s in stages if s.start <= step < s.start + s.steps)
+      if getattr(trainer, "stage", None) is not stage and (
+          getattr(trainer, "stage", None) is None or trainer.stage.name != stage.name
+          or trainer.stage.start != stage.start):
+        trainer._build_stage(stage, fresh_optimizer=step == stage.start)
+      t0 = time.perf_counter()
+      batch = next(data_iter)
+      rng = jax.random.fold_in(base_key, step)
+      host, dev = trainer.run_step(batch, step, rng)
+      host.update(data_iter.stats())
+      if pending is not None:
+        last = flush(pending)
+        if last.get("nonfinite/streak", 0) >= c.max_nonfinite_streak:
+          status = "nonfinite"
+          save(step)
+          break
+      host["time/step_s"] = time.perf_counter() - t0
+      pending = (step, host, dev)
+      done = step + 1
+      if c.checkpoint.every and done % c.checkpoint.every == 0 and done < c.steps:
+        save(done)
+      elif done == stage.start + stage.steps and done < c.steps:
+        save(done)
+      if guard.should_stop():
+        status = "preempted"
+        save(done)
+        break
+    if pending is not None:
+      last = flush(pending)
+    if status == "done":
+      save(c.steps)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    guard.restore_handlers()
+    if bar is not None:
+      bar.close()
+  if status == "nonfinite":
+    raise FloatingPointError(
+        f"{c.max_nonfinite_streak} non-finite updates in a row at step {step}; "
+        f"checkpoint saved in {os.path.join(workdir, 'checkpoints')}")
+  return {"status": status, "step": int(jax.device_get(trainer.state["step"])) if trainer.state else start,
+          "last_metrics": last}
+
+
+# ----------------------------------------------------------------------------
+# The whole job: data, base model (warm-up), before/after evaluation, training.
+# ----------------------------------------------------------------------------
+
+def validate_config(c) -> None:
+  """Config errors before anything compiles, each naming its field."""
+  def need(ok, field, msg):
+    if not ok:
+      raise ValueError(f"config.{field}: {msg}")
+  need(c.steps > 0, "steps", f"must be positive, got {c.steps}")
+  need(c.method in obj.PRESETS, "method", f"unknown loss preset {c.method!r}; known: {sorted(obj.PRESETS)}")
+  parse_stages(c.stages, c.steps, c.method)
+  need(c.batch.prompts_per_step > 0, "batch.prompts_per_step", "must be positive")
+  need(c.batch.minibatches > 0 and c.batch.prompts_per_step % c.batch.minibatches == 0,
+       "batch.minibatches", f"must divide batch.prompts_per_step={c.batch.prompts_per_step}")
+  per_mini = c.batch.prompts_per_step // c.batch.minibatches
+  need(c.batch.microbatches > 0 and per_mini % c.batch.microbatches == 0, "batch.microbatches",
+       f"must divide the prompts of one mini-batch ({per_mini})")
+  need(c.rollout.n_rollouts >= 0 and c.rollout.n_demos >= 0, "rollout.n_rollouts",
+       "counts must be >= 0")
+  need(c.data.max_response_len > 0, "data.max_response_len", "must be positive")
+  need(c.optim.lr > 0, "optim.lr", f"must be positive, got {c.optim.lr}")
+  need(c.data.source in ("task", "tfds"), "data.source", f"unknown source {c.data.source!r}")
+  need(c.model.hf_path or c.model.preset in model_lib.PRESETS, "model.preset",
+       f"unknown preset {c.model.preset!r}; known: {sorted(model_lib.PRESETS)}")
+  overrides = {k: v for k, v in dict(c.loss).items() if v is not None}
+  try:
+    obj.LossConfig.preset(c.method, **overrides)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.loss: {e}") from None
+  n_dev = jax.device_count()
+  sizes = dict(c.mesh)
+  try:
+    mesh_shape = shd.make_mesh(sizes).shape
+  except ValueError as e:
+    raise ValueError(f"config.mesh: {e}") from None
+  data_par = mesh_shape["data"] * mesh_shape["fsdp"]
+  for name, layout_n in (("batch.prompts_per_step", 1),):
+    rows = per_mini // c.batch.microbatches
+    need(rows % data_par == 0 or (rows * (c.rollout.n_rollouts + c.rollout.n_demos)) % data_par == 0,
+         name, f"micro-batch rows do not divide the data axes ({data_par} of {n_dev} devices)")
+  need(c.batch.prompts_per_step % jax.process_count() == 0, "batch.prompts_per_step",
+       f"must divide over {jax.process_count()} processes")
+
+
+def _model_config(c, tokenizer) -> model_lib.ModelConfig:
+  kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+  if c.model.preset == "tiny":
+    kw.update(vocab_size=tokenizer.vocab_size, embed_dim=c.model.embed_dim,
+              num_layers=c.model.num_layers, mlp_dim=c.model.mlp_dim,
+              max_seq_len=max(c.data.prompt_buckets) + c.data.max_response_len)
+  return model_lib.ModelConfig.preset(c.model.preset, **kw)
+
+
+def build_tokenizer(c, workdir: str):
+  from srft_jax import tokenizer as tok_lib
+  from srft_jax.data import task
+  if c.data.tokenizer:
+    return tok_lib.load_tokenizer(c.data.tokenizer)
+  return task.get_task_tokenizer(os.path.join(workdir, "tokenizer"), seed=c.data.task_seed)
+
+
+def build_data(c) -> tuple[Any, dict[str, list[dict]]]:
+  """(training source, eval sets {name: rows})."""
+  from srft_jax.data import task
+  if c.data.source == "task":
+    train = task.generate("train", c.data.task_train_size, c.data.task_seed)
+    evals = {"task_id": task.generate("test_id", c.eval.n_id, c.data.task_seed),
+             "task_ood": task.generate("test_ood", c.eval.n_ood, c.data.task_seed)}
+    return train, evals
+  from srft_jax.data import builders
+  return builders.load_source(c.data.data_dir, c.data.name, "train"), {}
+
+
+def make_data_iter(c, source, tokenizer, prompts_per_step: int, seed: int):
+  from srft_jax.data import pipeline
+  pcfg = pipeline.PipelineConfig(
+      global_batch=prompts_per_step, prompt_buckets=tuple(c.data.prompt_buckets),
+      max_response_len=c.data.max_response_len, template=c.data.template, seed=seed)
+  return pipeline.make_iterator(source, tokenizer, pcfg)
+
+
+def evaluate_sets(model, tokenizer, scorer, sets: dict, c, mesh) -> dict[str, float]:
+  from srft_jax import evaluate as eval_lib
+  scfg = sampler_config(c, tokenizer, n=1, temperature=c.eval.temperature)
+  out = {}
+  for name, rows in sets.items():
+    res = eval_lib.accuracy_on_rows(model, tokenizer, rows, scorer, scfg,
+                                    rng=jax.random.key(c.seed + 17), template=c.data.template,
+                                    batch_size=c.eval.batch_size, mesh=mesh,
+                                    require_think=c.rollout.require_think)
+    out[name] = res["accuracy"]
+  return out
+
+
+def sampler_config(c, tokenizer, *, n: int, temperature: float):
+  from srft_jax import sampler as sampler_lib
+  return sampler_lib.SamplingConfig(
+      max_new_tokens=c.data.max_response_len, temperature=temperature, top_p=c.rollout.top_p,
+      top_k=c.rollout.top_k, eos_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id,
+      prompt_buckets=tuple(c.data.prompt_buckets), n=n)
+
+
+def warmup_config(c):
+  """The base-model warm-up: the same job with the `sft` preset and its own lr/batch."""
+  w = c.copy_and_resolve_references()
+  with w.unlocked():
+    w.method, w.stages, w.steps = "sft", "", c.warmup.steps
+    for k in w.loss:
+      w.loss[k] = None
+    w.optim.lr = c.warmup.lr
+    w.batch.prompts_per_step = c.warmup.prompts_per_step
+    w.batch.minibatches = 1
+    w.checkpoint.every = 0
+  return w
+
+
+def base_model(c, tokenizer, mesh, workdir: str, scorer):
+  """The starting policy: an HF checkpoint, or a tiny model warmed up by SFT
+  (cached as an HF checkpoint in `warmup.dir`, so studies share one base)."""
+  from srft_jax import hf
+  if c.model.hf_path:
+    return hf.load_model(c.model.hf_path, mesh=mesh, dtype=model_lib.DTYPES[c.model.dtype])
+  mcfg = _model_config(c, tokenizer)
+  if c.warmup.steps <= 0:
+    return model_lib.create_model(mcfg, seed=c.seed, mesh=mesh)
+  base_dir = c.warmup.dir or os.path.join(workdir, "base")
+  hf_dir = os.path.join(base_dir, "hf")
+  if os.path.exists(os.path.join(hf_dir, "config.json")):
+    log.info("base model: %s (cached warm-up)", hf_dir)
+    return hf.load_model(hf_dir, mesh=mesh, dtype=mcfg.jnp_dtype, **_hf_overrides(mcfg))
+  log.info("base model: SFT warm-up for %d steps", c.warmup.steps)
+  model = model_lib.create_model(mcfg, seed=c.seed, mesh=mesh)
+  w = warmup_config(c)
+  source, _ = build_data(w)
+  trainer = Trainer(model, config=w, tokenizer=tokenizer, scorer=scorer, mesh=mesh)
+  fit(trainer, make_data_iter(w, source, tokenizer, w.batch.prompts_per_step, w.seed + 1),
+      workdir=os.path.join(base_dir, "run"), progress=c.log.progress)
+  model = trainer.model()
+  if jax.process_index() == 0:
+    hf.save_model(model, hf_dir)
+  return model
+
+
+def _hf_overrides(mcfg: model_lib.ModelConfig) -> dict:
+  return {"remat": mcfg.remat, "rules": mcfg.rules}
+
+
+def run(c, workdir: str) -> dict:
+  """The main job. Writes WORKDIR/results.json and returns it."""
+  from srft_jax import hf
+  from srft_jax import metrics as metrics_lib
+  from srft_jax import rewards as rewards_lib
+
+  t_start = time.time()
+  if c.multihost:
+    jax.distributed.initialize()
+  validate_config(c)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = shd.make_mesh(dict(c.mesh))
+  tokenizer = build_tokenizer(c, workdir)
+  source, evals = build_data(c)
+  with rewards_lib.RewardScorer(require_think=c.rollout.require_think) as scorer:
+    model = base_model(c, tokenizer, mesh, workdir, scorer)
+    before = {}
+    if c.eval.before and evals:
+      cache = os.path.join(c.warmup.dir or os.path.join(workdir, "base"), "eval_before.json")
+      if os.path.exists(cache) and not c.model.hf_path:
+        with open(cache) as f:
+          before = json.load(f)
+      else:
+        before = evaluate_sets(model, tokenizer, scorer, evals, c, mesh)
+        if jax.process_index() == 0:
+          os.makedirs(os.path.dirname(cache), exist_ok=True)
+          with open(cache, "w") as f:
+            json.dump(before, f)
+      log.info("before: %s", before)
+    trainer = Trainer(model, config=c, tokenizer=tokenizer, scorer=scorer, mesh=mesh)
+    it = make_data_iter(c, source, tokenizer, c.batch.prompts_per_step, c.seed)
+    t_train = time.time()
+    info = fit(trainer, it, workdir=workdir, progress=c.log.progress)
+    train_s = time.time() - t_train
+    if info["status"] == "preempted":
+      return {"status": "preempted", "step": info["step"]}
+    model = trainer.model()
+    after = evaluate_sets(model, tokenizer, scorer, evals, c, mesh) if (c.eval.after and evals) else {}
+  results = {
+      "before": {"id_acc": before.get("task_id"), "ood_acc": before.get("task_ood")},
+      "after": {"id_acc": after.get("task_id"), "ood_acc": after.get("task_ood")},
+      "steps": int(c.steps), "method": c.stages or c.method,
+      "wall_s": round(time.time() - t_start, 1), "train_s": round(train_s, 1),
+  }
+  if jax.process_index() == 0:
+    if c.checkpoint.export_hf:
+      hf.save_model(model, os.path.join(workdir, "export", "hf"))
+    if c.log.plots:
+      results["plots"] = metrics_lib.plot_metrics(
+          os.path.join(workdir, "logs", "metrics.jsonl"), os.path.join(workdir, "plots"))
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
