@@ -104,6 +104,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval.n_ood = 300              # test problems (out-of-distribution split)
   c.eval.batch_size = 100
   c.eval.temperature = 0.0        # greedy for the built-in task
+  c.eval.every = 0               # also evaluate every N steps during training (0 = off)
+  c.eval.every_n = 100            # ID problems used by those periodic evaluations
   c.eval.before = True
   c.eval.after = True
 

@@ -65,3 +65,135 @@ def accuracy_on_rows(model, tokenizer, rows: Sequence[dict], scorer, cfg: sample
   per_problem = rewards.reshape(len(rows), -1).mean(1)
   return {"accuracy": float(per_problem.mean()), "n": len(rows), "k": cfg.n,
           "outcomes": counts, "samples": texts[:4]}
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+def load_policy(config, checkpoint: str, tokenizer, mesh):
+  """A policy from an HF directory, or from a training workdir (its HF export,
+  else the newest Orbax checkpoint restored into the sharded layout)."""
+  from srft_jax import checkpoint as ckpt_lib
+  from srft_jax import hf
+  from srft_jax import model as model_lib
+  from srft_jax import train
+  if os.path.exists(os.path.join(checkpoint, "config.json")):
+    return hf.load_model(checkpoint, mesh=mesh, dtype=model_lib.DTYPES[config.model.dtype])
+  export = os.path.join(checkpoint, "export", "hf")
+  if os.path.exists(os.path.join(export, "config.json")):
+    return hf.load_model(export, mesh=mesh, dtype=model_lib.DTYPES[config.model.dtype])
+  ckpt_dir = checkpoint if os.path.basename(checkpoint.rstrip("/")) == "checkpoints" else \
+      os.path.join(checkpoint, "checkpoints")
+  model = model_lib.create_model(train._model_config(config, tokenizer), seed=0, mesh=mesh)
+  trainer = train.Trainer(model, config=config, tokenizer=tokenizer, scorer=None, mesh=mesh)
+  stage = trainer.stages()[-1]
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+  restored = ckpt.restore(trainer.abstract_state(stage))
+  ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"--checkpoint: no HF checkpoint or Orbax checkpoint under {checkpoint}")
+  _, state, _, _ = restored
+  trainer.params = state["params"]
+  return trainer.model()
+
+
+def benchmark_rows(name: str, config, data_dir: str, limit: int | None) -> list[dict]:
+  """Rows {prompt, answer} of one benchmark: the built-in task's splits, or a
+  dataset prepared with `python -m srft_jax.data prepare NAME`."""
+  from srft_jax.data import task
+  if name in ("task_id", "task_ood"):
+    n = limit or (config.eval.n_id if name == "task_id" else config.eval.n_ood)
+    return task.generate("test_id" if name == "task_id" else "test_ood", n, config.data.task_seed)
+  from srft_jax.data import builders
+  if not data_dir:
+    raise ValueError(f"--data_dir: benchmark {name!r} needs a prepared dataset directory")
+  source = builders.load_source(data_dir, name, "test")
+  rows = []
+  for i in range(len(source) if limit is None else min(limit, len(source))):
+    r = source[i]
+    rows.append({k: (v.decode() if isinstance(v, bytes) else v) for k, v in r.items()
+                 if k in ("id", "prompt", "answer")})
+  return rows
+
+
+def evaluate_benchmarks(model, tokenizer, names: Sequence[str], config, *, scorer, mesh,
+                        data_dir: str = "", temperature: float = 0.6, top_p: float = 1.0,
+                        k: int | None = None, limit: int | None = None,
+                        max_new_tokens: int | None = None, seed: int = 0) -> dict[str, Any]:
+  """Per benchmark: the registry's metric (avg@k or pass@1) and outcome counts."""
+  from srft_jax import metrics_eval
+  results = {}
+  for name in names:
+    spec = metrics_eval.BENCHMARKS[name]
+    n = k or spec.k
+    rows = benchmark_rows(name, config, data_dir, limit)
+    cfg = sampler_lib.SamplingConfig(
+        max_new_tokens=max_new_tokens or config.data.max_response_len, temperature=temperature,
+        top_p=top_p, eos_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id,
+        prompt_buckets=tuple(config.data.prompt_buckets), n=n)
+    t0 = time.time()
+    completions = generate(model, tokenizer, [r["prompt"] for r in rows], cfg,
+                           rng=jax.random.key(seed), template=config.data.template,
+                           batch_size=config.eval.batch_size, mesh=mesh, progress=True)
+    texts = [t for c in completions for t in c]
+    truths = [r["answer"] for r in rows for _ in range(n)]
+    rewards, outcomes = scorer.score(texts, truths, require_think=config.rollout.require_think)
+    correct = rewards.reshape(len(rows), n)
+    score = (metrics_eval.avg_at_k(correct) if n > 1 else metrics_eval.pass_at_1(correct))
+    counts: dict[str, int] = {}
+    for o in outcomes:
+      counts[o] = counts.get(o, 0) + 1
+    results[name] = {"score": score, "metric": f"avg@{n}" if n > 1 else "pass@1",
+                     "problems": len(rows), "outcomes": counts, "seconds": round(time.time() - t0, 1)}
+  return results
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  from srft_jax import metrics_eval
+  from srft_jax import rewards as rewards_lib
+  from srft_jax import sharding as shd
+  from srft_jax import train
+  f = flags.FLAGS
+  logging.basicConfig(level=logging.INFO)
+  config = _CONFIG.value
+  mesh = shd.make_mesh(dict(config.mesh))
+  # The task tokenizer is deterministic: rebuilt (or reused) under the checkpoint dir.
+  tokenizer = train.build_tokenizer(config, f.tokenizer_dir or f.checkpoint)
+  model = load_policy(config, f.checkpoint, tokenizer, mesh)
+  names = [n for n in f.benchmarks.split(",") if n]
+  with rewards_lib.RewardScorer(require_think=config.rollout.require_think) as scorer:
+    res = evaluate_benchmarks(model, tokenizer, names, config, scorer=scorer, mesh=mesh,
+                              data_dir=f.data_dir, temperature=f.temperature, top_p=f.top_p,
+                              k=f.k or None, limit=f.limit or None, seed=f.seed)
+  table, table_json = metrics_eval.results_table({f.name: {n: r["score"] for n, r in res.items()}})
+  out = {"benchmarks": res, "table": table_json, "checkpoint": f.checkpoint}
+  if f.out:
+    os.makedirs(f.out, exist_ok=True)
+    with open(os.path.join(f.out, "eval.json"), "w") as fh:
+      json.dump(out, fh, indent=2)
+    with open(os.path.join(f.out, "eval.md"), "w") as fh:
+      fh.write(table)
+  print(table)
+  print(json.dumps({n: round(r["score"], 4) for n, r in res.items()}))
+  return 0
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config.")
+  flags.DEFINE_string("checkpoint", None, "HF checkpoint dir, or a training workdir.", required=True)
+  flags.DEFINE_string("benchmarks", "task_id,task_ood", "Comma-separated benchmark names.")
+  flags.DEFINE_string("data_dir", "", "TFDS dir of prepared benchmarks (srft_jax.data prepare).")
+  flags.DEFINE_string("tokenizer_dir", "", "Where the task tokenizer is cached (default: the checkpoint's workdir).")
+  flags.DEFINE_float("temperature", 0.6, "Sampling temperature (paper: 0.6).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus mass (paper: 1.0).")
+  flags.DEFINE_integer("k", 0, "Samples a problem (0 = the benchmark's default: avg@32 or pass@1).")
+  flags.DEFINE_integer("limit", 0, "Evaluate only the first N problems (0 = all).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_string("name", "policy", "Row name in the table.")
+  flags.DEFINE_string("out", "", "Directory for eval.json and eval.md.")
+  sys.exit(app.run(main))

@@ -496,8 +496,9 @@ def _write_safetensors(file: str, entries: list[tuple[str, _Layout, Any]], np_dt
       fh.write(struct.pack("<Q", len(blob)))
       fh.write(blob)
     for name, lay, value in entries:
-      x = np.ascontiguousarray(lay.to_hf(_to_host(value)).astype(np_dtype))
+      host = _to_host(value)  # a collective when sharded across hosts: all processes
       if fh:
+        x = np.ascontiguousarray(lay.to_hf(host).astype(np_dtype))
         if sys.byteorder != "little":  # safetensors is little endian
           x = x.byteswap()
         fh.write(x.reshape(-1).view(np.uint8).data)
@@ -512,8 +513,10 @@ def save_model(model: model_lib.Transformer, path: str, *, dtype=None,
 
   `dtype` (default: the parameter dtype) is the dtype written. Checkpoints
   larger than `max_shard_bytes` are split into `model-0000i-of-0000n` files
-  with `model.safetensors.index.json`. Every process must call this (arrays
-  sharded across hosts are gathered collectively); only process 0 writes.
+  with `model.safetensors.index.json`; stale `*.safetensors` files and index
+  in `path` are removed first (loading would otherwise mix them in). Every
+  process must call this (arrays sharded across hosts are gathered
+  collectively); only process 0 writes.
   """
   cfg = model.cfg
   np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else cfg.jnp_param_dtype))

@@ -443,6 +443,10 @@ class Trainer:
     rm = roll.mask if n else None
     rl = roll.logprobs if n else None
     train_batch = assemble(ptok, pmask, rt, rm, rl, dtok, dmask, rewards_g)
+    # Constant leaves (is_demo) come out of `assemble` replicated; the step's
+    # in_shardings want every batch leaf split over the data axes.
+    train_batch = jax.device_put(train_batch, {
+        k: shd.batch_sharding(self.mesh, v.ndim, self.rules, v.shape) for k, v in train_batch.items()})
     step_fn = self.step_fn(train_batch)
     self.state, metrics = step_fn(self.state, train_batch)
     metrics = dict(metrics)
@@ -478,7 +482,49 @@ def _jitted_assemble(layout: GroupLayout, normalize_std: bool, eps: float):
                                    adv_eps=eps))
 
 
-def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True) -> dict:
+def make_eval_hook(c, tokenizer, scorer, evals: dict, mesh):
+  """Periodic evaluation: greedy accuracy on a slice of the ID split, and the
+  policy's mean token entropy on a fixed probe of demonstrations (teacher
+  forced), so entropy is comparable across stages that have no rollouts."""
+  if not c.eval.every or "task_id" not in evals:
+    return None
+  from srft_jax import evaluate as eval_lib
+  from srft_jax.tokenizer import render_prompt
+  rows = evals["task_id"][:c.eval.every_n]
+  probe = rows[:32]
+  prompts = [tokenizer.encode(render_prompt(r["prompt"], template=c.data.template)) for r in probe]
+  demos = [tokenizer.encode(r["target"]) + [tokenizer.eos_id] for r in probe]
+  width = max(len(p) + len(d) for p, d in zip(prompts, demos))
+  tokens = np.full((len(probe), width), tokenizer.pad_id, np.int32)
+  mask = np.zeros_like(tokens)
+  resp = np.zeros_like(tokens)
+  for i, (p, d) in enumerate(zip(prompts, demos)):
+    tokens[i, :len(p) + len(d)] = p + d
+    mask[i, :len(p) + len(d)] = 1
+    resp[i, len(p):len(p) + len(d)] = 1
+  resp = resp[:, 1:]
+  scfg = sampler_config(c, tokenizer, n=1, temperature=0.0)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def probe_entropy(graphdef, params):
+    logp, ent = sequence_logprobs(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask))
+    m = jnp.asarray(resp, jnp.float32)
+    return jnp.sum(ent * m) / jnp.sum(m), jnp.sum(logp * m) / jnp.sum(m)
+
+  def hook(model) -> dict[str, float]:
+    res = eval_lib.accuracy_on_rows(model, tokenizer, rows, scorer, scfg, rng=jax.random.key(0),
+                                    template=c.data.template, batch_size=c.eval.batch_size,
+                                    mesh=mesh)
+    graphdef, params = nnx.split(model)
+    ent, logp = jax.device_get(probe_entropy(graphdef, params))
+    return {"eval/task_id": res["accuracy"], "probe/entropy": float(ent),
+            "probe/demo_logp": float(logp)}
+
+  return hook
+
+
+def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
+        eval_hook=None) -> dict:
   """The training loop: resume, steps, checkpoints, preemption, metrics.
 
   Returns {"status": "done" | "preempted" | "nonfinite", "step": last step}.
@@ -539,6 +585,9 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True) -> 
           or trainer.stage.start != stage.start):
         trainer._build_stage(stage, fresh_optimizer=step == stage.start)
       t0 = time.perf_counter()
+      evals_now = {}
+      if eval_hook is not None and step % c.eval.every == 0:
+        evals_now = eval_hook(trainer.model())
       batch = next(data_iter)
       rng = jax.random.fold_in(base_key, step)
       host, dev = trainer.run_step(batch, step, rng)
@@ -550,6 +599,7 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True) -> 
           save(step)
           break
       host["time/step_s"] = time.perf_counter() - t0
+      host.update(evals_now)
       pending = (step, host, dev)
       done = step + 1
       if c.checkpoint.every and done % c.checkpoint.every == 0 and done < c.steps:
@@ -562,6 +612,8 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True) -> 
         break
     if pending is not None:
       last = flush(pending)
+    if status == "done" and eval_hook is not None and c.steps % c.eval.every == 0:
+      writer.write(c.steps, eval_hook(trainer.model()))
     if status == "done":
       save(c.steps)
   finally:
@@ -759,7 +811,8 @@ def run(c, workdir: str) -> dict:
     trainer = Trainer(model, config=c, tokenizer=tokenizer, scorer=scorer, mesh=mesh)
     it = make_data_iter(c, source, tokenizer, c.batch.prompts_per_step, c.seed)
     t_train = time.time()
-    info = fit(trainer, it, workdir=workdir, progress=c.log.progress)
+    hook = make_eval_hook(c, tokenizer, scorer, evals, mesh)
+    info = fit(trainer, it, workdir=workdir, progress=c.log.progress, eval_hook=hook)
     train_s = time.time() - t_train
     if info["status"] == "preempted":
       return {"status": "preempted", "step": info["step"]}

@@ -2,14 +2,12 @@
 
 The checkpoints are tiny random Qwen2 / Llama models written by
 `save_pretrained` once per session; weights are drawn with std 0.1 (larger
-than HF's init) so that every layer visibly moves the logits.
+than HF's init; norm scales near 1) so every layer visibly moves the logits.
 """
 
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +64,10 @@ def checkpoints(tmp_path_factory):
     cfg._attn_implementation = "eager"
     ref = transformers.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
-      for p in ref.parameters():
+      for name, p in ref.named_parameters():
         p.normal_(0.0, 0.1)
+        if name.endswith("norm.weight"):
+          p.add_(1.0)
     ref.eval()
     path = str(root / kind)
     ref.save_pretrained(path)
@@ -209,9 +209,10 @@ def test_export_loads_in_transformers(kind, checkpoints, loaded, tmp_path):
 
 
 def test_import_export_import_is_exact(checkpoints, loaded, tmp_path):
-  for kind in ("qwen2", "llama_tied"):
+  for kind, shard_bytes in (("qwen2", 20_000), ("llama_tied", 5_000_000_000)):
     first = loaded[kind]
-    hf.save_model(first, str(tmp_path / kind))
+    files = hf.save_model(first, str(tmp_path / kind), max_shard_bytes=shard_bytes)
+    assert (len(files) > 1) == (shard_bytes == 20_000)  # sharded + index, and single file
     second = hf.load_model(str(tmp_path / kind))
     a, b = _params(first), _params(second)
     assert a.keys() == b.keys()
@@ -300,6 +301,44 @@ def test_sharded_load(mesh_shape, q_spec, embed_spec, down_spec, checkpoints, lo
   assert err <= 1e-5
 
 
+def test_sharded_load_with_custom_rules(checkpoints, loaded, monkeypatch):
+  """Rules that split head_dim (inside o_proj's merged N x H columns) and the
+  vocabulary over fsdp still hand every device exactly its slice, and each
+  device's slice is all that is read from disk for it."""
+  path, _ = checkpoints["qwen2"]
+  reads = []
+  real_read = hf._Reader.__call__
+
+  def spy(self, name, index):
+    block = real_read(self, name, index)
+    reads.append((name, block.size))
+    return block
+  monkeypatch.setattr(hf._Reader, "__call__", spy)
+  mesh = shd.make_mesh({"fsdp": 2, "tensor": 4})
+  rules = tuple((name, {"head_dim": "tensor", "heads": "fsdp", "kv_heads": "fsdp",
+                        "vocab": "fsdp", "embed": "tensor", "mlp": None}.get(name, axes))
+                for name, axes in shd.DEFAULT_RULES)
+  model = hf.load_model(path, mesh=mesh, rules=rules)
+  assert model.cfg.rules == rules
+  params = _params(model)
+  specs = {("layers", 0, "attn", "q"): P("tensor", "fsdp", None),  # tensor taken by embed
+           # o_proj [D, N*H]: both parts of the merged dim cut
+           ("layers", 0, "attn", "o"): P("fsdp", "tensor", None),
+           ("layers", 0, "attn", "k_bias"): P("fsdp", "tensor"),
+           ("layers", 1, "mlp", "up"): P("tensor", None),
+           ("embed",): P("fsdp", "tensor")}
+  for key, spec in specs.items():
+    assert params[key].get_value().sharding.spec == spec, key
+  lm_head = [size for name, size in reads if name == "lm_head.weight"]
+  assert lm_head == [VOCAB * EMBED // 8] * 8  # 8 distinct 1/8 slices, no full read
+  norm = [size for name, size in reads if name == "model.norm.weight"]
+  assert norm == [EMBED]  # replicated: read once for all 8 devices
+  for key, var in _params(loaded["qwen2"]).items():
+    full = np.asarray(var.get_value())
+    for piece in params[key].get_value().addressable_shards:
+      np.testing.assert_array_equal(np.asarray(piece.data), full[piece.index], err_msg=str(key))
+
+
 # ----------------------------------------------------------------------------
 # Malformed checkpoints
 # ----------------------------------------------------------------------------
@@ -367,12 +406,12 @@ def test_malformed_checkpoints_name_the_problem(checkpoints, tmp_path):
 # Command line
 # ----------------------------------------------------------------------------
 
-def test_info_cli(checkpoints, tmp_path):
+def test_info_cli(checkpoints, tmp_path, capsys):
   path, ref = checkpoints["llama_tied"]
   n_ref = sum(p.numel() for p in ref.parameters())  # tied: embedding counted once
-  out = subprocess.run([sys.executable, "-m", "srft_jax.hf", "info", path],
-                       capture_output=True, text=True, check=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+  # what `python -m srft_jax.hf info PATH` runs
+  assert hf.main(["info", path]) == 0
+  out = capsys.readouterr().out
   assert "architecture: LlamaForCausalLM" in out
   assert f"parameters: {n_ref} " in out
   assert "dtype: float32" in out and "warning" not in out

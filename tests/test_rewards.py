@@ -231,12 +231,14 @@ def test_fork_start_method_is_refused():
         rewards.RewardScorer(1, start_method="fork").start()
 
 
-def test_spawn_pool_and_close():
-    s = rewards.RewardScorer(num_workers=1, num_spares=0, start_method="spawn")
+def test_close_stops_every_worker():
+    # (start_method="spawn" works the same way but costs ~10 s of sympy imports here.)
+    s = rewards.RewardScorer(num_workers=1, num_spares=1)
     with s:
         _, o = s.score(["\\boxed{2\\sqrt{2}}"], ["\\sqrt{8}"])
-        processes = [w.process for w in s._workers]
+        processes = [w.process for w in s._workers + s._spares]
     assert o == ["correct"]
+    assert len(processes) == 2
     assert all(not p.is_alive() for p in processes)
 
 

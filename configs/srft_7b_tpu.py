@@ -1,0 +1,88 @@
+"""The paper's SRFT recipe (METHOD.md §5) for Qwen2.5-Math-7B on a Cloud TPU pod.
+
+  bash launch/tpu_pod.sh --name=srft --accelerator-type=v5p-64 --zone=us-east5-a \
+      --bucket=gs://BUCKET --config=configs/srft_7b_tpu.py \
+      --model-gcs=gs://BUCKET/models/Qwen2.5-Math-7B --data-gcs=gs://BUCKET/data
+
+Data: OpenR1-Math-46k prepared once with
+  python -m srft_jax.data prepare openr1 --src openr1.parquet --data_dir gs://BUCKET/data
+Fit check from any CPU host (needs requirements-tpu.txt):
+  python -m srft_jax.tools.aot --config=configs/srft_7b_tpu.py --topology=v5p:2x4x4
+Preset args: `...:fsdp_tensor` shards 4-way tensor x fsdp instead of pure FSDP.
+"""
+
+import importlib.util
+import os
+
+from ml_collections import config_dict
+
+
+def _default_config():
+  """configs/default.py's get_config (configs/ is a folder of files, not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
+  spec = importlib.util.spec_from_file_location("srft_configs_default", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  c = _default_config()
+  with c.unlocked():
+    c.method = "srft"                  # METHOD.md §4: the full method, paper switches
+    c.steps = 500                      # METHOD.md §5: 500 steps
+    c.logit_chunk = 16_384             # logits for ~16k tokens at a time (f32 [B, C, V] chunk)
+    c.max_nonfinite_streak = 5
+
+    # Qwen2.5-Math-7B with RoPE theta 40k and a 16,384-token window (METHOD.md §5).
+    # The real run starts from the HF checkpoint: --config.model.hf_path=/path/on/every/host
+    # (launch/tpu_pod.sh --model-gcs copies it onto each worker's local disk).
+    c.model.preset = "qwen2_5_math_7b_rope40k"
+    c.model.hf_path = ""
+    c.model.dtype = "bfloat16"         # compute dtype (norms, softmax, logits stay float32)
+    # float32 master weights: an AdamW step at lr 1e-6 is below bf16's resolution
+    # for weights of size ~1e-2 (ulp ~6e-5), so bf16 params would never move.
+    c.model.param_dtype = "float32"
+    c.model.remat = "full"             # recompute each layer in the backward pass
+
+    c.data.source = "tfds"             # prepared with `python -m srft_jax.data prepare openr1`
+    c.data.data_dir = "gs://BUCKET/data"
+    c.data.name = "openr1"
+    c.data.tokenizer = ""              # the checkpoint's tokenizer.json (set to model.hf_path)
+    c.data.template = "qwen_math"      # system prompt + "Question: {q} Answer:" via chat template
+    c.data.prompt_buckets = (1024,)    # max prompt 1,024 tokens: one compiled shape
+    c.data.max_response_len = 8192     # max response 8,192 tokens
+
+    c.rollout.n_rollouts = 7           # 7 rollouts + 1 demonstration = 8 slots a prompt
+    c.rollout.n_demos = 1
+    c.rollout.temperature = 1.0
+    c.rollout.require_think = True     # no </think> -> reward 0 (reference code)
+
+    c.batch.prompts_per_step = 128     # 128 prompts x 8 slots = 1,024 sequences a step
+    c.batch.minibatches = 2            # mini-batch 64 prompts: 2 optimizer updates a step
+    c.batch.microbatches = 4           # 128 sequences per gradient chunk (see README fit table)
+
+    c.optim.lr = 1e-6                  # AdamW, constant, no warmup
+    c.optim.schedule = "constant"
+    c.optim.warmup_steps = 0
+    c.optim.weight_decay = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.clip_norm = 1.0
+
+    # FSDP over every chip of the slice (the batch is sharded over it too).
+    c.mesh = config_dict.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.multihost = True                 # one process per TPU VM worker
+
+    c.warmup.steps = 0                 # start from the checkpoint, no SFT warm-up
+    c.checkpoint.every = 10            # steps are minutes long: bound the work lost to preemption
+    c.checkpoint.keep = 2
+    c.eval.before = False              # benchmark evaluation is a separate job (evaluate.py)
+    c.eval.after = False
+    c.log.progress = False             # no tqdm bar in pod logs
+  if arg == "fsdp_tensor":
+    c.mesh.tensor = 4                  # divides 28 heads, 4 kv heads, mlp 18,944, vocab 152,064
+  elif arg:
+    raise ValueError(f"configs/srft_7b_tpu.py: unknown arg {arg!r}; known: fsdp_tensor")
+  c.lock()
+  return c

@@ -1,0 +1,542 @@
+"""Ahead-of-time fit check: compile the real train step and sampler for a TPU slice
+on a CPU-only host, and print per-chip memory against the chip's HBM.
+
+  python -m srft_jax.tools.aot --config=configs/srft_7b_tpu.py --topology=v5p:2x4x4
+  python -m srft_jax.tools.aot --config=configs/srft_7b_tpu.py --find-smallest
+  python -m srft_jax.tools.aot --config=configs/default.py --topology=v5e:2x2 \
+      --programs=train,sample --config.batch.microbatches=2
+
+Needs libtpu (requirements-tpu.txt): `jax.experimental.topologies.get_topology_desc`
+gives compile-only devices of the named topology; nothing runs and no TPU is
+touched. The programs are the ones the trainer runs, built the same way:
+
+  train    train.train_step via train._jitted_step (state and batch shardings
+           from train.state_shardings / sharding.batch_sharding, state donated),
+           on one step's batch: prompts x (rollouts + demos) rows of P + R tokens.
+  sample   the sampler's jitted core (prefill + while-loop decode) for
+           prompts x rollouts rows and a P + R slot KV cache (donated).
+  prefill  one model call with the cache over the P prompt tokens.
+  decode   one model call with the cache for one new token per row.
+
+Memory comes from `compiled.memory_analysis()` (per chip). FLOPs come from
+`compiled.cost_analysis()` (per chip; XLA counts each loop body once, so for
+the scanned train step and the decode loop it is a lower bound) and, for the
+whole step, from the model: 6 N tokens + causal attention (what MFU uses).
+The last line printed is one JSON object with everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from typing import Any
+
+# Per-chip HBM in GB (1e9 bytes) and the slice shapes --find-smallest tries.
+HBM_GB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
+FIT_FRACTION = 0.9
+SLICES = {
+    "v5p": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
+    "v5e": ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+    "v6e": ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+    "v4": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
+}
+PROGRAMS = ("train", "sample", "prefill", "decode")
+_GEN_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+# ----------------------------------------------------------------------------
+# Topologies
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  generation: str          # v4 | v5e | v5p | v6e
+  shape: tuple[int, ...]   # chips along each torus axis
+
+  @classmethod
+  def parse(cls, name: str) -> "Topology":
+    """'v5p:4x4x4' (also 'v5litepod:4x4') -> Topology."""
+    gen, sep, dims = name.partition(":")
+    gen = _GEN_ALIASES.get(gen.lower(), gen.lower())
+    if not sep or gen not in HBM_GB or not re.fullmatch(r"\d+(x\d+)+", dims):
+      raise ValueError(f"--topology: want GEN:AxB[xC] with GEN in {sorted(HBM_GB)}, got {name!r}")
+    return cls(gen, tuple(int(d) for d in dims.split("x")))
+
+  @property
+  def name(self) -> str:
+    return f"{self.generation}:{'x'.join(map(str, self.shape))}"
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def accelerator_type(self) -> str:
+    """The Cloud TPU name: v4/v5p count TensorCores (2 a chip), v5e/v6e count chips."""
+    if self.generation in ("v4", "v5p"):
+      return f"{self.generation}-{2 * self.chips}"
+    return f"{'v5litepod' if self.generation == 'v5e' else 'v6e'}-{self.chips}"
+
+  @property
+  def hbm_bytes(self) -> float:
+    return HBM_GB[self.generation] * 1e9
+
+  def devices(self):
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(platform="tpu", topology_name=self.name).devices
+
+
+def libtpu_available() -> bool:
+  try:
+    import libtpu  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+# ----------------------------------------------------------------------------
+# Building the programs (abstract inputs only)
+# ----------------------------------------------------------------------------
+
+class _VocabOnly:
+  """Stands in for the tokenizer where only the vocabulary size matters (tiny preset)."""
+  def __init__(self, vocab_size: int):
+    self.vocab_size = vocab_size
+
+
+def model_config(c, vocab_size: int = 512):
+  """The ModelConfig the run would build: from a local HF config.json when
+  model.hf_path has one, else the preset (with the config's dtype and remat)."""
+  import os
+
+  from srft_jax import hf
+  from srft_jax import model as model_lib
+  from srft_jax import train
+  kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+  if c.model.hf_path and os.path.exists(os.path.join(c.model.hf_path, "config.json")):
+    return hf.config_from_hf(hf.read_config(c.model.hf_path), **kw)
+  return train._model_config(c, _VocabOnly(vocab_size))  # pylint: disable=protected-access
+
+
+def _abstract(tree, shardings):
+  import jax
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _stage(c):
+  """The loss config and group layout of the stage with the biggest group."""
+  from srft_jax import train
+  overrides = dict(c.loss) if not c.stages else None
+  best = None
+  for name, _ in train.parse_stages(c.stages, c.steps, c.method):
+    lc = train.loss_config(name, overrides, c.data.max_response_len)
+    layout = train.stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
+    if best is None or layout.size > best[1].size:
+      best = (lc, layout)
+  return best
+
+
+def lower_train(c, mcfg, mesh):
+  """train.train_step for one step's batch, jitted as the Trainer jits it."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from srft_jax import model as model_lib
+  from srft_jax import sharding as shd
+  from srft_jax import train
+
+  lc, layout = _stage(c)
+  o = c.optim
+  tx, _ = train.make_optimizer(
+      o.lr, steps=c.steps, warmup_steps=o.warmup_steps, schedule=o.schedule,
+      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm or None)
+  step_cfg = train.StepConfig(loss=lc, minibatches=c.batch.minibatches,
+                              microbatches=c.batch.microbatches,
+                              temperature=c.rollout.temperature, logit_chunk=c.logit_chunk)
+  graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
+  state = jax.eval_shape(lambda p: train.init_train_state(p, tx), params)
+  state_sh = train.state_shardings(state, mesh, mcfg.rules)
+
+  b, p, r = c.batch.prompts_per_step, max(c.data.prompt_buckets), c.data.max_response_len
+  n = layout.n_rollouts
+  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+  batch = jax.eval_shape(
+      lambda *a: train.assemble_batch(*a, layout=layout, adv_normalize_std=lc.adv_normalize_std,
+                                      adv_eps=lc.adv_eps),
+      i32(b, p), i32(b, p), i32(b * n, r) if n else None, i32(b * n, r) if n else None,
+      jax.ShapeDtypeStruct((b * n, r), jnp.float32) if n else None, i32(b, r), i32(b, r),
+      jax.ShapeDtypeStruct((b * layout.size,), jnp.float32))
+  batch_sh = {k: shd.batch_sharding(mesh, v.ndim, mcfg.rules, v.shape) for k, v in batch.items()}
+  fn = train._jitted_step(graphdef, tx, step_cfg, train._freeze(state_sh),  # pylint: disable=protected-access
+                          train._freeze(batch_sh))  # pylint: disable=protected-access
+  with jax.set_mesh(mesh):
+    return fn.lower(_abstract(state, state_sh), _abstract(batch, batch_sh))
+
+
+def _sampler_inputs(c, mcfg, mesh, rows: int, length: int):
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from srft_jax import model as model_lib
+  from srft_jax import sampler as sampler_lib
+  from srft_jax import sharding as shd
+  graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
+  params = _abstract(params, shd.state_shardings(params, mesh, mcfg.rules))
+  cache = jax.eval_shape(lambda: model_lib.init_cache(mcfg, rows, length))
+  cache = _abstract(cache, sampler_lib.cache_shardings(mcfg, mesh, rows, length))
+  return graphdef, params, cache
+
+
+def _rows_sharding(mesh, mcfg, shape):
+  from srft_jax import sharding as shd
+  return shd.batch_sharding(mesh, len(shape), mcfg.rules, shape)
+
+
+def lower_sample(c, mcfg, mesh):
+  """The sampler's jitted core: prefill + decode loop, all rollouts of one step."""
+  import jax
+  import jax.numpy as jnp
+
+  from srft_jax import sampler as sampler_lib
+  _, layout = _stage(c)
+  n = max(layout.n_rollouts, 1)
+  rows, p, r = c.batch.prompts_per_step * n, max(c.data.prompt_buckets), c.data.max_response_len
+  graphdef, params, cache = _sampler_inputs(c, mcfg, mesh, rows, p + r)
+  scfg = sampler_lib.SamplingConfig(
+      max_new_tokens=r, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
+      top_k=c.rollout.top_k, eos_ids=(1,), pad_id=0, prompt_buckets=tuple(c.data.prompt_buckets),
+      n=n)
+  tok_sh = _rows_sharding(mesh, mcfg, (rows, p))
+  tokens = jax.ShapeDtypeStruct((rows, p), jnp.int32, sharding=tok_sh)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+  with jax.set_mesh(mesh):
+    return sampler_lib._sample_jit.lower(  # pylint: disable=protected-access
+        graphdef, params, tokens, tokens, key, scfg, cache)
+
+
+def _model_step(graphdef, state, tokens_BT, positions_BT, mask_BT, cache):
+  """One model call with the KV cache, as the sampler makes it (last-position logits)."""
+  from flax import nnx
+  model = nnx.merge(graphdef, state)
+  logits, cache = model(tokens_BT, positions_BT, mask_BT, cache=cache)
+  return logits[:, -1], cache
+
+
+def lower_cache_call(c, mcfg, mesh, new_tokens: int | None):
+  """`prefill` (new_tokens=None: the P prompt tokens) or `decode` (1 token)."""
+  import jax
+  import jax.numpy as jnp
+  _, layout = _stage(c)
+  rows = c.batch.prompts_per_step * max(layout.n_rollouts, 1)
+  p, r = max(c.data.prompt_buckets), c.data.max_response_len
+  t = p if new_tokens is None else new_tokens
+  graphdef, params, cache = _sampler_inputs(c, mcfg, mesh, rows, p + r)
+  sh = _rows_sharding(mesh, mcfg, (rows, t))
+  x = jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=sh)
+  fn = jax.jit(_model_step, static_argnums=0, donate_argnums=5)
+  with jax.set_mesh(mesh):
+    return fn.lower(graphdef, params, x, x, x, cache)
+
+
+# ----------------------------------------------------------------------------
+# Model FLOPs (the MFU convention: no remat recompute)
+# ----------------------------------------------------------------------------
+
+def _matmul_params(mcfg) -> int:
+  """Parameters touched by a matmul per token (the embedding lookup is not)."""
+  n = mcfg.num_params()
+  return n if mcfg.tie_embeddings else n - mcfg.vocab_size * mcfg.embed_dim
+
+
+def model_flops(c, mcfg) -> dict[str, float]:
+  """Global FLOPs of one step of each program: 2 N a token forward (6 N with
+  the backward pass) plus causal attention 4 L N H (context) a token."""
+  _, layout = _stage(c)
+  p, r = max(c.data.prompt_buckets), c.data.max_response_len
+  t = p + r
+  nm = _matmul_params(mcfg)
+  attn = 4 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim  # x context length, per token
+  train_rows = c.batch.prompts_per_step * layout.size
+  fwd = train_rows * (2 * nm * t + attn * t * (t + 1) / 2)
+  rows = c.batch.prompts_per_step * max(layout.n_rollouts, 1)
+  prefill = rows * (2 * nm * p + attn * p * (p + 1) / 2)
+  decode_one = rows * (2 * nm + attn * (p + r / 2))  # mean context over the response
+  return {"train": 3 * fwd, "sample": prefill + r * decode_one, "prefill": prefill,
+          "decode": decode_one}
+
+
+# ----------------------------------------------------------------------------
+# Analysis
+# ----------------------------------------------------------------------------
+
+def biggest_arrays(hlo_text: str, k: int = 8) -> list[dict[str, Any]]:
+  """The largest per-chip arrays defined in a compiled (partitioned) HLO module.
+
+  Not XLA's buffer assignment (no liveness), but it names what dominates.
+  """
+  pat = re.compile(r"%([\w.\-]+) = ([a-z0-9]+)\[([\d,]*)\][^ ]* ([\w\-]+)\(")
+  seen, out = set(), []
+  for m in pat.finditer(hlo_text):
+    name, dtype, dims, op = m.groups()
+    if dtype not in _DTYPE_BYTES or op in ("parameter", "get-tuple-element", "bitcast", "copy-done"):
+      continue
+    shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+    key = (dtype, shape)
+    if key in seen:
+      continue
+    seen.add(key)
+    out.append({"bytes": math.prod(shape) * _DTYPE_BYTES[dtype],
+                "array": f"{dtype}[{','.join(map(str, shape))}]", "op": op, "name": name})
+  out.sort(key=lambda x: -x["bytes"])
+  return out[:k]
+
+
+def _oom_summary(msg: str) -> dict[str, Any]:
+  """The used/limit numbers and the top allocations of an XLA:TPU out-of-memory error."""
+  out: dict[str, Any] = {"error": "out_of_memory"}
+  m = re.search(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", msg)
+  if m:
+    unit = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, None: 1}
+    out["used_bytes"] = float(m.group(1)) * unit[m.group(2)] * (1.024 ** 0)
+  lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+  out["message"] = "\n".join(lines[:40])
+  return out
+
+
+def compile_program(lowered, topo: Topology, model_flops_step: float) -> dict[str, Any]:
+  """Compiles one lowered program; returns its per-chip memory and FLOPs."""
+  t0 = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # XLA:TPU refuses programs that exceed HBM
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" in msg or "memory" in msg.lower():
+      res = _oom_summary(msg)
+      res.update(compile_s=round(time.perf_counter() - t0, 1), fits=False,
+                 model_flops_step=model_flops_step)
+      return res
+    raise
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+  alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+  code = mem.generated_code_size_in_bytes
+  total = args + out - alias + temp + code
+  return {
+      "argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
+      "code_bytes": code, "total_bytes": total, "hbm_fraction": total / topo.hbm_bytes,
+      "fits": total <= FIT_FRACTION * topo.hbm_bytes,
+      "xla_flops_per_chip": float(cost.get("flops", 0.0)),
+      "xla_bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)),
+      "model_flops_step": model_flops_step,
+      "compile_s": round(compile_s, 1),
+      "biggest": biggest_arrays(compiled.as_text()),
+  }
+
+
+def analyse(c, topo: Topology, programs=PROGRAMS, vocab_size: int = 512,
+            log=print) -> dict[str, Any]:
+  """Compiles `programs` of config `c` for `topo`; a JSON-ready report."""
+  from srft_jax import sharding as shd
+  mcfg = model_config(c, vocab_size)
+  devices = topo.devices()
+  mesh = shd.make_mesh(dict(c.mesh), devices=devices)
+  flops = model_flops(c, mcfg)
+  _, layout = _stage(c)
+  report = {
+      "topology": topo.name, "accelerator_type": topo.accelerator_type, "chips": topo.chips,
+      "device_kind": devices[0].device_kind, "hbm_gb": HBM_GB[topo.generation],
+      "mesh": dict(mesh.shape), "model": c.model.hf_path or c.model.preset,
+      "params": mcfg.num_params(), "param_dtype": mcfg.param_dtype, "dtype": mcfg.dtype,
+      "remat": mcfg.remat, "attention": mcfg.attention,
+      "prompts": c.batch.prompts_per_step, "group": layout.size,
+      "rows": c.batch.prompts_per_step * layout.size,
+      "length": max(c.data.prompt_buckets) + c.data.max_response_len,
+      "minibatches": c.batch.minibatches, "microbatches": c.batch.microbatches,
+      "logit_chunk": c.logit_chunk, "programs": {},
+  }
+  lowerers = {"train": lambda: lower_train(c, mcfg, mesh),
+              "sample": lambda: lower_sample(c, mcfg, mesh),
+              "prefill": lambda: lower_cache_call(c, mcfg, mesh, None),
+              "decode": lambda: lower_cache_call(c, mcfg, mesh, 1)}
+  for name in programs:
+    t0 = time.perf_counter()
+    lowered = lowerers[name]()
+    lower_s = time.perf_counter() - t0
+    res = compile_program(lowered, topo, flops[name])
+    res["lower_s"] = round(lower_s, 1)
+    report["programs"][name] = res
+    log(f"  {topo.name} {name}: lowered in {lower_s:.0f}s, compiled in {res['compile_s']:.0f}s"
+        + ("" if res.get("fits", True) else "  (does not fit)"))
+  report["fits"] = all(p.get("fits", False) for p in report["programs"].values())
+  return report
+
+
+# ----------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------
+
+def _gb(x) -> str:
+  return "-" if x is None else f"{x / 1e9:.2f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+  r = report
+  lines = [
+      f"{r['model']} ({r['params'] / 1e9:.2f}B params, {r['param_dtype']} weights, {r['dtype']} "
+      f"compute, remat={r['remat']}) on {r['topology']} = {r['accelerator_type']} "
+      f"({r['chips']} chips x {r['hbm_gb']:.0f} GB, {r['device_kind']}), mesh {r['mesh']}",
+      f"step: {r['prompts']} prompts x {r['group']} = {r['rows']} rows x {r['length']} tokens, "
+      f"{r['minibatches']} mini-batches x {r['microbatches']} micro-batches, "
+      f"logit chunk {r['logit_chunk']}",
+      "",
+      "| program | args GB | out GB | alias GB | temp GB | total GB/chip | % HBM | fits | "
+      "XLA GFLOP/chip* | model TFLOP/step |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name, p in r["programs"].items():
+    if "error" in p:
+      used = p.get("used_bytes")
+      pct = "-" if used is None else f"{100 * used / (r['hbm_gb'] * 1e9):.0f}"
+      lines.append(f"| {name} | - | - | - | - | {_gb(used)} | {pct} | no (compiler OOM) | - | "
+                   f"{p['model_flops_step'] / 1e12:.1f} |")
+      continue
+    lines.append(
+        f"| {name} | {_gb(p['argument_bytes'])} | {_gb(p['output_bytes'])} | "
+        f"{_gb(p['alias_bytes'])} | {_gb(p['temp_bytes'])} | {_gb(p['total_bytes'])} | "
+        f"{100 * p['hbm_fraction']:.1f} | {'yes' if p['fits'] else 'NO'} | "
+        f"{p['xla_flops_per_chip'] / 1e9:.1f} | {p['model_flops_step'] / 1e12:.1f} |")
+  lines.append(f"* XLA cost analysis counts each loop body once (scans, decode loop): a lower "
+               f"bound. fits = total <= {int(FIT_FRACTION * 100)}% of HBM.")
+  for name, p in r["programs"].items():
+    if "error" in p:
+      lines += ["", f"{name}: XLA out of memory:", p["message"]]
+    elif p.get("biggest"):
+      lines.append(f"{name}: biggest per-chip arrays: " + ", ".join(
+          f"{b['array']} {b['op']} {b['bytes'] / 1e9:.2f} GB" for b in p["biggest"][:5]))
+  return "\n".join(lines)
+
+
+def state_lower_bound(c, topo: Topology, vocab_size: int = 512) -> float:
+  """Bytes a chip needs for params + Adam moments + gradients, perfectly sharded."""
+  import numpy as np
+  mcfg = model_config(c, vocab_size)
+  pbytes = np.dtype(mcfg.jnp_param_dtype).itemsize
+  return 4 * mcfg.num_params() * pbytes / topo.chips
+
+
+def find_smallest(c, generation: str, programs, vocab_size: int, log=print) -> dict[str, Any]:
+  """Tries slices of `generation` from small to large; the first that fits."""
+  tried = []
+  for shape in SLICES[generation]:
+    topo = Topology.parse(f"{generation}:{shape}")
+    lb = state_lower_bound(c, topo, vocab_size)
+    if lb > FIT_FRACTION * topo.hbm_bytes:
+      log(f"  {topo.name}: skipped, params + Adam + grads alone need {lb / 1e9:.1f} GB a chip")
+      tried.append({"topology": topo.name, "fits": False, "skipped": "state lower bound"})
+      continue
+    try:
+      rep = analyse(c, topo, programs, vocab_size, log=log)
+    except ValueError as e:  # e.g. a mesh that does not divide this slice
+      log(f"  {topo.name}: {e}")
+      tried.append({"topology": topo.name, "fits": False, "error": str(e)})
+      continue
+    tried.append(rep)
+    if rep["fits"]:
+      return {"generation": generation, "smallest": topo.name,
+              "accelerator_type": topo.accelerator_type, "tried": tried}
+  return {"generation": generation, "smallest": None, "tried": tried}
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", "configs/default.py", "Training config.",
+                                  lock_config=True)
+  flags.DEFINE_multi_string("topology", [], "TPU topology, e.g. v5p:2x4x4 (repeatable).")
+  flags.DEFINE_bool("find_smallest", False,
+                    "Try growing v5p and v5e slices; report the smallest that fits.")
+  flags.DEFINE_list("generations", ["v5p", "v5e"], "Generations --find_smallest tries.")
+  flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile, of {PROGRAMS}.")
+  flags.DEFINE_integer("vocab_size", 512, "Vocabulary of the tiny preset (no tokenizer here).")
+  flags.DEFINE_string("json_out", "", "Also write the JSON report to this file.")
+
+
+def main(argv) -> int:
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  if not libtpu_available():
+    print("srft_jax.tools.aot needs libtpu: pip install -r requirements-tpu.txt", file=sys.stderr)
+    return 2
+  c = f.config
+  unknown = set(f.programs) - set(PROGRAMS)
+  if unknown:
+    print(f"--programs: unknown {sorted(unknown)}; known: {PROGRAMS}", file=sys.stderr)
+    return 2
+  if not f.topology and not f.find_smallest:
+    print("give --topology=GEN:AxBxC (repeatable) and/or --find-smallest", file=sys.stderr)
+    return 2
+  out: dict[str, Any] = {"reports": [], "smallest": []}
+  for name in f.topology:
+    topo = Topology.parse(name)
+    rep = analyse(c, topo, f.programs, f.vocab_size)
+    print(format_table(rep), flush=True)
+    print(flush=True)
+    out["reports"].append(rep)
+  if f.find_smallest:
+    for gen in f.generations:
+      res = find_smallest(c, gen, f.programs, f.vocab_size)
+      for rep in res["tried"]:
+        if "programs" in rep:
+          print(format_table(rep), flush=True)
+          print(flush=True)
+      print(f"smallest {gen} slice that fits: "
+            f"{res['smallest'] or 'none tried'}"
+            + (f" ({res['accelerator_type']})" if res["smallest"] else ""), flush=True)
+      out["smallest"].append(res)
+  text = json.dumps(out, default=str)
+  if f.json_out:
+    with open(f.json_out, "w") as fh:
+      fh.write(text + "\n")
+  print(text)
+  return 0
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+  """Accept dashed spellings of this tool's flags (--find-smallest, --json-out)."""
+  out = []
+  for a in argv:
+    head, eq, tail = a.partition("=")
+    if head.startswith("--") and not head.startswith("--config"):
+      head = "--" + head[2:].replace("-", "_")
+    out.append(head + eq + tail)
+  return out
+
+
+if __name__ == "__main__":
+  import logging
+  import os
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host itself never uses a TPU
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+  from absl import app
+  _define_flags()
+  app.run(main, argv=[sys.argv[0]] + _normalise_argv(sys.argv[1:]))

@@ -1,0 +1,221 @@
+"""srft_jax.model properties that need no reference implementation.
+
+Parity with transformers lives in test_hf.py. Here: the KV cache against the
+full forward, causality, padding invariance, bf16 compute, remat and chunked
+attention against the plain path, and the 7B preset's size from abstract
+shapes. Every forward uses one of two batch shapes so each model compiles
+once per shape.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from srft_jax import model as model_lib
+
+CFG = model_lib.ModelConfig(
+    model_type="qwen2", vocab_size=64, embed_dim=32, mlp_dim=64, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=8, rope_theta=10_000.0, qkv_bias=True, tie_embeddings=False)
+B, T = 2, 14
+_forward = nnx.jit(model_lib.forward_logits)
+
+
+def _build(cfg, values):
+  """A Transformer with the given parameter values (path -> array), cast to
+  cfg's param dtype. Built from abstract shapes: no random init to compile."""
+  graphdef, state = nnx.split(model_lib.abstract_model(cfg))
+  flat = [(path, var.replace(jnp.asarray(np.asarray(values[path]).astype(var.get_value().dtype))))
+          for path, var in nnx.to_flat_state(state)]
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _make(cfg=CFG, seed=0, std=0.15):
+  """Random parameters, biases and norm scales included (norm scales near 1)."""
+  rng = np.random.RandomState(seed)
+  _, state = nnx.split(model_lib.abstract_model(cfg))
+  values = {}
+  for path, var in nnx.to_flat_state(state):
+    noise = std * rng.standard_normal(var.get_value().shape).astype(np.float32)
+    values[path] = noise + 1.0 if path[-1] == "scale" else noise
+  return _build(cfg, values)
+
+
+def _variant(base: model_lib.Transformer, **changes) -> model_lib.Transformer:
+  """A model with `base`'s parameters and a modified config."""
+  values = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(base, nnx.Param))}
+  return _build(dataclasses.replace(base.cfg, **changes), values)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return _make(CFG, seed=0)
+
+
+def _tokens(seed, shape=(B, T)):
+  return np.random.RandomState(seed).randint(0, CFG.vocab_size, shape).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------
+# Decoding with a KV cache
+# ----------------------------------------------------------------------------
+
+@nnx.jit
+def _step(model, tokens, positions, mask, cache):
+  return model(tokens, positions, mask, cache=cache)
+
+
+def test_kv_cache_decoding_matches_full_forward(model):
+  """Left-padded prompt (row 1) and unpadded prompt (row 0), prefilled then fed
+  one token at a time, give the full forward's logits at every real token."""
+  prompt_len, pads = 8, (0, 3)
+  tokens = _tokens(1)
+  mask = np.ones((B, T), np.int32)
+  for row, n in enumerate(pads):
+    mask[row, :n] = 0
+  full = np.asarray(_forward(model, tokens, mask))
+
+  cache = model.init_cache(B, 16)  # 2 slots more than needed stay masked out
+  positions = np.asarray(model_lib.positions_from_mask(mask))
+  logits, cache = _step(model, tokens[:, :prompt_len], positions[:, :prompt_len],
+                        mask[:, :prompt_len], cache)
+  real = mask[:, :prompt_len].astype(bool)
+  errs = [np.abs(np.asarray(logits) - full[:, :prompt_len])[real].max()]
+  for t in range(prompt_len, T):
+    logits, cache = _step(model, tokens[:, t:t + 1], positions[:, t:t + 1],
+                          mask[:, t:t + 1], cache)
+    assert logits.shape == (B, 1, CFG.vocab_size)
+    errs.append(np.abs(np.asarray(logits)[:, 0] - full[:, t]).max())
+  assert int(cache["index"]) == T
+  np.testing.assert_array_equal(np.asarray(cache["mask"])[:, :T], mask)
+  assert not np.asarray(cache["mask"])[:, T:].any()
+  print(f"KV cache vs full forward: max |dlogits| = {max(errs):.2e}")
+  assert max(errs) <= 1e-5
+
+
+def test_kv_cache_two_chunk_prefill(model):
+  """Filling the cache in two 7-token chunks (the second at index 7) equals the full forward."""
+  tokens = _tokens(2)
+  mask = np.ones((B, T), np.int32)
+  mask[1, :5] = 0
+  positions = np.asarray(model_lib.positions_from_mask(mask))
+  full = np.asarray(_forward(model, tokens, mask))
+  cache = model.init_cache(B, 16)
+  first, cache = _step(model, tokens[:, :7], positions[:, :7], mask[:, :7], cache)
+  second, cache = _step(model, tokens[:, 7:], positions[:, 7:], mask[:, 7:], cache)
+  got = np.concatenate([np.asarray(first), np.asarray(second)], axis=1)
+  assert np.abs(got - full)[mask.astype(bool)].max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------
+# Causality and padding
+# ----------------------------------------------------------------------------
+
+def test_causality(model):
+  tokens = _tokens(3)
+  changed = tokens.copy()
+  changed[:, 9] = (changed[:, 9] + 1) % CFG.vocab_size
+  a = np.asarray(_forward(model, tokens, np.ones_like(tokens)))
+  b = np.asarray(_forward(model, changed, np.ones_like(tokens)))
+  np.testing.assert_array_equal(a[:, :9], b[:, :9])  # the past cannot see the future
+  assert np.abs(a[:, 9:] - b[:, 9:]).max() > 1e-3   # the present and future do
+
+
+def test_padding_invariance(model):
+  """The same 11 real tokens, left padded (row 0) or right padded (row 1) with
+  arbitrary pad ids, give the same logits; the pad ids themselves do not matter."""
+  text = _tokens(4, (11,))
+  pad = 3
+  mask = np.zeros((B, T), np.int32)
+  mask[0, pad:] = 1
+  mask[1, :T - pad] = 1
+  outs = []
+  for junk_seed in (5, 6):
+    tokens = _tokens(junk_seed)
+    tokens[0, pad:] = text
+    tokens[1, :T - pad] = text
+    outs.append(np.asarray(_forward(model, tokens, mask)))
+  for out in outs:
+    assert np.abs(out[0, pad:] - out[1, :T - pad]).max() <= 1e-5
+  np.testing.assert_allclose(outs[0][mask.astype(bool)], outs[1][mask.astype(bool)],
+                             rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Numerics and memory-saving variants
+# ----------------------------------------------------------------------------
+
+def test_bfloat16_compute_is_close_to_float32(model):
+  tokens = _tokens(7)
+  mask = np.ones_like(tokens)
+  ref = np.asarray(_forward(model, tokens, mask))
+  for changes in ({"dtype": "bfloat16", "param_dtype": "bfloat16"},):  # as the 7B preset
+    low = _variant(model, **changes)
+    assert low.layers[0].mlp.up[...].dtype == low.cfg.jnp_param_dtype
+    out = np.asarray(_forward(low, tokens, mask))
+    assert out.dtype == np.float32  # logits stay float32
+    err = np.abs(out - ref).max()
+    print(f"{changes}: max |dlogits| vs float32 = {err:.3f} (max |logit| {np.abs(ref).max():.2f})")
+    assert err <= 0.05 * np.abs(ref).max()
+    assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.999
+  hidden, _ = low(jnp.asarray(tokens), model_lib.positions_from_mask(mask), jnp.asarray(mask),
+                  return_hidden=True)
+  assert hidden.dtype == jnp.bfloat16 and hidden.shape == (B, T, CFG.embed_dim)
+
+
+def _loss_and_grads(model, tokens, mask, weights):
+  def loss(m):
+    logits = model_lib.forward_logits(m, tokens, mask)
+    return jnp.sum(jax.nn.log_softmax(logits) * weights), logits
+  (value, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+  return value, logits, grads
+
+
+_loss_and_grads_jit = nnx.jit(_loss_and_grads)
+
+
+@pytest.mark.parametrize("changes", [
+    {"remat": "full"},
+    # 14 queries = 3 blocks of 4 + padding; "dots" saves matmul outputs only
+    {"remat": "dots", "attention": "chunked", "attention_chunk": 4},
+])
+def test_remat_and_chunked_attention_match_plain(model, changes):
+  tokens = _tokens(8)
+  mask = np.ones((B, T), np.int32)
+  mask[1, :4] = 0
+  weights = np.random.RandomState(9).normal(size=(B, T, CFG.vocab_size)).astype(np.float32)
+  weights *= mask[..., None]
+  ref_value, ref_logits, ref_grads = _loss_and_grads_jit(model, tokens, mask, weights)
+  value, logits, grads = _loss_and_grads_jit(_variant(model, **changes), tokens, mask, weights)
+  assert np.abs(np.asarray(logits) - np.asarray(ref_logits)).max() <= 1e-5
+  np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
+  flat_ref = dict(nnx.to_flat_state(ref_grads))
+  flat = dict(nnx.to_flat_state(grads))
+  assert flat.keys() == flat_ref.keys()
+  worst = 0.0
+  for key, g in flat.items():
+    g, r = np.asarray(g.get_value()), np.asarray(flat_ref[key].get_value())
+    assert np.abs(r).max() > 0, key  # every parameter gets a gradient
+    worst = max(worst, np.abs(g - r).max() / np.abs(r).max())
+  print(f"{changes}: max relative |dgrad| = {worst:.2e}")
+  assert worst <= 1e-5
+
+
+# ----------------------------------------------------------------------------
+# The 7B preset from abstract shapes
+# ----------------------------------------------------------------------------
+
+def test_qwen2_5_math_7b_eval_shape_has_7_6b_params():
+  cfg = model_lib.ModelConfig.preset("qwen2_5_math_7b")
+  abstract = model_lib.abstract_model(cfg)
+  leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
+  n = model_lib.count_params(abstract)
+  assert n == cfg.num_params() == 7_615_616_512  # Qwen2.5-Math-7B's published count
+  print(f"qwen2_5_math_7b: {n / 1e9:.2f}B parameters")
+  assert all(x.dtype == jnp.bfloat16 for x in leaves)
+  assert abstract.layers[27].attn.q.get_value().shape == (3584, 28, 128)
+  assert model_lib.ModelConfig.preset("qwen2_5_math_7b_rope40k").num_params() == n

@@ -1,0 +1,626 @@
+"""Training tests (issue 6): an end-to-end run, exact resume after SIGKILL,
+SIGTERM preemption, checkpoint fallback, non-finite skips, config validation,
+the 7B step traced abstractly, and no recompiles after warm-up.
+
+Runs share one in-process end-to-end run (module fixture) and one task
+tokenizer; subprocess runs share a persistent compilation cache so each
+process after the first skips most compile time.
+"""
+
+import dataclasses
+import functools
+import glob
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from srft_jax import checkpoint as ckpt_lib
+from srft_jax import model as model_lib
+from srft_jax import objectives as obj
+from srft_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _default_configs():
+  """configs/default.py (configs/ is a folder of files, not a package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "srft_configs_default_test", os.path.join(REPO, "configs", "default.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _config_file(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"srft_cfg_{name}",
+                                                os.path.join(REPO, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+DEFAULT = _default_configs()
+
+# Tiny settings shared by the in-process run and the subprocess runs.
+TINY = {
+    "warmup.steps": 0,
+    "batch.prompts_per_step": 4,
+    "batch.minibatches": 2,        # paper's mini-batching: 2 optimizer updates a step
+    "rollout.n_rollouts": 3,
+    "data.max_response_len": 64,
+    "data.task_train_size": 200,
+    "model.embed_dim": 32,
+    "model.num_layers": 1,
+    "model.mlp_dim": 64,
+    "eval.n_id": 8,
+    "eval.n_ood": 8,
+    "eval.batch_size": 8,
+    "log.progress": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+  """The task tokenizer, trained once for the whole module."""
+  from srft_jax.data import task
+  d = tmp_path_factory.mktemp("tokenizer")
+  task.get_task_tokenizer(str(d), seed=0)
+  (path,) = glob.glob(os.path.join(str(d), "*.model"))
+  return path
+
+
+def _config(tokenizer_path, **overrides):
+  c = DEFAULT.get_config()
+  with c.unlocked():
+    for k, v in {**TINY, "data.tokenizer": tokenizer_path, **overrides}.items():
+      node = c
+      *parents, leaf = k.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = v
+  return c
+
+
+# ----------------------------------------------------------------------------
+# 1 + 8. End to end through train.run, with compile counting per step.
+# ----------------------------------------------------------------------------
+
+_COMPILES = {"on": False, "n": 0}
+
+
+def _on_event(name, *_args, **_kw):
+  if _COMPILES["on"] and name == "/jax/core/compile/backend_compile_duration":
+    _COMPILES["n"] += 1
+
+
+class _CountingIter:
+  """Wraps a data iterator; records the compile count at each `next()`."""
+
+  def __init__(self, inner):
+    self.inner = inner
+    self.counts = []
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.counts.append(_COMPILES["n"])
+    return next(self.inner)
+
+  def get_state(self):
+    return self.inner.get_state()
+
+  def set_state(self, s):
+    self.inner.set_state(s)
+
+  def stats(self):
+    return self.inner.stats()
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, tokenizer_path):
+  """One `train.run`: an SFT warm-up (6 steps, the random base model's start
+  point is measured) then 5 SRFT steps, TensorBoard on."""
+  workdir = str(tmp_path_factory.mktemp("e2e"))
+  c = _config(tokenizer_path, **{
+      "steps": 5, "warmup.steps": 6, "warmup.prompts_per_step": 8, "warmup.lr": 3e-3,
+      "model.embed_dim": 64, "model.num_layers": 2, "model.mlp_dim": 128,
+      "log.tensorboard": True, "log.plots": True, "checkpoint.every": 2})
+  iters = []
+  real = train.make_data_iter
+
+  def counting(*a, **kw):
+    it = _CountingIter(real(*a, **kw))
+    iters.append(it)
+    return it
+
+  step_fns = []
+  real_step = train._jitted_step
+
+  def recording(*a):
+    fn = real_step(*a)
+    step_fns.append(fn)
+    return fn
+
+  jax.monitoring.register_event_duration_secs_listener(_on_event)
+  _COMPILES.update(on=True, n=0)
+  t0 = time.time()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, "make_data_iter", counting)
+    mp.setattr(train, "_jitted_step", recording)
+    results = train.run(c, workdir)
+  _COMPILES["on"] = False
+  return {"workdir": workdir, "config": c, "results": results, "iters": iters,
+          "step_fns": step_fns,
+          "wall_s": time.time() - t0}
+
+
+def _rows(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+EXPECTED_KEYS = [
+    "reward/rollout_mean", "reward/demo_mean", "loss/entropy_rollout", "loss/entropy_demo",
+    "loss/w_sft", "loss/w_rl", "loss/loss", "loss/sft", "loss/rl_demo", "loss/rl_self",
+    "rollout/length_mean", "loss/grad_norm", "loss/lr", "tokens/sampled", "tokens/trained",
+    "time/sample_s", "time/score_s", "time/step_s", "outcomes/correct", "nonfinite/total",
+]
+
+
+def test_end_to_end_outputs(e2e):
+  wd, r = e2e["workdir"], e2e["results"]
+  rows = _rows(os.path.join(wd, "logs", "metrics.jsonl"))
+  assert [x["step"] for x in rows] == list(range(5))
+  for row in rows:
+    missing = [k for k in EXPECTED_KEYS if k not in row]
+    assert not missing, f"metrics.jsonl lacks {missing}"
+    for k in EXPECTED_KEYS:
+      assert isinstance(row[k], float) and np.isfinite(row[k]), (k, row[k])
+    assert row["nonfinite/total"] == 0.0
+    assert row["tokens/sampled"] > 0 and row["tokens/trained"] >= row["tokens/sampled"]
+  assert glob.glob(os.path.join(wd, "logs", "tb", "events.out.tfevents.*"))
+  for name in ("reward", "entropy", "response_length"):
+    assert os.path.getsize(os.path.join(wd, "plots", f"{name}.png")) > 0
+  with open(os.path.join(wd, "results.json")) as f:
+    saved = json.load(f)
+  assert saved["steps"] == 5 and saved["wall_s"] > 0
+  for when in ("before", "after"):
+    assert set(saved[when]) == {"id_acc", "ood_acc"}
+    for v in saved[when].values():
+      assert 0.0 <= v <= 1.0
+  assert r["after"] == saved["after"]
+  # The final checkpoint is the last step.
+  assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 5
+
+
+def test_end_to_end_sft_warmup_learns(e2e):
+  """The demo negative log-likelihood of the random base model (loss at warm-up
+  step 0, before any update) drops clearly after 5 SFT updates."""
+  rows = _rows(os.path.join(e2e["workdir"], "base", "run", "logs", "metrics.jsonl"))
+  nll = [x["loss/sft"] for x in rows]
+  assert len(nll) == 6 and all(np.isfinite(nll))
+  assert nll[0] > 4.0  # ~ log(vocab) for a random model
+  assert nll[-1] < nll[0] - 1.0, nll
+
+
+def test_end_to_end_hf_export_loads(e2e):
+  """The HF export loads, runs, and holds the final checkpoint's parameters
+  (compared leaf by leaf through size and sum: names and layouts differ)."""
+  import orbax.checkpoint as ocp
+  from srft_jax import hf
+  wd = e2e["workdir"]
+  model = hf.load_model(os.path.join(wd, "export", "hf"))
+  logits = model_lib.forward_logits(model, jnp.ones((1, 4), jnp.int32))
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  mgr = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
+  raw = mgr._mgr.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mgr.close()
+  key = lambda x: (np.asarray(x).size, float(np.asarray(x, np.float64).sum()))  # noqa: E731
+  ck = sorted(key(x) for x in jax.tree.leaves(raw["state"]["params"]))
+  ex = sorted(key(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert [n for n, _ in ck] == [n for n, _ in ex]
+  np.testing.assert_allclose([v for _, v in ck], [v for _, v in ex], rtol=1e-5, atol=1e-5)
+
+
+def test_no_recompile_after_warmup(e2e):
+  """After the first two steps (step 1 is the first to fetch the previous
+  step's metrics), a step of the same stage compiles nothing: sampler,
+  assembly, train step, metrics (backend compiles counted per step start)."""
+  counts = e2e["iters"][-1].counts
+  assert len(counts) == 5
+  assert counts[4] - counts[2] == 0, f"compile count at each step start: {counts}"
+  # Each stage's jitted, donated, sharded train step (warm-up SFT, then SRFT)
+  # holds exactly one executable after all its steps.
+  fns = {id(f): f for f in e2e["step_fns"]}
+  assert len(fns) == 2 and len(e2e["step_fns"]) == 6 + 5
+  for f in fns.values():
+    assert f._cache_size() == 1
+
+
+# ----------------------------------------------------------------------------
+# 5 + 8. The train step directly: non-finite skip, one compilation.
+# ----------------------------------------------------------------------------
+
+SMALL = model_lib.ModelConfig(vocab_size=64, embed_dim=32, mlp_dim=64, num_layers=1,
+                              num_heads=4, num_kv_heads=2, head_dim=8, max_seq_len=64)
+
+
+def _tiny_batch(seed, b=2, n=3, p=6, r=10, vocab=SMALL.vocab_size):
+  """An assembled [b*(n+1), p+r] batch with random rollouts and rewards."""
+  rs = np.random.RandomState(seed)
+  ptok = rs.randint(1, vocab, (b, p)).astype(np.int32)
+  pmask = np.ones((b, p), np.int32)
+  pmask[0, :2] = 0
+  rlen = rs.randint(3, r + 1, size=b * n)
+  rmask = (np.arange(r)[None] < rlen[:, None]).astype(np.int32)
+  rtok = rs.randint(1, vocab, (b * n, r)).astype(np.int32) * rmask
+  rlogp = -rs.rand(b * n, r).astype(np.float32) * rmask
+  dmask = (np.arange(r)[None] < r - 2).astype(np.int32).repeat(b, 0)
+  dtok = rs.randint(1, vocab, (b, r)).astype(np.int32) * dmask
+  rewards = rs.randint(0, 2, (b, n + 1)).astype(np.float32)
+  rewards[:, -1] = 1.0
+  return train.assemble_batch(ptok, pmask, rtok, rmask, rlogp, dtok, dmask,
+                              jnp.asarray(rewards.reshape(-1)),
+                              layout=train.GroupLayout(n, 1))
+
+
+@pytest.fixture(scope="module")
+def tiny_step():
+  model = model_lib.Transformer(SMALL, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  tx, _ = train.make_optimizer(1e-3, steps=10)
+  cfg = train.StepConfig(loss=obj.LossConfig.preset("srft"), minibatches=2)
+  fn = jax.jit(functools.partial(train.train_step, graphdef, tx, cfg))
+  return fn, params, tx
+
+
+def _equal_trees(a, b):
+  return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_nonfinite_update_is_skipped_and_counted(tiny_step):
+  fn, params, tx = tiny_step
+  state = train.init_train_state(params, tx)
+  state, m = fn(state, _tiny_batch(0))
+  assert float(m["skipped"]) == 0 and int(state["nonfinite_streak"]) == 0
+  before = jax.tree.map(jnp.copy, state)
+  bad = dict(_tiny_batch(1))
+  bad["advantages"] = jnp.full_like(bad["advantages"], jnp.nan)
+  for i in range(2):
+    state, m = fn(state, bad)
+    assert not np.isfinite(float(m["loss"]))
+    assert float(m["skipped"]) == 2  # both mini-batch updates skipped
+    assert int(state["nonfinite_total"]) == 2 * (i + 1)
+    assert int(state["nonfinite_streak"]) == 2 * (i + 1)
+    assert _equal_trees(state["params"], before["params"])
+    assert _equal_trees(state["opt_state"], before["opt_state"])
+  assert int(state["step"]) == 3
+  state, m = fn(state, _tiny_batch(2))
+  assert float(m["skipped"]) == 0 and np.isfinite(float(m["loss"]))
+  assert int(state["nonfinite_streak"]) == 0 and int(state["nonfinite_total"]) == 4
+  assert not _equal_trees(state["params"], before["params"])
+
+
+def test_train_step_compiles_once(tiny_step):
+  fn, params, tx = tiny_step
+  state = train.init_train_state(params, tx)
+  n0 = fn._cache_size()
+  for seed in range(3):
+    state, _ = fn(state, _tiny_batch(10 + seed))
+  assert fn._cache_size() - n0 <= 1 and fn._cache_size() >= 1
+  state, _ = fn(state, _tiny_batch(20))
+  assert fn._cache_size() - n0 <= 1
+
+
+# ----------------------------------------------------------------------------
+# 4. Checkpoints: a corrupted latest step falls back to the previous one.
+# ----------------------------------------------------------------------------
+
+def _small_state():
+  model = model_lib.Transformer(SMALL, rngs=nnx.Rngs(0))
+  _, params = nnx.split(model)
+  tx, _ = train.make_optimizer(1e-3, steps=10)
+  return train.init_train_state(params, tx)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_checkpoint_falls_back_past_corrupted_latest(tmp_path, caplog, damage):
+  state = _small_state()
+  d = str(tmp_path / "ck")
+  ck = ckpt_lib.Checkpointer(d, keep=3, async_save=True)
+  later = {**state, "step": state["step"] + 7}
+  ck.save(1, state, {"pos": 1}, {"step": 1})
+  ck.save(2, later, {"pos": 2}, {"step": 2})
+  ck.wait()
+  ck.close()
+  # Damage every data file of step 2's state item.
+  files = [f for f in glob.glob(os.path.join(d, "2", "state", "**", "*"), recursive=True)
+           if os.path.isfile(f) and os.sep + "d" + os.sep in f]
+  assert files
+  for f in files:
+    if damage == "truncate":
+      with open(f, "r+b") as fh:
+        fh.truncate(max(os.path.getsize(f) // 3, 1))
+    else:
+      os.remove(f)
+  ck = ckpt_lib.Checkpointer(d, keep=3)
+  abstract = ckpt_lib.abstract_like(state)
+  with caplog.at_level(logging.WARNING, logger="srft_jax.checkpoint"):
+    out = ck.restore(abstract)
+  assert out is not None
+  step, restored, data_state, meta = out
+  assert step == 1 and data_state == {"pos": 1} and meta == {"step": 1}
+  assert int(restored["step"]) == 0
+  assert _equal_trees(restored["params"], state["params"])
+  assert any("unreadable" in r.getMessage() for r in caplog.records)
+  with pytest.raises(Exception):
+    ck.restore(abstract, step=2)  # an explicit step does not fall back
+  ck.close()
+
+
+# ----------------------------------------------------------------------------
+# 6. Config presets and validation.
+# ----------------------------------------------------------------------------
+
+PRESET_ARGS = sorted(obj.PRESETS) + sorted(DEFAULT.TWO_STAGE)
+
+
+@pytest.mark.parametrize("arg", [None] + PRESET_ARGS)
+def test_default_presets_validate(arg):
+  c = DEFAULT.get_config(arg)
+  train.validate_config(c)
+  stages = train.parse_stages(c.stages, c.steps, c.method)
+  assert sum(n for _, n in stages) == c.steps
+  for name, _ in stages:
+    lc = train.loss_config(name, dict(c.loss) if not c.stages else None, c.data.max_response_len)
+    train.stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
+
+
+@pytest.mark.parametrize("name,arg", [("srft_7b_tpu", None), ("srft_7b_tpu", "fsdp_tensor"),
+                                      ("qwen2p5_1p5b_gpu", None)])
+def test_other_config_files_validate(name, arg):
+  try:
+    c = _config_file(name).get_config(arg)
+  except ValueError as e:
+    pytest.skip(f"{name}:{arg} not offered: {e}")
+  train.validate_config(c)
+
+
+def _bad(field, value):
+  c = DEFAULT.get_config()
+  with c.unlocked():
+    node = c
+    *parents, leaf = field.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("method", "ppo", "config.method"),
+    ("batch.minibatches", 3, "config.batch.minibatches"),
+    ("batch.microbatches", 3, "config.batch.microbatches"),
+    ("loss.aggregation", "mean_of_means", "config.loss"),
+    ("loss.sft_weight", "entropy_sq", "config.loss"),
+    ("stages", "sft:10,dpo", "config.stages"),
+    ("steps", 0, "config.steps"),
+    ("optim.lr", -1.0, "config.optim.lr"),
+    ("data.source", "web", "config.data.source"),
+    ("model.preset", "gpt5", "config.model.preset"),
+])
+def test_bad_config_names_field(field, value, named):
+  with pytest.raises(ValueError) as e:
+    train.validate_config(_bad(field, value))
+  assert named in str(e.value)
+  if named == "config.loss":
+    assert field.split(".")[1] in str(e.value)
+
+
+def test_unknown_config_key_is_rejected():
+  c = DEFAULT.get_config()
+  with pytest.raises(AttributeError):
+    c.optim.learning_rate = 1e-3  # locked ConfigDict: unknown keys never slip through
+
+
+def test_bad_config_fails_before_compiling(tmp_path):
+  """`run` validates before building anything (no compile, no workdir files)."""
+  c = _bad("batch.minibatches", 3)
+  jax.monitoring.register_event_duration_secs_listener(_on_event)
+  _COMPILES.update(on=True, n=0)
+  try:
+    with pytest.raises(ValueError, match="batch.minibatches"):
+      train.run(c, str(tmp_path / "w"))
+  finally:
+    _COMPILES["on"] = False
+  assert _COMPILES["n"] == 0
+  assert not os.path.exists(tmp_path / "w")
+
+
+# ----------------------------------------------------------------------------
+# 7. The 7B preset's train step traces abstractly (no allocation).
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source", ["preset", "config_file"])
+def test_7b_train_step_eval_shape(source):
+  """`qwen2_5_math_7b` as preset (bf16 params) and as configs/srft_7b_tpu.py
+  builds it (rope 40k, bf16 compute, f32 master weights, remat)."""
+  if source == "preset":
+    cfg = model_lib.ModelConfig.preset("qwen2_5_math_7b")
+  else:
+    cfg = train._model_config(_config_file("srft_7b_tpu").get_config(), None)
+  abstract = model_lib.abstract_model(cfg)
+  graphdef, params = nnx.split(abstract)
+  assert model_lib.count_params(abstract) > 7e9
+  tx, _ = train.make_optimizer(1e-6, steps=500)
+  state = jax.eval_shape(lambda p: train.init_train_state(p, tx), params)
+  b, t = 2, 1024
+  sds = jax.ShapeDtypeStruct
+  batch = {"tokens": sds((b, t), jnp.int32), "mask": sds((b, t), jnp.int32),
+           "response_mask": sds((b, t - 1), jnp.int32), "old_logp": sds((b, t - 1), jnp.float32),
+           "is_demo": sds((b,), jnp.bool_), "rewards": sds((b,), jnp.float32),
+           "advantages": sds((b,), jnp.float32)}
+  step_cfg = train.StepConfig(loss=obj.LossConfig.preset("srft"), minibatches=2, microbatches=1,
+                              logit_chunk=512)
+  new_state, metrics = jax.eval_shape(
+      functools.partial(train.train_step, graphdef, tx, step_cfg), state, batch)
+  for a, b_ in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
+    assert a.shape == b_.shape and a.dtype == b_.dtype
+  assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
+  assert metrics["grad_norm"].shape == ()
+  if cfg.param_dtype == "float32":
+    assert metrics["grad_norm"].dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------
+# 2 + 3. Subprocess runs: exact resume after SIGKILL, SIGTERM preemption.
+# ----------------------------------------------------------------------------
+
+N_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory, tokenizer_path):
+  """`python -m srft_jax.main` with tiny overrides; a shared persistent
+  compilation cache makes every process after the first start fast."""
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  env = dict(os.environ)
+  env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
+  overrides = {**TINY, "steps": N_STEPS, "data.tokenizer": tokenizer_path,
+               "eval.before": False, "eval.after": False, "log.tensorboard": False,
+               "log.plots": False, "checkpoint.every": 1, "checkpoint.keep": 3,
+               "checkpoint.async_save": True, "seed": 3}
+
+  def command(workdir):
+    args = [sys.executable, "-m", "srft_jax.main", "--config=configs/default.py",
+            f"--workdir={workdir}"]
+    return args + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+  def start(workdir):
+    log_path = os.path.join(str(workdir) + ".log")
+    f = open(log_path, "a")
+    proc = subprocess.Popen(command(workdir), cwd=REPO, env=env, stdout=f,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log_path = log_path
+    proc.log_file = f
+    return proc
+
+  def finish(proc, timeout=300):
+    try:
+      rc = proc.wait(timeout=timeout)
+    finally:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+      proc.log_file.close()
+    with open(proc.log_path) as f:
+      return rc, f.read()
+
+  def run(workdir, timeout=300):
+    return finish(start(workdir), timeout)
+
+  return {"start": start, "finish": finish, "run": run}
+
+
+def _finished_steps(workdir):
+  d = os.path.join(str(workdir), "checkpoints")
+  if not os.path.isdir(d):
+    return []
+  return sorted(int(x) for x in os.listdir(d) if x.isdigit())
+
+
+def _wait_for_checkpoint(proc, workdir, min_step, timeout=300):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    steps = _finished_steps(workdir)
+    if steps and steps[-1] >= min_step:
+      return steps[-1]
+    if proc.poll() is not None:
+      return None
+    time.sleep(0.05)
+  return None
+
+
+def _final_state(workdir, step):
+  import orbax.checkpoint as ocp
+  mgr = ocp.CheckpointManager(os.path.join(str(workdir), "checkpoints"),
+                              item_names=ckpt_lib.Checkpointer.ITEMS)
+  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                  data=ocp.args.JsonRestore()))
+  mgr.close()
+  return jax.tree.map(np.asarray, out["state"]), out["data"]
+
+
+@pytest.fixture(scope="module")
+def straight(cli, tmp_path_factory):
+  wd = tmp_path_factory.mktemp("straight") / "run"
+  rc, out = cli["run"](wd)
+  assert rc == 0, out[-3000:]
+  return wd
+
+
+def _assert_bitwise_equal(wd_a, wd_b):
+  sa, da = _final_state(wd_a, N_STEPS)
+  sb, db = _final_state(wd_b, N_STEPS)
+  assert da == db
+  la, ta = jax.tree.flatten_with_path(sa)
+  lb, tb = jax.tree.flatten_with_path(sb)
+  assert ta == tb
+  diff = [jax.tree_util.keystr(p) for (p, x), (_, y) in zip(la, lb)
+          if x.dtype != y.dtype or x.tobytes() != y.tobytes()]
+  assert not diff, f"{len(diff)} leaves differ, e.g. {diff[:5]}"
+  with open(os.path.join(str(wd_a), "export", "hf", "model.safetensors"), "rb") as f:
+    ha = f.read()
+  with open(os.path.join(str(wd_b), "export", "hf", "model.safetensors"), "rb") as f:
+    hb = f.read()
+  assert ha == hb
+
+
+def test_exact_resume_after_sigkill(cli, straight, tmp_path):
+  wd = tmp_path / "killed"
+  proc = cli["start"](wd)
+  k = _wait_for_checkpoint(proc, wd, 2)
+  os.killpg(proc.pid, signal.SIGKILL)
+  rc, out = cli["finish"](proc)
+  assert k is not None and rc == -signal.SIGKILL, out[-3000:]
+  k = _finished_steps(wd)[-1]
+  assert 1 <= k < N_STEPS
+  rc, out = cli["run"](wd)
+  assert rc == 0, out[-3000:]
+  assert f"resumed from step {_resumed_step(out)}" in out and _resumed_step(out) >= k - 1
+  _assert_bitwise_equal(straight, wd)
+
+
+def _resumed_step(log_text):
+  import re
+  m = re.findall(r"resumed from step (\d+)", log_text)
+  return int(m[-1]) if m else -1
+
+
+def test_sigterm_saves_and_resumes(cli, straight, tmp_path):
+  wd = tmp_path / "term"
+  proc = cli["start"](wd)
+  assert _wait_for_checkpoint(proc, wd, 1) is not None
+  proc.send_signal(signal.SIGTERM)
+  rc, out = cli["finish"](proc)
+  assert rc == 0, out[-3000:]
+  assert "preempted at step" in out
+  k = _finished_steps(wd)[-1]
+  assert k < N_STEPS, "the run ended before SIGTERM was handled"
+  rc, out = cli["run"](wd)
+  assert rc == 0, out[-3000:]
+  assert _resumed_step(out) == k
+  _assert_bitwise_equal(straight, wd)
