@@ -188,21 +188,25 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(f32)).astype(x.dtype)
 
 
-def attend(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, allowed_BTS: Array) -> Array:
-  """Grouped-query softmax attention, float32 scores and softmax."""
+def attend(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, allowed_BTS: Array) -> Array:
+  """Grouped-query softmax attention, float32 scores and softmax.
+
+  Keys and values are head-major [B, K, S, H] (the KV cache's layout), which
+  keeps both attention matmuls free of cache-sized transposes.
+  """
   b, t, n, h = q_BTNH.shape
-  k = k_BSKH.shape[2]
+  k = k_BKSH.shape[1]
   q = q_BTNH.reshape(b, t, k, n // k, h)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=f32)
+  scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_BKSH, preferred_element_type=f32)
   scores = scores * (h ** -0.5)
   # finfo.min, not -inf: a fully masked row (a padding query) stays finite.
   scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, jnp.finfo(f32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BSKH, preferred_element_type=f32)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+  out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_BKSH, preferred_element_type=f32)
   return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
-def attend_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, chunk: int) -> Array:
+def attend_chunked(q_BTNH, k_BKSH, v_BKSH, allowed_BTS, chunk: int) -> Array:
   """`attend` over blocks of queries: peak score memory [B, N, chunk, S].
 
   Each block is rematerialised in the backward pass, so long training
@@ -210,14 +214,14 @@ def attend_chunked(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, chunk: int) -> Array:
   """
   b, t, n, h = q_BTNH.shape
   if t <= chunk:
-    return attend(q_BTNH, k_BSKH, v_BSKH, allowed_BTS)
+    return attend(q_BTNH, k_BKSH, v_BKSH, allowed_BTS)
   pad = (-t) % chunk
   q = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
   allowed = jnp.pad(allowed_BTS, ((0, 0), (0, pad), (0, 0)))
   nblk = (t + pad) // chunk
   q = q.reshape(b, nblk, chunk, n, h).swapaxes(0, 1)
   allowed = allowed.reshape(b, nblk, chunk, -1).swapaxes(0, 1)
-  block = jax.checkpoint(lambda qa: attend(qa[0], k_BSKH, v_BSKH, qa[1]))
+  block = jax.checkpoint(lambda qa: attend(qa[0], k_BKSH, v_BKSH, qa[1]))
   out = jax.lax.map(block, (q, allowed))  # [nblk, B, chunk, N, H]
   return out.swapaxes(0, 1).reshape(b, t + pad, n, h)[:, :t]
 
@@ -248,13 +252,15 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(dt)
     q = shd.constrain(apply_rope(q, positions_BT, inv_freq),
                       ("batch", "length", "act_heads", "head_dim"), rules)
-    k = apply_rope(k, positions_BT, inv_freq)
+    # Keys/values head-major [B, K, T, H], the cache layout.
+    k = apply_rope(k, positions_BT, inv_freq).swapaxes(1, 2)
+    v = v.swapaxes(1, 2)
     if kv is not None:  # write the new keys/values into the cache at `index`
       k_cache, v_cache = kv
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
       kv = (k, v)
-    kv_names = ("batch", "cache_length" if kv is not None else "length", "act_kv_heads", "head_dim")
+    kv_names = ("batch", "act_kv_heads", "cache_length" if kv is not None else "length", "head_dim")
     k = shd.constrain(k, kv_names, rules)
     v = shd.constrain(v, kv_names, rules)
     if cfg.attention == "chunked":
@@ -374,9 +380,9 @@ class Transformer(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, Any]:
-  """An empty KV cache: per-layer [B, S, K, H] keys and values, a slot mask and the fill index."""
+  """An empty KV cache: per-layer [B, K, S, H] keys and values, a slot mask and the fill index."""
   dtype = dtype or cfg.jnp_dtype
-  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
   zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
   return {
       "k": tuple(zeros() for _ in range(cfg.num_layers)),
@@ -388,7 +394,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[st
 
 def cache_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
   """Logical axis names of the cache pytree (same structure as `init_cache`)."""
-  kv = ("batch", "cache_length", "kv_heads", "head_dim")
+  kv = ("batch", "kv_heads", "cache_length", "head_dim")
   return {
       "k": tuple(kv for _ in range(cfg.num_layers)),
       "v": tuple(kv for _ in range(cfg.num_layers)),

@@ -361,7 +361,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------
 
 LOSS_TERMS = ("sft", "rl_demo", "rl_self", "entropy_bonus", "kl")
-_METRICS = ("w_sft", "w_rl", "entropy_demo", "entropy_rollout", "ratio", "clip_frac")
 
 
 class LossParts(NamedTuple):
@@ -394,7 +393,8 @@ def loss_denominators(batch: Mapping[str, Array], cfg: LossConfig) -> dict[str, 
         rl_BT = rl_BT + roll_BT
     if cfg.aggregation == "token_mean":
         rl_den = jnp.sum(rl_BT)
-    else:  # constant_len: rows with any RL token x max_response_len (Dr.GRPO)
+    else:  # constant_len: rows with any RL token x max_response_len (Dr.GRPO);
+        # rows outside every RL term (e.g. demos under grpo) are not counted.
         rl_den = jnp.sum(jnp.any(rl_BT > 0, axis=1).astype(jnp.float32)) * cfg.max_response_len
     return {
         "sft": jnp.sum(demo_BT),
@@ -521,10 +521,12 @@ def srft_loss_parts(
         sums["kl"] = cfg.kl_coef * jnp.sum(roll_BT * (jnp.exp(d) - d - 1.0))
 
     counts = loss_denominators(batch, cfg)
-    w_rl_mask = roll_BT * positive_B1
+    # Report a weight only where its term is on (an off term's weight reads 0).
+    w_sft_mask = demo_BT * float(cfg.use_sft)
+    w_rl_mask = roll_BT * positive_B1 * float(cfg.use_self_rl)
     sg = lax.stop_gradient
     sums.update(
-        w_sft=sg(jnp.sum(demo_BT * w_sft)),
+        w_sft=sg(jnp.sum(w_sft_mask * w_sft)),
         w_rl=sg(jnp.sum(w_rl_mask * w_rl)),
         entropy_demo=sg(jnp.sum(demo_BT * ent)),
         entropy_rollout=sg(jnp.sum(roll_BT * ent)),
@@ -532,7 +534,7 @@ def srft_loss_parts(
         clip_frac=sg(jnp.sum(roll_BT * clipped)),
     )
     counts.update(
-        w_sft=jnp.sum(demo_BT),
+        w_sft=jnp.sum(w_sft_mask),
         w_rl=jnp.sum(w_rl_mask),
         entropy_demo=jnp.sum(demo_BT),
         entropy_rollout=jnp.sum(roll_BT),

@@ -555,6 +555,10 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
     log.info("resumed from step %d (%s)", start, ckpt.directory)
 
   def save(step):
+    # A SIGTERM (or the final save) right after a periodic save of the same step
+    # must not save twice: Orbax raises StepAlreadyExistsError.
+    if ckpt.latest_step() == step:
+      return
     ckpt.save(step, trainer.state, data_iter.get_state(), {"step": step, **meta})
 
   status = "done"

@@ -24,7 +24,7 @@ LAYOUTS = {
 }
 # GQA with heads, kv heads, mlp and vocab divisible by 4 and embed by 8, so every
 # rule of every layout really splits something.
-CFG = model_lib.ModelConfig(vocab_size=256, embed_dim=64, mlp_dim=128, num_layers=2,
+CFG = model_lib.ModelConfig(vocab_size=256, embed_dim=64, mlp_dim=128, num_layers=1,
                             num_heads=8, num_kv_heads=4, head_dim=16, max_seq_len=64)
 LAYOUT = train.GroupLayout(n_rollouts=3, n_demos=1)
 PROMPTS, P, R = 4, 8, 8   # 16 rows of 16 tokens

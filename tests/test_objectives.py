@@ -203,17 +203,17 @@ def test_masked_vocab_minus_inf_is_nan_free():
 
 
 def _tiny_lm(seed=3, B=3, T=7, D=5, V=11):
-    k = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return (jax.random.normal(k[0], (B, T, D)), jax.random.normal(k[1], (D, V)),
-            jax.random.randint(k[2], (B, T), 0, V))
+    rng = np.random.default_rng(seed)  # NumPy: eager jax.random compiles per shape
+    return (rng.normal(size=(B, T, D)).astype(np.float32), rng.normal(size=(D, V)).astype(np.float32),
+            rng.integers(0, V, (B, T)).astype(np.int32))
 
 
-@pytest.mark.parametrize("chunk_size", [3, 6, 9, 1000])
+@pytest.mark.parametrize("chunk_size", [3, 6, 1000])
 def test_chunked_matches_full_logits(chunk_size):
-    # With B = 3 these give 1, 2, 3, 7 positions a chunk: 1 and 7 divide T = 7,
-    # 2 and 3 leave a padded last chunk.
+    # With B = 3 these give 1, 2, 7 positions a chunk: 1 and 7 divide T = 7,
+    # 2 leaves a padded last chunk.
     hidden, unembed, targets = _tiny_lm()
-    cot = jax.random.normal(jax.random.PRNGKey(9), (2,) + targets.shape)
+    cot = np.random.default_rng(9).normal(size=(2,) + targets.shape).astype(np.float32)
 
     def full(h, w):
         logp, ent = obj.token_logprobs_and_entropy(jnp.einsum("btd,dv->btv", h, w), targets, 0.7)
@@ -298,6 +298,7 @@ def test_loss_value_and_gradients_match_numpy(name):
     demo = mask * batch["is_demo"][:, None]
     assert aux["n_demo_tokens"] == demo.sum() and aux["n_rollout_tokens"] == (mask - demo).sum()
     np.testing.assert_allclose(aux["entropy_demo"], (ent * demo).sum() / demo.sum(), rtol=1e-6)
+    assert (aux["w_rl"] == 0) == (not cfg.use_self_rl) and (aux["w_sft"] == 0) == (not cfg.use_sft)
 
 
 def test_aux_weights_hand_made():

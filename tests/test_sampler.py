@@ -289,8 +289,8 @@ def test_sharded_cache_layout():
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   cfg = smp.SamplingConfig(max_new_tokens=4)
   cache = smp.make_cache(TINY, 8, 8, cfg, mesh)
-  assert cache["k"][0].shape == (8, 12, 2, 8)
-  assert cache["k"][0].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor", None)
+  assert cache["k"][0].shape == (8, 2, 12, 8)  # [B, K, S, H]
+  assert cache["k"][0].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
   assert cache["mask"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
 
 

@@ -7,7 +7,6 @@ tokenizer; subprocess runs share a persistent compilation cache so each
 process after the first skips most compile time.
 """
 
-import dataclasses
 import functools
 import glob
 import json
@@ -180,6 +179,7 @@ EXPECTED_KEYS = [
 ]
 
 
+@pytest.mark.slow
 def test_end_to_end_outputs(e2e):
   wd, r = e2e["workdir"], e2e["results"]
   rows = _rows(os.path.join(wd, "logs", "metrics.jsonl"))
@@ -206,6 +206,7 @@ def test_end_to_end_outputs(e2e):
   assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 5
 
 
+@pytest.mark.slow
 def test_end_to_end_sft_warmup_learns(e2e):
   """The demo negative log-likelihood of the random base model (loss at warm-up
   step 0, before any update) drops clearly after 5 SFT updates."""
@@ -216,6 +217,7 @@ def test_end_to_end_sft_warmup_learns(e2e):
   assert nll[-1] < nll[0] - 1.0, nll
 
 
+@pytest.mark.slow
 def test_end_to_end_hf_export_loads(e2e):
   """The HF export loads, runs, and holds the final checkpoint's parameters
   (compared leaf by leaf through size and sum: names and layouts differ)."""
@@ -235,6 +237,7 @@ def test_end_to_end_hf_export_loads(e2e):
   np.testing.assert_allclose([v for _, v in ck], [v for _, v in ex], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_no_recompile_after_warmup(e2e):
   """After the first two steps (step 1 is the first to fetch the previous
   step's metrics), a step of the same stage compiles nothing: sampler,
@@ -589,6 +592,7 @@ def _assert_bitwise_equal(wd_a, wd_b):
   assert ha == hb
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(cli, straight, tmp_path):
   wd = tmp_path / "killed"
   proc = cli["start"](wd)
@@ -610,6 +614,7 @@ def _resumed_step(log_text):
   return int(m[-1]) if m else -1
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes(cli, straight, tmp_path):
   wd = tmp_path / "term"
   proc = cli["start"](wd)

@@ -104,6 +104,16 @@ def libtpu_available() -> bool:
 # Building the programs (abstract inputs only)
 # ----------------------------------------------------------------------------
 
+def _load_config(spec: str):
+  """A config file's get_config(arg) for 'path/to/config.py[:arg]' (as --config takes)."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("srft_aot_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)
+
+
 class _VocabOnly:
   """Stands in for the tokenizer where only the vocabulary size matters (tiny preset)."""
   def __init__(self, vocab_size: int):
@@ -349,10 +359,15 @@ def compile_program(lowered, topo: Topology, model_flops_step: float) -> dict[st
 
 
 def analyse(c, topo: Topology, programs=PROGRAMS, vocab_size: int = 512,
-            log=print) -> dict[str, Any]:
-  """Compiles `programs` of config `c` for `topo`; a JSON-ready report."""
+            log=print, num_layers: int | None = None) -> dict[str, Any]:
+  """Compiles `programs` of config `c` for `topo`; a JSON-ready report.
+
+  `num_layers` compiles a shallower copy of the model (see `extrapolate`).
+  """
   from srft_jax import sharding as shd
   mcfg = model_config(c, vocab_size)
+  if num_layers:
+    mcfg = dataclasses.replace(mcfg, num_layers=num_layers)
   devices = topo.devices()
   mesh = shd.make_mesh(dict(c.mesh), devices=devices)
   flops = model_flops(c, mcfg)
@@ -383,7 +398,39 @@ def analyse(c, topo: Topology, programs=PROGRAMS, vocab_size: int = 512,
     log(f"  {topo.name} {name}: lowered in {lower_s:.0f}s, compiled in {res['compile_s']:.0f}s"
         + ("" if res.get("fits", True) else "  (does not fit)"))
   report["fits"] = all(p.get("fits", False) for p in report["programs"].values())
+  report["num_layers"] = mcfg.num_layers
   return report
+
+
+_LINEAR = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes",
+           "total_bytes", "xla_flops_per_chip", "xla_bytes_accessed_per_chip")
+
+
+def extrapolate(c, topo: Topology, programs, layers: tuple[int, int], vocab_size: int = 512,
+                log=print) -> dict[str, Any]:
+  """Compiles the model at two depths and extrapolates every size linearly to the
+  full depth (params, moments, saved activations and FLOPs grow one layer at a
+  time; the embedding, logits and loss buffers do not). For when compiling the
+  full model on this host is too slow; an estimate, marked as such."""
+  full = model_config(c, vocab_size)
+  lo, hi = (analyse(c, topo, programs, vocab_size, log, num_layers=n) for n in layers)
+  out = dict(hi, num_layers=full.num_layers, params=full.num_params(),
+             extrapolated_from_layers=list(layers), programs={})
+  flops = model_flops(c, full)
+  for name in programs:
+    a, b = lo["programs"][name], hi["programs"][name]
+    if "error" in a or "error" in b:
+      out["programs"][name] = dict(b, extrapolated=True)
+      continue
+    slope = {k: (b[k] - a[k]) / (layers[1] - layers[0]) for k in _LINEAR}
+    p = {k: b[k] + slope[k] * (full.num_layers - layers[1]) for k in _LINEAR}
+    p.update(hbm_fraction=p["total_bytes"] / topo.hbm_bytes,
+             fits=p["total_bytes"] <= FIT_FRACTION * topo.hbm_bytes,
+             model_flops_step=flops[name], compile_s=a["compile_s"] + b["compile_s"],
+             biggest=b["biggest"], extrapolated=True)
+    out["programs"][name] = p
+  out["fits"] = all(p.get("fits", False) for p in out["programs"].values())
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -402,7 +449,9 @@ def format_table(report: dict[str, Any]) -> str:
       f"({r['chips']} chips x {r['hbm_gb']:.0f} GB, {r['device_kind']}), mesh {r['mesh']}",
       f"step: {r['prompts']} prompts x {r['group']} = {r['rows']} rows x {r['length']} tokens, "
       f"{r['minibatches']} mini-batches x {r['microbatches']} micro-batches, "
-      f"logit chunk {r['logit_chunk']}",
+      f"logit chunk {r['logit_chunk']}"
+      + (f"  [EXTRAPOLATED from {r['extrapolated_from_layers']} layers to {r['num_layers']}]"
+         if r.get("extrapolated_from_layers") else ""),
       "",
       "| program | args GB | out GB | alias GB | temp GB | total GB/chip | % HBM | fits | "
       "XLA GFLOP/chip* | model TFLOP/step |",
@@ -439,7 +488,14 @@ def state_lower_bound(c, topo: Topology, vocab_size: int = 512) -> float:
   return 4 * mcfg.num_params() * pbytes / topo.chips
 
 
-def find_smallest(c, generation: str, programs, vocab_size: int, log=print) -> dict[str, Any]:
+def _report(c, topo, programs, vocab_size, layers, log=print):
+  if layers:
+    return extrapolate(c, topo, programs, layers, vocab_size, log)
+  return analyse(c, topo, programs, vocab_size, log)
+
+
+def find_smallest(c, generation: str, programs, vocab_size: int, log=print,
+                  layers: tuple[int, int] | None = None) -> dict[str, Any]:
   """Tries slices of `generation` from small to large; the first that fits."""
   tried = []
   for shape in SLICES[generation]:
@@ -450,7 +506,7 @@ def find_smallest(c, generation: str, programs, vocab_size: int, log=print) -> d
       tried.append({"topology": topo.name, "fits": False, "skipped": "state lower bound"})
       continue
     try:
-      rep = analyse(c, topo, programs, vocab_size, log=log)
+      rep = _report(c, topo, programs, vocab_size, layers, log)
     except ValueError as e:  # e.g. a mesh that does not divide this slice
       log(f"  {topo.name}: {e}")
       tried.append({"topology": topo.name, "fits": False, "error": str(e)})
@@ -478,6 +534,9 @@ def _define_flags():
   flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile, of {PROGRAMS}.")
   flags.DEFINE_integer("vocab_size", 512, "Vocabulary of the tiny preset (no tokenizer here).")
   flags.DEFINE_string("json_out", "", "Also write the JSON report to this file.")
+  flags.DEFINE_list("extrapolate_layers", [],
+                    "Two depths, e.g. 2,4: compile those and extrapolate linearly to the full "
+                    "model (an estimate, for hosts where the full compile is too slow).")
 
 
 def main(argv) -> int:
@@ -495,16 +554,20 @@ def main(argv) -> int:
   if not f.topology and not f.find_smallest:
     print("give --topology=GEN:AxBxC (repeatable) and/or --find-smallest", file=sys.stderr)
     return 2
+  layers = tuple(int(x) for x in f.extrapolate_layers) or None
+  if layers is not None and (len(layers) != 2 or layers[0] >= layers[1]):
+    print("--extrapolate_layers: want two increasing depths, e.g. 2,4", file=sys.stderr)
+    return 2
   out: dict[str, Any] = {"reports": [], "smallest": []}
   for name in f.topology:
     topo = Topology.parse(name)
-    rep = analyse(c, topo, f.programs, f.vocab_size)
+    rep = _report(c, topo, f.programs, f.vocab_size, layers)
     print(format_table(rep), flush=True)
     print(flush=True)
     out["reports"].append(rep)
   if f.find_smallest:
     for gen in f.generations:
-      res = find_smallest(c, gen, f.programs, f.vocab_size)
+      res = find_smallest(c, gen, f.programs, f.vocab_size, layers=layers)
       for rep in res["tried"]:
         if "programs" in rep:
           print(format_table(rep), flush=True)

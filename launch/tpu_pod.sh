@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# SRFT on a Cloud TPU VM slice: create (or reuse) the slice, put the project on
+# every worker, install jax[tpu] + requirements, and start the same training
+# command on all workers (`gcloud compute tpus tpu-vm ssh --worker=all`).
+#
+#   bash launch/tpu_pod.sh --name=srft7b --zone=us-east5-a --accelerator-type=v5p-64 \
+#       --bucket=gs://my-bucket --config=configs/srft_7b_tpu.py \
+#       --model-gcs=gs://my-bucket/models/Qwen2.5-Math-7B --data-gcs=gs://my-bucket/data --spot
+#   bash launch/tpu_pod.sh ... --dry-run        # print the commands, touch nothing
+#
+# Flags (all --flag=value or --flag value):
+#   --name NAME              TPU VM name (required)
+#   --zone ZONE              e.g. us-east5-a (v5p), us-west4-a (v5e) (required)
+#   --accelerator-type T     e.g. v5p-64 (v4/v5p count TensorCores: 2 a chip),
+#                            v5litepod-16, v6e-16
+#   --topology GEN:SHAPE     alternative to --accelerator-type, e.g. v5p:2x4x4
+#   --version V              TPU software version (default by generation)
+#   --project P              gcloud project (default: gcloud's)
+#   --spot | --preemptible   cheaper, can be reclaimed; rerun the same command to resume
+#   --bucket gs://B          workdir = gs://B/runs/NAME unless --workdir is given
+#   --workdir gs://...       checkpoints and logs (shared by all workers)
+#   --config FILE[:ARG]      training config (default configs/srft_7b_tpu.py)
+#   --model-gcs gs://...     HF checkpoint dir, copied to each worker's disk, used as
+#                            model.hf_path and data.tokenizer
+#   --data-gcs gs://...      prepared TFDS data_dir, copied to each worker's disk
+#   --repo URL [--ref REF]   git clone on every worker instead of copying this tree
+#   --resume                 the slice and install exist: only (re)start training.
+#                            Training always resumes from WORKDIR/checkpoints, so after a
+#                            preemption rerun the same command (a preempted slice is
+#                            deleted and recreated, then the install runs again).
+#   --foreground             stay attached (default: start detached under nohup)
+#   --dry-run                print every command instead of running it
+# Anything else (e.g. --config.steps=100) is passed to srft_jax.main.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NAME="" ZONE="" ACCEL="" TOPOLOGY="" VERSION="" PROJECT="" SPOT="" BUCKET="" WORKDIR=""
+CONFIG="configs/srft_7b_tpu.py" MODEL_GCS="" DATA_GCS="" REPO="" REF="main"
+RESUME=0 FOREGROUND=0 DRY=0
+EXTRA=()
+REMOTE_DIR='$HOME/srft-jax'
+JAX_VERSION=${JAX_VERSION:-0.10.2}
+
+need_value() { [ -n "${2:-}" ] || { echo "tpu_pod.sh: $1 needs a value" >&2; exit 2; }; }
+while [ $# -gt 0 ]; do
+  arg="$1"; shift
+  case "$arg" in
+    --*=*) key="${arg%%=*}"; val="${arg#*=}" ;;
+    *) key="$arg"; val="" ;;
+  esac
+  takes() {  # value from --k=v or the next word
+    if [ -z "$val" ]; then need_value "$key" "${1:-}"; val="$1"; return 0; fi; return 1; }
+  case "$key" in
+    --name) takes "${1:-}" && shift; NAME="$val" ;;
+    --zone) takes "${1:-}" && shift; ZONE="$val" ;;
+    --accelerator-type|--accelerator_type) takes "${1:-}" && shift; ACCEL="$val" ;;
+    --topology) takes "${1:-}" && shift; TOPOLOGY="$val" ;;
+    --version) takes "${1:-}" && shift; VERSION="$val" ;;
+    --project) takes "${1:-}" && shift; PROJECT="$val" ;;
+    --bucket) takes "${1:-}" && shift; BUCKET="${val%/}" ;;
+    --workdir) takes "${1:-}" && shift; WORKDIR="$val" ;;
+    --config) takes "${1:-}" && shift; CONFIG="$val" ;;
+    --model-gcs|--model_gcs) takes "${1:-}" && shift; MODEL_GCS="${val%/}" ;;
+    --data-gcs|--data_gcs) takes "${1:-}" && shift; DATA_GCS="${val%/}" ;;
+    --repo) takes "${1:-}" && shift; REPO="$val" ;;
+    --ref) takes "${1:-}" && shift; REF="$val" ;;
+    --spot) SPOT="--spot" ;;
+    --preemptible) SPOT="--preemptible" ;;
+    --resume) RESUME=1 ;;
+    --foreground) FOREGROUND=1 ;;
+    --dry-run|--dry_run) DRY=1 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    *) EXTRA+=("$arg") ;;
+  esac
+done
+
+die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
+[ -n "$NAME" ] || die "--name is required"
+[ -n "$ZONE" ] || die "--zone is required"
+[ -n "$ACCEL" ] || [ -n "$TOPOLOGY" ] || die "give --accelerator-type (e.g. v5p-64) or --topology (e.g. v5p:2x4x4)"
+[ -z "$ACCEL" ] || [ -z "$TOPOLOGY" ] || die "give only one of --accelerator-type and --topology"
+if [ -z "$WORKDIR" ]; then
+  [ -n "$BUCKET" ] || die "give --bucket=gs://BUCKET (or --workdir=gs://...)"
+  WORKDIR="$BUCKET/runs/$NAME"
+fi
+case "$WORKDIR" in gs://*) ;; *) echo "tpu_pod.sh: warning: workdir $WORKDIR is not on GCS; workers do not share it" >&2 ;; esac
+
+GEN="${TOPOLOGY%%:*}"
+[ -n "$GEN" ] || GEN="${ACCEL%%-*}"
+if [ -z "$VERSION" ]; then
+  case "$GEN" in
+    v5p) VERSION="v2-alpha-tpuv5" ;;
+    v5e|v5litepod) VERSION="v2-alpha-tpuv5-lite" ;;
+    v6e) VERSION="v2-alpha-tpuv6e" ;;
+    v4) VERSION="tpu-ubuntu2204-base" ;;
+    *) die "no default --version for $GEN; pass --version" ;;
+  esac
+fi
+
+GCLOUD=(gcloud compute tpus tpu-vm)
+LOC=(--zone="$ZONE")
+[ -z "$PROJECT" ] || LOC+=(--project="$PROJECT")
+
+show() {  # one shell-quoted line, readable: only words with special characters are quoted
+  local out="+" a
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then out+=" $a"; else out+=" '${a//\'/\'\\\'\'}'"; fi
+  done
+  echo "$out"
+}
+run() { if [ "$DRY" = 1 ]; then show "$@"; else "$@"; fi; }
+on_all() {  # run a shell command on every worker
+  run "${GCLOUD[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$1"
+}
+
+# 1. The slice: reuse a READY one, recreate a preempted one, else create.
+STATE="NOT_FOUND"
+if [ "$DRY" = 1 ]; then
+  show "${GCLOUD[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)'
+  [ "$RESUME" = 1 ] && STATE="READY"
+  echo "# (dry run: assuming state $STATE)"
+else
+  STATE=$("${GCLOUD[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)' 2>/dev/null || echo NOT_FOUND)
+fi
+case "$STATE" in
+  READY) echo "# reusing TPU VM $NAME ($STATE)" ;;
+  PREEMPTED|TERMINATED|STOPPED|FAILED)
+    run "${GCLOUD[@]}" delete "$NAME" "${LOC[@]}" --quiet
+    RESUME=0; STATE="NOT_FOUND" ;;
+esac
+if [ "$STATE" != "READY" ]; then
+  CREATE=("${GCLOUD[@]}" create "$NAME" "${LOC[@]}" --version="$VERSION")
+  if [ -n "$ACCEL" ]; then
+    CREATE+=(--accelerator-type="$ACCEL")
+  else
+    CREATE+=(--type="${TOPOLOGY%%:*}" --topology="${TOPOLOGY#*:}")
+  fi
+  [ -z "$SPOT" ] || CREATE+=("$SPOT")
+  run "${CREATE[@]}"
+  RESUME=0
+fi
+
+# 2. The project and its dependencies on every worker (skipped with --resume).
+if [ "$RESUME" = 0 ]; then
+  if [ -n "$REPO" ]; then
+    on_all "set -e; rm -rf $REMOTE_DIR; git clone --depth 1 --branch $REF $REPO $REMOTE_DIR"
+  else
+    TARBALL="/tmp/srft-jax-$NAME.tar.gz"
+    run tar czf "$TARBALL" --exclude=.venv --exclude=runs --exclude=.git --exclude='__pycache__' .
+    run "${GCLOUD[@]}" scp "$TARBALL" "$NAME:/tmp/srft-jax.tar.gz" "${LOC[@]}" --worker=all
+    on_all "set -e; rm -rf $REMOTE_DIR; mkdir -p $REMOTE_DIR; tar xzf /tmp/srft-jax.tar.gz -C $REMOTE_DIR"
+  fi
+  on_all "set -e; cd $REMOTE_DIR; python3 -m venv .venv; .venv/bin/pip install -q -U pip; \
+.venv/bin/pip install -q 'jax[tpu]==$JAX_VERSION' -r requirements.txt; .venv/bin/pip install -q --no-deps -e ."
+  [ -z "$MODEL_GCS" ] || on_all "set -e; mkdir -p /tmp/srft_model; gcloud storage cp -r '$MODEL_GCS/*' /tmp/srft_model/"
+  [ -z "$DATA_GCS" ] || on_all "set -e; mkdir -p /tmp/srft_data; gcloud storage cp -r '$DATA_GCS/*' /tmp/srft_data/"
+fi
+
+# 3. The same command on every worker; jax.distributed.initialize() finds the slice.
+TRAIN=(.venv/bin/python -m srft_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" --config.multihost=True)
+[ -z "$MODEL_GCS" ] || TRAIN+=(--config.model.hf_path=/tmp/srft_model --config.data.tokenizer=/tmp/srft_model)
+[ -z "$DATA_GCS" ] || TRAIN+=(--config.data.data_dir=/tmp/srft_data)
+TRAIN+=("${EXTRA[@]}")
+TRAIN_Q=$(printf ' %q' "${TRAIN[@]}")
+if [ "$FOREGROUND" = 1 ]; then
+  on_all "cd $REMOTE_DIR &&$TRAIN_Q"
+else
+  # A trainer left running by an earlier launch is stopped first (by its pid file).
+  on_all "cd $REMOTE_DIR || exit 1; [ ! -f \$HOME/srft_train.pid ] || kill \$(cat \$HOME/srft_train.pid) 2>/dev/null; \
+nohup$TRAIN_Q > \$HOME/srft_train.log 2>&1 < /dev/null & echo \$! > \$HOME/srft_train.pid"
+  echo "# started on all workers; logs: ${GCLOUD[*]} ssh $NAME ${LOC[*]} --worker=0 --command='tail -f ~/srft_train.log'"
+fi
+echo "# workdir: $WORKDIR  (rerun this command after a preemption to resume from its checkpoints)"

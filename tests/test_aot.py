@@ -1,0 +1,90 @@
+"""The ahead-of-time fit tool: its pieces always, and a real TPU compile of the tiny
+preset on a small topology when libtpu (requirements-tpu.txt) is installed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from srft_jax.tools import aot
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_topology_names():
+  t = aot.Topology.parse("v5p:2x4x4")
+  assert (t.chips, t.accelerator_type, t.hbm_bytes) == (32, "v5p-64", 95e9)
+  assert aot.Topology.parse("v5p:4x4x4").accelerator_type == "v5p-128"
+  assert aot.Topology.parse("v5litepod:4x4").accelerator_type == "v5litepod-16"
+  assert aot.Topology.parse("v4:2x2x1").accelerator_type == "v4-8"
+  assert aot.Topology.parse("v6e:2x2").hbm_bytes == 32e9
+  for bad in ("v5p", "v9:2x2", "v5e:2by2"):
+    with pytest.raises(ValueError, match="--topology"):
+      aot.Topology.parse(bad)
+
+
+def test_model_flops_and_state_bound():
+  from srft_jax import model as model_lib
+  from srft_jax.tools.aot import _load_config
+  c = _load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
+  mcfg = aot.model_config(c)
+  assert mcfg == model_lib.ModelConfig.preset("qwen2_5_math_7b_rope40k", param_dtype="float32",
+                                               dtype="bfloat16", remat="full")
+  f = aot.model_flops(c, mcfg)
+  tokens = 128 * 8 * (1024 + 8192)
+  # 6 N a token for the matmuls, plus attention: between 6N and 10N a token at 9k context.
+  assert 6 * 7e9 * tokens < f["train"] < 10 * 7.7e9 * tokens
+  assert f["decode"] * 8192 < f["sample"]
+  # fp32 params + 2 Adam moments + grads over a v5p-64 (32 chips): ~3.8 GB a chip.
+  lb = aot.state_lower_bound(c, aot.Topology.parse("v5p:2x4x4"))
+  assert 3.5e9 < lb < 4.0e9
+
+
+def test_biggest_arrays_parses_hlo():
+  hlo = """
+  %param.1 = f32[1024,1024]{1,0} parameter(0)
+  %fusion.2 = bf16[8,9216,3584]{2,1,0:T(8,128)(2,1)} fusion(f32[1024,1024]{1,0} %param.1), kind=kLoop
+  %convolution.3 = f32[16,128]{1,0} convolution(%a, %b), dim_labels=bf_io->bf
+  %tuple.4 = (f32[2]{0}, s32[]) tuple(%x, %y)
+  """
+  got = aot.biggest_arrays(hlo, k=5)
+  assert [g["array"] for g in got] == ["bf16[8,9216,3584]", "f32[16,128]"]
+  assert got[0]["bytes"] == 8 * 9216 * 3584 * 2 and got[0]["op"] == "fusion"
+
+
+def test_dashed_flags():
+  assert aot._normalise_argv(["--find-smallest", "--json-out=a-b.json", "--config.model.hf_path=x-y"]) == [
+      "--find_smallest", "--json_out=a-b.json", "--config.model.hf_path=x-y"]
+
+
+@pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu not installed (requirements-tpu.txt)")
+@pytest.mark.slow
+def test_tiny_on_v5e_2x2(tmp_path):
+  out_json = tmp_path / "aot.json"
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = ""  # the tool's host needs no forced CPU devices
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [sys.executable, "-m", "srft_jax.tools.aot", "--config=configs/default.py",
+         "--topology=v5e:2x2", "--programs=train,sample", f"--json-out={out_json}",
+         "--config.model.num_layers=1", "--config.batch.prompts_per_step=8",
+         "--config.data.max_response_len=16", "--config.data.prompt_buckets=(16,)"]
+  res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  last = json.loads(res.stdout.strip().splitlines()[-1])
+  assert last == json.loads(out_json.read_text())
+  (rep,) = last["reports"]
+  assert rep["topology"] == "v5e:2x2" and rep["chips"] == 4 and rep["accelerator_type"] == "v5litepod-4"
+  assert rep["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert rep["rows"] == 8 * 8 and rep["length"] == 32
+  for name in ("train", "sample"):
+    p = rep["programs"][name]
+    for k in ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "xla_flops_per_chip",
+              "model_flops_step"):
+      assert p[k] > 0, (name, k, p[k])
+    assert p["fits"] and 0 < p["hbm_fraction"] < 0.9
+  assert rep["programs"]["train"]["alias_bytes"] > 0  # the state is donated
+  assert rep["fits"]
+  assert "| train |" in res.stdout and "| sample |" in res.stdout

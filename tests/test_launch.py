@@ -1,0 +1,164 @@
+"""Dry runs of the launch scripts: the right commands, flags propagated, no cloud reached.
+
+gcloud, srun, scontrol and sbatch are replaced on PATH by stubs that record any
+call; a dry run must never call them (except `scontrol`, which only reads the
+job's host list).
+"""
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUBS = ("gcloud", "srun", "sbatch", "gsutil", "ssh", "scp")
+
+
+@pytest.fixture
+def env(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  calls = tmp_path / "calls.log"
+  for name in STUBS:
+    stub = bin_dir / name
+    stub.write_text(f"#!/bin/sh\necho {name} \"$@\" >> {calls}\nexit 99\n")
+    stub.chmod(0o755)
+  e = dict(os.environ)
+  e["PATH"] = f"{bin_dir}:{e['PATH']}"
+  for k in list(e):
+    if k.startswith("SLURM_"):
+      del e[k]
+  e["_CALLS"] = str(calls)
+  return e
+
+
+def _run(script, args, env, expect_rc=0, extra_env=None):
+  e = dict(env, **(extra_env or {}))
+  out = subprocess.run(["bash", str(ROOT / "launch" / script), *args], env=e, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == expect_rc, out.stdout + out.stderr
+  calls = Path(env["_CALLS"])
+  assert not calls.exists(), f"a dry run reached out: {calls.read_text()}"
+  return out.stdout, out.stderr
+
+
+def _commands(stdout):
+  """The printed commands, each split into words."""
+  return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+def _remote(cmds):
+  """The --command strings of `gcloud ... ssh --worker=all`."""
+  out = []
+  for c in cmds:
+    if c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"] and c[4] == "ssh":
+      assert "--worker=all" in c
+      out += [w.split("=", 1)[1] for w in c if w.startswith("--command=")]
+  return out
+
+
+POD = ["--name=srft7b", "--zone=us-east5-a", "--bucket=gs://bkt", "--dry-run"]
+
+
+def test_tpu_pod_fresh_slice(env):
+  out, _ = _run("tpu_pod.sh", POD + ["--accelerator-type=v5p-64", "--spot",
+                                     "--config=configs/srft_7b_tpu.py:fsdp_tensor",
+                                     "--model-gcs=gs://bkt/models/Q7", "--data-gcs=gs://bkt/data",
+                                     "--config.steps=100"], env)
+  cmds = _commands(out)
+  create = next(c for c in cmds if c[4:5] == ["create"])
+  assert "srft7b" in create and "--zone=us-east5-a" in create
+  assert "--accelerator-type=v5p-64" in create and "--spot" in create
+  assert "--version=v2-alpha-tpuv5" in create
+  assert any(c[4:5] == ["scp"] and "--worker=all" in c for c in cmds)
+  remote = _remote(cmds)
+  for r in remote:  # every remote command is valid shell
+    subprocess.run(["bash", "-n", "-c", r], check=True)
+  install = next(r for r in remote if "pip install" in r and "jax[tpu]" in r)
+  assert "jax[tpu]==0.10.2" in install and "-r requirements.txt" in install
+  assert any("gs://bkt/models/Q7" in r for r in remote)
+  assert any("gs://bkt/data" in r for r in remote)
+  train = remote[-1]
+  assert "-m srft_jax.main" in train and "nohup" in train
+  for flag in ("--config=configs/srft_7b_tpu.py:fsdp_tensor", "--workdir=gs://bkt/runs/srft7b",
+               "--config.multihost=True", "--config.model.hf_path=/tmp/srft_model",
+               "--config.data.data_dir=/tmp/srft_data", "--config.steps=100"):
+    assert flag in train, flag
+  # create -> copy -> install -> train, in that order
+  order = [i for i, c in enumerate(cmds) if c[4:5] in (["create"], ["scp"])]
+  assert order == sorted(order) and cmds.index(create) < len(cmds) - 1
+
+
+def test_tpu_pod_topology_and_preemptible(env):
+  out, _ = _run("tpu_pod.sh", POD + ["--topology=v5e:4x4", "--preemptible", "--project=p1",
+                                     "--repo=https://example.com/srft-jax.git", "--ref=v1"], env)
+  cmds = _commands(out)
+  create = next(c for c in cmds if c[4:5] == ["create"])
+  assert "--type=v5e" in create and "--topology=4x4" in create and "--preemptible" in create
+  assert "--project=p1" in create and "--version=v2-alpha-tpuv5-lite" in create
+  assert not any(c[4:5] == ["scp"] for c in cmds)
+  assert any("git clone" in r and "--branch v1" in r for r in _remote(cmds))
+
+
+def test_tpu_pod_resume_only_restarts_training(env):
+  out, _ = _run("tpu_pod.sh", POD + ["--accelerator-type=v5p-64", "--resume", "--foreground"], env)
+  cmds = _commands(out)
+  assert [c[4] for c in cmds] == ["describe", "ssh"]
+  train = _remote(cmds)[0]
+  assert "--workdir=gs://bkt/runs/srft7b" in train and "nohup" not in train
+  assert "resume" in out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--zone=z", "--accelerator-type=v5p-8", "--bucket=gs://b"], "--name"),
+    (["--name=n", "--accelerator-type=v5p-8", "--bucket=gs://b"], "--zone"),
+    (["--name=n", "--zone=z", "--bucket=gs://b"], "--accelerator-type"),
+    (["--name=n", "--zone=z", "--accelerator-type=v5p-8"], "--bucket"),
+])
+def test_tpu_pod_required_flags(env, args, msg):
+  _, err = _run("tpu_pod.sh", args + ["--dry-run"], env, expect_rc=2)
+  assert msg in err
+
+
+def test_gpu(env):
+  out, _ = _run("gpu.sh", ["--install", "--dry-run", "--workdir=runs/g", "--config.steps=7"], env)
+  cmds = _commands(out)
+  assert any("jax[cuda12]==0.10.2" in c and "requirements.txt" in c for c in cmds)
+  run = cmds[-1]
+  i = run.index("-m")
+  assert run[i + 1] == "srft_jax.main"
+  assert "--config=configs/qwen2p5_1p5b_gpu.py" in run and "--workdir=runs/g" in run
+  assert "--config.steps=7" in run and "--config.multihost=True" not in run
+  out, _ = _run("gpu.sh", ["--install", "--cuda=13", "--gpus=0,1", "--dry-run"], env)
+  cmds = _commands(out)
+  assert any("jax[cuda13]==0.10.2" in c for c in cmds)
+  assert "CUDA_VISIBLE_DEVICES=0,1" in cmds[-1]
+  out, _ = _run("gpu.sh", ["--dry-run"], env)
+  assert len(_commands(out)) == 1  # no install unless asked
+  _run("gpu.sh", ["--cuda=11", "--dry-run"], env, expect_rc=2)
+
+
+def test_slurm(env):
+  text = (ROOT / "launch" / "slurm.sbatch").read_text()
+  assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --gpus-per-node=" in text
+  out, _ = _run("slurm.sbatch", ["--dry-run", "--config=configs/srft_7b_tpu.py",
+                                 "--workdir=/shared/r", "--config.steps=3"], env,
+                extra_env={"SLURM_JOB_ID": "1234", "HEAD_NODE": "node001", "GPUS_PER_NODE": "4"})
+  (cmd,) = _commands(out)
+  assert cmd[0] == "srun" and "--ntasks-per-node=1" in cmd
+  coord = next(w for w in cmd if w.startswith("JAX_COORDINATOR_ADDRESS="))
+  assert coord.startswith("JAX_COORDINATOR_ADDRESS=node001:")
+  assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3" in cmd
+  i = cmd.index("-m")
+  assert cmd[i + 1] == "srft_jax.main"
+  for flag in ("--config.multihost=True", "--config=configs/srft_7b_tpu.py",
+               "--workdir=/shared/r", "--config.steps=3"):
+    assert flag in cmd
+
+
+def test_local(env):
+  out, _ = _run("local.sh", ["--dry-run", "--workdir=runs/x", "--config.steps=5"], env)
+  words = out.split()
+  assert "srft_jax.main" in words and "--workdir=runs/x" in words and "--config.steps=5" in words
