@@ -56,8 +56,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.data.name = "openr1"          # prepared dataset name for source="tfds"
   c.data.tokenizer = ""           # tokenizer path ("" = the task's sentencepiece model)
   c.data.template = "plain"       # chat template: "plain" | "qwen_math" | "chatml_plain"
-  c.data.prompt_buckets = (64,)   # padded prompt lengths P
-  c.data.max_response_len = 80    # R: demonstration width and max new tokens
+  c.data.prompt_buckets = (48,)   # padded prompt lengths P
+  c.data.max_response_len = 72    # R: demonstration width and max new tokens
   c.data.task_train_size = 20000  # built-in task: training problems
   c.data.task_seed = 0
 
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.rollout.require_think = False  # reward 0 without </think> (METHOD.md §1.2 switch)
 
   c.batch = config_dict.ConfigDict()
-  c.batch.prompts_per_step = 16   # global prompts per step (paper: 128)
+  c.batch.prompts_per_step = 8    # global prompts per step (paper: 128)
   c.batch.minibatches = 2         # optimizer updates per step (paper: 128 / 64 = 2)
   c.batch.microbatches = 1        # gradient accumulation chunks per update
 

@@ -81,9 +81,10 @@ def test_tiny_on_v5e_2x2(tmp_path):
   assert rep["rows"] == 8 * 8 and rep["length"] == 32
   for name in ("train", "sample"):
     p = rep["programs"][name]
-    for k in ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes", "xla_flops_per_chip",
+    for k in ("argument_bytes", "output_bytes", "total_bytes", "xla_flops_per_chip",
               "model_flops_step"):
       assert p[k] > 0, (name, k, p[k])
+    assert p["temp_bytes"] >= 0  # a 1-layer model can live in its arguments and outputs
     assert p["fits"] and 0 < p["hbm_fraction"] < 0.9
   assert rep["programs"]["train"]["alias_bytes"] > 0  # the state is donated
   assert rep["fits"]

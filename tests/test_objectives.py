@@ -476,7 +476,8 @@ def test_module_is_standalone():
 
 
 def test_readme_example_runs():
-    text = (ROOT / "docs" / "loss_usage.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks, "docs/loss_usage.md has no python block"
-    exec(compile("\n".join(blocks), "loss_usage.md", "exec"), {"__name__": "loss_usage"})
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use the loss in your own JAX code", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 2, "README's loss section lost its python blocks"
+    exec(compile("\n".join(blocks), "README-loss", "exec"), {"__name__": "loss_usage"})

@@ -7,7 +7,7 @@ Example (3 steps):
     answer: "17"
 
 Why it is shaped this way (a tiny model, a 2-core CPU, and an RL signal):
-- Every value stays in 1..MAX_VALUE (two digits) and operands are one digit, so a
+- Every value stays in 1..MAX_VALUE (at most 50) and operands are one digit, so a
   ~1-4M parameter model can learn the arithmetic in minutes; digits are split
   into single tokens by the task tokenizer.
 - The answer needs every step: it is never one of the numbers in the prompt
@@ -38,12 +38,12 @@ from typing import Sequence
 from srft_jax import tokenizer as tokenizer_lib
 
 # Bump when anything changes the generated text: it keys the tokenizer cache.
-GENERATOR_VERSION = "arith-v1"
+GENERATOR_VERSION = "arith-v2"
 
 SPLITS = ("train", "test_id", "test_ood")
 ID_STEPS = (2, 3)
 OOD_STEPS = (4,)
-MAX_VALUE = 99
+MAX_VALUE = 50
 START_RANGE = (2, 20)
 # Share of the arithmetic-problem space reserved for `test_id` (by hash).
 HELDOUT_PERCENT = 20

@@ -324,11 +324,14 @@ def _oom_summary(msg: str) -> dict[str, Any]:
   return out
 
 
+COMPILER_OPTIONS: dict[str, Any] = {}  # e.g. {"xla_dump_to": DIR} (--dump_dir)
+
+
 def compile_program(lowered, topo: Topology, model_flops_step: float) -> dict[str, Any]:
   """Compiles one lowered program; returns its per-chip memory and FLOPs."""
   t0 = time.perf_counter()
   try:
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=dict(COMPILER_OPTIONS) or None)
   except Exception as e:  # XLA:TPU refuses programs that exceed HBM
     msg = str(e)
     if "RESOURCE_EXHAUSTED" in msg or "memory" in msg.lower():
@@ -534,6 +537,8 @@ def _define_flags():
   flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile, of {PROGRAMS}.")
   flags.DEFINE_integer("vocab_size", 512, "Vocabulary of the tiny preset (no tokenizer here).")
   flags.DEFINE_string("json_out", "", "Also write the JSON report to this file.")
+  flags.DEFINE_string("dump_dir", "", "Dump the compiled HLO and XLA's buffer assignment "
+                      "(*buffer-assignment.txt: every allocation, by size) here.")
   flags.DEFINE_list("extrapolate_layers", [],
                     "Two depths, e.g. 2,4: compile those and extrapolate linearly to the full "
                     "model (an estimate, for hosts where the full compile is too slow).")
@@ -554,6 +559,8 @@ def main(argv) -> int:
   if not f.topology and not f.find_smallest:
     print("give --topology=GEN:AxBxC (repeatable) and/or --find-smallest", file=sys.stderr)
     return 2
+  if f.dump_dir:
+    COMPILER_OPTIONS["xla_dump_to"] = f.dump_dir
   layers = tuple(int(x) for x in f.extrapolate_layers) or None
   if layers is not None and (len(layers) != 2 or layers[0] >= layers[1]):
     print("--extrapolate_layers: want two increasing depths, e.g. 2,4", file=sys.stderr)
@@ -599,6 +606,8 @@ if __name__ == "__main__":
   import logging
   import os
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host itself never uses a TPU
+  # Compile-only use touches no TPU: let several checks (and CI jobs) load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
   from absl import app
   _define_flags()

@@ -1,0 +1,287 @@
+"""The comparison study (issue 8): orchestration on a two-method, one-seed,
+few-step miniature (results files, skip of finished runs, resume of an
+unfinished one, report with verdicts), the verdict rule, the budget estimate,
+and the token-change analysis on a hand-made pair of models.
+"""
+
+import copy
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from srft_jax import model as model_lib
+from srft_jax import study
+from srft_jax import token_change as tc
+
+# The miniature: tiny model, 2 warm-up steps, 2 steps a run; the rows of a
+# mini-batch (8 prompts) divide the 8 forced CPU devices.
+MINI = {
+    "model.embed_dim": 32, "model.num_layers": 1, "model.mlp_dim": 64,
+    "warmup.steps": 2, "warmup.prompts_per_step": 8, "steps": 2,
+    "batch.prompts_per_step": 8, "batch.minibatches": 1, "rollout.n_rollouts": 3,
+    "data.max_response_len": 64, "data.task_train_size": 200,
+    "eval.n_id": 8, "eval.n_ood": 8, "eval.batch_size": 8, "eval.every": 1, "eval.every_n": 8,
+    "checkpoint.every": 1, "checkpoint.keep": 3, "checkpoint.export_hf": True,
+}
+METHODS = ("sft", "grpo")
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("study"))
+  first = study.run_study(out, seeds=[0], methods=METHODS, overrides=MINI, progress=False)
+  return {"out": out, "first": first}
+
+
+def _results(out, method, seed=0):
+  with open(os.path.join(study.run_dir(out, method, seed), "results.json")) as f:
+    return json.load(f)
+
+
+def _events(out):
+  with open(os.path.join(out, "study_log.jsonl")) as f:
+    return [json.loads(x) for x in f if x.strip()]
+
+
+def test_study_writes_runs_and_report(mini):
+  out, first = mini["out"], mini["first"]
+  assert sorted(first["ran"]) == [("grpo", 0), ("sft", 0)] and not first["failed"]
+  # One shared base, every run from it, same steps.
+  assert os.path.exists(os.path.join(out, "base", "hf", "config.json"))
+  assert os.path.exists(os.path.join(out, "criteria.md"))
+  for m in METHODS:
+    r = _results(out, m)
+    assert r["steps"] == 2 and r["method"] == m
+    assert 0.0 <= r["after"]["id_acc"] <= 1.0 and 0.0 <= r["after"]["ood_acc"] <= 1.0
+    assert os.path.exists(os.path.join(study.run_dir(out, m, 0), "export", "hf", "config.json"))
+  # The GRPO-only run puts every slot on rollouts (3 + 1).
+  cfg = study.run_config("grpo", 0, out, study.study_settings(overrides=MINI))
+  assert cfg.rollout.n_rollouts == 4 and cfg.seed == 0
+  assert cfg.warmup.dir == os.path.join(out, "base")
+
+  with open(first["report"]) as f:
+    md = f.read()
+  # Criteria come before the numbers; every claim has a verdict.
+  assert md.index("Pre-registered criteria") < md.index("## Results")
+  for k in range(1, 6):
+    assert f"### Claim {k}:" in md
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  verdicts = {c["claim"]: c["verdict"] for c in summary["claims"]}
+  assert set(verdicts.values()) <= {"holds", "does not hold", "inconclusive"}
+  # Claims needing missing methods are inconclusive, and say which are missing.
+  for k in (2, 3, 5):
+    assert verdicts[k] == "inconclusive"
+  assert "sft_then_grpo" in next(c for c in summary["claims"] if c["claim"] == 2)["missing"]
+  # Claim 4 ran on the sft / grpo policies of seed 0.
+  tcr = summary["token_change"]["per_seed"]["0"]
+  assert set(tcr) == {"sft", "grpo"} and tcr["sft"]["n_tokens"] > 0
+  # Tables and compute.
+  assert "| sft |" in md and "| grpo |" in md and "| base |" in md
+  comp = summary["compute"]
+  assert comp["grpo"]["tokens_sampled"] > 0 and comp["sft"]["tokens_sampled"] == 0
+  assert comp["sft"]["tokens_trained"] > 0 and comp["grpo"]["flops"] > 0
+  n = summary["n_params"]
+  c = comp["grpo"]
+  assert c["flops"] == pytest.approx(6 * n * c["tokens_trained"]
+                                     + 2 * n * (c["tokens_sampled"] + c["prompt_tokens_prefilled"]))
+  plots = os.listdir(os.path.join(out, "plots"))
+  for name in ("reward.png", "entropy_rollout.png", "entropy_demo.png", "probe_entropy.png",
+               "response_length.png", "eval_id.png"):
+    assert name in plots
+
+
+def test_study_resumes_and_skips_finished_runs(mini):
+  """Second invocation: the finished run is skipped (results untouched), the
+  run with its results and last checkpoint removed resumes from step 1."""
+  out = mini["out"]
+  sft_results = os.path.join(study.run_dir(out, "sft", 0), "results.json")
+  mtime = os.path.getmtime(sft_results)
+  grpo = study.run_dir(out, "grpo", 0)
+  os.remove(os.path.join(grpo, "results.json"))
+  shutil.rmtree(os.path.join(grpo, "checkpoints", "2"))
+  metrics = os.path.join(grpo, "logs", "metrics.jsonl")
+  n_rows = sum(1 for _ in open(metrics))
+
+  second = study.run_study(out, seeds=[0], methods=METHODS, overrides=MINI, progress=False)
+  assert second["skipped"] == [("sft", 0)] and second["ran"] == [("grpo", 0)]
+  assert os.path.getmtime(sft_results) == mtime
+  ev = _events(out)
+  assert [e["action"] for e in ev if e.get("run") == "grpo/seed0"][-2:] == ["resume", "finished"]
+  assert [e["action"] for e in ev if e.get("run") == "sft/seed0"][-1] == "skipped"
+  # Only step 1 (and the final evaluation row) was redone.
+  rows = [json.loads(x) for x in open(metrics)][n_rows:]
+  assert [r["step"] for r in rows if "tokens/trained" in r] == [1]
+  assert _results(out, "grpo")["steps"] == 2
+  # The report still reads the resumed run (duplicate rows merged by step).
+  run = study.load_run(out, "grpo", 0)
+  assert sorted(t for t, r in run.steps.items() if "tokens/trained" in r) == [0, 1]
+  assert os.path.exists(second["report"])
+
+
+def test_cli_budget(mini, capsys):
+  assert study.main(["--out", mini["out"], "--budget", "--methods", "sft,grpo", "--seeds", "0"]) == 0
+  text = capsys.readouterr().out
+  assert "estimated study wall time" in text and "grpo" in text
+
+
+# ----------------------------------------------------------------------------
+# Pure pieces: verdict rule, claims on synthetic runs, budget.
+# ----------------------------------------------------------------------------
+
+def test_verdict_rule():
+  assert study.verdict([0.05, 0.06, 0.04])[0] == "holds"
+  assert study.verdict([-0.05, -0.06, -0.04])[0] == "does not hold"
+  assert study.verdict([0.05, -0.06, 0.02])[0] == "inconclusive"
+  assert study.verdict([0.3, 0.2], margin=0.5)[0] == "does not hold"
+  assert study.verdict([])[0] == "inconclusive"
+  v, info = study.verdict([0.1])
+  assert v == "holds" and "1 seed" in info["note"]
+  assert study.combine(["holds", "holds"]) == "holds"
+  assert study.combine(["holds", "inconclusive"]) == "inconclusive"
+  assert study.combine(["inconclusive", "does not hold"]) == "does not hold"
+
+
+def _run(method, seed, *, steps=10, id_acc=0.5, ood_acc=0.5, reward=None, entropy=None,
+         evals=None, probe=None):
+  rows = {}
+  for t in range(steps):
+    r = {"step": t}
+    if reward:
+      r["reward/rollout_mean"] = reward(t)
+    if entropy:
+      r["loss/entropy_rollout"] = entropy(t)
+    rows[t] = r
+  for key, fn in (("eval/task_id", evals), ("probe/entropy", probe)):
+    if fn:
+      for t in range(0, steps + 1, 1):
+        rows.setdefault(t, {"step": t})[key] = fn(t)
+  return study.Run(method, seed, {"steps": steps, "after": {"id_acc": id_acc, "ood_acc": ood_acc}},
+                   rows)
+
+
+def test_claim_verdicts_on_synthetic_runs():
+  seeds = (0, 1, 2)
+  runs = {
+      "srft": [_run("srft", s, reward=lambda t: 0.1 * t, entropy=lambda t: 1.0,
+                    id_acc=0.6 + 0.01 * s, ood_acc=0.5) for s in seeds],
+      "grpo": [_run("grpo", s, reward=lambda t: 0.05 * t, entropy=lambda t: 1.0 - 0.08 * t)
+               for s in seeds],
+      "sft_plus_rl": [_run("sft_plus_rl", s, id_acc=0.7 + 0.01 * s) for s in seeds],
+      # accuracy at the switch (step 5) 0.6, then 0.4, 0.5: a dip.
+      "sft_then_grpo": [_run("sft_then_grpo", s, id_acc=0.5,
+                             evals=lambda t: {5: 0.6, 6: 0.4, 7: 0.5}.get(t, 0.55))
+                        for s in seeds],
+      # probe entropy flat: no spike.
+      "rl_then_sft": [_run("rl_then_sft", s, probe=lambda t: 1.0) for s in seeds],
+      "srft_no_wsft": [_run("srft_no_wsft", s, id_acc=0.5 + 0.01 * s) for s in seeds],
+      # no_wsft is worse than srft, no_wrl better: claim 5 does not hold.
+      "srft_no_wrl": [_run("srft_no_wrl", s, id_acc=0.65 + 0.01 * s, ood_acc=0.5) for s in seeds],
+  }
+  token = {"per_seed": {str(s): {
+      "sft": {"moved_frac": 0.4, "moved_share_by_quartile": [0.25] * 4},
+      "grpo": {"moved_frac": 0.05 + 0.01 * s, "moved_share_by_quartile": [0.1, 0.1, 0.1, 0.7]}}
+      for s in seeds}}
+  v = {c["claim"]: c["verdict"] for c in study.claim_verdicts(runs, token)}
+  assert v == {1: "holds", 2: "holds", 3: "does not hold", 4: "holds", 5: "does not hold"}
+
+
+def test_budget_estimate():
+  settings = study.study_settings()
+  t = study.Timing(sft_step_s=1.0, rl_step_s=2.0, warmup_step_s=1.0, run_overhead_s=10.0)
+  est = study.estimate_seconds({**settings, "steps": 10, "warmup.steps": 5}, ["sft", "grpo",
+                               "rl_then_sft"], [0, 1], t)
+  assert est["per_run_s"] == {"sft": 20.0, "grpo": 30.0, "rl_then_sft": 25.0}
+  assert est["total_s"] == pytest.approx(5 + 10 + 2 * 75)
+  # The chosen defaults fit the hour with the default timing.
+  full = study.estimate_seconds(settings, study.METHODS, study.SEEDS)
+  assert full["total_s"] < 55 * 60
+  assert study.switch_step(settings) % settings["eval.every"] == 0
+
+
+# ----------------------------------------------------------------------------
+# Token change on a hand-made pair of models.
+# ----------------------------------------------------------------------------
+
+SMALL = model_lib.ModelConfig(vocab_size=32, embed_dim=32, mlp_dim=64, num_layers=1, num_heads=2,
+                              num_kv_heads=1, head_dim=16, max_seq_len=64)
+
+
+def _batch(seed=0, b=4, t=20, prompt=6):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, SMALL.vocab_size, (b, t)).astype(np.int32)
+  lengths = np.array([t, t - 3, t - 5, t - 1])[:b]
+  mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+  resp = mask.copy()
+  resp[:, :prompt] = 0
+  return tokens, mask, resp
+
+
+def _reference(model_a, model_b, tokens, mask, resp, threshold):
+  """NumPy from full logits: moved mask and base entropy of each response target."""
+  def stats(m):
+    logits = np.asarray(model_lib.forward_logits(m, tokens, mask), np.float64)[:, :-1]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    p = np.exp(logp)
+    tgt = np.take_along_axis(p, tokens[:, 1:, None], -1)[..., 0]
+    return tgt, -(p * logp).sum(-1)
+  p0, h0 = stats(model_a)
+  p1, _ = stats(model_b)
+  sel = resp[:, 1:] > 0
+  return np.abs(p1 - p0)[sel] > threshold, h0[sel], tokens[:, 1:][sel]
+
+
+def test_change_fractions_exact():
+  """Hand-made probabilities: 8 tokens, base entropies 1..8 (quartiles of 2)."""
+  ent = np.arange(1.0, 9.0)
+  p0 = np.full(8, 0.5)
+  p1 = p0 + np.array([0.0, 0.05, 0.0, 0.2, 0.0, 0.0, -0.3, 0.11])
+  r = tc.change_fractions(p0, p1, ent, threshold=0.1)
+  assert r["n_tokens"] == 8 and r["n_moved"] == 3 and r["moved_frac"] == 3 / 8
+  assert r["tokens_by_quartile"] == [2, 2, 2, 2]
+  assert r["moved_frac_by_quartile"] == [0.0, 0.5, 0.0, 1.0]
+  assert r["moved_share_by_quartile"] == pytest.approx([0.0, 1 / 3, 0.0, 2 / 3])
+  none = tc.change_fractions(p0, p0, ent)
+  assert none["moved_frac"] == 0.0 and all(np.isnan(none["moved_share_by_quartile"]))
+
+
+def test_token_change_identical_models_move_nothing():
+  base = model_lib.create_model(SMALL, seed=0)
+  tokens, mask, resp = _batch()
+  r = tc.token_change(base, base, tokens, mask, resp)
+  assert r["n_moved"] == 0 and r["mean_abs_dp"] == 0.0
+  assert r["n_tokens"] == int(resp[:, 1:].sum())
+
+
+def test_token_change_one_unembedding_row():
+  """The tuned copy differs only in the unembedding row of token v (its lm_head
+  column): the moved tokens are exactly those the full-logit reference finds,
+  and the tokens whose target is v move far more often than the others."""
+  base = model_lib.create_model(SMALL, seed=0)
+  tuned = copy.deepcopy(base)
+  v = 7
+  w = np.array(tuned.lm_head[...])
+  w[:, v] += 0.6 * np.random.default_rng(1).standard_normal(w.shape[0]).astype(np.float32)
+  tuned.lm_head[...] = jnp.asarray(w)
+  tokens, mask, resp = _batch(b=4, t=24)
+  tokens[:, 6::2] = v                       # many targets are v
+  r = tc.token_change(base, tuned, tokens, mask, resp, threshold=0.1)
+  moved, h0, targets = _reference(base, tuned, tokens, mask, resp, 0.1)
+  assert r["n_tokens"] == moved.size
+  assert r["n_moved"] == int(moved.sum()) > 0
+  assert r["moved_frac"] == pytest.approx(moved.mean())
+  q = np.searchsorted(np.quantile(h0, [0.25, 0.5, 0.75]), h0, side="left")
+  expect_q = [moved[q == i].mean() for i in range(4)]
+  np.testing.assert_allclose(r["moved_frac_by_quartile"], expect_q, atol=1e-12)
+  assert moved[targets == v].mean() > 2 * moved[targets != v].mean()
+  # A change to a parameter only v's logit reads leaves the other logits alone.
+  def logits(m):
+    return np.asarray(model_lib.forward_logits(m, tokens, mask))
+  d = np.abs(logits(tuned) - logits(base))
+  assert d[..., v].max() > 0.1 and np.delete(d, v, axis=-1).max() == 0.0
