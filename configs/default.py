@@ -86,6 +86,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.multihost = False             # call jax.distributed.initialize() first
+  c.distributed = config_dict.ConfigDict()
+  c.distributed.coordinator = ""  # "host:port" for a manual cluster ("" = from the environment)
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
 
   c.warmup = config_dict.ConfigDict()
   c.warmup.steps = 60             # SFT steps that make the base model (0 = none)

@@ -42,8 +42,8 @@ def generate(model, tokenizer, questions: Sequence[str], cfg: sampler_lib.Sampli
     width = cfg.bucket_for(longest)
     tokens, mask = tokenizer.batch_encode(chunk, max_len=width, left_pad=True)
     res = sampler_lib.sample(model, tokens, mask, jax.random.fold_in(rng, i), cfg, mesh=mesh)
-    toks = np.asarray(jax.device_get(res.tokens))
-    masks = np.asarray(jax.device_get(res.mask))
+    from srft_jax.train import gather_all  # whole batch on every host (multi-host safe)
+    toks, masks = gather_all(res.tokens), gather_all(res.mask)
     texts = tokenizer.batch_decode(toks, masks)
     for j in range(real):
       out.append(texts[j * cfg.n:(j + 1) * cfg.n])

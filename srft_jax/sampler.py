@@ -365,9 +365,9 @@ def sample(model: model_lib.Transformer, prompt_tokens_BT, prompt_mask_BT, rng: 
     out, _ = sample_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), rng, cfg, cache)
     return out
   data = shd.batch_sharding(mesh, 2, mcfg.rules, tokens.shape)
-  tokens = jax.device_put(tokens, data)
-  mask = jax.device_put(mask, data)
-  rng = jax.device_put(rng, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  tokens = shd.put_global(tokens, data)  # multi-host safe: every host holds the batch
+  mask = shd.put_global(mask, data)
+  rng = shd.put_global(rng, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   cache = make_cache(mcfg, b, p, cfg, mesh)
   with jax.set_mesh(mesh):
     out, _ = sample_tokens(graphdef, state, tokens, mask, rng, cfg, cache)

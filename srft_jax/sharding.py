@@ -185,6 +185,20 @@ def shard_module(module, mesh, rules=None):
   return nnx.merge(graphdef, state)
 
 
+def put_global(x, sharding: NamedSharding) -> jax.Array:
+  """A host value that every process holds in full -> a global array.
+
+  (`jax.device_put` refuses non-addressable shardings in multi-process runs.)
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+    data = np.asarray(jax.random.key_data(x))
+    return jax.random.wrap_key_data(put_global(data, sharding), impl=jax.random.key_impl(x))
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def batch_sharding(mesh, ndim: int, rules=None, shape=None) -> NamedSharding:
   """Sharding for a [batch, ...] data array: batch over the data axes."""
   names = ("batch",) + (None,) * (ndim - 1)

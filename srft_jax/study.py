@@ -1,7 +1,10 @@
 """The method-comparison study: every METHOD.md §4 preset from one base, over seeds (issue 8).
 
 `python -m srft_jax.study --out DIR [--seeds 0,1,2] [--steps N] [--methods a,b] [--quick]`
-`python -m srft_jax.study --out DIR --budget`   (estimate the wall time, run nothing)
+`python -m srft_jax.study --out DIR --budget [--calibrate]`  (estimate the wall time from
+    DIR's finished runs, or first time a short sft and srft run on this machine; prints the
+    steps that fit in 60 minutes)
+`python -m srft_jax.study --out DIR --report-only`  (rewrite the report from DIR's runs)
 
 1. One shared base: the SFT warm-up of configs/default.py, cached in DIR/base
    (train.base_model) and its before-training evaluation (DIR/base/eval_before.json).
@@ -14,7 +17,9 @@
 3. Runs execute in this process one after another (shared jit caches, one
    persistent compilation cache DIR/jax_cache, one reward-worker forkserver).
    A run whose results.json exists is skipped; an unfinished run resumes from
-   its checkpoints (train.run does that when its workdir has them).
+   its checkpoints (train.run does that when its workdir has them). A run that
+   diverged (non-finite updates) leaves failed.json, is reported as such and
+   skipped on reruns (delete the file to retry it).
 4. DIR/report.md: the pre-registered criteria (also written to DIR/criteria.md
    before the first run), ID / OOD accuracy mean ± std over seeds in the layout
    of the paper's main table, compute per run, training-dynamics plots
@@ -63,8 +68,8 @@ STUDY: dict[str, Any] = {
     "rollout.n_rollouts": 7,         # 7 rollouts + 1 demo (METHOD.md §1); GRPO-only runs: 8
     "rollout.n_demos": 1,
     "rollout.temperature": 1.0,
-    "data.max_response_len": 80,
-    "data.prompt_buckets": (64,),
+    "data.max_response_len": 72,     # R (configs/default.py of d66384f)
+    "data.prompt_buckets": (48,),
     "data.task_seed": 0,             # the same problems for every method and seed
     "data.task_train_size": 20000,
     "model.preset": "tiny",
@@ -137,7 +142,8 @@ any part does not hold, otherwise is inconclusive. A claim whose runs are missin
    falls.** (a) d = mean `reward/rollout_mean` over the first {C1_REWARD_FRACTION:.0%} of the steps,
    srft − grpo, margin 0. (b) seed-mean `loss/entropy_rollout`, initial = mean of the first
    {C1_ENTROPY_EDGE_STEPS} steps, final = mean of the last {C1_ENTROPY_EDGE_STEPS}: SRFT holds if
-   |final/initial − 1| ≤ {C1_SRFT_ENTROPY_BAND:.0%}. (c) GRPO holds if final/initial < 1 − {C1_GRPO_ENTROPY_DROP:.0%}.
+   |final/initial − 1| ≤ {C1_SRFT_ENTROPY_BAND:.0%}. (c) GRPO holds if
+   final/initial < 1 − {C1_GRPO_ENTROPY_DROP:.0%}.
    (b) and (c) are threshold tests on the seed mean (holds / does not hold).
 2. **Single-stage SFT+RL beats SFT→RL at equal steps; SFT→RL dips when RL starts.**
    (a) d = final ID accuracy, sft_plus_rl − sft_then_grpo, margin 0. (b) d = periodic
@@ -159,8 +165,8 @@ any part does not hold, otherwise is inconclusive. A claim whose runs are missin
 FLOPS_FORMULA = ("FLOPs ≈ 6·N·tokens_trained + 2·N·(tokens_sampled + prompt_tokens_prefilled); "
                  "N = parameters incl. embeddings; tokens_trained = response tokens of every "
                  "trained row (rollouts and demonstrations); tokens_sampled = generated tokens; "
-                 "prompt_tokens_prefilled = rollout rows × the padded prompt width. Prompt "
-                 "positions of trained rows and all evaluation are not counted.")
+                 "prompt_tokens_prefilled = rollout rows × the padded prompt width (largest "
+                 "bucket). Prompt positions of trained rows and all evaluation are not counted.")
 
 
 # ----------------------------------------------------------------------------
@@ -285,7 +291,8 @@ def run_study(out: str, *, seeds: Sequence[int] = SEEDS, methods: Sequence[str] 
   t0 = time.time()
   ensure_base(out, settings)
   runs = [(m, s) for s in seeds for m in methods]
-  done = [r for r in runs if _finished(out, *r)]
+  done = [r for r in runs if _finished(out, *r)
+          or os.path.exists(os.path.join(run_dir(out, *r), "failed.json"))]
   ran, skipped, failed = [], [], []
   bar = None
   if progress:
@@ -295,7 +302,7 @@ def run_study(out: str, *, seeds: Sequence[int] = SEEDS, methods: Sequence[str] 
   try:
     for method, seed in runs:
       wd = run_dir(out, method, seed)
-      if _finished(out, method, seed):
+      if _finished(out, method, seed) or os.path.exists(os.path.join(wd, "failed.json")):
         skipped.append((method, seed))
         _event(out, run=f"{method}/seed{seed}", action="skipped")
         continue
@@ -309,6 +316,8 @@ def run_study(out: str, *, seeds: Sequence[int] = SEEDS, methods: Sequence[str] 
         res = train.run(c, wd)
       except FloatingPointError as e:   # a diverged run is a result, not a study failure
         failed.append((method, seed))
+        with open(os.path.join(wd, "failed.json"), "w") as f:
+          json.dump({"error": str(e)}, f)
         _event(out, run=f"{method}/seed{seed}", action="failed", error=str(e))
         log.error("%s seed %d failed: %s", method, seed, e)
         if bar is not None:
@@ -622,7 +631,9 @@ def token_change_analysis(out: str, seeds: Sequence[int], settings: dict) -> dic
   base_hf = os.path.join(out, "base", "hf")
   if not tuned or not os.path.exists(os.path.join(base_hf, "config.json")):
     return {}
-  key = sorted(f"{m}/{s}" for m, s in tuned)
+  # Keyed by each policy's results.json time, so a redone run is analysed again.
+  key = sorted(f"{m}/{s}@{os.path.getmtime(os.path.join(run_dir(out, m, s), 'results.json')):.0f}"
+               for m, s in tuned if _finished(out, m, s))
   if os.path.exists(cache):
     with open(cache) as f:
       prev = json.load(f)
@@ -704,7 +715,7 @@ def _num(x, fmt="{:.3f}") -> str:
 def accuracy_table(out: str, runs: dict[str, list[Run]]) -> tuple[str, dict]:
   """Markdown in the paper's main-table layout (one benchmark per group on the
   built-in task, so each group average is that benchmark), mean ± std over seeds."""
-  rows, js = [], {}
+  js = {}
   before = {}
   cache = os.path.join(out, "base", "eval_before.json")
   if os.path.exists(cache):
@@ -724,7 +735,6 @@ def accuracy_table(out: str, runs: dict[str, list[Run]]) -> tuple[str, dict]:
     js[method] = {"id_mean": im, "id_std": isd, "ood_mean": om, "ood_std": osd, "n": n,
                   "id_per_seed": {r.seed: _acc(r, "id") for r in rs},
                   "ood_per_seed": {r.seed: _acc(r, "ood") for r in rs}}
-  rows.append(lines)
   return "\n".join(lines) + "\n", js
 
 
@@ -756,12 +766,14 @@ def token_change_table(tc: dict) -> str:
         r = res[m]
         lines.append(f"| {m} | {seed} | {r['moved_frac']:.3f} | {fmt(r['moved_frac_by_quartile'])} | "
                      f"{fmt(r['moved_share_by_quartile'])} | {r['mean_abs_dp']:.4f} |")
-  return (f"{tc['n_problems']} demonstrations, {sum(r['n_tokens'] for r in next(iter(tc['per_seed'].values())).values()) // max(len(next(iter(tc['per_seed'].values()))), 1)} "
-          f"response tokens, threshold |Δp| > {tc['threshold']}.\n\n" + "\n".join(lines) + "\n")
+  n_tokens = next(iter(next(iter(tc["per_seed"].values())).values()))["n_tokens"]
+  return (f"{tc['n_problems']} demonstrations ({n_tokens} response tokens), moved = "
+          f"|Δp| > {tc['threshold']}, quartiles of the base model's entropy.\n\n"
+          + "\n".join(lines) + "\n")
 
 
 def _claim_md(c: dict) -> str:
-  lines = [f"### Claim {c['claim']}: {c['title']} — **{c['verdict']}**", ""]
+  lines = [f"#### Claim {c['claim']}: {c['title']} — **{c['verdict']}**", ""]
   if c["missing"]:
     lines += [f"Missing: {', '.join(c['missing'])}.", ""]
   for p in c["parts"]:
@@ -773,7 +785,7 @@ def _claim_md(c: dict) -> str:
       nums.append("per seed = [" + ", ".join(_num(x) for x in p["per_seed"]) + "]")
     if p.get("note"):
       nums.append(p["note"])
-    lines.append(f"- {p['part']}: **{p['verdict']}** ({'; '.join(nums)})")
+    lines.append(f"- {p['part']}: **{p['verdict']}** ({'; '.join(nums) or 'no data'})")
     for s in p.get("seeds", []):
       lines.append(f"  - seed {s['seed']}: at switch {_num(s['at_switch'])}, max after "
                    f"{_num(s['max_after'])}, final {_num(s['final'])}")
@@ -802,17 +814,23 @@ def write_report(out: str, *, seeds: Sequence[int] | None = None,
     with open(os.path.join(out, "study_log.jsonl")) as f:
       events = [json.loads(x) for x in f if x.strip()]
   run_s = sum(float(r.results.get("wall_s", 0)) for rs in runs.values() for r in rs)
+  failed = sorted(os.path.relpath(os.path.dirname(p), os.path.join(out, "runs"))
+                  for p in glob.glob(os.path.join(out, "runs", "*", "seed*", "failed.json")))
   n_runs = sum(len(rs) for rs in runs.values())
   setting_md = "\n".join(f"| `{k}` | `{v}` |" for k, v in settings.items())
+  quick_note = " --quick (smoke run: tiny sizes, numbers meaningless)" if info.get("quick") else ""
+  failed_note = (f"Diverged runs (non-finite updates; excluded from every table): "
+                 f"{', '.join(failed)}." if failed else "")
   verdict_md = "\n".join(f"| {c['claim']} | {c['title']} | **{c['verdict']}** |" for c in claims)
   md = f"""# SRFT at small scale: method comparison (METHOD.md §4, §6, §7)
 
-Generated by `python -m srft_jax.study --out {out}` ({'quick smoke run' if info.get('quick') else 'full study'}),
-{n_runs} finished runs of {len(methods)} methods × {len(seeds)} seeds; total run wall time
+Generated by `python -m srft_jax.study --out {out}`{quick_note};
+{n_runs} finished runs of {len(methods)} methods × {len(seeds)} seed(s); total run wall time
 {run_s / 60:.1f} min (excluding the shared warm-up). Built-in reasoning task, tiny model
 ({_num(n_params, '{:,}')} parameters), every method from the same warmed-up base
 (`DIR/base`), {settings['steps']} optimizer steps each (two-stage methods switch at step {switch}).
 Seed s fixes the data order, rollout sampling and evaluation of every method at seed s.
+{failed_note}
 
 ## Pre-registered criteria
 
@@ -939,6 +957,42 @@ def measured_timing(out: str, default: Timing = Timing()) -> Timing:
                 run_overhead_s=med(overheads, default.run_overhead_s))
 
 
+CALIBRATION_METHODS = ("sft", "srft")
+CALIBRATION_STEPS = 10
+
+
+def calibrate(out: str, settings: dict, *, progress: bool = True) -> Timing:
+  """Measures this machine: a short sft and srft run (seed 0, CALIBRATION_STEPS
+  steps, the study's other settings) in DIR/calibrate, sharing the study's base."""
+  ensure_base(out, settings)
+  cal = os.path.join(out, "calibrate")
+  os.makedirs(cal, exist_ok=True)
+  link = os.path.join(cal, "base")
+  if not os.path.exists(link):
+    os.symlink(os.path.abspath(os.path.join(out, "base")), link)
+  run_study(cal, seeds=[0], methods=CALIBRATION_METHODS,
+            overrides={**settings, "steps": CALIBRATION_STEPS}, progress=progress, report=False)
+  # The calibration's overhead has fewer periodic evals than a full run's; the
+  # difference is small next to compiles and the final evaluation.
+  return measured_timing(cal)
+
+
+BUDGET_MIN = 60   # the study must fit in an hour on a 2-core CPU
+
+
+def steps_that_fit(settings: dict, methods: Sequence[str], seeds: Sequence[int], timing: Timing,
+                   *, minutes: float = BUDGET_MIN, base_cached: bool = False) -> int:
+  """Most steps a run (a multiple of 2 x eval.every, so two-stage switches get an
+  evaluation) with which the study's estimate stays within `minutes`."""
+  f = lambda n: estimate_seconds({**settings, "steps": n}, methods, seeds, timing,  # noqa: E731
+                                 base_cached=base_cached)["total_s"]
+  fixed, slope = f(0), f(1) - f(0)
+  quantum = 2 * max(int(settings.get("eval.every") or 1), 1)
+  if slope <= 0:
+    return 0
+  return max(int((minutes * 60 - fixed) / slope) // quantum * quantum, 0)
+
+
 def budget_text(est: dict, n_seeds: int) -> str:
   lines = [f"estimated study wall time: {est['total_s'] / 60:.1f} min "
            f"(warm-up {est['warmup_s'] / 60:.1f} min)", f"timing (s): {est['timing']}"]
@@ -970,6 +1024,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="extra config override for every run, e.g. --set optim.lr=1e-3")
   p.add_argument("--budget", action="store_true",
                  help="print the wall-time estimate (timing from DIR's finished runs) and exit")
+  p.add_argument("--calibrate", action="store_true",
+                 help="--budget: first time a short sft and srft run on this machine (DIR/calibrate)")
   p.add_argument("--timing-from", default=None, metavar="DIR",
                  help="--budget: take step times from this (calibration) study directory")
   p.add_argument("--report-only", action="store_true", help="rewrite the report from DIR's runs")
@@ -982,19 +1038,27 @@ def main(argv: Sequence[str] | None = None) -> int:
   methods = [m.strip() for m in a.methods.split(",") if m.strip()]
   overrides = dict(_parse_override(kv) for kv in a.set)
   settings = study_settings(quick=a.quick, steps=a.steps, overrides=overrides)
-  if a.budget:
-    cached = os.path.exists(os.path.join(a.out, "base", "hf", "config.json"))
-    est = estimate_seconds(settings, methods, seeds, measured_timing(a.timing_from or a.out),
-                           base_cached=cached)
-    print(budget_text(est, len(seeds)))
-    return 0
   if a.report_only:
     print(write_report(a.out, seeds=seeds, methods=methods))
     return 0
-  if not a.no_compile_cache:
+  if not a.no_compile_cache and (a.calibrate or not a.budget):
+    # Runs of different seeds (and resumed runs) reuse each other's executables.
     import jax
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(a.out), "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  if a.budget:
+    cached = os.path.exists(os.path.join(a.out, "base", "hf", "config.json"))
+    if a.calibrate:
+      timing = calibrate(a.out, settings)
+      cached = True
+    else:
+      timing = measured_timing(a.timing_from or a.out)
+    print(budget_text(estimate_seconds(settings, methods, seeds, timing, base_cached=cached),
+                      len(seeds)))
+    print(f"steps a run that fit in {BUDGET_MIN} min with this timing: "
+          f"{steps_that_fit(settings, methods, seeds, timing, base_cached=cached)} "
+          f"(now {settings['steps']}; change with --steps)")
+    return 0
   est = estimate_seconds(settings, methods, seeds, measured_timing(a.out),
                          base_cached=os.path.exists(os.path.join(a.out, "base", "hf", "config.json")))
   log.info("%s", budget_text(est, len(seeds)))

@@ -280,6 +280,14 @@ def stage_layout(loss_cfg: obj.LossConfig, n_rollouts: int, n_demos: int) -> Gro
   return GroupLayout(n, d)
 
 
+def gather_all(x: Array) -> np.ndarray:
+  """The whole global array on every host (small arrays: prompts, eval outputs)."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def host_rows(x: Array) -> np.ndarray:
   """This process's rows of a batch-sharded global array, in global order."""
   if jax.process_count() == 1:
@@ -411,8 +419,10 @@ class Trainer:
     texts, truths = [], []
     roll = None
     if n:
-      roll = self.sampler_lib.sample(self.model(), ptok, pmask, rng, self.sampling_config(n),
-                                     mesh=self.mesh)
+      # The sampler takes the whole prompt batch (identical on every host) and
+      # returns global batch-sharded rollouts; each host then reads its rows.
+      roll = self.sampler_lib.sample(self.model(), gather_all(ptok), gather_all(pmask), rng,
+                                     self.sampling_config(n), mesh=self.mesh)
       roll_tok, roll_mask = host_rows(roll.tokens), host_rows(roll.mask)
       roll_texts = self.tokenizer.batch_decode(roll_tok, roll_mask)
       host["rollout/length_mean"] = float(roll_mask.sum(1).mean())
@@ -774,8 +784,7 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
   fit(trainer, make_data_iter(w, source, tokenizer, w.batch.prompts_per_step, w.seed + 1),
       workdir=os.path.join(base_dir, "run"), progress=c.log.progress)
   model = trainer.model()
-  if jax.process_index() == 0:
-    hf.save_model(model, hf_dir)
+  hf.save_model(model, hf_dir)  # collective: every process gathers, process 0 writes
   return model
 
 
@@ -790,8 +799,15 @@ def run(c, workdir: str) -> dict:
   from srft_jax import rewards as rewards_lib
 
   t_start = time.time()
-  if c.multihost:
-    jax.distributed.initialize()
+  if c.multihost and not jax.distributed.is_initialized():
+    # On TPU pods and SLURM the arguments come from the environment; locally
+    # (tests, one machine) from config.distributed.
+    d = c.distributed
+    kw = {}
+    if d.coordinator:
+      kw = dict(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                process_id=d.process_id)
+    jax.distributed.initialize(**kw)
   validate_config(c)
   os.makedirs(workdir, exist_ok=True)
   mesh = shd.make_mesh(dict(c.mesh))
@@ -828,9 +844,9 @@ def run(c, workdir: str) -> dict:
       "steps": int(c.steps), "method": c.stages or c.method,
       "wall_s": round(time.time() - t_start, 1), "train_s": round(train_s, 1),
   }
+  if c.checkpoint.export_hf:  # collective: every process gathers, process 0 writes
+    hf.save_model(model, os.path.join(workdir, "export", "hf"))
   if jax.process_index() == 0:
-    if c.checkpoint.export_hf:
-      hf.save_model(model, os.path.join(workdir, "export", "hf"))
     if c.log.plots:
       results["plots"] = metrics_lib.plot_metrics(
           os.path.join(workdir, "logs", "metrics.jsonl"), os.path.join(workdir, "plots"))

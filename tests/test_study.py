@@ -9,11 +9,9 @@ import json
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from srft_jax import model as model_lib
 from srft_jax import study
@@ -49,6 +47,7 @@ def _events(out):
     return [json.loads(x) for x in f if x.strip()]
 
 
+@pytest.mark.slow
 def test_study_writes_runs_and_report(mini):
   out, first = mini["out"], mini["first"]
   assert sorted(first["ran"]) == [("grpo", 0), ("sft", 0)] and not first["failed"]
@@ -70,7 +69,7 @@ def test_study_writes_runs_and_report(mini):
   # Criteria come before the numbers; every claim has a verdict.
   assert md.index("Pre-registered criteria") < md.index("## Results")
   for k in range(1, 6):
-    assert f"### Claim {k}:" in md
+    assert f"#### Claim {k}:" in md
   summary = json.load(open(os.path.join(out, "summary.json")))
   verdicts = {c["claim"]: c["verdict"] for c in summary["claims"]}
   assert set(verdicts.values()) <= {"holds", "does not hold", "inconclusive"}
@@ -96,6 +95,7 @@ def test_study_writes_runs_and_report(mini):
     assert name in plots
 
 
+@pytest.mark.slow
 def test_study_resumes_and_skips_finished_runs(mini):
   """Second invocation: the finished run is skipped (results untouched), the
   run with its results and last checkpoint removed resumes from step 1."""
@@ -124,6 +124,7 @@ def test_study_resumes_and_skips_finished_runs(mini):
   assert os.path.exists(second["report"])
 
 
+@pytest.mark.slow
 def test_cli_budget(mini, capsys):
   assert study.main(["--out", mini["out"], "--budget", "--methods", "sft,grpo", "--seeds", "0"]) == 0
   text = capsys.readouterr().out
@@ -202,6 +203,11 @@ def test_budget_estimate():
   full = study.estimate_seconds(settings, study.METHODS, study.SEEDS)
   assert full["total_s"] < 55 * 60
   assert study.switch_step(settings) % settings["eval.every"] == 0
+  n = study.steps_that_fit(settings, study.METHODS, study.SEEDS, study.Timing())
+  assert n >= settings["steps"] and n % (2 * settings["eval.every"]) == 0
+  over = study.estimate_seconds({**settings, "steps": n + 2 * settings["eval.every"]},
+                                study.METHODS, study.SEEDS)
+  assert over["total_s"] > 60 * 60
 
 
 # ----------------------------------------------------------------------------

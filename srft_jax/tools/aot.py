@@ -191,6 +191,13 @@ def lower_train(c, mcfg, mesh):
     return fn.lower(_abstract(state, state_sh), _abstract(batch, batch_sh))
 
 
+def _inference_config(mcfg):
+  """The sampler's model config: remat only matters for a backward pass, and
+  nnx.remat inside the decode loop fails to trace (flax TraceContextError), so
+  the sampling programs are compiled without it."""
+  return dataclasses.replace(mcfg, remat="none")
+
+
 def _sampler_inputs(c, mcfg, mesh, rows: int, length: int):
   import jax
   import jax.numpy as jnp
@@ -217,6 +224,7 @@ def lower_sample(c, mcfg, mesh):
   import jax.numpy as jnp
 
   from srft_jax import sampler as sampler_lib
+  mcfg = _inference_config(mcfg)
   _, layout = _stage(c)
   n = max(layout.n_rollouts, 1)
   rows, p, r = c.batch.prompts_per_step * n, max(c.data.prompt_buckets), c.data.max_response_len
@@ -247,6 +255,7 @@ def lower_cache_call(c, mcfg, mesh, new_tokens: int | None):
   """`prefill` (new_tokens=None: the P prompt tokens) or `decode` (1 token)."""
   import jax
   import jax.numpy as jnp
+  mcfg = _inference_config(mcfg)
   _, layout = _stage(c)
   rows = c.batch.prompts_per_step * max(layout.n_rollouts, 1)
   p, r = max(c.data.prompt_buckets), c.data.max_response_len
