@@ -44,6 +44,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # for weights of size ~1e-2 (ulp ~6e-5), so bf16 params would never move.
     c.model.param_dtype = "float32"
     c.model.remat = "full"             # recompute each layer in the backward pass
+    # Applied to an imported checkpoint too (model.hf_path): the paper raises
+    # RoPE theta 10k -> 40k and uses a 16,384-token window (METHOD.md §5).
+    c.model.rope_theta = 40_000.0
+    c.model.max_seq_len = 16_384
+    c.model.attention = "chunked"
 
     c.data.source = "tfds"             # prepared with `python -m srft_jax.data prepare openr1`
     c.data.data_dir = "gs://BUCKET/data"

@@ -360,7 +360,8 @@ class Transformer(nnx.Module):
       allowed = (slots[None, :] <= index + jnp.arange(t)[:, None])[None] & (kv_mask[:, None, :] > 0)
 
     run = _run_block
-    if cfg.remat != "none":
+    # Remat only where there is a backward pass: decoding (a cache) never differentiates.
+    if cfg.remat != "none" and cache is None:
       run = nnx.remat(_run_block, policy=_REMAT_POLICIES[cfg.remat])
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):

@@ -458,10 +458,12 @@ class Trainer:
     train_batch = jax.device_put(train_batch, {
         k: shd.batch_sharding(self.mesh, v.ndim, self.rules, v.shape) for k, v in train_batch.items()})
     step_fn = self.step_fn(train_batch)
-    self.state, metrics = step_fn(self.state, train_batch)
+    with jax.set_mesh(self.mesh):  # the model's logical activation constraints apply
+      self.state, metrics = step_fn(self.state, train_batch)
     metrics = dict(metrics)
     metrics["tokens/trained"] = jnp.sum(train_batch["response_mask"])
-    metrics["lr"] = self.schedule(step - self.stage.start)
+    metrics["optim/lr"] = self.schedule(step - self.stage.start)
+    metrics["optim/grad_norm"] = metrics.pop("grad_norm")
     host["time/sample_s"] = t1 - t0
     host["time/score_s"] = t2 - t1
     host["time/update_dispatch_s"] = time.perf_counter() - t2
@@ -767,7 +769,9 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
   (cached as an HF checkpoint in `warmup.dir`, so studies share one base)."""
   from srft_jax import hf
   if c.model.hf_path:
-    return hf.load_model(c.model.hf_path, mesh=mesh, dtype=model_lib.DTYPES[c.model.dtype])
+    return hf.load_model(c.model.hf_path, mesh=mesh, dtype=model_lib.DTYPES[c.model.dtype],
+                         param_dtype=model_lib.DTYPES[c.model.param_dtype],
+                         remat=c.model.remat, **_hf_config_overrides(c))
   mcfg = _model_config(c, tokenizer)
   if c.warmup.steps <= 0:
     return model_lib.create_model(mcfg, seed=c.seed, mesh=mesh)
@@ -786,6 +790,19 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
   model = trainer.model()
   hf.save_model(model, hf_dir)  # collective: every process gathers, process 0 writes
   return model
+
+
+def _hf_config_overrides(c) -> dict:
+  """Architecture overrides for an imported checkpoint (e.g. the paper's RoPE
+  theta 40k and 16k window for Qwen2.5-Math-7B, METHOD.md §5)."""
+  out = {}
+  if c.model.get("rope_theta"):
+    out["rope_theta"] = float(c.model.rope_theta)
+  if c.model.get("max_seq_len"):
+    out["max_seq_len"] = int(c.model.max_seq_len)
+  if c.model.get("attention"):
+    out["attention"] = c.model.attention
+  return out
 
 
 def _hf_overrides(mcfg: model_lib.ModelConfig) -> dict:

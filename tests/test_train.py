@@ -174,7 +174,7 @@ def _rows(path):
 EXPECTED_KEYS = [
     "reward/rollout_mean", "reward/demo_mean", "loss/entropy_rollout", "loss/entropy_demo",
     "loss/w_sft", "loss/w_rl", "loss/loss", "loss/sft", "loss/rl_demo", "loss/rl_self",
-    "rollout/length_mean", "loss/grad_norm", "loss/lr", "tokens/sampled", "tokens/trained",
+    "rollout/length_mean", "optim/grad_norm", "optim/lr", "tokens/sampled", "tokens/trained",
     "time/sample_s", "time/score_s", "time/step_s", "outcomes/correct", "nonfinite/total",
 ]
 
