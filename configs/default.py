@@ -33,7 +33,7 @@ def loss_fields() -> config_dict.ConfigDict:
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.seed = 0                      # model init, data order, sampling keys
-  c.steps = 120                   # optimizer steps of the main run (all stages)
+  c.steps = 60                    # optimizer steps of the main run (all stages)
   c.method = "srft"               # loss preset (objectives.PRESETS) for a single stage
   c.stages = ""                   # two-stage schedule, e.g. "sft:60,grpo" (overrides method)
   c.loss = loss_fields()          # per-field overrides of the preset (single stage only)
@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.batch.microbatches = 1        # gradient accumulation chunks per update
 
   c.optim = config_dict.ConfigDict()
-  c.optim.lr = 5e-4
+  c.optim.lr = 2e-4
   c.optim.schedule = "constant"   # "constant" | "linear" | "cosine"
   c.optim.warmup_steps = 0
   c.optim.weight_decay = 0.01
@@ -95,9 +95,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.distributed.process_id = 0
 
   c.warmup = config_dict.ConfigDict()
-  c.warmup.steps = 60             # SFT steps that make the base model (0 = none)
+  c.warmup.steps = 120            # SFT steps that make the base model (0 = none)
   c.warmup.lr = 2e-3
-  c.warmup.prompts_per_step = 32
+  c.warmup.prompts_per_step = 64
   c.warmup.dir = ""               # base-model cache ("" = WORKDIR/base); shared by studies
 
   c.checkpoint = config_dict.ConfigDict()
@@ -125,6 +125,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     name = arg
     if name in TWO_STAGE:
       c.stages = TWO_STAGE[name].format(half=c.steps // 2)
+      c.rollout.n_rollouts = 8    # the RL stage is plain GRPO: 8 on-policy slots
     elif name in obj.PRESETS:
       c.method = name
     else:

@@ -76,11 +76,11 @@ STUDY: dict[str, Any] = {
     "model.embed_dim": 128,
     "model.num_layers": 4,
     "model.mlp_dim": 512,
-    "optim.lr": 5e-4,
+    "optim.lr": 2e-4,
     "optim.schedule": "constant",
-    "warmup.steps": 60,              # the shared base: SFT warm-up of a random tiny model
+    "warmup.steps": 120,             # the shared base: SFT warm-up of a random tiny model
     "warmup.lr": 2e-3,
-    "warmup.prompts_per_step": 32,
+    "warmup.prompts_per_step": 64,
     "eval.n_id": 200,                # final ID / OOD test problems (greedy)
     "eval.n_ood": 200,
     "eval.batch_size": 100,

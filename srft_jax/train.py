@@ -288,25 +288,13 @@ def gather_all(x: Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def host_rows(x: Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in global order."""
+def allgather_rows(local: np.ndarray) -> np.ndarray:
+  """Every host's rows of a host-local array, concatenated in process order."""
+  local = np.asarray(local)
   if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  seen, rows = set(), []
-  for s in shards:
-    start = s.index[0].start or 0
-    if start not in seen:
-      seen.add(start)
-      rows.append(np.asarray(s.data))
-  return np.concatenate(rows, axis=0)
-
-
-def global_rows(local: np.ndarray, mesh, rules=None) -> Array:
-  """A global batch-sharded array from this process's rows."""
-  sharding = shd.batch_sharding(mesh, local.ndim, rules,
-                                (local.shape[0] * jax.process_count(),) + local.shape[1:])
-  return jax.make_array_from_process_local_data(sharding, local)
+    return local
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
 def loss_config(name: str, overrides: dict | None, max_response_len: int) -> obj.LossConfig:
@@ -412,42 +400,49 @@ class Trainer:
     g = layout.size
     host = {}
     t0 = time.perf_counter()
-    ptok = global_rows(batch["prompt_tokens"], self.mesh, self.rules)
-    pmask = global_rows(batch["prompt_mask"], self.mesh, self.rules)
-    dtok = global_rows(batch["demo_tokens"], self.mesh, self.rules)
-    dmask = global_rows(batch["demo_mask"], self.mesh, self.rules)
+    # Every host holds the whole (small) batch of prompts, demos and rewards in
+    # process order, so global row order never depends on the device layout;
+    # each host decodes and scores only its own slice of the rollouts.
+    full = {k: allgather_rows(batch[k]) for k in
+            ("prompt_tokens", "prompt_mask", "demo_tokens", "demo_mask")}
+    put = lambda x: shd.put_global(x, shd.batch_sharding(self.mesh, x.ndim, self.rules, x.shape))  # noqa: E731
+    ptok, pmask = put(full["prompt_tokens"]), put(full["prompt_mask"])
+    dtok, dmask = put(full["demo_tokens"]), put(full["demo_mask"])
+    lo = jax.process_index() * b_local
     texts, truths = [], []
     roll = None
     if n:
-      # The sampler takes the whole prompt batch (identical on every host) and
-      # returns global batch-sharded rollouts; each host then reads its rows.
-      roll = self.sampler_lib.sample(self.model(), gather_all(ptok), gather_all(pmask), rng,
-                                     self.sampling_config(n), mesh=self.mesh)
-      roll_tok, roll_mask = host_rows(roll.tokens), host_rows(roll.mask)
+      roll = self.sampler_lib.sample(self.model(), full["prompt_tokens"], full["prompt_mask"],
+                                     rng, self.sampling_config(n), mesh=self.mesh)
+      roll_tok_all, roll_mask_all = gather_all(roll.tokens), gather_all(roll.mask)
+      roll_tok = roll_tok_all[lo * n:(lo + b_local) * n]
+      roll_mask = roll_mask_all[lo * n:(lo + b_local) * n]
       roll_texts = self.tokenizer.batch_decode(roll_tok, roll_mask)
-      host["rollout/length_mean"] = float(roll_mask.sum(1).mean())
-      host["rollout/truncated_frac"] = float(
-          np.mean(~np.isin(roll_tok[np.arange(len(roll_tok)), np.maximum(roll_mask.sum(1) - 1, 0)],
-                           list(self.tokenizer.stop_ids))))
-      host["tokens/sampled"] = float(roll_mask.sum())
+      lengths = roll_mask_all.sum(1)
+      last = roll_tok_all[np.arange(len(roll_tok_all)), np.maximum(lengths - 1, 0)]
+      host["rollout/length_mean"] = float(lengths.mean())
+      host["rollout/truncated_frac"] = float(np.mean(~np.isin(last, list(self.tokenizer.stop_ids))))
+      host["tokens/sampled"] = float(lengths.sum())
     t1 = time.perf_counter()
     demo_texts = self.tokenizer.batch_decode(batch["demo_tokens"], batch["demo_mask"]) if d else []
     for i in range(b_local):
       texts += roll_texts[i * n:(i + 1) * n] if n else []
       texts += demo_texts[i:i + 1] * d
       truths += [batch["answers"][i]] * g
-    rewards, outcomes = self.scorer.score(texts, truths)
-    rewards = rewards.reshape(b_local, g)
+    rewards_local, outcomes = self.scorer.score(texts, truths)
+    rewards = allgather_rows(rewards_local.astype(np.float32)).reshape(-1, g)
     if n:
       host["reward/rollout_mean"] = float(rewards[:, :n].mean())
       host["reward/rollout_group_solved"] = float((rewards[:, :n].max(1) > 0).mean())
       host["reward/rollout_group_allsame"] = float((rewards[:, :n].std(1) == 0).mean())
     if d:
       host["reward/demo_mean"] = float(rewards[:, n:].mean())
-    for o in ("correct", "wrong", "unparseable", "no_answer", "timeout"):
-      host[f"outcomes/{o}"] = float(sum(x == o for x in outcomes))
+    kinds = ("correct", "wrong", "unparseable", "no_answer", "timeout")
+    counts = allgather_rows(np.array([[sum(x == o for x in outcomes) for o in kinds]], np.int64))
+    for o, cnt in zip(kinds, counts.sum(0)):
+      host[f"outcomes/{o}"] = float(cnt)
     t2 = time.perf_counter()
-    rewards_g = global_rows(rewards.reshape(-1).astype(np.float32), self.mesh, self.rules)
+    rewards_g = put(rewards.reshape(-1))
     assemble = _jitted_assemble(layout, self.step_cfg.loss.adv_normalize_std, self.step_cfg.loss.adv_eps)
     rt = roll.tokens if n else None
     rm = roll.mask if n else None
@@ -684,10 +679,14 @@ def validate_config(c) -> None:
   except ValueError as e:
     raise ValueError(f"config.mesh: {e}") from None
   data_par = mesh_shape["data"] * mesh_shape["fsdp"]
-  for name, layout_n in (("batch.prompts_per_step", 1),):
-    rows = per_mini // c.batch.microbatches
-    need(rows % data_par == 0 or (rows * (c.rollout.n_rollouts + c.rollout.n_demos)) % data_par == 0,
-         name, f"micro-batch rows do not divide the data axes ({data_par} of {n_dev} devices)")
+  prompts = per_mini // c.batch.microbatches
+  for name, _ in parse_stages(c.stages, c.steps, c.method):
+    lc = loss_config(name, overrides if not c.stages else None, c.data.max_response_len)
+    layout = stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
+    rows = prompts * layout.size  # rows of one micro-batch: prompts x (rollouts + demos)
+    need(rows % data_par == 0, "batch.prompts_per_step",
+         f"a micro-batch of {prompts} prompts x {layout.size} slots ({name}) = {rows} rows "
+         f"does not divide the data axes ({data_par} of {n_dev} devices)")
   need(c.batch.prompts_per_step % jax.process_count() == 0, "batch.prompts_per_step",
        f"must divide over {jax.process_count()} processes")
 

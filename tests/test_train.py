@@ -381,9 +381,20 @@ def test_checkpoint_falls_back_past_corrupted_latest(tmp_path, caplog, damage):
 PRESET_ARGS = sorted(obj.PRESETS) + sorted(DEFAULT.TWO_STAGE)
 
 
+def test_sft_micro_batch_must_divide_the_data_axes():
+  c = DEFAULT.get_config("sft")  # 4 prompts x 1 demo a micro-batch on 8 devices
+  with pytest.raises(ValueError, match=r"config\.batch\.prompts_per_step: .*4 rows"):
+    train.validate_config(c)
+
+
 @pytest.mark.parametrize("arg", [None] + PRESET_ARGS)
 def test_default_presets_validate(arg):
   c = DEFAULT.get_config(arg)
+  if jax.device_count() > 1:
+    # The defaults size one laptop CPU; on the 8 forced devices every stage's
+    # micro-batch must split over the data axis.
+    with c.unlocked():
+      c.batch.prompts_per_step = 16
   train.validate_config(c)
   stages = train.parse_stages(c.stages, c.steps, c.method)
   assert sum(n for _, n in stages) == c.steps
