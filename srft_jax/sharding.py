@@ -140,14 +140,6 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def state_logical_axes(state) -> Any:
-  """The logical axis names of every variable in an NNX state (same tree)."""
-  def axes(v):
-    names = v.get_metadata().get("logical_axes")
-    return v.replace(tuple(names) if names is not None else (None,) * np.ndim(v.get_value()))
-  return jax.tree.map(axes, state, is_leaf=_is_variable)
-
-
 def state_shardings(state, mesh, rules=None) -> Any:
   """NamedSharding for every variable of an (abstract) NNX state (same tree)."""
   def one(v):

@@ -330,7 +330,7 @@ class Trainer:
     self.graphdef, params = nnx.split(model)
     self.params = params
     self.state = None
-    self._stage_key = None
+    self.stage: Stage | None = None
 
   # -- stages -----------------------------------------------------------------
   def stages(self) -> list[Stage]:
@@ -496,19 +496,9 @@ def make_eval_hook(c, tokenizer, scorer, evals: dict, mesh):
   if not c.eval.every or "task_id" not in evals:
     return None
   from srft_jax import evaluate as eval_lib
-  from srft_jax.tokenizer import render_prompt
+  from srft_jax.token_change import demo_batch
   rows = evals["task_id"][:c.eval.every_n]
-  probe = rows[:32]
-  prompts = [tokenizer.encode(render_prompt(r["prompt"], template=c.data.template)) for r in probe]
-  demos = [tokenizer.encode(r["target"]) + [tokenizer.eos_id] for r in probe]
-  width = max(len(p) + len(d) for p, d in zip(prompts, demos))
-  tokens = np.full((len(probe), width), tokenizer.pad_id, np.int32)
-  mask = np.zeros_like(tokens)
-  resp = np.zeros_like(tokens)
-  for i, (p, d) in enumerate(zip(prompts, demos)):
-    tokens[i, :len(p) + len(d)] = p + d
-    mask[i, :len(p) + len(d)] = 1
-    resp[i, len(p):len(p) + len(d)] = 1
+  tokens, mask, resp = demo_batch(tokenizer, rows[:32], template=c.data.template)
   resp = resp[:, 1:]
   scfg = sampler_config(c, tokenizer, n=1, temperature=0.0)
 
@@ -591,9 +581,8 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
   try:
     for step in range(start, c.steps):
       stage = next(s for s in stages if s.start <= step < s.start + s.steps)
-      if getattr(trainer, "stage", None) is not stage and (
-          getattr(trainer, "stage", None) is None or trainer.stage.name != stage.name
-          or trainer.stage.start != stage.start):
+      current = trainer.stage
+      if current is None or (current.name, current.start) != (stage.name, stage.start):
         trainer._build_stage(stage, fresh_optimizer=step == stage.start)
       t0 = time.perf_counter()
       evals_now = {}
