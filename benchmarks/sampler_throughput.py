@@ -47,6 +47,7 @@ def _args(argv=None):
   p.add_argument("--skip_transformers", action="store_true")
   p.add_argument("--device", action="store_true", help="accelerator mode (bf16 1.5B shape)")
   p.add_argument("--preset", default="qwen2_5_1_5b", help="model preset for --device")
+  p.add_argument("--dtype", default="bfloat16", help="params and compute dtype for --device")
   return p.parse_args(argv)
 
 
@@ -220,7 +221,7 @@ def _peak_bandwidth(device) -> float | None:
 
 
 def run_device(a):
-  cfg = model_lib.ModelConfig.preset(a.preset, param_dtype="bfloat16", dtype="bfloat16",
+  cfg = model_lib.ModelConfig.preset(a.preset, param_dtype=a.dtype, dtype=a.dtype,
                                      remat="none", attention="xla")
   model = model_lib.create_model(cfg, seed=0)
   tokens, mask = _prompts(a.batch, a.prompt_len, cfg.vocab_size)
@@ -240,7 +241,7 @@ def run_device(a):
   peak = _peak_bandwidth(device)
   achieved = (weight_bytes + kv_bytes) / step
   return {
-      "mode": "device", "device": device.device_kind, "preset": a.preset, "dtype": "bfloat16",
+      "mode": "device", "device": device.device_kind, "preset": a.preset, "dtype": a.dtype,
       "params": model_lib.count_params(model), "batch": a.batch, "prompt_len": a.prompt_len,
       "new_tokens": a.new_tokens,
       "tokens_per_s": {"srft_jax": a.batch * a.new_tokens / t_full},

@@ -9,6 +9,7 @@ and the config, so a restarted run continues exactly.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -26,6 +27,9 @@ class Checkpointer:
   ITEMS = ("state", "data", "meta")
 
   def __init__(self, directory, *, keep: int = 2, async_save: bool = True):
+    directory = str(directory)
+    if "://" not in directory:  # Orbax needs absolute local paths (gs:// stays as is)
+      directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,

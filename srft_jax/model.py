@@ -375,9 +375,14 @@ class Transformer(nnx.Module):
       cache = {"k": tuple(new_k), "v": tuple(new_v), "mask": kv_mask, "index": index + t}
     if return_hidden:
       return x, cache
-    logits = jnp.einsum("BTD,DV->BTV", x, self.unembed().astype(dt), preferred_element_type=f32)
-    logits = shd.constrain(logits, ("batch", "length", "act_vocab"), cfg.rules)
-    return logits, cache
+    return self.logits(x), cache
+
+  def logits(self, hidden_BTD: Array) -> Array:
+    """Float32 logits of final hidden states (the output of `return_hidden=True`)."""
+    cfg = self.cfg
+    logits = jnp.einsum("BTD,DV->BTV", hidden_BTD.astype(cfg.jnp_dtype),
+                        self.unembed().astype(cfg.jnp_dtype), preferred_element_type=f32)
+    return shd.constrain(logits, ("batch", "length", "act_vocab"), cfg.rules)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, Any]:

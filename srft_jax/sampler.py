@@ -192,10 +192,12 @@ def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
 
   # Prefill: the whole (left-padded) prompt at once; its last column is real.
   positions_BP = model_lib.positions_from_mask(mask_BP)
-  logits_BPV, cache = model(tokens_BP, positions_BP, mask_BP, cache=cache)
+  # Only the last column's logits are needed: [B, P, V] float32 is never built.
+  hidden_BPD, cache = model(tokens_BP, positions_BP, mask_BP, cache=cache, return_hidden=True)
+  logits_B1V = model.logits(hidden_BPD[:, -1:])
   next_pos_B = jnp.sum(mask_BP, axis=-1).astype(jnp.int32)  # position of token 0
 
-  tok0, logp0 = select_tokens(logits_BPV[:, -1], jax.random.fold_in(rng, 0),
+  tok0, logp0 = select_tokens(logits_B1V[:, 0], jax.random.fold_in(rng, 0),
                               cfg.temperature, cfg.top_k, cfg.top_p)
   out_tok_BR = jnp.full((b, r), cfg.pad_id, jnp.int32).at[:, 0].set(tok0)
   out_logp_BR = jnp.zeros((b, r), f32).at[:, 0].set(logp0)

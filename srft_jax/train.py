@@ -746,6 +746,8 @@ def warmup_config(c):
     for k in w.loss:
       w.loss[k] = None
     w.optim.lr = c.warmup.lr
+    w.optim.schedule = c.warmup.schedule
+    w.optim.warmup_steps = c.warmup.warmup_steps
     w.batch.prompts_per_step = c.warmup.prompts_per_step
     w.batch.minibatches = 1
     w.checkpoint.every = 0

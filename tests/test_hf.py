@@ -246,6 +246,7 @@ def test_bfloat16_checkpoints(checkpoints, loaded, tmp_path):
 # Sharded loading on the forced 8-device mesh
 # ----------------------------------------------------------------------------
 
+@pytest.mark.multidevice
 @pytest.mark.parametrize("mesh_shape,q_spec,embed_spec,down_spec", [
     ({"data": 2, "tensor": 4}, P(None, "tensor", None), P("tensor", None), P("tensor", None)),
     ({"fsdp": 2, "tensor": 4}, P("fsdp", "tensor", None), P("tensor", "fsdp"),
@@ -301,6 +302,7 @@ def test_sharded_load(mesh_shape, q_spec, embed_spec, down_spec, checkpoints, lo
   assert err <= 1e-5
 
 
+@pytest.mark.multidevice
 def test_sharded_load_with_custom_rules(checkpoints, loaded, monkeypatch):
   """Rules that split head_dim (inside o_proj's merged N x H columns) and the
   vocabulary over fsdp still hand every device exactly its slice, and each

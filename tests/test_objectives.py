@@ -386,6 +386,7 @@ def test_micro_batch_accumulation_is_exact(name):
     np.testing.assert_allclose(np.concatenate([g[1] for g in grads]), g_ent, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.multidevice
 def test_sharded_mesh_equals_single_device():
     assert jax.device_count() >= 8
     mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)

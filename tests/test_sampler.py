@@ -2,6 +2,7 @@
 agreement with the trainer, sampling distributions, EOS, recompiles, sharding."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,13 +60,17 @@ class TableModel(nnx.Module):
                                      num_heads=1, num_kv_heads=1, head_dim=8, max_seq_len=4096)
     self.table = nnx.Param(jnp.asarray(logits_V, jnp.float32))
 
-  def __call__(self, tokens_BT, positions_BT, mask_BT=None, cache=None):
+  def __call__(self, tokens_BT, positions_BT, mask_BT=None, cache=None, return_hidden=False):
     b, t = tokens_BT.shape
-    logits = jnp.broadcast_to(self.table[...], (b, t, self.cfg.vocab_size))
+    hidden = jnp.zeros((b, t, 1), jnp.float32)
     if cache is not None:
       m = jax.lax.dynamic_update_slice(cache["mask"], mask_BT.astype(jnp.int32), (0, cache["index"]))
       cache = dict(cache, mask=m, index=cache["index"] + t)
-    return logits, cache
+    return (hidden if return_hidden else self.logits(hidden)), cache
+
+  def logits(self, hidden_BTD):
+    b, t, _ = hidden_BTD.shape
+    return jnp.broadcast_to(self.table[...], (b, t, self.cfg.vocab_size))
 
 
 LOGITS = np.array([2.0, 1.6, 1.1, 0.7, 0.2, -0.4, -1.0, -2.5], np.float32)
@@ -269,6 +274,7 @@ def test_second_batch_in_same_bucket_does_not_recompile(model):
   assert smp._sample_jit._cache_size() == compiled + 1
 
 
+@pytest.mark.multidevice
 def test_sharded_greedy_equals_single_device(model):
   assert len(jax.devices()) == 8
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -285,6 +291,7 @@ def test_sharded_greedy_equals_single_device(model):
   assert len(out.tokens.sharding.device_set) == 8
 
 
+@pytest.mark.multidevice
 def test_sharded_cache_layout():
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   cfg = smp.SamplingConfig(max_new_tokens=4)
@@ -325,3 +332,35 @@ def test_bad_requests_raise_before_compiling(model):
   with pytest.raises(ValueError, match="eos_ids"):
     smp.sample(model, toks, mask, jax.random.key(0), dataclasses.replace(cfg, eos_ids=(64,)))
   assert smp.TRACE_COUNT["sample_tokens"] == before
+
+
+def _all_avals(jaxpr):
+  """Every variable's abstract value in a jaxpr and its sub-jaxprs (while, jit, cond)."""
+  for eqn in jaxpr.eqns:
+    for v in list(eqn.invars) + list(eqn.outvars):
+      if hasattr(v, "aval"):
+        yield v.aval
+    for p in eqn.params.values():
+      subs = p if isinstance(p, (tuple, list)) else (p,)
+      for sub in subs:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _all_avals(inner)
+
+
+def test_prefill_never_builds_full_prompt_logits():
+  # Only the last prompt column's logits are needed to draw the first token;
+  # at a 152k vocabulary a [B, P, V] float32 block would be gigabytes.
+  model = model_lib.Transformer(dataclasses.replace(TINY, vocab_size=97), rngs=nnx.Rngs(0))
+  b, p, r = 4, 16, 5
+  toks, mask = _prompts(seed=9, b=b, t=p, vocab=97)
+  cfg = smp.SamplingConfig(max_new_tokens=r, temperature=1.0, prompt_buckets=(p,))
+  graphdef, state = nnx.split(model)
+  jaxpr = jax.make_jaxpr(
+      lambda s, t, m, k: smp._sample_core(graphdef, s, t, m, k, cfg))(
+          state, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0))
+  v = model.cfg.vocab_size
+  vocab_shapes = {tuple(a.shape) for a in _all_avals(jaxpr.jaxpr)
+                  if getattr(a, "shape", None) and a.shape[-1] == v}
+  assert vocab_shapes, "expected some [.., V] logits"
+  assert all(math.prod(s[1:-1]) == 1 for s in vocab_shapes), vocab_shapes

@@ -374,6 +374,21 @@ def test_checkpoint_falls_back_past_corrupted_latest(tmp_path, caplog, damage):
   ck.close()
 
 
+def test_checkpoint_relative_directory(tmp_path, monkeypatch):
+  # `--workdir=runs/x` is relative; Orbax itself only takes absolute paths.
+  monkeypatch.chdir(tmp_path)
+  state = _small_state()
+  ck = ckpt_lib.Checkpointer(os.path.join("runs", "ck"), keep=2)
+  ck.save(3, state, {"pos": 3}, {"step": 3})
+  ck.wait()
+  ck.close()
+  assert os.path.isdir(tmp_path / "runs" / "ck" / "3")
+  step, restored, data_state, _ = ckpt_lib.Checkpointer("runs/ck").restore(
+      ckpt_lib.abstract_like(state))
+  assert step == 3 and data_state == {"pos": 3}
+  assert _equal_trees(restored["params"], state["params"])
+
+
 # ----------------------------------------------------------------------------
 # 6. Config presets and validation.
 # ----------------------------------------------------------------------------
