@@ -95,11 +95,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.distributed.process_id = 0
 
   c.warmup = config_dict.ConfigDict()
-  c.warmup.steps = 120            # SFT steps that make the base model (0 = none)
-  c.warmup.lr = 2e-3
+  c.warmup.steps = 720            # SFT steps that make the base model (0 = none)
+  c.warmup.lr = 1.5e-3
   c.warmup.schedule = "constant"  # "constant" | "linear" | "cosine" (decays to 0 at the end)
   c.warmup.warmup_steps = 0       # linear lr ramp at the start of the warm-up
-  c.warmup.prompts_per_step = 64
+  c.warmup.prompts_per_step = 16  # many small steps learn the task far faster than few big ones
   c.warmup.dir = ""               # base-model cache ("" = WORKDIR/base); shared by studies
 
   c.checkpoint = config_dict.ConfigDict()

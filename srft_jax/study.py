@@ -78,9 +78,9 @@ STUDY: dict[str, Any] = {
     "model.mlp_dim": 512,
     "optim.lr": 2e-4,
     "optim.schedule": "constant",
-    "warmup.steps": 120,             # the shared base: SFT warm-up of a random tiny model
-    "warmup.lr": 2e-3,
-    "warmup.prompts_per_step": 64,
+    "warmup.steps": 720,             # the shared base: SFT warm-up of a random tiny model
+    "warmup.lr": 1.5e-3,             # (configs/default.py's warm-up)
+    "warmup.prompts_per_step": 16,
     "eval.n_id": 200,                # final ID / OOD test problems (greedy)
     "eval.n_ood": 200,
     "eval.batch_size": 100,
@@ -896,7 +896,7 @@ class Timing:
   slots, SFT step ~0.9 s); `measured_timing` replaces them from finished runs."""
   sft_step_s: float = 0.5        # a demo-only step (prompts_per_step rows)
   rl_step_s: float = 2.5         # a step with rollouts (prompts_per_step x 8 slots)
-  warmup_step_s: float = 0.9     # a warm-up SFT step (warmup.prompts_per_step rows)
+  warmup_step_s: float = 0.35    # a warm-up SFT step (warmup.prompts_per_step rows)
   run_overhead_s: float = 30.0   # per run: start-up, compiles, periodic + final evals, export
 
 
