@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import tempfile
 import time
 
 
@@ -63,6 +61,8 @@ from flax import nnx  # noqa: E402
 
 from srft_jax import model as model_lib  # noqa: E402
 from srft_jax import sampler as smp  # noqa: E402
+
+import tunix_side  # noqa: E402  (benchmarks/, beside this script)
 
 PEAK_HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 
@@ -124,34 +124,15 @@ def _time_transformers(cfg: model_lib.ModelConfig, tokens, mask, new_tokens, rep
   return _median_time(run, repeats)
 
 
-# Runs inside the side venv's python; reads a JSON spec on argv[1], prints seconds.
-_TUNIX_SCRIPT = r'''
-import json, sys, time
-import numpy as np
-import jax
-from flax import nnx
-import tokenizers, transformers
+# Tunix's Sampler, in the side interpreter (after tunix_side.PREAMBLE).
+_TUNIX_BODY = r'''
 from tunix.generate import sampler as sampler_lib
-from tunix.models.qwen2 import model as qwen2_lib
-
-spec = json.loads(sys.argv[1])
-v = spec["vocab"]
-words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(2, v)]
-tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-cfg = qwen2_lib.ModelConfig(
-    num_layers=spec["layers"], vocab_size=v, embed_dim=spec["embed"], hidden_dim=spec["mlp"],
-    num_heads=spec["heads"], head_dim=spec["head_dim"], num_kv_heads=spec["kv_heads"],
-    rope_theta=1_000_000, norm_eps=1e-6, use_tied_embedding=False)
-model = qwen2_lib.Qwen2(cfg, rngs=nnx.Rngs(0))
+model = make_model()
 cache = sampler_lib.CacheConfig(cache_size=spec["prompt_len"] + spec["new_tokens"] + 8,
                                 num_layers=spec["layers"], num_kv_heads=spec["kv_heads"],
                                 head_dim=spec["head_dim"])
 sampler = sampler_lib.Sampler(transformer=model, tokenizer=hf_tok, cache_config=cache)
-rs = np.random.RandomState(0)
-prompts = [" ".join(f"w{i}" for i in rs.randint(2, v, size=spec["prompt_len"]))
-           for _ in range(spec["batch"])]
+prompts = [random_prompt() for _ in range(spec["batch"])]
 def run(seed):
   out = sampler(prompts, max_generation_steps=spec["new_tokens"], temperature=1.0, top_p=1.0,
                 top_k=None, seed=seed, echo=False, max_prompt_length=spec["prompt_len"])
@@ -165,22 +146,12 @@ print(json.dumps({"seconds": float(np.median(times))}))
 
 
 def _time_tunix(a):
-  spec = {"vocab": a.vocab, "layers": a.layers, "embed": a.embed, "mlp": a.mlp, "heads": a.heads,
-          "kv_heads": a.kv_heads, "head_dim": a.head_dim, "prompt_len": a.prompt_len,
-          "new_tokens": a.new_tokens, "batch": a.batch, "repeats": a.repeats}
+  spec = {k: getattr(a, k) for k in tunix_side.MODEL_KEYS + ("prompt_len", "new_tokens", "batch",
+                                                             "repeats")}
   env = dict(os.environ)
   if a.threads == 1:
     env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-  with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-    f.write(_TUNIX_SCRIPT)
-  try:
-    proc = subprocess.run([a.tunix_python, f.name, json.dumps(spec)], capture_output=True,
-                          text=True, env=env, timeout=3600)
-  finally:
-    os.unlink(f.name)
-  if proc.returncode != 0:
-    raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
-  return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+  return tunix_side.run(a.tunix_python, _TUNIX_BODY, spec, env)
 
 
 def run_cpu(a):

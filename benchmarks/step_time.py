@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import subprocess
 import tempfile
 import time
 
@@ -60,6 +58,8 @@ from srft_jax import objectives as obj  # noqa: E402
 from srft_jax import rewards as rewards_lib  # noqa: E402
 from srft_jax import sampler as smp  # noqa: E402
 from srft_jax import train  # noqa: E402
+
+import tunix_side  # noqa: E402  (benchmarks/, beside this script)
 
 
 def _model_cfg(a):
@@ -141,32 +141,13 @@ def run_srft(a) -> dict:
           "all_steps_s": [round(t[0], 3) for t in times]}
 
 
-# Runs in the side interpreter (google-tunix installed there, never here).
-# Written against Tunix's documented GRPO API (GRPOConfig / GRPOLearner /
-# RLCluster); not exercised in this repository's CI.
-_TUNIX_SCRIPT = r'''
-import json, sys, time
-import numpy as np
-import jax, optax
-from flax import nnx
-import tokenizers, transformers
-from tunix.models.qwen2 import model as qwen2_lib
+# Tunix's GRPOLearner, in the side interpreter (after tunix_side.PREAMBLE).
+_TUNIX_BODY = r'''
+import optax
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import grpo_learner
 from tunix.rl.rollout import base_rollout
-
-spec = json.loads(sys.argv[1])
-v = spec["vocab"]
-words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(2, v)]
-tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-cfg = qwen2_lib.ModelConfig(
-    num_layers=spec["layers"], vocab_size=v, embed_dim=spec["embed"], hidden_dim=spec["mlp"],
-    num_heads=spec["heads"], head_dim=spec["head_dim"], num_kv_heads=spec["kv_heads"],
-    rope_theta=1_000_000, norm_eps=1e-6, use_tied_embedding=False)
-actor = qwen2_lib.Qwen2(cfg, rngs=nnx.Rngs(0))
-reference = qwen2_lib.Qwen2(cfg, rngs=nnx.Rngs(0))
+actor, reference = make_model(), make_model()
 mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 steps = spec["repeats"] + 1  # global steps; the first compiles
 cluster_cfg = rl_cluster_lib.ClusterConfig(
@@ -187,10 +168,8 @@ learner = grpo_learner.GRPOLearner(
     rl_cluster=cluster, reward_fns=[lambda prompts, completions, **kw: [0.0] * len(completions)],
     algo_config=grpo_learner.GRPOConfig(num_generations=spec["rollouts"], num_iterations=1,
                                         beta=0.0, epsilon=0.2))
-rs = np.random.RandomState(0)
 def batch():
-  return {"prompts": [" ".join(f"w{i}" for i in rs.randint(2, v, size=spec["prompt_len"]))
-                      for _ in range(spec["prompts"])]}
+  return {"prompts": [random_prompt() for _ in range(spec["prompts"])]}
 # One global step = sample + score + advantages + `minibatches` updates; data
 # is prepared on a worker thread inside it, so time the global step itself.
 per_step = []
@@ -210,20 +189,9 @@ print(json.dumps({"seconds": float(np.median(per_step))}))
 
 
 def run_tunix(a) -> float:
-  spec = {k: getattr(a, k) for k in ("vocab", "layers", "embed", "mlp", "heads", "kv_heads",
-                                     "head_dim", "prompt_len", "new_tokens", "prompts",
-                                     "rollouts", "minibatches", "repeats")}
-  with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-    f.write(_TUNIX_SCRIPT)
-  try:
-    proc = subprocess.run([a.tunix_python, f.name, json.dumps(spec)], capture_output=True,
-                          text=True, timeout=3600)
-  finally:
-    os.unlink(f.name)
-  if proc.returncode != 0:
-    errors = [l for l in proc.stderr.splitlines() if "Error" in l and not l.startswith(" ")]
-    raise RuntimeError((errors or proc.stderr.strip().splitlines() or ["failed"])[-1])
-  return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+  spec = {k: getattr(a, k) for k in tunix_side.MODEL_KEYS + (
+      "prompt_len", "new_tokens", "prompts", "rollouts", "minibatches", "repeats")}
+  return tunix_side.run(a.tunix_python, _TUNIX_BODY, spec)
 
 
 def main(argv=None):

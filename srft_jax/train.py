@@ -60,6 +60,9 @@ class GroupLayout:
     return self.n_rollouts + self.n_demos
 
 
+SCHEDULES = ("constant", "linear", "cosine")
+
+
 def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: str = "constant",
                    weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, clip_norm: float | None = 1.0):
@@ -653,6 +656,10 @@ def validate_config(c) -> None:
        "counts must be >= 0")
   need(c.data.max_response_len > 0, "data.max_response_len", "must be positive")
   need(c.optim.lr > 0, "optim.lr", f"must be positive, got {c.optim.lr}")
+  for field, value in (("optim.schedule", c.optim.schedule), ("warmup.schedule", c.warmup.schedule)):
+    need(value in SCHEDULES, field, f"unknown schedule {value!r}; known: {SCHEDULES}")
+  need(c.warmup.steps <= 0 or (c.warmup.lr > 0 and c.warmup.prompts_per_step > 0), "warmup.lr",
+       "a warm-up needs a positive lr and prompts_per_step")
   need(c.data.source in ("task", "tfds"), "data.source", f"unknown source {c.data.source!r}")
   need(c.model.hf_path or c.model.preset in model_lib.PRESETS, "model.preset",
        f"unknown preset {c.model.preset!r}; known: {sorted(model_lib.PRESETS)}")

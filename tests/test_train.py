@@ -448,6 +448,9 @@ def _bad(field, value):
     ("stages", "sft:10,dpo", "config.stages"),
     ("steps", 0, "config.steps"),
     ("optim.lr", -1.0, "config.optim.lr"),
+    ("optim.schedule", "step", "config.optim.schedule"),
+    ("warmup.schedule", "cosine_restarts", "config.warmup.schedule"),
+    ("warmup.lr", 0.0, "config.warmup.lr"),
     ("data.source", "web", "config.data.source"),
     ("model.preset", "gpt5", "config.model.preset"),
 ])
