@@ -2,16 +2,19 @@
 # The GPU check (issue 7): run on one H100/H200 whenever one is available.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
+#   PARTS="sampler_profile train_profile" bash benchmarks/gpu_check.sh OUT_DIR
 #
 # 1. sampler throughput of a Qwen2.5-1.5B-shaped bf16 model: tokens/s and the
 #    fraction of peak HBM bandwidth a decode step achieves (batch 64 and 256);
-# 2. the SRFT train step of the same shape (fp32 master weights, bf16 compute):
-#    tokens/s and MFU (model FLOPs / step time / peak dense bf16 FLOP/s);
+# 2. the SRFT train step of the same shape (bf16; then fp32 master weights with
+#    bf16 compute), cuDNN flash attention: tokens/s and MFU (model FLOPs / step
+#    time / peak dense bf16 FLOP/s);
 # 3. the model / objective / sampler tests on the GPU (multidevice tests skip).
 # Each part has its own time limit and writes its JSON / log under OUT_DIR, so
 # one failure does not hide the others. Needs jax with CUDA, flax, optax,
 # transformers + torch (for the parity tests) and scipy. If the installed flax
 # or optax cannot run the package, wheels in .whl/ (flax, optax) are used.
+# At most 8 files come back from a lent machine: name at most 4 parts (+ tests).
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUT_DIR"
@@ -40,14 +43,36 @@ part() {  # part NAME SECONDS CMD...: run with a limit, keep stdout as NAME.json
   return 0
 }
 
-part sampler_b64 ${SAMPLER_LIMIT:-120} $PY benchmarks/sampler_throughput.py --device \
-  --batch 64 --prompt_len 64 --new_tokens 256 --repeats 3
-part sampler_b256 ${SAMPLER_LIMIT:-120} $PY benchmarks/sampler_throughput.py --device \
-  --batch 256 --prompt_len 64 --new_tokens 256 --repeats 3
-part train ${TRAIN_LIMIT:-180} $PY benchmarks/train_throughput.py --rows 32 \
-  --prompt_len 1024 --response_len 1024 --microbatches 4 --remat dots --attention chunked
-echo "== tests on the GPU"
-SRFT_TEST_PLATFORM=cuda timeout ${TESTS_LIMIT:-170} $PY -m pytest -q -p no:cacheprovider \
-  tests/test_model.py tests/test_objectives.py tests/test_sampler.py >"$OUT_DIR/tests.log" 2>&1
-echo "   rc=$?"
-tail -n 25 "$OUT_DIR/tests.log"
+# PARTS picks and orders the parts (default: the check itself; the *_profile
+# and variant parts are for finding where time goes).
+PARTS=${PARTS:-"sampler_b64 sampler_b256 train train_fp32master tests"}
+SAMPLER="$PY benchmarks/sampler_throughput.py --device --prompt_len 64 --new_tokens 256 --repeats 3"
+TRAIN="$PY benchmarks/train_throughput.py --rows 32 --prompt_len 1024 --response_len 1024"
+for name in $PARTS; do
+  case $name in
+    sampler_b64) part $name ${SAMPLER_LIMIT:-120} $SAMPLER --batch 64 ;;
+    sampler_b256) part $name ${SAMPLER_LIMIT:-120} $SAMPLER --batch 256 ;;
+    sampler_greedy) part $name ${SAMPLER_LIMIT:-120} $SAMPLER --batch 64 --temperature 0 ;;
+    # Profiles run without XLA command buffers (CUDA graphs) so kernels keep their HLO names.
+    sampler_profile) XLA_FLAGS="--xla_gpu_enable_command_buffer=" part $name \
+        ${SAMPLER_LIMIT:-120} $SAMPLER --batch 64 --profile 40 ;;
+    # bf16 params and compute, cuDNN flash attention, no remat, 8 micro-batches
+    train) part $name ${TRAIN_LIMIT:-180} $TRAIN --microbatches 8 --remat none \
+        --attention cudnn --logit_chunk 4096 --param_dtype bfloat16 ;;
+    # the same with float32 master weights (configs/qwen2p5_1p5b_gpu.py's numerics)
+    train_fp32master) part $name ${TRAIN_LIMIT:-180} $TRAIN --microbatches 8 --remat none \
+        --attention cudnn --logit_chunk 4096 --param_dtype float32 ;;
+    train_profile) XLA_FLAGS="--xla_gpu_enable_command_buffer=" part $name ${TRAIN_LIMIT:-180} \
+        $TRAIN --microbatches 8 --remat none --attention cudnn --logit_chunk 4096 \
+        --param_dtype bfloat16 --profile 40 ;;
+    train_chunked) part $name ${TRAIN_LIMIT:-180} $TRAIN --microbatches 4 --remat dots \
+        --attention chunked ;;
+    tests)
+      echo "== tests on the GPU"
+      SRFT_TEST_PLATFORM=cuda timeout ${TESTS_LIMIT:-170} $PY -m pytest -q -p no:cacheprovider \
+        tests/test_model.py tests/test_objectives.py tests/test_sampler.py >"$OUT_DIR/tests.log" 2>&1
+      echo "   rc=$?"
+      tail -n 25 "$OUT_DIR/tests.log" ;;
+    *) echo "unknown part $name" ;;
+  esac
+done

@@ -46,6 +46,9 @@ def _args(argv=None):
   p.add_argument("--device", action="store_true", help="accelerator mode (bf16 1.5B shape)")
   p.add_argument("--preset", default="qwen2_5_1_5b", help="model preset for --device")
   p.add_argument("--dtype", default="bfloat16", help="params and compute dtype for --device")
+  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+  p.add_argument("--profile", type=int, default=0,
+                 help="--device: also report the N costliest device ops of one sample call")
   return p.parse_args(argv)
 
 
@@ -62,7 +65,8 @@ from flax import nnx  # noqa: E402
 from srft_jax import model as model_lib  # noqa: E402
 from srft_jax import sampler as smp  # noqa: E402
 
-import tunix_side  # noqa: E402  (benchmarks/, beside this script)
+import profile_ops  # noqa: E402  (benchmarks/, beside this script)
+import tunix_side  # noqa: E402
 
 PEAK_HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 
@@ -82,8 +86,8 @@ def _median_time(fn, repeats):
   return float(np.median(times))
 
 
-def _time_srft(model, tokens, mask, new_tokens, repeats):
-  cfg = smp.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, eos_ids=(),
+def _time_srft(model, tokens, mask, new_tokens, repeats, temperature=1.0, profile=0):
+  cfg = smp.SamplingConfig(max_new_tokens=new_tokens, temperature=temperature, eos_ids=(),
                            prompt_buckets=(tokens.shape[1],))
   keys = iter(range(10_000))
 
@@ -91,7 +95,14 @@ def _time_srft(model, tokens, mask, new_tokens, repeats):
     out = smp.sample(model, tokens, mask, jax.random.key(next(keys)), cfg)
     jax.block_until_ready(out.tokens)
     assert int(out.lengths.min()) == new_tokens  # no early stop
-  return _median_time(run, repeats)
+  seconds = _median_time(run, repeats)
+  if not profile:
+    return seconds
+  graphdef, state = nnx.split(model)
+  cache = smp.make_cache(model.cfg, *tokens.shape, cfg)
+  text = smp._sample_jit.lower(graphdef, state, tokens, mask, jax.random.key(0), cfg,
+                               cache).compile().as_text()
+  return seconds, profile_ops.top_ops(run, n=profile, compiled_text=text)
 
 
 def _model_cfg(a) -> model_lib.ModelConfig:
@@ -162,7 +173,7 @@ def run_cpu(a):
   result = {"mode": "cpu", "backend": jax.default_backend(), "params": model_lib.count_params(model),
             "batch": a.batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
             "threads": a.threads or os.cpu_count(), "seconds": {}, "tokens_per_s": {}}
-  t = _time_srft(model, tokens, mask, a.new_tokens, a.repeats)
+  t = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature)
   result["seconds"]["srft_jax"] = t
   result["tokens_per_s"]["srft_jax"] = generated / t
   del model
@@ -196,8 +207,13 @@ def run_device(a):
                                      remat="none", attention="xla")
   model = model_lib.create_model(cfg, seed=0)
   tokens, mask = _prompts(a.batch, a.prompt_len, cfg.vocab_size)
-  t_full = _time_srft(model, tokens, mask, a.new_tokens, a.repeats)
-  t_one = _time_srft(model, tokens, mask, 1, a.repeats)
+  profile = None
+  if a.profile:
+    t_full, profile = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature,
+                                 a.profile)
+  else:
+    t_full = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature)
+  t_one = _time_srft(model, tokens, mask, 1, a.repeats, a.temperature)
   step = (t_full - t_one) / (a.new_tokens - 1)
   weight_bytes = sum(x.size * x.dtype.itemsize
                      for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -221,6 +237,7 @@ def run_device(a):
       "bytes_per_step": {"weights": int(weight_bytes), "kv_cache": int(kv_bytes)},
       "achieved_bytes_per_s": achieved, "peak_bytes_per_s": peak,
       "hbm_bandwidth_fraction": achieved / peak if peak else None,
+      "temperature": a.temperature, "profile": profile,
   }
 
 

@@ -34,6 +34,8 @@ from srft_jax import model as model_lib
 from srft_jax import objectives as obj
 from srft_jax import train
 
+import profile_ops  # noqa: E402  (benchmarks/, beside this script)
+
 # Dense bf16 peak (no sparsity), per chip.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "TPU v5p": 459e12,
                    "TPU v5 lite": 197e12, "TPU v6 lite": 918e12, "TPU v4": 275e12}
@@ -48,10 +50,12 @@ def _args(argv=None):
   p.add_argument("--group", type=int, default=8, help="rows per prompt group (7 rollouts + 1 demo)")
   p.add_argument("--microbatches", type=int, default=4)
   p.add_argument("--remat", default="dots", choices=("none", "full", "dots"))
-  p.add_argument("--attention", default="chunked", choices=("xla", "chunked"))
+  p.add_argument("--attention", default="chunked", choices=("xla", "chunked", "cudnn"))
+  p.add_argument("--logit_chunk", type=int, default=1024, help="tokens of [T, V] logits at a time")
   p.add_argument("--param_dtype", default="float32")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up; median")
+  p.add_argument("--profile", type=int, default=0, help="also report the N costliest device ops")
   return p.parse_args(argv)
 
 
@@ -93,7 +97,7 @@ def run(a) -> dict:
   del model
   tx, _ = train.make_optimizer(1e-6, steps=100)
   step_cfg = train.StepConfig(loss=obj.LossConfig.preset("srft"), minibatches=1,
-                              microbatches=a.microbatches)
+                              microbatches=a.microbatches, logit_chunk=a.logit_chunk)
   state = train.init_train_state(params, tx)
   batch = _batch(a, cfg.vocab_size)
   step = jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg), donate_argnums=(0,))
@@ -114,6 +118,13 @@ def run(a) -> dict:
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
+  profile = None
+  if a.profile:
+    def one_step():
+      nonlocal state
+      state, metrics = compiled(state, batch)
+      return metrics
+    profile = profile_ops.top_ops(one_step, n=a.profile, compiled_text=compiled.as_text())
   seq = a.prompt_len + a.response_len
   tokens = a.rows * seq
   flops = model_flops_per_token(cfg, seq) * tokens
@@ -132,7 +143,8 @@ def run(a) -> dict:
       "param_dtype": a.param_dtype, "dtype": a.dtype, "compile_s": compile_s,
       "loss_finite": bool(np.isfinite(float(m["loss"]))),
       "temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem else None,
-      "all_steps_s": [round(t, 4) for t in times],
+      "logit_chunk": a.logit_chunk, "all_steps_s": [round(t, 4) for t in times],
+      "profile": profile,
   }
 
 

@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"    # float32 master weights (lr 1e-6 updates)
     c.model.remat = "full"
+    c.model.attention = "cudnn"        # cuDNN flash attention (1.7x the step of "chunked")
 
     c.data.source = "tfds"
     c.data.data_dir = "data/tfds"      # python -m srft_jax.data prepare openr1 --data_dir ...

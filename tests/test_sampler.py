@@ -125,6 +125,30 @@ def test_sampling_distribution_matches_target(temperature, top_k, top_p):
   np.testing.assert_allclose(logp, np.asarray(full)[toks], rtol=1e-6, atol=1e-6)
 
 
+def test_draw_categorical_across_blocks_never_draws_zero_mass():
+  """Blocked inverse-CDF draws: right frequencies across blocks and padding,
+  and never a token whose mass is zero (-inf or underflowed scores)."""
+  c = 300  # 3 blocks of 128, the last one padded
+  scores = np.full((c,), -np.inf, np.float32)
+  live = {0: 0.0, 127: 0.5, 128: -1.0, 200: 0.3, 299: 1.0}
+  for i, v in live.items():
+    scores[i] = v
+  scores[5] = scores[130] = scores[298] = -500.0  # finite, but exp underflows to 0
+  rows = 4000
+  keys = jax.random.split(jax.random.key(3), 4)
+  draws = np.concatenate([np.asarray(jax.jit(smp.draw_categorical)(
+      k, jnp.broadcast_to(scores, (rows, c)))) for k in keys])
+  counts = np.bincount(draws, minlength=c)
+  assert set(np.flatnonzero(counts)) <= set(live), np.flatnonzero(counts)
+  ids = np.array(sorted(live))
+  target = np.exp(np.array([live[i] for i in ids]))
+  target /= target.sum()
+  assert stats.chisquare(counts[ids], target * counts.sum()).pvalue > 1e-3
+  # A row whose mass sits in one token (the rest underflows) always draws it.
+  one = jnp.asarray(np.where(np.arange(c) == 257, 0.0, -1e4)[None].repeat(64, 0), jnp.float32)
+  assert np.all(np.asarray(smp.draw_categorical(jax.random.key(0), one)) == 257)
+
+
 def test_greedy_on_table_and_logprob_at_temperature_one():
   cfg = smp.SamplingConfig(max_new_tokens=3, temperature=0.0, prompt_buckets=(1,))
   toks, logp, _ = _draws(cfg, rows=4)
