@@ -167,7 +167,9 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
     denominators = obj.loss_denominators(minibatch, loss_cfg)
     micro = _split(minibatch, cfg.microbatches)
     batch_entropy = None
-    if loss_cfg.entropy_granularity == "batch":
+    # With one micro-batch the loss's own forward sees the whole mini-batch and
+    # computes H itself (batch_entropy=None): no extra forward pass.
+    if loss_cfg.entropy_granularity == "batch" and cfg.microbatches > 1:
       def ent_sums(carry, mb):
         _, ent = sequence_logprobs(graphdef, state["params"], mb["tokens"], mb["mask"],
                                    temperature=cfg.temperature, chunk=cfg.logit_chunk)
