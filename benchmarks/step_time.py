@@ -101,7 +101,8 @@ def run_srft(a) -> dict:
                             eos_ids=(), pad_id=0, prompt_buckets=(a.prompt_len,), n=n)
   graphdef, params = nnx.split(model)
   tx, _ = train.make_optimizer(1e-6, steps=100)
-  step_cfg = train.StepConfig(loss=obj.LossConfig.preset("srft"), minibatches=a.minibatches)
+  step_cfg = train.StepConfig(loss=obj.LossConfig.preset("srft"), minibatches=a.minibatches,
+                              response_len=a.new_tokens)  # as the trainer builds it
   step_fn = jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg),
                     donate_argnums=(0,))
   assemble = jax.jit(functools.partial(train.assemble_batch, layout=layout))

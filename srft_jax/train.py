@@ -47,6 +47,10 @@ class StepConfig:
   microbatches: int = 1         # gradient-accumulation chunks per update
   temperature: float = 1.0      # log-probs / entropy of softmax(logits / T)
   logit_chunk: int = 1024       # rows of [T, V] logits computed at a time
+  # > 0: rows are [prompt | response of this many tokens] (assemble_batch), so
+  # log-probs/entropy are computed for the response's target columns only and
+  # the prompt's LM-head work is skipped (its columns get 0; the loss masks them).
+  response_len: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,18 +92,27 @@ def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: st
 # Pure functions: log-probs, batch assembly, the train step.
 # ----------------------------------------------------------------------------
 
-def sequence_logprobs(graphdef, params, tokens_BT, mask_BT, *, temperature=1.0, chunk=1024):
+def sequence_logprobs(graphdef, params, tokens_BT, mask_BT, *, temperature=1.0, chunk=1024,
+                      last: int = 0):
   """Teacher-forced log-prob of each next token and the full-vocab entropy, [B, T-1].
 
   Logits are computed in chunks from the final hidden states, so [B, T, V]
-  float32 logits never exist (objectives.chunked_logprobs_and_entropy).
+  float32 logits never exist (objectives.chunked_logprobs_and_entropy). With
+  `last` > 0 only the last `last` target columns are computed; the columns
+  before them are 0 (static shapes, no LM-head work spent on the prompt).
   """
   model = nnx.merge(graphdef, params)
   positions = model_lib.positions_from_mask(mask_BT)
   hidden, _ = model(tokens_BT, positions, mask_BT, return_hidden=True)
-  return obj.chunked_logprobs_and_entropy(
-      hidden[:, :-1], model.unembed(), tokens_BT[:, 1:], temperature=temperature,
+  t = tokens_BT.shape[1]
+  first = t - 1 - last if 0 < last < t else 0
+  logp, ent = obj.chunked_logprobs_and_entropy(
+      hidden[:, first:-1], model.unembed(), tokens_BT[:, first + 1:], temperature=temperature,
       chunk_size=chunk)
+  if first:
+    pad = ((0, 0), (first, 0))
+    logp, ent = jnp.pad(logp, pad), jnp.pad(ent, pad)
+  return logp, ent
 
 
 def assemble_batch(prompt_tokens_bP, prompt_mask_bP, roll_tokens, roll_mask, roll_logp,
@@ -157,7 +170,8 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
 
   def loss_fn(params, mb, denominators, batch_entropy):
     logp, ent = sequence_logprobs(graphdef, params, mb["tokens"], mb["mask"],
-                                  temperature=cfg.temperature, chunk=cfg.logit_chunk)
+                                  temperature=cfg.temperature, chunk=cfg.logit_chunk,
+                                  last=cfg.response_len)
     return obj.srft_loss(logp, ent, mb, loss_cfg, denominators=denominators,
                          batch_entropy=batch_entropy)
 
@@ -172,7 +186,8 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
     if loss_cfg.entropy_granularity == "batch" and cfg.microbatches > 1:
       def ent_sums(carry, mb):
         _, ent = sequence_logprobs(graphdef, state["params"], mb["tokens"], mb["mask"],
-                                   temperature=cfg.temperature, chunk=cfg.logit_chunk)
+                                   temperature=cfg.temperature, chunk=cfg.logit_chunk,
+                                   last=cfg.response_len)
         s, c = obj.entropy_sum_and_count(ent, mb["response_mask"])
         return (carry[0] + s, carry[1] + c), None
       (s, c), _ = jax.lax.scan(ent_sums, (0.0, 0.0), micro)
@@ -353,7 +368,8 @@ class Trainer:
     self.tx, self.schedule = self._make_tx(stage)
     self.step_cfg = StepConfig(loss=stage.loss, minibatches=c.batch.minibatches,
                                microbatches=c.batch.microbatches,
-                               temperature=c.rollout.temperature, logit_chunk=c.logit_chunk)
+                               temperature=c.rollout.temperature, logit_chunk=c.logit_chunk,
+                               response_len=c.data.max_response_len)
     if fresh_optimizer or self.state is None:
       params = self.params if self.state is None else self.state["params"]
       state = init_train_state(params, self.tx)

@@ -518,10 +518,11 @@ def test_7b_train_step_eval_shape(source):
     assert metrics["grad_norm"].dtype == jnp.float32
 
 
-def test_micro_batch_accumulation_matches_one_micro_batch():
+@pytest.mark.parametrize("micro,response_len", [(2, 0), (1, 6), (2, 6)])
+def test_micro_batches_and_response_only_logprobs_match_plain_step(micro, response_len):
   """Two micro-batches (an entropy pre-pass for the batch-level H, then summed
-  gradients) give the update that one micro-batch over the same rows gives
-  (where the loss's own forward supplies H)."""
+  gradients) and response-only log-probs (`response_len`: no LM head on the
+  prompt) give the update of one micro-batch over the full rows."""
   cfg = model_lib.ModelConfig(vocab_size=48, embed_dim=32, mlp_dim=64, num_layers=1,
                               num_heads=2, num_kv_heads=1, head_dim=16)
   graphdef, params = nnx.split(model_lib.create_model(cfg, seed=4))
@@ -532,7 +533,7 @@ def test_micro_batch_accumulation_matches_one_micro_batch():
   mask[1::2, :3] = 0  # left padding on some prompts
   mask[::2, -4:] = 0   # right padding on some responses
   response = mask[:, 1:].copy()
-  response[:, :5] = 0
+  response[:, :5] = 0  # targets 5..10 are the response: its last 6 target columns
   batch = {"tokens": jnp.asarray(rs.randint(1, 48, (b, t)), jnp.int32),
            "mask": jnp.asarray(mask), "response_mask": jnp.asarray(response),
            "old_logp": jnp.asarray(-rs.rand(b, t - 1), jnp.float32),
@@ -540,12 +541,13 @@ def test_micro_batch_accumulation_matches_one_micro_batch():
            "rewards": jnp.asarray(rs.randint(0, 2, b), jnp.float32),
            "advantages": jnp.asarray(rs.randn(b), jnp.float32)}
   loss_cfg = dataclasses.replace(obj.LossConfig.preset("srft"), entropy_granularity="batch")
-  out = {}
-  for micro in (1, 2):
-    step_cfg = train.StepConfig(loss=loss_cfg, minibatches=1, microbatches=micro, logit_chunk=16)
+  out = []
+  for m, r in ((1, 0), (micro, response_len)):
+    step_cfg = train.StepConfig(loss=loss_cfg, minibatches=1, microbatches=m, logit_chunk=16,
+                                response_len=r)
     state = train.init_train_state(params, tx)
-    out[micro] = jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg))(state, batch)
-  (s1, m1), (s2, m2) = out[1], out[2]
+    out.append(jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg))(state, batch))
+  (s1, m1), (s2, m2) = out
   np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
   moved = 0.0

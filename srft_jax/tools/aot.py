@@ -170,7 +170,8 @@ def lower_train(c, mcfg, mesh):
       weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm or None)
   step_cfg = train.StepConfig(loss=lc, minibatches=c.batch.minibatches,
                               microbatches=c.batch.microbatches,
-                              temperature=c.rollout.temperature, logit_chunk=c.logit_chunk)
+                              temperature=c.rollout.temperature, logit_chunk=c.logit_chunk,
+                              response_len=c.data.max_response_len)
   graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
   state = jax.eval_shape(lambda p: train.init_train_state(p, tx), params)
   state_sh = train.state_shardings(state, mesh, mcfg.rules)
