@@ -65,9 +65,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
     c.batch.prompts_per_step = 128     # 128 prompts x 8 slots = 1,024 sequences a step
     c.batch.minibatches = 2            # mini-batch 64 prompts: 2 optimizer updates a step
-    # 64 sequences per gradient chunk. AOT on v5p-64 (fsdp=32): 4 -> 102 GB/chip, 8 -> 93 GB
-    # (98% of 95 GB): pure FSDP does not fit v5p-64 at 90%; see the README fit table.
-    c.batch.microbatches = 8
+    # 32 sequences per gradient chunk: one per chip on v5p-64 (fsdp=32). AOT on v5p-64:
+    # 4 -> 102 GB/chip, 8 -> 93 GB (98% of 95 GB), 16 -> 52 GB (55%); see the README table.
+    c.batch.microbatches = 16
 
     c.optim.lr = 1e-6                  # AdamW, constant, no warmup
     c.optim.schedule = "constant"
