@@ -14,7 +14,8 @@
 # one failure does not hide the others. Needs jax with CUDA, flax, optax,
 # transformers + torch (for the parity tests) and scipy. If the installed flax
 # or optax cannot run the package, wheels in .whl/ (flax, optax) are used.
-# At most 8 files come back from a lent machine: name at most 4 parts (+ tests).
+# Files: NAME.json per part, parts.log (all parts' stderr) and tests.log; a lent
+# machine brings back at most 8 files, so name at most 6 parts there.
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUT_DIR"
@@ -31,15 +32,19 @@ if ! $PY -c "$smoke"; then
   $PY -c "$smoke" || exit 1
 fi
 
-part() {  # part NAME SECONDS CMD...: run with a limit, keep stdout as NAME.json, log stderr
+# Every part's stderr goes to one parts.log (fewer files to bring back).
+part() {  # part NAME SECONDS CMD...: run with a limit, keep stdout as NAME.json
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s)"
+  echo "== $name" >>"$OUT_DIR/parts.log"
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT_DIR/$name.json" 2>"$OUT_DIR/$name.log"
+  timeout "$limit" "$@" >"$OUT_DIR/$name.json" 2>"$OUT_DIR/part.err"
   local rc=$?
+  cat "$OUT_DIR/part.err" >>"$OUT_DIR/parts.log"
   echo "   rc=$rc in $((SECONDS - t0))s"
   tail -c 1500 "$OUT_DIR/$name.json"
-  [ $rc -ne 0 ] && tail -n 5 "$OUT_DIR/$name.log"
+  [ $rc -ne 0 ] && tail -n 5 "$OUT_DIR/part.err"
+  rm -f "$OUT_DIR/part.err"
   return 0
 }
 
