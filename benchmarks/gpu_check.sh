@@ -5,7 +5,8 @@
 #   PARTS="sampler_profile train_profile" bash benchmarks/gpu_check.sh OUT_DIR
 #
 # 1. sampler throughput of a Qwen2.5-1.5B-shaped bf16 model: tokens/s and the
-#    fraction of peak HBM bandwidth a decode step achieves (batch 64 and 256);
+#    fraction of peak HBM bandwidth a decode step achieves (batch 64 and 256),
+#    the sampler's fused decode weights side by side with the params as they are;
 # 2. the SRFT train step of the same shape (bf16; then fp32 master weights with
 #    bf16 compute), cuDNN flash attention: tokens/s and MFU (model FLOPs / step
 #    time / peak dense bf16 FLOP/s);
@@ -58,9 +59,15 @@ for name in $PARTS; do
     sampler_b64) part $name ${SAMPLER_LIMIT:-120} $SAMPLER --batch 64 ;;
     sampler_b256) part $name ${SAMPLER_LIMIT:-120} $SAMPLER --batch 256 ;;
     sampler_greedy) part $name ${SAMPLER_LIMIT:-120} $SAMPLER --batch 64 --temperature 0 ;;
+    # a long cache (1,024-token prompts, 1,280 slots), the 1.5B GPU config's regime
+    sampler_long) part $name ${SAMPLER_LIMIT:-150} $SAMPLER --batch 128 --prompt_len 1024 ;;
+    # float32 master weights (configs/qwen2p5_1p5b_gpu.py): fused bf16 copy vs per-step casts
+    sampler_fp32master) part $name ${SAMPLER_LIMIT:-150} $SAMPLER --batch 64 --param_dtype float32 ;;
+    sampler_notriton) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" part $name \
+        ${SAMPLER_LIMIT:-150} $SAMPLER --batch 64 ;;
     # Profiles run without XLA command buffers (CUDA graphs) so kernels keep their HLO names.
     sampler_profile) XLA_FLAGS="--xla_gpu_enable_command_buffer=" part $name \
-        ${SAMPLER_LIMIT:-120} $SAMPLER --batch 64 --profile 40 ;;
+        ${SAMPLER_LIMIT:-120} $SAMPLER --batch 64 --profile 40 --variants fused ;;
     # bf16 params and compute, cuDNN flash attention, no remat, 8 micro-batches
     train) part $name ${TRAIN_LIMIT:-180} $TRAIN --microbatches 8 --remat none \
         --attention cudnn --logit_chunk 4096 --param_dtype bfloat16 ;;

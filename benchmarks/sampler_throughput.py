@@ -49,6 +49,13 @@ def _args(argv=None):
   p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
   p.add_argument("--profile", type=int, default=0,
                  help="--device: also report the N costliest device ops of one sample call")
+  p.add_argument("--param_dtype", default="", help="--device: params dtype (default: --dtype)")
+  p.add_argument("--attention", default="chunked",
+                 help="--device: model attention (prefill of long prompts wants chunked)")
+  p.add_argument("--variants", default="fused,plain",
+                 help="--device: comma list of fused (the sampler's default: fused "
+                      "compute-dtype weights) and plain (the params as they are); "
+                      "the first gives the headline figures, the others ratios")
   return p.parse_args(argv)
 
 
@@ -86,9 +93,9 @@ def _median_time(fn, repeats):
   return float(np.median(times))
 
 
-def _time_srft(model, tokens, mask, new_tokens, repeats, temperature=1.0, profile=0):
+def _time_srft(model, tokens, mask, new_tokens, repeats, temperature=1.0, profile=0, fused=True):
   cfg = smp.SamplingConfig(max_new_tokens=new_tokens, temperature=temperature, eos_ids=(),
-                           prompt_buckets=(tokens.shape[1],))
+                           prompt_buckets=(tokens.shape[1],), fused_weights=fused)
   keys = iter(range(10_000))
 
   def run():
@@ -202,42 +209,65 @@ def _peak_bandwidth(device) -> float | None:
   return None
 
 
-def run_device(a):
-  cfg = model_lib.ModelConfig.preset(a.preset, param_dtype=a.dtype, dtype=a.dtype,
-                                     remat="none", attention="xla")
-  model = model_lib.create_model(cfg, seed=0)
-  tokens, mask = _prompts(a.batch, a.prompt_len, cfg.vocab_size)
+def _decode_step(model, tokens, mask, a, variant):
+  """Decode seconds per step of one variant: (t(R) - t(1)) / (R - 1), and t(R), t(1)."""
+  if variant not in ("fused", "plain"):
+    raise ValueError(f"--variants: unknown variant {variant!r}")
+  fused = variant == "fused"
   profile = None
   if a.profile:
     t_full, profile = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature,
-                                 a.profile)
+                                 a.profile, fused)
   else:
-    t_full = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature)
-  t_one = _time_srft(model, tokens, mask, 1, a.repeats, a.temperature)
-  step = (t_full - t_one) / (a.new_tokens - 1)
-  weight_bytes = sum(x.size * x.dtype.itemsize
-                     for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    t_full = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature, fused=fused)
+  t_one = _time_srft(model, tokens, mask, 1, a.repeats, a.temperature, fused=fused)
+  return (t_full - t_one) / (a.new_tokens - 1), t_full, t_one, profile
+
+
+def run_device(a):
+  cfg = model_lib.ModelConfig.preset(a.preset, param_dtype=a.param_dtype or a.dtype, dtype=a.dtype,
+                                     remat="none", attention=a.attention)
+  model = model_lib.create_model(cfg, seed=0)
+  tokens, mask = _prompts(a.batch, a.prompt_len, cfg.vocab_size)
+  # Bytes a decode step must read: every matmul weight once, in the compute
+  # dtype (the fused variants read a compute-dtype copy; "plain" with float32
+  # master weights reads float32 and so does worse than this counts).
+  compute_bytes = jnp.dtype(cfg.jnp_dtype).itemsize
+  n_weights = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   if not cfg.tie_embeddings:  # an untied embedding is only gathered (B rows per step)
-    emb = model.embed[...]
-    weight_bytes -= emb.size * emb.dtype.itemsize - a.batch * cfg.embed_dim * emb.dtype.itemsize
+    n_weights -= cfg.vocab_size * cfg.embed_dim - a.batch * cfg.embed_dim
+  weight_bytes = n_weights * compute_bytes
   # Attention reads every slot of the static cache each step (masked or not).
   cache_len = a.prompt_len + a.new_tokens
   kv_bytes = (2 * cfg.num_layers * a.batch * cache_len * cfg.num_kv_heads * cfg.head_dim *
-              jnp.dtype(cfg.jnp_dtype).itemsize)
+              compute_bytes)
   device = jax.devices()[0]
   peak = _peak_bandwidth(device)
-  achieved = (weight_bytes + kv_bytes) / step
+  variants = {}
+  for name in a.variants.split(","):
+    step, t_full, t_one, profile = _decode_step(model, tokens, mask, a, name)
+    achieved = (weight_bytes + kv_bytes) / step
+    variants[name] = {
+        "decode_step_s": step, "total_s": t_full, "prefill_plus_first_s": t_one,
+        "tokens_per_s": a.batch * a.new_tokens / t_full, "decode_tokens_per_s": a.batch / step,
+        "hbm_bandwidth_fraction": achieved / peak if peak else None, "profile": profile}
+  head_name = a.variants.split(",")[0]
+  head = variants[head_name]
   return {
       "mode": "device", "device": device.device_kind, "preset": a.preset, "dtype": a.dtype,
+      "param_dtype": cfg.param_dtype, "attention": cfg.attention,
       "params": model_lib.count_params(model), "batch": a.batch, "prompt_len": a.prompt_len,
-      "new_tokens": a.new_tokens,
-      "tokens_per_s": {"srft_jax": a.batch * a.new_tokens / t_full},
-      "decode_tokens_per_s": a.batch / step,
-      "seconds": {"total": t_full, "prefill_plus_first": t_one, "decode_step": step},
+      "new_tokens": a.new_tokens, "variant": head_name,
+      "tokens_per_s": {"srft_jax": head["tokens_per_s"]},
+      "decode_tokens_per_s": head["decode_tokens_per_s"],
+      "seconds": {"total": head["total_s"], "prefill_plus_first": head["prefill_plus_first_s"],
+                  "decode_step": head["decode_step_s"]},
       "bytes_per_step": {"weights": int(weight_bytes), "kv_cache": int(kv_bytes)},
-      "achieved_bytes_per_s": achieved, "peak_bytes_per_s": peak,
-      "hbm_bandwidth_fraction": achieved / peak if peak else None,
-      "temperature": a.temperature, "profile": profile,
+      "peak_bytes_per_s": peak, "hbm_bandwidth_fraction": head["hbm_bandwidth_fraction"],
+      # decode-step time of each other variant / the headline variant's
+      "step_ratio_vs_head": {k: v["decode_step_s"] / head["decode_step_s"]
+                             for k, v in variants.items() if k != head_name},
+      "variants": variants, "temperature": a.temperature,
   }
 
 

@@ -275,9 +275,35 @@ class Attention(nnx.Module):
       self.k_bias = _param(None, (k, h), ("kv_heads", "head_dim"), pd, init="zeros")
       self.v_bias = _param(None, (k, h), ("kv_heads", "head_dim"), pd, init="zeros")
 
-  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None):
+  def decode_weights(self) -> dict[str, Array]:
+    """Projections in the compute dtype, q/k/v fused per kv head: qkv [D, K, G+2, H].
+
+    Slot j < G of kv head k is query head k*G + j (the GQA grouping `attend`
+    uses); slots G and G+1 are that head's key and value. Sharded on the
+    kv-head axis, a tensor shard holds whole groups.
+    """
     cfg, dt = self.cfg, self.cfg.jnp_dtype
-    rules = cfg.rules
+    d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = self.q[...].reshape(d, k, n // k, h)
+    qkv = jnp.concatenate([q, self.k[...][:, :, None], self.v[...][:, :, None]], axis=2)
+    out = {"qkv": shd.constrain(qkv.astype(dt), ("embed", "kv_heads", None, "head_dim"), cfg.rules),
+           "o": self.o[...].astype(dt)}
+    if cfg.qkv_bias:
+      bias = jnp.concatenate([self.q_bias[...].reshape(k, n // k, h), self.k_bias[...][:, None],
+                              self.v_bias[...][:, None]], axis=1)
+      out["qkv_bias"] = bias.astype(dt)
+    return out
+
+  def _project(self, x_BTD, w):
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    if w is not None:  # one matmul for q, k and v
+      b, t, _ = x_BTD.shape
+      g = cfg.num_heads // cfg.num_kv_heads
+      qkv = jnp.einsum("BTD,DKJH->BTKJH", x_BTD, w["qkv"])
+      if cfg.qkv_bias:
+        qkv = qkv + w["qkv_bias"]
+      q = qkv[:, :, :, :g].reshape(b, t, cfg.num_heads, cfg.head_dim)
+      return q, qkv[:, :, :, g], qkv[:, :, :, g + 1]
     q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q[...].astype(dt))
     k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k[...].astype(dt))
     v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v[...].astype(dt))
@@ -285,13 +311,20 @@ class Attention(nnx.Module):
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
+    return q, k, v
+
+  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None):
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    rules = cfg.rules
+    o = self.o[...].astype(dt) if w is None else w["o"]
+    q, k, v = self._project(x_BTD, w)
     q = shd.constrain(apply_rope(q, positions_BT, inv_freq),
                       ("batch", "length", "act_heads", "head_dim"), rules)
     k = apply_rope(k, positions_BT, inv_freq)
     if allowed_BTS is None:  # packed causal rows (attention="cudnn", no cache)
       k = shd.constrain(k, ("batch", "length", "act_kv_heads", "head_dim"), rules)
       out = attend_causal(q, k, v)
-      return jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt)), None
+      return jnp.einsum("BTNH,NHD->BTD", out, o), None
     # Keys/values head-major [B, K, T, H], the cache layout.
     k = k.swapaxes(1, 2)
     v = v.swapaxes(1, 2)
@@ -303,12 +336,12 @@ class Attention(nnx.Module):
     kv_names = ("batch", "act_kv_heads", "cache_length" if kv is not None else "length", "head_dim")
     k = shd.constrain(k, kv_names, rules)
     v = shd.constrain(v, kv_names, rules)
-    if cfg.attention == "chunked":
+    # With a cache, "cudnn" prefills in query blocks too (cuDNN needs packed causal rows).
+    if cfg.attention in ("chunked", "cudnn"):
       out = attend_chunked(q, k.astype(dt), v.astype(dt), allowed_BTS, cfg.attention_chunk)
     else:
       out = attend(q, k.astype(dt), v.astype(dt), allowed_BTS)
-    y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(dt))
-    return y, kv
+    return jnp.einsum("BTNH,NHD->BTD", out, o), kv
 
 
 class MLP(nnx.Module):
@@ -320,12 +353,24 @@ class MLP(nnx.Module):
     self.up = _param(rngs, (d, f), ("embed", "mlp"), pd)
     self.down = _param(rngs, (f, d), ("mlp", "embed"), pd)
 
-  def __call__(self, x_BTD):
+  def decode_weights(self) -> dict[str, Array]:
+    """Weights in the compute dtype, gate and up stacked: gate_up [D, 2, F]."""
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    gate_up = jnp.stack([self.gate[...], self.up[...]], axis=1).astype(dt)
+    return {"gate_up": shd.constrain(gate_up, ("embed", None, "mlp"), cfg.rules),
+            "down": self.down[...].astype(dt)}
+
+  def __call__(self, x_BTD, w=None):
     dt = self.cfg.jnp_dtype
-    g = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt))
-    u = jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt))
+    if w is None:
+      g = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt))
+      u = jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt))
+      down = self.down[...].astype(dt)
+    else:  # one matmul for gate and up
+      gu = jnp.einsum("BTD,DJF->BTJF", x_BTD, w["gate_up"])
+      g, u, down = gu[:, :, 0], gu[:, :, 1], w["down"]
     h = shd.constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"), self.cfg.rules)
-    return jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt))
+    return jnp.einsum("BTF,FD->BTD", h, down)
 
 
 class Block(nnx.Module):
@@ -338,10 +383,11 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None):
-    y, kv = self.attn(self.attn_norm(x_BTD), positions_BT, inv_freq, allowed_BTS, kv, index)
+  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None):
+    y, kv = self.attn(self.attn_norm(x_BTD), positions_BT, inv_freq, allowed_BTS, kv, index,
+                      None if w is None else w["attn"])
     x = x_BTD + y
-    x = x + self.mlp(self.mlp_norm(x))
+    x = x + self.mlp(self.mlp_norm(x), None if w is None else w["mlp"])
     x = shd.constrain(x, ("batch", "length", "act_embed"), self.cfg.rules)
     return x, kv
 
@@ -377,8 +423,21 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, length: int, dtype=None) -> dict[str, Any]:
     return init_cache(self.cfg, batch, length, dtype)
 
+  def decode_weights(self) -> dict[str, Any]:
+    """Every matmul weight in the compute dtype, q/k/v and gate/up fused.
+
+    Built once per sampler call (inside its jit), then read by every decode
+    step: fewer, larger matmuls, and no per-step cast of float32 master
+    weights. Costs one compute-dtype copy of the weights while it lives.
+    """
+    return {"layers": tuple({"attn": blk.attn.decode_weights(), "mlp": blk.mlp.decode_weights()}
+                            for blk in self.layers),
+            "unembed": (self.embed if self.cfg.tie_embeddings else self.lm_head)[...].astype(
+                self.cfg.jnp_dtype)}
+
   def __call__(self, tokens_BT: Array, positions_BT: Array, mask_BT: Array | None = None,
-               cache: dict[str, Any] | None = None, return_hidden: bool = False):
+               cache: dict[str, Any] | None = None, return_hidden: bool = False,
+               weights: dict[str, Any] | None = None):
     cfg = self.cfg
     dt = cfg.jnp_dtype
     b, t = tokens_BT.shape
@@ -416,7 +475,8 @@ class Transformer(nnx.Module):
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       kv = None if cache is None else (cache["k"][i], cache["v"][i])
-      x, kv = run(block, x, positions_BT, inv_freq, allowed, kv, index)
+      w = None if weights is None else weights["layers"][i]
+      x, kv = run(block, x, positions_BT, inv_freq, allowed, kv, index, w)
       if cache is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -427,13 +487,17 @@ class Transformer(nnx.Module):
       cache = {"k": tuple(new_k), "v": tuple(new_v), "mask": kv_mask, "index": index + t}
     if return_hidden:
       return x, cache
-    return self.logits(x), cache
+    return self.logits(x, weights), cache
 
-  def logits(self, hidden_BTD: Array) -> Array:
+  def logits(self, hidden_BTD: Array, weights: dict[str, Any] | None = None) -> Array:
     """Float32 logits of final hidden states (the output of `return_hidden=True`)."""
     cfg = self.cfg
-    logits = jnp.einsum("BTD,DV->BTV", hidden_BTD.astype(cfg.jnp_dtype),
-                        self.unembed().astype(cfg.jnp_dtype), preferred_element_type=f32)
+    x = hidden_BTD.astype(cfg.jnp_dtype)
+    if weights is None:
+      w, spec = self.unembed().astype(cfg.jnp_dtype), "BTD,DV->BTV"
+    else:  # the embedding table itself ([V, D]) when tied
+      w, spec = weights["unembed"], "BTD,VD->BTV" if cfg.tie_embeddings else "BTD,DV->BTV"
+    logits = jnp.einsum(spec, x, w, preferred_element_type=f32)
     return shd.constrain(logits, ("batch", "length", "act_vocab"), cfg.rules)
 
 

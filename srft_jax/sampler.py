@@ -60,6 +60,10 @@ class SamplingConfig:
   prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS  # allowed padded prompt lengths
   n: int = 1                           # samples per prompt (rows are repeated n times)
   cache_dtype: str | None = None       # KV cache dtype; None = the model's compute dtype
+  # Decode from fused compute-dtype weights built once per call
+  # (`Transformer.decode_weights`): fewer, larger matmuls and no per-step cast of
+  # float32 master weights, for one compute-dtype copy of the weights in memory.
+  fused_weights: bool = True
 
   def __post_init__(self):
     # Normalise list inputs so the config stays hashable.
@@ -228,11 +232,15 @@ def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
                  index=jnp.zeros_like(cache["index"]))
   cache = _constrain_tree(cache, cache_names, rules)
 
+  # A model without `decode_weights` (a test double) decodes from its own params.
+  fuse = cfg.fused_weights and hasattr(model, "decode_weights")
+  wkw = {"weights": model.decode_weights()} if fuse else {}
   # Prefill: the whole (left-padded) prompt at once; its last column is real.
   positions_BP = model_lib.positions_from_mask(mask_BP)
   # Only the last column's logits are needed: [B, P, V] float32 is never built.
-  hidden_BPD, cache = model(tokens_BP, positions_BP, mask_BP, cache=cache, return_hidden=True)
-  logits_B1V = model.logits(hidden_BPD[:, -1:])
+  hidden_BPD, cache = model(tokens_BP, positions_BP, mask_BP, cache=cache, return_hidden=True,
+                            **wkw)
+  logits_B1V = model.logits(hidden_BPD[:, -1:], **wkw)
   next_pos_B = jnp.sum(mask_BP, axis=-1).astype(jnp.int32)  # position of token 0
 
   tok0, logp0 = select_tokens(logits_B1V[:, 0], jax.random.fold_in(rng, 0),
@@ -251,7 +259,7 @@ def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
     step, cache, last_tok, out_tok, out_logp, out_mask, done = carry
     live = (~done).astype(jnp.int32)
     pos = (next_pos_B + step - 1)[:, None]
-    logits_B1V, cache = model(last_tok[:, None], pos, live[:, None], cache=cache)
+    logits_B1V, cache = model(last_tok[:, None], pos, live[:, None], cache=cache, **wkw)
     cache = _constrain_tree(cache, cache_names, rules)
     tok, logp = select_tokens(logits_B1V[:, 0], jax.random.fold_in(rng, step),
                               cfg.temperature, cfg.top_k, cfg.top_p)

@@ -110,6 +110,66 @@ def test_kv_cache_two_chunk_prefill(model):
   assert np.abs(got - full)[mask.astype(bool)].max() <= 1e-5
 
 
+@nnx.jit
+def _fused_step(model, tokens, positions, mask, cache):
+  return model(tokens, positions, mask, cache=cache, weights=model.decode_weights())
+
+
+@pytest.mark.parametrize("changes", [
+    {},                                                   # qwen2: qkv bias, untied head
+    {"model_type": "llama", "qkv_bias": False, "tie_embeddings": True},
+    {"num_kv_heads": 1},                                  # all query heads in one group
+    {"num_kv_heads": 4},                                  # one query head per kv head
+], ids=["qwen2", "llama_tied", "mqa", "mha"])
+def test_decode_weights_give_the_plain_logits(changes):
+  """Prefill + decode from `decode_weights()` (fused q/k/v and gate/up) gives
+  the logits and cache of the model's own parameters."""
+  m = _make(dataclasses.replace(CFG, **changes), seed=3)
+  tokens = _tokens(4)
+  mask = np.ones((B, T), np.int32)
+  mask[1, :3] = 0
+  positions = np.asarray(model_lib.positions_from_mask(mask))
+  caches, outs = [], []
+  for step in (_step, _fused_step):
+    cache = m.init_cache(B, 16)
+    logits, cache = step(m, tokens[:, :8], positions[:, :8], mask[:, :8], cache)
+    got = [np.asarray(logits)]
+    for t in range(8, T):
+      logits, cache = step(m, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+      got.append(np.asarray(logits))
+    outs.append(np.concatenate(got, axis=1))
+    caches.append(cache)
+  real = mask.astype(bool)
+  assert np.abs(outs[0] - outs[1])[real].max() <= 1e-5
+  for a, b in zip(caches[0]["k"] + caches[0]["v"], caches[1]["k"] + caches[1]["v"]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_decode_weights_layout_and_dtype():
+  """qkv[:, k, j] is query head k*G + j for j < G, then kv head k's key and
+  value; gate_up stacks gate then up; everything in the compute dtype."""
+  cfg = dataclasses.replace(CFG, num_heads=6, num_kv_heads=2, dtype="bfloat16")
+  m = _make(cfg, seed=5)
+  w = m.decode_weights()
+  attn, mlp = m.layers[1].attn, m.layers[1].mlp
+  lw = w["layers"][1]
+  d, g, h = cfg.embed_dim, 3, cfg.head_dim
+  assert lw["attn"]["qkv"].shape == (d, 2, g + 2, h)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(w))
+  bf = lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16))  # noqa: E731
+  qkv, bias = np.asarray(lw["attn"]["qkv"]), np.asarray(lw["attn"]["qkv_bias"])
+  for k in range(2):
+    for j in range(g):
+      np.testing.assert_array_equal(qkv[:, k, j], bf(attn.q[...][:, k * g + j]))
+      np.testing.assert_array_equal(bias[k, j], bf(attn.q_bias[...][k * g + j]))
+    np.testing.assert_array_equal(qkv[:, k, g], bf(attn.k[...][:, k]))
+    np.testing.assert_array_equal(qkv[:, k, g + 1], bf(attn.v[...][:, k]))
+    np.testing.assert_array_equal(bias[k, g + 1], bf(attn.v_bias[...][k]))
+  np.testing.assert_array_equal(np.asarray(lw["mlp"]["gate_up"])[:, 0], bf(mlp.gate[...]))
+  np.testing.assert_array_equal(np.asarray(lw["mlp"]["gate_up"])[:, 1], bf(mlp.up[...]))
+  np.testing.assert_array_equal(np.asarray(w["unembed"]), bf(m.lm_head[...]))
+
+
 # ----------------------------------------------------------------------------
 # Causality and padding
 # ----------------------------------------------------------------------------

@@ -243,6 +243,23 @@ def test_logprobs_equal_trainer_recomputation(model, temperature, top_k, top_p):
   assert (np.asarray(out.logprobs)[~m] == 0).all()
 
 
+@pytest.mark.parametrize("param_dtype,dtype", [("float32", "float32"), ("float32", "bfloat16")])
+def test_fused_decode_weights_sample_what_the_params_sample(param_dtype, dtype):
+  """The default decode from fused compute-dtype weights draws the same tokens
+  with the same log-probs as decoding from the parameters as they are (float32
+  master weights with bfloat16 compute included: both cast the same values)."""
+  m = _model(dataclasses.replace(TINY, param_dtype=param_dtype, dtype=dtype), seed=1)
+  toks, mask = _prompts(seed=4, b=4, t=6)
+  outs = [smp.sample(m, toks, mask, jax.random.key(3), smp.SamplingConfig(
+      max_new_tokens=8, temperature=0.9, top_k=6, eos_ids=(3,), prompt_buckets=BUCKETS,
+      fused_weights=fused)) for fused in (False, True)]
+  np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+  np.testing.assert_array_equal(np.asarray(outs[0].mask), np.asarray(outs[1].mask))
+  atol = 1e-5 if dtype == "float32" else 2e-2
+  np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs),
+                             atol=atol)
+
+
 def test_greedy_equals_transformers_generate(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
