@@ -44,6 +44,8 @@ def _args(argv=None):
   p.add_argument("--heads", type=int, default=8)
   p.add_argument("--kv_heads", type=int, default=2)
   p.add_argument("--head_dim", type=int, default=64)
+  p.add_argument("--shared_prefix", type=int, default=1,
+                 help="1 (the default config's setting): each prompt runs once per group in the update")
   p.add_argument("--tunix_python", default="", help="python of a side venv with google-tunix")
   return p.parse_args(argv)
 
@@ -102,7 +104,9 @@ def run_srft(a) -> dict:
   graphdef, params = nnx.split(model)
   tx, _ = train.make_optimizer(1e-6, steps=100)
   step_cfg = train.StepConfig(loss=obj.LossConfig.preset("srft"), minibatches=a.minibatches,
-                              response_len=a.new_tokens)  # as the trainer builds it
+                              response_len=a.new_tokens,  # as the trainer builds it
+                              logit_chunk=2048,  # configs/default.py
+                              group=layout.size if a.shared_prefix else 0)
   step_fn = jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg),
                     donate_argnums=(0,))
   assemble = jax.jit(functools.partial(train.assemble_batch, layout=layout))
@@ -200,7 +204,7 @@ def main(argv=None):
   result = {"backend": jax.default_backend(), "devices": jax.device_count(),
             "prompts": a.prompts, "rollouts": a.rollouts, "demos": a.demos,
             "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-            "minibatches": a.minibatches, "repeats": a.repeats}
+            "minibatches": a.minibatches, "repeats": a.repeats, "shared_prefix": a.shared_prefix}
   result.update(run_srft(a))
   result["tunix_step_s"] = None
   if a.tunix_python:

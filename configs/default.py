@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.stages = ""                   # two-stage schedule, e.g. "sft:60,grpo" (overrides method)
   c.loss = loss_fields()          # per-field overrides of the preset (single stage only)
   c.logit_chunk = 2048            # rows of logits computed at a time in the loss
+  c.shared_prefix = True          # the update runs each prompt once per group, not once per row
   c.max_nonfinite_streak = 5      # stop (with a checkpoint) after this many skipped updates
 
   c.model = config_dict.ConfigDict()

@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.method = "srft"
     c.steps = 500
     c.logit_chunk = 8192
+    c.shared_prefix = False            # cuDNN flash attention needs whole packed rows
 
     c.model.preset = "qwen2_5_1_5b"    # shapes for AOT checks; the run loads model.hf_path
     c.model.hf_path = "/models/Qwen2.5-1.5B"

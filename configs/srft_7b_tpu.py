@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.method = "srft"                  # METHOD.md §4: the full method, paper switches
     c.steps = 500                      # METHOD.md §5: 500 steps
     c.logit_chunk = 16_384             # logits for ~16k tokens at a time (f32 [B, C, V] chunk)
+    c.shared_prefix = False            # the fit above was compiled with whole rows (prompts: 1/9 of tokens)
     c.max_nonfinite_streak = 5
 
     # Qwen2.5-Math-7B with RoPE theta 40k and a 16,384-token window (METHOD.md §5).

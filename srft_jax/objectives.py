@@ -158,9 +158,9 @@ def chunked_logprobs_and_entropy(
 ) -> tuple[Array, Array]:
     """``token_logprobs_and_entropy(hidden @ unembed, ...)`` without [B, T, V] logits.
 
-    Logits exist for about ``chunk_size`` tokens at a time (all B rows x
-    ``max(1, chunk_size // B)`` positions, so batch sharding stays on the batch
-    axis of every chunk) and are recomputed in the backward pass. T need not be
+    Logits exist for at most about ``chunk_size`` tokens at a time (all B rows x
+    up to ``max(1, chunk_size // B)`` positions, so batch sharding stays on the
+    batch axis of every chunk) and are recomputed in the backward pass. T need not be
     a multiple of the chunk: it is padded internally and the pad sliced off.
     Works with the batch axis sharded and with unembed's D or V axis sharded
     (GSPMD inserts the reductions). ``temperature`` must be a Python number.
@@ -173,8 +173,10 @@ def chunked_logprobs_and_entropy(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     batch, length, _ = hidden_BTD.shape
-    positions = max(1, min(length, chunk_size // batch))
-    n_chunks = -(-length // positions)
+    # The fewest chunks of at most chunk_size // B positions, evened out so the
+    # padding is under one position per chunk (64 positions at a 51 limit: 2 x 32).
+    n_chunks = -(-length // max(1, min(length, chunk_size // batch)))
+    positions = -(-length // n_chunks)
     pad = n_chunks * positions - length
     h = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
     t = jnp.pad(targets_BT.astype(jnp.int32), ((0, 0), (0, pad)))

@@ -51,6 +51,10 @@ class StepConfig:
   # log-probs/entropy are computed for the response's target columns only and
   # the prompt's LM-head work is skipped (its columns get 0; the loss masks them).
   response_len: int = 0
+  # > 1 (with response_len): rows come in prompt-major groups of this many rows
+  # sharing one prompt (assemble_batch's layout); the forward then runs each
+  # prompt once per group (Transformer.forward_shared_prefix), not once per row.
+  group: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,21 +97,31 @@ def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: st
 # ----------------------------------------------------------------------------
 
 def sequence_logprobs(graphdef, params, tokens_BT, mask_BT, *, temperature=1.0, chunk=1024,
-                      last: int = 0):
+                      last: int = 0, group: int = 0):
   """Teacher-forced log-prob of each next token and the full-vocab entropy, [B, T-1].
 
   Logits are computed in chunks from the final hidden states, so [B, T, V]
   float32 logits never exist (objectives.chunked_logprobs_and_entropy). With
   `last` > 0 only the last `last` target columns are computed; the columns
   before them are 0 (static shapes, no LM-head work spent on the prompt).
+  With `group` > 1 as well, rows [i*group, (i+1)*group) share the prompt
+  (the first T - last columns) and it runs once per group.
   """
   model = nnx.merge(graphdef, params)
-  positions = model_lib.positions_from_mask(mask_BT)
-  hidden, _ = model(tokens_BT, positions, mask_BT, return_hidden=True)
   t = tokens_BT.shape[1]
   first = t - 1 - last if 0 < last < t else 0
+  if first and group > 1:
+    p = first + 1
+    hp, hr = model.forward_shared_prefix(tokens_BT[::group, :p], mask_BT[::group, :p],
+                                         tokens_BT[:, p:], mask_BT[:, p:])
+    # Response token 0 is predicted from the prompt's last position (shared).
+    hidden = jnp.concatenate([jnp.repeat(hp[:, -1:], group, axis=0), hr[:, :-1]], axis=1)
+  else:
+    positions = model_lib.positions_from_mask(mask_BT)
+    hidden, _ = model(tokens_BT, positions, mask_BT, return_hidden=True)
+    hidden = hidden[:, first:-1]
   logp, ent = obj.chunked_logprobs_and_entropy(
-      hidden[:, first:-1], model.unembed(), tokens_BT[:, first + 1:], temperature=temperature,
+      hidden, model.unembed(), tokens_BT[:, first + 1:], temperature=temperature,
       chunk_size=chunk)
   if first:
     pad = ((0, 0), (first, 0))
@@ -171,7 +185,7 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
   def loss_fn(params, mb, denominators, batch_entropy):
     logp, ent = sequence_logprobs(graphdef, params, mb["tokens"], mb["mask"],
                                   temperature=cfg.temperature, chunk=cfg.logit_chunk,
-                                  last=cfg.response_len)
+                                  last=cfg.response_len, group=cfg.group)
     return obj.srft_loss(logp, ent, mb, loss_cfg, denominators=denominators,
                          batch_entropy=batch_entropy)
 
@@ -187,7 +201,7 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
       def ent_sums(carry, mb):
         _, ent = sequence_logprobs(graphdef, state["params"], mb["tokens"], mb["mask"],
                                    temperature=cfg.temperature, chunk=cfg.logit_chunk,
-                                   last=cfg.response_len)
+                                   last=cfg.response_len, group=cfg.group)
         s, c = obj.entropy_sum_and_count(ent, mb["response_mask"])
         return (carry[0] + s, carry[1] + c), None
       (s, c), _ = jax.lax.scan(ent_sums, (0.0, 0.0), micro)
@@ -369,7 +383,8 @@ class Trainer:
     self.step_cfg = StepConfig(loss=stage.loss, minibatches=c.batch.minibatches,
                                microbatches=c.batch.microbatches,
                                temperature=c.rollout.temperature, logit_chunk=c.logit_chunk,
-                               response_len=c.data.max_response_len)
+                               response_len=c.data.max_response_len,
+                               group=stage.layout.size if c.get("shared_prefix") else 0)
     if fresh_optimizer or self.state is None:
       params = self.params if self.state is None else self.state["params"]
       state = init_train_state(params, self.tx)

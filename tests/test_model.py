@@ -170,6 +170,35 @@ def test_decode_weights_layout_and_dtype():
   np.testing.assert_array_equal(np.asarray(w["unembed"]), bf(m.lm_head[...]))
 
 
+@pytest.mark.parametrize("changes", [{}, {"remat": "dots"},
+                                     {"attention": "chunked", "attention_chunk": 4}],
+                         ids=["plain", "remat", "chunked"])
+def test_shared_prefix_forward_equals_full_rows(changes):
+  """Groups of 3 rows sharing a (left-padded) prompt, with right-padded
+  responses: the prompt run once per group gives the full forward's hidden
+  states at every real position of every row."""
+  m = _make(dataclasses.replace(CFG, **changes), seed=1)
+  groups, g, p, r = 2, 3, 6, 5
+  rs = np.random.RandomState(0)
+  pt, rt = rs.randint(1, 64, (groups, p)), rs.randint(1, 64, (groups * g, r))
+  pm, rm = np.ones((groups, p), np.int32), np.ones((groups * g, r), np.int32)
+  pm[1, :2] = 0
+  rm[1, 3:] = 0
+  rm[4, 1:] = 0
+  tokens = np.concatenate([np.repeat(pt, g, 0), rt], 1)
+  mask = np.concatenate([np.repeat(pm, g, 0), rm], 1)
+  full, _ = nnx.jit(lambda m, t, k: m(t, model_lib.positions_from_mask(k), k,
+                                      return_hidden=True))(m, tokens, mask)
+  hp, hr = nnx.jit(lambda m, *a: m.forward_shared_prefix(*a))(m, pt, pm, rt, rm)
+  full = np.asarray(full)
+  assert hp.shape == (groups, p, CFG.embed_dim) and hr.shape == (groups * g, r, CFG.embed_dim)
+  err_p = np.abs(np.repeat(np.asarray(hp), g, 0) - full[:, :p])[np.repeat(pm, g, 0) > 0].max()
+  err_r = np.abs(np.asarray(hr) - full[:, p:])[rm > 0].max()
+  assert max(err_p, err_r) <= 1e-5, (err_p, err_r)
+  with pytest.raises(ValueError, match="prompt groups"):
+    m.forward_shared_prefix(pt, pm, rt[:5], rm[:5])
+
+
 # ----------------------------------------------------------------------------
 # Causality and padding
 # ----------------------------------------------------------------------------

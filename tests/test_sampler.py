@@ -260,6 +260,20 @@ def test_fused_decode_weights_sample_what_the_params_sample(param_dtype, dtype):
                              atol=atol)
 
 
+def test_shared_prefill_samples_what_per_row_prefill_samples(model):
+  """n samples a prompt: one prefill per prompt, its cache copied to the n rows,
+  gives the tokens, log-probs and lengths of prefilling every row."""
+  toks, mask = _prompts(seed=6, b=3, t=6)
+  outs = [smp.sample(model, toks, mask, jax.random.key(5), smp.SamplingConfig(
+      max_new_tokens=7, temperature=1.0, top_p=0.9, eos_ids=(3, 4), prompt_buckets=BUCKETS, n=3,
+      share_prefill=share)) for share in (False, True)]
+  for name in ("tokens", "mask", "lengths", "prompt_tokens", "prompt_mask"):
+    np.testing.assert_array_equal(np.asarray(getattr(outs[0], name)),
+                                  np.asarray(getattr(outs[1], name)))
+  np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=1e-5)
+  assert len({tuple(r) for r in np.asarray(outs[1].tokens)[:3]}) > 1  # the 3 rows differ
+
+
 def test_greedy_equals_transformers_generate(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -301,18 +315,18 @@ def test_second_batch_in_same_bucket_does_not_recompile(model):
   toks, mask = _prompts(seed=5, b=2, t=6)
   smp.sample(model, toks, mask, jax.random.key(0), cfg)
   traces = smp.TRACE_COUNT["sample_tokens"]
-  compiled = smp._sample_jit._cache_size()
+  compiled = smp.active_jit()._cache_size()
   # Different prompts, different (shorter) width, same bucket 8, new rng.
   toks2, mask2 = _prompts(seed=6, b=2, t=4)
   out = smp.sample(model, toks2, mask2, jax.random.key(1), cfg)
   out.tokens.block_until_ready()
   assert smp.TRACE_COUNT["sample_tokens"] == traces
-  assert smp._sample_jit._cache_size() == compiled
+  assert smp.active_jit()._cache_size() == compiled
   # A longer prompt lands in the next bucket: exactly one new program.
   toks3, mask3 = _prompts(seed=7, b=2, t=12)
   smp.sample(model, toks3, mask3, jax.random.key(2), cfg)
   assert smp.TRACE_COUNT["sample_tokens"] == traces + 1
-  assert smp._sample_jit._cache_size() == compiled + 1
+  assert smp.active_jit()._cache_size() == compiled + 1
 
 
 @pytest.mark.multidevice

@@ -171,7 +171,8 @@ def lower_train(c, mcfg, mesh):
   step_cfg = train.StepConfig(loss=lc, minibatches=c.batch.minibatches,
                               microbatches=c.batch.microbatches,
                               temperature=c.rollout.temperature, logit_chunk=c.logit_chunk,
-                              response_len=c.data.max_response_len)
+                              response_len=c.data.max_response_len,
+                              group=layout.size if c.get("shared_prefix") else 0)
   graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
   state = jax.eval_shape(lambda p: train.init_train_state(p, tx), params)
   state_sh = train.state_shardings(state, mesh, mcfg.rules)
