@@ -60,7 +60,8 @@ for name in $PARTS; do
     sampler_b256) part $name ${SAMPLER_LIMIT:-120} $SAMPLER --batch 256 ;;
     sampler_greedy) part $name ${SAMPLER_LIMIT:-120} $SAMPLER --batch 64 --temperature 0 ;;
     # a long cache (1,024-token prompts, 1,280 slots), the 1.5B GPU config's regime
-    sampler_long) part $name ${SAMPLER_LIMIT:-150} $SAMPLER --batch 128 --prompt_len 1024 ;;
+    # (did not finish in 130 s on an H200: four compiles + 131k-token prefills per variant)
+    sampler_long) part $name ${LONG_LIMIT:-300} $SAMPLER --batch 128 --prompt_len 1024 ;;
     # float32 master weights (configs/qwen2p5_1p5b_gpu.py): fused bf16 copy vs per-step casts
     sampler_fp32master) part $name ${SAMPLER_LIMIT:-150} $SAMPLER --batch 64 --param_dtype float32 ;;
     sampler_notriton) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" part $name \
