@@ -336,35 +336,12 @@ class Attention(nnx.Module):
     kv_names = ("batch", "act_kv_heads", "cache_length" if kv is not None else "length", "head_dim")
     k = shd.constrain(k, kv_names, rules)
     v = shd.constrain(v, kv_names, rules)
-    out = self._attend_masked(q, k.astype(dt), v.astype(dt), allowed_BTS)
+    # With a cache, "cudnn" attends in query blocks too (cuDNN needs packed causal rows).
+    if cfg.attention in ("chunked", "cudnn"):
+      out = attend_chunked(q, k.astype(dt), v.astype(dt), allowed_BTS, cfg.attention_chunk)
+    else:
+      out = attend(q, k.astype(dt), v.astype(dt), allowed_BTS)
     return jnp.einsum("BTNH,NHD->BTD", out, o), kv
-
-  def _attend_masked(self, q, k, v, allowed):
-    # With a mask, "cudnn" attends in query blocks too (cuDNN needs packed causal rows).
-    if self.cfg.attention in ("chunked", "cudnn"):
-      return attend_chunked(q, k, v, allowed, self.cfg.attention_chunk)
-    return attend(q, k, v, allowed)
-
-  def shared_prefix(self, xp_GPD, xr_BRD, pos_GP, pos_BR, inv_freq, allowed_GPP, allowed_BRS,
-                    group: int):
-    """Attention for rows that share a prompt (see `Transformer.forward_shared_prefix`).
-
-    The prompt stream [G, P] attends causally to itself; each response row
-    [B = G*group, R] attends to its group's prompt keys/values and its own
-    causal prefix (keys [B, K, P+R, H]).
-    """
-    cfg, dt = self.cfg, self.cfg.jnp_dtype
-    o = self.o[...].astype(dt)
-    qp, kp, vp = self._project(xp_GPD, None)
-    qr, kr, vr = self._project(xr_BRD, None)
-    qp, kp = apply_rope(qp, pos_GP, inv_freq), apply_rope(kp, pos_GP, inv_freq)
-    qr, kr = apply_rope(qr, pos_BR, inv_freq), apply_rope(kr, pos_BR, inv_freq)
-    kp, vp, kr, vr = (a.swapaxes(1, 2) for a in (kp, vp, kr, vr))  # head-major [., K, T, H]
-    out_p = self._attend_masked(qp, kp, vp, allowed_GPP)
-    k_all = jnp.concatenate([jnp.repeat(kp, group, axis=0), kr], axis=2)
-    v_all = jnp.concatenate([jnp.repeat(vp, group, axis=0), vr], axis=2)
-    out_r = self._attend_masked(qr, k_all, v_all, allowed_BRS)
-    return jnp.einsum("BTNH,NHD->BTD", out_p, o), jnp.einsum("BTNH,NHD->BTD", out_r, o)
 
 
 class MLP(nnx.Module):
@@ -414,15 +391,6 @@ class Block(nnx.Module):
     x = shd.constrain(x, ("batch", "length", "act_embed"), self.cfg.rules)
     return x, kv
 
-  def shared_prefix(self, xp, xr, pos_p, pos_r, inv_freq, allowed_p, allowed_r, group):
-    yp, yr = self.attn.shared_prefix(self.attn_norm(xp), self.attn_norm(xr), pos_p, pos_r,
-                                     inv_freq, allowed_p, allowed_r, group)
-    xp, xr = xp + yp, xr + yr
-    names = ("batch", "length", "act_embed")
-    xp = shd.constrain(xp + self.mlp(self.mlp_norm(xp)), names, self.cfg.rules)
-    xr = shd.constrain(xr + self.mlp(self.mlp_norm(xr)), names, self.cfg.rules)
-    return xp, xr
-
 
 _REMAT_POLICIES = {
     "full": None,
@@ -432,10 +400,6 @@ _REMAT_POLICIES = {
 
 def _run_block(block: Block, *args):
   return block(*args)
-
-
-def _run_shared(block: Block, *args):
-  return block.shared_prefix(*args)
 
 
 class Transformer(nnx.Module):
@@ -473,7 +437,7 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BT: Array, positions_BT: Array, mask_BT: Array | None = None,
                cache: dict[str, Any] | None = None, return_hidden: bool = False,
-               weights: dict[str, Any] | None = None):
+               weights: dict[str, Any] | None = None, remat: bool | None = None):
     cfg = self.cfg
     dt = cfg.jnp_dtype
     b, t = tokens_BT.shape
@@ -505,8 +469,9 @@ class Transformer(nnx.Module):
       allowed = (slots[None, :] <= index + jnp.arange(t)[:, None])[None] & (kv_mask[:, None, :] > 0)
 
     run = _run_block
-    # Remat only where there is a backward pass: decoding (a cache) never differentiates.
-    if cfg.remat != "none" and cache is None:
+    # Remat only where there is a backward pass: by default not with a cache
+    # (decoding); `remat=True` asks for it there (the shared-prefix training forward).
+    if cfg.remat != "none" and (cache is None if remat is None else remat):
       run = nnx.remat(_run_block, policy=_REMAT_POLICIES[cfg.remat])
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
@@ -530,15 +495,14 @@ class Transformer(nnx.Module):
     """Final hidden states of rows that share their prompt within groups.
 
     Row i of the responses continues prompt i // g (g = B // G, the trainer's
-    prompt-major group layout). The prompt runs once per group and every
-    response row attends to its group's prompt keys/values, so the result is
-    the full forward of the [prompt | response] rows (left-padded prompt,
-    right-padded response) for (g - 1) / g less prompt work. Gradients reach
-    the shared prompt from every row of its group.
+    prompt-major group layout). The sampler's own cache path does it: the
+    prompts fill a KV cache (once per group), the cache is repeated to the
+    group's rows, and the responses run on top of it. The result is the full
+    forward of the [prompt | response] rows (left-padded prompt, right-padded
+    response) for (g - 1) / g less prompt work; gradients reach each prompt
+    from every row of its group (through the cache).
     Returns (prompt hidden [G, P, D], response hidden [B, R, D]), final-normed.
     """
-    cfg = self.cfg
-    dt = cfg.jnp_dtype
     g_count, p = prompt_tokens_GP.shape
     b, r = resp_tokens_BR.shape
     if b % g_count:
@@ -547,25 +511,16 @@ class Transformer(nnx.Module):
     group = b // g_count
     pm = prompt_mask_GP.astype(jnp.int32)
     rm = resp_mask_BR.astype(jnp.int32)
-    pos_p = positions_from_mask(pm)
-    n_prompt = jnp.repeat(jnp.sum(pm, axis=-1, keepdims=True), group, axis=0)
+    cache = init_cache(self.cfg, g_count, p + r)
+    hp, cache = self(prompt_tokens_GP, positions_from_mask(pm), pm, cache=cache,
+                     return_hidden=True, remat=True)
+    cache = {"k": tuple(jnp.repeat(x, group, axis=0) for x in cache["k"]),
+             "v": tuple(jnp.repeat(x, group, axis=0) for x in cache["v"]),
+             "mask": jnp.repeat(cache["mask"], group, axis=0), "index": cache["index"]}
+    n_prompt = jnp.sum(cache["mask"], axis=-1, keepdims=True)
     pos_r = jnp.maximum(n_prompt + jnp.cumsum(rm, axis=-1) - 1, 0).astype(jnp.int32)
-    ip, ir = jnp.arange(p), jnp.arange(r)
-    allowed_p = (ip[None, :] <= ip[:, None])[None] & (pm[:, None, :] > 0)
-    prompt_keys = jnp.broadcast_to(jnp.repeat(pm, group, axis=0)[:, None, :] > 0, (b, r, p))
-    own_keys = (ir[None, :] <= ir[:, None])[None] & (rm[:, None, :] > 0)
-    allowed_r = jnp.concatenate([prompt_keys, own_keys], axis=-1)
-    names = ("batch", "length", "act_embed")
-    table = self.embed[...]
-    xp = shd.constrain(jnp.take(table, prompt_tokens_GP, axis=0).astype(dt), names, cfg.rules)
-    xr = shd.constrain(jnp.take(table, resp_tokens_BR, axis=0).astype(dt), names, cfg.rules)
-    inv_freq = rope_frequencies(cfg)
-    run = _run_shared
-    if cfg.remat != "none":
-      run = nnx.remat(_run_shared, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(8,))
-    for block in self.layers:
-      xp, xr = run(block, xp, xr, pos_p, pos_r, inv_freq, allowed_p, allowed_r, group)
-    return self.final_norm(xp), self.final_norm(xr)
+    hr, _ = self(resp_tokens_BR, pos_r, rm, cache=cache, return_hidden=True, remat=True)
+    return hp, hr
 
   def logits(self, hidden_BTD: Array, weights: dict[str, Any] | None = None) -> Array:
     """Float32 logits of final hidden states (the output of `return_hidden=True`)."""
