@@ -107,7 +107,7 @@ def _time_srft(model, tokens, mask, new_tokens, repeats, temperature=1.0, profil
     return seconds
   graphdef, state = nnx.split(model)
   cache = smp.make_cache(model.cfg, *tokens.shape, cfg)
-  text = smp.active_jit().lower(graphdef, state, tokens, mask, jax.random.key(0), cfg,
+  text = smp.sample_jit.lower(graphdef, state, tokens, mask, jax.random.key(0), cfg,
                                cache).compile().as_text()
   return seconds, profile_ops.top_ops(run, n=profile, compiled_text=text)
 

@@ -313,15 +313,9 @@ def _counted_core(graphdef, state, tokens_BP, mask_BP, rng, cfg, cache):
   return _sample_core(graphdef, state, tokens_BP, mask_BP, rng, cfg, cache)
 
 
-_sample_jit = jax.jit(_counted_core, static_argnames=("graphdef", "cfg"),
-                      donate_argnames=("cache",))
-# XLA:CPU's YNN dot fusions run the decode step's skinny matmuls ([B, D] x
-# [D, V] with B ~ 32) at half the speed of its other dot paths on AVX2 hosts
-# (measured: LM head 8.5 vs 16.4 ms, sampler 1.3x tokens/s); the train step's
-# large matmuls are faster with them, so only the sampler turns them off.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-_sample_jit_cpu = jax.jit(_counted_core, static_argnames=("graphdef", "cfg"),
-                          donate_argnames=("cache",), compiler_options=CPU_COMPILER_OPTIONS)
+# The jitted core; `sample_tokens` calls it (tests and tools lower it directly).
+sample_jit = jax.jit(_counted_core, static_argnames=("graphdef", "cfg"),
+                     donate_argnames=("cache",))
 
 
 def sample_tokens(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
@@ -337,12 +331,7 @@ def sample_tokens(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
   fresh cache is allocated inside the program. Call under `jax.set_mesh(mesh)`
   for sharded sampling (the model's logical constraints need the mesh).
   """
-  return active_jit()(graphdef, state, tokens_BP, mask_BP, rng, cfg, cache)
-
-
-def active_jit():
-  """The jitted core `sample_tokens` calls on this backend (for lowering and cache checks)."""
-  return _sample_jit_cpu if jax.default_backend() == "cpu" else _sample_jit
+  return sample_jit(graphdef, state, tokens_BP, mask_BP, rng, cfg, cache)
 
 
 def _cache_dtype(mcfg: model_lib.ModelConfig, cfg: SamplingConfig):

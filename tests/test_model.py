@@ -145,29 +145,49 @@ def test_decode_weights_give_the_plain_logits(changes):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.parametrize("n_in,shape_w", [(1, (3, 5, 16)), (2, (16, 4, 6)), (1, (64, 16))])
+def test_dense_out_major_orders_agree_with_einsum(n_in, shape_w):
+  """Both operand orders of `dense_out_major` (CPU's weight-first and the
+  other backends' x-first) equal the plain contraction, output dims last."""
+  rs = np.random.RandomState(0)
+  w = rs.randn(*shape_w).astype(np.float32)
+  x = rs.randn(2, 3, *shape_w[len(shape_w) - n_in:]).astype(np.float32)
+  want = np.tensordot(x, w, axes=(list(range(2, 2 + n_in)),
+                                  list(range(w.ndim - n_in, w.ndim))))
+  for first in (True, False):
+    got = model_lib.dense_out_major(jnp.asarray(x), jnp.asarray(w), n_in, weight_first=first)
+    assert got.shape == (2, 3) + shape_w[:w.ndim - n_in]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_weights_layout_and_dtype():
-  """qkv[:, k, j] is query head k*G + j for j < G, then kv head k's key and
-  value; gate_up stacks gate then up; everything in the compute dtype."""
+  """Output-major, in the compute dtype: qkv[k, j] is query head k*G + j for
+  j < G, then kv head k's key and value; gate_up stacks gate then up."""
   cfg = dataclasses.replace(CFG, num_heads=6, num_kv_heads=2, dtype="bfloat16")
   m = _make(cfg, seed=5)
   w = m.decode_weights()
   attn, mlp = m.layers[1].attn, m.layers[1].mlp
   lw = w["layers"][1]
-  d, g, h = cfg.embed_dim, 3, cfg.head_dim
-  assert lw["attn"]["qkv"].shape == (d, 2, g + 2, h)
+  d, g, h, f = cfg.embed_dim, 3, cfg.head_dim, cfg.mlp_dim
+  assert lw["attn"]["qkv"].shape == (2, g + 2, h, d)
+  assert lw["attn"]["o"].shape == (d, 6, h)
+  assert lw["mlp"]["gate_up"].shape == (2, f, d) and lw["mlp"]["down"].shape == (d, f)
+  assert w["unembed"].shape == (cfg.vocab_size, d)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(w))
   bf = lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16))  # noqa: E731
   qkv, bias = np.asarray(lw["attn"]["qkv"]), np.asarray(lw["attn"]["qkv_bias"])
   for k in range(2):
     for j in range(g):
-      np.testing.assert_array_equal(qkv[:, k, j], bf(attn.q[...][:, k * g + j]))
+      np.testing.assert_array_equal(qkv[k, j], bf(attn.q[...][:, k * g + j]).T)
       np.testing.assert_array_equal(bias[k, j], bf(attn.q_bias[...][k * g + j]))
-    np.testing.assert_array_equal(qkv[:, k, g], bf(attn.k[...][:, k]))
-    np.testing.assert_array_equal(qkv[:, k, g + 1], bf(attn.v[...][:, k]))
+    np.testing.assert_array_equal(qkv[k, g], bf(attn.k[...][:, k]).T)
+    np.testing.assert_array_equal(qkv[k, g + 1], bf(attn.v[...][:, k]).T)
     np.testing.assert_array_equal(bias[k, g + 1], bf(attn.v_bias[...][k]))
-  np.testing.assert_array_equal(np.asarray(lw["mlp"]["gate_up"])[:, 0], bf(mlp.gate[...]))
-  np.testing.assert_array_equal(np.asarray(lw["mlp"]["gate_up"])[:, 1], bf(mlp.up[...]))
-  np.testing.assert_array_equal(np.asarray(w["unembed"]), bf(m.lm_head[...]))
+  np.testing.assert_array_equal(np.asarray(lw["attn"]["o"]), bf(attn.o[...]).transpose(2, 0, 1))
+  np.testing.assert_array_equal(np.asarray(lw["mlp"]["gate_up"])[0], bf(mlp.gate[...]).T)
+  np.testing.assert_array_equal(np.asarray(lw["mlp"]["gate_up"])[1], bf(mlp.up[...]).T)
+  np.testing.assert_array_equal(np.asarray(lw["mlp"]["down"]), bf(mlp.down[...]).T)
+  np.testing.assert_array_equal(np.asarray(w["unembed"]), bf(m.lm_head[...]).T)
 
 
 @pytest.mark.parametrize("changes", [{}, {"remat": "dots"},

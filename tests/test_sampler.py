@@ -315,18 +315,18 @@ def test_second_batch_in_same_bucket_does_not_recompile(model):
   toks, mask = _prompts(seed=5, b=2, t=6)
   smp.sample(model, toks, mask, jax.random.key(0), cfg)
   traces = smp.TRACE_COUNT["sample_tokens"]
-  compiled = smp.active_jit()._cache_size()
+  compiled = smp.sample_jit._cache_size()
   # Different prompts, different (shorter) width, same bucket 8, new rng.
   toks2, mask2 = _prompts(seed=6, b=2, t=4)
   out = smp.sample(model, toks2, mask2, jax.random.key(1), cfg)
   out.tokens.block_until_ready()
   assert smp.TRACE_COUNT["sample_tokens"] == traces
-  assert smp.active_jit()._cache_size() == compiled
+  assert smp.sample_jit._cache_size() == compiled
   # A longer prompt lands in the next bucket: exactly one new program.
   toks3, mask3 = _prompts(seed=7, b=2, t=12)
   smp.sample(model, toks3, mask3, jax.random.key(2), cfg)
   assert smp.TRACE_COUNT["sample_tokens"] == traces + 1
-  assert smp.active_jit()._cache_size() == compiled + 1
+  assert smp.sample_jit._cache_size() == compiled + 1
 
 
 @pytest.mark.multidevice
@@ -351,8 +351,10 @@ def test_sharded_cache_layout():
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   cfg = smp.SamplingConfig(max_new_tokens=4)
   cache = smp.make_cache(TINY, 8, 8, cfg, mesh)
-  assert cache["k"][0].shape == (8, 2, 12, 8)  # [B, K, S, H]
-  assert cache["k"][0].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
+  assert cache["k"][0].shape == (8, 2, 8, 12)  # keys [B, K, H, S]
+  assert cache["v"][0].shape == (8, 2, 12, 8)  # values [B, K, S, H]
+  for leaf in (cache["k"][0], cache["v"][0]):
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor", None, None)
   assert cache["mask"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
 
 

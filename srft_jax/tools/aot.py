@@ -241,7 +241,7 @@ def lower_sample(c, mcfg, mesh):
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))
   with jax.set_mesh(mesh):
-    return sampler_lib._sample_jit.lower(  # pylint: disable=protected-access
+    return sampler_lib.sample_jit.lower(
         graphdef, params, tokens, tokens, key, scfg, cache)
 
 
