@@ -60,10 +60,14 @@ for name in $PARTS; do
     sampler_b256) part $name ${SAMPLER_LIMIT:-120} $SAMPLER --batch 256 ;;
     sampler_greedy) part $name ${SAMPLER_LIMIT:-120} $SAMPLER --batch 64 --temperature 0 ;;
     # a long cache (1,024-token prompts, 1,280 slots), the 1.5B GPU config's regime
-    # (did not finish in 130 s on an H200: four compiles + 131k-token prefills per variant)
-    sampler_long) part $name ${LONG_LIMIT:-300} $SAMPLER --batch 128 --prompt_len 1024 ;;
+    # (did not finish in 130 s on an H200 with both variants: two compiles and
+    # 131k-token prefills each), so the default (fused) variant only
+    sampler_long) part $name ${LONG_LIMIT:-300} $SAMPLER --batch 128 --prompt_len 1024 \
+        --variants fused ;;
     # float32 master weights (configs/qwen2p5_1p5b_gpu.py): fused bf16 copy vs per-step casts
     sampler_fp32master) part $name ${SAMPLER_LIMIT:-150} $SAMPLER --batch 64 --param_dtype float32 ;;
+    # operand order of the decode matmuls: x @ w.T (the GPU default) vs w @ x.T (CPU's)
+    sampler_order) part $name ${SAMPLER_LIMIT:-150} $SAMPLER --batch 64 --variants fused,fused_wfirst ;;
     sampler_notriton) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" part $name \
         ${SAMPLER_LIMIT:-150} $SAMPLER --batch 64 ;;
     # Profiles run without XLA command buffers (CUDA graphs) so kernels keep their HLO names.

@@ -54,7 +54,8 @@ def _args(argv=None):
                  help="--device: model attention (prefill of long prompts wants chunked)")
   p.add_argument("--variants", default="fused,plain",
                  help="--device: comma list of fused (the sampler's default: fused "
-                      "compute-dtype weights) and plain (the params as they are); "
+                      "compute-dtype weights), plain (the params as they are) and "
+                      "fused_wfirst (fused, multiplied weight-first as on CPU); "
                       "the first gives the headline figures, the others ratios")
   return p.parse_args(argv)
 
@@ -211,8 +212,17 @@ def _peak_bandwidth(device) -> float | None:
 
 def _decode_step(model, tokens, mask, a, variant):
   """Decode seconds per step of one variant: (t(R) - t(1)) / (R - 1), and t(R), t(1)."""
-  if variant not in ("fused", "plain"):
+  if variant not in ("fused", "plain", "fused_wfirst"):
     raise ValueError(f"--variants: unknown variant {variant!r}")
+  if variant == "fused_wfirst":  # the CPU operand order (w @ x.T) on this backend too
+    saved = model_lib.WEIGHT_FIRST_BACKENDS
+    model_lib.WEIGHT_FIRST_BACKENDS = saved + (jax.default_backend(),)
+    smp.sample_jit.clear_cache()
+    try:
+      return _decode_step(model, tokens, mask, a, "fused")
+    finally:
+      model_lib.WEIGHT_FIRST_BACKENDS = saved
+      smp.sample_jit.clear_cache()
   fused = variant == "fused"
   profile = None
   if a.profile:

@@ -191,6 +191,11 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(f32)).astype(x.dtype)
 
 
+# Backends on which `dense_out_major` multiplies big-operand-first by default;
+# read at trace time (benchmarks A/B it on accelerators: clear jit caches after a change).
+WEIGHT_FIRST_BACKENDS = ("cpu",)
+
+
 def dense_out_major(x: Array, w: Array, n_in: int = 1, preferred_element_type=None,
                     weight_first: bool | None = None) -> Array:
   """x [..., I...] times an output-major weight w [O..., I...] -> [..., O...].
@@ -200,12 +205,12 @@ def dense_out_major(x: Array, w: Array, n_in: int = 1, preferred_element_type=No
   as `w @ x.T` (the big operand first, a small transpose after) than as
   `x @ w.T` or from an input-major weight; other backends take `x @ w.T`
   directly (transposed operands are native to cuBLAS and the MXU).
-  `weight_first` overrides that choice (None: by backend).
+  `weight_first` overrides that choice (None: `WEIGHT_FIRST_BACKENDS`).
   """
   nx, nw = x.ndim, w.ndim
   x_in, w_in = tuple(range(nx - n_in, nx)), tuple(range(nw - n_in, nw))
   if weight_first is None:
-    weight_first = jax.default_backend() == "cpu"
+    weight_first = jax.default_backend() in WEIGHT_FIRST_BACKENDS
   if not weight_first:
     return jax.lax.dot_general(x, w, ((x_in, w_in), ((), ())),
                                preferred_element_type=preferred_element_type)

@@ -110,27 +110,26 @@ def test_kv_cache_two_chunk_prefill(model):
   assert np.abs(got - full)[mask.astype(bool)].max() <= 1e-5
 
 
-@nnx.jit
-def _fused_step(model, tokens, positions, mask, cache):
-  return model(tokens, positions, mask, cache=cache, weights=model.decode_weights())
-
-
-@pytest.mark.parametrize("changes", [
-    {},                                                   # qwen2: qkv bias, untied head
-    {"model_type": "llama", "qkv_bias": False, "tie_embeddings": True},
-    {"num_kv_heads": 1},                                  # all query heads in one group
-    {"num_kv_heads": 4},                                  # one query head per kv head
-], ids=["qwen2", "llama_tied", "mqa", "mha"])
-def test_decode_weights_give_the_plain_logits(changes):
+@pytest.mark.parametrize("changes,weight_first", [
+    ({}, True),                                           # qwen2: qkv bias, untied head
+    ({}, False),                                          # the accelerators' operand order
+    ({"model_type": "llama", "qkv_bias": False, "tie_embeddings": True}, True),
+    ({"num_kv_heads": 1}, True),                          # all query heads in one group
+    ({"num_kv_heads": 4}, True),                          # one query head per kv head
+], ids=["qwen2", "qwen2_x_first", "llama_tied", "mqa", "mha"])
+def test_decode_weights_give_the_plain_logits(changes, weight_first, monkeypatch):
   """Prefill + decode from `decode_weights()` (fused q/k/v and gate/up) gives
-  the logits and cache of the model's own parameters."""
+  the logits and cache of the model's own parameters, with either operand
+  order of `dense_out_major` (CPU's default and the one GPUs/TPUs get)."""
+  monkeypatch.setattr(model_lib, "WEIGHT_FIRST_BACKENDS", ("cpu",) if weight_first else ())
+  fused_step = nnx.jit(lambda m, *a: m(*a[:3], cache=a[3], weights=m.decode_weights()))
   m = _make(dataclasses.replace(CFG, **changes), seed=3)
   tokens = _tokens(4)
   mask = np.ones((B, T), np.int32)
   mask[1, :3] = 0
   positions = np.asarray(model_lib.positions_from_mask(mask))
   caches, outs = [], []
-  for step in (_step, _fused_step):
+  for step in (_step, fused_step):
     cache = m.init_cache(B, 16)
     logits, cache = step(m, tokens[:, :8], positions[:, :8], mask[:, :8], cache)
     got = [np.asarray(logits)]
