@@ -560,9 +560,7 @@ class Transformer(nnx.Module):
     cache = init_cache(self.cfg, g_count, p + r)
     hp, cache = self(prompt_tokens_GP, positions_from_mask(pm), pm, cache=cache,
                      return_hidden=True, remat=True)
-    cache = {"k": tuple(jnp.repeat(x, group, axis=0) for x in cache["k"]),
-             "v": tuple(jnp.repeat(x, group, axis=0) for x in cache["v"]),
-             "mask": jnp.repeat(cache["mask"], group, axis=0), "index": cache["index"]}
+    cache = repeat_cache_rows(cache, group)
     n_prompt = jnp.sum(cache["mask"], axis=-1, keepdims=True)
     pos_r = jnp.maximum(n_prompt + jnp.cumsum(rm, axis=-1) - 1, 0).astype(jnp.int32)
     hr, _ = self(resp_tokens_BR, pos_r, rm, cache=cache, return_hidden=True, remat=True)
@@ -591,6 +589,14 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[st
       "mask": jnp.zeros((batch, length), jnp.int32),
       "index": jnp.zeros((), jnp.int32),
   }
+
+
+def repeat_cache_rows(cache: dict[str, Any], n: int) -> dict[str, Any]:
+  """Each row of a cache n times in a row (row i -> rows i*n .. i*n+n-1):
+  one prompt's prefill shared by the n rows of its group."""
+  rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+  return {"k": tuple(map(rep, cache["k"])), "v": tuple(map(rep, cache["v"])),
+          "mask": rep(cache["mask"]), "index": cache["index"]}
 
 
 def cache_logical_axes(cfg: ModelConfig) -> dict[str, Any]:

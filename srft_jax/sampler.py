@@ -248,8 +248,8 @@ def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
     hidden_bPD, small = model(u_tok, model_lib.positions_from_mask(u_mask), u_mask, cache=small,
                               return_hidden=True, **wkw)
     logits_B1V = jnp.repeat(model.logits(hidden_bPD[:, -1:], **wkw), group, axis=0)
-    put = lambda big, new: jax.lax.dynamic_update_slice(  # noqa: E731
-        big, jnp.repeat(new, group, axis=0), (0,) * big.ndim)
+    small = model_lib.repeat_cache_rows(small, group)
+    put = lambda big, new: jax.lax.dynamic_update_slice(big, new, (0,) * big.ndim)  # noqa: E731
     cache = {"k": tuple(map(put, cache["k"], small["k"])),
              "v": tuple(map(put, cache["v"], small["v"])),
              "mask": put(cache["mask"], small["mask"]), "index": small["index"]}
