@@ -11,6 +11,11 @@
 #    bf16 compute), cuDNN flash attention: tokens/s and MFU (model FLOPs / step
 #    time / peak dense bf16 FLOP/s);
 # 3. the model / objective / sampler tests on the GPU (multidevice tests skip).
+# Other parts (named in PARTS) look for where time goes: profiles, operand
+# orders, and the Pallas decode-attention kernel (attn_sweep, decode_*_pallas,
+# sampler_*_pallas, kernel_tests), e.g.
+#   PARTS="attn_sweep decode_pallas decode_long_pallas decode_rl_pallas kernel_tests" \
+#     bash benchmarks/gpu_check.sh OUT_DIR
 # Each part has its own time limit and writes its JSON / log under OUT_DIR, so
 # one failure does not hide the others. Needs jax with CUDA, flax, optax,
 # transformers + torch (for the parity tests) and scipy. If the installed flax
@@ -68,6 +73,33 @@ for name in $PARTS; do
     sampler_fp32master) part $name ${SAMPLER_LIMIT:-150} $SAMPLER --batch 64 --param_dtype float32 ;;
     # operand order of the decode matmuls: x @ w.T (the GPU default) vs w @ x.T (CPU's)
     sampler_order) part $name ${SAMPLER_LIMIT:-150} $SAMPLER --batch 64 --variants fused,fused_wfirst ;;
+    # The Pallas decode-attention kernel (ModelConfig.decode_attention="pallas"):
+    # its launch settings vs XLA's attention, alone, at the three decode shapes below
+    # (a mid-decode fill); the best settings go to /tmp for the decode_* parts.
+    attn_sweep)
+      part $name ${SWEEP_LIMIT:-150} bash -c "set -e; A='$PY benchmarks/decode_attention.py \
+          --splits 1,2 --blocks 64,128'; \
+        \$A --batch 64 --cache_len 320 --fill 192 --best /tmp/srft_tune_b64.json; \
+        \$A --batch 128 --cache_len 1280 --fill 1152 --best /tmp/srft_tune_long.json; \
+        \$A --batch 128 --cache_len 4224 --fill 4160 --best /tmp/srft_tune_rl.json" ;;
+    # A decode step alone (sampler.decode_jit over a cache filled with random keys and
+    # values: no prefill, one compile a variant), XLA's attention vs the kernel:
+    # 64 rows x (64 + 256) slots; the 1.5B GPU config's 128 rollout rows over 1,024-token
+    # prompts; and the same rows late in a long response (4,096 filled slots).
+    decode_pallas) part $name ${DECODE_LIMIT:-100} $SAMPLER --decode_only --batch 64 \
+        --variants fused,fused_pallas --decode_tuning /tmp/srft_tune_b64.json ;;
+    decode_long_pallas) part $name ${DECODE_LIMIT:-100} $SAMPLER --decode_only --batch 128 \
+        --prompt_len 1024 --variants fused,fused_pallas --decode_tuning /tmp/srft_tune_long.json ;;
+    decode_rl_pallas) part $name ${DECODE_LIMIT:-100} $SAMPLER --decode_only --batch 128 \
+        --prompt_len 4096 --new_tokens 128 --variants fused,fused_pallas \
+        --decode_tuning /tmp/srft_tune_rl.json ;;
+    # the whole sampler (prefill included), kernel vs XLA (77 s on an H200 with the
+    # default 3 repeats; the long one took over 140 s)
+    sampler_pallas) part $name ${SAMPLER_LIMIT:-150} $SAMPLER --batch 64 \
+        --variants fused,fused_pallas --decode_tuning /tmp/srft_tune_b64.json ;;
+    sampler_long_pallas) part $name ${LONG_LIMIT:-300} $PY benchmarks/sampler_throughput.py \
+        --device --batch 128 --prompt_len 1024 --new_tokens 256 --repeats 2 \
+        --variants fused,fused_pallas --decode_tuning /tmp/srft_tune_long.json ;;
     sampler_notriton) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" part $name \
         ${SAMPLER_LIMIT:-150} $SAMPLER --batch 64 ;;
     # Profiles run without XLA command buffers (CUDA graphs) so kernels keep their HLO names.
@@ -84,10 +116,18 @@ for name in $PARTS; do
         --param_dtype bfloat16 --profile 40 ;;
     train_chunked) part $name ${TRAIN_LIMIT:-180} $TRAIN --microbatches 4 --remat dots \
         --attention chunked ;;
+    # the kernel's own tests, compiled through Triton
+    kernel_tests)
+      echo "== kernel tests on the GPU"
+      SRFT_TEST_PLATFORM=cuda timeout ${KERNEL_TESTS_LIMIT:-120} $PY -m pytest -q -p no:cacheprovider \
+        tests/test_decode_attention.py >"$OUT_DIR/kernel_tests.log" 2>&1
+      echo "   rc=$?"
+      tail -n 25 "$OUT_DIR/kernel_tests.log" ;;
     tests)
       echo "== tests on the GPU"
       SRFT_TEST_PLATFORM=cuda timeout ${TESTS_LIMIT:-170} $PY -m pytest -q -p no:cacheprovider \
-        tests/test_model.py tests/test_objectives.py tests/test_sampler.py >"$OUT_DIR/tests.log" 2>&1
+        ${TESTS:-tests/test_model.py tests/test_objectives.py tests/test_sampler.py} \
+        >"$OUT_DIR/tests.log" 2>&1
       echo "   rc=$?"
       tail -n 25 "$OUT_DIR/tests.log" ;;
     *) echo "unknown part $name" ;;

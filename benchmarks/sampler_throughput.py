@@ -21,6 +21,7 @@ The step time is (t(R new tokens) - t(1 new token)) / (R - 1), i.e. decode only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -55,8 +56,15 @@ def _args(argv=None):
   p.add_argument("--variants", default="fused,plain",
                  help="--device: comma list of fused (the sampler's default: fused "
                       "compute-dtype weights), plain (the params as they are) and "
-                      "fused_wfirst (fused, multiplied weight-first as on CPU); "
+                      "fused_wfirst (fused, multiplied weight-first as on CPU), "
+                      "fused_pallas (fused, Pallas decode-attention kernel); "
                       "the first gives the headline figures, the others ratios")
+  p.add_argument("--decode_only", action="store_true",
+                 help="--device: time the decode loop alone (sampler.decode_jit) over a cache "
+                      "prefilled with random keys/values: no prefill program, one compile")
+  p.add_argument("--decode_tuning", default="",
+                 help="--device: JSON file of decode_attention.TUNING settings for fused_pallas "
+                      "(from benchmarks/decode_attention.py --best); ignored if absent")
   return p.parse_args(argv)
 
 
@@ -70,6 +78,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from srft_jax import decode_attention  # noqa: E402
 from srft_jax import model as model_lib  # noqa: E402
 from srft_jax import sampler as smp  # noqa: E402
 
@@ -212,8 +221,19 @@ def _peak_bandwidth(device) -> float | None:
 
 def _decode_step(model, tokens, mask, a, variant):
   """Decode seconds per step of one variant: (t(R) - t(1)) / (R - 1), and t(R), t(1)."""
-  if variant not in ("fused", "plain", "fused_wfirst"):
+  if variant not in ("fused", "plain", "fused_wfirst", "fused_pallas"):
     raise ValueError(f"--variants: unknown variant {variant!r}")
+  if variant == "fused_pallas":  # the Pallas decode-attention kernel (decode_attention="pallas")
+    saved = model.cfg
+    model.cfg = dataclasses.replace(saved, decode_attention="pallas")
+    for blk in model.layers:
+      blk.cfg = blk.attn.cfg = blk.mlp.cfg = model.cfg
+    try:
+      return _decode_step(model, tokens, mask, a, "fused")
+    finally:
+      model.cfg = saved
+      for blk in model.layers:
+        blk.cfg = blk.attn.cfg = blk.mlp.cfg = saved
   if variant == "fused_wfirst":  # the CPU operand order (w @ x.T) on this backend too
     saved = model_lib.WEIGHT_FIRST_BACKENDS
     model_lib.WEIGHT_FIRST_BACKENDS = saved + (jax.default_backend(),)
@@ -224,6 +244,9 @@ def _decode_step(model, tokens, mask, a, variant):
       model_lib.WEIGHT_FIRST_BACKENDS = saved
       smp.sample_jit.clear_cache()
   fused = variant == "fused"
+  if a.decode_only:
+    step = _time_decode_only(model, a, fused)
+    return step, None, None, None
   profile = None
   if a.profile:
     t_full, profile = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature,
@@ -232,6 +255,43 @@ def _decode_step(model, tokens, mask, a, variant):
     t_full = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature, fused=fused)
   t_one = _time_srft(model, tokens, mask, 1, a.repeats, a.temperature, fused=fused)
   return (t_full - t_one) / (a.new_tokens - 1), t_full, t_one, profile
+
+
+def _time_decode_only(model, a, fused):
+  """Seconds per decode step, timed on the sampler's own decode loop
+  (`sampler.decode_jit`) over a cache whose first prompt_len slots hold random
+  keys and values: no prefill, one compile. Median of the repeats of
+  t(new_tokens - 1 steps) / (new_tokens - 1); each call also builds the fused
+  decode weights once (a ~3 GB copy at the 1.5B shape, ~1 ms)."""
+  cfg = smp.SamplingConfig(max_new_tokens=a.new_tokens, temperature=a.temperature, eos_ids=(),
+                           prompt_buckets=(a.prompt_len,), fused_weights=fused)
+  graphdef, state = nnx.split(model)
+  b, p = a.batch, a.prompt_len
+  template = jax.eval_shape(lambda: smp.make_cache(model.cfg, b, p, cfg))
+
+  @jax.jit
+  def filled(key):
+    leaves = [jax.random.normal(k, x.shape, x.dtype)
+              for k, x in zip(jax.random.split(key, 2 * model.cfg.num_layers),
+                              template["k"] + template["v"])]
+    n = model.cfg.num_layers
+    s = template["mask"].shape[1]
+    mask = jnp.broadcast_to(jnp.arange(s) < p, (b, s)).astype(template["mask"].dtype)
+    return {"k": tuple(leaves[:n]), "v": tuple(leaves[n:]), "mask": mask,
+            "index": jnp.asarray(p, template["index"].dtype)}
+
+  last = jnp.asarray(np.random.RandomState(0).randint(1, model.cfg.vocab_size, size=b), jnp.int32)
+  pos = jnp.full((b,), p, jnp.int32)
+  times = []
+  for r in range(a.repeats + 1):  # the first call compiles
+    cache = jax.block_until_ready(filled(jax.random.key(r)))
+    t0 = time.perf_counter()
+    tok, mask, cache = smp.decode_jit(graphdef, state, cache, last, pos, jax.random.key(r), cfg)
+    jax.block_until_ready(tok)
+    times.append(time.perf_counter() - t0)
+    assert int(np.asarray(mask).sum()) == b * (a.new_tokens - 1)  # no early stop
+    del cache
+  return float(np.median(times[1:])) / (a.new_tokens - 1)
 
 
 def run_device(a):
@@ -247,19 +307,34 @@ def run_device(a):
   if not cfg.tie_embeddings:  # an untied embedding is only gathered (B rows per step)
     n_weights -= cfg.vocab_size * cfg.embed_dim - a.batch * cfg.embed_dim
   weight_bytes = n_weights * compute_bytes
-  # Attention reads every slot of the static cache each step (masked or not).
+  # XLA's attention (`model.attend`) reads every slot of the static cache each
+  # step (masked or not).
   cache_len = a.prompt_len + a.new_tokens
   kv_bytes = (2 * cfg.num_layers * a.batch * cache_len * cfg.num_kv_heads * cfg.head_dim *
               compute_bytes)
   device = jax.devices()[0]
   peak = _peak_bandwidth(device)
+  if a.decode_tuning and os.path.exists(a.decode_tuning):
+    with open(a.decode_tuning) as f:
+      decode_attention.TUNING.update(json.load(f))
+  # The Pallas kernel reads only the filled slots (rounded up to its block):
+  # the cache bytes it reads, averaged over the timed decode steps 1 .. R-1.
+  bs = decode_attention.block_size(cache_len) or cache_len
+  filled = np.arange(1, a.new_tokens) + a.prompt_len  # slots attended at each step
+  read_slots = float(np.mean(np.minimum(-(-filled // bs) * bs, cache_len)))
+  kv_bytes_filled = kv_bytes * read_slots / cache_len
   variants = {}
   for name in a.variants.split(","):
     step, t_full, t_one, profile = _decode_step(model, tokens, mask, a, name)
-    achieved = (weight_bytes + kv_bytes) / step
+    pallas = name == "fused_pallas" and decode_attention.supported(cfg.head_dim, cache_len)
+    step_kv = kv_bytes_filled if pallas else kv_bytes
+    achieved = (weight_bytes + step_kv) / step
     variants[name] = {
         "decode_step_s": step, "total_s": t_full, "prefill_plus_first_s": t_one,
-        "tokens_per_s": a.batch * a.new_tokens / t_full, "decode_tokens_per_s": a.batch / step,
+        # decode_only: no prefill timed, so tokens/s is the decode rate
+        "tokens_per_s": a.batch * a.new_tokens / t_full if t_full else a.batch / step,
+        "decode_tokens_per_s": a.batch / step,
+        "kv_bytes_read": int(step_kv),
         "hbm_bandwidth_fraction": achieved / peak if peak else None, "profile": profile}
   head_name = a.variants.split(",")[0]
   head = variants[head_name]
@@ -277,7 +352,8 @@ def run_device(a):
       # decode-step time of each other variant / the headline variant's
       "step_ratio_vs_head": {k: v["decode_step_s"] / head["decode_step_s"]
                              for k, v in variants.items() if k != head_name},
-      "variants": variants, "temperature": a.temperature,
+      "variants": variants, "temperature": a.temperature, "decode_only": a.decode_only,
+      "decode_tuning": dict(decode_attention.TUNING),
   }
 
 

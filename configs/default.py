@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.model.rope_theta = 0.0        # >0 overrides the checkpoint's RoPE theta (paper: 40000)
   c.model.max_seq_len = 0         # >0 overrides the context window (paper: 16384)
   c.model.attention = ""          # "" keeps the preset's; "xla" | "chunked" | "cudnn"
+  c.model.decode_attention = ""   # "" keeps the preset's; "xla" | "pallas" (a GPU kernel)
   c.model.embed_dim = 128         # tiny-model shape (ignored for hf_path / other presets)
   c.model.num_layers = 4
   c.model.mlp_dim = 512

@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.model.param_dtype = "float32"    # float32 master weights (lr 1e-6 updates)
     c.model.remat = "full"
     c.model.attention = "cudnn"        # cuDNN flash attention (1.7x the step of "chunked")
+    c.model.decode_attention = "pallas"  # the sampler's Triton decode-attention kernel
 
     c.data.source = "tfds"
     c.data.data_dir = "data/tfds"      # python -m srft_jax.data prepare openr1 --data_dir ...

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from srft_jax import decode_attention
 from srft_jax import sharding as shd
 
 Array = jax.Array
@@ -65,6 +66,10 @@ class ModelConfig:
   # their real tokens contiguously (left-padded prompt + right-padded response).
   attention: str = "xla"
   attention_chunk: int = 512         # query block size for attention="chunked"
+  # The sampler's decode-step attention over the KV cache (one new token a row): "xla"
+  # (`attend`) or "pallas" (`decode_attention.decode_attention`: one Triton kernel on GPUs
+  # that reads only the filled slots; Pallas' interpreter on CPU, for tests).
+  decode_attention: str = "xla"
   rules: tuple = shd.DEFAULT_RULES   # logical axis -> mesh axes
 
   def __post_init__(self):
@@ -75,6 +80,7 @@ class ModelConfig:
         "dtype": self.dtype in DTYPES,
         "remat": self.remat in ("none", "full", "dots"),
         "attention": self.attention in ("xla", "chunked", "cudnn"),
+        "decode_attention": self.decode_attention in ("xla", "pallas"),
     }
     for name, ok in checks.items():
       if not ok:
@@ -346,7 +352,8 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(dt)
     return q, k, v
 
-  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None):
+  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None,
+               decode=False):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     rules = cfg.rules
     q, k, v = self._project(x_BTD, w)
@@ -367,8 +374,13 @@ class Attention(nnx.Module):
     length = "cache_length" if kv is not None else "length"
     k = shd.constrain(k, ("batch", "act_kv_heads", "head_dim", length), rules)
     v = shd.constrain(v, ("batch", "act_kv_heads", length, "head_dim"), rules)
+    if (decode and kv is not None and q.shape[1] == 1 and cfg.decode_attention == "pallas"
+        and k.dtype == q.dtype and decode_attention.supported(cfg.head_dim, k.shape[-1])):
+      # the new token sits in slot `index`: nothing past it is read
+      out = decode_attention.decode_attention(q[:, 0], k, v, allowed_BTS[:, 0], index + 1,
+                                              rules=rules)[:, None]
     # With a cache, "cudnn" attends in query blocks too (cuDNN needs packed causal rows).
-    if cfg.attention in ("chunked", "cudnn"):
+    elif cfg.attention in ("chunked", "cudnn"):
       out = attend_chunked(q, k.astype(dt), v.astype(dt), allowed_BTS, cfg.attention_chunk)
     else:
       out = attend(q, k.astype(dt), v.astype(dt), allowed_BTS)
@@ -421,9 +433,10 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None):
+  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None,
+               decode=False):
     y, kv = self.attn(self.attn_norm(x_BTD), positions_BT, inv_freq, allowed_BTS, kv, index,
-                      None if w is None else w["attn"])
+                      None if w is None else w["attn"], decode)
     x = x_BTD + y
     x = x + self.mlp(self.mlp_norm(x), None if w is None else w["mlp"])
     x = shd.constrain(x, ("batch", "length", "act_embed"), self.cfg.rules)
@@ -483,7 +496,13 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BT: Array, positions_BT: Array, mask_BT: Array | None = None,
                cache: dict[str, Any] | None = None, return_hidden: bool = False,
-               weights: dict[str, Any] | None = None, remat: bool | None = None):
+               weights: dict[str, Any] | None = None, remat: bool | None = None,
+               decode: bool = False):
+    """Logits [B, T, V] float32 (or final hidden states) and the updated cache.
+
+    `decode=True` marks the sampler's decode step (one new token a row, a
+    cache, no backward pass): only there does `cfg.decode_attention` apply.
+    """
     cfg = self.cfg
     dt = cfg.jnp_dtype
     b, t = tokens_BT.shape
@@ -523,7 +542,10 @@ class Transformer(nnx.Module):
     for i, block in enumerate(self.layers):
       kv = None if cache is None else (cache["k"][i], cache["v"][i])
       w = None if weights is None else weights["layers"][i]
-      x, kv = run(block, x, positions_BT, inv_freq, allowed, kv, index, w)
+      if decode:  # the sampler's decode step (no backward pass, never rematerialised)
+        x, kv = block(x, positions_BT, inv_freq, allowed, kv, index, w, decode=True)
+      else:
+        x, kv = run(block, x, positions_BT, inv_freq, allowed, kv, index, w)
       if cache is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])

@@ -263,6 +263,27 @@ def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
 
   tok0, logp0 = select_tokens(logits_B1V[:, 0], jax.random.fold_in(rng, 0),
                               cfg.temperature, cfg.top_k, cfg.top_p)
+  out_tok_BR, out_logp_BR, out_mask_BR, cache = _decode_loop(model, wkw, cache, tok0, logp0,
+                                                             next_pos_B, rng, cfg)
+  out = SampleOutput(
+      tokens=shd.constrain(out_tok_BR, batch_names, rules),
+      logprobs=shd.constrain(out_logp_BR, batch_names, rules),
+      mask=shd.constrain(out_mask_BR, batch_names, rules),
+      lengths=shd.constrain(jnp.sum(out_mask_BR, axis=-1), ("batch",), rules),
+      prompt_tokens=tokens_BP,
+      prompt_mask=mask_BP,
+  )
+  return out, cache
+
+
+def _decode_loop(model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg: SamplingConfig):
+  """Tokens 1 .. R-1 after the drawn token 0 (position next_pos_B), in one
+  while_loop over the cache: (tokens, log-probs, mask [B, R], final cache)."""
+  rules = model.cfg.rules
+  cache_names = model_lib.cache_logical_axes(model.cfg)
+  b, r = tok0.shape[0], cfg.max_new_tokens
+  # the model's decode-step path (ModelConfig.decode_attention); test doubles have none
+  dkw = dict(wkw, decode=True) if hasattr(model, "decode_weights") else dict(wkw)
   out_tok_BR = jnp.full((b, r), cfg.pad_id, jnp.int32).at[:, 0].set(tok0)
   out_logp_BR = jnp.zeros((b, r), f32).at[:, 0].set(logp0)
   out_mask_BR = jnp.zeros((b, r), jnp.int32).at[:, 0].set(1)
@@ -277,7 +298,7 @@ def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
     step, cache, last_tok, out_tok, out_logp, out_mask, done = carry
     live = (~done).astype(jnp.int32)
     pos = (next_pos_B + step - 1)[:, None]
-    logits_B1V, cache = model(last_tok[:, None], pos, live[:, None], cache=cache, **wkw)
+    logits_B1V, cache = model(last_tok[:, None], pos, live[:, None], cache=cache, **dkw)
     cache = _constrain_tree(cache, cache_names, rules)
     tok, logp = select_tokens(logits_B1V[:, 0], jax.random.fold_in(rng, step),
                               cfg.temperature, cfg.top_k, cfg.top_p)
@@ -292,16 +313,24 @@ def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
 
   carry = (jnp.asarray(1, jnp.int32), cache, tok0, out_tok_BR, out_logp_BR, out_mask_BR, done_B)
   _, cache, _, out_tok_BR, out_logp_BR, out_mask_BR, _ = jax.lax.while_loop(cond, body, carry)
+  return out_tok_BR, out_logp_BR, out_mask_BR, cache
 
-  out = SampleOutput(
-      tokens=shd.constrain(out_tok_BR, batch_names, rules),
-      logprobs=shd.constrain(out_logp_BR, batch_names, rules),
-      mask=shd.constrain(out_mask_BR, batch_names, rules),
-      lengths=shd.constrain(jnp.sum(out_mask_BR, axis=-1), ("batch",), rules),
-      prompt_tokens=tokens_BP,
-      prompt_mask=mask_BP,
-  )
-  return out, cache
+
+def _decode_core(graphdef, state, cache, last_tok_B, next_pos_B, rng, cfg):
+  model = nnx.merge(graphdef, state)
+  fuse = cfg.fused_weights and hasattr(model, "decode_weights")
+  wkw = {"weights": model.decode_weights()} if fuse else {}
+  tok, _, mask, cache = _decode_loop(model, wkw, cache, last_tok_B.astype(jnp.int32),
+                                     jnp.zeros(last_tok_B.shape, f32),
+                                     next_pos_B.astype(jnp.int32), rng, cfg)
+  return tok[:, 1:], mask[:, 1:], cache
+
+
+# Decoding on from a filled cache: cfg.max_new_tokens - 1 tokens after
+# `last_tok_B` (already drawn, not yet in the cache; its position next_pos_B).
+# The cache is donated. Returns (tokens, mask [B, R-1], cache). The sampler's
+# own decode loop; benchmarks time a decode step with it on a synthetic cache.
+decode_jit = jax.jit(_decode_core, static_argnames=("graphdef", "cfg"), donate_argnames=("cache",))
 
 
 # Traced-function counter: the recompile test reads it (one increment per trace).

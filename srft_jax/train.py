@@ -696,6 +696,10 @@ def validate_config(c) -> None:
   need(c.data.source in ("task", "tfds"), "data.source", f"unknown source {c.data.source!r}")
   need(c.model.hf_path or c.model.preset in model_lib.PRESETS, "model.preset",
        f"unknown preset {c.model.preset!r}; known: {sorted(model_lib.PRESETS)}")
+  need(c.model.get("attention", "") in ("", "xla", "chunked", "cudnn"), "model.attention",
+       f"unknown attention {c.model.get('attention')!r}; known: xla, chunked, cudnn")
+  need(c.model.get("decode_attention", "") in ("", "xla", "pallas"), "model.decode_attention",
+       f"unknown decode attention {c.model.get('decode_attention')!r}; known: xla, pallas")
   overrides = {k: v for k, v in dict(c.loss).items() if v is not None}
   try:
     obj.LossConfig.preset(c.method, **overrides)
@@ -722,6 +726,9 @@ def validate_config(c) -> None:
 
 def _model_config(c, tokenizer) -> model_lib.ModelConfig:
   kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+  for name in ("attention", "decode_attention"):  # "" keeps the preset's
+    if c.model.get(name):
+      kw[name] = c.model.get(name)
   if c.model.preset == "tiny":
     kw.update(vocab_size=tokenizer.vocab_size, embed_dim=c.model.embed_dim,
               num_layers=c.model.num_layers, mlp_dim=c.model.mlp_dim,
@@ -830,8 +837,9 @@ def _hf_config_overrides(c) -> dict:
     out["rope_theta"] = float(c.model.rope_theta)
   if c.model.get("max_seq_len"):
     out["max_seq_len"] = int(c.model.max_seq_len)
-  if c.model.get("attention"):
-    out["attention"] = c.model.attention
+  for name in ("attention", "decode_attention"):
+    if c.model.get(name):
+      out[name] = c.model.get(name)
   return out
 
 

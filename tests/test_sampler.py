@@ -264,6 +264,25 @@ def test_fused_decode_weights_sample_what_the_params_sample(param_dtype, dtype):
                              atol=atol)
 
 
+def test_decode_jit_continues_from_a_cache(model):
+  """Greedy: 4 tokens, then `decode_jit` on from the returned cache (feeding the
+  4th token) gives tokens 5-8 of one 8-token call."""
+  toks, mask = _prompts(seed=9, b=3, t=6)
+  cfg8 = smp.SamplingConfig(max_new_tokens=8, temperature=0.0, prompt_buckets=BUCKETS)
+  ref = smp.sample(model, toks, mask, jax.random.key(0), cfg8)
+  cfg4 = dataclasses.replace(cfg8, max_new_tokens=4)
+  ptok, pmask = smp.prepare_prompts(toks, mask, cfg4)
+  graphdef, state = nnx.split(model)
+  cache = smp.make_cache(model.cfg, *ptok.shape, cfg8)  # room for all 8
+  out, cache = smp.sample_tokens(graphdef, state, ptok, pmask, jax.random.key(0), cfg4, cache)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens)[:, :4])
+  pos = pmask.sum(-1) + 3
+  tok, live, _ = smp.decode_jit(graphdef, state, cache, out.tokens[:, 3], pos, jax.random.key(0),
+                                dataclasses.replace(cfg8, max_new_tokens=5))
+  np.testing.assert_array_equal(np.asarray(tok), np.asarray(ref.tokens)[:, 4:])
+  assert np.all(np.asarray(live) == 1)
+
+
 def test_shared_prefill_samples_what_per_row_prefill_samples(model):
   """n samples a prompt: one prefill per prompt, its cache copied to the n rows,
   gives the tokens, log-probs and lengths of prefilling every row."""

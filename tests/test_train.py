@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -429,6 +430,21 @@ def test_other_config_files_validate(name, arg):
   train.validate_config(c)
 
 
+def test_model_attention_settings_reach_the_model():
+  """config.model.attention / decode_attention override the preset's ("" keeps it)."""
+  c = DEFAULT.get_config()
+  vocab = types.SimpleNamespace(vocab_size=64)
+  base = train._model_config(c, vocab)
+  with c.unlocked():
+    c.model.attention = "chunked"
+    c.model.decode_attention = "pallas"
+  mcfg = train._model_config(c, vocab)
+  assert (mcfg.attention, mcfg.decode_attention) == ("chunked", "pallas")
+  assert (base.attention, base.decode_attention) == ("xla", "xla")
+  gpu = _config_file("qwen2p5_1p5b_gpu").get_config()
+  assert train._model_config(gpu, vocab).decode_attention == "pallas"
+
+
 def _bad(field, value):
   c = DEFAULT.get_config()
   with c.unlocked():
@@ -454,6 +470,8 @@ def _bad(field, value):
     ("warmup.lr", 0.0, "config.warmup.lr"),
     ("data.source", "web", "config.data.source"),
     ("model.preset", "gpt5", "config.model.preset"),
+    ("model.attention", "flash", "config.model.attention"),
+    ("model.decode_attention", "triton", "config.model.decode_attention"),
 ])
 def test_bad_config_names_field(field, value, named):
   with pytest.raises(ValueError) as e:
