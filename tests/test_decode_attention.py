@@ -61,10 +61,13 @@ def tuning():
   da.TUNING.update(saved)
 
 
-@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
-@pytest.mark.parametrize("bound,s,splits", [(70, 96, None), (96, 96, 1), (1, 32, None),
-                                            (130, 160, 4), (130, 160, 1)])
-def test_kernel_matches_numpy_formula(dtype, atol, bound, s, splits, tuning):
+F32, BF16 = (jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)
+
+
+@pytest.mark.parametrize("bound,s,splits,dtype,atol", [
+    (70, 96, None, *F32), (96, 96, 1, *F32), (1, 32, None, *F32), (130, 160, 4, *F32),
+    (130, 160, 1, *BF16), (70, 96, None, *BF16)])
+def test_kernel_matches_numpy_formula(bound, s, splits, dtype, atol, tuning):
   """One program a (row, kv head) or the slots split over several (flash decoding:
   splits past the bound stay empty and the partial softmaxes are merged)."""
   tuning.update(splits=splits)
@@ -169,9 +172,7 @@ def test_kernel_only_in_the_decode_step_so_one_token_training_rows_differentiate
                                          jnp.ones((4, 1), jnp.int32))
     return jnp.sum(hr ** 2) + jnp.sum(hp ** 2)
 
-  assert "pallas_call" not in str(jax.make_jaxpr(loss)(state))
-  grads = jax.jit(jax.grad(loss))(state)
-  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  assert "pallas_call" not in str(jax.make_jaxpr(jax.value_and_grad(loss))(state))
 
 
 @pytest.mark.multidevice

@@ -536,13 +536,10 @@ def test_7b_train_step_eval_shape(source):
     assert metrics["grad_norm"].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("micro,response_len,group", [(2, 0, 0), (1, 6, 0), (2, 6, 0),
-                                                     (1, 6, 4), (2, 6, 4)])
-def test_micro_batches_and_response_only_logprobs_match_plain_step(micro, response_len, group):
-  """Two micro-batches (an entropy pre-pass for the batch-level H, then summed
-  gradients), response-only log-probs (`response_len`: no LM head on the
-  prompt) and the shared-prefix forward (`group`: each group's prompt runs
-  once) give the update of one micro-batch over the full rows."""
+@functools.lru_cache(maxsize=None)
+def _micro_batch_case():
+  """One SRFT batch (two groups of 4 rows sharing a prompt), the model, and the
+  reference update: one micro-batch over the full rows (computed once)."""
   cfg = model_lib.ModelConfig(vocab_size=48, embed_dim=32, mlp_dim=64, num_layers=1,
                               num_heads=2, num_kv_heads=1, head_dim=16)
   graphdef, params = nnx.split(model_lib.create_model(cfg, seed=4))
@@ -564,13 +561,25 @@ def test_micro_batches_and_response_only_logprobs_match_plain_step(micro, respon
            "rewards": jnp.asarray(rs.randint(0, 2, b), jnp.float32),
            "advantages": jnp.asarray(rs.randn(b), jnp.float32)}
   loss_cfg = dataclasses.replace(obj.LossConfig.preset("srft"), entropy_granularity="batch")
-  out = []
-  for m, r, g in ((1, 0, 0), (micro, response_len, group)):
-    step_cfg = train.StepConfig(loss=loss_cfg, minibatches=1, microbatches=m, logit_chunk=16,
-                                response_len=r, group=g)
+
+  def step(micro, response_len, group):
+    step_cfg = train.StepConfig(loss=loss_cfg, minibatches=1, microbatches=micro, logit_chunk=16,
+                                response_len=response_len, group=group)
     state = train.init_train_state(params, tx)
-    out.append(jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg))(state, batch))
-  (s1, m1), (s2, m2) = out
+    return jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg))(state, batch)
+
+  return params, step, step(1, 0, 0)
+
+
+@pytest.mark.parametrize("micro,response_len,group", [(2, 0, 0), (1, 6, 0), (2, 6, 0),
+                                                     (1, 6, 4), (2, 6, 4)])
+def test_micro_batches_and_response_only_logprobs_match_plain_step(micro, response_len, group):
+  """Two micro-batches (an entropy pre-pass for the batch-level H, then summed
+  gradients), response-only log-probs (`response_len`: no LM head on the
+  prompt) and the shared-prefix forward (`group`: each group's prompt runs
+  once) give the update of one micro-batch over the full rows."""
+  params, step, (s1, m1) = _micro_batch_case()
+  s2, m2 = step(micro, response_len, group)
   np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
   moved = 0.0
