@@ -93,6 +93,14 @@ for name in $PARTS; do
     decode_rl_pallas) part $name ${DECODE_LIMIT:-100} $SAMPLER --decode_only --batch 128 \
         --prompt_len 4096 --new_tokens 128 --variants fused,fused_pallas \
         --decode_tuning /tmp/srft_tune_rl.json ;;
+    # kernel profiles of one decode-only call (command buffers off: kernels keep their names)
+    decode_profile) XLA_FLAGS="--xla_gpu_enable_command_buffer=" part $name \
+        ${DECODE_LIMIT:-100} $SAMPLER --decode_only --batch 64 --profile 40 \
+        --variants fused_pallas,fused --decode_tuning /tmp/srft_tune_b64.json ;;
+    decode_rl_profile) XLA_FLAGS="--xla_gpu_enable_command_buffer=" part $name \
+        ${DECODE_LIMIT:-100} $SAMPLER --decode_only --batch 128 --prompt_len 4096 \
+        --new_tokens 128 --profile 40 --variants fused_pallas,fused \
+        --decode_tuning /tmp/srft_tune_rl.json ;;
     # the whole sampler (prefill included), kernel vs XLA (77 s on an H200 with the
     # default 3 repeats; the long one took over 140 s)
     sampler_pallas) part $name ${SAMPLER_LIMIT:-150} $SAMPLER --batch 64 \

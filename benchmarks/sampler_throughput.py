@@ -245,8 +245,8 @@ def _decode_step(model, tokens, mask, a, variant):
       smp.sample_jit.clear_cache()
   fused = variant == "fused"
   if a.decode_only:
-    step = _time_decode_only(model, a, fused)
-    return step, None, None, None
+    step, profile = _time_decode_only(model, a, fused)
+    return step, None, None, profile
   profile = None
   if a.profile:
     t_full, profile = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature,
@@ -291,7 +291,17 @@ def _time_decode_only(model, a, fused):
     times.append(time.perf_counter() - t0)
     assert int(np.asarray(mask).sum()) == b * (a.new_tokens - 1)  # no early stop
     del cache
-  return float(np.median(times[1:])) / (a.new_tokens - 1)
+  step = float(np.median(times[1:])) / (a.new_tokens - 1)
+  if not a.profile:
+    return step, None
+  # One more call under the profiler (its cache is filled before the trace starts).
+  pending = [filled(jax.random.key(99))]
+  jax.block_until_ready(pending)
+  text = smp.decode_jit.lower(graphdef, state, pending[0], last, pos, jax.random.key(0),
+                              cfg).compile().as_text()
+  run = lambda: smp.decode_jit(graphdef, state, pending.pop(), last, pos,  # noqa: E731
+                               jax.random.key(0), cfg)[0]
+  return step, profile_ops.top_ops(run, n=a.profile, compiled_text=text)
 
 
 def run_device(a):
