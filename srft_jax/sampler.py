@@ -178,20 +178,19 @@ def select_tokens(logits_BV: Array, key: Array, temperature: float, top_k: int,
   Log-probs are under the untruncated softmax(logits / temperature), or
   softmax(logits) for greedy (temperature 0).
   """
-  logits = logits_BV.astype(f32)
+  z = logits_BV.astype(f32)
   if temperature == 0.0:
-    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logp_BV = jax.nn.log_softmax(logits, axis=-1)
+    tok = jnp.argmax(z, axis=-1).astype(jnp.int32)
   else:
-    z = logits / temperature
-    logp_BV = jax.nn.log_softmax(z, axis=-1)
+    z = z / temperature
     cand_BC, ids_BC = _filtered_scores(z, top_k, top_p)
     choice = draw_categorical(key, cand_BC)
     if ids_BC is None:
       tok = choice.astype(jnp.int32)
     else:
       tok = jnp.take_along_axis(ids_BC, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-  logp = jnp.take_along_axis(logp_BV, tok[:, None], axis=-1)[:, 0]
+  # log softmax at the drawn token only: z[tok] - logsumexp(z), never a [B, V] array
+  logp = jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, axis=-1)
   return tok, logp
 
 
