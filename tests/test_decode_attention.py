@@ -191,3 +191,19 @@ def test_sharded_kernel_equals_single_device():
     out = jax.jit(lambda *a: da.decode_attention(*a, jnp.int32(50)))(*args)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6, rtol=0)
   assert len(out.sharding.device_set) == 8
+
+
+@pytest.mark.multidevice
+def test_sharded_sampler_with_kernel_equals_single_device():
+  """The whole sampler on a (data 2, fsdp 2, tensor 2) mesh with the kernel in
+  its decode step: the same greedy tokens and log-probs as one device."""
+  m = _scaled_model(dataclasses.replace(CFG, decode_attention="pallas"), seed=2)
+  mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sharded = shd.shard_module(m, mesh, m.cfg.rules)
+  toks, mask = _prompts(seed=5)
+  cfg = smp.SamplingConfig(max_new_tokens=8, temperature=0.0, n=2, prompt_buckets=(8,))
+  ref = smp.sample(m, toks, mask, jax.random.key(0), cfg)
+  out = smp.sample(sharded, toks, mask, jax.random.key(0), cfg, mesh=mesh)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+  np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+  assert len(out.tokens.sharding.device_set) == 8
