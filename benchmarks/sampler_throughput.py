@@ -286,7 +286,8 @@ def _time_decode_only(model, a, fused):
   for r in range(a.repeats + 1):  # the first call compiles
     cache = jax.block_until_ready(filled(jax.random.key(r)))
     t0 = time.perf_counter()
-    tok, mask, cache = smp.decode_jit(graphdef, state, cache, last, pos, jax.random.key(r), cfg)
+    tok, _, mask, cache = smp.decode_jit(graphdef, state, cache, last, pos, jax.random.key(r),
+                                         cfg)
     jax.block_until_ready(tok)
     times.append(time.perf_counter() - t0)
     assert int(np.asarray(mask).sum()) == b * (a.new_tokens - 1)  # no early stop

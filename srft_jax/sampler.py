@@ -319,16 +319,18 @@ def _decode_core(graphdef, state, cache, last_tok_B, next_pos_B, rng, cfg):
   model = nnx.merge(graphdef, state)
   fuse = cfg.fused_weights and hasattr(model, "decode_weights")
   wkw = {"weights": model.decode_weights()} if fuse else {}
-  tok, _, mask, cache = _decode_loop(model, wkw, cache, last_tok_B.astype(jnp.int32),
-                                     jnp.zeros(last_tok_B.shape, f32),
-                                     next_pos_B.astype(jnp.int32), rng, cfg)
-  return tok[:, 1:], mask[:, 1:], cache
+  tok, logp, mask, cache = _decode_loop(model, wkw, cache, last_tok_B.astype(jnp.int32),
+                                        jnp.zeros(last_tok_B.shape, f32),
+                                        next_pos_B.astype(jnp.int32), rng, cfg)
+  return tok[:, 1:], logp[:, 1:], mask[:, 1:], cache
 
 
 # Decoding on from a filled cache: cfg.max_new_tokens - 1 tokens after
-# `last_tok_B` (already drawn, not yet in the cache; its position next_pos_B).
-# The cache is donated. Returns (tokens, mask [B, R-1], cache). The sampler's
-# own decode loop; benchmarks time a decode step with it on a synthetic cache.
+# `last_tok_B` (already drawn, not yet in the cache; its position next_pos_B),
+# drawn with keys fold_in(rng, 1 ..). The cache is donated. Returns (tokens,
+# log-probs, mask [B, R-1], cache), as `sample_tokens` records them. The
+# sampler's own decode loop; benchmarks time a decode step with it on a
+# synthetic cache.
 decode_jit = jax.jit(_decode_core, static_argnames=("graphdef", "cfg"), donate_argnames=("cache",))
 
 

@@ -266,7 +266,7 @@ def test_fused_decode_weights_sample_what_the_params_sample(param_dtype, dtype):
 
 def test_decode_jit_continues_from_a_cache(model):
   """Greedy: 4 tokens, then `decode_jit` on from the returned cache (feeding the
-  4th token) gives tokens 5-8 of one 8-token call."""
+  4th token) gives tokens 5-8 of one 8-token call, with their log-probs."""
   toks, mask = _prompts(seed=9, b=3, t=6)
   cfg8 = smp.SamplingConfig(max_new_tokens=8, temperature=0.0, prompt_buckets=BUCKETS)
   ref = smp.sample(model, toks, mask, jax.random.key(0), cfg8)
@@ -277,9 +277,10 @@ def test_decode_jit_continues_from_a_cache(model):
   out, cache = smp.sample_tokens(graphdef, state, ptok, pmask, jax.random.key(0), cfg4, cache)
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens)[:, :4])
   pos = pmask.sum(-1) + 3
-  tok, live, _ = smp.decode_jit(graphdef, state, cache, out.tokens[:, 3], pos, jax.random.key(0),
-                                dataclasses.replace(cfg8, max_new_tokens=5))
+  tok, logp, live, _ = smp.decode_jit(graphdef, state, cache, out.tokens[:, 3], pos,
+                                      jax.random.key(0), dataclasses.replace(cfg8, max_new_tokens=5))
   np.testing.assert_array_equal(np.asarray(tok), np.asarray(ref.tokens)[:, 4:])
+  np.testing.assert_allclose(np.asarray(logp), np.asarray(ref.logprobs)[:, 4:], atol=1e-5)
   assert np.all(np.asarray(live) == 1)
 
 
