@@ -224,16 +224,10 @@ def _decode_step(model, tokens, mask, a, variant):
   if variant not in ("fused", "plain", "fused_wfirst", "fused_pallas"):
     raise ValueError(f"--variants: unknown variant {variant!r}")
   if variant == "fused_pallas":  # the Pallas decode-attention kernel (decode_attention="pallas")
-    saved = model.cfg
-    model.cfg = dataclasses.replace(saved, decode_attention="pallas")
-    for blk in model.layers:
-      blk.cfg = blk.attn.cfg = blk.mlp.cfg = model.cfg
-    try:
-      return _decode_step(model, tokens, mask, a, "fused")
-    finally:
-      model.cfg = saved
-      for blk in model.layers:
-        blk.cfg = blk.attn.cfg = blk.mlp.cfg = saved
+    # the same parameter arrays under a config that selects the kernel
+    alt = model_lib.abstract_model(dataclasses.replace(model.cfg, decode_attention="pallas"))
+    nnx.update(alt, nnx.state(model))
+    return _decode_step(alt, tokens, mask, a, "fused")
   if variant == "fused_wfirst":  # the CPU operand order (w @ x.T) on this backend too
     saved = model_lib.WEIGHT_FIRST_BACKENDS
     model_lib.WEIGHT_FIRST_BACKENDS = saved + (jax.default_backend(),)

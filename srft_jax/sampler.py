@@ -210,6 +210,15 @@ def _is_eos(tok_B: Array, eos_ids: tuple[int, ...]) -> Array:
   return jnp.any(tok_B[:, None] == jnp.asarray(eos_ids, jnp.int32)[None, :], axis=-1)
 
 
+def _weights_kw(model, cfg: SamplingConfig) -> dict[str, Any]:
+  """The fused decode weights as the model's `weights=` argument (built once a
+  call); none when switched off or for a model without them (a test double,
+  which decodes from its own params)."""
+  if cfg.fused_weights and hasattr(model, "decode_weights"):
+    return {"weights": model.decode_weights()}
+  return {}
+
+
 def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
                  cfg: SamplingConfig, cache: dict[str, Any] | None = None):
   """Prefill + while_loop decode. Pure; jitted below as `sample_tokens`."""
@@ -234,9 +243,7 @@ def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
                  index=jnp.zeros_like(cache["index"]))
   cache = _constrain_tree(cache, cache_names, rules)
 
-  # A model without `decode_weights` (a test double) decodes from its own params.
-  fuse = cfg.fused_weights and hasattr(model, "decode_weights")
-  wkw = {"weights": model.decode_weights()} if fuse else {}
+  wkw = _weights_kw(model, cfg)
   # Prefill: the whole (left-padded) prompt at once; its last column is real.
   # Only the last column's logits are needed: [B, P, V] float32 is never built.
   group = cfg.n if cfg.share_prefill and cfg.n > 1 and b % cfg.n == 0 else 1
@@ -317,9 +324,8 @@ def _decode_loop(model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg: SamplingC
 
 def _decode_core(graphdef, state, cache, last_tok_B, next_pos_B, rng, cfg):
   model = nnx.merge(graphdef, state)
-  fuse = cfg.fused_weights and hasattr(model, "decode_weights")
-  wkw = {"weights": model.decode_weights()} if fuse else {}
-  tok, logp, mask, cache = _decode_loop(model, wkw, cache, last_tok_B.astype(jnp.int32),
+  tok, logp, mask, cache = _decode_loop(model, _weights_kw(model, cfg), cache,
+                                        last_tok_B.astype(jnp.int32),
                                         jnp.zeros(last_tok_B.shape, f32),
                                         next_pos_B.astype(jnp.int32), rng, cfg)
   return tok[:, 1:], logp[:, 1:], mask[:, 1:], cache
