@@ -25,29 +25,53 @@ log = logging.getLogger(__name__)
 
 def generate(model, tokenizer, questions: Sequence[str], cfg: sampler_lib.SamplingConfig, *,
              rng, template: str = "plain", system: str | None = None, batch_size: int = 64,
-             mesh=None, progress: bool = False) -> list[list[str]]:
-  """`cfg.n` completions per question, decoded. Batches have a fixed size (the
-  last one is padded with repeats) so evaluation compiles once per bucket."""
+             mesh=None, progress: bool = False) -> list[list[str] | None]:
+  """`cfg.n` completions per question, decoded; None for a question whose prompt
+  is longer than the largest bucket (not asked: `score_completions` counts it
+  as `prompt_too_long`, reward 0). Batches have a fixed size (the last one is
+  padded with repeats) so evaluation compiles once per bucket."""
   prompts = [render_prompt(q, template=template, system=system) for q in questions]
-  out: list[list[str]] = []
-  batches = range(0, len(prompts), batch_size)
+  lengths = [len(tokenizer.encode(p)) for p in prompts]
+  asked = [i for i, n in enumerate(lengths) if n <= cfg.prompt_buckets[-1]]
+  if len(asked) < len(prompts):
+    log.warning("%d of %d prompts are longer than the largest bucket %d: not asked, scored 0",
+                len(prompts) - len(asked), len(prompts), cfg.prompt_buckets[-1])
+  out: list[list[str] | None] = [None] * len(prompts)
+  batches = range(0, len(asked), batch_size)
   if progress and jax.process_index() == 0:
     from tqdm.auto import tqdm
     batches = tqdm(batches, desc="eval", leave=False)
   for i, start in enumerate(batches):
-    chunk = prompts[start:start + batch_size]
-    real = len(chunk)
-    chunk = chunk + [chunk[-1]] * (batch_size - real)
-    longest = max(len(tokenizer.encode(p)) for p in chunk)
-    width = cfg.bucket_for(longest)
-    tokens, mask = tokenizer.batch_encode(chunk, max_len=width, left_pad=True)
+    idx = asked[start:start + batch_size]
+    real = len(idx)
+    idx = idx + [idx[-1]] * (batch_size - real)
+    width = cfg.bucket_for(max(lengths[j] for j in idx))
+    tokens, mask = tokenizer.batch_encode([prompts[j] for j in idx], max_len=width, left_pad=True)
     res = sampler_lib.sample(model, tokens, mask, jax.random.fold_in(rng, i), cfg, mesh=mesh)
     from srft_jax.train import gather_all  # whole batch on every host (multi-host safe)
     toks, masks = gather_all(res.tokens), gather_all(res.mask)
     texts = tokenizer.batch_decode(toks, masks)
-    for j in range(real):
-      out.append(texts[j * cfg.n:(j + 1) * cfg.n])
+    for r, j in enumerate(idx[:real]):
+      out[j] = texts[r * cfg.n:(r + 1) * cfg.n]
   return out
+
+
+def score_completions(completions: Sequence[list[str] | None], answers: Sequence[str], n: int,
+                      scorer, *, require_think: bool) -> tuple[np.ndarray, dict[str, int]]:
+  """Rewards [problems, n] and outcome counts of `generate`'s completions; a
+  problem that was not asked (None) scores 0 with outcome `prompt_too_long`."""
+  asked = [i for i, c in enumerate(completions) if c is not None]
+  texts = [t for i in asked for t in completions[i]]
+  truths = [answers[i] for i in asked for _ in range(n)]
+  rewards, outcomes = scorer.score(texts, truths, require_think=require_think)
+  correct = np.zeros((len(completions), n), np.float32)
+  correct[asked] = np.asarray(rewards, np.float32).reshape(len(asked), n)
+  counts: dict[str, int] = {}
+  for o in outcomes:
+    counts[o] = counts.get(o, 0) + 1
+  if len(asked) < len(completions):
+    counts["prompt_too_long"] = (len(completions) - len(asked)) * n
+  return correct, counts
 
 
 def accuracy_on_rows(model, tokenizer, rows: Sequence[dict], scorer, cfg: sampler_lib.SamplingConfig,
@@ -56,15 +80,11 @@ def accuracy_on_rows(model, tokenizer, rows: Sequence[dict], scorer, cfg: sample
   """Mean reward over rows x cfg.n samples (avg@n; pass@1 for n = 1), with outcome counts."""
   completions = generate(model, tokenizer, [r["prompt"] for r in rows], cfg, rng=rng,
                          template=template, batch_size=batch_size, mesh=mesh)
-  texts = [t for c in completions for t in c]
-  truths = [r["answer"] for r, c in zip(rows, completions) for _ in c]
-  rewards, outcomes = scorer.score(texts, truths, require_think=require_think)
-  counts: dict[str, int] = {}
-  for o in outcomes:
-    counts[o] = counts.get(o, 0) + 1
-  per_problem = rewards.reshape(len(rows), -1).mean(1)
-  return {"accuracy": float(per_problem.mean()), "n": len(rows), "k": cfg.n,
-          "outcomes": counts, "samples": texts[:4]}
+  correct, counts = score_completions(completions, [r["answer"] for r in rows], cfg.n, scorer,
+                                      require_think=require_think)
+  samples = [t for c in completions if c is not None for t in c][:4]
+  return {"accuracy": float(correct.mean(1).mean()), "n": len(rows), "k": cfg.n,
+          "outcomes": counts, "samples": samples}
 
 
 # ----------------------------------------------------------------------------
@@ -136,14 +156,9 @@ def evaluate_benchmarks(model, tokenizer, names: Sequence[str], config, *, score
     completions = generate(model, tokenizer, [r["prompt"] for r in rows], cfg,
                            rng=jax.random.key(seed), template=config.data.template,
                            batch_size=config.eval.batch_size, mesh=mesh, progress=True)
-    texts = [t for c in completions for t in c]
-    truths = [r["answer"] for r in rows for _ in range(n)]
-    rewards, outcomes = scorer.score(texts, truths, require_think=config.rollout.require_think)
-    correct = rewards.reshape(len(rows), n)
+    correct, counts = score_completions(completions, [r["answer"] for r in rows], n, scorer,
+                                        require_think=config.rollout.require_think)
     score = (metrics_eval.avg_at_k(correct) if n > 1 else metrics_eval.pass_at_1(correct))
-    counts: dict[str, int] = {}
-    for o in outcomes:
-      counts[o] = counts.get(o, 0) + 1
     results[name] = {"score": score, "metric": f"avg@{n}" if n > 1 else "pass@1",
                      "problems": len(rows), "outcomes": counts, "seconds": round(time.time() - t0, 1)}
   return results

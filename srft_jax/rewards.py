@@ -53,6 +53,11 @@ THINK_END = "</think>"
 # and `\}` (literal braces in sets) never count as grouping braces.
 _BRACE_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\.|[{}]", re.DOTALL)
 _BOX_OPENER = re.compile(r"\\(?:boxed|fbox)")
+# The brace-less form `\boxed 5` (verl accepts it too): one run of characters
+# ending at whitespace, `$`, a closing brace or the end, without trailing
+# sentence punctuation; a run holding a command or a brace (`\boxed x^{2}`)
+# is not taken for an answer.
+_BARE_BOX = re.compile(r"\\(?:boxed|fbox)\s+([^\s${}\\]+)(?=[\s$}]|\Z)")
 
 
 def graded_text(response: str, require_think: bool) -> str | None:
@@ -74,6 +79,7 @@ def find_last_boxed(text: str) -> tuple[str | None, bool]:
 
     "Last" is the box that closes last, so for `\\boxed{\\boxed{5}}` the outer one
     wins. A truncated final box falls back to the last complete one before it.
+    A brace-less `\\boxed 5` counts when it comes after every closed braced box.
     """
     first = _BOX_OPENER.search(text)
     if first is None:
@@ -93,6 +99,13 @@ def find_last_boxed(text: str) -> tuple[str | None, bool]:
         elif token.startswith(("\\boxed", "\\fbox")):
             stack.append(m.end())
         # any other `\x` escape is skipped
+    bare = None
+    for m in _BARE_BOX.finditer(text, first.start()):
+        bare = m
+    if bare is not None and (best is None or bare.start() > best[1]):
+        content = bare.group(1).rstrip(".,;:!?")
+        if content:
+            return content, True
     if best is None:
         return None, True
     return text[best[0]:best[1]], True
@@ -102,10 +115,10 @@ def find_last_boxed(text: str) -> tuple[str | None, bool]:
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 _LETTER_ONLY = re.compile(r"\(?([A-Za-z])\)?[.:]?")
 _LETTER_LEADING = re.compile(r"\(?([A-Z])[).:]\s")
+# Only the keyword ignores case: the letter must be a capital standing alone
+# ("answers", "option a" and "choices" name no option).
 _LETTER_AFTER_KEYWORD = re.compile(
-    r"(?:answer|option|choice)(?:\s+is)?\s*[:：]?\s*\**\s*\(?([A-Z])\)?(?![A-Za-z])",
-    re.IGNORECASE,
-)
+    r"\b(?i:answer|option|choice)\b(?:\s+is)?\s*[:：]?\s*\**\s*\(?([A-Z])\)?(?![A-Za-z])")
 # A keyword is never far from the end of a real answer; bounding the search keeps
 # adversarial megabyte responses cheap.
 _MC_SEARCH_TAIL = 2000

@@ -282,9 +282,12 @@ def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
   return out, cache
 
 
-def _decode_loop(model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg: SamplingConfig):
+def _decode_loop(model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg: SamplingConfig,
+                 done_B=None, key_offset=0):
   """Tokens 1 .. R-1 after the drawn token 0 (position next_pos_B), in one
-  while_loop over the cache: (tokens, log-probs, mask [B, R], final cache)."""
+  while_loop over the cache: (tokens, log-probs, mask [B, R], final cache).
+  Rows in `done_B` (default: token 0 is an EOS) only pad; token j is drawn
+  with key fold_in(rng, j + key_offset)."""
   rules = model.cfg.rules
   cache_names = model_lib.cache_logical_axes(model.cfg)
   b, r = tok0.shape[0], cfg.max_new_tokens
@@ -293,7 +296,7 @@ def _decode_loop(model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg: SamplingC
   out_tok_BR = jnp.full((b, r), cfg.pad_id, jnp.int32).at[:, 0].set(tok0)
   out_logp_BR = jnp.zeros((b, r), f32).at[:, 0].set(logp0)
   out_mask_BR = jnp.zeros((b, r), jnp.int32).at[:, 0].set(1)
-  done_B = _is_eos(tok0, cfg.eos_ids)
+  done_B = _is_eos(tok0, cfg.eos_ids) if done_B is None else done_B
 
   def cond(carry):
     step, _, _, _, _, _, done = carry
@@ -306,7 +309,7 @@ def _decode_loop(model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg: SamplingC
     pos = (next_pos_B + step - 1)[:, None]
     logits_B1V, cache = model(last_tok[:, None], pos, live[:, None], cache=cache, **dkw)
     cache = _constrain_tree(cache, cache_names, rules)
-    tok, logp = select_tokens(logits_B1V[:, 0], jax.random.fold_in(rng, step),
+    tok, logp = select_tokens(logits_B1V[:, 0], jax.random.fold_in(rng, step + key_offset),
                               cfg.temperature, cfg.top_k, cfg.top_p)
     tok = jnp.where(done, cfg.pad_id, tok)
     logp = jnp.where(done, 0.0, logp)
@@ -322,20 +325,30 @@ def _decode_loop(model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg: SamplingC
   return out_tok_BR, out_logp_BR, out_mask_BR, cache
 
 
-def _decode_core(graphdef, state, cache, last_tok_B, next_pos_B, rng, cfg):
+def _decode_core(graphdef, state, cache, last_tok_B, next_pos_B, rng, cfg, done_B=None,
+                 drawn=None):
   model = nnx.merge(graphdef, state)
-  tok, logp, mask, cache = _decode_loop(model, _weights_kw(model, cfg), cache,
-                                        last_tok_B.astype(jnp.int32),
+  last_tok_B = last_tok_B.astype(jnp.int32)
+  if done_B is None:
+    done_B = _is_eos(last_tok_B, cfg.eos_ids)
+  tok, logp, mask, cache = _decode_loop(model, _weights_kw(model, cfg), cache, last_tok_B,
                                         jnp.zeros(last_tok_B.shape, f32),
-                                        next_pos_B.astype(jnp.int32), rng, cfg)
+                                        next_pos_B.astype(jnp.int32), rng, cfg,
+                                        done_B=done_B.astype(bool),
+                                        key_offset=0 if drawn is None else drawn - 1)
   return tok[:, 1:], logp[:, 1:], mask[:, 1:], cache
 
 
 # Decoding on from a filled cache: cfg.max_new_tokens - 1 tokens after
-# `last_tok_B` (already drawn, not yet in the cache; its position next_pos_B),
-# drawn with keys fold_in(rng, 1 ..). The cache is donated. Returns (tokens,
-# log-probs, mask [B, R-1], cache), as `sample_tokens` records them. The
-# sampler's own decode loop; benchmarks time a decode step with it on a
+# `last_tok_B` (already drawn, not yet in the cache; its position next_pos_B).
+# `done_B` marks rows that have finished (default: last_tok_B is an EOS; a row
+# that ended earlier has a pad there, so pass the previous call's
+# `(mask[:, -1] == 0) | is_eos(tokens[:, -1])`): they only pad. `drawn` = tokens
+# drawn before (default 1): token j of the continuation uses key
+# fold_in(rng, drawn + j - 1), so continuing a call of N tokens with its rng
+# and drawn = N draws what one longer call would. The cache is donated. Returns
+# (tokens, log-probs, mask [B, R-1], cache), as `sample_tokens` records them.
+# The sampler's own decode loop; benchmarks time a decode step with it on a
 # synthetic cache.
 decode_jit = jax.jit(_decode_core, static_argnames=("graphdef", "cfg"), donate_argnames=("cache",))
 

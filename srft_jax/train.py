@@ -59,9 +59,16 @@ class StepConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GroupLayout:
-  """How one prompt's augmented group is laid out: n rollouts then d demos."""
+  """How one prompt's augmented group is laid out: n rollouts then d demos.
+
+  `demos_in_group`: the demonstrations join the rollouts' advantage statistics
+  (the augmented group of SRFT / LUFFY, METHOD.md §1.3). Off where no loss term
+  uses a demo's advantage (`sft_plus_rl`: GRPO's advantages over its rollouts
+  alone, beside plain SFT); demo rows then get advantage 0.
+  """
   n_rollouts: int
   n_demos: int
+  demos_in_group: bool = True
 
   @property
   def size(self) -> int:
@@ -162,6 +169,8 @@ def assemble_batch(prompt_tokens_bP, prompt_mask_bP, roll_tokens, roll_mask, rol
   old_logp = jnp.concatenate([jnp.zeros((b * g, p), jnp.float32), resp_logp], axis=1)[:, 1:]
   is_demo = jnp.tile(jnp.arange(g) >= n, b)
   group_ids = jnp.arange(b * g) // g
+  if d and not layout.demos_in_group:  # each demo row alone: advantage 0
+    group_ids = jnp.where(is_demo, b + jnp.arange(b * g), group_ids)
   rewards = rewards.astype(jnp.float32)
   advantages = obj.group_advantages(rewards, group_ids, normalize_std=adv_normalize_std,
                                     eps=adv_eps)
@@ -306,12 +315,13 @@ def parse_stages(stages: str, steps: int, default_method: str) -> list[tuple[str
 
 
 def stage_layout(loss_cfg: obj.LossConfig, n_rollouts: int, n_demos: int) -> GroupLayout:
-  """Rollouts only when a rollout term is on; demos only when a demo term is on."""
+  """Rollouts only when a rollout term is on; demos only when a demo term is on;
+  demos in the advantage group only when their RL term is on."""
   n = n_rollouts if loss_cfg.use_self_rl else 0
   d = n_demos if (loss_cfg.use_sft or loss_cfg.use_demo_rl) else 0
   if n + d == 0:
     raise ValueError("loss preset uses neither rollouts nor demonstrations")
-  return GroupLayout(n, d)
+  return GroupLayout(n, d, demos_in_group=loss_cfg.use_demo_rl)
 
 
 def gather_all(x: Array) -> np.ndarray:
@@ -335,10 +345,10 @@ def loss_config(name: str, overrides: dict | None, max_response_len: int) -> obj
   """A loss preset with config overrides; Dr.GRPO's constant normaliser uses
   this run's response length unless the config pins one."""
   overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-  cfg = obj.LossConfig.preset(name, **overrides)
-  if cfg.aggregation == "constant_len" and "max_response_len" not in overrides:
-    cfg = dataclasses.replace(cfg, max_response_len=max_response_len)
-  return cfg
+  aggregation = overrides.get("aggregation", obj.PRESETS.get(name, {}).get("aggregation"))
+  if aggregation == "constant_len" and "max_response_len" not in overrides:
+    overrides["max_response_len"] = max_response_len  # also replaces a preset's (srft_code: 8192)
+  return obj.LossConfig.preset(name, **overrides)
 
 
 @dataclasses.dataclass
@@ -702,7 +712,7 @@ def validate_config(c) -> None:
        f"unknown decode attention {c.model.get('decode_attention')!r}; known: xla, pallas")
   overrides = {k: v for k, v in dict(c.loss).items() if v is not None}
   try:
-    obj.LossConfig.preset(c.method, **overrides)
+    loss_config(c.method, overrides, c.data.max_response_len)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.loss: {e}") from None
   n_dev = jax.device_count()

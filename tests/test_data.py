@@ -237,6 +237,8 @@ def fuzzed_openr1(path):
     raw = [
         b'{"prompt": "no closing brace"',                         # bad_json
         b"not json at all",                                       # bad_json
+        b'{"prompt": ' + b"9" * 5000 + b"}",                     # bad_json (int > 4300 digits)
+        b"[" * 100_000 + b"]" * 100_000,                          # bad_json (nesting: RecursionError)
         b'{"prompt": "\xff\xfe", "target": "t", "answer": "1"}',  # invalid_utf8 (bytes)
         b'{"prompt": "\\ud800", "target": "t", "answer": "1"}',   # invalid_utf8 (lone surrogate)
         b"",                                                      # blank line: not a row
@@ -244,9 +246,17 @@ def fuzzed_openr1(path):
     return write_jsonl(path, rows, raw)
 
 
-EXPECTED_SKIPS = {"bad_json": 2, "invalid_utf8": 2, "not_a_record": 2, "missing_field": 3,
+EXPECTED_SKIPS = {"bad_json": 4, "invalid_utf8": 2, "not_a_record": 2, "missing_field": 3,
                   "empty_prompt": 2, "empty_target": 1, "target_too_long": 1,
                   "unparseable_answer": 4}
+
+
+def test_utf8_bom_does_not_cost_the_first_row(tmp_path):
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + b"\n".join(json.dumps(dict(GOOD, prompt=f"q{i}")).encode()
+                                                 for i in range(2)))
+    report = builders.prepare("openr1", tmp_path / "data", src, max_target_chars=100)
+    assert report["splits"]["train"]["kept"] == 2
 
 
 def test_bad_rows_counted_by_reason(tmp_path):
@@ -303,7 +313,7 @@ def test_prepare_cli(tmp_path, capsys):
                    "--max_target_chars", "100"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "openr1/train: kept 3, skipped 17" in out
+    assert f"openr1/train: kept 3, skipped {sum(EXPECTED_SKIPS.values())}" in out
     for reason, n in EXPECTED_SKIPS.items():
         assert f"{reason}={n}" in out
     assert os.path.exists(os.path.join(builders.dataset_dir(tmp_path / "d", "openr1"),

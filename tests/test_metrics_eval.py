@@ -139,3 +139,59 @@ def test_results_table_missing_cell_blanks_the_group_average():
 def test_results_table_rejects_unknown_benchmark():
     with pytest.raises(KeyError):
         M.results_table({"a": {"gsm8k": 0.5}})
+
+
+# ---------------------------------------------------------------------------
+# evaluate.generate / score_completions: a prompt longer than the largest
+# bucket is not asked and scores 0; it never stops the benchmark.
+# ---------------------------------------------------------------------------
+
+class _CharTokenizer:
+    """One token a character (ids 2..63), EOS 1, pad 0: a real encode/decode pair."""
+
+    vocab_size, bos_id, eos_id, pad_id, stop_ids = 64, None, 1, 0, (1,)
+
+    def encode(self, text, add_bos=False, add_eos=False):
+        return [2 + ord(c) % 62 for c in text]
+
+    def batch_encode(self, texts, max_len, left_pad=True):
+        import numpy as np
+        tok = np.zeros((len(texts), max_len), np.int32)
+        mask = np.zeros((len(texts), max_len), np.int32)
+        for i, t in enumerate(texts):
+            ids = self.encode(t)
+            tok[i, max_len - len(ids):], mask[i, max_len - len(ids):] = ids, 1
+        return tok, mask
+
+    def batch_decode(self, tokens, mask):
+        return ["".join(chr(48 + t % 62) for t, m in zip(row, ms) if m) for row, ms in zip(tokens, mask)]
+
+
+def test_long_prompt_is_skipped_and_scored_zero():
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from srft_jax import evaluate
+    from srft_jax import model as model_lib
+    from srft_jax import rewards
+    from srft_jax import sampler as smp
+
+    model = model_lib.Transformer(
+        model_lib.ModelConfig(vocab_size=64, embed_dim=32, mlp_dim=64, num_layers=1, num_heads=2,
+                              num_kv_heads=1, head_dim=16, max_seq_len=128), rngs=nnx.Rngs(0))
+    cfg = smp.SamplingConfig(max_new_tokens=4, temperature=1.0, eos_ids=(), prompt_buckets=(16, 32), n=2)
+    tok, rng = _CharTokenizer(), jax.random.key(0)
+    questions = ["1+1=", "x" * 40, "2+2="]
+    out = evaluate.generate(model, tok, questions, cfg, rng=rng, batch_size=4)
+    assert out[1] is None and [len(c) for c in (out[0], out[2])] == [2, 2]
+    # The asked prompts get exactly what they get without the long one beside them.
+    alone = evaluate.generate(model, tok, [questions[0], questions[2]], cfg, rng=rng, batch_size=4)
+    assert [out[0], out[2]] == alone
+
+    with rewards.RewardScorer(num_workers=1) as scorer:
+        correct, counts = evaluate.score_completions(
+            [["\\boxed{2}", "\\boxed{3}"], None, ["\\boxed{4}", "\\boxed{4}"]], ["2", "7", "4"], 2,
+            scorer, require_think=False)
+    np.testing.assert_array_equal(correct, [[1, 0], [0, 0], [1, 1]])
+    assert counts == {"correct": 3, "wrong": 1, "prompt_too_long": 2}

@@ -59,12 +59,18 @@ EQUIVALENCE_TABLE = [
     ("\\boxed{\\text{(A) } 12}", "A", False, "correct"),
     ("Therefore the answer is (D).", "D", False, "correct"),
     ("Answer: A", "D", False, "wrong"),
+    # the keyword's letter is a capital standing alone, not a word's last letter
+    ("Comparing the options, the answer is (B). The other choices fail.", "B", False, "correct"),
+    ("The answer is (B), since option a is too small.", "B", False, "correct"),
+    ("Answer: B. Both answers C and D fail.", "B", False, "correct"),
     ("\\boxed{42}", "A", False, "unparseable"),
     # box structure
     ("\\boxed{\\boxed{7}}", "7", False, "correct"),
     ("\\fbox{7}", "7", False, "correct"),
     ("first \\boxed{3}, then \\boxed{4}", "3", False, "wrong"),
     ("\\boxed{\\frac{1}{2", "\\frac{1}{2}", False, "unparseable"),
+    ("The answer is \\boxed 5", "5", False, "correct"),
+    ("So $\\boxed 5$.", "5", False, "correct"),
     ("\\boxed{}", "1", False, "no_answer"),
     ("\\boxed{@#!}", "1", False, "unparseable"),
     ("The answer is 5.", "5", False, "no_answer"),
@@ -109,6 +115,12 @@ def test_equivalence_table_as_one_batch(scorer):
         ("} stray \\boxed{4} }", ("4", True)),
         ("\\boxed {5}", ("5", True)),
         ("{ \\boxed{6}", ("6", True)),
+        ("so \\boxed 7.", ("7", True)),
+        ("$\\boxed 8$", ("8", True)),
+        ("\\boxed{3} then \\boxed 4", ("4", True)),
+        ("\\boxed 4 then \\boxed{3}", ("3", True)),
+        ("\\boxed x^{2}", (None, True)),
+        ("\\boxed \\frac12", (None, True)),
     ],
 )
 def test_find_last_boxed(text, expected):

@@ -265,23 +265,31 @@ def test_fused_decode_weights_sample_what_the_params_sample(param_dtype, dtype):
 
 
 def test_decode_jit_continues_from_a_cache(model):
-  """Greedy: 4 tokens, then `decode_jit` on from the returned cache (feeding the
-  4th token) gives tokens 5-8 of one 8-token call, with their log-probs."""
-  toks, mask = _prompts(seed=9, b=3, t=6)
-  cfg8 = smp.SamplingConfig(max_new_tokens=8, temperature=0.0, prompt_buckets=BUCKETS)
+  """4 sampled tokens, then `decode_jit` on from the returned cache (feeding the
+  4th token, told which rows have ended and how many tokens were drawn) gives
+  tokens 5-8 of one 8-token call with the same rng: tokens, log-probs, mask."""
+  toks, mask = _prompts(seed=9, b=4, t=6)
+  cfg8 = smp.SamplingConfig(max_new_tokens=8, temperature=1.0, prompt_buckets=BUCKETS)
+  free = np.asarray(smp.sample(model, toks, mask, jax.random.key(0), cfg8).tokens)
+  # An EOS that row 0 draws second, so row 0 ends early while others go on.
+  cfg8 = dataclasses.replace(cfg8, eos_ids=(int(free[0, 1]),))
   ref = smp.sample(model, toks, mask, jax.random.key(0), cfg8)
+  ended = np.asarray(ref.lengths) <= 4
+  assert ended[0] and not ended.all()
   cfg4 = dataclasses.replace(cfg8, max_new_tokens=4)
   ptok, pmask = smp.prepare_prompts(toks, mask, cfg4)
   graphdef, state = nnx.split(model)
   cache = smp.make_cache(model.cfg, *ptok.shape, cfg8)  # room for all 8
   out, cache = smp.sample_tokens(graphdef, state, ptok, pmask, jax.random.key(0), cfg4, cache)
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens)[:, :4])
-  pos = pmask.sum(-1) + 3
-  tok, logp, live, _ = smp.decode_jit(graphdef, state, cache, out.tokens[:, 3], pos,
-                                      jax.random.key(0), dataclasses.replace(cfg8, max_new_tokens=5))
+  done = (out.mask[:, -1] == 0) | jnp.isin(out.tokens[:, -1], jnp.asarray(cfg8.eos_ids))
+  np.testing.assert_array_equal(np.asarray(done), ended)
+  tok, logp, live, _ = smp.decode_jit(graphdef, state, cache, out.tokens[:, 3], pmask.sum(-1) + 3,
+                                      jax.random.key(0), dataclasses.replace(cfg8, max_new_tokens=5),
+                                      done_B=done, drawn=4)
   np.testing.assert_array_equal(np.asarray(tok), np.asarray(ref.tokens)[:, 4:])
+  np.testing.assert_array_equal(np.asarray(live), np.asarray(ref.mask)[:, 4:])
   np.testing.assert_allclose(np.asarray(logp), np.asarray(ref.logprobs)[:, 4:], atol=1e-5)
-  assert np.all(np.asarray(live) == 1)
 
 
 def test_shared_prefill_samples_what_per_row_prefill_samples(model):

@@ -420,6 +420,59 @@ def test_default_presets_validate(arg):
     train.stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
 
 
+@pytest.mark.parametrize("method", ["srft", "grpo", "luffy", "srft_code"])
+def test_constant_len_takes_this_runs_response_length(method):
+  # Dr.GRPO's normaliser is rows x this run's max response unless the config
+  # pins it; switching aggregation on a preset that has no length must not fail.
+  c = DEFAULT.get_config()
+  with c.unlocked():
+    c.method = method
+    c.loss.aggregation = "constant_len"
+    if method == "grpo":
+      c.rollout.n_rollouts = 8  # as configs/default.py:grpo: 8 slots a prompt
+    if jax.device_count() > 1:
+      c.batch.prompts_per_step = 16  # as test_default_presets_validate
+  train.validate_config(c)
+  lc = train.loss_config(method, dict(c.loss), c.data.max_response_len)
+  assert (lc.aggregation, lc.max_response_len) == ("constant_len", c.data.max_response_len)
+  with c.unlocked():
+    c.loss.max_response_len = 7
+  assert train.loss_config(method, dict(c.loss), c.data.max_response_len).max_response_len == 7
+
+
+def _advantages(preset, rollout_rewards, demo_reward):
+  """Rollout and demo advantages of one prompt's group as assemble_batch builds them."""
+  n = len(rollout_rewards)
+  layout = train.stage_layout(obj.LossConfig.preset(preset), n, 1)
+  b, p, r = 1, 3, 4
+  ones = lambda *s: np.ones(s, np.int32)  # noqa: E731
+  rewards = np.array(list(rollout_rewards) + [demo_reward], np.float32)
+  batch = train.assemble_batch(ones(b, p), ones(b, p), ones(b * n, r), ones(b * n, r),
+                               np.zeros((b * n, r), np.float32), ones(b, r), ones(b, r),
+                               jnp.asarray(rewards), layout=layout)
+  adv = np.asarray(batch["advantages"])
+  return adv[:n], adv[n:]
+
+
+def test_demo_joins_the_advantage_group_only_with_a_demo_rl_term():
+  # sft_plus_rl = plain SFT beside GRPO: its rollouts' advantages are GRPO's,
+  # over the rollouts alone (a successful demo must not push failed rollouts down).
+  r = [1, 0, 0, 0, 0, 0, 0]
+  mean, std = np.mean(r), np.std(r, ddof=1)
+  grpo = (np.array(r) - mean) / (std + 1e-6)
+  roll, demo = _advantages("sft_plus_rl", r, 1.0)
+  np.testing.assert_allclose(roll, grpo, rtol=1e-6)
+  assert demo.tolist() == [0.0]
+  roll, _ = _advantages("sft_plus_rl", [0] * 7, 1.0)
+  assert roll.tolist() == [0.0] * 7
+  # SRFT and LUFFY: the augmented group (demo included, METHOD.md §1.3).
+  aug = np.array(r + [1], np.float32)
+  want = (aug - aug.mean()) / (aug.std(ddof=1) + 1e-6)
+  for preset in ("srft", "luffy"):
+    roll, demo = _advantages(preset, r, 1.0)
+    np.testing.assert_allclose(np.concatenate([roll, demo]), want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name,arg", [("srft_7b_tpu", None), ("srft_7b_tpu", "fsdp_tensor"),
                                       ("qwen2p5_1p5b_gpu", None)])
 def test_other_config_files_validate(name, arg):

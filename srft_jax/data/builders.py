@@ -160,14 +160,14 @@ def read_rows(path: str) -> Iterator[tuple[str, dict | SkipRow]]:
             if not raw.strip():
                 continue  # blank lines are layout, not rows
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a leading BOM is not data
             except UnicodeDecodeError as e:
                 yield f"{name}:{n}", SkipRow("invalid_utf8", str(e))
                 continue
             try:
                 row = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield f"{name}:{n}", SkipRow("bad_json", str(e))
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, huge ints, deep nesting
+                yield f"{name}:{n}", SkipRow("bad_json", str(e)[:200])
                 continue
             yield f"{name}:{n}", _row_or_skip(row)
 
