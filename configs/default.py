@@ -128,7 +128,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   if arg:
     name = arg
     if name in TWO_STAGE:
-      c.stages = TWO_STAGE[name].format(half=c.steps // 2)
+      c.stages = TWO_STAGE[name]  # {half}: half of the final config.steps (train.parse_stages)
       c.rollout.n_rollouts = 8    # the RL stage is plain GRPO: 8 on-policy slots
     elif name in obj.PRESETS:
       c.method = name

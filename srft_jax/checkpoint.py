@@ -53,12 +53,13 @@ class Checkpointer:
   def wait(self):
     self._mgr.wait_until_finished()
 
-  def restore(self, abstract_state: Any, step: int | None = None):
+  def restore(self, abstract_state: Any, step: int | None = None, *, delete_unreadable: bool = False):
     """Restores the newest readable checkpoint into `abstract_state`'s shardings.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding`.
     A latest checkpoint that fails to read (truncated, half-written) is
-    skipped with a warning and the previous one is used. Returns
+    skipped with a warning (and deleted with `delete_unreadable`, as a
+    resuming run does) and the previous one is used. Returns
     `(step, state, data_state, meta)` or None when there is no checkpoint.
     """
     steps = [step] if step is not None else list(reversed(self.all_steps()))
@@ -72,8 +73,11 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
         if step is not None:
           raise
-        log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one",
-                    s, self.directory, type(e).__name__, str(e)[:200])
+        log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one%s",
+                    s, self.directory, type(e).__name__, str(e)[:200],
+                    " (deleted)" if delete_unreadable else "")
+        if delete_unreadable:  # a resuming run saves this step again; keep-N counts good ones
+          self._mgr.delete(s)
     return None
 
   def close(self):

@@ -33,6 +33,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 from collections.abc import Sequence
@@ -76,16 +77,21 @@ class CheckpointError(ValueError):
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, model_lib.RopeScaling | None]:
   """(theta, llama3 scaling) from 5.x `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
   params = dict(hf.get("rope_parameters") or {})
-  legacy = hf.get("rope_scaling") or {}
-  for key, value in legacy.items():
-    params.setdefault(key, value)
+  # A 4.x `rope_scaling` block wins over `rope_parameters` (as in transformers):
+  # Qwen2.5's docs have users add {"type": "yarn", ...} to a 5.x config.json,
+  # whose rope_parameters already say "default".
+  legacy = dict(hf.get("rope_scaling") or {})
+  rope_type = (legacy.get("rope_type") or legacy.get("type") or params.get("rope_type")
+               or params.get("type") or "default")
+  params.update(legacy)
   theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
-  rope_type = params.get("rope_type", params.get("type", "default"))
-  if rope_type in (None, "default"):
+  if rope_type == "default":
     return float(theta), None
   if rope_type != "llama3":
     raise CheckpointError(f"config.json: rope_type {rope_type!r} is not supported "
                           "(supported: 'default', 'llama3')")
+  if "factor" not in params:
+    raise CheckpointError("config.json: rope_type 'llama3' needs a 'factor'")
   scaling = model_lib.RopeScaling(
       factor=float(params["factor"]),
       low_freq_factor=float(params.get("low_freq_factor", 1.0)),
@@ -507,9 +513,21 @@ def _write_safetensors(file: str, entries: list[tuple[str, _Layout, Any]], np_dt
       fh.close()
 
 
+# Files of an HF checkpoint directory that describe its tokenizer and decoding.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "chat_template.jinja", "generation_config.json")
+
+
 def save_model(model: model_lib.Transformer, path: str, *, dtype=None,
-               max_shard_bytes: int = 5_000_000_000) -> list[str]:
+               max_shard_bytes: int = 5_000_000_000, tokenizer=None,
+               copy_from: str | None = None) -> list[str]:
   """Writes `model` as an HF checkpoint directory; returns the safetensors files.
+
+  `tokenizer` (a `srft_jax.tokenizer.Tokenizer`) puts its BOS / EOS / pad ids
+  in config.json and generation_config.json (its stop ids as EOS), so HF
+  `generate` stops where the sampler does; `copy_from` (the source checkpoint
+  directory) copies its tokenizer files and generation_config.json beside.
 
   `dtype` (default: the parameter dtype) is the dtype written. Checkpoints
   larger than `max_shard_bytes` are split into `model-0000i-of-0000n` files
@@ -556,10 +574,21 @@ def save_model(model: model_lib.Transformer, path: str, *, dtype=None,
         os.path.join(path, INDEX_FILE)]:
       if os.path.exists(stale):
         os.remove(stale)
+    hf_cfg, gen = config_to_hf(cfg, np_dtype.name), {"do_sample": False}
+    if tokenizer is not None:
+      ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+             "pad_token_id": tokenizer.pad_id}
+      hf_cfg.update(ids)
+      stops = list(dict.fromkeys(tokenizer.stop_ids or (tokenizer.eos_id,)))
+      gen.update(ids, eos_token_id=stops if len(stops) > 1 else stops[0])
     with open(os.path.join(path, "config.json"), "w") as fh:
-      json.dump(config_to_hf(cfg, np_dtype.name), fh, indent=2)
+      json.dump(hf_cfg, fh, indent=2)
     with open(os.path.join(path, "generation_config.json"), "w") as fh:
-      json.dump({"do_sample": False}, fh, indent=2)
+      json.dump(gen, fh, indent=2)
+    if copy_from and os.path.abspath(copy_from) != os.path.abspath(path):
+      for name in TOKENIZER_FILES:  # the source's own generation config wins
+        if os.path.exists(os.path.join(copy_from, name)):
+          shutil.copyfile(os.path.join(copy_from, name), os.path.join(path, name))
 
   for name, shard in zip(names, shards):  # every process gathers, process 0 writes
     _write_safetensors(os.path.join(path, name), shard, np_dtype, writer)

@@ -37,10 +37,35 @@ class MetricsWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
 
+  def drop_from(self, step: int):
+    """Forgets the JSONL rows of `step` and later (a resumed run writes them again)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    keep = [r for r in read_jsonl(self.path) if r.get("step", 0) < step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(tmp, self.path)
+
   def close(self):
     if self._tb is not None:
       self._tb.flush()
       self._tb.close()
+
+
+# Token means whose step may have no such tokens (a stage without rollouts or
+# demonstrations): the objective logs 0 there, which is no value, not a collapse.
+TOKEN_COUNTS = {"loss/entropy_rollout": "loss/n_rollout_tokens",
+                "loss/entropy_demo": "loss/n_demo_tokens"}
+
+
+def has_value(row: Mapping[str, Any], key: str) -> bool:
+  """Whether a metrics row holds a real (finite, counted) value of `key`."""
+  v = row.get(key)
+  if not isinstance(v, (int, float)) or not math.isfinite(v):
+    return False
+  count = TOKEN_COUNTS.get(key)
+  return count is None or row.get(count) is None or row[count] > 0
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -72,7 +97,7 @@ def plot_metrics(jsonl_path: str, out_dir: str, plots: Mapping[str, tuple[str, .
     fig, ax = plt.subplots(figsize=(6, 3.5))
     drawn = False
     for key in keys:
-      pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+      pts = [(r["step"], r[key]) for r in rows if has_value(r, key)]
       if pts:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, label=key)

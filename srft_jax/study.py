@@ -257,7 +257,8 @@ def ensure_base(out: str, settings: dict) -> None:
   tokenizer = train.build_tokenizer(c, out)
   mesh = shd.make_mesh(dict(c.mesh))
   with rewards_lib.RewardScorer(require_think=c.rollout.require_think) as scorer:
-    train.base_model(c, tokenizer, mesh, out, scorer)
+    if train.base_model(c, tokenizer, mesh, out, scorer) is None:
+      raise SystemExit("study: SIGTERM during the base model's warm-up; rerun to resume it")
 
 
 def _event(out: str, **row) -> None:
@@ -374,8 +375,10 @@ class Run:
   steps: dict[int, dict]   # step -> merged metrics row (a resumed run's repeats overwritten)
 
   def series(self, key: str) -> dict[int, float]:
+    """key over steps; a step without the tokens a metric averages has no value."""
+    from srft_jax import metrics as metrics_lib
     return {s: float(r[key]) for s, r in sorted(self.steps.items())
-            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])}
+            if metrics_lib.has_value(r, key)}
 
 
 def load_run(out: str, method: str, seed: int) -> Run | None:
@@ -559,12 +562,21 @@ def claim_verdicts(runs: dict[str, list[Run]], token_change: dict | None) -> lis
     if at is not None and after:
       dips.append(at - min(after))
   v_b, i_b = verdict(dips, C2_DIP_MARGIN)
+  recovery = []
+  for r in runs.get("sft_then_grpo", []):
+    ev = r.series("eval/task_id")
+    after = [v for s, v in ev.items() if s > int(r.results.get("steps", 0)) // 2]
+    if after:
+      recovery.append(after[-1] - min(after))
   claims.append({
       "claim": 2, "title": "single-stage sft_plus_rl beats sft_then_grpo; sft_then_grpo dips when RL starts",
       "verdict": INCONCLUSIVE if miss else combine([v_a, v_b]), "missing": miss,
       "parts": [{"part": "a: final ID acc sft_plus_rl − sft_then_grpo", "verdict": v_a, **i_a},
                 {"part": "b: eval at switch − min(next evals), sft_then_grpo", "verdict": v_b,
-                 **i_b}]})
+                 **i_b}],
+      "limits": "b does not ask whether the dip is transient: the last eval minus the lowest "
+                "after the switch (recovery), per seed = ["
+                + ", ".join(_num(x) for x in recovery) + "]"})
 
   # 3. RL then SFT: probe entropy spikes when SFT starts.
   miss = missing("rl_then_sft")
@@ -580,7 +592,9 @@ def claim_verdicts(runs: dict[str, list[Run]], token_change: dict | None) -> lis
       "claim": 3, "title": "rl_then_sft: entropy spikes when SFT starts",
       "verdict": INCONCLUSIVE if miss else v, "missing": miss,
       "parts": [{"part": f"max probe entropy after − {C3_SPIKE_FACTOR} × at switch", "verdict": v,
-                 **i, "seeds": detail}]})
+                 **i, "seeds": detail}],
+      "limits": f"only the spike is tested, at the {C3_SPIKE_EVALS} evals after the switch "
+                "(not the per-step entropy between them, nor the claim's 'hurts' and 'plateaus')"})
 
   # 4. Token change: SFT moves more tokens; GRPO's moved tokens are high-entropy.
   tc = token_change or {}
@@ -594,13 +608,18 @@ def claim_verdicts(runs: dict[str, list[Run]], token_change: dict | None) -> lis
         d_share.append(share)
   v_a, i_a = verdict(d_frac)
   v_b, i_b = verdict(d_share, C4_TOP_SHARE)
+  sft_share = [res["sft"]["moved_share_by_quartile"][-1] for res in per_seed.values() if "sft" in res]
   miss = [] if d_frac else ["token-change analysis (the sft and grpo policies of a seed)"]
   claims.append({
       "claim": 4, "title": "SFT moves many tokens; GRPO moves few, mostly high-entropy ones",
       "verdict": INCONCLUSIVE if miss else combine([v_a, v_b]), "missing": miss,
       "parts": [{"part": "a: moved fraction sft − grpo", "verdict": v_a, **i_a},
                 {"part": "b: share of grpo's moved tokens in the top entropy quartile",
-                 "verdict": v_b, **i_b}]})
+                 "verdict": v_b, **i_b}],
+      "limits": "b cannot tell RL from SFT: a token moves by more than the threshold only where "
+                "its probability is not near 1, i.e. at high entropy, under any fine-tuning; "
+                "sft's own top-quartile share, per seed = ["
+                + ", ".join(_num(x) for x in sft_share) + "]"})
 
   # 5. Each ablation lowers accuracy.
   parts, miss = [], missing("srft", "srft_no_wsft", "srft_no_wrl")
@@ -747,6 +766,8 @@ def compute_table(runs: dict[str, list[Run]], n_params: int | None, prompt_width
     cs = [run_compute(r, n_params or 0, prompt_width) for r in rs]
     agg = {k: mean_std([c[k] for c in cs]) for k in cs[0]}
     js[method] = {k: v[0] for k, v in agg.items()}
+    if not n_params:
+      js[method]["flops"] = None
     flops = "–" if not n_params else f"{agg['flops'][0]:.3g}"
     lines.append(f"| {method} | {agg['tokens_sampled'][0]:,.0f} | {agg['tokens_trained'][0]:,.0f} | "
                  f"{agg['prompt_tokens_prefilled'][0]:,.0f} | {flops} | "
@@ -789,6 +810,8 @@ def _claim_md(c: dict) -> str:
     for s in p.get("seeds", []):
       lines.append(f"  - seed {s['seed']}: at switch {_num(s['at_switch'])}, max after "
                    f"{_num(s['max_after'])}, final {_num(s['final'])}")
+  if c.get("limits"):
+    lines.append(f"- Limits of this test (descriptive, not part of the verdict): {c['limits']}.")
   return "\n".join(lines) + "\n"
 
 
@@ -1018,7 +1041,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--out", required=True, help="study directory (resumable)")
   p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0)")
   p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run")
-  p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
+  p.add_argument("--methods", default=None,
+                 help="comma-separated subset of methods (default: all; --report-only: the study's)")
   p.add_argument("--quick", action="store_true", help="tiny smoke run of the whole pipeline")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="extra config override for every run, e.g. --set optim.lr=1e-3")
@@ -1034,13 +1058,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets", "srft_jax.train"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if a.report_only:  # the study's own seeds and methods (study.json) unless named
+    print(write_report(a.out, seeds=[int(s) for s in a.seeds.split(",")] if a.seeds else None,
+                       methods=[m.strip() for m in a.methods.split(",") if m.strip()]
+                       if a.methods else None))
+    return 0
   seeds = [int(s) for s in (a.seeds or ("0" if a.quick else ",".join(map(str, SEEDS)))).split(",")]
-  methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+  methods = [m.strip() for m in (a.methods or ",".join(METHODS)).split(",") if m.strip()]
   overrides = dict(_parse_override(kv) for kv in a.set)
   settings = study_settings(quick=a.quick, steps=a.steps, overrides=overrides)
-  if a.report_only:
-    print(write_report(a.out, seeds=seeds, methods=methods))
-    return 0
   if not a.no_compile_cache and (a.calibrate or not a.budget):
     # Runs of different seeds (and resumed runs) reuse each other's executables.
     import jax

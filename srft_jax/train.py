@@ -80,22 +80,26 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: str = "constant",
                    weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, clip_norm: float | None = 1.0):
-  """AdamW with global-norm clipping (METHOD.md §5) and the learning-rate schedule."""
+                   eps: float = 1e-8, clip_norm: float | None = 1.0, updates_per_step: int = 1):
+  """AdamW with global-norm clipping (METHOD.md §5) and the learning-rate schedule.
+
+  The schedule is in training steps (`steps`, `warmup_steps`); a step makes
+  `updates_per_step` optimizer updates (its mini-batches), which all use that
+  step's rate. Returns (optimizer, schedule of the step).
+  """
   if schedule == "constant":
-    sched = optax.constant_schedule(lr) if warmup_steps == 0 else optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
-        [warmup_steps])
+    decay = optax.constant_schedule(lr)
   elif schedule == "linear":
-    sched = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)),
-         optax.linear_schedule(lr, 0.0, max(steps - warmup_steps, 1))], [max(warmup_steps, 1)])
+    decay = optax.linear_schedule(lr, 0.0, max(steps - warmup_steps, 1))
   elif schedule == "cosine":
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(steps, 2))
+    decay = optax.cosine_decay_schedule(lr, max(steps - warmup_steps, 1))
   else:
     raise ValueError(f"optim.schedule: unknown schedule {schedule!r}")
+  sched = decay if warmup_steps <= 0 else optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
+  per_update = sched if updates_per_step == 1 else (lambda count: sched(count // updates_per_step))
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  parts.append(optax.adamw(per_update, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   return optax.chain(*parts), sched
 
 
@@ -290,10 +294,12 @@ def _jitted_step(graphdef, tx, cfg: StepConfig, state_sh, batch_sh):
 def parse_stages(stages: str, steps: int, default_method: str) -> list[tuple[str, int]]:
   """'sft:40,grpo:60' -> [('sft', 40), ('grpo', 60)]; '' -> [(method, steps)].
 
-  The last stage may omit its length (it takes the remaining steps).
+  The last stage may omit its length (it takes the remaining steps); `{half}`
+  stands for steps // 2 of the final config (`--config.steps` included).
   """
   if not stages:
     return [(default_method, steps)]
+  stages = stages.replace("{half}", str(steps // 2))
   out, used = [], 0
   items = [s.strip() for s in stages.split(",") if s.strip()]
   for i, item in enumerate(items):
@@ -407,7 +413,8 @@ class Trainer:
     o = self.config.optim
     return make_optimizer(
         o.lr, steps=stage.steps, warmup_steps=o.warmup_steps, schedule=o.schedule,
-        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm or None)
+        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm or None,
+        updates_per_step=self.config.batch.minibatches)
 
   def _place_state(self, state):
     self.state_sh = state_shardings(state, self.mesh, self.rules)
@@ -586,7 +593,8 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
 
   # Resume: the newest readable checkpoint decides the step, stage and data position.
   start = 0
-  restored = ckpt.restore(trainer.abstract_state(stages[0])) if ckpt.latest_step() is not None else None
+  restored = (ckpt.restore(trainer.abstract_state(stages[0]), delete_unreadable=True)
+              if ckpt.latest_step() is not None else None)
   if restored is not None:
     start, state, data_state, _ = restored
     data_iter.set_state(data_state)
@@ -595,6 +603,9 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
     trainer.params = state["params"]
     trainer._build_stage(stage, fresh_optimizer=True)
     trainer.state = trainer._place_state(state)
+    if start == stage.start:
+      trainer.stage = None  # an unbroken run starts this stage with a fresh optimizer here
+    writer.drop_from(start)  # rows of steps after the checkpoint are written again
     log.info("resumed from step %d (%s)", start, ckpt.directory)
 
   def save(step):
@@ -638,23 +649,25 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
       rng = jax.random.fold_in(base_key, step)
       host, dev = trainer.run_step(batch, step, rng)
       host.update(data_iter.stats())
+      diverged = False
       if pending is not None:
         last = flush(pending)
-        if last.get("nonfinite/streak", 0) >= c.max_nonfinite_streak:
-          status = "nonfinite"
-          save(step)
-          break
+        diverged = last.get("nonfinite/streak", 0) >= c.max_nonfinite_streak
       host["time/step_s"] = time.perf_counter() - t0
       host.update(evals_now)
       pending = (step, host, dev)
       done = step + 1
-      if c.checkpoint.every and done % c.checkpoint.every == 0 and done < c.steps:
-        save(done)
-      elif done == stage.start + stage.steps and done < c.steps:
-        save(done)
-      if guard.should_stop():
+      # A checkpoint at `done` holds every metrics row before it (a kill right
+      # after it loses none); the state saved is the one after this step.
+      if diverged:
+        status = "nonfinite"
+      elif guard.should_stop():
         status = "preempted"
+      periodic = bool(c.checkpoint.every) and done % c.checkpoint.every == 0
+      if status != "done" or (done < c.steps and (periodic or done == stage.start + stage.steps)):
+        last, pending = flush(pending), None
         save(done)
+      if status != "done":
         break
     if pending is not None:
       last = flush(pending)
@@ -732,6 +745,18 @@ def validate_config(c) -> None:
          f"does not divide the data axes ({data_par} of {n_dev} devices)")
   need(c.batch.prompts_per_step % jax.process_count() == 0, "batch.prompts_per_step",
        f"must divide over {jax.process_count()} processes")
+  need(c.max_nonfinite_streak > 0, "max_nonfinite_streak",
+       f"must be positive (non-finite updates in a row that stop the run), got {c.max_nonfinite_streak}")
+  if c.warmup.steps > 0 and not c.model.hf_path:
+    # The warm-up is its own SFT job (warmup_config): its batch must split the same way.
+    w = warmup_config(c)
+    with w.unlocked():
+      w.warmup.steps = 0
+    try:
+      validate_config(w)
+    except ValueError as e:
+      raise ValueError(f"config.warmup.prompts_per_step={c.warmup.prompts_per_step}: the SFT "
+                       f"warm-up's batches fail a check: {e}") from None
 
 
 def _model_config(c, tokenizer) -> model_lib.ModelConfig:
@@ -813,7 +838,8 @@ def warmup_config(c):
 
 def base_model(c, tokenizer, mesh, workdir: str, scorer):
   """The starting policy: an HF checkpoint, or a tiny model warmed up by SFT
-  (cached as an HF checkpoint in `warmup.dir`, so studies share one base)."""
+  (cached as an HF checkpoint in `warmup.dir`, so studies share one base).
+  None when a SIGTERM stopped the warm-up (it resumes from its checkpoint)."""
   from srft_jax import hf
   if c.model.hf_path:
     return hf.load_model(c.model.hf_path, mesh=mesh, dtype=model_lib.DTYPES[c.model.dtype],
@@ -832,8 +858,10 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
   w = warmup_config(c)
   source, _ = build_data(w)
   trainer = Trainer(model, config=w, tokenizer=tokenizer, scorer=scorer, mesh=mesh)
-  fit(trainer, make_data_iter(w, source, tokenizer, w.batch.prompts_per_step, w.seed + 1),
-      workdir=os.path.join(base_dir, "run"), progress=c.log.progress)
+  info = fit(trainer, make_data_iter(w, source, tokenizer, w.batch.prompts_per_step, w.seed + 1),
+             workdir=os.path.join(base_dir, "run"), progress=c.log.progress)
+  if info["status"] == "preempted":
+    return None  # not cached: a half-trained base must not pass for the warm-up
   model = trainer.model()
   hf.save_model(model, hf_dir)  # collective: every process gathers, process 0 writes
   return model
@@ -880,6 +908,8 @@ def run(c, workdir: str) -> dict:
   source, evals = build_data(c)
   with rewards_lib.RewardScorer(require_think=c.rollout.require_think) as scorer:
     model = base_model(c, tokenizer, mesh, workdir, scorer)
+    if model is None:
+      return {"status": "preempted", "step": 0, "stage": "warmup"}
     before = {}
     if c.eval.before and evals:
       cache = os.path.join(c.warmup.dir or os.path.join(workdir, "base"), "eval_before.json")
@@ -906,11 +936,12 @@ def run(c, workdir: str) -> dict:
   results = {
       "before": {"id_acc": before.get("task_id"), "ood_acc": before.get("task_ood")},
       "after": {"id_acc": after.get("task_id"), "ood_acc": after.get("task_ood")},
-      "steps": int(c.steps), "method": c.stages or c.method,
+      "steps": int(c.steps), "method": c.stages.replace("{half}", str(c.steps // 2)) or c.method,
       "wall_s": round(time.time() - t_start, 1), "train_s": round(train_s, 1),
   }
   if c.checkpoint.export_hf:  # collective: every process gathers, process 0 writes
-    hf.save_model(model, os.path.join(workdir, "export", "hf"))
+    hf.save_model(model, os.path.join(workdir, "export", "hf"), tokenizer=tokenizer,
+                  copy_from=c.model.hf_path or None)
   if jax.process_index() == 0:
     if c.log.plots:
       results["plots"] = metrics_lib.plot_metrics(

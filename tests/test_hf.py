@@ -208,6 +208,25 @@ def test_export_loads_in_transformers(kind, checkpoints, loaded, tmp_path):
     np.testing.assert_array_equal(value.numpy(), ref_state[name].numpy(), err_msg=name)
 
 
+def test_export_keeps_token_ids_and_tokenizer_files(checkpoints, loaded, tmp_path):
+  import types
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+  (src / "generation_config.json").write_text(
+      json.dumps({"eos_token_id": [7, 5], "pad_token_id": 6, "temperature": 0.6}))
+  tok = types.SimpleNamespace(bos_id=None, eos_id=5, pad_id=6, stop_ids=(5, 7))
+  hf.save_model(loaded["llama_tied"], str(tmp_path / "plain"), tokenizer=tok)
+  config = transformers.AutoConfig.from_pretrained(str(tmp_path / "plain"))
+  # Not LlamaConfig's defaults (bos 1, eos 2): the tokenizer's, and generate stops on every stop id.
+  assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (None, 5, 6)
+  gen = transformers.GenerationConfig.from_pretrained(str(tmp_path / "plain"))
+  assert (gen.eos_token_id, gen.pad_token_id) == ([5, 7], 6)
+  hf.save_model(loaded["llama_tied"], str(tmp_path / "copied"), tokenizer=tok, copy_from=str(src))
+  for name in ("tokenizer_config.json", "generation_config.json"):  # the source's own, as is
+    assert (tmp_path / "copied" / name).read_bytes() == (src / name).read_bytes()
+
+
 def test_import_export_import_is_exact(checkpoints, loaded, tmp_path):
   for kind, shard_bytes in (("qwen2", 20_000), ("llama_tied", 5_000_000_000)):
     first = loaded[kind]
@@ -398,6 +417,16 @@ def test_malformed_checkpoints_name_the_problem(checkpoints, tmp_path):
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
   with pytest.raises(hf.CheckpointError, match=r"rope_type 'yarn'"):
     hf.load_model(_copy_with(src, str(tmp_path / "yarn"), edit_config=yarn))
+
+  def yarn_legacy(cfg):  # Qwen2.5's documented edit: a 4.x block beside 5.x's "default"
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}
+    cfg["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+  with pytest.raises(hf.CheckpointError, match=r"rope_type 'yarn'"):
+    hf.load_model(_copy_with(src, str(tmp_path / "yarn_legacy"), edit_config=yarn_legacy))
+  with pytest.raises(hf.CheckpointError, match=r"needs a 'factor'"):
+    hf.config_from_hf({**hf.config_to_hf(model_lib.ModelConfig.preset("llama3_2_1b")),
+                       "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5},
+                       "rope_scaling": None})
 
   llama_cfg = hf.config_to_hf(model_lib.ModelConfig.preset("llama3_2_1b"))
   with pytest.raises(hf.CheckpointError, match=r"attention_bias"):

@@ -106,7 +106,7 @@ def test_study_resumes_and_skips_finished_runs(mini):
   os.remove(os.path.join(grpo, "results.json"))
   shutil.rmtree(os.path.join(grpo, "checkpoints", "2"))
   metrics = os.path.join(grpo, "logs", "metrics.jsonl")
-  n_rows = sum(1 for _ in open(metrics))
+  before = [json.loads(x) for x in open(metrics)]
 
   second = study.run_study(out, seeds=[0], methods=METHODS, overrides=MINI, progress=False)
   assert second["skipped"] == [("sft", 0)] and second["ran"] == [("grpo", 0)]
@@ -114,9 +114,11 @@ def test_study_resumes_and_skips_finished_runs(mini):
   ev = _events(out)
   assert [e["action"] for e in ev if e.get("run") == "grpo/seed0"][-2:] == ["resume", "finished"]
   assert [e["action"] for e in ev if e.get("run") == "sft/seed0"][-1] == "skipped"
-  # Only step 1 (and the final evaluation row) was redone.
-  rows = [json.loads(x) for x in open(metrics)][n_rows:]
-  assert [r["step"] for r in rows if "tokens/trained" in r] == [1]
+  # Only step 1 (and the final evaluation row) was redone: step 0's row is the
+  # first run's, and the resumed run's rows replace (not repeat) the later ones.
+  rows = [json.loads(x) for x in open(metrics)]
+  assert [r["step"] for r in rows if "tokens/trained" in r] == [0, 1]
+  assert rows[0] == before[0] and rows[0]["step"] == 0
   assert _results(out, "grpo")["steps"] == 2
   # The report still reads the resumed run (duplicate rows merged by step).
   run = study.load_run(out, "grpo", 0)

@@ -227,6 +227,10 @@ def test_end_to_end_hf_export_loads(e2e):
   from srft_jax import hf
   wd = e2e["workdir"]
   model = hf.load_model(os.path.join(wd, "export", "hf"))
+  with open(os.path.join(wd, "export", "hf", "config.json")) as f:
+    eos = json.load(f)["eos_token_id"]  # the task tokenizer's, so HF generate stops too
+  with open(os.path.join(wd, "export", "hf", "generation_config.json")) as f:
+    assert isinstance(eos, int) and eos in np.atleast_1d(json.load(f)["eos_token_id"])
   logits = model_lib.forward_logits(model, jnp.ones((1, 4), jnp.int32))
   assert bool(jnp.all(jnp.isfinite(logits)))
   mgr = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
