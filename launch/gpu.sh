@@ -29,8 +29,11 @@ while [ $# -gt 0 ]; do
     --gpus=*) GPUS="${arg#*=}" ;;
     --gpus) GPUS="${1:?--gpus needs a list}"; shift ;;
     --config=*) CONFIG="${arg#*=}" ;;
+    --config) CONFIG="${1:?--config needs a file}"; shift ;;
     --workdir=*) WORKDIR="${arg#*=}" ;;
+    --workdir) WORKDIR="${1:?--workdir needs a directory}"; shift ;;
     --venv=*) VENV="${arg#*=}" ;;
+    --venv) VENV="${1:?--venv needs a directory}"; shift ;;
     --install) INSTALL=1 ;;
     --dry-run|--dry_run) DRY=1 ;;
     -h|--help) sed -n '2,19p' "$0"; exit 0 ;;

@@ -14,7 +14,7 @@ for a in "$@"; do
 done
 CMD=("$PY" -m srft_jax.main "--config=$CONFIG" "${ARGS[@]}")
 if [ "$DRY" = 1 ]; then
-  echo "${CMD[@]}"
+  printf '%q ' "${CMD[@]}"; echo  # shell-quoted: the printed line runs as is
   exit 0
 fi
 exec "${CMD[@]}"

@@ -29,6 +29,8 @@
 #                            preemption rerun the same command (a preempted slice is
 #                            deleted and recreated, then the install runs again).
 #   --foreground             stay attached (default: start detached under nohup)
+#   On a slice that exists, a trainer an earlier launch started is first sent SIGTERM
+#   and waited for (it checkpoints; STOP_WAIT_S, default 1200 s) before anything runs.
 #   --dry-run                print every command instead of running it
 # Anything else (e.g. --config.steps=100) is passed to srft_jax.main.
 set -euo pipefail
@@ -69,7 +71,7 @@ while [ $# -gt 0 ]; do
     --resume) RESUME=1 ;;
     --foreground) FOREGROUND=1 ;;
     --dry-run|--dry_run) DRY=1 ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) EXTRA+=("$arg") ;;
   esac
 done
@@ -133,11 +135,23 @@ if [ "$STATE" != "READY" ]; then
   if [ -n "$ACCEL" ]; then
     CREATE+=(--accelerator-type="$ACCEL")
   else
-    CREATE+=(--type="${TOPOLOGY%%:*}" --topology="${TOPOLOGY#*:}")
+    TYPE="${TOPOLOGY%%:*}"
+    [ "$TYPE" != "v5e" ] || TYPE="v5litepod"  # the TPU API's name for v5e
+    CREATE+=(--type="$TYPE" --topology="${TOPOLOGY#*:}")
   fi
   [ -z "$SPOT" ] || CREATE+=("$SPOT")
   run "${CREATE[@]}"
   RESUME=0
+fi
+
+# A trainer left running by an earlier launch (its pid file) is stopped before
+# anything is reinstalled or started: SIGTERM, then wait while it writes its
+# checkpoint (up to STOP_WAIT_S), so two trainers never share the TPU or workdir.
+STOP_WAIT_S=${STOP_WAIT_S:-1200}
+if [ "$STATE" = "READY" ]; then
+  on_all "f=\$HOME/srft_train.pid; [ -f \$f ] || exit 0; p=\$(cat \$f); \
+if kill \$p 2>/dev/null; then t=0; while kill -0 \$p 2>/dev/null && [ \$t -lt $STOP_WAIT_S ]; do \
+sleep 5; t=\$((t + 5)); done; kill -9 \$p 2>/dev/null || true; fi; rm -f \$f"
 fi
 
 # 2. The project and its dependencies on every worker (skipped with --resume).
@@ -163,11 +177,10 @@ TRAIN=(.venv/bin/python -m srft_jax.main "--config=$CONFIG" "--workdir=$WORKDIR"
 TRAIN+=("${EXTRA[@]}")
 TRAIN_Q=$(printf ' %q' "${TRAIN[@]}")
 if [ "$FOREGROUND" = 1 ]; then
-  on_all "cd $REMOTE_DIR &&$TRAIN_Q"
+  on_all "cd $REMOTE_DIR && echo \$\$ > \$HOME/srft_train.pid && exec$TRAIN_Q"
 else
-  # A trainer left running by an earlier launch is stopped first (by its pid file).
-  on_all "cd $REMOTE_DIR || exit 1; [ ! -f \$HOME/srft_train.pid ] || kill \$(cat \$HOME/srft_train.pid) 2>/dev/null; \
-nohup$TRAIN_Q > \$HOME/srft_train.log 2>&1 < /dev/null & echo \$! > \$HOME/srft_train.pid"
+  on_all "cd $REMOTE_DIR || exit 1; nohup$TRAIN_Q > \$HOME/srft_train.log 2>&1 < /dev/null & \
+echo \$! > \$HOME/srft_train.pid"
   echo "# started on all workers; logs: ${GCLOUD[*]} ssh $NAME ${LOC[*]} --worker=0 --command='tail -f ~/srft_train.log'"
 fi
 echo "# workdir: $WORKDIR  (rerun this command after a preemption to resume from its checkpoints)"

@@ -56,6 +56,9 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
   if unknown:
     raise ValueError(f"mesh: unknown axis {sorted(unknown)}; axes are {MESH_AXES}")
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  bad = {a: s for a, s in zip(MESH_AXES, sizes) if s == 0 or s < -1}
+  if bad:
+    raise ValueError(f"mesh: axis sizes must be positive (or one -1), got {bad}")
   if sizes.count(-1) > 1:
     raise ValueError("mesh: at most one axis may be -1")
   known = math.prod(s for s in sizes if s != -1)

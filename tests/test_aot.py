@@ -89,3 +89,47 @@ def test_tiny_on_v5e_2x2(tmp_path):
   assert rep["programs"]["train"]["alias_bytes"] > 0  # the state is donated
   assert rep["fits"]
   assert "| train |" in res.stdout and "| sample |" in res.stdout
+
+
+def test_oom_message_units_are_binary():
+  # XLA:TPU's "G" is GiB: v5e's 16 GiB chip reports 15.48G usable.
+  got = aot._oom_summary("RESOURCE_EXHAUSTED: Used 30.21G of 15.48G hbm. Exceeded hbm capacity by 14.73G.")
+  assert got["used_bytes"] == pytest.approx(30.21 * 2**30)
+  assert got["limit_bytes"] == pytest.approx(15.48 * 2**30)
+
+
+def test_hf_checkpoint_gets_the_runs_overrides(tmp_path):
+  # With model.hf_path, the tool compiles what train.base_model loads: the
+  # checkpoint's architecture plus the config's RoPE theta, window and attention.
+  from srft_jax import hf
+  from srft_jax import model as model_lib
+  from srft_jax.tools.aot import _load_config
+  (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(
+      model_lib.ModelConfig.preset("qwen2_5_math_7b"))))
+  c = _load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
+  with c.unlocked():
+    c.model.hf_path = str(tmp_path)
+  mcfg = aot.model_config(c)
+  want = {k: c.model[k] for k in ("rope_theta", "max_seq_len", "attention") if c.model.get(k)}
+  assert want and {k: getattr(mcfg, k) for k in want} == want
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--topology=v9:2x2"], "--topology"),
+    (["--find-smallest", "--generations=v5litepod,v7x"], "--generations: unknown ['v7x']"),
+    (["--topology=v5e:2x2", "--programs="], "--programs: give at least one"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, message):
+  if not aot.libtpu_available():
+    pytest.skip("the tool checks for libtpu first")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-m", "srft_jax.tools.aot", "--config=configs/default.py",
+                        *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+
+
+@pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu not installed (requirements-tpu.txt)")
+def test_v4_devices_are_chips():
+  # One megacore device a v4 chip, as the runtime shows them (memory is per chip).
+  assert len(aot.Topology.parse("v4:2x2x1").devices()) == 4
+  assert len(aot.Topology.parse("v5p:2x2x1").devices()) == 4

@@ -96,7 +96,7 @@ def test_tpu_pod_topology_and_preemptible(env):
                                      "--repo=https://example.com/srft-jax.git", "--ref=v1"], env)
   cmds = _commands(out)
   create = next(c for c in cmds if c[4:5] == ["create"])
-  assert "--type=v5e" in create and "--topology=4x4" in create and "--preemptible" in create
+  assert "--type=v5litepod" in create and "--topology=4x4" in create and "--preemptible" in create
   assert "--project=p1" in create and "--version=v2-alpha-tpuv5-lite" in create
   assert not any(c[4:5] == ["scp"] for c in cmds)
   assert any("git clone" in r and "--branch v1" in r for r in _remote(cmds))
@@ -105,9 +105,14 @@ def test_tpu_pod_topology_and_preemptible(env):
 def test_tpu_pod_resume_only_restarts_training(env):
   out, _ = _run("tpu_pod.sh", POD + ["--accelerator-type=v5p-64", "--resume", "--foreground"], env)
   cmds = _commands(out)
-  assert [c[4] for c in cmds] == ["describe", "ssh"]
-  train = _remote(cmds)[0]
+  assert [c[4] for c in cmds] == ["describe", "ssh", "ssh"]
+  stop, train = _remote(cmds)
+  for r in (stop, train):
+    subprocess.run(["bash", "-n", "-c", r], check=True)
+  # The earlier trainer is sent SIGTERM and waited for (its checkpoint) before this one starts.
+  assert "kill $p" in stop and "kill -0 $p" in stop and "srft_train.pid" in stop
   assert "--workdir=gs://bkt/runs/srft7b" in train and "nohup" not in train
+  assert "srft_train.pid" in train  # a later launch can stop this one too
   assert "resume" in out
 
 
@@ -138,6 +143,12 @@ def test_gpu(env):
   out, _ = _run("gpu.sh", ["--dry-run"], env)
   assert len(_commands(out)) == 1  # no install unless asked
   _run("gpu.sh", ["--cuda=11", "--dry-run"], env, expect_rc=2)
+  # The documented space-separated forms too.
+  out, _ = _run("gpu.sh", ["--dry-run", "--venv", "/opt/v", "--workdir", "runs/s", "--config",
+                           "configs/default.py"], env)
+  run = _commands(out)[-1]
+  assert "/opt/v/bin/python" in run and "--workdir=runs/s" in run
+  assert "--config=configs/default.py" in run and "--venv" not in run
 
 
 def test_slurm(env):
@@ -159,6 +170,8 @@ def test_slurm(env):
 
 
 def test_local(env):
-  out, _ = _run("local.sh", ["--dry-run", "--workdir=runs/x", "--config.steps=5"], env)
-  words = out.split()
+  out, _ = _run("local.sh", ["--dry-run", "--workdir=runs/x", "--config.steps=5",
+                             "--config.notes=a b"], env)
+  words = shlex.split(out)  # the printed line is shell-quoted
   assert "srft_jax.main" in words and "--workdir=runs/x" in words and "--config.steps=5" in words
+  assert "--config.notes=a b" in words

@@ -144,3 +144,13 @@ def test_rules_split_the_expected_axes():
     data_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
     assert (rows if isinstance(rows, tuple) else (rows,)) == data_axes, (name, rows)
 
+
+
+@pytest.mark.parametrize("shape,message", [
+    ({"data": 0}, "must be positive"), ({"data": -2, "fsdp": 4}, "must be positive"),
+    ({"data": -1, "fsdp": -1}, "at most one axis"), ({"data": 3}, "need 3 devices"),
+    ({"pipeline": 2}, "unknown axis"),
+])
+def test_bad_mesh_shapes_name_the_problem(shape, message):
+  with pytest.raises(ValueError, match=message):
+    shd.make_mesh(shape)

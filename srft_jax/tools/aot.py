@@ -35,7 +35,9 @@ import sys
 import time
 from typing import Any
 
-# Per-chip HBM in GB (1e9 bytes) and the slice shapes --find-smallest tries.
+# Per-chip HBM as the spec sheets give it, taken as GB = 1e9 bytes (the chips'
+# GiB are ~7% more: a conservative fit check), and the slice shapes
+# --find-smallest tries.
 HBM_GB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
 FIT_FRACTION = 0.9
 SLICES = {
@@ -88,8 +90,11 @@ class Topology:
     return HBM_GB[self.generation] * 1e9
 
   def devices(self):
+    """One compile-only device a chip, as the runtime shows them (v4's two
+    TensorCores form one megacore device, so memory is per chip)."""
     from jax.experimental import topologies
-    return topologies.get_topology_desc(platform="tpu", topology_name=self.name).devices
+    kw = {"chip_config_name": "megacore"} if self.generation == "v4" else {}
+    return topologies.get_topology_desc(platform="tpu", topology_name=self.name, **kw).devices
 
 
 def libtpu_available() -> bool:
@@ -130,7 +135,9 @@ def model_config(c, vocab_size: int = 512):
   from srft_jax import train
   kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
   if c.model.hf_path and os.path.exists(os.path.join(c.model.hf_path, "config.json")):
-    return hf.config_from_hf(hf.read_config(c.model.hf_path), **kw)
+    # The overrides train.base_model applies to a checkpoint (RoPE theta, window, attention).
+    return hf.config_from_hf(hf.read_config(c.model.hf_path),
+                             **kw, **train._hf_config_overrides(c))  # pylint: disable=protected-access
   return train._model_config(c, _VocabOnly(vocab_size))  # pylint: disable=protected-access
 
 
@@ -167,7 +174,8 @@ def lower_train(c, mcfg, mesh):
   o = c.optim
   tx, _ = train.make_optimizer(
       o.lr, steps=c.steps, warmup_steps=o.warmup_steps, schedule=o.schedule,
-      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm or None)
+      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm or None,
+      updates_per_step=c.batch.minibatches)
   step_cfg = train.StepConfig(loss=lc, minibatches=c.batch.minibatches,
                               microbatches=c.batch.microbatches,
                               temperature=c.rollout.temperature, logit_chunk=c.logit_chunk,
@@ -327,9 +335,10 @@ def _oom_summary(msg: str) -> dict[str, Any]:
   """The used/limit numbers and the top allocations of an XLA:TPU out-of-memory error."""
   out: dict[str, Any] = {"error": "out_of_memory"}
   m = re.search(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", msg)
-  if m:
-    unit = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, None: 1}
-    out["used_bytes"] = float(m.group(1)) * unit[m.group(2)] * (1.024 ** 0)
+  if m:  # XLA:TPU's K/M/G/T are powers of 1024
+    unit = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, None: 1}
+    out["used_bytes"] = float(m.group(1)) * unit[m.group(2)]
+    out["limit_bytes"] = float(m.group(3)) * unit[m.group(4)]
   lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
   out["message"] = "\n".join(lines[:40])
   return out
@@ -521,7 +530,7 @@ def find_smallest(c, generation: str, programs, vocab_size: int, log=print,
       continue
     try:
       rep = _report(c, topo, programs, vocab_size, layers, log)
-    except ValueError as e:  # e.g. a mesh that does not divide this slice
+    except (ValueError, RuntimeError) as e:  # a mesh that does not divide it; libtpu refusing it
       log(f"  {topo.name}: {e}")
       tried.append({"topology": topo.name, "fits": False, "error": str(e)})
       continue
@@ -570,6 +579,19 @@ def main(argv) -> int:
   if not f.topology and not f.find_smallest:
     print("give --topology=GEN:AxBxC (repeatable) and/or --find-smallest", file=sys.stderr)
     return 2
+  if not f.programs:
+    print(f"--programs: give at least one of {PROGRAMS}", file=sys.stderr)
+    return 2
+  try:
+    topos = [Topology.parse(name) for name in f.topology]
+  except ValueError as e:
+    print(e, file=sys.stderr)
+    return 2
+  gens = [_GEN_ALIASES.get(g.lower(), g.lower()) for g in f.generations] if f.find_smallest else []
+  bad = [g for g in gens if g not in SLICES]
+  if bad:
+    print(f"--generations: unknown {bad}; known: {sorted(SLICES)}", file=sys.stderr)
+    return 2
   if f.dump_dir:
     COMPILER_OPTIONS["xla_dump_to"] = f.dump_dir
   layers = tuple(int(x) for x in f.extrapolate_layers) or None
@@ -577,14 +599,17 @@ def main(argv) -> int:
     print("--extrapolate_layers: want two increasing depths, e.g. 2,4", file=sys.stderr)
     return 2
   out: dict[str, Any] = {"reports": [], "smallest": []}
-  for name in f.topology:
-    topo = Topology.parse(name)
-    rep = _report(c, topo, f.programs, f.vocab_size, layers)
+  for topo in topos:
+    try:
+      rep = _report(c, topo, f.programs, f.vocab_size, layers)
+    except (ValueError, RuntimeError) as e:  # e.g. a shape libtpu has no slice for
+      print(f"--topology={topo.name}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+      return 2
     print(format_table(rep), flush=True)
     print(flush=True)
     out["reports"].append(rep)
   if f.find_smallest:
-    for gen in f.generations:
+    for gen in gens:
       res = find_smallest(c, gen, f.programs, f.vocab_size, layers=layers)
       for rep in res["tried"]:
         if "programs" in rep:
