@@ -228,7 +228,7 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     (grads, loss), aux = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
     aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
