@@ -596,6 +596,9 @@ def save_model(model: model_lib.Transformer, path: str, *, dtype=None,
     weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
     with open(os.path.join(path, INDEX_FILE), "w") as fh:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+  if jax.process_count() > 1:  # nobody goes on (and reads) before process 0 has written
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("srft_save_model")
   return [os.path.join(path, n) for n in names]
 
 

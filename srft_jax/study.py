@@ -1066,6 +1066,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   seeds = [int(s) for s in (a.seeds or ("0" if a.quick else ",".join(map(str, SEEDS)))).split(",")]
   methods = [m.strip() for m in (a.methods or ",".join(METHODS)).split(",") if m.strip()]
   overrides = dict(_parse_override(kv) for kv in a.set)
+  if str(overrides.get("multihost", False)).lower() in ("true", "1"):
+    print("study: runs one process on one host (its files and runs are not coordinated "
+          "across processes); drop --set multihost=...", file=sys.stderr)
+    return 2
   settings = study_settings(quick=a.quick, steps=a.steps, overrides=overrides)
   if not a.no_compile_cache and (a.calibrate or not a.budget):
     # Runs of different seeds (and resumed runs) reuse each other's executables.

@@ -330,6 +330,21 @@ def stage_layout(loss_cfg: obj.LossConfig, n_rollouts: int, n_demos: int) -> Gro
   return GroupLayout(n, d, demos_in_group=loss_cfg.use_demo_rl)
 
 
+def sync_processes(name: str) -> None:
+  """Every process waits here for all the others (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """A reader (a restarted job) never sees half a file: write aside, then rename."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)
+
+
 def gather_all(x: Array) -> np.ndarray:
   """The whole global array on every host (small arrays: prompts, eval outputs)."""
   if jax.process_count() == 1:
@@ -776,7 +791,11 @@ def build_tokenizer(c, workdir: str):
   from srft_jax.data import task
   if c.data.tokenizer:
     return tok_lib.load_tokenizer(c.data.tokenizer)
-  return task.get_task_tokenizer(os.path.join(workdir, "tokenizer"), seed=c.data.task_seed)
+  cache = os.path.join(workdir, "tokenizer")
+  if jax.process_index() == 0:  # trains and caches it once; the others then load it
+    task.get_task_tokenizer(cache, seed=c.data.task_seed)
+  sync_processes("srft_task_tokenizer")
+  return task.get_task_tokenizer(cache, seed=c.data.task_seed)
 
 
 def build_data(c) -> tuple[Any, dict[str, list[dict]]]:
@@ -863,8 +882,22 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
   if info["status"] == "preempted":
     return None  # not cached: a half-trained base must not pass for the warm-up
   model = trainer.model()
-  hf.save_model(model, hf_dir)  # collective: every process gathers, process 0 writes
+  save_base(model, hf_dir)
   return model
+
+
+def save_base(model, hf_dir: str) -> None:
+  """The warm-up's HF cache, written aside and renamed: a kill mid-write never
+  leaves an hf/config.json that the next run would take for a finished warm-up."""
+  import shutil
+
+  from srft_jax import hf
+  tmp_dir = f"{hf_dir}.partial"
+  hf.save_model(model, tmp_dir)  # collective: every process gathers, process 0 writes
+  if jax.process_index() == 0:
+    shutil.rmtree(hf_dir, ignore_errors=True)  # a half cache an older version left
+    os.replace(tmp_dir, hf_dir)
+  sync_processes("srft_base_saved")
 
 
 def _hf_config_overrides(c) -> dict:
@@ -882,7 +915,9 @@ def _hf_config_overrides(c) -> dict:
 
 
 def _hf_overrides(mcfg: model_lib.ModelConfig) -> dict:
-  return {"remat": mcfg.remat, "rules": mcfg.rules}
+  """What a cached base keeps from the run's model config (not in its config.json)."""
+  return {"remat": mcfg.remat, "rules": mcfg.rules, "param_dtype": mcfg.jnp_param_dtype,
+          "attention": mcfg.attention, "decode_attention": mcfg.decode_attention}
 
 
 def run(c, workdir: str) -> dict:
@@ -920,8 +955,7 @@ def run(c, workdir: str) -> dict:
         before = evaluate_sets(model, tokenizer, scorer, evals, c, mesh)
         if jax.process_index() == 0:
           os.makedirs(os.path.dirname(cache), exist_ok=True)
-          with open(cache, "w") as f:
-            json.dump(before, f)
+          write_json_atomic(cache, before)
       log.info("before: %s", before)
     trainer = Trainer(model, config=c, tokenizer=tokenizer, scorer=scorer, mesh=mesh)
     it = make_data_iter(c, source, tokenizer, c.batch.prompts_per_step, c.seed)

@@ -8,6 +8,7 @@ them the same optimizer state, stage and data position. The real SRFT step's
 own resume is tested end to end in test_train.py (SIGKILL, SIGTERM).
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -213,3 +214,38 @@ def test_config_errors_name_the_field(field, value, named):
     (c[node] if node else c)[leaf] = value
   with pytest.raises(ValueError, match=named.replace(".", r"\.")):
     train.validate_config(c)
+
+
+def test_base_cache_is_complete_or_absent(tmp_path, monkeypatch):
+  from srft_jax import hf
+  model = model_lib.Transformer(dataclasses.replace(SMALL, attention="chunked"), rngs=nnx.Rngs(0))
+  hf_dir = str(tmp_path / "base" / "hf")
+  real = hf._write_safetensors
+
+  def killed(*a, **k):
+    raise KeyboardInterrupt("killed mid-write")
+
+  monkeypatch.setattr(hf, "_write_safetensors", killed)
+  with pytest.raises(KeyboardInterrupt):
+    train.save_base(model, hf_dir)
+  assert not os.path.exists(os.path.join(hf_dir, "config.json"))  # no "finished" cache
+  monkeypatch.setattr(hf, "_write_safetensors", real)
+  train.save_base(model, hf_dir)
+  # The cached base comes back with the run's settings that config.json does not hold.
+  back = hf.load_model(hf_dir, **train._hf_overrides(model.cfg))
+  assert back.cfg == model.cfg
+  a, b = nnx.state(model, nnx.Param), nnx.state(back, nnx.Param)
+  assert all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_json_cache_written_atomically(tmp_path):
+  path = str(tmp_path / "eval_before.json")
+  train.write_json_atomic(path, {"task_id": 0.25})
+  assert json.loads(open(path).read()) == {"task_id": 0.25}
+  assert os.listdir(tmp_path) == ["eval_before.json"]
+
+
+def test_study_refuses_multihost(tmp_path, capsys):
+  from srft_jax import study
+  assert study.main(["--out", str(tmp_path), "--set", "multihost=True"]) == 2
+  assert "one process" in capsys.readouterr().err
