@@ -18,7 +18,8 @@
 #   --project P              gcloud project (default: gcloud's)
 #   --spot | --preemptible   cheaper, can be reclaimed; rerun the same command to resume
 #   --bucket gs://B          workdir = gs://B/runs/NAME unless --workdir is given
-#   --workdir gs://...       checkpoints and logs (shared by all workers)
+#   --workdir gs://...       checkpoints (shared by all workers); logs, results, plots and
+#                            the HF export stay on worker 0 under ~/srft_outputs/gs/...
 #   --config FILE[:ARG]      training config (default configs/srft_7b_tpu.py)
 #   --model-gcs gs://...     HF checkpoint dir, copied to each worker's disk, used as
 #                            model.hf_path and data.tokenizer
@@ -42,6 +43,7 @@ RESUME=0 FOREGROUND=0 DRY=0
 EXTRA=()
 REMOTE_DIR='$HOME/srft-jax'
 JAX_VERSION=${JAX_VERSION:-0.10.2}
+GCSFS_VERSION=${GCSFS_VERSION:-2026.10.1}  # Orbax's gs:// checkpoints go through gcsfs (no TensorFlow)
 
 need_value() { [ -n "${2:-}" ] || { echo "tpu_pod.sh: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
@@ -71,7 +73,7 @@ while [ $# -gt 0 ]; do
     --resume) RESUME=1 ;;
     --foreground) FOREGROUND=1 ;;
     --dry-run|--dry_run) DRY=1 ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) EXTRA+=("$arg") ;;
   esac
 done
@@ -165,7 +167,8 @@ if [ "$RESUME" = 0 ]; then
     on_all "set -e; rm -rf $REMOTE_DIR; mkdir -p $REMOTE_DIR; tar xzf /tmp/srft-jax.tar.gz -C $REMOTE_DIR"
   fi
   on_all "set -e; cd $REMOTE_DIR; python3 -m venv .venv; .venv/bin/pip install -q -U pip; \
-.venv/bin/pip install -q 'jax[tpu]==$JAX_VERSION' -r requirements.txt; .venv/bin/pip install -q --no-deps -e ."
+.venv/bin/pip install -q 'jax[tpu]==$JAX_VERSION' -r requirements.txt 'gcsfs==$GCSFS_VERSION'; \
+.venv/bin/pip install -q --no-deps -e ."
   [ -z "$MODEL_GCS" ] || on_all "set -e; mkdir -p /tmp/srft_model; gcloud storage cp -r '$MODEL_GCS/*' /tmp/srft_model/"
   [ -z "$DATA_GCS" ] || on_all "set -e; mkdir -p /tmp/srft_data; gcloud storage cp -r '$DATA_GCS/*' /tmp/srft_data/"
 fi

@@ -174,11 +174,24 @@ def main(argv):
   f = flags.FLAGS
   logging.basicConfig(level=logging.INFO)
   config = _CONFIG.value
+  names = [n for n in f.benchmarks.split(",") if n]
+  unknown = [n for n in names if n not in metrics_eval.BENCHMARKS]
+  problems = []
+  if unknown:
+    problems.append(f"--benchmarks: unknown {unknown}; known: {sorted(metrics_eval.BENCHMARKS)}")
+  if not os.path.isdir(f.checkpoint):
+    problems.append(f"--checkpoint: no directory {f.checkpoint!r}")
+  needs_data = [n for n in names if n not in ("task_id", "task_ood") and n in metrics_eval.BENCHMARKS]
+  if needs_data and not f.data_dir:
+    problems.append(f"--data_dir: {needs_data} need the directory `python -m srft_jax.data "
+                    "prepare NAME --data_dir DIR` wrote")
+  if problems:
+    print("error: " + "\n       ".join(problems), file=sys.stderr)
+    return 2
   mesh = shd.make_mesh(dict(config.mesh))
   # The task tokenizer is deterministic: rebuilt (or reused) under the checkpoint dir.
   tokenizer = train.build_tokenizer(config, f.tokenizer_dir or f.checkpoint)
   model = load_policy(config, f.checkpoint, tokenizer, mesh)
-  names = [n for n in f.benchmarks.split(",") if n]
   with rewards_lib.RewardScorer(require_think=config.rollout.require_think) as scorer:
     res = evaluate_benchmarks(model, tokenizer, names, config, scorer=scorer, mesh=mesh,
                               data_dir=f.data_dir, temperature=f.temperature, top_p=f.top_p,

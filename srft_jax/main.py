@@ -23,7 +23,11 @@ def main(argv):
   for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from srft_jax import train
-  results = train.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    results = train.run(_CONFIG.value, _WORKDIR.value)
+  except train.ConfigError as e:  # named by its field, before anything compiled
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if results.get("status") == "preempted":
     print(f"preempted at step {results['step']}: checkpoint saved; rerun the same command to resume")
     return 0
@@ -32,6 +36,9 @@ def main(argv):
 
 
 def format_results(r: dict, workdir: str) -> str:
+  from srft_jax.train import local_dir
+  out = local_dir(workdir)  # == workdir unless remote: then only checkpoints are there
+
   def pct(x):
     return "  n/a" if x is None else f"{100 * x:5.1f}%"
   lines = [
@@ -43,11 +50,11 @@ def format_results(r: dict, workdir: str) -> str:
       f"| ID  | {pct(r['before']['id_acc'])} | {pct(r['after']['id_acc'])} |",
       f"| OOD | {pct(r['before']['ood_acc'])} | {pct(r['after']['ood_acc'])} |",
       "",
-      f"results:     {workdir}/results.json",
+      f"results:     {out}/results.json",
       f"checkpoints: {workdir}/checkpoints",
-      f"tensorboard: {workdir}/logs/tb   (tensorboard --logdir {workdir}/logs/tb)",
-      f"plots:       {workdir}/plots",
-      f"HF export:   {workdir}/export/hf",
+      f"tensorboard: {out}/logs/tb   (tensorboard --logdir {out}/logs/tb)",
+      f"plots:       {out}/plots",
+      f"HF export:   {out}/export/hf",
   ]
   return "\n".join(lines)
 

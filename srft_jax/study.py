@@ -1058,6 +1058,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets", "srft_jax.train"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  named = [m.strip() for m in (a.methods or "").split(",") if m.strip()]
+  if [m for m in named if m not in METHODS]:
+    print(f"--methods: unknown {[m for m in named if m not in METHODS]}; known: {list(METHODS)}",
+          file=sys.stderr)
+    return 2
+  if a.report_only and not os.path.exists(os.path.join(a.out, "study.json")):
+    print(f"--report-only: {a.out} holds no study (no study.json)", file=sys.stderr)
+    return 2
   if a.report_only:  # the study's own seeds and methods (study.json) unless named
     print(write_report(a.out, seeds=[int(s) for s in a.seeds.split(",")] if a.seeds else None,
                        methods=[m.strip() for m in a.methods.split(",") if m.strip()]

@@ -330,6 +330,16 @@ def stage_layout(loss_cfg: obj.LossConfig, n_rollouts: int, n_demos: int) -> Gro
   return GroupLayout(n, d, demos_in_group=loss_cfg.use_demo_rl)
 
 
+def local_dir(workdir: str) -> str:
+  """Where the files other than checkpoints go (logs, results, plots, the HF export,
+  caches): the workdir itself, or for a remote workdir (gs://..., which only Orbax
+  writes) the same path under ~/srft_outputs on this host (process 0's disk)."""
+  if "://" not in workdir:
+    return workdir
+  scheme, _, rest = workdir.partition("://")
+  return os.path.join(os.path.expanduser("~"), "srft_outputs", scheme, rest.strip("/"))
+
+
 def sync_processes(name: str) -> None:
   """Every process waits here for all the others (no-op with one process)."""
   if jax.process_count() > 1:
@@ -601,7 +611,8 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
   stages = trainer.stages()
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
                                async_save=c.checkpoint.async_save)
-  writer = metrics_lib.MetricsWriter(os.path.join(workdir, "logs"), tensorboard=c.log.tensorboard)
+  writer = metrics_lib.MetricsWriter(os.path.join(local_dir(workdir), "logs"),
+                                     tensorboard=c.log.tensorboard)
   guard = ckpt_lib.PreemptionGuard()
   base_key = jax.random.key(c.seed)
   meta = {"config": c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else str(c)}
@@ -612,6 +623,9 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
               if ckpt.latest_step() is not None else None)
   if restored is not None:
     start, state, data_state, _ = restored
+    if start > c.steps:
+      raise ConfigError(f"config.steps={c.steps}: {ckpt.directory} already holds step {start}; "
+                        "give at least that many steps or another workdir")
     data_iter.set_state(data_state)
     stage = next(s for s in stages if s.start <= start < s.start + s.steps) if start < c.steps else stages[-1]
     trainer.state = None
@@ -709,8 +723,23 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
 # The whole job: data, base model (warm-up), before/after evaluation, training.
 # ----------------------------------------------------------------------------
 
+class ConfigError(ValueError):
+  """A config (or workdir) that cannot run, named by its field; raised before compiling."""
+
+
 def validate_config(c) -> None:
-  """Config errors before anything compiles, each naming its field."""
+  """Config errors before anything compiles, each naming its field (ConfigError)."""
+  try:
+    _validate_config(c)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    if not str(e).startswith("config."):
+      raise
+    raise ConfigError(str(e)) from None
+
+
+def _validate_config(c) -> None:
   def need(ok, field, msg):
     if not ok:
       raise ValueError(f"config.{field}: {msg}")
@@ -732,6 +761,10 @@ def validate_config(c) -> None:
   need(c.warmup.steps <= 0 or (c.warmup.lr > 0 and c.warmup.prompts_per_step > 0), "warmup.lr",
        "a warm-up needs a positive lr and prompts_per_step")
   need(c.data.source in ("task", "tfds"), "data.source", f"unknown source {c.data.source!r}")
+  if c.data.source == "tfds":
+    need(c.data.data_dir and os.path.isdir(os.path.join(c.data.data_dir, "srft_data", c.data.name)),
+         "data.data_dir", f"no prepared dataset {c.data.name!r} in {c.data.data_dir!r}; make it "
+         f"with `python -m srft_jax.data prepare {c.data.name} --src FILE --data_dir DIR`")
   need(c.model.hf_path or c.model.preset in model_lib.PRESETS, "model.preset",
        f"unknown preset {c.model.preset!r}; known: {sorted(model_lib.PRESETS)}")
   need(c.model.get("attention", "") in ("", "xla", "chunked", "cudnn"), "model.attention",
@@ -791,7 +824,7 @@ def build_tokenizer(c, workdir: str):
   from srft_jax.data import task
   if c.data.tokenizer:
     return tok_lib.load_tokenizer(c.data.tokenizer)
-  cache = os.path.join(workdir, "tokenizer")
+  cache = os.path.join(local_dir(workdir), "tokenizer")
   if jax.process_index() == 0:  # trains and caches it once; the others then load it
     task.get_task_tokenizer(cache, seed=c.data.task_seed)
   sync_processes("srft_task_tokenizer")
@@ -869,7 +902,16 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
     return model_lib.create_model(mcfg, seed=c.seed, mesh=mesh)
   base_dir = c.warmup.dir or os.path.join(workdir, "base")
   hf_dir = os.path.join(base_dir, "hf")
+  meta = warmup_meta(c, mcfg)
   if os.path.exists(os.path.join(hf_dir, "config.json")):
+    meta_file = os.path.join(hf_dir, WARMUP_META)
+    if os.path.exists(meta_file):
+      with open(meta_file) as f:
+        cached = json.load(f)
+      diff = sorted(k for k in set(cached) | set(meta) if cached.get(k) != meta.get(k))
+      if diff:
+        raise ConfigError(f"config.warmup.dir: {hf_dir} caches a warm-up of other settings "
+                          f"({', '.join(diff)}); delete it or point warmup.dir elsewhere")
     log.info("base model: %s (cached warm-up)", hf_dir)
     return hf.load_model(hf_dir, mesh=mesh, dtype=mcfg.jnp_dtype, **_hf_overrides(mcfg))
   log.info("base model: SFT warm-up for %d steps", c.warmup.steps)
@@ -882,11 +924,25 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
   if info["status"] == "preempted":
     return None  # not cached: a half-trained base must not pass for the warm-up
   model = trainer.model()
-  save_base(model, hf_dir)
+  save_base(model, hf_dir, meta)
   return model
 
 
-def save_base(model, hf_dir: str) -> None:
+WARMUP_META = "srft_warmup.json"
+
+
+def warmup_meta(c, mcfg: model_lib.ModelConfig) -> dict:
+  """What makes a cached warm-up the one this config asks for (compared on reuse;
+  the seed is not: studies share one base across their seeds)."""
+  how = ("rules", "remat", "attention", "decode_attention", "dtype")  # how it runs, not what it is
+  model = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in how}
+  return json.loads(json.dumps({
+      "model": model, "task_seed": c.data.task_seed,
+      "warmup": {k: c.warmup[k] for k in ("steps", "lr", "schedule", "warmup_steps",
+                                          "prompts_per_step")}}, default=str))
+
+
+def save_base(model, hf_dir: str, meta: dict | None = None) -> None:
   """The warm-up's HF cache, written aside and renamed: a kill mid-write never
   leaves an hf/config.json that the next run would take for a finished warm-up."""
   import shutil
@@ -895,6 +951,8 @@ def save_base(model, hf_dir: str) -> None:
   tmp_dir = f"{hf_dir}.partial"
   hf.save_model(model, tmp_dir)  # collective: every process gathers, process 0 writes
   if jax.process_index() == 0:
+    if meta is not None:
+      write_json_atomic(os.path.join(tmp_dir, WARMUP_META), meta)
     shutil.rmtree(hf_dir, ignore_errors=True)  # a half cache an older version left
     os.replace(tmp_dir, hf_dir)
   sync_processes("srft_base_saved")
@@ -937,7 +995,12 @@ def run(c, workdir: str) -> dict:
                 process_id=d.process_id)
     jax.distributed.initialize(**kw)
   validate_config(c)
-  os.makedirs(workdir, exist_ok=True)
+  if c.warmup.steps > 0 and not c.model.hf_path and "://" in (c.warmup.dir or workdir):
+    raise ConfigError("config.warmup.dir: the SFT warm-up caches its model as an HF checkpoint "
+                     "with plain file I/O; give a local or shared path (or warmup.steps=0) "
+                     f"when the workdir is remote ({workdir})")
+  out = local_dir(workdir)  # == workdir unless it is remote (gs://): then only checkpoints go there
+  os.makedirs(out, exist_ok=True)
   mesh = shd.make_mesh(dict(c.mesh))
   tokenizer = build_tokenizer(c, workdir)
   source, evals = build_data(c)
@@ -947,7 +1010,8 @@ def run(c, workdir: str) -> dict:
       return {"status": "preempted", "step": 0, "stage": "warmup"}
     before = {}
     if c.eval.before and evals:
-      cache = os.path.join(c.warmup.dir or os.path.join(workdir, "base"), "eval_before.json")
+      cache = os.path.join(local_dir(c.warmup.dir or os.path.join(workdir, "base")),
+                           "eval_before.json")
       if os.path.exists(cache) and not c.model.hf_path:
         with open(cache) as f:
           before = json.load(f)
@@ -974,12 +1038,12 @@ def run(c, workdir: str) -> dict:
       "wall_s": round(time.time() - t_start, 1), "train_s": round(train_s, 1),
   }
   if c.checkpoint.export_hf:  # collective: every process gathers, process 0 writes
-    hf.save_model(model, os.path.join(workdir, "export", "hf"), tokenizer=tokenizer,
+    hf.save_model(model, os.path.join(out, "export", "hf"), tokenizer=tokenizer,
                   copy_from=c.model.hf_path or None)
   if jax.process_index() == 0:
     if c.log.plots:
       results["plots"] = metrics_lib.plot_metrics(
-          os.path.join(workdir, "logs", "metrics.jsonl"), os.path.join(workdir, "plots"))
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+          os.path.join(out, "logs", "metrics.jsonl"), os.path.join(out, "plots"))
+    with open(os.path.join(out, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
   return results

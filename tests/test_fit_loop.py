@@ -249,3 +249,73 @@ def test_study_refuses_multihost(tmp_path, capsys):
   from srft_jax import study
   assert study.main(["--out", str(tmp_path), "--set", "multihost=True"]) == 2
   assert "one process" in capsys.readouterr().err
+
+
+def test_remote_workdir_keeps_plain_files_local(tmp_path, monkeypatch):
+  # Only Orbax writes to gs://; logs, results, plots, the export and caches go to
+  # process 0's disk under ~/srft_outputs (not to a local directory named "gs:").
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert train.local_dir("runs/x") == "runs/x"
+  assert train.local_dir("gs://bkt/runs/x/") == str(tmp_path / "srft_outputs" / "gs" / "bkt" / "runs" / "x")
+  # The warm-up's HF cache is plain file I/O: a remote place for it is refused up front.
+  with pytest.raises(ValueError, match=r"config\.warmup\.dir"):
+    train.run(DEFAULT.get_config(), "gs://bkt/runs/x")
+
+
+def test_fewer_steps_than_done_is_refused(tmp_path):
+  _fit(_config(stages="", steps=4, every=2), tmp_path)
+  with pytest.raises(train.ConfigError, match=r"config\.steps=2"):
+    _fit(_config(stages="", steps=2), tmp_path)
+
+
+def test_cached_warmup_of_other_settings_is_refused(tmp_path):
+  import types
+  c = DEFAULT.get_config()
+  with c.unlocked():
+    c.warmup.dir = str(tmp_path / "base")
+  tok = types.SimpleNamespace(vocab_size=64)
+  mcfg = train._model_config(c, tok)
+  model = model_lib.Transformer(mcfg, rngs=nnx.Rngs(0))
+  train.save_base(model, os.path.join(c.warmup.dir, "hf"), train.warmup_meta(c, mcfg))
+  mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  same = train.base_model(c, tok, mesh, str(tmp_path), scorer=None)  # the cache, reused
+  assert all(bool(jnp.array_equal(x, y)) for x, y in zip(
+      jax.tree.leaves(nnx.state(same, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))))
+  for field, value in (("warmup.lr", 1e-2), ("model.num_layers", 2)):
+    other = c.copy_and_resolve_references()
+    with other.unlocked():
+      node, _, leaf = field.rpartition(".")
+      other[node][leaf] = value
+    with pytest.raises(train.ConfigError, match=r"config\.warmup\.dir: .*" + field.split(".")[0]):
+      train.base_model(other, tok, mesh, str(tmp_path), scorer=None)
+
+
+def _cli(module, *args):
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_mistakes_exit_2_with_a_message(tmp_path):
+  res = _cli("srft_jax.main", "--config=configs/default.py", "--config.method=foo",
+             f"--workdir={tmp_path / 'w'}")
+  assert res.returncode == 2 and "error: config.method" in res.stderr, res.stderr[-2000:]
+  res = _cli("srft_jax.evaluate", f"--checkpoint={tmp_path / 'missing'}", "--benchmarks=foo,math500")
+  assert res.returncode == 2, res.stderr[-2000:]
+  for part in ("--benchmarks: unknown ['foo']", "--checkpoint: no directory", "--data_dir"):
+    assert part in res.stderr
+  assert not (tmp_path / "missing").exists()  # nothing created under a wrong path
+  from srft_jax import study
+  from srft_jax.data import __main__ as data_cli
+  assert study.main(["--out", str(tmp_path / "s"), "--methods", "foo", "--budget"]) == 2
+  assert study.main(["--out", str(tmp_path / "s"), "--report-only"]) == 2
+  assert data_cli.main(["prepare", "task", "--task_sizes", "train4096",
+                        "--data_dir", str(tmp_path / "d")]) == 2
+  # Splits not named keep their default sizes (was: KeyError on test_id).
+  assert data_cli.main(["prepare", "task", "--task_sizes", "train=8",
+                        "--data_dir", str(tmp_path / "d")]) == 0
+  from srft_jax.data import builders
+  assert len(builders.load_source(str(tmp_path / "d"), "task", "train")) == 8
+  assert len(builders.load_source(str(tmp_path / "d"), "task", "test_id")) == builders.DEFAULT_TASK_SIZES["test_id"]

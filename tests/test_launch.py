@@ -78,6 +78,7 @@ def test_tpu_pod_fresh_slice(env):
     subprocess.run(["bash", "-n", "-c", r], check=True)
   install = next(r for r in remote if "pip install" in r and "jax[tpu]" in r)
   assert "jax[tpu]==0.10.2" in install and "-r requirements.txt" in install
+  assert "gcsfs==" in install  # Orbax on gs:// needs it (no TensorFlow)
   assert any("gs://bkt/models/Q7" in r for r in remote)
   assert any("gs://bkt/data" in r for r in remote)
   train = remote[-1]

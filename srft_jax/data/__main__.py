@@ -43,7 +43,10 @@ def _parse_sizes(text: str | None) -> dict[str, int] | None:
         return None
     sizes = {}
     for part in text.split(","):
-        split, _, n = part.partition("=")
+        split, eq, n = part.partition("=")
+        if not eq or not n.strip().isdigit():
+            raise argparse.ArgumentTypeError(
+                f"--task_sizes: want SPLIT=N[,SPLIT=N...], e.g. train=4096, got {part!r}")
         sizes[split.strip()] = int(n)
     return sizes
 
@@ -74,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.name not in builders.NO_SRC_NAMES and not args.src:
         print(f"error: {args.name} needs --src FILE (a local JSONL or Parquet file)", file=sys.stderr)
         return 2
+    try:
+        sizes = _parse_sizes(args.task_sizes)
+    except argparse.ArgumentTypeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     options = dict(max_target_chars=args.max_target_chars, max_answer_chars=args.max_answer_chars,
                    mc_shuffle_seed=None if args.mc_shuffle_seed < 0 else args.mc_shuffle_seed,
-                   task_seed=args.task_seed, task_sizes=_parse_sizes(args.task_sizes))
+                   task_seed=args.task_seed, task_sizes=sizes)
     try:
         report = builders.prepare(args.name, args.data_dir, args.src,
                                   overwrite=args.overwrite, **options)

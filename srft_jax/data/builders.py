@@ -562,7 +562,11 @@ class SrftData(tfds.core.GeneratorBasedBuilder):
         else:
             self._src = [os.fspath(s) for s in src]
         self._opts = RowOptions(max_target_chars, max_answer_chars, mc_shuffle_seed)
-        self._task_sizes = dict(DEFAULT_TASK_SIZES if task_sizes is None else task_sizes)
+        unknown = set(task_sizes or {}) - set(DEFAULT_TASK_SIZES)
+        if unknown:
+            raise ValueError(f"task_sizes: unknown splits {sorted(unknown)}; "
+                             f"known: {sorted(DEFAULT_TASK_SIZES)}")
+        self._task_sizes = {**DEFAULT_TASK_SIZES, **(task_sizes or {})}  # unnamed splits: defaults
         self._task_seed = task_seed
         self.report: dict[str, Any] = {}
         super().__init__(**kwargs)
