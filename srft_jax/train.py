@@ -761,10 +761,9 @@ def _validate_config(c) -> None:
   need(c.warmup.steps <= 0 or (c.warmup.lr > 0 and c.warmup.prompts_per_step > 0), "warmup.lr",
        "a warm-up needs a positive lr and prompts_per_step")
   need(c.data.source in ("task", "tfds"), "data.source", f"unknown source {c.data.source!r}")
-  if c.data.source == "tfds":
-    need(c.data.data_dir and os.path.isdir(os.path.join(c.data.data_dir, "srft_data", c.data.name)),
-         "data.data_dir", f"no prepared dataset {c.data.name!r} in {c.data.data_dir!r}; make it "
-         f"with `python -m srft_jax.data prepare {c.data.name} --src FILE --data_dir DIR`")
+  need(c.data.source != "tfds" or c.data.data_dir, "data.data_dir",
+       "source=tfds reads a prepared dataset: give the directory `python -m srft_jax.data "
+       "prepare NAME --src FILE --data_dir DIR` wrote")
   need(c.model.hf_path or c.model.preset in model_lib.PRESETS, "model.preset",
        f"unknown preset {c.model.preset!r}; known: {sorted(model_lib.PRESETS)}")
   need(c.model.get("attention", "") in ("", "xla", "chunked", "cudnn"), "model.attention",
@@ -840,6 +839,11 @@ def build_data(c) -> tuple[Any, dict[str, list[dict]]]:
              "task_ood": task.generate("test_ood", c.eval.n_ood, c.data.task_seed)}
     return train, evals
   from srft_jax.data import builders
+  where = os.path.join(c.data.data_dir, "srft_data", c.data.name)
+  if "://" not in c.data.data_dir and not os.path.isdir(where):
+    raise ConfigError(f"config.data.data_dir: no prepared dataset {c.data.name!r} in "
+                      f"{c.data.data_dir!r}; make it with `python -m srft_jax.data prepare "
+                      f"{c.data.name} --src FILE --data_dir DIR`")
   return builders.load_source(c.data.data_dir, c.data.name, "train"), {}
 
 
