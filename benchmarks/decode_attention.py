@@ -43,7 +43,9 @@ def _args(argv=None):
   p.add_argument("--splits", default="1,2,4,8")
   p.add_argument("--warps", default="4,8")
   p.add_argument("--stages", default="2,3")
-  p.add_argument("--blocks", default="", help="slot blocks to try (default: the largest that divides)")
+  p.add_argument(
+    "--blocks", default="", help="slot blocks to try (default: the largest that divides)"
+  )
   p.add_argument("--best", default="", help="write the best setting here (JSON)")
   return p.parse_args(argv)
 
@@ -62,6 +64,7 @@ def _time(attn, inputs, fill, reps):
       ok = jnp.broadcast_to(jnp.arange(s) < bound, inputs[0][3].shape)
       outs = [attn(q, k, v, ok, bound) for q, k, v, _ in inputs]
       return acc + sum(o[0, 0, 0].astype(jnp.float32) for o in outs)
+
     return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
 
   jax.block_until_ready(loop(inputs))  # compile + warm
@@ -89,22 +92,34 @@ def main():
   itemsize = 2
   full_bytes = 2 * b * kh * h * s * itemsize
   device = jax.devices()[0]
-  peak = next((p for name, p in PEAK_HBM_BYTES_PER_S.items() if name in device.device_kind.upper()),
-              None)
+  peak = next(
+    (p for name, p in PEAK_HBM_BYTES_PER_S.items() if name in device.device_kind.upper()), None
+  )
 
   xla = lambda q, k, v, o, bound: model_lib.attend(q[:, None], k, v, o[:, None, :])[:, 0]  # noqa: E731
   t_xla = _time(xla, inputs, a.fill, a.iters)
   ref = np.asarray(jax.jit(xla)(*inputs[0], bound), np.float32)
-  result = {"device": device.device_kind, "batch": b, "cache_len": s, "fill": a.fill,
-            "xla": {"us": t_xla * 1e6, "bytes": full_bytes,
-                    "hbm_fraction": full_bytes / t_xla / peak if peak else None},
-            "settings": []}
+  result = {
+    "device": device.device_kind,
+    "batch": b,
+    "cache_len": s,
+    "fill": a.fill,
+    "xla": {
+      "us": t_xla * 1e6,
+      "bytes": full_bytes,
+      "hbm_fraction": full_bytes / t_xla / peak if peak else None,
+    },
+    "settings": [],
+  }
   blocks = [int(x) for x in a.blocks.split(",") if x] or [da.block_size(s)]
   best = None
   saved = dict(da.TUNING)
   for bs, splits, warps, stages in itertools.product(
-      blocks, [int(x) for x in a.splits.split(",")], [int(x) for x in a.warps.split(",")],
-      [int(x) for x in a.stages.split(",")]):
+    blocks,
+    [int(x) for x in a.splits.split(",")],
+    [int(x) for x in a.warps.split(",")],
+    [int(x) for x in a.stages.split(",")],
+  ):
     if s % bs:
       continue
     da.TUNING.update(splits=splits, block_s=bs, num_warps=warps, num_stages=stages)
@@ -114,8 +129,13 @@ def main():
       fn = lambda q, k, v, o, bound: da.decode_attention(q, k, v, o, bound)  # noqa: E731
       err = float(np.max(np.abs(np.asarray(jax.jit(fn)(*inputs[0], bound), np.float32) - ref)))
       t = _time(fn, inputs, a.fill, a.iters)
-      row.update(us=t * 1e6, max_abs_err_vs_xla=err, bytes=read,
-                 hbm_fraction=read / t / peak if peak else None, speedup_vs_xla=t_xla / t)
+      row.update(
+        us=t * 1e6,
+        max_abs_err_vs_xla=err,
+        bytes=read,
+        hbm_fraction=read / t / peak if peak else None,
+        speedup_vs_xla=t_xla / t,
+      )
       if err < 5e-2 and (best is None or t < best[0]):
         best = (t, dict(block_s=bs, splits=splits, num_warps=warps, num_stages=stages))
     except Exception as e:  # noqa: BLE001  (a setting Triton rejects is reported, not fatal)

@@ -73,6 +73,7 @@ def top_ops(fn, *, n: int = 20, runs: int = 1, compiled_text: str | None = None)
   per run and `share` of the summed device time.
   """
   from jax.profiler import ProfileData
+
   names = hlo_op_names(compiled_text) if compiled_text else {}
   logdir = tempfile.mkdtemp(prefix="srft_profile_")
   jax.profiler.start_trace(logdir)
@@ -96,10 +97,20 @@ def top_ops(fn, *, n: int = 20, runs: int = 1, compiled_text: str | None = None)
     classes[kernel_class(name)] += dur
     kernel.setdefault(op, name)
   busy = sum(total.values())
-  ops = [{"op": op, "kernel": kernel[op][:80], "ms": round(ns / 1e6 / runs, 4),
-          "count": count[op] // runs, "share": round(ns / busy, 4) if busy else None,
-          "source": names.get(op, "")[-120:]}
-         for op, ns in total.most_common(n)]
-  return {"wall_ms": round(wall * 1e3, 3), "device_ms": round(busy / 1e6 / runs, 3),
-          "classes_ms": {c: round(ns / 1e6 / runs, 3) for c, ns in classes.most_common()},
-          "ops": ops}
+  ops = [
+    {
+      "op": op,
+      "kernel": kernel[op][:80],
+      "ms": round(ns / 1e6 / runs, 4),
+      "count": count[op] // runs,
+      "share": round(ns / busy, 4) if busy else None,
+      "source": names.get(op, "")[-120:],
+    }
+    for op, ns in total.most_common(n)
+  ]
+  return {
+    "wall_ms": round(wall * 1e3, 3),
+    "device_ms": round(busy / 1e6 / runs, 3),
+    "classes_ms": {c: round(ns / 1e6 / runs, 3) for c, ns in classes.most_common()},
+    "ops": ops,
+  }

@@ -33,8 +33,12 @@ def _args(argv=None):
   p.add_argument("--prompt_len", type=int, default=64)
   p.add_argument("--new_tokens", type=int, default=128)
   p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; median")
-  p.add_argument("--threads", type=int, default=0,
-                 help="CPU threads for both frameworks (0 = all cores; 1 also makes XLA single-threaded)")
+  p.add_argument(
+    "--threads",
+    type=int,
+    default=0,
+    help="CPU threads for both frameworks (0 = all cores; 1 also makes XLA single-threaded)",
+  )
   p.add_argument("--vocab", type=int, default=16384)
   p.add_argument("--embed", type=int, default=512)
   p.add_argument("--mlp", type=int, default=1536)
@@ -48,49 +52,68 @@ def _args(argv=None):
   p.add_argument("--preset", default="qwen2_5_1_5b", help="model preset for --device")
   p.add_argument("--dtype", default="bfloat16", help="params and compute dtype for --device")
   p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-  p.add_argument("--profile", type=int, default=0,
-                 help="--device: also report the N costliest device ops of one sample call")
+  p.add_argument(
+    "--profile",
+    type=int,
+    default=0,
+    help="--device: also report the N costliest device ops of one sample call",
+  )
   p.add_argument("--param_dtype", default="", help="--device: params dtype (default: --dtype)")
-  p.add_argument("--attention", default="chunked",
-                 help="--device: model attention (prefill of long prompts wants chunked)")
-  p.add_argument("--variants", default="fused,plain",
-                 help="--device: comma list of fused (the sampler's default: fused "
-                      "compute-dtype weights), plain (the params as they are) and "
-                      "fused_wfirst (fused, multiplied weight-first as on CPU), "
-                      "fused_pallas (fused, Pallas decode-attention kernel); "
-                      "the first gives the headline figures, the others ratios")
-  p.add_argument("--decode_only", action="store_true",
-                 help="--device: time the decode loop alone (sampler.decode_jit) over a cache "
-                      "prefilled with random keys/values: no prefill program, one compile")
-  p.add_argument("--decode_tuning", default="",
-                 help="--device: JSON file of decode_attention.TUNING settings for fused_pallas "
-                      "(from benchmarks/decode_attention.py --best); ignored if absent")
+  p.add_argument(
+    "--attention",
+    default="chunked",
+    help="--device: model attention (prefill of long prompts wants chunked)",
+  )
+  p.add_argument(
+    "--variants",
+    default="fused,plain",
+    help="--device: comma list of fused (the sampler's default: fused "
+    "compute-dtype weights), plain (the params as they are) and "
+    "fused_wfirst (fused, multiplied weight-first as on CPU), "
+    "fused_pallas (fused, Pallas decode-attention kernel); "
+    "the first gives the headline figures, the others ratios",
+  )
+  p.add_argument(
+    "--decode_only",
+    action="store_true",
+    help="--device: time the decode loop alone (sampler.decode_jit) over a cache "
+    "prefilled with random keys/values: no prefill program, one compile",
+  )
+  p.add_argument(
+    "--decode_tuning",
+    default="",
+    help="--device: JSON file of decode_attention.TUNING settings for fused_pallas "
+    "(from benchmarks/decode_attention.py --best); ignored if absent",
+  )
   return p.parse_args(argv)
 
 
 ARGS = _args()
 if ARGS.threads == 1:  # must precede the jax import
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  )
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import profile_ops  # noqa: E402  (benchmarks/, beside this script)
+import tunix_side  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from srft_jax import decode_attention  # noqa: E402
 from srft_jax import model as model_lib  # noqa: E402
 from srft_jax import sampler as smp  # noqa: E402
 
-import profile_ops  # noqa: E402  (benchmarks/, beside this script)
-import tunix_side  # noqa: E402
-
 PEAK_HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 
 
 def _prompts(batch, length, vocab, seed=0):
   rs = np.random.RandomState(seed)
-  return rs.randint(1, vocab, size=(batch, length)).astype(np.int32), np.ones((batch, length), np.int32)
+  return rs.randint(1, vocab, size=(batch, length)).astype(np.int32), np.ones(
+    (batch, length), np.int32
+  )
 
 
 def _median_time(fn, repeats):
@@ -104,56 +127,93 @@ def _median_time(fn, repeats):
 
 
 def _time_srft(model, tokens, mask, new_tokens, repeats, temperature=1.0, profile=0, fused=True):
-  cfg = smp.SamplingConfig(max_new_tokens=new_tokens, temperature=temperature, eos_ids=(),
-                           prompt_buckets=(tokens.shape[1],), fused_weights=fused)
+  cfg = smp.SamplingConfig(
+    max_new_tokens=new_tokens,
+    temperature=temperature,
+    eos_ids=(),
+    prompt_buckets=(tokens.shape[1],),
+    fused_weights=fused,
+  )
   keys = iter(range(10_000))
 
   def run():
     out = smp.sample(model, tokens, mask, jax.random.key(next(keys)), cfg)
     jax.block_until_ready(out.tokens)
     assert int(out.lengths.min()) == new_tokens  # no early stop
+
   seconds = _median_time(run, repeats)
   if not profile:
     return seconds
   graphdef, state = nnx.split(model)
   cache = smp.make_cache(model.cfg, *tokens.shape, cfg)
-  text = smp.sample_jit.lower(graphdef, state, tokens, mask, jax.random.key(0), cfg,
-                               cache).compile().as_text()
+  text = (
+    smp.sample_jit.lower(graphdef, state, tokens, mask, jax.random.key(0), cfg, cache)
+    .compile()
+    .as_text()
+  )
   return seconds, profile_ops.top_ops(run, n=profile, compiled_text=text)
 
 
 def _model_cfg(a) -> model_lib.ModelConfig:
   return model_lib.ModelConfig(
-      model_type="qwen2", vocab_size=a.vocab, embed_dim=a.embed, mlp_dim=a.mlp,
-      num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads, head_dim=a.head_dim,
-      rope_theta=1e6, max_seq_len=4096, qkv_bias=True, tie_embeddings=False)
+    model_type="qwen2",
+    vocab_size=a.vocab,
+    embed_dim=a.embed,
+    mlp_dim=a.mlp,
+    num_layers=a.layers,
+    num_heads=a.heads,
+    num_kv_heads=a.kv_heads,
+    head_dim=a.head_dim,
+    rope_theta=1e6,
+    max_seq_len=4096,
+    qkv_bias=True,
+    tie_embeddings=False,
+  )
 
 
 def _time_transformers(cfg: model_lib.ModelConfig, tokens, mask, new_tokens, repeats, threads):
   import torch
   import transformers
+
   torch.set_num_threads(threads or os.cpu_count())
   hf_cfg = transformers.Qwen2Config(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-      max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
-      tie_word_embeddings=cfg.tie_embeddings, rms_norm_eps=cfg.norm_eps)
+    vocab_size=cfg.vocab_size,
+    hidden_size=cfg.embed_dim,
+    intermediate_size=cfg.mlp_dim,
+    num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads,
+    num_key_value_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_dim,
+    max_position_embeddings=cfg.max_seq_len,
+    rope_theta=cfg.rope_theta,
+    tie_word_embeddings=cfg.tie_embeddings,
+    rms_norm_eps=cfg.norm_eps,
+  )
   hf = transformers.Qwen2ForCausalLM(hf_cfg).eval().to(torch.float32)
   ids = torch.tensor(tokens, dtype=torch.long)
   att = torch.tensor(mask, dtype=torch.long)
 
   def run():
     with torch.inference_mode():
-      out = hf.generate(input_ids=ids, attention_mask=att, do_sample=True, temperature=1.0,
-                        top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                        eos_token_id=None, pad_token_id=0)
+      out = hf.generate(
+        input_ids=ids,
+        attention_mask=att,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+      )
     assert out.shape[1] == tokens.shape[1] + new_tokens
+
   return _median_time(run, repeats)
 
 
 # Tunix's Sampler, in the side interpreter (after tunix_side.PREAMBLE).
-_TUNIX_BODY = r'''
+_TUNIX_BODY = r"""
 from tunix.generate import sampler as sampler_lib
 model = make_model()
 cache = sampler_lib.CacheConfig(cache_size=spec["prompt_len"] + spec["new_tokens"] + 8,
@@ -170,12 +230,14 @@ times = []
 for r in range(spec["repeats"]):
   t0 = time.perf_counter(); run(r + 1); times.append(time.perf_counter() - t0)
 print(json.dumps({"seconds": float(np.median(times))}))
-'''
+"""
 
 
 def _time_tunix(a):
-  spec = {k: getattr(a, k) for k in tunix_side.MODEL_KEYS + ("prompt_len", "new_tokens", "batch",
-                                                             "repeats")}
+  spec = {
+    k: getattr(a, k)
+    for k in tunix_side.MODEL_KEYS + ("prompt_len", "new_tokens", "batch", "repeats")
+  }
   env = dict(os.environ)
   if a.threads == 1:
     env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -187,9 +249,17 @@ def run_cpu(a):
   model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
   tokens, mask = _prompts(a.batch, a.prompt_len, a.vocab)
   generated = a.batch * a.new_tokens
-  result = {"mode": "cpu", "backend": jax.default_backend(), "params": model_lib.count_params(model),
-            "batch": a.batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-            "threads": a.threads or os.cpu_count(), "seconds": {}, "tokens_per_s": {}}
+  result = {
+    "mode": "cpu",
+    "backend": jax.default_backend(),
+    "params": model_lib.count_params(model),
+    "batch": a.batch,
+    "prompt_len": a.prompt_len,
+    "new_tokens": a.new_tokens,
+    "threads": a.threads or os.cpu_count(),
+    "seconds": {},
+    "tokens_per_s": {},
+  }
   t = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature)
   result["seconds"]["srft_jax"] = t
   result["tokens_per_s"]["srft_jax"] = generated / t
@@ -206,7 +276,9 @@ def run_cpu(a):
     except Exception as e:  # noqa: BLE001  (reported, not hidden)
       result["tunix_error"] = f"{type(e).__name__}: {e}"
   tps = result["tokens_per_s"]
-  result["ratio_vs_transformers"] = tps["srft_jax"] / tps["transformers"] if "transformers" in tps else None
+  result["ratio_vs_transformers"] = (
+    tps["srft_jax"] / tps["transformers"] if "transformers" in tps else None
+  )
   result["ratio_vs_tunix"] = tps["srft_jax"] / tps["tunix"] if "tunix" in tps else None
   return result
 
@@ -243,8 +315,9 @@ def _decode_step(model, tokens, mask, a, variant):
     return step, None, None, profile
   profile = None
   if a.profile:
-    t_full, profile = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature,
-                                 a.profile, fused)
+    t_full, profile = _time_srft(
+      model, tokens, mask, a.new_tokens, a.repeats, a.temperature, a.profile, fused
+    )
   else:
     t_full = _time_srft(model, tokens, mask, a.new_tokens, a.repeats, a.temperature, fused=fused)
   t_one = _time_srft(model, tokens, mask, 1, a.repeats, a.temperature, fused=fused)
@@ -257,22 +330,34 @@ def _time_decode_only(model, a, fused):
   keys and values: no prefill, one compile. Median of the repeats of
   t(new_tokens - 1 steps) / (new_tokens - 1); each call also builds the fused
   decode weights once (a ~3 GB copy at the 1.5B shape, ~1 ms)."""
-  cfg = smp.SamplingConfig(max_new_tokens=a.new_tokens, temperature=a.temperature, eos_ids=(),
-                           prompt_buckets=(a.prompt_len,), fused_weights=fused)
+  cfg = smp.SamplingConfig(
+    max_new_tokens=a.new_tokens,
+    temperature=a.temperature,
+    eos_ids=(),
+    prompt_buckets=(a.prompt_len,),
+    fused_weights=fused,
+  )
   graphdef, state = nnx.split(model)
   b, p = a.batch, a.prompt_len
   template = jax.eval_shape(lambda: smp.make_cache(model.cfg, b, p, cfg))
 
   @jax.jit
   def filled(key):
-    leaves = [jax.random.normal(k, x.shape, x.dtype)
-              for k, x in zip(jax.random.split(key, 2 * model.cfg.num_layers),
-                              template["k"] + template["v"])]
+    leaves = [
+      jax.random.normal(k, x.shape, x.dtype)
+      for k, x in zip(
+        jax.random.split(key, 2 * model.cfg.num_layers), template["k"] + template["v"]
+      )
+    ]
     n = model.cfg.num_layers
     s = template["mask"].shape[1]
     mask = jnp.broadcast_to(jnp.arange(s) < p, (b, s)).astype(template["mask"].dtype)
-    return {"k": tuple(leaves[:n]), "v": tuple(leaves[n:]), "mask": mask,
-            "index": jnp.asarray(p, template["index"].dtype)}
+    return {
+      "k": tuple(leaves[:n]),
+      "v": tuple(leaves[n:]),
+      "mask": mask,
+      "index": jnp.asarray(p, template["index"].dtype),
+    }
 
   last = jnp.asarray(np.random.RandomState(0).randint(1, model.cfg.vocab_size, size=b), jnp.int32)
   pos = jnp.full((b,), p, jnp.int32)
@@ -280,8 +365,7 @@ def _time_decode_only(model, a, fused):
   for r in range(a.repeats + 1):  # the first call compiles
     cache = jax.block_until_ready(filled(jax.random.key(r)))
     t0 = time.perf_counter()
-    tok, _, mask, cache = smp.decode_jit(graphdef, state, cache, last, pos, jax.random.key(r),
-                                         cfg)
+    tok, _, mask, cache = smp.decode_jit(graphdef, state, cache, last, pos, jax.random.key(r), cfg)
     jax.block_until_ready(tok)
     times.append(time.perf_counter() - t0)
     assert int(np.asarray(mask).sum()) == b * (a.new_tokens - 1)  # no early stop
@@ -292,16 +376,31 @@ def _time_decode_only(model, a, fused):
   # One more call under the profiler (its cache is filled before the trace starts).
   pending = [filled(jax.random.key(99))]
   jax.block_until_ready(pending)
-  text = smp.decode_jit.lower(graphdef, state, pending[0], last, pos, jax.random.key(0),
-                              cfg).compile().as_text()
-  run = lambda: smp.decode_jit(graphdef, state, pending.pop(), last, pos,  # noqa: E731
-                               jax.random.key(0), cfg)[0]
+  text = (
+    smp.decode_jit.lower(graphdef, state, pending[0], last, pos, jax.random.key(0), cfg)
+    .compile()
+    .as_text()
+  )
+  run = lambda: smp.decode_jit(
+    graphdef,
+    state,
+    pending.pop(),
+    last,
+    pos,  # noqa: E731
+    jax.random.key(0),
+    cfg,
+  )[0]
   return step, profile_ops.top_ops(run, n=a.profile, compiled_text=text)
 
 
 def run_device(a):
-  cfg = model_lib.ModelConfig.preset(a.preset, param_dtype=a.param_dtype or a.dtype, dtype=a.dtype,
-                                     remat="none", attention=a.attention)
+  cfg = model_lib.ModelConfig.preset(
+    a.preset,
+    param_dtype=a.param_dtype or a.dtype,
+    dtype=a.dtype,
+    remat="none",
+    attention=a.attention,
+  )
   model = model_lib.create_model(cfg, seed=0)
   tokens, mask = _prompts(a.batch, a.prompt_len, cfg.vocab_size)
   # Bytes a decode step must read: every matmul weight once, in the compute
@@ -315,8 +414,9 @@ def run_device(a):
   # XLA's attention (`model.attend`) reads every slot of the static cache each
   # step (masked or not).
   cache_len = a.prompt_len + a.new_tokens
-  kv_bytes = (2 * cfg.num_layers * a.batch * cache_len * cfg.num_kv_heads * cfg.head_dim *
-              compute_bytes)
+  kv_bytes = (
+    2 * cfg.num_layers * a.batch * cache_len * cfg.num_kv_heads * cfg.head_dim * compute_bytes
+  )
   device = jax.devices()[0]
   peak = _peak_bandwidth(device)
   if a.decode_tuning and os.path.exists(a.decode_tuning):
@@ -335,30 +435,48 @@ def run_device(a):
     step_kv = kv_bytes_filled if pallas else kv_bytes
     achieved = (weight_bytes + step_kv) / step
     variants[name] = {
-        "decode_step_s": step, "total_s": t_full, "prefill_plus_first_s": t_one,
-        # decode_only: no prefill timed, so tokens/s is the decode rate
-        "tokens_per_s": a.batch * a.new_tokens / t_full if t_full else a.batch / step,
-        "decode_tokens_per_s": a.batch / step,
-        "kv_bytes_read": int(step_kv),
-        "hbm_bandwidth_fraction": achieved / peak if peak else None, "profile": profile}
+      "decode_step_s": step,
+      "total_s": t_full,
+      "prefill_plus_first_s": t_one,
+      # decode_only: no prefill timed, so tokens/s is the decode rate
+      "tokens_per_s": a.batch * a.new_tokens / t_full if t_full else a.batch / step,
+      "decode_tokens_per_s": a.batch / step,
+      "kv_bytes_read": int(step_kv),
+      "hbm_bandwidth_fraction": achieved / peak if peak else None,
+      "profile": profile,
+    }
   head_name = a.variants.split(",")[0]
   head = variants[head_name]
   return {
-      "mode": "device", "device": device.device_kind, "preset": a.preset, "dtype": a.dtype,
-      "param_dtype": cfg.param_dtype, "attention": cfg.attention,
-      "params": model_lib.count_params(model), "batch": a.batch, "prompt_len": a.prompt_len,
-      "new_tokens": a.new_tokens, "variant": head_name,
-      "tokens_per_s": {"srft_jax": head["tokens_per_s"]},
-      "decode_tokens_per_s": head["decode_tokens_per_s"],
-      "seconds": {"total": head["total_s"], "prefill_plus_first": head["prefill_plus_first_s"],
-                  "decode_step": head["decode_step_s"]},
-      "bytes_per_step": {"weights": int(weight_bytes), "kv_cache": int(kv_bytes)},
-      "peak_bytes_per_s": peak, "hbm_bandwidth_fraction": head["hbm_bandwidth_fraction"],
-      # decode-step time of each other variant / the headline variant's
-      "step_ratio_vs_head": {k: v["decode_step_s"] / head["decode_step_s"]
-                             for k, v in variants.items() if k != head_name},
-      "variants": variants, "temperature": a.temperature, "decode_only": a.decode_only,
-      "decode_tuning": dict(decode_attention.TUNING),
+    "mode": "device",
+    "device": device.device_kind,
+    "preset": a.preset,
+    "dtype": a.dtype,
+    "param_dtype": cfg.param_dtype,
+    "attention": cfg.attention,
+    "params": model_lib.count_params(model),
+    "batch": a.batch,
+    "prompt_len": a.prompt_len,
+    "new_tokens": a.new_tokens,
+    "variant": head_name,
+    "tokens_per_s": {"srft_jax": head["tokens_per_s"]},
+    "decode_tokens_per_s": head["decode_tokens_per_s"],
+    "seconds": {
+      "total": head["total_s"],
+      "prefill_plus_first": head["prefill_plus_first_s"],
+      "decode_step": head["decode_step_s"],
+    },
+    "bytes_per_step": {"weights": int(weight_bytes), "kv_cache": int(kv_bytes)},
+    "peak_bytes_per_s": peak,
+    "hbm_bandwidth_fraction": head["hbm_bandwidth_fraction"],
+    # decode-step time of each other variant / the headline variant's
+    "step_ratio_vs_head": {
+      k: v["decode_step_s"] / head["decode_step_s"] for k, v in variants.items() if k != head_name
+    },
+    "variants": variants,
+    "temperature": a.temperature,
+    "decode_only": a.decode_only,
+    "decode_tuning": dict(decode_attention.TUNING),
   }
 
 

@@ -44,8 +44,12 @@ def _args(argv=None):
   p.add_argument("--heads", type=int, default=8)
   p.add_argument("--kv_heads", type=int, default=2)
   p.add_argument("--head_dim", type=int, default=64)
-  p.add_argument("--shared_prefix", type=int, default=1,
-                 help="1 (the default config's setting): each prompt runs once per group in the update")
+  p.add_argument(
+    "--shared_prefix",
+    type=int,
+    default=1,
+    help="1 (the default config's setting): each prompt runs once per group in the update",
+  )
   p.add_argument("--tunix_python", default="", help="python of a side venv with google-tunix")
   return p.parse_args(argv)
 
@@ -53,6 +57,7 @@ def _args(argv=None):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import tunix_side  # noqa: E402  (benchmarks/, beside this script)
 from flax import nnx  # noqa: E402
 
 from srft_jax import model as model_lib  # noqa: E402
@@ -61,19 +66,27 @@ from srft_jax import rewards as rewards_lib  # noqa: E402
 from srft_jax import sampler as smp  # noqa: E402
 from srft_jax import train  # noqa: E402
 
-import tunix_side  # noqa: E402  (benchmarks/, beside this script)
-
 
 def _model_cfg(a):
   return model_lib.ModelConfig(
-      model_type="qwen2", vocab_size=a.vocab, embed_dim=a.embed, mlp_dim=a.mlp,
-      num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads, head_dim=a.head_dim,
-      max_seq_len=a.prompt_len + a.new_tokens + 8, qkv_bias=True, tie_embeddings=False)
+    model_type="qwen2",
+    vocab_size=a.vocab,
+    embed_dim=a.embed,
+    mlp_dim=a.mlp,
+    num_layers=a.layers,
+    num_heads=a.heads,
+    num_kv_heads=a.kv_heads,
+    head_dim=a.head_dim,
+    max_seq_len=a.prompt_len + a.new_tokens + 8,
+    qkv_bias=True,
+    tie_embeddings=False,
+  )
 
 
 def _inputs(a, task_tok):
   """Random prompts; real task demonstrations re-encoded into the model's ids."""
   from srft_jax.data import task
+
   rs = np.random.RandomState(0)
   ptok = rs.randint(1, a.vocab, size=(a.prompts, a.prompt_len)).astype(np.int32)
   pmask = np.ones_like(ptok)
@@ -83,13 +96,14 @@ def _inputs(a, task_tok):
   dmask = np.zeros((a.prompts, r), np.int32)
   for i, row in enumerate(rows):
     ids = (task_tok.encode(row["target"]) + [task_tok.eos_id])[:r]
-    dtok[i, :len(ids)] = ids
-    dmask[i, :len(ids)] = 1
+    dtok[i, : len(ids)] = ids
+    dmask[i, : len(ids)] = 1
   return ptok, pmask, dtok, dmask, [row["answer"] for row in rows]
 
 
 def run_srft(a) -> dict:
   from srft_jax.data import task
+
   cfg = _model_cfg(a)
   model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
   n_params = model_lib.count_params(model)
@@ -99,16 +113,28 @@ def run_srft(a) -> dict:
   ptok, pmask, dtok_d, dmask_d = map(jnp.asarray, (ptok, pmask, dtok, dmask))
   n, dn = a.rollouts, a.demos
   layout = train.GroupLayout(n, dn)
-  scfg = smp.SamplingConfig(max_new_tokens=a.new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                            eos_ids=(), pad_id=0, prompt_buckets=(a.prompt_len,), n=n)
+  scfg = smp.SamplingConfig(
+    max_new_tokens=a.new_tokens,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    eos_ids=(),
+    pad_id=0,
+    prompt_buckets=(a.prompt_len,),
+    n=n,
+  )
   graphdef, params = nnx.split(model)
   tx, _ = train.make_optimizer(1e-6, steps=100)
-  step_cfg = train.StepConfig(loss=obj.LossConfig.preset("srft"), minibatches=a.minibatches,
-                              response_len=a.new_tokens,  # as the trainer builds it
-                              logit_chunk=2048,  # configs/default.py
-                              group=layout.size if a.shared_prefix else 0)
-  step_fn = jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg),
-                    donate_argnums=(0,))
+  step_cfg = train.StepConfig(
+    loss=obj.LossConfig.preset("srft"),
+    minibatches=a.minibatches,
+    response_len=a.new_tokens,  # as the trainer builds it
+    logit_chunk=2048,  # configs/default.py
+    group=layout.size if a.shared_prefix else 0,
+  )
+  step_fn = jax.jit(
+    functools.partial(train.train_step, graphdef, tx, step_cfg), donate_argnums=(0,)
+  )
   assemble = jax.jit(functools.partial(train.assemble_batch, layout=layout))
   state = train.init_train_state(params, tx)
   demo_texts = task_tok.batch_decode(dtok, dmask)
@@ -123,12 +149,20 @@ def run_srft(a) -> dict:
     texts = task_tok.batch_decode(roll_tok % task_tok.vocab_size, roll_mask)
     all_texts, truths = [], []
     for i in range(a.prompts):
-      all_texts += texts[i * n:(i + 1) * n] + demo_texts[i:i + 1] * dn
+      all_texts += texts[i * n : (i + 1) * n] + demo_texts[i : i + 1] * dn
       truths += [answers[i]] * (n + dn)
     rewards, _ = scorer.score(all_texts, truths)
     t2 = time.perf_counter()
-    batch = assemble(ptok, pmask, roll.tokens, roll.mask, roll.logprobs, dtok_d, dmask_d,
-                     jnp.asarray(rewards, jnp.float32))
+    batch = assemble(
+      ptok,
+      pmask,
+      roll.tokens,
+      roll.mask,
+      roll.logprobs,
+      dtok_d,
+      dmask_d,
+      jnp.asarray(rewards, jnp.float32),
+    )
     state, metrics = step_fn(state, batch)
     jax.block_until_ready((state, metrics))
     t3 = time.perf_counter()
@@ -141,13 +175,18 @@ def run_srft(a) -> dict:
       state, t = one_step(state, r + 1)
       times.append(t)
   med = np.median(np.asarray(times), axis=0)
-  return {"params": n_params, "step_s": float(med[0]), "sample_s": float(med[1]),
-          "score_s": float(med[2]), "update_s": float(med[3]),
-          "all_steps_s": [round(t[0], 3) for t in times]}
+  return {
+    "params": n_params,
+    "step_s": float(med[0]),
+    "sample_s": float(med[1]),
+    "score_s": float(med[2]),
+    "update_s": float(med[3]),
+    "all_steps_s": [round(t[0], 3) for t in times],
+  }
 
 
 # Tunix's GRPOLearner, in the side interpreter (after tunix_side.PREAMBLE).
-_TUNIX_BODY = r'''
+_TUNIX_BODY = r"""
 import optax
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl.grpo import grpo_learner
@@ -190,21 +229,32 @@ learner.train(iter([batch() for _ in range(steps)]))
 assert len(per_step) == steps, per_step
 per_step = per_step[1:]  # the first step compiles
 print(json.dumps({"seconds": float(np.median(per_step))}))
-'''
+"""
 
 
 def run_tunix(a) -> float:
-  spec = {k: getattr(a, k) for k in tunix_side.MODEL_KEYS + (
-      "prompt_len", "new_tokens", "prompts", "rollouts", "minibatches", "repeats")}
+  spec = {
+    k: getattr(a, k)
+    for k in tunix_side.MODEL_KEYS
+    + ("prompt_len", "new_tokens", "prompts", "rollouts", "minibatches", "repeats")
+  }
   return tunix_side.run(a.tunix_python, _TUNIX_BODY, spec)
 
 
 def main(argv=None):
   a = _args(argv)
-  result = {"backend": jax.default_backend(), "devices": jax.device_count(),
-            "prompts": a.prompts, "rollouts": a.rollouts, "demos": a.demos,
-            "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-            "minibatches": a.minibatches, "repeats": a.repeats, "shared_prefix": a.shared_prefix}
+  result = {
+    "backend": jax.default_backend(),
+    "devices": jax.device_count(),
+    "prompts": a.prompts,
+    "rollouts": a.rollouts,
+    "demos": a.demos,
+    "prompt_len": a.prompt_len,
+    "new_tokens": a.new_tokens,
+    "minibatches": a.minibatches,
+    "repeats": a.repeats,
+    "shared_prefix": a.shared_prefix,
+  }
   result.update(run_srft(a))
   result["tunix_step_s"] = None
   if a.tunix_python:

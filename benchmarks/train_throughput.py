@@ -28,17 +28,23 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import profile_ops  # noqa: E402  (benchmarks/, beside this script)
 from flax import nnx
 
 from srft_jax import model as model_lib
 from srft_jax import objectives as obj
 from srft_jax import train
 
-import profile_ops  # noqa: E402  (benchmarks/, beside this script)
-
 # Dense bf16 peak (no sparsity), per chip.
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "TPU v5p": 459e12,
-                   "TPU v5 lite": 197e12, "TPU v6 lite": 918e12, "TPU v4": 275e12}
+PEAK_BF16_FLOPS = {
+  "H100": 989.4e12,
+  "H200": 989.4e12,
+  "A100": 312e12,
+  "TPU v5p": 459e12,
+  "TPU v5 lite": 197e12,
+  "TPU v6 lite": 918e12,
+  "TPU v4": 275e12,
+}
 
 
 def _args(argv=None):
@@ -70,10 +76,16 @@ def _batch(a, vocab: int, seed: int = 0) -> dict:
   rs = np.random.RandomState(seed)
   b, g, p, r = a.rows // a.group, a.group, a.prompt_len, a.response_len
   layout = train.GroupLayout(g - 1, 1)
-  args = (rs.randint(1, vocab, (b, p)), np.ones((b, p)),
-          rs.randint(1, vocab, (b * (g - 1), r)), np.ones((b * (g - 1), r)),
-          -rs.rand(b * (g - 1), r), rs.randint(1, vocab, (b, r)), np.ones((b, r)),
-          rs.randint(0, 2, (b * g,)))
+  args = (
+    rs.randint(1, vocab, (b, p)),
+    np.ones((b, p)),
+    rs.randint(1, vocab, (b * (g - 1), r)),
+    np.ones((b * (g - 1), r)),
+    -rs.rand(b * (g - 1), r),
+    rs.randint(1, vocab, (b, r)),
+    np.ones((b, r)),
+    rs.randint(0, 2, (b * g,)),
+  )
   args = [jnp.asarray(x, jnp.float32 if x.dtype == np.float64 else jnp.int32) for x in args]
   return jax.jit(functools.partial(train.assemble_batch, layout=layout))(*args)
 
@@ -89,15 +101,24 @@ def _peak(device) -> float | None:
 def run(a) -> dict:
   if a.rows % a.group or a.rows % a.microbatches:
     raise ValueError("--rows must be a multiple of --group and of --microbatches")
-  cfg = model_lib.ModelConfig.preset(a.preset, param_dtype=a.param_dtype, dtype=a.dtype,
-                                     remat=a.remat, attention=a.attention,
-                                     max_seq_len=a.prompt_len + a.response_len)
+  cfg = model_lib.ModelConfig.preset(
+    a.preset,
+    param_dtype=a.param_dtype,
+    dtype=a.dtype,
+    remat=a.remat,
+    attention=a.attention,
+    max_seq_len=a.prompt_len + a.response_len,
+  )
   model = model_lib.create_model(cfg, seed=0)
   graphdef, params = nnx.split(model)
   del model
   tx, _ = train.make_optimizer(1e-6, steps=100)
-  step_cfg = train.StepConfig(loss=obj.LossConfig.preset("srft"), minibatches=1,
-                              microbatches=a.microbatches, logit_chunk=a.logit_chunk)
+  step_cfg = train.StepConfig(
+    loss=obj.LossConfig.preset("srft"),
+    minibatches=1,
+    microbatches=a.microbatches,
+    logit_chunk=a.logit_chunk,
+  )
   state = train.init_train_state(params, tx)
   batch = _batch(a, cfg.vocab_size)
   step = jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg), donate_argnums=(0,))
@@ -120,10 +141,12 @@ def run(a) -> dict:
   step_s = float(np.median(times))
   profile = None
   if a.profile:
+
     def one_step():
       nonlocal state
       state, metrics = compiled(state, batch)
       return metrics
+
     profile = profile_ops.top_ops(one_step, n=a.profile, compiled_text=compiled.as_text())
   seq = a.prompt_len + a.response_len
   tokens = a.rows * seq
@@ -131,20 +154,31 @@ def run(a) -> dict:
   device = jax.devices()[0]
   peak = _peak(device)
   return {
-      "tokens_per_s": tokens / step_s,
-      "mfu": flops / step_s / peak if peak else None,
-      "step_s": step_s, "model_flops_per_step": flops,
-      # XLA's count, for reference only: it counts a scanned body once, so it
-      # under-counts the micro-batch loop.
-      "xla_flops_per_step": xla_flops,
-      "peak_flops": peak, "device": device.device_kind, "backend": jax.default_backend(),
-      "preset": a.preset, "params": cfg.num_params(), "rows": a.rows, "seq_len": seq,
-      "microbatches": a.microbatches, "remat": a.remat, "attention": a.attention,
-      "param_dtype": a.param_dtype, "dtype": a.dtype, "compile_s": compile_s,
-      "loss_finite": bool(np.isfinite(float(m["loss"]))),
-      "temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem else None,
-      "logit_chunk": a.logit_chunk, "all_steps_s": [round(t, 4) for t in times],
-      "profile": profile,
+    "tokens_per_s": tokens / step_s,
+    "mfu": flops / step_s / peak if peak else None,
+    "step_s": step_s,
+    "model_flops_per_step": flops,
+    # XLA's count, for reference only: it counts a scanned body once, so it
+    # under-counts the micro-batch loop.
+    "xla_flops_per_step": xla_flops,
+    "peak_flops": peak,
+    "device": device.device_kind,
+    "backend": jax.default_backend(),
+    "preset": a.preset,
+    "params": cfg.num_params(),
+    "rows": a.rows,
+    "seq_len": seq,
+    "microbatches": a.microbatches,
+    "remat": a.remat,
+    "attention": a.attention,
+    "param_dtype": a.param_dtype,
+    "dtype": a.dtype,
+    "compile_s": compile_s,
+    "loss_finite": bool(np.isfinite(float(m["loss"]))),
+    "temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem else None,
+    "logit_chunk": a.logit_chunk,
+    "all_steps_s": [round(t, 4) for t in times],
+    "profile": profile,
   }
 
 

@@ -14,7 +14,7 @@ import os
 import subprocess
 import tempfile
 
-PREAMBLE = r'''
+PREAMBLE = r"""
 import json, sys, time
 import numpy as np
 import jax
@@ -37,7 +37,7 @@ def make_model():
 rs = np.random.RandomState(0)
 def random_prompt():
   return " ".join(f"w{i}" for i in rs.randint(2, v, size=spec["prompt_len"]))
-'''
+"""
 
 MODEL_KEYS = ("vocab", "layers", "embed", "mlp", "heads", "kv_heads", "head_dim")
 
@@ -47,8 +47,9 @@ def run(python: str, body: str, spec: dict, env: dict | None = None) -> float:
   with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
     f.write(PREAMBLE + body)
   try:
-    proc = subprocess.run([python, f.name, json.dumps(spec)], capture_output=True, text=True,
-                          env=env, timeout=3600)
+    proc = subprocess.run(
+      [python, f.name, json.dumps(spec)], capture_output=True, text=True, env=env, timeout=3600
+    )
   finally:
     os.unlink(f.name)
   if proc.returncode != 0:

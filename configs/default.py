@@ -14,60 +14,62 @@ from srft_jax import objectives as obj
 
 # Two-stage schedules of single-stage loss presets (METHOD.md §4, §7 claim 3).
 TWO_STAGE = {
-    "sft_then_grpo": "sft:{half},grpo",
-    "rl_then_sft": "grpo:{half},sft",
+  "sft_then_grpo": "sft:{half},grpo",
+  "rl_then_sft": "grpo:{half},sft",
 }
 
 
 def loss_fields() -> config_dict.ConfigDict:
   """Every LossConfig field as an optional override (None = the preset's value)."""
   import dataclasses
+
   fields = {}
   for f in dataclasses.fields(obj.LossConfig):
     kind = {"float": float, "int": int, "bool": bool, "str": str}.get(
-        str(f.type).replace("Optional[", "").rstrip("]"), None)
+      str(f.type).replace("Optional[", "").rstrip("]"), None
+    )
     fields[f.name] = config_dict.placeholder(kind) if kind else None
   return config_dict.ConfigDict(fields)
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
-  c.seed = 0                      # model init, data order, sampling keys
-  c.steps = 60                    # optimizer steps of the main run (all stages)
-  c.method = "srft"               # loss preset (objectives.PRESETS) for a single stage
-  c.stages = ""                   # two-stage schedule, e.g. "sft:60,grpo" (overrides method)
-  c.loss = loss_fields()          # per-field overrides of the preset (single stage only)
-  c.logit_chunk = 2048            # rows of logits computed at a time in the loss
-  c.shared_prefix = True          # the update runs each prompt once per group, not once per row
-  c.max_nonfinite_streak = 5      # stop (with a checkpoint) after this many skipped updates
+  c.seed = 0  # model init, data order, sampling keys
+  c.steps = 60  # optimizer steps of the main run (all stages)
+  c.method = "srft"  # loss preset (objectives.PRESETS) for a single stage
+  c.stages = ""  # two-stage schedule, e.g. "sft:60,grpo" (overrides method)
+  c.loss = loss_fields()  # per-field overrides of the preset (single stage only)
+  c.logit_chunk = 2048  # rows of logits computed at a time in the loss
+  c.shared_prefix = True  # the update runs each prompt once per group, not once per row
+  c.max_nonfinite_streak = 5  # stop (with a checkpoint) after this many skipped updates
 
   c.model = config_dict.ConfigDict()
-  c.model.preset = "tiny"         # model.PRESETS name (random init) ...
-  c.model.hf_path = ""            # ... or an HF checkpoint directory to start from
-  c.model.dtype = "float32"       # compute dtype
+  c.model.preset = "tiny"  # model.PRESETS name (random init) ...
+  c.model.hf_path = ""  # ... or an HF checkpoint directory to start from
+  c.model.dtype = "float32"  # compute dtype
   c.model.param_dtype = "float32"
-  c.model.remat = "none"          # "none" | "full" | "dots"
-  c.model.rope_theta = 0.0        # >0 overrides the checkpoint's RoPE theta (paper: 40000)
-  c.model.max_seq_len = 0         # >0 overrides the context window (paper: 16384)
-  c.model.attention = ""          # "" keeps the preset's; "xla" | "chunked" | "cudnn"
-  c.model.decode_attention = ""   # "" keeps the preset's; "xla" | "pallas" (a GPU kernel)
-  c.model.embed_dim = 128         # tiny-model shape (ignored for hf_path / other presets)
+  c.model.remat = "none"  # "none" | "full" | "dots"
+  c.model.rope_theta = 0.0  # >0 overrides the checkpoint's RoPE theta (paper: 40000)
+  c.model.max_seq_len = 0  # >0 overrides the context window (paper: 16384)
+  c.model.attention = ""  # "" keeps the preset's; "xla" | "chunked" | "cudnn"
+  c.model.decode_attention = ""  # "" keeps the preset's; "xla" | "pallas" (a GPU kernel)
+  c.model.embed_dim = 128  # tiny-model shape (ignored for hf_path / other presets)
   c.model.num_layers = 4
   c.model.mlp_dim = 512
 
   c.data = config_dict.ConfigDict()
-  c.data.source = "task"          # "task" (built-in) | "tfds" (prepared with srft_jax.data)
-  c.data.data_dir = ""            # TFDS data_dir for source="tfds"
-  c.data.name = "openr1"          # prepared dataset name for source="tfds"
-  c.data.tokenizer = ""           # tokenizer path ("" = the task's sentencepiece model)
-  c.data.template = "plain"       # chat template: "plain" | "qwen_math" | "chatml_plain"
-  c.data.prompt_buckets = (48,)   # padded prompt lengths P
-  c.data.max_response_len = 72    # R: demonstration width and max new tokens
+  c.data.source = "task"  # "task" (built-in) | "tfds" (prepared with srft_jax.data)
+  c.data.data_dir = ""  # TFDS data_dir for source="tfds"
+  c.data.name = "openr1"  # prepared dataset name for source="tfds"
+  c.data.tokenizer = ""  # tokenizer path ("" = the task's sentencepiece model)
+  c.data.template = "plain"  # chat template: "plain" | "qwen_math" | "chatml_plain"
+  c.data.prompt_buckets = (48,)  # padded prompt lengths P
+  c.data.max_response_len = 72  # R: demonstration width and max new tokens
   c.data.task_train_size = 20000  # built-in task: training problems
   c.data.task_seed = 0
 
   c.rollout = config_dict.ConfigDict()
-  c.rollout.n_rollouts = 7        # on-policy samples per prompt (METHOD.md §1: 7 + 1 demo)
+  c.rollout.n_rollouts = 7  # on-policy samples per prompt (METHOD.md §1: 7 + 1 demo)
   c.rollout.n_demos = 1
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
@@ -75,13 +77,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.rollout.require_think = False  # reward 0 without </think> (METHOD.md §1.2 switch)
 
   c.batch = config_dict.ConfigDict()
-  c.batch.prompts_per_step = 8    # global prompts per step (paper: 128)
-  c.batch.minibatches = 2         # optimizer updates per step (paper: 128 / 64 = 2)
-  c.batch.microbatches = 1        # gradient accumulation chunks per update
+  c.batch.prompts_per_step = 8  # global prompts per step (paper: 128)
+  c.batch.minibatches = 2  # optimizer updates per step (paper: 128 / 64 = 2)
+  c.batch.microbatches = 1  # gradient accumulation chunks per update
 
   c.optim = config_dict.ConfigDict()
   c.optim.lr = 2e-4
-  c.optim.schedule = "constant"   # "constant" | "linear" | "cosine"
+  c.optim.schedule = "constant"  # "constant" | "linear" | "cosine"
   c.optim.warmup_steps = 0
   c.optim.weight_decay = 0.01
   c.optim.b1 = 0.9
@@ -90,33 +92,33 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.optim.clip_norm = 1.0
 
   c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  c.multihost = False             # call jax.distributed.initialize() first
+  c.multihost = False  # call jax.distributed.initialize() first
   c.distributed = config_dict.ConfigDict()
   c.distributed.coordinator = ""  # "host:port" for a manual cluster ("" = from the environment)
   c.distributed.num_processes = 1
   c.distributed.process_id = 0
 
   c.warmup = config_dict.ConfigDict()
-  c.warmup.steps = 720            # SFT steps that make the base model (0 = none)
+  c.warmup.steps = 720  # SFT steps that make the base model (0 = none)
   c.warmup.lr = 1.5e-3
   c.warmup.schedule = "constant"  # "constant" | "linear" | "cosine" (decays to 0 at the end)
-  c.warmup.warmup_steps = 0       # linear lr ramp at the start of the warm-up
+  c.warmup.warmup_steps = 0  # linear lr ramp at the start of the warm-up
   c.warmup.prompts_per_step = 16  # many small steps learn the task far faster than few big ones
-  c.warmup.dir = ""               # base-model cache ("" = WORKDIR/base); shared by studies
+  c.warmup.dir = ""  # base-model cache ("" = WORKDIR/base); shared by studies
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 50
   c.checkpoint.keep = 2
   c.checkpoint.async_save = True
-  c.checkpoint.export_hf = True   # write the final policy as an HF checkpoint
+  c.checkpoint.export_hf = True  # write the final policy as an HF checkpoint
 
   c.eval = config_dict.ConfigDict()
-  c.eval.n_id = 300               # test problems (in-distribution split)
-  c.eval.n_ood = 300              # test problems (out-of-distribution split)
+  c.eval.n_id = 300  # test problems (in-distribution split)
+  c.eval.n_ood = 300  # test problems (out-of-distribution split)
   c.eval.batch_size = 100
-  c.eval.temperature = 0.0        # greedy for the built-in task
-  c.eval.every = 0               # also evaluate every N steps during training (0 = off)
-  c.eval.every_n = 100            # ID problems used by those periodic evaluations
+  c.eval.temperature = 0.0  # greedy for the built-in task
+  c.eval.every = 0  # also evaluate every N steps during training (0 = off)
+  c.eval.every_n = 100  # ID problems used by those periodic evaluations
   c.eval.before = True
   c.eval.after = True
 
@@ -129,13 +131,15 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     name = arg
     if name in TWO_STAGE:
       c.stages = TWO_STAGE[name]  # {half}: half of the final config.steps (train.parse_stages)
-      c.rollout.n_rollouts = 8    # the RL stage is plain GRPO: 8 on-policy slots
+      c.rollout.n_rollouts = 8  # the RL stage is plain GRPO: 8 on-policy slots
     elif name in obj.PRESETS:
       c.method = name
     else:
-      raise ValueError(f"configs/default.py: unknown preset arg {arg!r}; known: "
-                       f"{sorted(obj.PRESETS) + sorted(TWO_STAGE)}")
+      raise ValueError(
+        f"configs/default.py: unknown preset arg {arg!r}; known: "
+        f"{sorted(obj.PRESETS) + sorted(TWO_STAGE)}"
+      )
     if name == "grpo":
-      c.rollout.n_rollouts = 8    # same 8 slots a prompt, all on-policy
+      c.rollout.n_rollouts = 8  # same 8 slots a prompt, all on-policy
   c.lock()
   return c

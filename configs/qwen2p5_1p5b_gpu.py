@@ -28,18 +28,18 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.method = "srft"
     c.steps = 500
     c.logit_chunk = 8192
-    c.shared_prefix = False            # cuDNN flash attention needs whole packed rows
+    c.shared_prefix = False  # cuDNN flash attention needs whole packed rows
 
-    c.model.preset = "qwen2_5_1_5b"    # shapes for AOT checks; the run loads model.hf_path
+    c.model.preset = "qwen2_5_1_5b"  # shapes for AOT checks; the run loads model.hf_path
     c.model.hf_path = "/models/Qwen2.5-1.5B"
     c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"    # float32 master weights (lr 1e-6 updates)
+    c.model.param_dtype = "float32"  # float32 master weights (lr 1e-6 updates)
     c.model.remat = "full"
-    c.model.attention = "cudnn"        # cuDNN flash attention (1.7x the step of "chunked")
+    c.model.attention = "cudnn"  # cuDNN flash attention (1.7x the step of "chunked")
     c.model.decode_attention = "pallas"  # the sampler's Triton decode-attention kernel
 
     c.data.source = "tfds"
-    c.data.data_dir = "data/tfds"      # python -m srft_jax.data prepare openr1 --data_dir ...
+    c.data.data_dir = "data/tfds"  # python -m srft_jax.data prepare openr1 --data_dir ...
     c.data.name = "openr1"
     c.data.tokenizer = "/models/Qwen2.5-1.5B"
     c.data.template = "qwen_math"
@@ -50,9 +50,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.rollout.n_demos = 1
     c.rollout.require_think = True
 
-    c.batch.prompts_per_step = 16      # 128 sequences a step
+    c.batch.prompts_per_step = 16  # 128 sequences a step
     c.batch.minibatches = 2
-    c.batch.microbatches = 8           # 8 sequences per gradient chunk
+    c.batch.microbatches = 8  # 8 sequences per gradient chunk
 
     c.optim.lr = 1e-6
     c.optim.schedule = "constant"

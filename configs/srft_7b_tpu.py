@@ -29,10 +29,10 @@ def _default_config():
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = _default_config()
   with c.unlocked():
-    c.method = "srft"                  # METHOD.md §4: the full method, paper switches
-    c.steps = 500                      # METHOD.md §5: 500 steps
-    c.logit_chunk = 16_384             # logits for ~16k tokens at a time (f32 [B, C, V] chunk)
-    c.shared_prefix = False            # the fit above was compiled with whole rows (prompts: 1/9 of tokens)
+    c.method = "srft"  # METHOD.md §4: the full method, paper switches
+    c.steps = 500  # METHOD.md §5: 500 steps
+    c.logit_chunk = 16_384  # logits for ~16k tokens at a time (f32 [B, C, V] chunk)
+    c.shared_prefix = False  # the fit above was compiled with whole rows (prompts: 1/9 of tokens)
     c.max_nonfinite_streak = 5
 
     # Qwen2.5-Math-7B with RoPE theta 40k and a 16,384-token window (METHOD.md §5).
@@ -40,37 +40,37 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # (launch/tpu_pod.sh --model-gcs copies it onto each worker's local disk).
     c.model.preset = "qwen2_5_math_7b_rope40k"
     c.model.hf_path = ""
-    c.model.dtype = "bfloat16"         # compute dtype (norms, softmax, logits stay float32)
+    c.model.dtype = "bfloat16"  # compute dtype (norms, softmax, logits stay float32)
     # float32 master weights: an AdamW step at lr 1e-6 is below bf16's resolution
     # for weights of size ~1e-2 (ulp ~6e-5), so bf16 params would never move.
     c.model.param_dtype = "float32"
-    c.model.remat = "full"             # recompute each layer in the backward pass
+    c.model.remat = "full"  # recompute each layer in the backward pass
     # Applied to an imported checkpoint too (model.hf_path): the paper raises
     # RoPE theta 10k -> 40k and uses a 16,384-token window (METHOD.md §5).
     c.model.rope_theta = 40_000.0
     c.model.max_seq_len = 16_384
     c.model.attention = "chunked"
 
-    c.data.source = "tfds"             # prepared with `python -m srft_jax.data prepare openr1`
+    c.data.source = "tfds"  # prepared with `python -m srft_jax.data prepare openr1`
     c.data.data_dir = "gs://BUCKET/data"
     c.data.name = "openr1"
-    c.data.tokenizer = ""              # the checkpoint's tokenizer.json (set to model.hf_path)
-    c.data.template = "qwen_math"      # system prompt + "Question: {q} Answer:" via chat template
-    c.data.prompt_buckets = (1024,)    # max prompt 1,024 tokens: one compiled shape
-    c.data.max_response_len = 8192     # max response 8,192 tokens
+    c.data.tokenizer = ""  # the checkpoint's tokenizer.json (set to model.hf_path)
+    c.data.template = "qwen_math"  # system prompt + "Question: {q} Answer:" via chat template
+    c.data.prompt_buckets = (1024,)  # max prompt 1,024 tokens: one compiled shape
+    c.data.max_response_len = 8192  # max response 8,192 tokens
 
-    c.rollout.n_rollouts = 7           # 7 rollouts + 1 demonstration = 8 slots a prompt
+    c.rollout.n_rollouts = 7  # 7 rollouts + 1 demonstration = 8 slots a prompt
     c.rollout.n_demos = 1
     c.rollout.temperature = 1.0
-    c.rollout.require_think = True     # no </think> -> reward 0 (reference code)
+    c.rollout.require_think = True  # no </think> -> reward 0 (reference code)
 
-    c.batch.prompts_per_step = 128     # 128 prompts x 8 slots = 1,024 sequences a step
-    c.batch.minibatches = 2            # mini-batch 64 prompts: 2 optimizer updates a step
+    c.batch.prompts_per_step = 128  # 128 prompts x 8 slots = 1,024 sequences a step
+    c.batch.minibatches = 2  # mini-batch 64 prompts: 2 optimizer updates a step
     # 32 sequences per gradient chunk: one per chip on v5p-64 (fsdp=32). AOT on v5p-64:
     # 4 -> 102 GB/chip, 8 -> 93 GB (98% of 95 GB), 16 -> 52 GB (55%); see the README table.
     c.batch.microbatches = 16
 
-    c.optim.lr = 1e-6                  # AdamW, constant, no warmup
+    c.optim.lr = 1e-6  # AdamW, constant, no warmup
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
     c.optim.weight_decay = 0.01
@@ -80,16 +80,16 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
     # FSDP over every chip of the slice (the batch is sharded over it too).
     c.mesh = config_dict.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    c.multihost = True                 # one process per TPU VM worker
+    c.multihost = True  # one process per TPU VM worker
 
-    c.warmup.steps = 0                 # start from the checkpoint, no SFT warm-up
-    c.checkpoint.every = 10            # steps are minutes long: bound the work lost to preemption
+    c.warmup.steps = 0  # start from the checkpoint, no SFT warm-up
+    c.checkpoint.every = 10  # steps are minutes long: bound the work lost to preemption
     c.checkpoint.keep = 2
-    c.eval.before = False              # benchmark evaluation is a separate job (evaluate.py)
+    c.eval.before = False  # benchmark evaluation is a separate job (evaluate.py)
     c.eval.after = False
-    c.log.progress = False             # no tqdm bar in pod logs
+    c.log.progress = False  # no tqdm bar in pod logs
   if arg == "fsdp_tensor":
-    c.mesh.tensor = 4                  # divides 28 heads, 4 kv heads, mlp 18,944, vocab 152,064
+    c.mesh.tensor = 4  # divides 28 heads, 4 kv heads, mlp 18,944, vocab 152,064
   elif arg:
     raise ValueError(f"configs/srft_7b_tpu.py: unknown arg {arg!r}; known: fsdp_tensor")
   c.lock()

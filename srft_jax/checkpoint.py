@@ -32,8 +32,11 @@ class Checkpointer:
       directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+    )
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=self.ITEMS)
 
   def all_steps(self) -> list[int]:
@@ -45,15 +48,22 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict, meta: dict, *, force: bool = True):
     """Starts an (async) save; returns at once. `wait()` blocks until it is on disk."""
-    self._mgr.save(step, args=ocp.args.Composite(
+    self._mgr.save(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=force)
+        meta=ocp.args.JsonSave(meta),
+      ),
+      force=force,
+    )
 
   def wait(self):
     self._mgr.wait_until_finished()
 
-  def restore(self, abstract_state: Any, step: int | None = None, *, delete_unreadable: bool = False):
+  def restore(
+    self, abstract_state: Any, step: int | None = None, *, delete_unreadable: bool = False
+  ):
     """Restores the newest readable checkpoint into `abstract_state`'s shardings.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding`.
@@ -65,17 +75,26 @@ class Checkpointer:
     steps = [step] if step is not None else list(reversed(self.all_steps()))
     for s in steps:
       try:
-        out = self._mgr.restore(s, args=ocp.args.Composite(
+        out = self._mgr.restore(
+          s,
+          args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
+            meta=ocp.args.JsonRestore(),
+          ),
+        )
         return s, out["state"], out["data"], out["meta"]
       except Exception as e:  # noqa: BLE001 - any read failure means "unusable"
         if step is not None:
           raise
-        log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one%s",
-                    s, self.directory, type(e).__name__, str(e)[:200],
-                    " (deleted)" if delete_unreadable else "")
+        log.warning(
+          "checkpoint step %d in %s is unreadable (%s: %s); trying an older one%s",
+          s,
+          self.directory,
+          type(e).__name__,
+          str(e)[:200],
+          " (deleted)" if delete_unreadable else "",
+        )
         if delete_unreadable:  # a resuming run saves this step again; keep-N counts good ones
           self._mgr.delete(s)
     return None
@@ -88,8 +107,8 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) describing a pytree of arrays."""
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+  )
 
 
 class PreemptionGuard:
@@ -111,6 +130,7 @@ class PreemptionGuard:
     if jax.process_count() == 1:
       return self.requested
     from jax.experimental import multihost_utils
+
     flags = multihost_utils.process_allgather(jax.numpy.array(int(self.requested)))
     return bool(flags.max())
 

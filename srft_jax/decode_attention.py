@@ -51,8 +51,12 @@ def supported(head_dim: int, cache_len: int) -> bool:
 # Launch settings, read at trace time (benchmarks sweep them; None = the default):
 # splits (programs a row's slots are divided over: flash decoding), slots per
 # loop step (must divide the cache length), Triton warps and pipeline stages.
-TUNING: dict[str, int | None] = {"splits": None, "block_s": None, "num_warps": None,
-                                 "num_stages": None}
+TUNING: dict[str, int | None] = {
+  "splits": None,
+  "block_s": None,
+  "num_warps": None,
+  "num_stages": None,
+}
 
 
 def _settings(b: int, kh: int, s: int) -> tuple[int, int, int, int]:
@@ -70,8 +74,19 @@ def _settings(b: int, kh: int, s: int) -> tuple[int, int, int, int]:
   return bs, min(splits, n_blocks), t["num_warps"] or 4, t["num_stages"] or 2
 
 
-def _kernel(bound_ref, q_ref, k_ref, v_ref, ok_ref, *out_refs, block_s: int,
-            blocks_per_split: int, n_blocks: int, scale: float, precision):
+def _kernel(
+  bound_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  ok_ref,
+  *out_refs,
+  block_s: int,
+  blocks_per_split: int,
+  n_blocks: int,
+  scale: float,
+  precision,
+):
   """Grid (B, K, J). q [Gp, H], k [H, S], v [S, H], ok [S]. Program j runs
   blocks [j * blocks_per_split, ...) up to the last one holding a slot below
   the bound. One split: o [Gp, H], normalised. Several: the unnormalised
@@ -86,14 +101,14 @@ def _kernel(bound_ref, q_ref, k_ref, v_ref, ok_ref, *out_refs, block_s: int,
   def body(i, carry):
     acc, m, l = carry
     s0 = pl.multiple_of(i * block_s, block_s)
-    k = k_ref[:, pl.ds(s0, block_s)]                               # [H, bs]
+    k = k_ref[:, pl.ds(s0, block_s)]  # [H, bs]
     s = jnp.dot(q, k, preferred_element_type=f32, precision=precision) * scale
-    ok = (ok_ref[pl.ds(s0, block_s)] != 0)[None, :]                # [1, bs]
+    ok = (ok_ref[pl.ds(s0, block_s)] != 0)[None, :]  # [1, bs]
     s = jnp.where(ok, s, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
     corr = jnp.exp(m - m_new)
-    v = v_ref[pl.ds(s0, block_s), :]                               # [bs, H]
+    v = v_ref[pl.ds(s0, block_s), :]  # [bs, H]
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=f32, precision=precision)
     return acc * corr[:, None] + pv, m_new, l * corr + jnp.sum(p, axis=1)
 
@@ -111,7 +126,7 @@ def _kernel(bound_ref, q_ref, k_ref, v_ref, ok_ref, *out_refs, block_s: int,
 def _combine(acc_BKJGH, m_BKJG, l_BKJG, dtype):
   """Merges the splits' partial softmaxes (each relative to its own max)."""
   top = jnp.max(m_BKJG, axis=2, keepdims=True)
-  w = jnp.exp(m_BKJG - top)                                        # empty split: m = _NEG -> 0
+  w = jnp.exp(m_BKJG - top)  # empty split: m = _NEG -> 0
   num = jnp.sum(acc_BKJGH * w[..., None], axis=2)
   den = jnp.sum(l_BKJG * w, axis=2)
   return (num / jnp.maximum(den, 1e-30)[..., None]).astype(dtype)
@@ -124,44 +139,63 @@ def _call(bound, q_BKGH, k_BKHS, v_BKSH, ok_BS, *, interpret):
   n_blocks = s // bs
   per_split = -(-n_blocks // splits)
   splits = -(-n_blocks // per_split)  # no split left without blocks
-  precision = (jax.lax.Precision.HIGHEST if q_BKGH.dtype == f32 else None)
-  kernel = functools.partial(_kernel, block_s=bs, blocks_per_split=per_split, n_blocks=n_blocks,
-                             scale=h ** -0.5, precision=precision)
+  precision = jax.lax.Precision.HIGHEST if q_BKGH.dtype == f32 else None
+  kernel = functools.partial(
+    _kernel,
+    block_s=bs,
+    blocks_per_split=per_split,
+    n_blocks=n_blocks,
+    scale=h**-0.5,
+    precision=precision,
+  )
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton
+
     compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   if splits == 1:
     out_specs = pl.BlockSpec((None, None, gp, h), lambda i, k, j: (i, k, 0, 0))
     out_shape = jax.ShapeDtypeStruct((b, kh, gp, h), q_BKGH.dtype)
   else:
-    out_specs = [pl.BlockSpec((None, None, None, gp, h), lambda i, k, j: (i, k, j, 0, 0)),
-                 pl.BlockSpec((None, None, None, gp), lambda i, k, j: (i, k, j, 0)),
-                 pl.BlockSpec((None, None, None, gp), lambda i, k, j: (i, k, j, 0))]
-    out_shape = [jax.ShapeDtypeStruct((b, kh, splits, gp, h), f32),
-                 jax.ShapeDtypeStruct((b, kh, splits, gp), f32),
-                 jax.ShapeDtypeStruct((b, kh, splits, gp), f32)]
+    out_specs = [
+      pl.BlockSpec((None, None, None, gp, h), lambda i, k, j: (i, k, j, 0, 0)),
+      pl.BlockSpec((None, None, None, gp), lambda i, k, j: (i, k, j, 0)),
+      pl.BlockSpec((None, None, None, gp), lambda i, k, j: (i, k, j, 0)),
+    ]
+    out_shape = [
+      jax.ShapeDtypeStruct((b, kh, splits, gp, h), f32),
+      jax.ShapeDtypeStruct((b, kh, splits, gp), f32),
+      jax.ShapeDtypeStruct((b, kh, splits, gp), f32),
+    ]
   out = pl.pallas_call(
-      kernel,
-      grid=(b, kh, splits),
-      in_specs=[
-          pl.BlockSpec((1,), lambda i, k, j: (0,)),
-          pl.BlockSpec((None, None, gp, h), lambda i, k, j: (i, k, 0, 0)),
-          pl.BlockSpec((None, None, h, s), lambda i, k, j: (i, k, 0, 0)),
-          pl.BlockSpec((None, None, s, h), lambda i, k, j: (i, k, 0, 0)),
-          pl.BlockSpec((None, s), lambda i, k, j: (i, 0)),
-      ],
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=compiler_params,
-      interpret=interpret,
-      name="srft_decode_attention",
+    kernel,
+    grid=(b, kh, splits),
+    in_specs=[
+      pl.BlockSpec((1,), lambda i, k, j: (0,)),
+      pl.BlockSpec((None, None, gp, h), lambda i, k, j: (i, k, 0, 0)),
+      pl.BlockSpec((None, None, h, s), lambda i, k, j: (i, k, 0, 0)),
+      pl.BlockSpec((None, None, s, h), lambda i, k, j: (i, k, 0, 0)),
+      pl.BlockSpec((None, s), lambda i, k, j: (i, 0)),
+    ],
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=compiler_params,
+    interpret=interpret,
+    name="srft_decode_attention",
   )(bound, q_BKGH, k_BKHS, v_BKSH, ok_BS)
   return out if splits == 1 else _combine(*out, q_BKGH.dtype)
 
 
-def decode_attention(q_BNH: Array, k_BKHS: Array, v_BKSH: Array, ok_BS: Array, bound: Array,
-                     *, rules=None, interpret: bool | None = None) -> Array:
+def decode_attention(
+  q_BNH: Array,
+  k_BKHS: Array,
+  v_BKSH: Array,
+  ok_BS: Array,
+  bound: Array,
+  *,
+  rules=None,
+  interpret: bool | None = None,
+) -> Array:
   """Softmax attention of one new token per row over the KV cache -> [B, N, H].
 
   q_BNH: the new token's queries (RoPE applied); k_BKHS / v_BKSH: the cache
@@ -178,13 +212,17 @@ def decode_attention(q_BNH: Array, k_BKHS: Array, v_BKSH: Array, ok_BS: Array, b
   kh, s = k_BKHS.shape[1], k_BKHS.shape[-1]
   g = n // kh
   if not supported(h, s):
-    raise ValueError(f"decode_attention: head_dim {h} (a power of two >= 16) and cache "
-                     f"length {s} (a multiple of 16) are needed")
+    raise ValueError(
+      f"decode_attention: head_dim {h} (a power of two >= 16) and cache "
+      f"length {s} (a multiple of 16) are needed"
+    )
   if interpret is None:
     backend = jax.default_backend()
     if backend not in ("gpu", "cpu"):
-      raise ValueError(f"decode_attention='pallas' is a Triton (GPU) kernel; on {backend} use "
-                       "decode_attention='xla'")
+      raise ValueError(
+        f"decode_attention='pallas' is a Triton (GPU) kernel; on {backend} use "
+        "decode_attention='xla'"
+      )
     interpret = backend == "cpu"  # Pallas' interpreter: tests on CPU
   gp = max(16, pl.next_power_of_2(g))  # Triton's dot wants >= 16 rows
   q = jnp.pad(q_BNH.reshape(b, kh, g, h), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
@@ -196,7 +234,8 @@ def decode_attention(q_BNH: Array, k_BKHS: Array, v_BKSH: Array, ok_BS: Array, b
     P = jax.sharding.PartitionSpec
     spec4 = shd.logical_to_spec(("batch", "act_kv_heads", None, None), rules, mesh, q.shape)
     spec2 = P(spec4[0], None)
-    call = jax.shard_map(call, mesh=mesh, in_specs=(P(), spec4, spec4, spec4, spec2),
-                         out_specs=spec4, check_vma=False)
+    call = jax.shard_map(
+      call, mesh=mesh, in_specs=(P(), spec4, spec4, spec4, spec2), out_specs=spec4, check_vma=False
+    )
   out = call(bound, q, k_BKHS, v_BKSH, ok)
   return out[:, :, :g].reshape(b, n, h)

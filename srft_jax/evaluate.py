@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,9 +24,19 @@ from srft_jax.tokenizer import render_prompt
 log = logging.getLogger(__name__)
 
 
-def generate(model, tokenizer, questions: Sequence[str], cfg: sampler_lib.SamplingConfig, *,
-             rng, template: str = "plain", system: str | None = None, batch_size: int = 64,
-             mesh=None, progress: bool = False) -> list[list[str] | None]:
+def generate(
+  model,
+  tokenizer,
+  questions: Sequence[str],
+  cfg: sampler_lib.SamplingConfig,
+  *,
+  rng,
+  template: str = "plain",
+  system: str | None = None,
+  batch_size: int = 64,
+  mesh=None,
+  progress: bool = False,
+) -> list[list[str] | None]:
   """`cfg.n` completions per question, decoded; None for a question whose prompt
   is longer than the largest bucket (not asked: `score_completions` counts it
   as `prompt_too_long`, reward 0). Batches have a fixed size (the last one is
@@ -34,30 +45,42 @@ def generate(model, tokenizer, questions: Sequence[str], cfg: sampler_lib.Sampli
   lengths = [len(tokenizer.encode(p)) for p in prompts]
   asked = [i for i, n in enumerate(lengths) if n <= cfg.prompt_buckets[-1]]
   if len(asked) < len(prompts):
-    log.warning("%d of %d prompts are longer than the largest bucket %d: not asked, scored 0",
-                len(prompts) - len(asked), len(prompts), cfg.prompt_buckets[-1])
+    log.warning(
+      "%d of %d prompts are longer than the largest bucket %d: not asked, scored 0",
+      len(prompts) - len(asked),
+      len(prompts),
+      cfg.prompt_buckets[-1],
+    )
   out: list[list[str] | None] = [None] * len(prompts)
   batches = range(0, len(asked), batch_size)
   if progress and jax.process_index() == 0:
     from tqdm.auto import tqdm
+
     batches = tqdm(batches, desc="eval", leave=False)
   for i, start in enumerate(batches):
-    idx = asked[start:start + batch_size]
+    idx = asked[start : start + batch_size]
     real = len(idx)
     idx = idx + [idx[-1]] * (batch_size - real)
     width = cfg.bucket_for(max(lengths[j] for j in idx))
     tokens, mask = tokenizer.batch_encode([prompts[j] for j in idx], max_len=width, left_pad=True)
     res = sampler_lib.sample(model, tokens, mask, jax.random.fold_in(rng, i), cfg, mesh=mesh)
     from srft_jax.train import gather_all  # whole batch on every host (multi-host safe)
+
     toks, masks = gather_all(res.tokens), gather_all(res.mask)
     texts = tokenizer.batch_decode(toks, masks)
     for r, j in enumerate(idx[:real]):
-      out[j] = texts[r * cfg.n:(r + 1) * cfg.n]
+      out[j] = texts[r * cfg.n : (r + 1) * cfg.n]
   return out
 
 
-def score_completions(completions: Sequence[list[str] | None], answers: Sequence[str], n: int,
-                      scorer, *, require_think: bool) -> tuple[np.ndarray, dict[str, int]]:
+def score_completions(
+  completions: Sequence[list[str] | None],
+  answers: Sequence[str],
+  n: int,
+  scorer,
+  *,
+  require_think: bool,
+) -> tuple[np.ndarray, dict[str, int]]:
   """Rewards [problems, n] and outcome counts of `generate`'s completions; a
   problem that was not asked (None) scores 0 with outcome `prompt_too_long`."""
   asked = [i for i, c in enumerate(completions) if c is not None]
@@ -74,37 +97,65 @@ def score_completions(completions: Sequence[list[str] | None], answers: Sequence
   return correct, counts
 
 
-def accuracy_on_rows(model, tokenizer, rows: Sequence[dict], scorer, cfg: sampler_lib.SamplingConfig,
-                     *, rng, template: str = "plain", batch_size: int = 64, mesh=None,
-                     require_think: bool = False) -> dict[str, Any]:
+def accuracy_on_rows(
+  model,
+  tokenizer,
+  rows: Sequence[dict],
+  scorer,
+  cfg: sampler_lib.SamplingConfig,
+  *,
+  rng,
+  template: str = "plain",
+  batch_size: int = 64,
+  mesh=None,
+  require_think: bool = False,
+) -> dict[str, Any]:
   """Mean reward over rows x cfg.n samples (avg@n; pass@1 for n = 1), with outcome counts."""
-  completions = generate(model, tokenizer, [r["prompt"] for r in rows], cfg, rng=rng,
-                         template=template, batch_size=batch_size, mesh=mesh)
-  correct, counts = score_completions(completions, [r["answer"] for r in rows], cfg.n, scorer,
-                                      require_think=require_think)
+  completions = generate(
+    model,
+    tokenizer,
+    [r["prompt"] for r in rows],
+    cfg,
+    rng=rng,
+    template=template,
+    batch_size=batch_size,
+    mesh=mesh,
+  )
+  correct, counts = score_completions(
+    completions, [r["answer"] for r in rows], cfg.n, scorer, require_think=require_think
+  )
   samples = [t for c in completions if c is not None for t in c][:4]
-  return {"accuracy": float(correct.mean(1).mean()), "n": len(rows), "k": cfg.n,
-          "outcomes": counts, "samples": samples}
+  return {
+    "accuracy": float(correct.mean(1).mean()),
+    "n": len(rows),
+    "k": cfg.n,
+    "outcomes": counts,
+    "samples": samples,
+  }
 
 
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
+
 def load_policy(config, checkpoint: str, tokenizer, mesh):
   """A policy from an HF directory, or from a training workdir (its HF export,
   else the newest Orbax checkpoint restored into the sharded layout)."""
   from srft_jax import checkpoint as ckpt_lib
-  from srft_jax import hf
+  from srft_jax import hf, train
   from srft_jax import model as model_lib
-  from srft_jax import train
+
   if os.path.exists(os.path.join(checkpoint, "config.json")):
     return hf.load_model(checkpoint, mesh=mesh, dtype=model_lib.DTYPES[config.model.dtype])
   export = os.path.join(checkpoint, "export", "hf")
   if os.path.exists(os.path.join(export, "config.json")):
     return hf.load_model(export, mesh=mesh, dtype=model_lib.DTYPES[config.model.dtype])
-  ckpt_dir = checkpoint if os.path.basename(checkpoint.rstrip("/")) == "checkpoints" else \
-      os.path.join(checkpoint, "checkpoints")
+  ckpt_dir = (
+    checkpoint
+    if os.path.basename(checkpoint.rstrip("/")) == "checkpoints"
+    else os.path.join(checkpoint, "checkpoints")
+  )
   model = model_lib.create_model(train._model_config(config, tokenizer), seed=0, mesh=mesh)
   trainer = train.Trainer(model, config=config, tokenizer=tokenizer, scorer=None, mesh=mesh)
   stage = trainer.stages()[-1]
@@ -112,7 +163,9 @@ def load_policy(config, checkpoint: str, tokenizer, mesh):
   restored = ckpt.restore(trainer.abstract_state(stage))
   ckpt.close()
   if restored is None:
-    raise FileNotFoundError(f"--checkpoint: no HF checkpoint or Orbax checkpoint under {checkpoint}")
+    raise FileNotFoundError(
+      f"--checkpoint: no HF checkpoint or Orbax checkpoint under {checkpoint}"
+    )
   _, state, _, _ = restored
   trainer.params = state["params"]
   return trainer.model()
@@ -122,55 +175,99 @@ def benchmark_rows(name: str, config, data_dir: str, limit: int | None) -> list[
   """Rows {prompt, answer} of one benchmark: the built-in task's splits, or a
   dataset prepared with `python -m srft_jax.data prepare NAME`."""
   from srft_jax.data import task
+
   if name in ("task_id", "task_ood"):
     n = limit or (config.eval.n_id if name == "task_id" else config.eval.n_ood)
     return task.generate("test_id" if name == "task_id" else "test_ood", n, config.data.task_seed)
   from srft_jax.data import builders
+
   if not data_dir:
     raise ValueError(f"--data_dir: benchmark {name!r} needs a prepared dataset directory")
   source = builders.load_source(data_dir, name, "test")
   rows = []
   for i in range(len(source) if limit is None else min(limit, len(source))):
     r = source[i]
-    rows.append({k: (v.decode() if isinstance(v, bytes) else v) for k, v in r.items()
-                 if k in ("id", "prompt", "answer")})
+    rows.append(
+      {
+        k: (v.decode() if isinstance(v, bytes) else v)
+        for k, v in r.items()
+        if k in ("id", "prompt", "answer")
+      }
+    )
   return rows
 
 
-def evaluate_benchmarks(model, tokenizer, names: Sequence[str], config, *, scorer, mesh,
-                        data_dir: str = "", temperature: float = 0.6, top_p: float = 1.0,
-                        k: int | None = None, limit: int | None = None,
-                        max_new_tokens: int | None = None, seed: int = 0) -> dict[str, Any]:
+def evaluate_benchmarks(
+  model,
+  tokenizer,
+  names: Sequence[str],
+  config,
+  *,
+  scorer,
+  mesh,
+  data_dir: str = "",
+  temperature: float = 0.6,
+  top_p: float = 1.0,
+  k: int | None = None,
+  limit: int | None = None,
+  max_new_tokens: int | None = None,
+  seed: int = 0,
+) -> dict[str, Any]:
   """Per benchmark: the registry's metric (avg@k or pass@1) and outcome counts."""
   from srft_jax import metrics_eval
+
   results = {}
   for name in names:
     spec = metrics_eval.BENCHMARKS[name]
     n = k or spec.k
     rows = benchmark_rows(name, config, data_dir, limit)
     cfg = sampler_lib.SamplingConfig(
-        max_new_tokens=max_new_tokens or config.data.max_response_len, temperature=temperature,
-        top_p=top_p, eos_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id,
-        prompt_buckets=tuple(config.data.prompt_buckets), n=n)
+      max_new_tokens=max_new_tokens or config.data.max_response_len,
+      temperature=temperature,
+      top_p=top_p,
+      eos_ids=tuple(tokenizer.stop_ids),
+      pad_id=tokenizer.pad_id,
+      prompt_buckets=tuple(config.data.prompt_buckets),
+      n=n,
+    )
     t0 = time.time()
-    completions = generate(model, tokenizer, [r["prompt"] for r in rows], cfg,
-                           rng=jax.random.key(seed), template=config.data.template,
-                           batch_size=config.eval.batch_size, mesh=mesh, progress=True)
-    correct, counts = score_completions(completions, [r["answer"] for r in rows], n, scorer,
-                                        require_think=config.rollout.require_think)
-    score = (metrics_eval.avg_at_k(correct) if n > 1 else metrics_eval.pass_at_1(correct))
-    results[name] = {"score": score, "metric": f"avg@{n}" if n > 1 else "pass@1",
-                     "problems": len(rows), "outcomes": counts, "seconds": round(time.time() - t0, 1)}
+    completions = generate(
+      model,
+      tokenizer,
+      [r["prompt"] for r in rows],
+      cfg,
+      rng=jax.random.key(seed),
+      template=config.data.template,
+      batch_size=config.eval.batch_size,
+      mesh=mesh,
+      progress=True,
+    )
+    correct, counts = score_completions(
+      completions,
+      [r["answer"] for r in rows],
+      n,
+      scorer,
+      require_think=config.rollout.require_think,
+    )
+    score = metrics_eval.avg_at_k(correct) if n > 1 else metrics_eval.pass_at_1(correct)
+    results[name] = {
+      "score": score,
+      "metric": f"avg@{n}" if n > 1 else "pass@1",
+      "problems": len(rows),
+      "outcomes": counts,
+      "seconds": round(time.time() - t0, 1),
+    }
   return results
 
 
 def main(argv):
   del argv
   from absl import flags
-  from srft_jax import metrics_eval
+
+  from srft_jax import metrics_eval, train
   from srft_jax import rewards as rewards_lib
   from srft_jax import sharding as shd
-  from srft_jax import train
+
   f = flags.FLAGS
   logging.basicConfig(level=logging.INFO)
   config = _CONFIG.value
@@ -181,10 +278,14 @@ def main(argv):
     problems.append(f"--benchmarks: unknown {unknown}; known: {sorted(metrics_eval.BENCHMARKS)}")
   if not os.path.isdir(f.checkpoint):
     problems.append(f"--checkpoint: no directory {f.checkpoint!r}")
-  needs_data = [n for n in names if n not in ("task_id", "task_ood") and n in metrics_eval.BENCHMARKS]
+  needs_data = [
+    n for n in names if n not in ("task_id", "task_ood") and n in metrics_eval.BENCHMARKS
+  ]
   if needs_data and not f.data_dir:
-    problems.append(f"--data_dir: {needs_data} need the directory `python -m srft_jax.data "
-                    "prepare NAME --data_dir DIR` wrote")
+    problems.append(
+      f"--data_dir: {needs_data} need the directory `python -m srft_jax.data "
+      "prepare NAME --data_dir DIR` wrote"
+    )
   if problems:
     print("error: " + "\n       ".join(problems), file=sys.stderr)
     return 2
@@ -193,9 +294,20 @@ def main(argv):
   tokenizer = train.build_tokenizer(config, f.tokenizer_dir or f.checkpoint)
   model = load_policy(config, f.checkpoint, tokenizer, mesh)
   with rewards_lib.RewardScorer(require_think=config.rollout.require_think) as scorer:
-    res = evaluate_benchmarks(model, tokenizer, names, config, scorer=scorer, mesh=mesh,
-                              data_dir=f.data_dir, temperature=f.temperature, top_p=f.top_p,
-                              k=f.k or None, limit=f.limit or None, seed=f.seed)
+    res = evaluate_benchmarks(
+      model,
+      tokenizer,
+      names,
+      config,
+      scorer=scorer,
+      mesh=mesh,
+      data_dir=f.data_dir,
+      temperature=f.temperature,
+      top_p=f.top_p,
+      k=f.k or None,
+      limit=f.limit or None,
+      seed=f.seed,
+    )
   table, table_json = metrics_eval.results_table({f.name: {n: r["score"] for n, r in res.items()}})
   out = {"benchmarks": res, "table": table_json, "checkpoint": f.checkpoint}
   if f.out:
@@ -212,11 +324,16 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
+
   _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config.")
-  flags.DEFINE_string("checkpoint", None, "HF checkpoint dir, or a training workdir.", required=True)
+  flags.DEFINE_string(
+    "checkpoint", None, "HF checkpoint dir, or a training workdir.", required=True
+  )
   flags.DEFINE_string("benchmarks", "task_id,task_ood", "Comma-separated benchmark names.")
   flags.DEFINE_string("data_dir", "", "TFDS dir of prepared benchmarks (srft_jax.data prepare).")
-  flags.DEFINE_string("tokenizer_dir", "", "Where the task tokenizer is cached (default: the checkpoint's workdir).")
+  flags.DEFINE_string(
+    "tokenizer_dir", "", "Where the task tokenizer is cached (default: the checkpoint's workdir)."
+  )
   flags.DEFINE_float("temperature", 0.6, "Sampling temperature (paper: 0.6).")
   flags.DEFINE_float("top_p", 1.0, "Nucleus mass (paper: 1.0).")
   flags.DEFINE_integer("k", 0, "Samples a problem (0 = the benchmark's default: avg@32 or pass@1).")

@@ -55,11 +55,18 @@ SINGLE_FILE = "model.safetensors"
 
 # safetensors dtype tag <-> numpy dtype (bf16/fp8 through ml_dtypes).
 _ST_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+  "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
 }
 _ST_TAGS = {v: k for k, v in _ST_DTYPES.items()}
 # Dtypes safetensors' numpy backend cannot build; read through a memory map instead.
@@ -74,6 +81,7 @@ class CheckpointError(ValueError):
 # config.json <-> ModelConfig
 # ----------------------------------------------------------------------------
 
+
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, model_lib.RopeScaling | None]:
   """(theta, llama3 scaling) from 5.x `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
   params = dict(hf.get("rope_parameters") or {})
@@ -81,22 +89,29 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, model_lib.RopeScaling | No
   # Qwen2.5's docs have users add {"type": "yarn", ...} to a 5.x config.json,
   # whose rope_parameters already say "default".
   legacy = dict(hf.get("rope_scaling") or {})
-  rope_type = (legacy.get("rope_type") or legacy.get("type") or params.get("rope_type")
-               or params.get("type") or "default")
+  rope_type = (
+    legacy.get("rope_type")
+    or legacy.get("type")
+    or params.get("rope_type")
+    or params.get("type")
+    or "default"
+  )
   params.update(legacy)
   theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
   if rope_type == "default":
     return float(theta), None
   if rope_type != "llama3":
-    raise CheckpointError(f"config.json: rope_type {rope_type!r} is not supported "
-                          "(supported: 'default', 'llama3')")
+    raise CheckpointError(
+      f"config.json: rope_type {rope_type!r} is not supported (supported: 'default', 'llama3')"
+    )
   if "factor" not in params:
     raise CheckpointError("config.json: rope_type 'llama3' needs a 'factor'")
   scaling = model_lib.RopeScaling(
-      factor=float(params["factor"]),
-      low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-      high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-      original_max_position=int(params.get("original_max_position_embeddings", 8192)))
+    factor=float(params["factor"]),
+    low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+    high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+    original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+  )
   return float(theta), scaling
 
 
@@ -110,13 +125,16 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> model_lib.ModelConfig:
   """A ModelConfig from a transformers 4.x or 5.x `config.json` dict."""
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED:
-    raise CheckpointError(f"config.json: unknown model_type {model_type!r}; "
-                          f"supported: {sorted(SUPPORTED)}")
+    raise CheckpointError(
+      f"config.json: unknown model_type {model_type!r}; supported: {sorted(SUPPORTED)}"
+    )
   archs = hf.get("architectures") or [SUPPORTED[model_type]]
   unknown = [a for a in archs if a != SUPPORTED[model_type]]
   if unknown:
-    raise CheckpointError(f"config.json: unknown architectures {unknown} for model_type "
-                          f"{model_type!r}; supported: {SUPPORTED[model_type]!r}")
+    raise CheckpointError(
+      f"config.json: unknown architectures {unknown} for model_type "
+      f"{model_type!r}; supported: {SUPPORTED[model_type]!r}"
+    )
   act = hf.get("hidden_act", "silu")
   if act != "silu":
     raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (only 'silu')")
@@ -124,29 +142,29 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> model_lib.ModelConfig:
     raise CheckpointError("config.json: mlp_bias=True is not supported")
   if model_type == "llama" and hf.get("attention_bias"):
     # Llama's attention_bias also puts a bias on o_proj, which the decoder lacks.
-    raise CheckpointError("config.json: Llama attention_bias=True (q/k/v/o biases) is not "
-                          "supported")
+    raise CheckpointError(
+      "config.json: Llama attention_bias=True (q/k/v/o biases) is not supported"
+    )
   if model_type == "qwen2" and hf.get("use_sliding_window"):
     raise CheckpointError("config.json: use_sliding_window=True is not supported")
   theta, scaling = _rope_from_hf(hf)
   d, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
   fields = dict(
-      model_type=model_type,
-      vocab_size=int(hf["vocab_size"]),
-      embed_dim=d,
-      mlp_dim=int(hf["intermediate_size"]),
-      num_layers=int(hf["num_hidden_layers"]),
-      num_heads=n,
-      num_kv_heads=int(hf.get("num_key_value_heads") or n),
-      head_dim=int(hf.get("head_dim") or d // n),
-      rope_theta=theta,
-      rope_scaling=scaling,
-      max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      qkv_bias=model_type == "qwen2",  # Qwen2 always has q/k/v biases, Llama none
-
-      # Both Qwen2Config and LlamaConfig default to untied.
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    model_type=model_type,
+    vocab_size=int(hf["vocab_size"]),
+    embed_dim=d,
+    mlp_dim=int(hf["intermediate_size"]),
+    num_layers=int(hf["num_hidden_layers"]),
+    num_heads=n,
+    num_kv_heads=int(hf.get("num_key_value_heads") or n),
+    head_dim=int(hf.get("head_dim") or d // n),
+    rope_theta=theta,
+    rope_scaling=scaling,
+    max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    qkv_bias=model_type == "qwen2",  # Qwen2 always has q/k/v biases, Llama none
+    # Both Qwen2Config and LlamaConfig default to untied.
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
   )
   dtype = checkpoint_dtype(hf)
   if dtype in model_lib.DTYPES:
@@ -161,37 +179,43 @@ def config_to_hf(cfg: model_lib.ModelConfig, dtype: str | None = None) -> dict[s
   rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling is not None:
     s = cfg.rope_scaling
-    rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position}
+    rope = {
+      "rope_type": "llama3",
+      "rope_theta": cfg.rope_theta,
+      "factor": s.factor,
+      "low_freq_factor": s.low_freq_factor,
+      "high_freq_factor": s.high_freq_factor,
+      "original_max_position_embeddings": s.original_max_position,
+    }
   hf = {
-      "architectures": [SUPPORTED[cfg.model_type]],
-      "model_type": cfg.model_type,
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.embed_dim,
-      "intermediate_size": cfg.mlp_dim,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim,
-      "hidden_act": "silu",
-      "max_position_embeddings": cfg.max_seq_len,
-      "rms_norm_eps": cfg.norm_eps,
-      "tie_word_embeddings": cfg.tie_embeddings,
-      "rope_theta": cfg.rope_theta,        # 4.x
-      "rope_parameters": rope,             # 5.x
-      "dtype": dtype,                      # 5.x
-      "torch_dtype": dtype,                # 4.x
-      "use_cache": True,
-      "initializer_range": 0.02,
-      "attention_dropout": 0.0,
+    "architectures": [SUPPORTED[cfg.model_type]],
+    "model_type": cfg.model_type,
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.embed_dim,
+    "intermediate_size": cfg.mlp_dim,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.num_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": cfg.max_seq_len,
+    "rms_norm_eps": cfg.norm_eps,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "rope_theta": cfg.rope_theta,  # 4.x
+    "rope_parameters": rope,  # 5.x
+    "dtype": dtype,  # 5.x
+    "torch_dtype": dtype,  # 4.x
+    "use_cache": True,
+    "initializer_range": 0.02,
+    "attention_dropout": 0.0,
   }
   if cfg.rope_scaling is not None:
     hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}  # 4.x
   if cfg.model_type == "llama":
     if cfg.qkv_bias:
-      raise ValueError("config_to_hf: HF Llama has no q/k/v-only bias (attention_bias "
-                       "also adds an o_proj bias)")
+      raise ValueError(
+        "config_to_hf: HF Llama has no q/k/v-only bias (attention_bias also adds an o_proj bias)"
+      )
     hf["attention_bias"] = False
     hf["mlp_bias"] = False
   else:
@@ -207,6 +231,7 @@ def config_to_hf(cfg: model_lib.ModelConfig, dtype: str | None = None) -> dict[s
 # Parameter names and layouts
 # ----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
   """How one of our parameters sits in its HF tensor.
@@ -214,6 +239,7 @@ class _Layout:
   The HF tensor (shape `hf_shape`) is reshaped to `split` (each HF dim is a
   run of consecutive split dims, `groups`), then transposed by `perm` to ours.
   """
+
   name: str
   hf_shape: tuple[int, ...]
   split: tuple[int, ...]
@@ -240,10 +266,18 @@ def _same(name, shape) -> _Layout:
 
 def param_layouts(cfg: model_lib.ModelConfig) -> dict[tuple, _Layout]:
   """Our state path -> HF tensor name and layout, for every parameter of `cfg`."""
-  d, f, n, k, h, v = (cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads,
-                      cfg.head_dim, cfg.vocab_size)
-  out = {("embed",): _same("model.embed_tokens.weight", (v, d)),
-         ("final_norm", "scale"): _same("model.norm.weight", (d,))}
+  d, f, n, k, h, v = (
+    cfg.embed_dim,
+    cfg.mlp_dim,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+    cfg.vocab_size,
+  )
+  out = {
+    ("embed",): _same("model.embed_tokens.weight", (v, d)),
+    ("final_norm", "scale"): _same("model.norm.weight", (d,)),
+  }
   if not cfg.tie_embeddings:  # HF [V, D] -> ours [D, V]
     out[("lm_head",)] = _layout("lm_head.weight", (v, d), [[0], [1]], (1, 0))
   for i in range(cfg.num_layers):
@@ -268,20 +302,20 @@ def param_layouts(cfg: model_lib.ModelConfig) -> dict[tuple, _Layout]:
 
 def _ignorable(name: str, cfg: model_lib.ModelConfig) -> bool:
   """Tensors that carry no information for our model (see module docstring)."""
-  return name.endswith("rotary_emb.inv_freq") or (
-      cfg.tie_embeddings and name == "lm_head.weight")
+  return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
 
 
 # ----------------------------------------------------------------------------
 # Reading safetensors
 # ----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class _TensorInfo:
   file: str
-  dtype: str               # safetensors tag, e.g. "BF16"
+  dtype: str  # safetensors tag, e.g. "BF16"
   shape: tuple[int, ...]
-  data_start: int          # absolute byte offset in the file
+  data_start: int  # absolute byte offset in the file
 
 
 def read_header(file: str) -> dict[str, _TensorInfo]:
@@ -290,8 +324,10 @@ def read_header(file: str) -> dict[str, _TensorInfo]:
     (size,) = struct.unpack("<Q", fh.read(8))
     header = json.loads(fh.read(size))
   header.pop("__metadata__", None)
-  return {name: _TensorInfo(file, e["dtype"], tuple(e["shape"]), 8 + size + e["data_offsets"][0])
-          for name, e in header.items()}
+  return {
+    name: _TensorInfo(file, e["dtype"], tuple(e["shape"]), 8 + size + e["data_offsets"][0])
+    for name, e in header.items()
+  }
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -311,8 +347,9 @@ def read_tensor_infos(path: str) -> dict[str, _TensorInfo]:
   infos: dict[str, _TensorInfo] = {}
   for file in checkpoint_files(path):
     if not os.path.exists(file):
-      raise CheckpointError(f"{path}: {os.path.basename(file)} is listed in {INDEX_FILE} "
-                            "but missing")
+      raise CheckpointError(
+        f"{path}: {os.path.basename(file)} is listed in {INDEX_FILE} but missing"
+      )
     for name, info in read_header(file).items():
       if name in infos:
         raise CheckpointError(f"{path}: tensor {name!r} appears in two files")
@@ -342,8 +379,9 @@ class _Reader:
     if info.dtype not in _ST_DTYPES:
       raise CheckpointError(f"tensor {name!r}: unsupported dtype {info.dtype}")
     if info.dtype in _NUMPY_UNREADABLE:
-      full = np.memmap(info.file, dtype=_ST_DTYPES[info.dtype], mode="r",
-                       offset=info.data_start, shape=info.shape)
+      full = np.memmap(
+        info.file, dtype=_ST_DTYPES[info.dtype], mode="r", offset=info.data_start, shape=info.shape
+      )
       return np.array(full[index])
     if info.file not in self._handles:
       self._handles[info.file] = safe_open(info.file, framework="numpy")
@@ -390,32 +428,46 @@ def _read_block(reader: _Reader, lay: _Layout, index_ours, dtype) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(block, lay.perm).astype(dtype))
 
 
-def _check_tensors(infos: dict[str, _TensorInfo], layouts: dict[tuple, _Layout],
-                   cfg: model_lib.ModelConfig, path: str):
+def _check_tensors(
+  infos: dict[str, _TensorInfo],
+  layouts: dict[tuple, _Layout],
+  cfg: model_lib.ModelConfig,
+  path: str,
+):
   expected = {lay.name: lay for lay in layouts.values()}
   problems = []
   for name, lay in expected.items():
     if name not in infos:
       problems.append(f"missing tensor {name!r} (expected shape {list(lay.hf_shape)})")
     elif infos[name].shape != lay.hf_shape:
-      problems.append(f"tensor {name!r} has shape {list(infos[name].shape)}, "
-                      f"expected {list(lay.hf_shape)}")
+      problems.append(
+        f"tensor {name!r} has shape {list(infos[name].shape)}, expected {list(lay.hf_shape)}"
+      )
   for name in sorted(set(infos) - set(expected)):
     if not _ignorable(name, cfg):
-      problems.append(f"unexpected tensor {name!r} (shape {list(infos[name].shape)}) "
-                      f"not used by a {cfg.model_type} model")
+      problems.append(
+        f"unexpected tensor {name!r} (shape {list(infos[name].shape)}) "
+        f"not used by a {cfg.model_type} model"
+      )
   if problems:
-    raise CheckpointError(f"{path}: checkpoint does not match its config.json:\n  "
-                          + "\n  ".join(problems))
+    raise CheckpointError(
+      f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems)
+    )
 
 
 def _dtype_name(dtype) -> str:
   return jnp.dtype(dtype).name
 
 
-def load_model(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-               rules: Sequence | None = None, param_dtype=None,
-               **config_overrides) -> model_lib.Transformer:
+def load_model(
+  path: str,
+  *,
+  dtype=jnp.float32,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: Sequence | None = None,
+  param_dtype=None,
+  **config_overrides,
+) -> model_lib.Transformer:
   """Loads an HF Qwen2 / Llama checkpoint directory as a `Transformer`.
 
   `dtype` is the compute dtype; `param_dtype` (default: `dtype`) the dtype
@@ -475,24 +527,30 @@ def load_model(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None =
 # Writing safetensors
 # ----------------------------------------------------------------------------
 
+
 def _to_host(x: jax.Array) -> np.ndarray:
   """The full value of a (possibly multi-host sharded) array on this host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
 
-def _write_safetensors(file: str, entries: list[tuple[str, _Layout, Any]], np_dtype,
-                       write: bool) -> None:
+def _write_safetensors(
+  file: str, entries: list[tuple[str, _Layout, Any]], np_dtype, write: bool
+) -> None:
   """Streams tensors to `file`: header first (shapes known), then one tensor at a time."""
   itemsize = np_dtype.itemsize
   header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
   offset = 0
   for name, lay, _ in entries:
     nbytes = math.prod(lay.hf_shape) * itemsize
-    header[name] = {"dtype": _ST_TAGS[np_dtype], "shape": list(lay.hf_shape),
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+      "dtype": _ST_TAGS[np_dtype],
+      "shape": list(lay.hf_shape),
+      "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
@@ -501,7 +559,7 @@ def _write_safetensors(file: str, entries: list[tuple[str, _Layout, Any]], np_dt
     if fh:
       fh.write(struct.pack("<Q", len(blob)))
       fh.write(blob)
-    for name, lay, value in entries:
+    for _name, lay, value in entries:
       host = _to_host(value)  # a collective when sharded across hosts: all processes
       if fh:
         x = np.ascontiguousarray(lay.to_hf(host).astype(np_dtype))
@@ -514,14 +572,28 @@ def _write_safetensors(file: str, entries: list[tuple[str, _Layout, Any]], np_dt
 
 
 # Files of an HF checkpoint directory that describe its tokenizer and decoding.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-                   "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "added_tokens.json",
+  "vocab.json",
+  "merges.txt",
+  "tokenizer.model",
+  "chat_template.jinja",
+  "generation_config.json",
+)
 
 
-def save_model(model: model_lib.Transformer, path: str, *, dtype=None,
-               max_shard_bytes: int = 5_000_000_000, tokenizer=None,
-               copy_from: str | None = None) -> list[str]:
+def save_model(
+  model: model_lib.Transformer,
+  path: str,
+  *,
+  dtype=None,
+  max_shard_bytes: int = 5_000_000_000,
+  tokenizer=None,
+  copy_from: str | None = None,
+) -> list[str]:
   """Writes `model` as an HF checkpoint directory; returns the safetensors files.
 
   `tokenizer` (a `srft_jax.tokenizer.Tokenizer`) puts its BOS / EOS / pad ids
@@ -543,14 +615,19 @@ def save_model(model: model_lib.Transformer, path: str, *, dtype=None,
   layouts = param_layouts(cfg)
   values = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   if set(values) != set(layouts):
-    raise ValueError(f"save_model: model parameters {sorted(set(values) ^ set(layouts))} "
-                     "have no HF name")
+    raise ValueError(
+      f"save_model: model parameters {sorted(set(values) ^ set(layouts))} have no HF name"
+    )
   writer = jax.process_index() == 0
 
   # HF order: embeddings, layers in order, final norm, lm_head.
-  order = sorted(layouts, key=lambda p: (
+  order = sorted(
+    layouts,
+    key=lambda p: (
       0 if p == ("embed",) else 2 if p[0] == "final_norm" else 3 if p[0] == "lm_head" else 1,
-      p[1] if p[0] == "layers" else 0))
+      p[1] if p[0] == "layers" else 0,
+    ),
+  )
   entries = [(layouts[p].name, layouts[p], values[p].get_value()) for p in order]
   shards: list[list] = [[]]
   size = 0
@@ -570,14 +647,16 @@ def save_model(model: model_lib.Transformer, path: str, *, dtype=None,
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
   if writer:
     os.makedirs(path, exist_ok=True)
-    for stale in glob.glob(os.path.join(path, "*.safetensors")) + [
-        os.path.join(path, INDEX_FILE)]:
+    for stale in glob.glob(os.path.join(path, "*.safetensors")) + [os.path.join(path, INDEX_FILE)]:
       if os.path.exists(stale):
         os.remove(stale)
     hf_cfg, gen = config_to_hf(cfg, np_dtype.name), {"do_sample": False}
     if tokenizer is not None:
-      ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-             "pad_token_id": tokenizer.pad_id}
+      ids = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+      }
       hf_cfg.update(ids)
       stops = list(dict.fromkeys(tokenizer.stop_ids or (tokenizer.eos_id,)))
       gen.update(ids, eos_token_id=stops if len(stops) > 1 else stops[0])
@@ -598,6 +677,7 @@ def save_model(model: model_lib.Transformer, path: str, *, dtype=None,
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
   if jax.process_count() > 1:  # nobody goes on (and reads) before process 0 has written
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices("srft_save_model")
   return [os.path.join(path, n) for n in names]
 
@@ -605,6 +685,7 @@ def save_model(model: model_lib.Transformer, path: str, *, dtype=None,
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
+
 
 def checkpoint_info(path: str) -> dict[str, Any]:
   """Architecture, parameter count and dtypes from config.json and headers only."""
@@ -616,15 +697,15 @@ def checkpoint_info(path: str) -> dict[str, Any]:
   for info in used.values():
     dtypes[info.dtype] = dtypes.get(info.dtype, 0) + math.prod(info.shape)
   return {
-      "architecture": SUPPORTED[cfg.model_type],
-      "model_type": cfg.model_type,
-      "num_params": sum(math.prod(i.shape) for i in used.values()),
-      "config_num_params": cfg.num_params(),
-      "num_tensors": len(used),
-      "num_files": len({i.file for i in infos.values()}),
-      "dtype": checkpoint_dtype(hf),
-      "tensor_dtypes": dtypes,
-      "config": cfg,
+    "architecture": SUPPORTED[cfg.model_type],
+    "model_type": cfg.model_type,
+    "num_params": sum(math.prod(i.shape) for i in used.values()),
+    "config_num_params": cfg.num_params(),
+    "num_tensors": len(used),
+    "num_files": len({i.file for i in infos.values()}),
+    "dtype": checkpoint_dtype(hf),
+    "tensor_dtypes": dtypes,
+    "config": cfg,
   }
 
 
@@ -636,8 +717,9 @@ def _human(n: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m srft_jax.hf",
-                                   description="Inspect Hugging Face checkpoints.")
+  parser = argparse.ArgumentParser(
+    prog="python -m srft_jax.hf", description="Inspect Hugging Face checkpoints."
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   info_p = sub.add_parser("info", help="architecture, parameter count, dtype (headers only)")
   info_p.add_argument("path")
@@ -652,9 +734,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"architecture: {info['architecture']} (model_type {info['model_type']})")
   print(f"parameters: {info['num_params']} ({_human(info['num_params'])})")
   print(f"dtype: {info['dtype']}; tensors: {tensor_dtypes}")
-  print(f"shape: layers={cfg.num_layers} embed={cfg.embed_dim} mlp={cfg.mlp_dim} "
-        f"heads={cfg.num_heads} kv_heads={cfg.num_kv_heads} head_dim={cfg.head_dim} "
-        f"vocab={cfg.vocab_size} tied={cfg.tie_embeddings}")
+  print(
+    f"shape: layers={cfg.num_layers} embed={cfg.embed_dim} mlp={cfg.mlp_dim} "
+    f"heads={cfg.num_heads} kv_heads={cfg.num_kv_heads} head_dim={cfg.head_dim} "
+    f"vocab={cfg.vocab_size} tied={cfg.tie_embeddings}"
+  )
   print(f"files: {info['num_files']}, tensors: {info['num_tensors']}")
   if info["num_params"] != info["config_num_params"]:
     print(f"warning: config.json implies {info['config_num_params']} parameters")

@@ -12,8 +12,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/default.py", "Training config.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints, logs, plots, results.")
 
 
@@ -23,13 +24,16 @@ def main(argv):
   for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from srft_jax import train
+
   try:
     results = train.run(_CONFIG.value, _WORKDIR.value)
   except train.ConfigError as e:  # named by its field, before anything compiled
     print(f"error: {e}", file=sys.stderr)
     return 2
   if results.get("status") == "preempted":
-    print(f"preempted at step {results['step']}: checkpoint saved; rerun the same command to resume")
+    print(
+      f"preempted at step {results['step']}: checkpoint saved; rerun the same command to resume"
+    )
     return 0
   print(format_results(results, _WORKDIR.value))
   return 0
@@ -37,24 +41,26 @@ def main(argv):
 
 def format_results(r: dict, workdir: str) -> str:
   from srft_jax.train import local_dir
+
   out = local_dir(workdir)  # == workdir unless remote: then only checkpoints are there
 
   def pct(x):
     return "  n/a" if x is None else f"{100 * x:5.1f}%"
+
   lines = [
-      "",
-      f"method: {r['method']}   steps: {r['steps']}   wall: {r['wall_s']:.0f}s (training {r['train_s']:.0f}s)",
-      "",
-      "| split | before | after |",
-      "|---|---|---|",
-      f"| ID  | {pct(r['before']['id_acc'])} | {pct(r['after']['id_acc'])} |",
-      f"| OOD | {pct(r['before']['ood_acc'])} | {pct(r['after']['ood_acc'])} |",
-      "",
-      f"results:     {out}/results.json",
-      f"checkpoints: {workdir}/checkpoints",
-      f"tensorboard: {out}/logs/tb   (tensorboard --logdir {out}/logs/tb)",
-      f"plots:       {out}/plots",
-      f"HF export:   {out}/export/hf",
+    "",
+    f"method: {r['method']}   steps: {r['steps']}   wall: {r['wall_s']:.0f}s (training {r['train_s']:.0f}s)",
+    "",
+    "| split | before | after |",
+    "|---|---|---|",
+    f"| ID  | {pct(r['before']['id_acc'])} | {pct(r['after']['id_acc'])} |",
+    f"| OOD | {pct(r['before']['ood_acc'])} | {pct(r['after']['ood_acc'])} |",
+    "",
+    f"results:     {out}/results.json",
+    f"checkpoints: {workdir}/checkpoints",
+    f"tensorboard: {out}/logs/tb   (tensorboard --logdir {out}/logs/tb)",
+    f"plots:       {out}/plots",
+    f"HF export:   {out}/export/hf",
   ]
   return "\n".join(lines)
 

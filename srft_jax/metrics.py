@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,6 +24,7 @@ class MetricsWriter:
       os.makedirs(log_dir, exist_ok=True)
       if tensorboard:
         from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(os.path.join(log_dir, "tb"))
 
   def write(self, step: int, metrics: Mapping[str, Any]):
@@ -55,8 +57,10 @@ class MetricsWriter:
 
 # Token means whose step may have no such tokens (a stage without rollouts or
 # demonstrations): the objective logs 0 there, which is no value, not a collapse.
-TOKEN_COUNTS = {"loss/entropy_rollout": "loss/n_rollout_tokens",
-                "loss/entropy_demo": "loss/n_demo_tokens"}
+TOKEN_COUNTS = {
+  "loss/entropy_rollout": "loss/n_rollout_tokens",
+  "loss/entropy_demo": "loss/n_demo_tokens",
+}
 
 
 def has_value(row: Mapping[str, Any], key: str) -> bool:
@@ -76,15 +80,18 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 PLOTS = {
-    "reward": ("reward/rollout_mean", "reward/demo_mean"),
-    "entropy": ("loss/entropy_rollout", "loss/entropy_demo"),
-    "response_length": ("rollout/length_mean",),
+  "reward": ("reward/rollout_mean", "reward/demo_mean"),
+  "entropy": ("loss/entropy_rollout", "loss/entropy_demo"),
+  "response_length": ("rollout/length_mean",),
 }
 
 
-def plot_metrics(jsonl_path: str, out_dir: str, plots: Mapping[str, tuple[str, ...]] = PLOTS) -> list[str]:
+def plot_metrics(
+  jsonl_path: str, out_dir: str, plots: Mapping[str, tuple[str, ...]] = PLOTS
+) -> list[str]:
   """One PNG per plot name (reward, entropy, response length over steps)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

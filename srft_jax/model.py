@@ -35,6 +35,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Llama 3 RoPE frequency scaling (HF `rope_type: llama3`)."""
+
   factor: float = 8.0
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
@@ -44,49 +45,59 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture and numerics of one decoder. Frozen: jitted code may close over it."""
-  model_type: str = "qwen2"          # "qwen2" | "llama" (HF model_type)
+
+  model_type: str = "qwen2"  # "qwen2" | "llama" (HF model_type)
   vocab_size: int = 512
-  embed_dim: int = 128               # D (HF hidden_size)
-  mlp_dim: int = 384                 # F (HF intermediate_size)
-  num_layers: int = 4                # L
-  num_heads: int = 4                 # N
-  num_kv_heads: int = 2              # K
-  head_dim: int = 32                 # H
+  embed_dim: int = 128  # D (HF hidden_size)
+  mlp_dim: int = 384  # F (HF intermediate_size)
+  num_layers: int = 4  # L
+  num_heads: int = 4  # N
+  num_kv_heads: int = 2  # K
+  head_dim: int = 32  # H
   rope_theta: float = 10_000.0
   rope_scaling: RopeScaling | None = None
-  max_seq_len: int = 2048            # context window (HF max_position_embeddings)
+  max_seq_len: int = 2048  # context window (HF max_position_embeddings)
   norm_eps: float = 1e-6
-  qkv_bias: bool = True              # Qwen2: True, Llama: False
+  qkv_bias: bool = True  # Qwen2: True, Llama: False
   tie_embeddings: bool = False
   param_dtype: str = "float32"
-  dtype: str = "float32"             # compute dtype; norms, softmax, logits stay float32
-  remat: str = "none"                # "none" | "full" | "dots" (save matmul outputs)
+  dtype: str = "float32"  # compute dtype; norms, softmax, logits stay float32
+  remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
   # "xla" (one einsum) | "chunked" (query blocks) | "cudnn": jax.nn.dot_product_attention,
   # cuDNN flash attention on GPU in bf16 (XLA elsewhere); training/scoring rows must hold
   # their real tokens contiguously (left-padded prompt + right-padded response).
   attention: str = "xla"
-  attention_chunk: int = 512         # query block size for attention="chunked"
+  attention_chunk: int = 512  # query block size for attention="chunked"
   # The sampler's decode-step attention over the KV cache (one new token a row): "xla"
   # (`attend`) or "pallas" (`decode_attention.decode_attention`: one Triton kernel on GPUs
   # that reads only the filled slots; Pallas' interpreter on CPU, for tests).
   decode_attention: str = "xla"
-  rules: tuple = shd.DEFAULT_RULES   # logical axis -> mesh axes
+  rules: tuple = shd.DEFAULT_RULES  # logical axis -> mesh axes
 
   def __post_init__(self):
     checks = {
-        "model_type": self.model_type in ("qwen2", "llama"),
-        "num_heads": self.num_heads % max(self.num_kv_heads, 1) == 0,
-        "param_dtype": self.param_dtype in DTYPES,
-        "dtype": self.dtype in DTYPES,
-        "remat": self.remat in ("none", "full", "dots"),
-        "attention": self.attention in ("xla", "chunked", "cudnn"),
-        "decode_attention": self.decode_attention in ("xla", "pallas"),
+      "model_type": self.model_type in ("qwen2", "llama"),
+      "num_heads": self.num_heads % max(self.num_kv_heads, 1) == 0,
+      "param_dtype": self.param_dtype in DTYPES,
+      "dtype": self.dtype in DTYPES,
+      "remat": self.remat in ("none", "full", "dots"),
+      "attention": self.attention in ("xla", "chunked", "cudnn"),
+      "decode_attention": self.decode_attention in ("xla", "pallas"),
     }
     for name, ok in checks.items():
       if not ok:
         raise ValueError(f"ModelConfig.{name}: invalid value {getattr(self, name)!r}")
-    for name in ("vocab_size", "embed_dim", "mlp_dim", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim", "max_seq_len", "attention_chunk"):
+    for name in (
+      "vocab_size",
+      "embed_dim",
+      "mlp_dim",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "max_seq_len",
+      "attention_chunk",
+    ):
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"ModelConfig.{name}: must be positive, got {getattr(self, name)}")
 
@@ -99,8 +110,14 @@ class ModelConfig:
     return DTYPES[self.param_dtype]
 
   def num_params(self) -> int:
-    d, f, n, k, h, v = (self.embed_dim, self.mlp_dim, self.num_heads,
-                        self.num_kv_heads, self.head_dim, self.vocab_size)
+    d, f, n, k, h, v = (
+      self.embed_dim,
+      self.mlp_dim,
+      self.num_heads,
+      self.num_kv_heads,
+      self.head_dim,
+      self.vocab_size,
+    )
     attn = d * n * h + 2 * d * k * h + n * h * d
     if self.qkv_bias:
       attn += n * h + 2 * k * h
@@ -108,44 +125,93 @@ class ModelConfig:
     return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * layer + d
 
   @classmethod
-  def preset(cls, name: str, **overrides) -> "ModelConfig":
+  def preset(cls, name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
       raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
 _QWEN2_5_MATH_7B = ModelConfig(
-    model_type="qwen2", vocab_size=152_064, embed_dim=3584, mlp_dim=18_944,
-    num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=10_000.0,
-    max_seq_len=4096, norm_eps=1e-6, qkv_bias=True, tie_embeddings=False,
-    param_dtype="bfloat16", dtype="bfloat16", remat="full", attention="chunked")
+  model_type="qwen2",
+  vocab_size=152_064,
+  embed_dim=3584,
+  mlp_dim=18_944,
+  num_layers=28,
+  num_heads=28,
+  num_kv_heads=4,
+  head_dim=128,
+  rope_theta=10_000.0,
+  max_seq_len=4096,
+  norm_eps=1e-6,
+  qkv_bias=True,
+  tie_embeddings=False,
+  param_dtype="bfloat16",
+  dtype="bfloat16",
+  remat="full",
+  attention="chunked",
+)
 
 PRESETS: dict[str, ModelConfig] = {
-    # CPU tests and the default run; vocab is replaced by the task tokenizer's.
-    "tiny": ModelConfig(),
-    "qwen2_5_0_5b": ModelConfig(
-        model_type="qwen2", vocab_size=151_936, embed_dim=896, mlp_dim=4864,
-        num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1e6,
-        max_seq_len=32_768, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
-    "qwen2_5_1_5b": ModelConfig(
-        model_type="qwen2", vocab_size=151_936, embed_dim=1536, mlp_dim=8960,
-        num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, rope_theta=1e6,
-        max_seq_len=32_768, norm_eps=1e-6, qkv_bias=True, tie_embeddings=True),
-    "qwen2_5_math_7b": _QWEN2_5_MATH_7B,
-    # The paper's variant (METHOD.md §5): RoPE theta 40k and a 16,384-token window.
-    "qwen2_5_math_7b_rope40k": dataclasses.replace(
-        _QWEN2_5_MATH_7B, rope_theta=40_000.0, max_seq_len=16_384),
-    "llama3_2_1b": ModelConfig(
-        model_type="llama", vocab_size=128_256, embed_dim=2048, mlp_dim=8192,
-        num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500_000.0,
-        rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), max_seq_len=131_072,
-        norm_eps=1e-5, qkv_bias=False, tie_embeddings=True),
+  # CPU tests and the default run; vocab is replaced by the task tokenizer's.
+  "tiny": ModelConfig(),
+  "qwen2_5_0_5b": ModelConfig(
+    model_type="qwen2",
+    vocab_size=151_936,
+    embed_dim=896,
+    mlp_dim=4864,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    head_dim=64,
+    rope_theta=1e6,
+    max_seq_len=32_768,
+    norm_eps=1e-6,
+    qkv_bias=True,
+    tie_embeddings=True,
+  ),
+  "qwen2_5_1_5b": ModelConfig(
+    model_type="qwen2",
+    vocab_size=151_936,
+    embed_dim=1536,
+    mlp_dim=8960,
+    num_layers=28,
+    num_heads=12,
+    num_kv_heads=2,
+    head_dim=128,
+    rope_theta=1e6,
+    max_seq_len=32_768,
+    norm_eps=1e-6,
+    qkv_bias=True,
+    tie_embeddings=True,
+  ),
+  "qwen2_5_math_7b": _QWEN2_5_MATH_7B,
+  # The paper's variant (METHOD.md §5): RoPE theta 40k and a 16,384-token window.
+  "qwen2_5_math_7b_rope40k": dataclasses.replace(
+    _QWEN2_5_MATH_7B, rope_theta=40_000.0, max_seq_len=16_384
+  ),
+  "llama3_2_1b": ModelConfig(
+    model_type="llama",
+    vocab_size=128_256,
+    embed_dim=2048,
+    mlp_dim=8192,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    rope_theta=500_000.0,
+    rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+    max_seq_len=131_072,
+    norm_eps=1e-5,
+    qkv_bias=False,
+    tie_embeddings=True,
+  ),
 }
 
 
 # ----------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------
+
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal"):
   if init == "zeros":
@@ -168,10 +234,10 @@ def rope_frequencies(cfg: ModelConfig) -> Array:
   low_wl = s.original_max_position / s.low_freq_factor
   high_wl = s.original_max_position / s.high_freq_factor
   smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
-      s.high_freq_factor - s.low_freq_factor)
+    s.high_freq_factor - s.low_freq_factor
+  )
   medium = (1 - smooth) * inv / s.factor + smooth * inv
-  return jnp.where(wavelen > low_wl, inv / s.factor,
-                   jnp.where(wavelen < high_wl, inv, medium))
+  return jnp.where(wavelen > low_wl, inv / s.factor, jnp.where(wavelen < high_wl, inv, medium))
 
 
 def apply_rope(x_BTNH: Array, positions_BT: Array, inv_freq: Array) -> Array:
@@ -186,7 +252,6 @@ def apply_rope(x_BTNH: Array, positions_BT: Array, inv_freq: Array) -> Array:
 
 
 class RMSNorm(nnx.Module):
-
   def __init__(self, dim: int, eps: float, dtype):
     self.eps = eps
     self.scale = _param(None, (dim,), ("norm",), dtype, init="ones")
@@ -202,8 +267,9 @@ class RMSNorm(nnx.Module):
 WEIGHT_FIRST_BACKENDS = ("cpu",)
 
 
-def dense_out_major(x: Array, w: Array, n_in: int = 1, preferred_element_type=None,
-                    weight_first: bool | None = None) -> Array:
+def dense_out_major(
+  x: Array, w: Array, n_in: int = 1, preferred_element_type=None, weight_first: bool | None = None
+) -> Array:
   """x [..., I...] times an output-major weight w [O..., I...] -> [..., O...].
 
   The decode weights (`Transformer.decode_weights`) are stored output-major.
@@ -218,10 +284,12 @@ def dense_out_major(x: Array, w: Array, n_in: int = 1, preferred_element_type=No
   if weight_first is None:
     weight_first = jax.default_backend() in WEIGHT_FIRST_BACKENDS
   if not weight_first:
-    return jax.lax.dot_general(x, w, ((x_in, w_in), ((), ())),
-                               preferred_element_type=preferred_element_type)
-  y = jax.lax.dot_general(w, x, ((w_in, x_in), ((), ())),
-                          preferred_element_type=preferred_element_type)
+    return jax.lax.dot_general(
+      x, w, ((x_in, w_in), ((), ())), preferred_element_type=preferred_element_type
+    )
+  y = jax.lax.dot_general(
+    w, x, ((w_in, x_in), ((), ())), preferred_element_type=preferred_element_type
+  )
   n_out = nw - n_in
   return y.transpose(tuple(range(n_out, y.ndim)) + tuple(range(n_out)))
 
@@ -241,7 +309,7 @@ def attend(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, allowed_BTS: Array) -> A
   g = n // k
   q = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
   scores = jnp.einsum("BKMH,BKHS->BKMS", q, k_BKHS, preferred_element_type=f32)
-  scores = scores.reshape(b, k, g, t, s) * (h ** -0.5)
+  scores = scores.reshape(b, k, g, t, s) * (h**-0.5)
   # finfo.min, not -inf: a fully masked row (a padding query) stays finite.
   scores = jnp.where(allowed_BTS[:, None, None, :, :], scores, jnp.finfo(f32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype).reshape(b, k, g * t, s)
@@ -279,8 +347,7 @@ def attend_causal(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array) -> Array:
   """
   on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
   impl = "cudnn" if on_gpu and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-  return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
-                                      implementation=impl)
+  return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=impl)
 
 
 def left_align(mask_BT: Array) -> tuple[Array, Array]:
@@ -298,9 +365,14 @@ def left_align(mask_BT: Array) -> tuple[Array, Array]:
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d, n, k, h, pd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
+    d, n, k, h, pd = (
+      cfg.embed_dim,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.jnp_param_dtype,
+    )
     self.cfg = cfg
     self.q = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd)
     self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
@@ -324,12 +396,21 @@ class Attention(nnx.Module):
     q = self.q[...].reshape(d, k, n // k, h)
     qkv = jnp.concatenate([q, self.k[...][:, :, None], self.v[...][:, :, None]], axis=2)
     qkv = qkv.astype(dt).transpose(1, 2, 3, 0)
-    out = {"qkv": shd.constrain(qkv, ("kv_heads", None, "head_dim", "embed"), cfg.rules),
-           "o": shd.constrain(self.o[...].astype(dt).transpose(2, 0, 1),
-                              ("embed", "heads", "head_dim"), cfg.rules)}
+    out = {
+      "qkv": shd.constrain(qkv, ("kv_heads", None, "head_dim", "embed"), cfg.rules),
+      "o": shd.constrain(
+        self.o[...].astype(dt).transpose(2, 0, 1), ("embed", "heads", "head_dim"), cfg.rules
+      ),
+    }
     if cfg.qkv_bias:
-      bias = jnp.concatenate([self.q_bias[...].reshape(k, n // k, h), self.k_bias[...][:, None],
-                              self.v_bias[...][:, None]], axis=1)
+      bias = jnp.concatenate(
+        [
+          self.q_bias[...].reshape(k, n // k, h),
+          self.k_bias[...][:, None],
+          self.v_bias[...][:, None],
+        ],
+        axis=1,
+      )
       out["qkv_bias"] = bias.astype(dt)
     return out
 
@@ -352,13 +433,15 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(dt)
     return q, k, v
 
-  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None,
-               decode=False):
+  def __call__(
+    self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None, decode=False
+  ):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     rules = cfg.rules
     q, k, v = self._project(x_BTD, w)
-    q = shd.constrain(apply_rope(q, positions_BT, inv_freq),
-                      ("batch", "length", "act_heads", "head_dim"), rules)
+    q = shd.constrain(
+      apply_rope(q, positions_BT, inv_freq), ("batch", "length", "act_heads", "head_dim"), rules
+    )
     k = apply_rope(k, positions_BT, inv_freq)
     if allowed_BTS is None:  # packed causal rows (attention="cudnn", no cache)
       k = shd.constrain(k, ("batch", "length", "act_kv_heads", "head_dim"), rules)
@@ -374,11 +457,18 @@ class Attention(nnx.Module):
     length = "cache_length" if kv is not None else "length"
     k = shd.constrain(k, ("batch", "act_kv_heads", "head_dim", length), rules)
     v = shd.constrain(v, ("batch", "act_kv_heads", length, "head_dim"), rules)
-    if (decode and kv is not None and q.shape[1] == 1 and cfg.decode_attention == "pallas"
-        and k.dtype == q.dtype and decode_attention.supported(cfg.head_dim, k.shape[-1])):
+    if (
+      decode
+      and kv is not None
+      and q.shape[1] == 1
+      and cfg.decode_attention == "pallas"
+      and k.dtype == q.dtype
+      and decode_attention.supported(cfg.head_dim, k.shape[-1])
+    ):
       # the new token sits in slot `index`: nothing past it is read
-      out = decode_attention.decode_attention(q[:, 0], k, v, allowed_BTS[:, 0], index + 1,
-                                              rules=rules)[:, None]
+      out = decode_attention.decode_attention(
+        q[:, 0], k, v, allowed_BTS[:, 0], index + 1, rules=rules
+      )[:, None]
     # With a cache, "cudnn" attends in query blocks too (cuDNN needs packed causal rows).
     elif cfg.attention in ("chunked", "cudnn"):
       out = attend_chunked(q, k.astype(dt), v.astype(dt), allowed_BTS, cfg.attention_chunk)
@@ -393,7 +483,6 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f, pd = cfg.embed_dim, cfg.mlp_dim, cfg.jnp_param_dtype
     self.cfg = cfg
@@ -406,8 +495,10 @@ class MLP(nnx.Module):
     gate_up [2, F, D], down [D, F]."""
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     gate_up = jnp.stack([self.gate[...].T, self.up[...].T]).astype(dt)
-    return {"gate_up": shd.constrain(gate_up, (None, "mlp", "embed"), cfg.rules),
-            "down": shd.constrain(self.down[...].T.astype(dt), ("embed", "mlp"), cfg.rules)}
+    return {
+      "gate_up": shd.constrain(gate_up, (None, "mlp", "embed"), cfg.rules),
+      "down": shd.constrain(self.down[...].T.astype(dt), ("embed", "mlp"), cfg.rules),
+    }
 
   def __call__(self, x_BTD, w=None):
     dt = self.cfg.jnp_dtype
@@ -424,7 +515,6 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     pd = cfg.jnp_param_dtype
     self.cfg = cfg
@@ -433,10 +523,19 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None,
-               decode=False):
-    y, kv = self.attn(self.attn_norm(x_BTD), positions_BT, inv_freq, allowed_BTS, kv, index,
-                      None if w is None else w["attn"], decode)
+  def __call__(
+    self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None, decode=False
+  ):
+    y, kv = self.attn(
+      self.attn_norm(x_BTD),
+      positions_BT,
+      inv_freq,
+      allowed_BTS,
+      kv,
+      index,
+      None if w is None else w["attn"],
+      decode,
+    )
     x = x_BTD + y
     x = x + self.mlp(self.mlp_norm(x), None if w is None else w["mlp"])
     x = shd.constrain(x, ("batch", "length", "act_embed"), self.cfg.rules)
@@ -444,8 +543,8 @@ class Block(nnx.Module):
 
 
 _REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  "full": None,
+  "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 
@@ -485,19 +584,28 @@ class Transformer(nnx.Module):
     """
     cfg = self.cfg
     unembed = self.embed[...] if cfg.tie_embeddings else self.lm_head[...].T
-    weights = {"layers": tuple({"attn": blk.attn.decode_weights(),
-                                "mlp": blk.mlp.decode_weights()} for blk in self.layers),
-               "unembed": shd.constrain(unembed.astype(cfg.jnp_dtype), ("vocab", "embed"),
-                                        cfg.rules)}
+    weights = {
+      "layers": tuple(
+        {"attn": blk.attn.decode_weights(), "mlp": blk.mlp.decode_weights()} for blk in self.layers
+      ),
+      "unembed": shd.constrain(unembed.astype(cfg.jnp_dtype), ("vocab", "embed"), cfg.rules),
+    }
     # Materialised once: XLA must not fold the casts and transposes back into
     # each matmul that reads them (XLA:CPU then also meets a transposed bf16
     # dot it cannot run: "Unsupported element type for DotThunk").
     return jax.lax.optimization_barrier(weights)
 
-  def __call__(self, tokens_BT: Array, positions_BT: Array, mask_BT: Array | None = None,
-               cache: dict[str, Any] | None = None, return_hidden: bool = False,
-               weights: dict[str, Any] | None = None, remat: bool | None = None,
-               decode: bool = False):
+  def __call__(
+    self,
+    tokens_BT: Array,
+    positions_BT: Array,
+    mask_BT: Array | None = None,
+    cache: dict[str, Any] | None = None,
+    return_hidden: bool = False,
+    weights: dict[str, Any] | None = None,
+    remat: bool | None = None,
+    decode: bool = False,
+  ):
     """Logits [B, T, V] float32 (or final hidden states) and the updated cache.
 
     `decode=True` marks the sampler's decode step (one new token a row, a
@@ -529,7 +637,8 @@ class Transformer(nnx.Module):
     else:
       index = cache["index"]
       kv_mask = jax.lax.dynamic_update_slice(
-          cache["mask"], mask_BT.astype(cache["mask"].dtype), (0, index))
+        cache["mask"], mask_BT.astype(cache["mask"].dtype), (0, index)
+      )
       slots = jnp.arange(kv_mask.shape[1])
       allowed = (slots[None, :] <= index + jnp.arange(t)[:, None])[None] & (kv_mask[:, None, :] > 0)
 
@@ -558,8 +667,9 @@ class Transformer(nnx.Module):
       return x, cache
     return self.logits(x, weights), cache
 
-  def forward_shared_prefix(self, prompt_tokens_GP: Array, prompt_mask_GP: Array,
-                            resp_tokens_BR: Array, resp_mask_BR: Array) -> tuple[Array, Array]:
+  def forward_shared_prefix(
+    self, prompt_tokens_GP: Array, prompt_mask_GP: Array, resp_tokens_BR: Array, resp_mask_BR: Array
+  ) -> tuple[Array, Array]:
     """Final hidden states of rows that share their prompt within groups.
 
     Row i of the responses continues prompt i // g (g = B // G, the trainer's
@@ -574,14 +684,16 @@ class Transformer(nnx.Module):
     g_count, p = prompt_tokens_GP.shape
     b, r = resp_tokens_BR.shape
     if b % g_count:
-      raise ValueError(f"forward_shared_prefix: {b} response rows do not split into "
-                       f"{g_count} prompt groups")
+      raise ValueError(
+        f"forward_shared_prefix: {b} response rows do not split into {g_count} prompt groups"
+      )
     group = b // g_count
     pm = prompt_mask_GP.astype(jnp.int32)
     rm = resp_mask_BR.astype(jnp.int32)
     cache = init_cache(self.cfg, g_count, p + r)
-    hp, cache = self(prompt_tokens_GP, positions_from_mask(pm), pm, cache=cache,
-                     return_hidden=True, remat=True)
+    hp, cache = self(
+      prompt_tokens_GP, positions_from_mask(pm), pm, cache=cache, return_hidden=True, remat=True
+    )
     cache = repeat_cache_rows(cache, group)
     n_prompt = jnp.sum(cache["mask"], axis=-1, keepdims=True)
     pos_r = jnp.maximum(n_prompt + jnp.cumsum(rm, axis=-1) - 1, 0).astype(jnp.int32)
@@ -593,8 +705,9 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     x = hidden_BTD.astype(cfg.jnp_dtype)
     if weights is None:
-      logits = jnp.einsum("BTD,DV->BTV", x, self.unembed().astype(cfg.jnp_dtype),
-                          preferred_element_type=f32)
+      logits = jnp.einsum(
+        "BTD,DV->BTV", x, self.unembed().astype(cfg.jnp_dtype), preferred_element_type=f32
+      )
     else:
       logits = dense_out_major(x, weights["unembed"], preferred_element_type=f32)
     return shd.constrain(logits, ("batch", "length", "act_vocab"), cfg.rules)
@@ -606,10 +719,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[st
   dtype = dtype or cfg.jnp_dtype
   b, k, h = batch, cfg.num_kv_heads, cfg.head_dim
   return {
-      "k": tuple(jnp.zeros((b, k, h, length), dtype) for _ in range(cfg.num_layers)),
-      "v": tuple(jnp.zeros((b, k, length, h), dtype) for _ in range(cfg.num_layers)),
-      "mask": jnp.zeros((batch, length), jnp.int32),
-      "index": jnp.zeros((), jnp.int32),
+    "k": tuple(jnp.zeros((b, k, h, length), dtype) for _ in range(cfg.num_layers)),
+    "v": tuple(jnp.zeros((b, k, length, h), dtype) for _ in range(cfg.num_layers)),
+    "mask": jnp.zeros((batch, length), jnp.int32),
+    "index": jnp.zeros((), jnp.int32),
   }
 
 
@@ -617,17 +730,21 @@ def repeat_cache_rows(cache: dict[str, Any], n: int) -> dict[str, Any]:
   """Each row of a cache n times in a row (row i -> rows i*n .. i*n+n-1):
   one prompt's prefill shared by the n rows of its group."""
   rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
-  return {"k": tuple(map(rep, cache["k"])), "v": tuple(map(rep, cache["v"])),
-          "mask": rep(cache["mask"]), "index": cache["index"]}
+  return {
+    "k": tuple(map(rep, cache["k"])),
+    "v": tuple(map(rep, cache["v"])),
+    "mask": rep(cache["mask"]),
+    "index": cache["index"],
+  }
 
 
 def cache_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
   """Logical axis names of the cache pytree (same structure as `init_cache`)."""
   return {
-      "k": tuple(("batch", "kv_heads", "head_dim", "cache_length") for _ in range(cfg.num_layers)),
-      "v": tuple(("batch", "kv_heads", "cache_length", "head_dim") for _ in range(cfg.num_layers)),
-      "mask": ("batch", "cache_length"),
-      "index": (),
+    "k": tuple(("batch", "kv_heads", "head_dim", "cache_length") for _ in range(cfg.num_layers)),
+    "v": tuple(("batch", "kv_heads", "cache_length", "head_dim") for _ in range(cfg.num_layers)),
+    "mask": ("batch", "cache_length"),
+    "index": (),
   }
 
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, NamedTuple, Optional
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,19 +43,19 @@ from jax import lax
 Array = jax.Array
 
 __all__ = [
-    "token_logprobs_and_entropy",
-    "chunked_logprobs_and_entropy",
-    "group_advantages",
-    "LossConfig",
-    "PRESETS",
-    "LossParts",
-    "LOSS_TERMS",
-    "loss_denominators",
-    "entropy_sum_and_count",
-    "batch_mean_entropy",
-    "srft_loss_parts",
-    "combine",
-    "srft_loss",
+  "token_logprobs_and_entropy",
+  "chunked_logprobs_and_entropy",
+  "group_advantages",
+  "LossConfig",
+  "PRESETS",
+  "LossParts",
+  "LOSS_TERMS",
+  "loss_denominators",
+  "entropy_sum_and_count",
+  "batch_mean_entropy",
+  "srft_loss_parts",
+  "combine",
+  "srft_loss",
 ]
 
 
@@ -64,50 +65,50 @@ __all__ = [
 
 
 def _stats_from_scaled_logits(z_NV: Array, targets_N: Array) -> tuple[Array, Array, Array, Array]:
-    """float32 scaled logits -> (logp of target, entropy, p_NV, safe log p_NV).
+  """float32 scaled logits -> (logp of target, entropy, p_NV, safe log p_NV).
 
-    ``safe log p`` is 0 where p == 0 so -inf logits (masked vocabulary) give
-    0 * finite instead of 0 * -inf = NaN, in the value and in the gradient.
-    """
-    lse_N = jax.nn.logsumexp(z_NV, axis=-1)
-    logp_NV = z_NV - lse_N[..., None]
-    p_NV = jnp.exp(logp_NV)
-    safe_logp_NV = jnp.where(p_NV > 0, logp_NV, 0.0)
-    ent_N = -jnp.sum(p_NV * safe_logp_NV, axis=-1)
-    # Select the target by comparison with an iota, not a gather: elementwise
-    # over V, so a vocab-sharded chunk needs only a reduction, never a gather.
-    vocab_ids = lax.broadcasted_iota(jnp.int32, z_NV.shape, z_NV.ndim - 1)
-    is_target = vocab_ids == targets_N[..., None].astype(jnp.int32)
-    logp_N = jnp.sum(jnp.where(is_target, logp_NV, 0.0), axis=-1)
-    return logp_N, ent_N, p_NV, safe_logp_NV
+  ``safe log p`` is 0 where p == 0 so -inf logits (masked vocabulary) give
+  0 * finite instead of 0 * -inf = NaN, in the value and in the gradient.
+  """
+  lse_N = jax.nn.logsumexp(z_NV, axis=-1)
+  logp_NV = z_NV - lse_N[..., None]
+  p_NV = jnp.exp(logp_NV)
+  safe_logp_NV = jnp.where(p_NV > 0, logp_NV, 0.0)
+  ent_N = -jnp.sum(p_NV * safe_logp_NV, axis=-1)
+  # Select the target by comparison with an iota, not a gather: elementwise
+  # over V, so a vocab-sharded chunk needs only a reduction, never a gather.
+  vocab_ids = lax.broadcasted_iota(jnp.int32, z_NV.shape, z_NV.ndim - 1)
+  is_target = vocab_ids == targets_N[..., None].astype(jnp.int32)
+  logp_N = jnp.sum(jnp.where(is_target, logp_NV, 0.0), axis=-1)
+  return logp_N, ent_N, p_NV, safe_logp_NV
 
 
 def token_logprobs_and_entropy(
-    logits_BTV: Array, targets_BT: Array, temperature: float = 1.0
+  logits_BTV: Array, targets_BT: Array, temperature: float = 1.0
 ) -> tuple[Array, Array]:
-    """float32 log p(target) and full-vocabulary entropy of softmax(logits / T).
+  """float32 log p(target) and full-vocabulary entropy of softmax(logits / T).
 
-    Returns ``(logp_BT, ent_BT)``. ``temperature`` is the rollout temperature,
-    so log-probs match what the sampler scored (METHOD.md §1 step 4).
-    """
-    z_BTV = logits_BTV.astype(jnp.float32) / temperature
-    logp_BT, ent_BT, _, _ = _stats_from_scaled_logits(z_BTV, targets_BT)
-    return logp_BT, ent_BT
+  Returns ``(logp_BT, ent_BT)``. ``temperature`` is the rollout temperature,
+  so log-probs match what the sampler scored (METHOD.md §1 step 4).
+  """
+  z_BTV = logits_BTV.astype(jnp.float32) / temperature
+  logp_BT, ent_BT, _, _ = _stats_from_scaled_logits(z_BTV, targets_BT)
+  return logp_BT, ent_BT
 
 
 def _chunk_logits(h_BCD: Array, w_DV: Array, temperature: float) -> Array:
-    # float32 accumulation even for bf16 weights: log-softmax needs it.
-    return jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32) / temperature
+  # float32 accumulation even for bf16 weights: log-softmax needs it.
+  return jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32) / temperature
 
 
 def _chunked_forward(h_NBCD, w_DV, t_NBC, temperature):
-    def one_chunk(_, xs):
-        h_BCD, t_BC = xs
-        logp, ent, _, _ = _stats_from_scaled_logits(_chunk_logits(h_BCD, w_DV, temperature), t_BC)
-        return None, (logp, ent)
+  def one_chunk(_, xs):
+    h_BCD, t_BC = xs
+    logp, ent, _, _ = _stats_from_scaled_logits(_chunk_logits(h_BCD, w_DV, temperature), t_BC)
+    return None, (logp, ent)
 
-    _, (logp_NBC, ent_NBC) = lax.scan(one_chunk, None, (h_NBCD, t_NBC))
-    return logp_NBC, ent_NBC
+  _, (logp_NBC, ent_NBC) = lax.scan(one_chunk, None, (h_NBCD, t_NBC))
+  return logp_NBC, ent_NBC
 
 
 # custom_vjp rather than jax.checkpoint: the backward pass recomputes each
@@ -117,78 +118,78 @@ _chunked_core = jax.custom_vjp(_chunked_forward, nondiff_argnums=(3,))
 
 
 def _chunked_core_fwd(h_NBCD, w_DV, t_NBC, temperature):
-    return _chunked_forward(h_NBCD, w_DV, t_NBC, temperature), (h_NBCD, w_DV, t_NBC)
+  return _chunked_forward(h_NBCD, w_DV, t_NBC, temperature), (h_NBCD, w_DV, t_NBC)
 
 
 def _chunked_core_bwd(temperature, residuals, cotangents):
-    h_NBCD, w_DV, t_NBC = residuals
-    g_logp_NBC, g_ent_NBC = cotangents
-    compute_dtype = jnp.result_type(h_NBCD.dtype, w_DV.dtype)
+  h_NBCD, w_DV, t_NBC = residuals
+  g_logp_NBC, g_ent_NBC = cotangents
+  compute_dtype = jnp.result_type(h_NBCD.dtype, w_DV.dtype)
 
-    def one_chunk(dw_DV, xs):
-        h_BCD, t_BC, g_logp, g_ent = xs
-        z = _chunk_logits(h_BCD, w_DV, temperature)
-        _, ent, p, safe_logp = _stats_from_scaled_logits(z, t_BC)
-        is_target = lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_BC[..., None].astype(jnp.int32)
-        # d logp_t / dz = onehot - p;  d H / dz = -p (log p + H).
-        dz = g_logp[..., None] * (is_target.astype(jnp.float32) - p)
-        dz = dz - g_ent[..., None] * p * (safe_logp + ent[..., None])
-        dlogits = (dz / temperature).astype(compute_dtype)
-        dh_BCD = jnp.einsum("bcv,dv->bcd", dlogits, w_DV, preferred_element_type=jnp.float32)
-        dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, dlogits, preferred_element_type=jnp.float32)
-        return dw_DV, dh_BCD.astype(h_NBCD.dtype)
+  def one_chunk(dw_DV, xs):
+    h_BCD, t_BC, g_logp, g_ent = xs
+    z = _chunk_logits(h_BCD, w_DV, temperature)
+    _, ent, p, safe_logp = _stats_from_scaled_logits(z, t_BC)
+    is_target = lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_BC[..., None].astype(jnp.int32)
+    # d logp_t / dz = onehot - p;  d H / dz = -p (log p + H).
+    dz = g_logp[..., None] * (is_target.astype(jnp.float32) - p)
+    dz = dz - g_ent[..., None] * p * (safe_logp + ent[..., None])
+    dlogits = (dz / temperature).astype(compute_dtype)
+    dh_BCD = jnp.einsum("bcv,dv->bcd", dlogits, w_DV, preferred_element_type=jnp.float32)
+    dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, dlogits, preferred_element_type=jnp.float32)
+    return dw_DV, dh_BCD.astype(h_NBCD.dtype)
 
-    dw_DV, dh_NBCD = lax.scan(
-        one_chunk,
-        jnp.zeros(w_DV.shape, jnp.float32),
-        (h_NBCD, t_NBC, g_logp_NBC.astype(jnp.float32), g_ent_NBC.astype(jnp.float32)),
-    )
-    return dh_NBCD, dw_DV.astype(w_DV.dtype), None
+  dw_DV, dh_NBCD = lax.scan(
+    one_chunk,
+    jnp.zeros(w_DV.shape, jnp.float32),
+    (h_NBCD, t_NBC, g_logp_NBC.astype(jnp.float32), g_ent_NBC.astype(jnp.float32)),
+  )
+  return dh_NBCD, dw_DV.astype(w_DV.dtype), None
 
 
 _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 
 
 def chunked_logprobs_and_entropy(
-    hidden_BTD: Array,
-    unembed_DV: Array,
-    targets_BT: Array,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
+  hidden_BTD: Array,
+  unembed_DV: Array,
+  targets_BT: Array,
+  temperature: float = 1.0,
+  chunk_size: int = 1024,
 ) -> tuple[Array, Array]:
-    """``token_logprobs_and_entropy(hidden @ unembed, ...)`` without [B, T, V] logits.
+  """``token_logprobs_and_entropy(hidden @ unembed, ...)`` without [B, T, V] logits.
 
-    Logits exist for at most about ``chunk_size`` tokens at a time (all B rows x
-    up to ``max(1, chunk_size // B)`` positions, so batch sharding stays on the
-    batch axis of every chunk) and are recomputed in the backward pass. T need not be
-    a multiple of the chunk: it is padded internally and the pad sliced off.
-    Works with the batch axis sharded and with unembed's D or V axis sharded
-    (GSPMD inserts the reductions). ``temperature`` must be a Python number.
-    """
-    if hidden_BTD.ndim != 3 or unembed_DV.ndim != 2 or targets_BT.ndim != 2:
-        raise ValueError(
-            "chunked_logprobs_and_entropy wants hidden [B,T,D], unembed [D,V], targets [B,T]; got "
-            f"{hidden_BTD.shape}, {unembed_DV.shape}, {targets_BT.shape}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    batch, length, _ = hidden_BTD.shape
-    # The fewest chunks of at most chunk_size // B positions, evened out so the
-    # padding is under one position per chunk (64 positions at a 51 limit: 2 x 32).
-    n_chunks = -(-length // max(1, min(length, chunk_size // batch)))
-    positions = -(-length // n_chunks)
-    pad = n_chunks * positions - length
-    h = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-    t = jnp.pad(targets_BT.astype(jnp.int32), ((0, 0), (0, pad)))
-    # [B, n*C, ...] -> [n, B, C, ...]: scan over chunks of the T axis.
-    h_NBCD = h.reshape(batch, n_chunks, positions, -1).transpose(1, 0, 2, 3)
-    t_NBC = t.reshape(batch, n_chunks, positions).transpose(1, 0, 2)
-    logp_NBC, ent_NBC = _chunked_core(h_NBCD, unembed_DV, t_NBC, float(temperature))
+  Logits exist for at most about ``chunk_size`` tokens at a time (all B rows x
+  up to ``max(1, chunk_size // B)`` positions, so batch sharding stays on the
+  batch axis of every chunk) and are recomputed in the backward pass. T need not be
+  a multiple of the chunk: it is padded internally and the pad sliced off.
+  Works with the batch axis sharded and with unembed's D or V axis sharded
+  (GSPMD inserts the reductions). ``temperature`` must be a Python number.
+  """
+  if hidden_BTD.ndim != 3 or unembed_DV.ndim != 2 or targets_BT.ndim != 2:
+    raise ValueError(
+      "chunked_logprobs_and_entropy wants hidden [B,T,D], unembed [D,V], targets [B,T]; got "
+      f"{hidden_BTD.shape}, {unembed_DV.shape}, {targets_BT.shape}"
+    )
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  batch, length, _ = hidden_BTD.shape
+  # The fewest chunks of at most chunk_size // B positions, evened out so the
+  # padding is under one position per chunk (64 positions at a 51 limit: 2 x 32).
+  n_chunks = -(-length // max(1, min(length, chunk_size // batch)))
+  positions = -(-length // n_chunks)
+  pad = n_chunks * positions - length
+  h = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+  t = jnp.pad(targets_BT.astype(jnp.int32), ((0, 0), (0, pad)))
+  # [B, n*C, ...] -> [n, B, C, ...]: scan over chunks of the T axis.
+  h_NBCD = h.reshape(batch, n_chunks, positions, -1).transpose(1, 0, 2, 3)
+  t_NBC = t.reshape(batch, n_chunks, positions).transpose(1, 0, 2)
+  logp_NBC, ent_NBC = _chunked_core(h_NBCD, unembed_DV, t_NBC, float(temperature))
 
-    def unchunk(x_NBC):
-        return x_NBC.transpose(1, 0, 2).reshape(batch, n_chunks * positions)[:, :length]
+  def unchunk(x_NBC):
+    return x_NBC.transpose(1, 0, 2).reshape(batch, n_chunks * positions)[:, :length]
 
-    return unchunk(logp_NBC), unchunk(ent_NBC)
+  return unchunk(logp_NBC), unchunk(ent_NBC)
 
 
 # --------------------------------------------------------------------------
@@ -197,32 +198,32 @@ def chunked_logprobs_and_entropy(
 
 
 def group_advantages(
-    rewards_B: Array, group_ids_B: Array, normalize_std: bool = True, eps: float = 1e-6
+  rewards_B: Array, group_ids_B: Array, normalize_std: bool = True, eps: float = 1e-6
 ) -> Array:
-    """A = (r - mean_group) / (std_group + eps), std unbiased; or r - mean.
+  """A = (r - mean_group) / (std_group + eps), std unbiased; or r - mean.
 
-    A group is all rows sharing a group id (rollouts and the demonstration of
-    one prompt). A group of one, or one whose rewards are all equal, gets
-    exactly 0 (without this, rounding in the mean divided by eps would not be
-    0). Give padded rows unique ids (singletons) to keep them out of real
-    groups. Elementwise [B, B] sums instead of a matmul so TPU matmul
-    precision cannot touch the mean.
-    """
-    r_B = rewards_B.astype(jnp.float32)
-    same_BB = group_ids_B[:, None] == group_ids_B[None, :]
-    same_f = same_BB.astype(jnp.float32)
-    n_B = jnp.sum(same_f, axis=1)
-    mean_B = jnp.sum(same_f * r_B[None, :], axis=1) / n_B
-    dev_B = r_B - mean_B
-    # Every member of a group has the same mean, so summing members' squared
-    # deviations gives the group's sum of squares.
-    ss_B = jnp.sum(same_f * (dev_B**2)[None, :], axis=1)
-    std_B = jnp.sqrt(ss_B / jnp.maximum(n_B - 1.0, 1.0))
-    gmax_B = jnp.max(jnp.where(same_BB, r_B[None, :], -jnp.inf), axis=1)
-    gmin_B = jnp.min(jnp.where(same_BB, r_B[None, :], jnp.inf), axis=1)
-    degenerate_B = (gmax_B == gmin_B) | (n_B <= 1.0)
-    adv_B = dev_B / (std_B + eps) if normalize_std else dev_B
-    return jnp.where(degenerate_B, 0.0, adv_B)
+  A group is all rows sharing a group id (rollouts and the demonstration of
+  one prompt). A group of one, or one whose rewards are all equal, gets
+  exactly 0 (without this, rounding in the mean divided by eps would not be
+  0). Give padded rows unique ids (singletons) to keep them out of real
+  groups. Elementwise [B, B] sums instead of a matmul so TPU matmul
+  precision cannot touch the mean.
+  """
+  r_B = rewards_B.astype(jnp.float32)
+  same_BB = group_ids_B[:, None] == group_ids_B[None, :]
+  same_f = same_BB.astype(jnp.float32)
+  n_B = jnp.sum(same_f, axis=1)
+  mean_B = jnp.sum(same_f * r_B[None, :], axis=1) / n_B
+  dev_B = r_B - mean_B
+  # Every member of a group has the same mean, so summing members' squared
+  # deviations gives the group's sum of squares.
+  ss_B = jnp.sum(same_f * (dev_B**2)[None, :], axis=1)
+  std_B = jnp.sqrt(ss_B / jnp.maximum(n_B - 1.0, 1.0))
+  gmax_B = jnp.max(jnp.where(same_BB, r_B[None, :], -jnp.inf), axis=1)
+  gmin_B = jnp.min(jnp.where(same_BB, r_B[None, :], jnp.inf), axis=1)
+  degenerate_B = (gmax_B == gmin_B) | (n_B <= 1.0)
+  adv_B = dev_B / (std_B + eps) if normalize_std else dev_B
+  return jnp.where(degenerate_B, 0.0, adv_B)
 
 
 # --------------------------------------------------------------------------
@@ -230,130 +231,130 @@ def group_advantages(
 # --------------------------------------------------------------------------
 
 _CHOICES = {
-    "sft_weight": ("entropy_neg", "entropy_pos", "const"),
-    "demo_rl_shaping": ("none", "p_div_p_plus_gamma"),
-    "self_rl_form": ("paper", "advantage"),
-    "rl_weight": ("entropy_pos", "const"),
-    "entropy_granularity": ("sequence", "token", "batch"),
-    "aggregation": ("token_mean", "constant_len"),
+  "sft_weight": ("entropy_neg", "entropy_pos", "const"),
+  "demo_rl_shaping": ("none", "p_div_p_plus_gamma"),
+  "self_rl_form": ("paper", "advantage"),
+  "rl_weight": ("entropy_pos", "const"),
+  "entropy_granularity": ("sequence", "token", "batch"),
+  "aggregation": ("token_mean", "constant_len"),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Every switch of the SRFT loss (METHOD.md §2-§3). Defaults = the paper.
+  """Every switch of the SRFT loss (METHOD.md §2-§3). Defaults = the paper.
 
-    Frozen and hashable, so it can be a static argument of ``jax.jit``.
-    """
+  Frozen and hashable, so it can be a static argument of ``jax.jit``.
+  """
 
-    # SFT on demonstrations, Eq. 8: w_sft = sft_coef * sg(exp(-H)) ("entropy_neg",
-    # paper) | sft_coef * sg(exp(+H)) ("entropy_pos", released code) | sft_coef ("const").
-    sft_coef: float = 0.5
-    sft_weight: str = "entropy_neg"
-    # Off-policy RL on demonstrations, Eq. 9-10: -A*p ("none", paper) or LUFFY's
-    # policy shaping -A*p/(p+gamma) ("p_div_p_plus_gamma", released code).
-    demo_rl_shaping: str = "none"
-    demo_rl_gamma: float = 0.1
-    # On-policy RL on rollouts, Eq. 11-12: "paper" = positives (r > 0)
-    # w_rl*(-logp), negatives +logp; "advantage" = -A*ratio with
-    # ratio = exp(logp - old_logp), rows with A > 0 scaled by w_rl (released code).
-    self_rl_form: str = "paper"
-    self_rl_coef: float = 0.1
-    # w_rl = self_rl_coef * sg(exp(+H)) ("entropy_pos") | self_rl_coef ("const").
-    rl_weight: str = "entropy_pos"
-    # PPO clip for the advantage form; None = no clipping (METHOD.md default).
-    clip_eps: Optional[float] = None
-    # H inside the weights: per-row mean ("sequence"), per token, or one scalar
-    # over all response tokens of the (global) batch.
-    entropy_granularity: str = "sequence"
-    # RL denominator: number of RL tokens, or rows x max_response_len (Dr.GRPO).
-    aggregation: str = "token_mean"
-    max_response_len: Optional[int] = None
-    # - entropy_bonus * token-mean entropy (keeps its gradient); 0.001 in the code.
-    entropy_bonus: float = 0.0
-    # kl_coef * k3 estimator to a reference model on rollout tokens (baselines).
-    kl_coef: float = 0.0
-    use_sft: bool = True
-    use_demo_rl: bool = True
-    use_self_rl: bool = True
-    # Not used by the loss: the trainer passes these to group_advantages so a
-    # preset fixes the advantage form too (std-normalised in the paper, Eq. 7;
-    # r - mean in the released code's script).
-    adv_normalize_std: bool = True
-    adv_eps: float = 1e-6
+  # SFT on demonstrations, Eq. 8: w_sft = sft_coef * sg(exp(-H)) ("entropy_neg",
+  # paper) | sft_coef * sg(exp(+H)) ("entropy_pos", released code) | sft_coef ("const").
+  sft_coef: float = 0.5
+  sft_weight: str = "entropy_neg"
+  # Off-policy RL on demonstrations, Eq. 9-10: -A*p ("none", paper) or LUFFY's
+  # policy shaping -A*p/(p+gamma) ("p_div_p_plus_gamma", released code).
+  demo_rl_shaping: str = "none"
+  demo_rl_gamma: float = 0.1
+  # On-policy RL on rollouts, Eq. 11-12: "paper" = positives (r > 0)
+  # w_rl*(-logp), negatives +logp; "advantage" = -A*ratio with
+  # ratio = exp(logp - old_logp), rows with A > 0 scaled by w_rl (released code).
+  self_rl_form: str = "paper"
+  self_rl_coef: float = 0.1
+  # w_rl = self_rl_coef * sg(exp(+H)) ("entropy_pos") | self_rl_coef ("const").
+  rl_weight: str = "entropy_pos"
+  # PPO clip for the advantage form; None = no clipping (METHOD.md default).
+  clip_eps: float | None = None
+  # H inside the weights: per-row mean ("sequence"), per token, or one scalar
+  # over all response tokens of the (global) batch.
+  entropy_granularity: str = "sequence"
+  # RL denominator: number of RL tokens, or rows x max_response_len (Dr.GRPO).
+  aggregation: str = "token_mean"
+  max_response_len: int | None = None
+  # - entropy_bonus * token-mean entropy (keeps its gradient); 0.001 in the code.
+  entropy_bonus: float = 0.0
+  # kl_coef * k3 estimator to a reference model on rollout tokens (baselines).
+  kl_coef: float = 0.0
+  use_sft: bool = True
+  use_demo_rl: bool = True
+  use_self_rl: bool = True
+  # Not used by the loss: the trainer passes these to group_advantages so a
+  # preset fixes the advantage form too (std-normalised in the paper, Eq. 7;
+  # r - mean in the released code's script).
+  adv_normalize_std: bool = True
+  adv_eps: float = 1e-6
 
-    def __post_init__(self):
-        for name, allowed in _CHOICES.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"LossConfig.{name}={value!r}: expected one of {allowed}")
-        for name in ("sft_coef", "self_rl_coef", "entropy_bonus", "kl_coef"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"LossConfig.{name}={value!r}: expected a finite number >= 0")
-        if not (isinstance(self.demo_rl_gamma, (int, float)) and self.demo_rl_gamma > 0):
-            raise ValueError(f"LossConfig.demo_rl_gamma={self.demo_rl_gamma!r}: expected > 0")
-        if not (isinstance(self.adv_eps, (int, float)) and self.adv_eps > 0):
-            raise ValueError(f"LossConfig.adv_eps={self.adv_eps!r}: expected > 0")
-        if self.clip_eps is not None and not (0 < self.clip_eps < 1):
-            raise ValueError(f"LossConfig.clip_eps={self.clip_eps!r}: expected None or in (0, 1)")
-        if self.max_response_len is not None and not (
-            isinstance(self.max_response_len, int) and self.max_response_len > 0
-        ):
-            raise ValueError(
-                f"LossConfig.max_response_len={self.max_response_len!r}: expected a positive int"
-            )
-        if self.aggregation == "constant_len" and self.max_response_len is None:
-            raise ValueError("LossConfig.max_response_len is required when aggregation='constant_len'")
-        if not (self.use_sft or self.use_demo_rl or self.use_self_rl):
-            raise ValueError("LossConfig.use_sft/use_demo_rl/use_self_rl: at least one must be True")
+  def __post_init__(self):
+    for name, allowed in _CHOICES.items():
+      value = getattr(self, name)
+      if value not in allowed:
+        raise ValueError(f"LossConfig.{name}={value!r}: expected one of {allowed}")
+    for name in ("sft_coef", "self_rl_coef", "entropy_bonus", "kl_coef"):
+      value = getattr(self, name)
+      if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"LossConfig.{name}={value!r}: expected a finite number >= 0")
+    if not (isinstance(self.demo_rl_gamma, (int, float)) and self.demo_rl_gamma > 0):
+      raise ValueError(f"LossConfig.demo_rl_gamma={self.demo_rl_gamma!r}: expected > 0")
+    if not (isinstance(self.adv_eps, (int, float)) and self.adv_eps > 0):
+      raise ValueError(f"LossConfig.adv_eps={self.adv_eps!r}: expected > 0")
+    if self.clip_eps is not None and not (0 < self.clip_eps < 1):
+      raise ValueError(f"LossConfig.clip_eps={self.clip_eps!r}: expected None or in (0, 1)")
+    if self.max_response_len is not None and not (
+      isinstance(self.max_response_len, int) and self.max_response_len > 0
+    ):
+      raise ValueError(
+        f"LossConfig.max_response_len={self.max_response_len!r}: expected a positive int"
+      )
+    if self.aggregation == "constant_len" and self.max_response_len is None:
+      raise ValueError("LossConfig.max_response_len is required when aggregation='constant_len'")
+    if not (self.use_sft or self.use_demo_rl or self.use_self_rl):
+      raise ValueError("LossConfig.use_sft/use_demo_rl/use_self_rl: at least one must be True")
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "LossConfig":
-        """A METHOD.md §4 preset, optionally with field overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown LossConfig preset {name!r}; known: {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+  @classmethod
+  def preset(cls, name: str, **overrides: Any) -> LossConfig:
+    """A METHOD.md §4 preset, optionally with field overrides."""
+    if name not in PRESETS:
+      raise ValueError(f"unknown LossConfig preset {name!r}; known: {sorted(PRESETS)}")
+    return cls(**{**PRESETS[name], **overrides})
 
 
 # Plain GRPO on rollouts: -A*ratio on every rollout token, weight 1.
 _GRPO_ROLLOUTS = dict(self_rl_form="advantage", rl_weight="const", self_rl_coef=1.0)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The full method with the paper's switches (all LossConfig defaults).
-    "srft": {},
-    # The full method with the released code's switches (METHOD.md §2-§3):
-    # w_sft = 0.5*exp(+H), LUFFY shaping p/(p+0.1) on demos, GRPO-style
-    # advantage form on rollouts with 0.1*exp(H) on positive-advantage rows,
-    # per-token entropy, entropy bonus 0.001, Dr.GRPO constant normaliser over
-    # the paper's max response 8,192 (METHOD.md §5), advantages without std.
-    "srft_code": dict(
-        sft_weight="entropy_pos",
-        demo_rl_shaping="p_div_p_plus_gamma",
-        demo_rl_gamma=0.1,
-        self_rl_form="advantage",
-        entropy_granularity="token",
-        entropy_bonus=0.001,
-        aggregation="constant_len",
-        max_response_len=8192,
-        adv_normalize_std=False,
-    ),
-    # SFT baseline: demonstrations only, w_sft = 1 constant, no rollouts.
-    "sft": dict(sft_coef=1.0, sft_weight="const", use_demo_rl=False, use_self_rl=False),
-    # On-policy GRPO: advantages with std, no demonstrations used.
-    "grpo": dict(use_sft=False, use_demo_rl=False, **_GRPO_ROLLOUTS),
-    # The paper's naive single-stage "SFT+RL": unweighted SFT (w = 1) on demos
-    # plus GRPO on rollouts; no RL term on demonstrations, so the demo stays out
-    # of the rollouts' advantage group (train.GroupLayout.demos_in_group).
-    "sft_plus_rl": dict(sft_coef=1.0, sft_weight="const", use_demo_rl=False, **_GRPO_ROLLOUTS),
-    # LUFFY: mixed group (the demo is in the advantage group: trainer's
-    # business), shaped demo RL with gamma = 0.1, GRPO on rollouts, no SFT.
-    "luffy": dict(
-        use_sft=False, demo_rl_shaping="p_div_p_plus_gamma", demo_rl_gamma=0.1, **_GRPO_ROLLOUTS
-    ),
-    # Ablations (METHOD.md §4, §6): one entropy weight replaced by its constant.
-    "srft_no_wsft": dict(sft_weight="const"),  # w_sft = 0.5
-    "srft_no_wrl": dict(rl_weight="const"),  # w_rl = 0.1
+  # The full method with the paper's switches (all LossConfig defaults).
+  "srft": {},
+  # The full method with the released code's switches (METHOD.md §2-§3):
+  # w_sft = 0.5*exp(+H), LUFFY shaping p/(p+0.1) on demos, GRPO-style
+  # advantage form on rollouts with 0.1*exp(H) on positive-advantage rows,
+  # per-token entropy, entropy bonus 0.001, Dr.GRPO constant normaliser over
+  # the paper's max response 8,192 (METHOD.md §5), advantages without std.
+  "srft_code": dict(
+    sft_weight="entropy_pos",
+    demo_rl_shaping="p_div_p_plus_gamma",
+    demo_rl_gamma=0.1,
+    self_rl_form="advantage",
+    entropy_granularity="token",
+    entropy_bonus=0.001,
+    aggregation="constant_len",
+    max_response_len=8192,
+    adv_normalize_std=False,
+  ),
+  # SFT baseline: demonstrations only, w_sft = 1 constant, no rollouts.
+  "sft": dict(sft_coef=1.0, sft_weight="const", use_demo_rl=False, use_self_rl=False),
+  # On-policy GRPO: advantages with std, no demonstrations used.
+  "grpo": dict(use_sft=False, use_demo_rl=False, **_GRPO_ROLLOUTS),
+  # The paper's naive single-stage "SFT+RL": unweighted SFT (w = 1) on demos
+  # plus GRPO on rollouts; no RL term on demonstrations, so the demo stays out
+  # of the rollouts' advantage group (train.GroupLayout.demos_in_group).
+  "sft_plus_rl": dict(sft_coef=1.0, sft_weight="const", use_demo_rl=False, **_GRPO_ROLLOUTS),
+  # LUFFY: mixed group (the demo is in the advantage group: trainer's
+  # business), shaped demo RL with gamma = 0.1, GRPO on rollouts, no SFT.
+  "luffy": dict(
+    use_sft=False, demo_rl_shaping="p_div_p_plus_gamma", demo_rl_gamma=0.1, **_GRPO_ROLLOUTS
+  ),
+  # Ablations (METHOD.md §4, §6): one entropy weight replaced by its constant.
+  "srft_no_wsft": dict(sft_weight="const"),  # w_sft = 0.5
+  "srft_no_wrl": dict(rl_weight="const"),  # w_rl = 0.1
 }
 # (`sft_then_grpo` is a two-stage schedule of the `sft` and `grpo` presets: the
 # trainer's business, not a loss config.)
@@ -367,225 +368,229 @@ LOSS_TERMS = ("sft", "rl_demo", "rl_self", "entropy_bonus", "kl")
 
 
 class LossParts(NamedTuple):
-    """Numerators and denominators; loss = sum over LOSS_TERMS of sums/counts.
+  """Numerators and denominators; loss = sum over LOSS_TERMS of sums/counts.
 
-    ``sums`` and ``counts`` share keys: the LOSS_TERMS, then metric keys.
-    """
+  ``sums`` and ``counts`` share keys: the LOSS_TERMS, then metric keys.
+  """
 
-    sums: dict[str, Array]
-    counts: dict[str, Array]
+  sums: dict[str, Array]
+  counts: dict[str, Array]
 
 
 def _term_masks(batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
-    mask_BT = batch["response_mask"].astype(jnp.float32)
-    demo_B = jnp.asarray(batch["is_demo"]).astype(jnp.float32)
-    return mask_BT, mask_BT * demo_B[:, None], mask_BT * (1.0 - demo_B)[:, None]
+  mask_BT = batch["response_mask"].astype(jnp.float32)
+  demo_B = jnp.asarray(batch["is_demo"]).astype(jnp.float32)
+  return mask_BT, mask_BT * demo_B[:, None], mask_BT * (1.0 - demo_B)[:, None]
 
 
 def loss_denominators(batch: Mapping[str, Array], cfg: LossConfig) -> dict[str, Array]:
-    """Denominator of each loss term, from the masks alone (METHOD.md §3).
+  """Denominator of each loss term, from the masks alone (METHOD.md §3).
 
-    Compute it on the full batch and pass it to ``srft_loss(denominators=...)``
-    of every micro-batch for exact accumulation.
-    """
-    mask_BT, demo_BT, roll_BT = _term_masks(batch)
-    rl_BT = jnp.zeros_like(mask_BT)
-    if cfg.use_demo_rl:
-        rl_BT = rl_BT + demo_BT
-    if cfg.use_self_rl:
-        rl_BT = rl_BT + roll_BT
-    if cfg.aggregation == "token_mean":
-        rl_den = jnp.sum(rl_BT)
-    else:  # constant_len: rows with any RL token x max_response_len (Dr.GRPO);
-        # rows outside every RL term (e.g. demos under grpo) are not counted.
-        rl_den = jnp.sum(jnp.any(rl_BT > 0, axis=1).astype(jnp.float32)) * cfg.max_response_len
-    return {
-        "sft": jnp.sum(demo_BT),
-        "rl_demo": rl_den,
-        "rl_self": rl_den,
-        "entropy_bonus": jnp.sum(mask_BT),
-        "kl": jnp.sum(roll_BT),
-    }
+  Compute it on the full batch and pass it to ``srft_loss(denominators=...)``
+  of every micro-batch for exact accumulation.
+  """
+  mask_BT, demo_BT, roll_BT = _term_masks(batch)
+  rl_BT = jnp.zeros_like(mask_BT)
+  if cfg.use_demo_rl:
+    rl_BT = rl_BT + demo_BT
+  if cfg.use_self_rl:
+    rl_BT = rl_BT + roll_BT
+  if cfg.aggregation == "token_mean":
+    rl_den = jnp.sum(rl_BT)
+  else:  # constant_len: rows with any RL token x max_response_len (Dr.GRPO);
+    # rows outside every RL term (e.g. demos under grpo) are not counted.
+    rl_den = jnp.sum(jnp.any(rl_BT > 0, axis=1).astype(jnp.float32)) * cfg.max_response_len
+  return {
+    "sft": jnp.sum(demo_BT),
+    "rl_demo": rl_den,
+    "rl_self": rl_den,
+    "entropy_bonus": jnp.sum(mask_BT),
+    "kl": jnp.sum(roll_BT),
+  }
 
 
 def entropy_sum_and_count(ent_BT: Array, response_mask_BT: Array) -> tuple[Array, Array]:
-    """(sum, count) of token entropy over response tokens; add over micro-batches."""
-    mask = response_mask_BT.astype(jnp.float32)
-    ent = jnp.where(mask > 0, lax.stop_gradient(ent_BT).astype(jnp.float32), 0.0)
-    return jnp.sum(ent * mask), jnp.sum(mask)
+  """(sum, count) of token entropy over response tokens; add over micro-batches."""
+  mask = response_mask_BT.astype(jnp.float32)
+  ent = jnp.where(mask > 0, lax.stop_gradient(ent_BT).astype(jnp.float32), 0.0)
+  return jnp.sum(ent * mask), jnp.sum(mask)
 
 
 def batch_mean_entropy(ent_BT: Array, response_mask_BT: Array) -> Array:
-    """Mean token entropy over all response tokens: H for entropy_granularity='batch'."""
-    total, count = entropy_sum_and_count(ent_BT, response_mask_BT)
-    return total / jnp.maximum(count, 1.0)
+  """Mean token entropy over all response tokens: H for entropy_granularity='batch'."""
+  total, count = entropy_sum_and_count(ent_BT, response_mask_BT)
+  return total / jnp.maximum(count, 1.0)
 
 
 def _weight_entropy(ent_BT, mask_BT, granularity, batch_entropy):
-    """sg(H) in the shape that broadcasts against [B, T] (METHOD.md §2)."""
-    ent_BT = lax.stop_gradient(ent_BT)
-    if granularity == "token":
-        return ent_BT
-    if granularity == "sequence":
-        n_B = jnp.sum(mask_BT, axis=1)
-        return (jnp.sum(ent_BT * mask_BT, axis=1) / jnp.maximum(n_B, 1.0))[:, None]
-    if batch_entropy is None:
-        return batch_mean_entropy(ent_BT, mask_BT)
-    return lax.stop_gradient(jnp.asarray(batch_entropy, jnp.float32))
+  """sg(H) in the shape that broadcasts against [B, T] (METHOD.md §2)."""
+  ent_BT = lax.stop_gradient(ent_BT)
+  if granularity == "token":
+    return ent_BT
+  if granularity == "sequence":
+    n_B = jnp.sum(mask_BT, axis=1)
+    return (jnp.sum(ent_BT * mask_BT, axis=1) / jnp.maximum(n_B, 1.0))[:, None]
+  if batch_entropy is None:
+    return batch_mean_entropy(ent_BT, mask_BT)
+  return lax.stop_gradient(jnp.asarray(batch_entropy, jnp.float32))
 
 
 def _check_batch(logp_BT, ent_BT, batch, cfg):
-    if logp_BT.ndim != 2 or logp_BT.shape != ent_BT.shape:
-        raise ValueError(f"logp and ent must both be [B, T]; got {logp_BT.shape}, {ent_BT.shape}")
-    b, t = logp_BT.shape
-    want = {"response_mask": (b, t), "is_demo": (b,), "rewards": (b,), "advantages": (b,)}
-    if cfg.use_self_rl and cfg.self_rl_form == "advantage":
-        want["old_logp"] = (b, t)
-    if cfg.kl_coef > 0:
-        want["ref_logp"] = (b, t)
-    for key, shape in want.items():
-        if key not in batch:
-            raise ValueError(f"batch[{key!r}] is required for this LossConfig")
-        if tuple(jnp.shape(batch[key])) != shape:
-            raise ValueError(f"batch[{key!r}] has shape {jnp.shape(batch[key])}, expected {shape}")
+  if logp_BT.ndim != 2 or logp_BT.shape != ent_BT.shape:
+    raise ValueError(f"logp and ent must both be [B, T]; got {logp_BT.shape}, {ent_BT.shape}")
+  b, t = logp_BT.shape
+  want = {"response_mask": (b, t), "is_demo": (b,), "rewards": (b,), "advantages": (b,)}
+  if cfg.use_self_rl and cfg.self_rl_form == "advantage":
+    want["old_logp"] = (b, t)
+  if cfg.kl_coef > 0:
+    want["ref_logp"] = (b, t)
+  for key, shape in want.items():
+    if key not in batch:
+      raise ValueError(f"batch[{key!r}] is required for this LossConfig")
+    if tuple(jnp.shape(batch[key])) != shape:
+      raise ValueError(f"batch[{key!r}] has shape {jnp.shape(batch[key])}, expected {shape}")
 
 
 def srft_loss_parts(
-    logp_BT: Array,
-    ent_BT: Array,
-    batch: Mapping[str, Array],
-    cfg: LossConfig,
-    *,
-    batch_entropy: Optional[Array] = None,
+  logp_BT: Array,
+  ent_BT: Array,
+  batch: Mapping[str, Array],
+  cfg: LossConfig,
+  *,
+  batch_entropy: Array | None = None,
 ) -> LossParts:
-    """Numerators and this batch's denominators of every term (METHOD.md §2-§3).
+  """Numerators and this batch's denominators of every term (METHOD.md §2-§3).
 
-    ``batch_entropy``: precomputed global H for ``entropy_granularity="batch"``
-    (micro-batching); None = this batch's own mean.
-    """
-    _check_batch(logp_BT, ent_BT, batch, cfg)
-    mask_BT, demo_BT, roll_BT = _term_masks(batch)
-    valid = mask_BT > 0
-    # Zero the inputs off the response first: garbage there (e.g. -inf
-    # log-probs on padding) can then reach neither the value nor the gradient.
-    logp = jnp.where(valid, logp_BT.astype(jnp.float32), 0.0)
-    ent = jnp.where(valid, ent_BT.astype(jnp.float32), 0.0)
-    adv_B1 = jnp.asarray(batch["advantages"], jnp.float32)[:, None]
-    h = _weight_entropy(ent, mask_BT, cfg.entropy_granularity, batch_entropy)
-    zero = jnp.zeros((), jnp.float32)
-    sums = dict.fromkeys(LOSS_TERMS, zero)
+  ``batch_entropy``: precomputed global H for ``entropy_granularity="batch"``
+  (micro-batching); None = this batch's own mean.
+  """
+  _check_batch(logp_BT, ent_BT, batch, cfg)
+  mask_BT, demo_BT, roll_BT = _term_masks(batch)
+  valid = mask_BT > 0
+  # Zero the inputs off the response first: garbage there (e.g. -inf
+  # log-probs on padding) can then reach neither the value nor the gradient.
+  logp = jnp.where(valid, logp_BT.astype(jnp.float32), 0.0)
+  ent = jnp.where(valid, ent_BT.astype(jnp.float32), 0.0)
+  adv_B1 = jnp.asarray(batch["advantages"], jnp.float32)[:, None]
+  h = _weight_entropy(ent, mask_BT, cfg.entropy_granularity, batch_entropy)
+  zero = jnp.zeros((), jnp.float32)
+  sums = dict.fromkeys(LOSS_TERMS, zero)
 
-    # L_sft_demo, METHOD.md §2 Eq. 8: w_sft * (-log p) on demo tokens.
-    w_sft = {
-        "entropy_neg": lambda: cfg.sft_coef * jnp.exp(-h),
-        "entropy_pos": lambda: cfg.sft_coef * jnp.exp(h),
-        "const": lambda: jnp.full_like(h, cfg.sft_coef),
-    }[cfg.sft_weight]()
-    if cfg.use_sft:
-        sums["sft"] = jnp.sum(demo_BT * w_sft * -logp)
+  # L_sft_demo, METHOD.md §2 Eq. 8: w_sft * (-log p) on demo tokens.
+  w_sft = {
+    "entropy_neg": lambda: cfg.sft_coef * jnp.exp(-h),
+    "entropy_pos": lambda: cfg.sft_coef * jnp.exp(h),
+    "const": lambda: jnp.full_like(h, cfg.sft_coef),
+  }[cfg.sft_weight]()
+  if cfg.use_sft:
+    sums["sft"] = jnp.sum(demo_BT * w_sft * -logp)
 
-    # L_rl_demo, METHOD.md §2 Eq. 9-10: pi_beta = 1, no clip -> -A * p_t,
-    # or LUFFY's policy shaping -A * p_t / (p_t + gamma).
-    if cfg.use_demo_rl:
-        p = jnp.exp(logp)
-        shaped = p if cfg.demo_rl_shaping == "none" else p / (p + cfg.demo_rl_gamma)
-        sums["rl_demo"] = jnp.sum(demo_BT * -adv_B1 * shaped)
+  # L_rl_demo, METHOD.md §2 Eq. 9-10: pi_beta = 1, no clip -> -A * p_t,
+  # or LUFFY's policy shaping -A * p_t / (p_t + gamma).
+  if cfg.use_demo_rl:
+    p = jnp.exp(logp)
+    shaped = p if cfg.demo_rl_shaping == "none" else p / (p + cfg.demo_rl_gamma)
+    sums["rl_demo"] = jnp.sum(demo_BT * -adv_B1 * shaped)
 
-    # L_rl_self, METHOD.md §2 Eq. 11-12.
-    w_rl = jnp.exp(h) * cfg.self_rl_coef if cfg.rl_weight == "entropy_pos" else jnp.full_like(
-        h, cfg.self_rl_coef
-    )
-    ratio = jnp.exp(logp - jnp.where(valid, jnp.asarray(batch.get("old_logp", logp), jnp.float32), 0.0))
-    clipped = jnp.zeros_like(logp)
-    if cfg.self_rl_form == "paper":
-        # Positives (r > 0): w_rl * (-log p); negatives: +log p (weight 1).
-        positive_B1 = (jnp.asarray(batch["rewards"], jnp.float32) > 0)[:, None]
-        per_token = jnp.where(positive_B1, w_rl * -logp, logp)
-    else:
-        # Released code: GRPO -A * ratio (optionally PPO-clipped), rows with
-        # A > 0 scaled by w_rl.
-        positive_B1 = adv_B1 > 0
-        per_token = -adv_B1 * ratio
-        if cfg.clip_eps is not None:
-            clipped_pg = -adv_B1 * jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
-            clipped = (clipped_pg > per_token).astype(jnp.float32)
-            per_token = jnp.maximum(per_token, clipped_pg)
-        per_token = jnp.where(positive_B1, w_rl * per_token, per_token)
-    if cfg.use_self_rl:
-        sums["rl_self"] = jnp.sum(roll_BT * per_token)
+  # L_rl_self, METHOD.md §2 Eq. 11-12.
+  w_rl = (
+    jnp.exp(h) * cfg.self_rl_coef
+    if cfg.rl_weight == "entropy_pos"
+    else jnp.full_like(h, cfg.self_rl_coef)
+  )
+  ratio = jnp.exp(
+    logp - jnp.where(valid, jnp.asarray(batch.get("old_logp", logp), jnp.float32), 0.0)
+  )
+  clipped = jnp.zeros_like(logp)
+  if cfg.self_rl_form == "paper":
+    # Positives (r > 0): w_rl * (-log p); negatives: +log p (weight 1).
+    positive_B1 = (jnp.asarray(batch["rewards"], jnp.float32) > 0)[:, None]
+    per_token = jnp.where(positive_B1, w_rl * -logp, logp)
+  else:
+    # Released code: GRPO -A * ratio (optionally PPO-clipped), rows with
+    # A > 0 scaled by w_rl.
+    positive_B1 = adv_B1 > 0
+    per_token = -adv_B1 * ratio
+    if cfg.clip_eps is not None:
+      clipped_pg = -adv_B1 * jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
+      clipped = (clipped_pg > per_token).astype(jnp.float32)
+      per_token = jnp.maximum(per_token, clipped_pg)
+    per_token = jnp.where(positive_B1, w_rl * per_token, per_token)
+  if cfg.use_self_rl:
+    sums["rl_self"] = jnp.sum(roll_BT * per_token)
 
-    # Entropy bonus (METHOD.md §2): keeps its gradient, unlike H in the weights.
-    if cfg.entropy_bonus > 0:
-        sums["entropy_bonus"] = -cfg.entropy_bonus * jnp.sum(mask_BT * ent)
+  # Entropy bonus (METHOD.md §2): keeps its gradient, unlike H in the weights.
+  if cfg.entropy_bonus > 0:
+    sums["entropy_bonus"] = -cfg.entropy_bonus * jnp.sum(mask_BT * ent)
 
-    # KL to a reference (baselines only): k3 = exp(ref - logp) - (ref - logp) - 1.
-    if cfg.kl_coef > 0:
-        d = jnp.where(valid, jnp.asarray(batch["ref_logp"], jnp.float32), 0.0) - logp
-        sums["kl"] = cfg.kl_coef * jnp.sum(roll_BT * (jnp.exp(d) - d - 1.0))
+  # KL to a reference (baselines only): k3 = exp(ref - logp) - (ref - logp) - 1.
+  if cfg.kl_coef > 0:
+    d = jnp.where(valid, jnp.asarray(batch["ref_logp"], jnp.float32), 0.0) - logp
+    sums["kl"] = cfg.kl_coef * jnp.sum(roll_BT * (jnp.exp(d) - d - 1.0))
 
-    counts = loss_denominators(batch, cfg)
-    # Report a weight only where its term is on (an off term's weight reads 0).
-    w_sft_mask = demo_BT * float(cfg.use_sft)
-    w_rl_mask = roll_BT * positive_B1 * float(cfg.use_self_rl)
-    sg = lax.stop_gradient
-    sums.update(
-        w_sft=sg(jnp.sum(w_sft_mask * w_sft)),
-        w_rl=sg(jnp.sum(w_rl_mask * w_rl)),
-        entropy_demo=sg(jnp.sum(demo_BT * ent)),
-        entropy_rollout=sg(jnp.sum(roll_BT * ent)),
-        ratio=sg(jnp.sum(roll_BT * ratio)),
-        clip_frac=sg(jnp.sum(roll_BT * clipped)),
-    )
-    counts.update(
-        w_sft=jnp.sum(w_sft_mask),
-        w_rl=jnp.sum(w_rl_mask),
-        entropy_demo=jnp.sum(demo_BT),
-        entropy_rollout=jnp.sum(roll_BT),
-        ratio=jnp.sum(roll_BT),
-        clip_frac=jnp.sum(roll_BT),
-    )
-    return LossParts(sums, counts)
+  counts = loss_denominators(batch, cfg)
+  # Report a weight only where its term is on (an off term's weight reads 0).
+  w_sft_mask = demo_BT * float(cfg.use_sft)
+  w_rl_mask = roll_BT * positive_B1 * float(cfg.use_self_rl)
+  sg = lax.stop_gradient
+  sums.update(
+    w_sft=sg(jnp.sum(w_sft_mask * w_sft)),
+    w_rl=sg(jnp.sum(w_rl_mask * w_rl)),
+    entropy_demo=sg(jnp.sum(demo_BT * ent)),
+    entropy_rollout=sg(jnp.sum(roll_BT * ent)),
+    ratio=sg(jnp.sum(roll_BT * ratio)),
+    clip_frac=sg(jnp.sum(roll_BT * clipped)),
+  )
+  counts.update(
+    w_sft=jnp.sum(w_sft_mask),
+    w_rl=jnp.sum(w_rl_mask),
+    entropy_demo=jnp.sum(demo_BT),
+    entropy_rollout=jnp.sum(roll_BT),
+    ratio=jnp.sum(roll_BT),
+    clip_frac=jnp.sum(roll_BT),
+  )
+  return LossParts(sums, counts)
 
 
 def _safe_div(num: Array, den: Array) -> Array:
-    # An empty term (den == 0) has num == 0: report 0, never 0/0.
-    return jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0)
+  # An empty term (den == 0) has num == 0: report 0, never 0/0.
+  return jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0)
 
 
 def combine(parts: LossParts) -> tuple[Array, dict[str, Array]]:
-    """(loss, aux) from parts: loss = sum over LOSS_TERMS of sums / counts."""
-    aux = {k: _safe_div(parts.sums[k], parts.counts[k]) for k in parts.sums}
-    loss = sum(aux[k] for k in LOSS_TERMS)
-    aux["rl"] = aux["rl_demo"] + aux["rl_self"]
-    aux["loss"] = loss
-    aux["n_demo_tokens"] = parts.counts["entropy_demo"]
-    aux["n_rollout_tokens"] = parts.counts["entropy_rollout"]
-    aux = {k: lax.stop_gradient(v) for k, v in aux.items()}
-    return loss, aux
+  """(loss, aux) from parts: loss = sum over LOSS_TERMS of sums / counts."""
+  aux = {k: _safe_div(parts.sums[k], parts.counts[k]) for k in parts.sums}
+  loss = sum(aux[k] for k in LOSS_TERMS)
+  aux["rl"] = aux["rl_demo"] + aux["rl_self"]
+  aux["loss"] = loss
+  aux["n_demo_tokens"] = parts.counts["entropy_demo"]
+  aux["n_rollout_tokens"] = parts.counts["entropy_rollout"]
+  aux = {k: lax.stop_gradient(v) for k, v in aux.items()}
+  return loss, aux
 
 
 def srft_loss(
-    logp_BT: Array,
-    ent_BT: Array,
-    batch: Mapping[str, Array],
-    cfg: LossConfig,
-    *,
-    denominators: Optional[Mapping[str, Array]] = None,
-    batch_entropy: Optional[Array] = None,
+  logp_BT: Array,
+  ent_BT: Array,
+  batch: Mapping[str, Array],
+  cfg: LossConfig,
+  *,
+  denominators: Mapping[str, Array] | None = None,
+  batch_entropy: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """The SRFT loss L_sft_demo + L_rl_demo + L_rl_self (+ bonus, + KL).
+  """The SRFT loss L_sft_demo + L_rl_demo + L_rl_self (+ bonus, + KL).
 
-    batch: ``response_mask`` [B,T], ``is_demo`` [B], ``rewards`` [B],
-    ``advantages`` [B], ``old_logp`` [B,T] (advantage form), ``ref_logp``
-    [B,T] (kl_coef > 0). ``denominators``: ``loss_denominators`` of the full
-    batch when this call is one micro-batch (see the module docstring);
-    ``batch_entropy``: the full batch's mean entropy for granularity 'batch'.
-    Returns ``(loss, aux)``; aux holds each term, mean w_sft / w_rl, mean
-    entropy on demo and rollout tokens, ratio and clip fraction, token counts.
-    """
-    parts = srft_loss_parts(logp_BT, ent_BT, batch, cfg, batch_entropy=batch_entropy)
-    if denominators is not None:
-        counts = dict(parts.counts)
-        counts.update({k: jnp.asarray(denominators[k], jnp.float32) for k in LOSS_TERMS})
-        parts = LossParts(parts.sums, counts)
-    return combine(parts)
+  batch: ``response_mask`` [B,T], ``is_demo`` [B], ``rewards`` [B],
+  ``advantages`` [B], ``old_logp`` [B,T] (advantage form), ``ref_logp``
+  [B,T] (kl_coef > 0). ``denominators``: ``loss_denominators`` of the full
+  batch when this call is one micro-batch (see the module docstring);
+  ``batch_entropy``: the full batch's mean entropy for granularity 'batch'.
+  Returns ``(loss, aux)``; aux holds each term, mean w_sft / w_rl, mean
+  entropy on demo and rollout tokens, ratio and clip fraction, token counts.
+  """
+  parts = srft_loss_parts(logp_BT, ent_BT, batch, cfg, batch_entropy=batch_entropy)
+  if denominators is not None:
+    counts = dict(parts.counts)
+    counts.update({k: jnp.asarray(denominators[k], jnp.float32) for k in LOSS_TERMS})
+    parts = LossParts(parts.sums, counts)
+  return combine(parts)

@@ -51,15 +51,16 @@ DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """How to sample. Frozen and hashable: it is a static argument of the jitted core."""
-  max_new_tokens: int = 256            # R: tokens generated per row (cache = bucket + R)
-  temperature: float = 1.0             # 0 = greedy
-  top_p: float = 1.0                   # nucleus mass in (0, 1]; 1 = off
-  top_k: int = 0                       # keep the k most likely tokens; 0 = off
-  eos_ids: tuple[int, ...] = ()        # a row stops after emitting any of these
-  pad_id: int = 0                      # fills prompt padding and tokens after EOS
+
+  max_new_tokens: int = 256  # R: tokens generated per row (cache = bucket + R)
+  temperature: float = 1.0  # 0 = greedy
+  top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = off
+  top_k: int = 0  # keep the k most likely tokens; 0 = off
+  eos_ids: tuple[int, ...] = ()  # a row stops after emitting any of these
+  pad_id: int = 0  # fills prompt padding and tokens after EOS
   prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS  # allowed padded prompt lengths
-  n: int = 1                           # samples per prompt (rows are repeated n times)
-  cache_dtype: str | None = None       # KV cache dtype; None = the model's compute dtype
+  n: int = 1  # samples per prompt (rows are repeated n times)
+  cache_dtype: str | None = None  # KV cache dtype; None = the model's compute dtype
   # Decode from fused compute-dtype weights built once per call
   # (`Transformer.decode_weights`): fewer, larger matmuls and no per-step cast of
   # float32 master weights, for one compute-dtype copy of the weights in memory.
@@ -73,17 +74,19 @@ class SamplingConfig:
     object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
     object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
     checks = {
-        "max_new_tokens": self.max_new_tokens >= 1,
-        "temperature": math.isfinite(self.temperature) and self.temperature >= 0,
-        "top_p": 0.0 < self.top_p <= 1.0,
-        "top_k": self.top_k >= 0,
-        "eos_ids": all(e >= 0 for e in self.eos_ids),
-        "pad_id": self.pad_id >= 0,
-        "prompt_buckets": (len(self.prompt_buckets) > 0
-                           and all(b > 0 for b in self.prompt_buckets)
-                           and list(self.prompt_buckets) == sorted(set(self.prompt_buckets))),
-        "n": self.n >= 1,
-        "cache_dtype": self.cache_dtype is None or self.cache_dtype in model_lib.DTYPES,
+      "max_new_tokens": self.max_new_tokens >= 1,
+      "temperature": math.isfinite(self.temperature) and self.temperature >= 0,
+      "top_p": 0.0 < self.top_p <= 1.0,
+      "top_k": self.top_k >= 0,
+      "eos_ids": all(e >= 0 for e in self.eos_ids),
+      "pad_id": self.pad_id >= 0,
+      "prompt_buckets": (
+        len(self.prompt_buckets) > 0
+        and all(b > 0 for b in self.prompt_buckets)
+        and list(self.prompt_buckets) == sorted(set(self.prompt_buckets))
+      ),
+      "n": self.n >= 1,
+      "cache_dtype": self.cache_dtype is None or self.cache_dtype in model_lib.DTYPES,
     }
     for name, ok in checks.items():
       if not ok:
@@ -95,23 +98,26 @@ class SamplingConfig:
       if prompt_len <= b:
         return b
     raise ValueError(
-        f"prompt of {prompt_len} tokens is longer than the largest bucket "
-        f"{self.prompt_buckets[-1]} (SamplingConfig.prompt_buckets)")
+      f"prompt of {prompt_len} tokens is longer than the largest bucket "
+      f"{self.prompt_buckets[-1]} (SamplingConfig.prompt_buckets)"
+    )
 
 
 class SampleOutput(NamedTuple):
   """A batch of rollouts. B = prompts x n (rows of one prompt are adjacent)."""
-  tokens: Array         # int32 [B, R]  generated tokens, pad_id after EOS
-  logprobs: Array       # float32 [B, R] log-prob of each token (0 where mask is 0)
-  mask: Array           # int32 [B, R]  1 up to and including the EOS token, 0 after
-  lengths: Array        # int32 [B]     number of generated tokens (mask.sum(-1))
+
+  tokens: Array  # int32 [B, R]  generated tokens, pad_id after EOS
+  logprobs: Array  # float32 [B, R] log-prob of each token (0 where mask is 0)
+  mask: Array  # int32 [B, R]  1 up to and including the EOS token, 0 after
+  lengths: Array  # int32 [B]     number of generated tokens (mask.sum(-1))
   prompt_tokens: Array  # int32 [B, P]  the prompts as fed: left-padded to the bucket
-  prompt_mask: Array    # int32 [B, P]
+  prompt_mask: Array  # int32 [B, P]
 
 
 # ----------------------------------------------------------------------------
 # Token selection
 # ----------------------------------------------------------------------------
+
 
 def _filtered_scores(z_BV: Array, top_k: int, top_p: float) -> tuple[Array, Array | None]:
   """Scores restricted by top-k / top-p: (candidate scores [B, C], their token ids or None).
@@ -171,8 +177,9 @@ def draw_categorical(key: Array, scores_BC: Array, block: int = 128) -> Array:
   return (blk * block + within).astype(jnp.int32)
 
 
-def select_tokens(logits_BV: Array, key: Array, temperature: float, top_k: int,
-                  top_p: float) -> tuple[Array, Array]:
+def select_tokens(
+  logits_BV: Array, key: Array, temperature: float, top_k: int, top_p: float
+) -> tuple[Array, Array]:
   """Draws one token per row. Returns (tokens int32 [B], log-probs float32 [B]).
 
   Log-probs are under the untruncated softmax(logits / temperature), or
@@ -198,10 +205,14 @@ def select_tokens(logits_BV: Array, key: Array, temperature: float, top_k: int,
 # The jitted core
 # ----------------------------------------------------------------------------
 
+
 def _constrain_tree(tree, names_tree, rules):
-  return jax.tree.map(lambda x, n: shd.constrain(x, n, rules), tree, names_tree,
-                      is_leaf=lambda n: isinstance(n, tuple) and all(
-                          isinstance(a, (str, type(None))) for a in n))
+  return jax.tree.map(
+    lambda x, n: shd.constrain(x, n, rules),
+    tree,
+    names_tree,
+    is_leaf=lambda n: isinstance(n, tuple) and all(isinstance(a, (str, type(None))) for a in n),
+  )
 
 
 def _is_eos(tok_B: Array, eos_ids: tuple[int, ...]) -> Array:
@@ -219,8 +230,15 @@ def _weights_kw(model, cfg: SamplingConfig) -> dict[str, Any]:
   return {}
 
 
-def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
-                 cfg: SamplingConfig, cache: dict[str, Any] | None = None):
+def _sample_core(
+  graphdef,
+  state,
+  tokens_BP: Array,
+  mask_BP: Array,
+  rng: Array,
+  cfg: SamplingConfig,
+  cache: dict[str, Any] | None = None,
+):
   """Prefill + while_loop decode. Pure; jitted below as `sample_tokens`."""
   model = nnx.merge(graphdef, state)
   mcfg = model.cfg
@@ -239,8 +257,7 @@ def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
   else:
     # A reused (donated) cache: forget its contents. Stale keys/values stay in
     # slots whose mask is 0, which attention never reads.
-    cache = dict(cache, mask=jnp.zeros_like(cache["mask"]),
-                 index=jnp.zeros_like(cache["index"]))
+    cache = dict(cache, mask=jnp.zeros_like(cache["mask"]), index=jnp.zeros_like(cache["index"]))
   cache = _constrain_tree(cache, cache_names, rules)
 
   wkw = _weights_kw(model, cfg)
@@ -249,41 +266,50 @@ def _sample_core(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
   group = cfg.n if cfg.share_prefill and cfg.n > 1 and b % cfg.n == 0 else 1
   if group > 1:  # once per prompt, into a P-slot cache, then copied to the group's rows
     u_tok, u_mask = tokens_BP[::group], mask_BP[::group]
-    small = _constrain_tree(model_lib.init_cache(mcfg, b // group, p, _cache_dtype(mcfg, cfg)),
-                            cache_names, rules)
-    hidden_bPD, small = model(u_tok, model_lib.positions_from_mask(u_mask), u_mask, cache=small,
-                              return_hidden=True, **wkw)
+    small = _constrain_tree(
+      model_lib.init_cache(mcfg, b // group, p, _cache_dtype(mcfg, cfg)), cache_names, rules
+    )
+    hidden_bPD, small = model(
+      u_tok, model_lib.positions_from_mask(u_mask), u_mask, cache=small, return_hidden=True, **wkw
+    )
     logits_B1V = jnp.repeat(model.logits(hidden_bPD[:, -1:], **wkw), group, axis=0)
     small = model_lib.repeat_cache_rows(small, group)
     put = lambda big, new: jax.lax.dynamic_update_slice(big, new, (0,) * big.ndim)  # noqa: E731
-    cache = {"k": tuple(map(put, cache["k"], small["k"])),
-             "v": tuple(map(put, cache["v"], small["v"])),
-             "mask": put(cache["mask"], small["mask"]), "index": small["index"]}
+    cache = {
+      "k": tuple(map(put, cache["k"], small["k"])),
+      "v": tuple(map(put, cache["v"], small["v"])),
+      "mask": put(cache["mask"], small["mask"]),
+      "index": small["index"],
+    }
     cache = _constrain_tree(cache, cache_names, rules)
   else:
     positions_BP = model_lib.positions_from_mask(mask_BP)
-    hidden_BPD, cache = model(tokens_BP, positions_BP, mask_BP, cache=cache, return_hidden=True,
-                              **wkw)
+    hidden_BPD, cache = model(
+      tokens_BP, positions_BP, mask_BP, cache=cache, return_hidden=True, **wkw
+    )
     logits_B1V = model.logits(hidden_BPD[:, -1:], **wkw)
   next_pos_B = jnp.sum(mask_BP, axis=-1).astype(jnp.int32)  # position of token 0
 
-  tok0, logp0 = select_tokens(logits_B1V[:, 0], jax.random.fold_in(rng, 0),
-                              cfg.temperature, cfg.top_k, cfg.top_p)
-  out_tok_BR, out_logp_BR, out_mask_BR, cache = _decode_loop(model, wkw, cache, tok0, logp0,
-                                                             next_pos_B, rng, cfg)
+  tok0, logp0 = select_tokens(
+    logits_B1V[:, 0], jax.random.fold_in(rng, 0), cfg.temperature, cfg.top_k, cfg.top_p
+  )
+  out_tok_BR, out_logp_BR, out_mask_BR, cache = _decode_loop(
+    model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg
+  )
   out = SampleOutput(
-      tokens=shd.constrain(out_tok_BR, batch_names, rules),
-      logprobs=shd.constrain(out_logp_BR, batch_names, rules),
-      mask=shd.constrain(out_mask_BR, batch_names, rules),
-      lengths=shd.constrain(jnp.sum(out_mask_BR, axis=-1), ("batch",), rules),
-      prompt_tokens=tokens_BP,
-      prompt_mask=mask_BP,
+    tokens=shd.constrain(out_tok_BR, batch_names, rules),
+    logprobs=shd.constrain(out_logp_BR, batch_names, rules),
+    mask=shd.constrain(out_mask_BR, batch_names, rules),
+    lengths=shd.constrain(jnp.sum(out_mask_BR, axis=-1), ("batch",), rules),
+    prompt_tokens=tokens_BP,
+    prompt_mask=mask_BP,
   )
   return out, cache
 
 
-def _decode_loop(model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg: SamplingConfig,
-                 done_B=None, key_offset=0):
+def _decode_loop(
+  model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg: SamplingConfig, done_B=None, key_offset=0
+):
   """Tokens 1 .. R-1 after the drawn token 0 (position next_pos_B), in one
   while_loop over the cache: (tokens, log-probs, mask [B, R], final cache).
   Rows in `done_B` (default: token 0 is an EOS) only pad; token j is drawn
@@ -309,8 +335,13 @@ def _decode_loop(model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg: SamplingC
     pos = (next_pos_B + step - 1)[:, None]
     logits_B1V, cache = model(last_tok[:, None], pos, live[:, None], cache=cache, **dkw)
     cache = _constrain_tree(cache, cache_names, rules)
-    tok, logp = select_tokens(logits_B1V[:, 0], jax.random.fold_in(rng, step + key_offset),
-                              cfg.temperature, cfg.top_k, cfg.top_p)
+    tok, logp = select_tokens(
+      logits_B1V[:, 0],
+      jax.random.fold_in(rng, step + key_offset),
+      cfg.temperature,
+      cfg.top_k,
+      cfg.top_p,
+    )
     tok = jnp.where(done, cfg.pad_id, tok)
     logp = jnp.where(done, 0.0, logp)
     col = (0, step)
@@ -325,17 +356,23 @@ def _decode_loop(model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg: SamplingC
   return out_tok_BR, out_logp_BR, out_mask_BR, cache
 
 
-def _decode_core(graphdef, state, cache, last_tok_B, next_pos_B, rng, cfg, done_B=None,
-                 drawn=None):
+def _decode_core(graphdef, state, cache, last_tok_B, next_pos_B, rng, cfg, done_B=None, drawn=None):
   model = nnx.merge(graphdef, state)
   last_tok_B = last_tok_B.astype(jnp.int32)
   if done_B is None:
     done_B = _is_eos(last_tok_B, cfg.eos_ids)
-  tok, logp, mask, cache = _decode_loop(model, _weights_kw(model, cfg), cache, last_tok_B,
-                                        jnp.zeros(last_tok_B.shape, f32),
-                                        next_pos_B.astype(jnp.int32), rng, cfg,
-                                        done_B=done_B.astype(bool),
-                                        key_offset=0 if drawn is None else drawn - 1)
+  tok, logp, mask, cache = _decode_loop(
+    model,
+    _weights_kw(model, cfg),
+    cache,
+    last_tok_B,
+    jnp.zeros(last_tok_B.shape, f32),
+    next_pos_B.astype(jnp.int32),
+    rng,
+    cfg,
+    done_B=done_B.astype(bool),
+    key_offset=0 if drawn is None else drawn - 1,
+  )
   return tok[:, 1:], logp[:, 1:], mask[:, 1:], cache
 
 
@@ -363,13 +400,18 @@ def _counted_core(graphdef, state, tokens_BP, mask_BP, rng, cfg, cache):
 
 
 # The jitted core; `sample_tokens` calls it (tests and tools lower it directly).
-sample_jit = jax.jit(_counted_core, static_argnames=("graphdef", "cfg"),
-                     donate_argnames=("cache",))
+sample_jit = jax.jit(_counted_core, static_argnames=("graphdef", "cfg"), donate_argnames=("cache",))
 
 
-def sample_tokens(graphdef, state, tokens_BP: Array, mask_BP: Array, rng: Array,
-                  cfg: SamplingConfig, cache: dict[str, Any] | None = None
-                  ) -> tuple[SampleOutput, dict[str, Any]]:
+def sample_tokens(
+  graphdef,
+  state,
+  tokens_BP: Array,
+  mask_BP: Array,
+  rng: Array,
+  cfg: SamplingConfig,
+  cache: dict[str, Any] | None = None,
+) -> tuple[SampleOutput, dict[str, Any]]:
   """The jitted sampler core, for JAX callers: returns (SampleOutput, final cache).
 
   `tokens_BP`/`mask_BP` are already left-padded (every row's last column
@@ -392,31 +434,39 @@ def cache_shardings(mcfg: model_lib.ModelConfig, mesh, batch: int, length: int):
   shapes = jax.eval_shape(lambda: model_lib.init_cache(mcfg, batch, length))
   names = model_lib.cache_logical_axes(mcfg)
   return jax.tree.map(
-      lambda s, n: shd.named_sharding(mesh, n, mcfg.rules, s.shape), shapes, names,
-      is_leaf=lambda n: isinstance(n, tuple) and all(isinstance(a, (str, type(None))) for a in n))
+    lambda s, n: shd.named_sharding(mesh, n, mcfg.rules, s.shape),
+    shapes,
+    names,
+    is_leaf=lambda n: isinstance(n, tuple) and all(isinstance(a, (str, type(None))) for a in n),
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_maker(mcfg, batch, length, dtype_name, mesh):
   dtype = model_lib.DTYPES[dtype_name] if dtype_name else None
   out_shardings = None if mesh is None else cache_shardings(mcfg, mesh, batch, length)
-  return jax.jit(lambda: model_lib.init_cache(mcfg, batch, length, dtype),
-                 out_shardings=out_shardings)
+  return jax.jit(
+    lambda: model_lib.init_cache(mcfg, batch, length, dtype), out_shardings=out_shardings
+  )
 
 
-def make_cache(mcfg: model_lib.ModelConfig, batch: int, bucket: int, cfg: SamplingConfig,
-               mesh=None) -> dict[str, Any]:
+def make_cache(
+  mcfg: model_lib.ModelConfig, batch: int, bucket: int, cfg: SamplingConfig, mesh=None
+) -> dict[str, Any]:
   """An empty cache of `bucket + max_new_tokens` slots, created in its sharded layout."""
-  return _cache_maker(mcfg, batch, bucket + cfg.max_new_tokens,
-                      cfg.cache_dtype or mcfg.dtype, mesh)()
+  return _cache_maker(
+    mcfg, batch, bucket + cfg.max_new_tokens, cfg.cache_dtype or mcfg.dtype, mesh
+  )()
 
 
 # ----------------------------------------------------------------------------
 # Host-side wrapper
 # ----------------------------------------------------------------------------
 
-def prepare_prompts(prompt_tokens_BT, prompt_mask_BT, cfg: SamplingConfig,
-                    vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+
+def prepare_prompts(
+  prompt_tokens_BT, prompt_mask_BT, cfg: SamplingConfig, vocab_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Validates left-padded prompts and re-pads them on the left to their bucket.
 
   Returns numpy int32 (tokens [B, P], mask [B, P]), P = the bucket of the
@@ -436,15 +486,17 @@ def prepare_prompts(prompt_tokens_BT, prompt_mask_BT, cfg: SamplingConfig,
     raise ValueError(f"empty prompt in rows {np.flatnonzero(lens == 0).tolist()}")
   if np.any(np.diff(mask, axis=-1) < 0):
     raise ValueError("prompts must be left-padded (mask 0...0 1...1 in every row)")
-  if vocab_size is not None and (tokens[mask > 0].min() < 0 or tokens[mask > 0].max() >= vocab_size):
+  if vocab_size is not None and (
+    tokens[mask > 0].min() < 0 or tokens[mask > 0].max() >= vocab_size
+  ):
     raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
   longest = int(lens.max())
   bucket = cfg.bucket_for(longest)
   b = tokens.shape[0]
   out_tok = np.full((b, bucket), cfg.pad_id, np.int32)
   out_mask = np.zeros((b, bucket), np.int32)
-  out_tok[:, bucket - longest:] = tokens[:, -longest:]
-  out_mask[:, bucket - longest:] = mask[:, -longest:]
+  out_tok[:, bucket - longest :] = tokens[:, -longest:]
+  out_mask[:, bucket - longest :] = mask[:, -longest:]
   out_tok = np.where(out_mask > 0, out_tok, cfg.pad_id).astype(np.int32)
   return out_tok, out_mask
 
@@ -453,15 +505,23 @@ def check_request(mcfg: model_lib.ModelConfig, cfg: SamplingConfig, longest_prom
   """Errors that depend on the model: window, token ids."""
   if longest_prompt + cfg.max_new_tokens > mcfg.max_seq_len:
     raise ValueError(
-        f"SamplingConfig.max_new_tokens: prompt of {longest_prompt} tokens + "
-        f"{cfg.max_new_tokens} new tokens exceeds the model window {mcfg.max_seq_len}")
+      f"SamplingConfig.max_new_tokens: prompt of {longest_prompt} tokens + "
+      f"{cfg.max_new_tokens} new tokens exceeds the model window {mcfg.max_seq_len}"
+    )
   for name, ids in (("eos_ids", cfg.eos_ids), ("pad_id", (cfg.pad_id,))):
     if any(i >= mcfg.vocab_size for i in ids):
       raise ValueError(f"SamplingConfig.{name}: {ids} outside the vocabulary ({mcfg.vocab_size})")
 
 
-def sample(model: model_lib.Transformer, prompt_tokens_BT, prompt_mask_BT, rng: Array,
-           cfg: SamplingConfig, *, mesh=None) -> SampleOutput:
+def sample(
+  model: model_lib.Transformer,
+  prompt_tokens_BT,
+  prompt_mask_BT,
+  rng: Array,
+  cfg: SamplingConfig,
+  *,
+  mesh=None,
+) -> SampleOutput:
   """Samples `cfg.n` continuations of each left-padded prompt.
 
   Output rows are grouped by prompt: rows i*n .. i*n+n-1 continue prompt i.

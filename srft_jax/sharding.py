@@ -22,26 +22,28 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # logical name -> mesh axes (None = replicated). Order of preference matters:
 # an axis already used by an earlier dimension of the same array is skipped.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("cache_length", None),
-    ("act_embed", None),
-    ("act_mlp", "tensor"),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("vocab", "tensor"),
-    ("norm", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("cache_length", None),
+  ("act_embed", None),
+  ("act_mlp", "tensor"),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("vocab", "tensor"),
+  ("norm", None),
 )
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+  shape: Mapping[str, int] | Sequence[int] | None = None,
+  devices: Sequence[jax.Device] | None = None,
+) -> jax.sharding.Mesh:
   """Builds a (data, fsdp, tensor) mesh with Auto axes (classic GSPMD).
 
   `shape` maps axis -> size; one size may be -1 (fills the remaining devices).
@@ -68,8 +70,9 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ValueError(
-        f"mesh: axes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
-        f"have {len(devices)}")
+      f"mesh: axes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
+      f"have {len(devices)}"
+    )
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   try:
     dev_array = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
@@ -89,8 +92,9 @@ def _rules_dict(rules) -> dict[str, tuple[str, ...]]:
   return out
 
 
-def logical_to_spec(names: Sequence[str | None], rules=None, mesh=None,
-                    shape: Sequence[int] | None = None) -> PartitionSpec:
+def logical_to_spec(
+  names: Sequence[str | None], rules=None, mesh=None, shape: Sequence[int] | None = None
+) -> PartitionSpec:
   """Maps logical axis names to a PartitionSpec.
 
   Mesh axes absent from `mesh` (or of size 1), already used by an earlier
@@ -145,12 +149,14 @@ def _is_variable(x) -> bool:
 
 def state_shardings(state, mesh, rules=None) -> Any:
   """NamedSharding for every variable of an (abstract) NNX state (same tree)."""
+
   def one(v):
     names = v.get_metadata().get("logical_axes")
     shape = tuple(v.get_value().shape)
     if names is None:
       names = (None,) * len(shape)
     return v.replace(named_sharding(mesh, names, rules, shape))
+
   return jax.tree.map(one, state, is_leaf=_is_variable)
 
 

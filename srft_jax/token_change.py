@@ -14,20 +14,21 @@ the batch the study uses.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-THRESHOLD = 0.1   # |p_tuned - p_base| above this counts as "moved"
+THRESHOLD = 0.1  # |p_tuned - p_base| above this counts as "moved"
 QUARTILES = 4
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _probs_and_entropy(graphdef, params, tokens_BT, mask_BT):
   from srft_jax import train
+
   logp, ent = train.sequence_logprobs(graphdef, params, tokens_BT, mask_BT)
   return jnp.exp(logp), ent
 
@@ -36,8 +37,9 @@ def token_probs(model, tokens_BT, mask_BT) -> tuple[np.ndarray, np.ndarray]:
   """(p of each next token, full-vocabulary entropy), both float32 [B, T-1],
   teacher forced (the trainer's own log-prob path, temperature 1)."""
   graphdef, params = nnx.split(model)
-  p, ent = _probs_and_entropy(graphdef, params, jnp.asarray(tokens_BT, jnp.int32),
-                              jnp.asarray(mask_BT, jnp.int32))
+  p, ent = _probs_and_entropy(
+    graphdef, params, jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(mask_BT, jnp.int32)
+  )
   return np.asarray(jax.device_get(p)), np.asarray(jax.device_get(ent))
 
 
@@ -66,20 +68,21 @@ def change_fractions(p_base_N, p_tuned_N, ent_base_N, *, threshold: float = THRE
   moved_q = np.array([(moved & (q == i)).sum() for i in range(QUARTILES)])
   n_moved = int(moved.sum())
   return {
-      "n_tokens": int(p0.size),
-      "n_moved": n_moved,
-      "moved_frac": float(n_moved / max(p0.size, 1)),
-      "moved_frac_by_quartile": [float(m / n) if n else float("nan") for m, n in zip(moved_q, n_q)],
-      "moved_share_by_quartile": [float(m / n_moved) if n_moved else float("nan") for m in moved_q],
-      "tokens_by_quartile": n_q.tolist(),
-      "entropy_edges": [float(e) for e in edges],
-      "mean_abs_dp": float(dp.mean()) if dp.size else float("nan"),
-      "threshold": threshold,
+    "n_tokens": int(p0.size),
+    "n_moved": n_moved,
+    "moved_frac": float(n_moved / max(p0.size, 1)),
+    "moved_frac_by_quartile": [float(m / n) if n else float("nan") for m, n in zip(moved_q, n_q)],
+    "moved_share_by_quartile": [float(m / n_moved) if n_moved else float("nan") for m in moved_q],
+    "tokens_by_quartile": n_q.tolist(),
+    "entropy_edges": [float(e) for e in edges],
+    "mean_abs_dp": float(dp.mean()) if dp.size else float("nan"),
+    "threshold": threshold,
   }
 
 
-def token_change(base_model, tuned_model, tokens_BT, mask_BT, response_mask_BT, *,
-                 threshold: float = THRESHOLD) -> dict:
+def token_change(
+  base_model, tuned_model, tokens_BT, mask_BT, response_mask_BT, *, threshold: float = THRESHOLD
+) -> dict:
   """`change_fractions` of the response tokens of a teacher-forced batch.
 
   tokens_BT / mask_BT: prompt + response rows (right padded); response_mask_BT
@@ -92,11 +95,13 @@ def token_change(base_model, tuned_model, tokens_BT, mask_BT, response_mask_BT, 
   return change_fractions(p0[sel], p1[sel], h0[sel], threshold=threshold)
 
 
-def demo_batch(tokenizer, rows: Sequence[dict], *, template: str = "plain"
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def demo_batch(
+  tokenizer, rows: Sequence[dict], *, template: str = "plain"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(tokens, mask, response_mask) [B, T] of prompt + demonstration + EOS rows,
   the same rendering as the trainer's probe (train.make_eval_hook)."""
   from srft_jax.tokenizer import render_prompt
+
   prompts = [tokenizer.encode(render_prompt(r["prompt"], template=template)) for r in rows]
   demos = [tokenizer.encode(r["target"]) + [tokenizer.eos_id] for r in rows]
   width = max(len(p) + len(d) for p, d in zip(prompts, demos))
@@ -104,7 +109,7 @@ def demo_batch(tokenizer, rows: Sequence[dict], *, template: str = "plain"
   mask = np.zeros_like(tokens)
   resp = np.zeros_like(tokens)
   for i, (p, d) in enumerate(zip(prompts, demos)):
-    tokens[i, :len(p) + len(d)] = p + d
-    mask[i, :len(p) + len(d)] = 1
-    resp[i, len(p):len(p) + len(d)] = 1
+    tokens[i, : len(p) + len(d)] = p + d
+    mask[i, : len(p) + len(d)] = 1
+    resp[i, len(p) : len(p) + len(d)] = 1
   return tokens, mask, resp

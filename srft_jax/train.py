@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -39,14 +38,16 @@ Array = jax.Array
 # Static configuration of the jitted pieces (built once from the ConfigDict).
 # ----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Everything the jitted train step needs; hashable, never a ConfigDict."""
+
   loss: obj.LossConfig
-  minibatches: int = 1          # optimizer updates per rollout batch (paper: 2)
-  microbatches: int = 1         # gradient-accumulation chunks per update
-  temperature: float = 1.0      # log-probs / entropy of softmax(logits / T)
-  logit_chunk: int = 1024       # rows of [T, V] logits computed at a time
+  minibatches: int = 1  # optimizer updates per rollout batch (paper: 2)
+  microbatches: int = 1  # gradient-accumulation chunks per update
+  temperature: float = 1.0  # log-probs / entropy of softmax(logits / T)
+  logit_chunk: int = 1024  # rows of [T, V] logits computed at a time
   # > 0: rows are [prompt | response of this many tokens] (assemble_batch), so
   # log-probs/entropy are computed for the response's target columns only and
   # the prompt's LM-head work is skipped (its columns get 0; the loss masks them).
@@ -66,6 +67,7 @@ class GroupLayout:
   uses a demo's advantage (`sft_plus_rl`: GRPO's advantages over its rollouts
   alone, beside plain SFT); demo rows then get advantage 0.
   """
+
   n_rollouts: int
   n_demos: int
   demos_in_group: bool = True
@@ -78,9 +80,19 @@ class GroupLayout:
 SCHEDULES = ("constant", "linear", "cosine")
 
 
-def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: str = "constant",
-                   weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, clip_norm: float | None = 1.0, updates_per_step: int = 1):
+def make_optimizer(
+  lr: float,
+  *,
+  steps: int,
+  warmup_steps: int = 0,
+  schedule: str = "constant",
+  weight_decay: float = 0.01,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  clip_norm: float | None = 1.0,
+  updates_per_step: int = 1,
+):
   """AdamW with global-norm clipping (METHOD.md §5) and the learning-rate schedule.
 
   The schedule is in training steps (`steps`, `warmup_steps`); a step makes
@@ -95,8 +107,11 @@ def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: st
     decay = optax.cosine_decay_schedule(lr, max(steps - warmup_steps, 1))
   else:
     raise ValueError(f"optim.schedule: unknown schedule {schedule!r}")
-  sched = decay if warmup_steps <= 0 else optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
+  sched = (
+    decay
+    if warmup_steps <= 0
+    else optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
+  )
   per_update = sched if updates_per_step == 1 else (lambda count: sched(count // updates_per_step))
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
   parts.append(optax.adamw(per_update, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
@@ -107,8 +122,18 @@ def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: st
 # Pure functions: log-probs, batch assembly, the train step.
 # ----------------------------------------------------------------------------
 
-def sequence_logprobs(graphdef, params, tokens_BT, mask_BT, *, temperature=1.0, chunk=1024,
-                      last: int = 0, group: int = 0):
+
+def sequence_logprobs(
+  graphdef,
+  params,
+  tokens_BT,
+  mask_BT,
+  *,
+  temperature=1.0,
+  chunk=1024,
+  last: int = 0,
+  group: int = 0,
+):
   """Teacher-forced log-prob of each next token and the full-vocab entropy, [B, T-1].
 
   Logits are computed in chunks from the final hidden states, so [B, T, V]
@@ -123,8 +148,9 @@ def sequence_logprobs(graphdef, params, tokens_BT, mask_BT, *, temperature=1.0, 
   first = t - 1 - last if 0 < last < t else 0
   if first and group > 1:
     p = first + 1
-    hp, hr = model.forward_shared_prefix(tokens_BT[::group, :p], mask_BT[::group, :p],
-                                         tokens_BT[:, p:], mask_BT[:, p:])
+    hp, hr = model.forward_shared_prefix(
+      tokens_BT[::group, :p], mask_BT[::group, :p], tokens_BT[:, p:], mask_BT[:, p:]
+    )
     # Response token 0 is predicted from the prompt's last position (shared).
     hidden = jnp.concatenate([jnp.repeat(hp[:, -1:], group, axis=0), hr[:, :-1]], axis=1)
   else:
@@ -132,17 +158,28 @@ def sequence_logprobs(graphdef, params, tokens_BT, mask_BT, *, temperature=1.0, 
     hidden, _ = model(tokens_BT, positions, mask_BT, return_hidden=True)
     hidden = hidden[:, first:-1]
   logp, ent = obj.chunked_logprobs_and_entropy(
-      hidden, model.unembed(), tokens_BT[:, first + 1:], temperature=temperature,
-      chunk_size=chunk)
+    hidden, model.unembed(), tokens_BT[:, first + 1 :], temperature=temperature, chunk_size=chunk
+  )
   if first:
     pad = ((0, 0), (first, 0))
     logp, ent = jnp.pad(logp, pad), jnp.pad(ent, pad)
   return logp, ent
 
 
-def assemble_batch(prompt_tokens_bP, prompt_mask_bP, roll_tokens, roll_mask, roll_logp,
-                   demo_tokens_bR, demo_mask_bR, rewards, *, layout: GroupLayout,
-                   adv_normalize_std: bool = True, adv_eps: float = 1e-6) -> dict[str, Array]:
+def assemble_batch(
+  prompt_tokens_bP,
+  prompt_mask_bP,
+  roll_tokens,
+  roll_mask,
+  roll_logp,
+  demo_tokens_bR,
+  demo_mask_bR,
+  rewards,
+  *,
+  layout: GroupLayout,
+  adv_normalize_std: bool = True,
+  adv_eps: float = 1e-6,
+) -> dict[str, Array]:
   """Packs rollouts and demonstrations into one [b*g, P+R] training batch.
 
   Rows are prompt-major: prompt i owns rows [i*g, (i+1)*g), its n rollouts
@@ -176,11 +213,18 @@ def assemble_batch(prompt_tokens_bP, prompt_mask_bP, roll_tokens, roll_mask, rol
   if d and not layout.demos_in_group:  # each demo row alone: advantage 0
     group_ids = jnp.where(is_demo, b + jnp.arange(b * g), group_ids)
   rewards = rewards.astype(jnp.float32)
-  advantages = obj.group_advantages(rewards, group_ids, normalize_std=adv_normalize_std,
-                                    eps=adv_eps)
-  return {"tokens": tokens, "mask": mask, "response_mask": response_mask,
-          "old_logp": old_logp * response_mask, "is_demo": is_demo, "rewards": rewards,
-          "advantages": advantages}
+  advantages = obj.group_advantages(
+    rewards, group_ids, normalize_std=adv_normalize_std, eps=adv_eps
+  )
+  return {
+    "tokens": tokens,
+    "mask": mask,
+    "response_mask": response_mask,
+    "old_logp": old_logp * response_mask,
+    "is_demo": is_demo,
+    "rewards": rewards,
+    "advantages": advantages,
+  }
 
 
 def _split(tree, n: int):
@@ -196,11 +240,19 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
   loss_cfg = cfg.loss
 
   def loss_fn(params, mb, denominators, batch_entropy):
-    logp, ent = sequence_logprobs(graphdef, params, mb["tokens"], mb["mask"],
-                                  temperature=cfg.temperature, chunk=cfg.logit_chunk,
-                                  last=cfg.response_len, group=cfg.group)
-    return obj.srft_loss(logp, ent, mb, loss_cfg, denominators=denominators,
-                         batch_entropy=batch_entropy)
+    logp, ent = sequence_logprobs(
+      graphdef,
+      params,
+      mb["tokens"],
+      mb["mask"],
+      temperature=cfg.temperature,
+      chunk=cfg.logit_chunk,
+      last=cfg.response_len,
+      group=cfg.group,
+    )
+    return obj.srft_loss(
+      logp, ent, mb, loss_cfg, denominators=denominators, batch_entropy=batch_entropy
+    )
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -211,12 +263,21 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
     # With one micro-batch the loss's own forward sees the whole mini-batch and
     # computes H itself (batch_entropy=None): no extra forward pass.
     if loss_cfg.entropy_granularity == "batch" and cfg.microbatches > 1:
+
       def ent_sums(carry, mb):
-        _, ent = sequence_logprobs(graphdef, state["params"], mb["tokens"], mb["mask"],
-                                   temperature=cfg.temperature, chunk=cfg.logit_chunk,
-                                   last=cfg.response_len, group=cfg.group)
+        _, ent = sequence_logprobs(
+          graphdef,
+          state["params"],
+          mb["tokens"],
+          mb["mask"],
+          temperature=cfg.temperature,
+          chunk=cfg.logit_chunk,
+          last=cfg.response_len,
+          group=cfg.group,
+        )
         s, c = obj.entropy_sum_and_count(ent, mb["response_mask"])
         return (carry[0] + s, carry[1] + c), None
+
       (s, c), _ = jax.lax.scan(ent_sums, (0.0, 0.0), micro)
       batch_entropy = jax.lax.stop_gradient(s / jnp.maximum(c, 1.0))
 
@@ -234,11 +295,11 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
     params = optax.apply_updates(state["params"], updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
     new_state = {
-        "params": keep(params, state["params"]),
-        "opt_state": keep(opt_state, state["opt_state"]),
-        "step": state["step"],
-        "nonfinite_total": state["nonfinite_total"] + (~ok).astype(jnp.int32),
-        "nonfinite_streak": jnp.where(ok, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
+      "params": keep(params, state["params"]),
+      "opt_state": keep(opt_state, state["opt_state"]),
+      "step": state["step"],
+      "nonfinite_total": state["nonfinite_total"] + (~ok).astype(jnp.int32),
+      "nonfinite_streak": jnp.where(ok, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
     }
     metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
     return new_state, metrics
@@ -253,9 +314,13 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
 
 
 def init_train_state(params, tx) -> dict:
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-          "nonfinite_total": jnp.zeros((), jnp.int32),
-          "nonfinite_streak": jnp.zeros((), jnp.int32)}
+  return {
+    "params": params,
+    "opt_state": tx.init(params),
+    "step": jnp.zeros((), jnp.int32),
+    "nonfinite_total": jnp.zeros((), jnp.int32),
+    "nonfinite_streak": jnp.zeros((), jnp.int32),
+  }
 
 
 def state_shardings(state, mesh, rules):
@@ -274,22 +339,29 @@ def state_shardings(state, mesh, rules):
     return by_shape.get((x.shape, str(x.dtype)), replicated) if x.ndim else replicated
 
   return {
-      "params": param_sh,
-      "opt_state": jax.tree.map(opt_leaf, state["opt_state"]),
-      "step": replicated, "nonfinite_total": replicated, "nonfinite_streak": replicated,
+    "params": param_sh,
+    "opt_state": jax.tree.map(opt_leaf, state["opt_state"]),
+    "step": replicated,
+    "nonfinite_total": replicated,
+    "nonfinite_streak": replicated,
   }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_step(graphdef, tx, cfg: StepConfig, state_sh, batch_sh):
   fn = functools.partial(train_step, graphdef, tx, cfg)
-  return jax.jit(fn, in_shardings=(state_sh.tree, batch_sh.tree),
-                 out_shardings=(state_sh.tree, None), donate_argnums=(0,))
+  return jax.jit(
+    fn,
+    in_shardings=(state_sh.tree, batch_sh.tree),
+    out_shardings=(state_sh.tree, None),
+    donate_argnums=(0,),
+  )
 
 
 # ----------------------------------------------------------------------------
 # Host side: config -> data, model, sampler, scorer; the loop.
 # ----------------------------------------------------------------------------
+
 
 def parse_stages(stages: str, steps: int, default_method: str) -> list[tuple[str, int]]:
   """'sft:40,grpo:60' -> [('sft', 40), ('grpo', 60)]; '' -> [(method, steps)].
@@ -344,6 +416,7 @@ def sync_processes(name: str) -> None:
   """Every process waits here for all the others (no-op with one process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -360,6 +433,7 @@ def gather_all(x: Array) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -369,6 +443,7 @@ def allgather_rows(local: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return local
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
@@ -385,7 +460,7 @@ def loss_config(name: str, overrides: dict | None, max_response_len: int) -> obj
 @dataclasses.dataclass
 class Stage:
   name: str
-  start: int            # first global step of this stage
+  start: int  # first global step of this stage
   steps: int
   loss: obj.LossConfig
   layout: GroupLayout
@@ -396,6 +471,7 @@ class Trainer:
 
   def __init__(self, model, *, config, tokenizer, scorer, mesh, rules=None):
     from srft_jax import sampler as sampler_lib
+
     self.config = config
     self.tokenizer = tokenizer
     self.scorer = scorer
@@ -414,18 +490,24 @@ class Trainer:
     overrides = dict(c.loss) if not c.stages else None
     for name, n in parse_stages(c.stages, c.steps, c.method):
       lc = loss_config(name, overrides, c.data.max_response_len)
-      out.append(Stage(name, start, n, lc, stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)))
+      out.append(
+        Stage(name, start, n, lc, stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos))
+      )
       start += n
     return out
 
   def _build_stage(self, stage: Stage, *, fresh_optimizer: bool):
     c = self.config
     self.tx, self.schedule = self._make_tx(stage)
-    self.step_cfg = StepConfig(loss=stage.loss, minibatches=c.batch.minibatches,
-                               microbatches=c.batch.microbatches,
-                               temperature=c.rollout.temperature, logit_chunk=c.logit_chunk,
-                               response_len=c.data.max_response_len,
-                               group=stage.layout.size if c.get("shared_prefix") else 0)
+    self.step_cfg = StepConfig(
+      loss=stage.loss,
+      minibatches=c.batch.minibatches,
+      microbatches=c.batch.microbatches,
+      temperature=c.rollout.temperature,
+      logit_chunk=c.logit_chunk,
+      response_len=c.data.max_response_len,
+      group=stage.layout.size if c.get("shared_prefix") else 0,
+    )
     if fresh_optimizer or self.state is None:
       params = self.params if self.state is None else self.state["params"]
       state = init_train_state(params, self.tx)
@@ -437,9 +519,17 @@ class Trainer:
   def _make_tx(self, stage: Stage):
     o = self.config.optim
     return make_optimizer(
-        o.lr, steps=stage.steps, warmup_steps=o.warmup_steps, schedule=o.schedule,
-        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm or None,
-        updates_per_step=self.config.batch.minibatches)
+      o.lr,
+      steps=stage.steps,
+      warmup_steps=o.warmup_steps,
+      schedule=o.schedule,
+      weight_decay=o.weight_decay,
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      clip_norm=o.clip_norm or None,
+      updates_per_step=self.config.batch.minibatches,
+    )
 
   def _place_state(self, state):
     self.state_sh = state_shardings(state, self.mesh, self.rules)
@@ -453,18 +543,27 @@ class Trainer:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, sh)
 
   def step_fn(self, batch):
-    batch_sh = {k: shd.batch_sharding(self.mesh, v.ndim, self.rules, v.shape) for k, v in batch.items()}
-    return _jitted_step(self.graphdef, self.tx, self.step_cfg,
-                        _freeze(self.state_sh), _freeze(batch_sh))
+    batch_sh = {
+      k: shd.batch_sharding(self.mesh, v.ndim, self.rules, v.shape) for k, v in batch.items()
+    }
+    return _jitted_step(
+      self.graphdef, self.tx, self.step_cfg, _freeze(self.state_sh), _freeze(batch_sh)
+    )
 
   # -- one step -----------------------------------------------------------------
   def sampling_config(self, n: int, *, temperature=None, greedy=False):
     c = self.config
     t = 0.0 if greedy else (c.rollout.temperature if temperature is None else temperature)
     return self.sampler_lib.SamplingConfig(
-        max_new_tokens=c.data.max_response_len, temperature=t, top_p=c.rollout.top_p,
-        top_k=c.rollout.top_k, eos_ids=tuple(self.tokenizer.stop_ids),
-        pad_id=self.tokenizer.pad_id, prompt_buckets=tuple(c.data.prompt_buckets), n=n)
+      max_new_tokens=c.data.max_response_len,
+      temperature=t,
+      top_p=c.rollout.top_p,
+      top_k=c.rollout.top_k,
+      eos_ids=tuple(self.tokenizer.stop_ids),
+      pad_id=self.tokenizer.pad_id,
+      prompt_buckets=tuple(c.data.prompt_buckets),
+      n=n,
+    )
 
   def model(self):
     params = self.state["params"] if self.state is not None else self.params
@@ -481,8 +580,10 @@ class Trainer:
     # Every host holds the whole (small) batch of prompts, demos and rewards in
     # process order, so global row order never depends on the device layout;
     # each host decodes and scores only its own slice of the rollouts.
-    full = {k: allgather_rows(batch[k]) for k in
-            ("prompt_tokens", "prompt_mask", "demo_tokens", "demo_mask")}
+    full = {
+      k: allgather_rows(batch[k])
+      for k in ("prompt_tokens", "prompt_mask", "demo_tokens", "demo_mask")
+    }
     put = lambda x: shd.put_global(x, shd.batch_sharding(self.mesh, x.ndim, self.rules, x.shape))  # noqa: E731
     ptok, pmask = put(full["prompt_tokens"]), put(full["prompt_mask"])
     dtok, dmask = put(full["demo_tokens"]), put(full["demo_mask"])
@@ -490,11 +591,17 @@ class Trainer:
     texts, truths = [], []
     roll = None
     if n:
-      roll = self.sampler_lib.sample(self.model(), full["prompt_tokens"], full["prompt_mask"],
-                                     rng, self.sampling_config(n), mesh=self.mesh)
+      roll = self.sampler_lib.sample(
+        self.model(),
+        full["prompt_tokens"],
+        full["prompt_mask"],
+        rng,
+        self.sampling_config(n),
+        mesh=self.mesh,
+      )
       roll_tok_all, roll_mask_all = gather_all(roll.tokens), gather_all(roll.mask)
-      roll_tok = roll_tok_all[lo * n:(lo + b_local) * n]
-      roll_mask = roll_mask_all[lo * n:(lo + b_local) * n]
+      roll_tok = roll_tok_all[lo * n : (lo + b_local) * n]
+      roll_mask = roll_mask_all[lo * n : (lo + b_local) * n]
       roll_texts = self.tokenizer.batch_decode(roll_tok, roll_mask)
       lengths = roll_mask_all.sum(1)
       last = roll_tok_all[np.arange(len(roll_tok_all)), np.maximum(lengths - 1, 0)]
@@ -504,8 +611,8 @@ class Trainer:
     t1 = time.perf_counter()
     demo_texts = self.tokenizer.batch_decode(batch["demo_tokens"], batch["demo_mask"]) if d else []
     for i in range(b_local):
-      texts += roll_texts[i * n:(i + 1) * n] if n else []
-      texts += demo_texts[i:i + 1] * d
+      texts += roll_texts[i * n : (i + 1) * n] if n else []
+      texts += demo_texts[i : i + 1] * d
       truths += [batch["answers"][i]] * g
     rewards_local, outcomes = self.scorer.score(texts, truths)
     rewards = allgather_rows(rewards_local.astype(np.float32)).reshape(-1, g)
@@ -521,15 +628,22 @@ class Trainer:
       host[f"outcomes/{o}"] = float(cnt)
     t2 = time.perf_counter()
     rewards_g = put(rewards.reshape(-1))
-    assemble = _jitted_assemble(layout, self.step_cfg.loss.adv_normalize_std, self.step_cfg.loss.adv_eps)
+    assemble = _jitted_assemble(
+      layout, self.step_cfg.loss.adv_normalize_std, self.step_cfg.loss.adv_eps
+    )
     rt = roll.tokens if n else None
     rm = roll.mask if n else None
     rl = roll.logprobs if n else None
     train_batch = assemble(ptok, pmask, rt, rm, rl, dtok, dmask, rewards_g)
     # Constant leaves (is_demo) come out of `assemble` replicated; the step's
     # in_shardings want every batch leaf split over the data axes.
-    train_batch = jax.device_put(train_batch, {
-        k: shd.batch_sharding(self.mesh, v.ndim, self.rules, v.shape) for k, v in train_batch.items()})
+    train_batch = jax.device_put(
+      train_batch,
+      {
+        k: shd.batch_sharding(self.mesh, v.ndim, self.rules, v.shape)
+        for k, v in train_batch.items()
+      },
+    )
     step_fn = self.step_fn(train_batch)
     with jax.set_mesh(self.mesh):  # the model's logical activation constraints apply
       self.state, metrics = step_fn(self.state, train_batch)
@@ -561,10 +675,11 @@ class _Hashable:
     return isinstance(other, _Hashable) and self._key == other._key
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_assemble(layout: GroupLayout, normalize_std: bool, eps: float):
-  return jax.jit(functools.partial(assemble_batch, layout=layout, adv_normalize_std=normalize_std,
-                                   adv_eps=eps))
+  return jax.jit(
+    functools.partial(assemble_batch, layout=layout, adv_normalize_std=normalize_std, adv_eps=eps)
+  )
 
 
 def make_eval_hook(c, tokenizer, scorer, evals: dict, mesh):
@@ -575,7 +690,8 @@ def make_eval_hook(c, tokenizer, scorer, evals: dict, mesh):
     return None
   from srft_jax import evaluate as eval_lib
   from srft_jax.token_change import demo_batch
-  rows = evals["task_id"][:c.eval.every_n]
+
+  rows = evals["task_id"][: c.eval.every_n]
   tokens, mask, resp = demo_batch(tokenizer, rows[:32], template=c.data.template)
   resp = resp[:, 1:]
   scfg = sampler_config(c, tokenizer, n=1, temperature=0.0)
@@ -587,19 +703,31 @@ def make_eval_hook(c, tokenizer, scorer, evals: dict, mesh):
     return jnp.sum(ent * m) / jnp.sum(m), jnp.sum(logp * m) / jnp.sum(m)
 
   def hook(model) -> dict[str, float]:
-    res = eval_lib.accuracy_on_rows(model, tokenizer, rows, scorer, scfg, rng=jax.random.key(0),
-                                    template=c.data.template, batch_size=c.eval.batch_size,
-                                    mesh=mesh)
+    res = eval_lib.accuracy_on_rows(
+      model,
+      tokenizer,
+      rows,
+      scorer,
+      scfg,
+      rng=jax.random.key(0),
+      template=c.data.template,
+      batch_size=c.eval.batch_size,
+      mesh=mesh,
+    )
     graphdef, params = nnx.split(model)
     ent, logp = jax.device_get(probe_entropy(graphdef, params))
-    return {"eval/task_id": res["accuracy"], "probe/entropy": float(ent),
-            "probe/demo_logp": float(logp)}
+    return {
+      "eval/task_id": res["accuracy"],
+      "probe/entropy": float(ent),
+      "probe/demo_logp": float(logp),
+    }
 
   return hook
 
 
-def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
-        eval_hook=None) -> dict:
+def fit(
+  trainer: Trainer, data_iter, *, workdir: str, progress: bool = True, eval_hook=None
+) -> dict:
   """The training loop: resume, steps, checkpoints, preemption, metrics.
 
   Returns {"status": "done" | "preempted" | "nonfinite", "step": last step}.
@@ -609,25 +737,36 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
 
   c = trainer.config
   stages = trainer.stages()
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep,
-                               async_save=c.checkpoint.async_save)
-  writer = metrics_lib.MetricsWriter(os.path.join(local_dir(workdir), "logs"),
-                                     tensorboard=c.log.tensorboard)
+  ckpt = ckpt_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep, async_save=c.checkpoint.async_save
+  )
+  writer = metrics_lib.MetricsWriter(
+    os.path.join(local_dir(workdir), "logs"), tensorboard=c.log.tensorboard
+  )
   guard = ckpt_lib.PreemptionGuard()
   base_key = jax.random.key(c.seed)
   meta = {"config": c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else str(c)}
 
   # Resume: the newest readable checkpoint decides the step, stage and data position.
   start = 0
-  restored = (ckpt.restore(trainer.abstract_state(stages[0]), delete_unreadable=True)
-              if ckpt.latest_step() is not None else None)
+  restored = (
+    ckpt.restore(trainer.abstract_state(stages[0]), delete_unreadable=True)
+    if ckpt.latest_step() is not None
+    else None
+  )
   if restored is not None:
     start, state, data_state, _ = restored
     if start > c.steps:
-      raise ConfigError(f"config.steps={c.steps}: {ckpt.directory} already holds step {start}; "
-                        "give at least that many steps or another workdir")
+      raise ConfigError(
+        f"config.steps={c.steps}: {ckpt.directory} already holds step {start}; "
+        "give at least that many steps or another workdir"
+      )
     data_iter.set_state(data_state)
-    stage = next(s for s in stages if s.start <= start < s.start + s.steps) if start < c.steps else stages[-1]
+    stage = (
+      next(s for s in stages if s.start <= start < s.start + s.steps)
+      if start < c.steps
+      else stages[-1]
+    )
     trainer.state = None
     trainer.params = state["params"]
     trainer._build_stage(stage, fresh_optimizer=True)
@@ -649,6 +788,7 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm.auto import tqdm
+
     bar = tqdm(total=c.steps, initial=start, desc="train", dynamic_ncols=True, leave=True)
 
   def flush(p):
@@ -657,8 +797,11 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
     row = {**host, **{k if "/" in k else f"loss/{k}": float(v) for k, v in dev.items()}}
     writer.write(step, row)
     if bar is not None:
-      bar.set_postfix(reward=f"{row.get('reward/rollout_mean', float('nan')):.3f}",
-                      loss=f"{row.get('loss/loss', float('nan')):.3f}", refresh=False)
+      bar.set_postfix(
+        reward=f"{row.get('reward/rollout_mean', float('nan')):.3f}",
+        loss=f"{row.get('loss/loss', float('nan')):.3f}",
+        refresh=False,
+      )
       bar.update(1)
     return row
 
@@ -713,15 +856,20 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, progress: bool = True,
       bar.close()
   if status == "nonfinite":
     raise FloatingPointError(
-        f"{c.max_nonfinite_streak} non-finite updates in a row at step {step}; "
-        f"checkpoint saved in {os.path.join(workdir, 'checkpoints')}")
-  return {"status": status, "step": int(jax.device_get(trainer.state["step"])) if trainer.state else start,
-          "last_metrics": last}
+      f"{c.max_nonfinite_streak} non-finite updates in a row at step {step}; "
+      f"checkpoint saved in {os.path.join(workdir, 'checkpoints')}"
+    )
+  return {
+    "status": status,
+    "step": int(jax.device_get(trainer.state["step"])) if trainer.state else start,
+    "last_metrics": last,
+  }
 
 
 # ----------------------------------------------------------------------------
 # The whole job: data, base model (warm-up), before/after evaluation, training.
 # ----------------------------------------------------------------------------
+
 
 class ConfigError(ValueError):
   """A config (or workdir) that cannot run, named by its field; raised before compiling."""
@@ -743,33 +891,65 @@ def _validate_config(c) -> None:
   def need(ok, field, msg):
     if not ok:
       raise ValueError(f"config.{field}: {msg}")
+
   need(c.steps > 0, "steps", f"must be positive, got {c.steps}")
-  need(c.method in obj.PRESETS, "method", f"unknown loss preset {c.method!r}; known: {sorted(obj.PRESETS)}")
+  need(
+    c.method in obj.PRESETS,
+    "method",
+    f"unknown loss preset {c.method!r}; known: {sorted(obj.PRESETS)}",
+  )
   parse_stages(c.stages, c.steps, c.method)
   need(c.batch.prompts_per_step > 0, "batch.prompts_per_step", "must be positive")
-  need(c.batch.minibatches > 0 and c.batch.prompts_per_step % c.batch.minibatches == 0,
-       "batch.minibatches", f"must divide batch.prompts_per_step={c.batch.prompts_per_step}")
+  need(
+    c.batch.minibatches > 0 and c.batch.prompts_per_step % c.batch.minibatches == 0,
+    "batch.minibatches",
+    f"must divide batch.prompts_per_step={c.batch.prompts_per_step}",
+  )
   per_mini = c.batch.prompts_per_step // c.batch.minibatches
-  need(c.batch.microbatches > 0 and per_mini % c.batch.microbatches == 0, "batch.microbatches",
-       f"must divide the prompts of one mini-batch ({per_mini})")
-  need(c.rollout.n_rollouts >= 0 and c.rollout.n_demos >= 0, "rollout.n_rollouts",
-       "counts must be >= 0")
+  need(
+    c.batch.microbatches > 0 and per_mini % c.batch.microbatches == 0,
+    "batch.microbatches",
+    f"must divide the prompts of one mini-batch ({per_mini})",
+  )
+  need(
+    c.rollout.n_rollouts >= 0 and c.rollout.n_demos >= 0,
+    "rollout.n_rollouts",
+    "counts must be >= 0",
+  )
   need(c.data.max_response_len > 0, "data.max_response_len", "must be positive")
   need(c.optim.lr > 0, "optim.lr", f"must be positive, got {c.optim.lr}")
-  for field, value in (("optim.schedule", c.optim.schedule), ("warmup.schedule", c.warmup.schedule)):
+  for field, value in (
+    ("optim.schedule", c.optim.schedule),
+    ("warmup.schedule", c.warmup.schedule),
+  ):
     need(value in SCHEDULES, field, f"unknown schedule {value!r}; known: {SCHEDULES}")
-  need(c.warmup.steps <= 0 or (c.warmup.lr > 0 and c.warmup.prompts_per_step > 0), "warmup.lr",
-       "a warm-up needs a positive lr and prompts_per_step")
+  need(
+    c.warmup.steps <= 0 or (c.warmup.lr > 0 and c.warmup.prompts_per_step > 0),
+    "warmup.lr",
+    "a warm-up needs a positive lr and prompts_per_step",
+  )
   need(c.data.source in ("task", "tfds"), "data.source", f"unknown source {c.data.source!r}")
-  need(c.data.source != "tfds" or c.data.data_dir, "data.data_dir",
-       "source=tfds reads a prepared dataset: give the directory `python -m srft_jax.data "
-       "prepare NAME --src FILE --data_dir DIR` wrote")
-  need(c.model.hf_path or c.model.preset in model_lib.PRESETS, "model.preset",
-       f"unknown preset {c.model.preset!r}; known: {sorted(model_lib.PRESETS)}")
-  need(c.model.get("attention", "") in ("", "xla", "chunked", "cudnn"), "model.attention",
-       f"unknown attention {c.model.get('attention')!r}; known: xla, chunked, cudnn")
-  need(c.model.get("decode_attention", "") in ("", "xla", "pallas"), "model.decode_attention",
-       f"unknown decode attention {c.model.get('decode_attention')!r}; known: xla, pallas")
+  need(
+    c.data.source != "tfds" or c.data.data_dir,
+    "data.data_dir",
+    "source=tfds reads a prepared dataset: give the directory `python -m srft_jax.data "
+    "prepare NAME --src FILE --data_dir DIR` wrote",
+  )
+  need(
+    c.model.hf_path or c.model.preset in model_lib.PRESETS,
+    "model.preset",
+    f"unknown preset {c.model.preset!r}; known: {sorted(model_lib.PRESETS)}",
+  )
+  need(
+    c.model.get("attention", "") in ("", "xla", "chunked", "cudnn"),
+    "model.attention",
+    f"unknown attention {c.model.get('attention')!r}; known: xla, chunked, cudnn",
+  )
+  need(
+    c.model.get("decode_attention", "") in ("", "xla", "pallas"),
+    "model.decode_attention",
+    f"unknown decode attention {c.model.get('decode_attention')!r}; known: xla, pallas",
+  )
   overrides = {k: v for k, v in dict(c.loss).items() if v is not None}
   try:
     loss_config(c.method, overrides, c.data.max_response_len)
@@ -787,13 +967,22 @@ def _validate_config(c) -> None:
     lc = loss_config(name, overrides if not c.stages else None, c.data.max_response_len)
     layout = stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
     rows = prompts * layout.size  # rows of one micro-batch: prompts x (rollouts + demos)
-    need(rows % data_par == 0, "batch.prompts_per_step",
-         f"a micro-batch of {prompts} prompts x {layout.size} slots ({name}) = {rows} rows "
-         f"does not divide the data axes ({data_par} of {n_dev} devices)")
-  need(c.batch.prompts_per_step % jax.process_count() == 0, "batch.prompts_per_step",
-       f"must divide over {jax.process_count()} processes")
-  need(c.max_nonfinite_streak > 0, "max_nonfinite_streak",
-       f"must be positive (non-finite updates in a row that stop the run), got {c.max_nonfinite_streak}")
+    need(
+      rows % data_par == 0,
+      "batch.prompts_per_step",
+      f"a micro-batch of {prompts} prompts x {layout.size} slots ({name}) = {rows} rows "
+      f"does not divide the data axes ({data_par} of {n_dev} devices)",
+    )
+  need(
+    c.batch.prompts_per_step % jax.process_count() == 0,
+    "batch.prompts_per_step",
+    f"must divide over {jax.process_count()} processes",
+  )
+  need(
+    c.max_nonfinite_streak > 0,
+    "max_nonfinite_streak",
+    f"must be positive (non-finite updates in a row that stop the run), got {c.max_nonfinite_streak}",
+  )
   if c.warmup.steps > 0 and not c.model.hf_path:
     # The warm-up is its own SFT job (warmup_config): its batch must split the same way.
     w = warmup_config(c)
@@ -802,8 +991,10 @@ def _validate_config(c) -> None:
     try:
       validate_config(w)
     except ValueError as e:
-      raise ValueError(f"config.warmup.prompts_per_step={c.warmup.prompts_per_step}: the SFT "
-                       f"warm-up's batches fail a check: {e}") from None
+      raise ValueError(
+        f"config.warmup.prompts_per_step={c.warmup.prompts_per_step}: the SFT "
+        f"warm-up's batches fail a check: {e}"
+      ) from None
 
 
 def _model_config(c, tokenizer) -> model_lib.ModelConfig:
@@ -812,15 +1003,20 @@ def _model_config(c, tokenizer) -> model_lib.ModelConfig:
     if c.model.get(name):
       kw[name] = c.model.get(name)
   if c.model.preset == "tiny":
-    kw.update(vocab_size=tokenizer.vocab_size, embed_dim=c.model.embed_dim,
-              num_layers=c.model.num_layers, mlp_dim=c.model.mlp_dim,
-              max_seq_len=max(c.data.prompt_buckets) + c.data.max_response_len)
+    kw.update(
+      vocab_size=tokenizer.vocab_size,
+      embed_dim=c.model.embed_dim,
+      num_layers=c.model.num_layers,
+      mlp_dim=c.model.mlp_dim,
+      max_seq_len=max(c.data.prompt_buckets) + c.data.max_response_len,
+    )
   return model_lib.ModelConfig.preset(c.model.preset, **kw)
 
 
 def build_tokenizer(c, workdir: str):
   from srft_jax import tokenizer as tok_lib
   from srft_jax.data import task
+
   if c.data.tokenizer:
     return tok_lib.load_tokenizer(c.data.tokenizer)
   cache = os.path.join(local_dir(workdir), "tokenizer")
@@ -833,47 +1029,74 @@ def build_tokenizer(c, workdir: str):
 def build_data(c) -> tuple[Any, dict[str, list[dict]]]:
   """(training source, eval sets {name: rows})."""
   from srft_jax.data import task
+
   if c.data.source == "task":
     train = task.generate("train", c.data.task_train_size, c.data.task_seed)
-    evals = {"task_id": task.generate("test_id", c.eval.n_id, c.data.task_seed),
-             "task_ood": task.generate("test_ood", c.eval.n_ood, c.data.task_seed)}
+    evals = {
+      "task_id": task.generate("test_id", c.eval.n_id, c.data.task_seed),
+      "task_ood": task.generate("test_ood", c.eval.n_ood, c.data.task_seed),
+    }
     return train, evals
   from srft_jax.data import builders
+
   where = os.path.join(c.data.data_dir, "srft_data", c.data.name)
   if "://" not in c.data.data_dir and not os.path.isdir(where):
-    raise ConfigError(f"config.data.data_dir: no prepared dataset {c.data.name!r} in "
-                      f"{c.data.data_dir!r}; make it with `python -m srft_jax.data prepare "
-                      f"{c.data.name} --src FILE --data_dir DIR`")
+    raise ConfigError(
+      f"config.data.data_dir: no prepared dataset {c.data.name!r} in "
+      f"{c.data.data_dir!r}; make it with `python -m srft_jax.data prepare "
+      f"{c.data.name} --src FILE --data_dir DIR`"
+    )
   return builders.load_source(c.data.data_dir, c.data.name, "train"), {}
 
 
 def make_data_iter(c, source, tokenizer, prompts_per_step: int, seed: int):
   from srft_jax.data import pipeline
+
   pcfg = pipeline.PipelineConfig(
-      global_batch=prompts_per_step, prompt_buckets=tuple(c.data.prompt_buckets),
-      max_response_len=c.data.max_response_len, template=c.data.template, seed=seed)
+    global_batch=prompts_per_step,
+    prompt_buckets=tuple(c.data.prompt_buckets),
+    max_response_len=c.data.max_response_len,
+    template=c.data.template,
+    seed=seed,
+  )
   return pipeline.make_iterator(source, tokenizer, pcfg)
 
 
 def evaluate_sets(model, tokenizer, scorer, sets: dict, c, mesh) -> dict[str, float]:
   from srft_jax import evaluate as eval_lib
+
   scfg = sampler_config(c, tokenizer, n=1, temperature=c.eval.temperature)
   out = {}
   for name, rows in sets.items():
-    res = eval_lib.accuracy_on_rows(model, tokenizer, rows, scorer, scfg,
-                                    rng=jax.random.key(c.seed + 17), template=c.data.template,
-                                    batch_size=c.eval.batch_size, mesh=mesh,
-                                    require_think=c.rollout.require_think)
+    res = eval_lib.accuracy_on_rows(
+      model,
+      tokenizer,
+      rows,
+      scorer,
+      scfg,
+      rng=jax.random.key(c.seed + 17),
+      template=c.data.template,
+      batch_size=c.eval.batch_size,
+      mesh=mesh,
+      require_think=c.rollout.require_think,
+    )
     out[name] = res["accuracy"]
   return out
 
 
 def sampler_config(c, tokenizer, *, n: int, temperature: float):
   from srft_jax import sampler as sampler_lib
+
   return sampler_lib.SamplingConfig(
-      max_new_tokens=c.data.max_response_len, temperature=temperature, top_p=c.rollout.top_p,
-      top_k=c.rollout.top_k, eos_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id,
-      prompt_buckets=tuple(c.data.prompt_buckets), n=n)
+    max_new_tokens=c.data.max_response_len,
+    temperature=temperature,
+    top_p=c.rollout.top_p,
+    top_k=c.rollout.top_k,
+    eos_ids=tuple(tokenizer.stop_ids),
+    pad_id=tokenizer.pad_id,
+    prompt_buckets=tuple(c.data.prompt_buckets),
+    n=n,
+  )
 
 
 def warmup_config(c):
@@ -897,10 +1120,16 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
   (cached as an HF checkpoint in `warmup.dir`, so studies share one base).
   None when a SIGTERM stopped the warm-up (it resumes from its checkpoint)."""
   from srft_jax import hf
+
   if c.model.hf_path:
-    return hf.load_model(c.model.hf_path, mesh=mesh, dtype=model_lib.DTYPES[c.model.dtype],
-                         param_dtype=model_lib.DTYPES[c.model.param_dtype],
-                         remat=c.model.remat, **_hf_config_overrides(c))
+    return hf.load_model(
+      c.model.hf_path,
+      mesh=mesh,
+      dtype=model_lib.DTYPES[c.model.dtype],
+      param_dtype=model_lib.DTYPES[c.model.param_dtype],
+      remat=c.model.remat,
+      **_hf_config_overrides(c),
+    )
   mcfg = _model_config(c, tokenizer)
   if c.warmup.steps <= 0:
     return model_lib.create_model(mcfg, seed=c.seed, mesh=mesh)
@@ -914,8 +1143,10 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
         cached = json.load(f)
       diff = sorted(k for k in set(cached) | set(meta) if cached.get(k) != meta.get(k))
       if diff:
-        raise ConfigError(f"config.warmup.dir: {hf_dir} caches a warm-up of other settings "
-                          f"({', '.join(diff)}); delete it or point warmup.dir elsewhere")
+        raise ConfigError(
+          f"config.warmup.dir: {hf_dir} caches a warm-up of other settings "
+          f"({', '.join(diff)}); delete it or point warmup.dir elsewhere"
+        )
     log.info("base model: %s (cached warm-up)", hf_dir)
     return hf.load_model(hf_dir, mesh=mesh, dtype=mcfg.jnp_dtype, **_hf_overrides(mcfg))
   log.info("base model: SFT warm-up for %d steps", c.warmup.steps)
@@ -923,8 +1154,12 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
   w = warmup_config(c)
   source, _ = build_data(w)
   trainer = Trainer(model, config=w, tokenizer=tokenizer, scorer=scorer, mesh=mesh)
-  info = fit(trainer, make_data_iter(w, source, tokenizer, w.batch.prompts_per_step, w.seed + 1),
-             workdir=os.path.join(base_dir, "run"), progress=c.log.progress)
+  info = fit(
+    trainer,
+    make_data_iter(w, source, tokenizer, w.batch.prompts_per_step, w.seed + 1),
+    workdir=os.path.join(base_dir, "run"),
+    progress=c.log.progress,
+  )
   if info["status"] == "preempted":
     return None  # not cached: a half-trained base must not pass for the warm-up
   model = trainer.model()
@@ -940,10 +1175,18 @@ def warmup_meta(c, mcfg: model_lib.ModelConfig) -> dict:
   the seed is not: studies share one base across their seeds)."""
   how = ("rules", "remat", "attention", "decode_attention", "dtype")  # how it runs, not what it is
   model = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in how}
-  return json.loads(json.dumps({
-      "model": model, "task_seed": c.data.task_seed,
-      "warmup": {k: c.warmup[k] for k in ("steps", "lr", "schedule", "warmup_steps",
-                                          "prompts_per_step")}}, default=str))
+  return json.loads(
+    json.dumps(
+      {
+        "model": model,
+        "task_seed": c.data.task_seed,
+        "warmup": {
+          k: c.warmup[k] for k in ("steps", "lr", "schedule", "warmup_steps", "prompts_per_step")
+        },
+      },
+      default=str,
+    )
+  )
 
 
 def save_base(model, hf_dir: str, meta: dict | None = None) -> None:
@@ -952,6 +1195,7 @@ def save_base(model, hf_dir: str, meta: dict | None = None) -> None:
   import shutil
 
   from srft_jax import hf
+
   tmp_dir = f"{hf_dir}.partial"
   hf.save_model(model, tmp_dir)  # collective: every process gathers, process 0 writes
   if jax.process_index() == 0:
@@ -978,8 +1222,13 @@ def _hf_config_overrides(c) -> dict:
 
 def _hf_overrides(mcfg: model_lib.ModelConfig) -> dict:
   """What a cached base keeps from the run's model config (not in its config.json)."""
-  return {"remat": mcfg.remat, "rules": mcfg.rules, "param_dtype": mcfg.jnp_param_dtype,
-          "attention": mcfg.attention, "decode_attention": mcfg.decode_attention}
+  return {
+    "remat": mcfg.remat,
+    "rules": mcfg.rules,
+    "param_dtype": mcfg.jnp_param_dtype,
+    "attention": mcfg.attention,
+    "decode_attention": mcfg.decode_attention,
+  }
 
 
 def run(c, workdir: str) -> dict:
@@ -995,14 +1244,17 @@ def run(c, workdir: str) -> dict:
     d = c.distributed
     kw = {}
     if d.coordinator:
-      kw = dict(coordinator_address=d.coordinator, num_processes=d.num_processes,
-                process_id=d.process_id)
+      kw = dict(
+        coordinator_address=d.coordinator, num_processes=d.num_processes, process_id=d.process_id
+      )
     jax.distributed.initialize(**kw)
   validate_config(c)
   if c.warmup.steps > 0 and not c.model.hf_path and "://" in (c.warmup.dir or workdir):
-    raise ConfigError("config.warmup.dir: the SFT warm-up caches its model as an HF checkpoint "
-                     "with plain file I/O; give a local or shared path (or warmup.steps=0) "
-                     f"when the workdir is remote ({workdir})")
+    raise ConfigError(
+      "config.warmup.dir: the SFT warm-up caches its model as an HF checkpoint "
+      "with plain file I/O; give a local or shared path (or warmup.steps=0) "
+      f"when the workdir is remote ({workdir})"
+    )
   out = local_dir(workdir)  # == workdir unless it is remote (gs://): then only checkpoints go there
   os.makedirs(out, exist_ok=True)
   mesh = shd.make_mesh(dict(c.mesh))
@@ -1014,8 +1266,9 @@ def run(c, workdir: str) -> dict:
       return {"status": "preempted", "step": 0, "stage": "warmup"}
     before = {}
     if c.eval.before and evals:
-      cache = os.path.join(local_dir(c.warmup.dir or os.path.join(workdir, "base")),
-                           "eval_before.json")
+      cache = os.path.join(
+        local_dir(c.warmup.dir or os.path.join(workdir, "base")), "eval_before.json"
+      )
       if os.path.exists(cache) and not c.model.hf_path:
         with open(cache) as f:
           before = json.load(f)
@@ -1034,20 +1287,29 @@ def run(c, workdir: str) -> dict:
     if info["status"] == "preempted":
       return {"status": "preempted", "step": info["step"]}
     model = trainer.model()
-    after = evaluate_sets(model, tokenizer, scorer, evals, c, mesh) if (c.eval.after and evals) else {}
+    after = (
+      evaluate_sets(model, tokenizer, scorer, evals, c, mesh) if (c.eval.after and evals) else {}
+    )
   results = {
-      "before": {"id_acc": before.get("task_id"), "ood_acc": before.get("task_ood")},
-      "after": {"id_acc": after.get("task_id"), "ood_acc": after.get("task_ood")},
-      "steps": int(c.steps), "method": c.stages.replace("{half}", str(c.steps // 2)) or c.method,
-      "wall_s": round(time.time() - t_start, 1), "train_s": round(train_s, 1),
+    "before": {"id_acc": before.get("task_id"), "ood_acc": before.get("task_ood")},
+    "after": {"id_acc": after.get("task_id"), "ood_acc": after.get("task_ood")},
+    "steps": int(c.steps),
+    "method": c.stages.replace("{half}", str(c.steps // 2)) or c.method,
+    "wall_s": round(time.time() - t_start, 1),
+    "train_s": round(train_s, 1),
   }
   if c.checkpoint.export_hf:  # collective: every process gathers, process 0 writes
-    hf.save_model(model, os.path.join(out, "export", "hf"), tokenizer=tokenizer,
-                  copy_from=c.model.hf_path or None)
+    hf.save_model(
+      model,
+      os.path.join(out, "export", "hf"),
+      tokenizer=tokenizer,
+      copy_from=c.model.hf_path or None,
+    )
   if jax.process_index() == 0:
     if c.log.plots:
       results["plots"] = metrics_lib.plot_metrics(
-          os.path.join(out, "logs", "metrics.jsonl"), os.path.join(out, "plots"))
+        os.path.join(out, "logs", "metrics.jsonl"), os.path.join(out, "plots")
+      )
     with open(os.path.join(out, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
   return results

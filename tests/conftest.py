@@ -4,13 +4,14 @@
 instead (benchmarks/gpu_check.sh); tests marked `multidevice` then need 8
 devices and are skipped on a single chip.
 """
+
 import os
 
 import pytest
 
 _PLATFORM = os.environ.get("SRFT_TEST_PLATFORM", "cpu")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 if _PLATFORM == "cpu":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

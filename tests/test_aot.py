@@ -29,10 +29,12 @@ def test_topology_names():
 def test_model_flops_and_state_bound():
   from srft_jax import model as model_lib
   from srft_jax.tools.aot import _load_config
+
   c = _load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
   mcfg = aot.model_config(c)
-  assert mcfg == model_lib.ModelConfig.preset("qwen2_5_math_7b_rope40k", param_dtype="float32",
-                                               dtype="bfloat16", remat="full")
+  assert mcfg == model_lib.ModelConfig.preset(
+    "qwen2_5_math_7b_rope40k", param_dtype="float32", dtype="bfloat16", remat="full"
+  )
   f = aot.model_flops(c, mcfg)
   tokens = 128 * 8 * (1024 + 8192)
   # 6 N a token for the matmuls, plus attention: between 6N and 10N a token at 9k context.
@@ -56,33 +58,52 @@ def test_biggest_arrays_parses_hlo():
 
 
 def test_dashed_flags():
-  assert aot._normalise_argv(["--find-smallest", "--json-out=a-b.json", "--config.model.hf_path=x-y"]) == [
-      "--find_smallest", "--json_out=a-b.json", "--config.model.hf_path=x-y"]
+  assert aot._normalise_argv(
+    ["--find-smallest", "--json-out=a-b.json", "--config.model.hf_path=x-y"]
+  ) == ["--find_smallest", "--json_out=a-b.json", "--config.model.hf_path=x-y"]
 
 
-@pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu not installed (requirements-tpu.txt)")
+@pytest.mark.skipif(
+  not aot.libtpu_available(), reason="libtpu not installed (requirements-tpu.txt)"
+)
 @pytest.mark.slow
 def test_tiny_on_v5e_2x2(tmp_path):
   out_json = tmp_path / "aot.json"
   env = dict(os.environ)
   env["XLA_FLAGS"] = ""  # the tool's host needs no forced CPU devices
   env["JAX_PLATFORMS"] = "cpu"
-  cmd = [sys.executable, "-m", "srft_jax.tools.aot", "--config=configs/default.py",
-         "--topology=v5e:2x2", "--programs=train,sample", f"--json-out={out_json}",
-         "--config.model.num_layers=1", "--config.batch.prompts_per_step=8",
-         "--config.data.max_response_len=16", "--config.data.prompt_buckets=(16,)"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "srft_jax.tools.aot",
+    "--config=configs/default.py",
+    "--topology=v5e:2x2",
+    "--programs=train,sample",
+    f"--json-out={out_json}",
+    "--config.model.num_layers=1",
+    "--config.batch.prompts_per_step=8",
+    "--config.data.max_response_len=16",
+    "--config.data.prompt_buckets=(16,)",
+  ]
   res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
   last = json.loads(res.stdout.strip().splitlines()[-1])
   assert last == json.loads(out_json.read_text())
   (rep,) = last["reports"]
-  assert rep["topology"] == "v5e:2x2" and rep["chips"] == 4 and rep["accelerator_type"] == "v5litepod-4"
+  assert (
+    rep["topology"] == "v5e:2x2" and rep["chips"] == 4 and rep["accelerator_type"] == "v5litepod-4"
+  )
   assert rep["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
   assert rep["rows"] == 8 * 8 and rep["length"] == 32
   for name in ("train", "sample"):
     p = rep["programs"][name]
-    for k in ("argument_bytes", "output_bytes", "total_bytes", "xla_flops_per_chip",
-              "model_flops_step"):
+    for k in (
+      "argument_bytes",
+      "output_bytes",
+      "total_bytes",
+      "xla_flops_per_chip",
+      "model_flops_step",
+    ):
       assert p[k] > 0, (name, k, p[k])
     assert p["temp_bytes"] >= 0  # a 1-layer model can live in its arguments and outputs
     assert p["fits"] and 0 < p["hbm_fraction"] < 0.9
@@ -93,7 +114,9 @@ def test_tiny_on_v5e_2x2(tmp_path):
 
 def test_oom_message_units_are_binary():
   # XLA:TPU's "G" is GiB: v5e's 16 GiB chip reports 15.48G usable.
-  got = aot._oom_summary("RESOURCE_EXHAUSTED: Used 30.21G of 15.48G hbm. Exceeded hbm capacity by 14.73G.")
+  got = aot._oom_summary(
+    "RESOURCE_EXHAUSTED: Used 30.21G of 15.48G hbm. Exceeded hbm capacity by 14.73G."
+  )
   assert got["used_bytes"] == pytest.approx(30.21 * 2**30)
   assert got["limit_bytes"] == pytest.approx(15.48 * 2**30)
 
@@ -104,8 +127,10 @@ def test_hf_checkpoint_gets_the_runs_overrides(tmp_path):
   from srft_jax import hf
   from srft_jax import model as model_lib
   from srft_jax.tools.aot import _load_config
-  (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(
-      model_lib.ModelConfig.preset("qwen2_5_math_7b"))))
+
+  (tmp_path / "config.json").write_text(
+    json.dumps(hf.config_to_hf(model_lib.ModelConfig.preset("qwen2_5_math_7b")))
+  )
   c = _load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
   with c.unlocked():
     c.model.hf_path = str(tmp_path)
@@ -114,21 +139,32 @@ def test_hf_checkpoint_gets_the_runs_overrides(tmp_path):
   assert want and {k: getattr(mcfg, k) for k in want} == want
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--topology=v9:2x2"], "--topology"),
     (["--find-smallest", "--generations=v5litepod,v7x"], "--generations: unknown ['v7x']"),
     (["--topology=v5e:2x2", "--programs="], "--programs: give at least one"),
-])
+  ],
+)
 def test_bad_arguments_exit_2_with_a_message(args, message):
   if not aot.libtpu_available():
     pytest.skip("the tool checks for libtpu first")
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  res = subprocess.run([sys.executable, "-m", "srft_jax.tools.aot", "--config=configs/default.py",
-                        *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  res = subprocess.run(
+    [sys.executable, "-m", "srft_jax.tools.aot", "--config=configs/default.py", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
 
 
-@pytest.mark.skipif(not aot.libtpu_available(), reason="libtpu not installed (requirements-tpu.txt)")
+@pytest.mark.skipif(
+  not aot.libtpu_available(), reason="libtpu not installed (requirements-tpu.txt)"
+)
 def test_v4_devices_are_chips():
   # One megacore device a v4 chip, as the runtime shows them (memory is per chip).
   assert len(aot.Topology.parse("v4:2x2x1").devices()) == 4

@@ -64,9 +64,17 @@ def tuning():
 F32, BF16 = (jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)
 
 
-@pytest.mark.parametrize("bound,s,splits,dtype,atol", [
-    (70, 96, None, *F32), (96, 96, 1, *F32), (1, 32, None, *F32), (130, 160, 4, *F32),
-    (130, 160, 1, *BF16), (70, 96, None, *BF16)])
+@pytest.mark.parametrize(
+  "bound,s,splits,dtype,atol",
+  [
+    (70, 96, None, *F32),
+    (96, 96, 1, *F32),
+    (1, 32, None, *F32),
+    (130, 160, 4, *F32),
+    (130, 160, 1, *BF16),
+    (70, 96, None, *BF16),
+  ],
+)
 def test_kernel_matches_numpy_formula(bound, s, splits, dtype, atol, tuning):
   """One program a (row, kv head) or the slots split over several (flash decoding:
   splits past the bound stay empty and the partial softmaxes are merged)."""
@@ -74,8 +82,12 @@ def test_kernel_matches_numpy_formula(bound, s, splits, dtype, atol, tuning):
   q, k, v, ok = _case(0, s=s, bound=bound, dtype=dtype)
   out = da.decode_attention(q, k, v, jnp.asarray(ok), jnp.int32(bound))
   assert out.shape == q.shape and out.dtype == dtype
-  ref = _numpy_reference(q.astype(jnp.float32), np.nan_to_num(np.asarray(k, np.float32)),
-                         np.nan_to_num(np.asarray(v, np.float32)), ok)
+  ref = _numpy_reference(
+    q.astype(jnp.float32),
+    np.nan_to_num(np.asarray(k, np.float32)),
+    np.nan_to_num(np.asarray(v, np.float32)),
+    ok,
+  )
   bs = da.block_size(s)
   # the case poisons the slots past the kernel's last block whenever there are any
   assert np.isnan(np.asarray(k, np.float32)).any() == (s > -(-bound // bs) * bs)
@@ -93,15 +105,15 @@ def test_kernel_matches_model_attend_on_a_clean_cache():
 def test_shape_rules():
   assert [da.block_size(n) for n in (320, 1280, 48, 16, 24)] == [64, 64, 16, 16, None]
   assert da.supported(128, 320) and da.supported(16, 16)
-  assert not da.supported(8, 320)      # Triton's dot needs >= 16
-  assert not da.supported(96, 320)     # not a power of two
-  assert not da.supported(128, 100)    # cache length not a multiple of 16
+  assert not da.supported(8, 320)  # Triton's dot needs >= 16
+  assert not da.supported(96, 320)  # not a power of two
+  assert not da.supported(128, 100)  # cache length not a multiple of 16
   q, k, v, ok = _case(0, h=16, s=40, bound=30)
   with pytest.raises(ValueError, match="cache length 40"):
     da.decode_attention(q, k, v, jnp.asarray(ok), jnp.int32(30))
   assert da._settings(64, 2, 320) == (64, 1, 4, 2)
-  assert da._settings(4, 2, 8192)[:2] == (64, 8)    # few rows, long cache: split
-  assert da._settings(4, 2, 128)[:2] == (64, 2)     # never more splits than blocks
+  assert da._settings(4, 2, 8192)[:2] == (64, 8)  # few rows, long cache: split
+  assert da._settings(4, 2, 128)[:2] == (64, 2)  # never more splits than blocks
 
 
 def test_config_validation_names_field():
@@ -109,8 +121,16 @@ def test_config_validation_names_field():
     model_lib.ModelConfig(decode_attention="flash")
 
 
-CFG = model_lib.ModelConfig(vocab_size=64, embed_dim=64, mlp_dim=64, num_layers=2, num_heads=4,
-                            num_kv_heads=2, head_dim=16, max_seq_len=128)
+CFG = model_lib.ModelConfig(
+  vocab_size=64,
+  embed_dim=64,
+  mlp_dim=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=16,
+  max_seq_len=128,
+)
 
 
 def _prompts(b=4, t=8, seed=0):
@@ -118,8 +138,8 @@ def _prompts(b=4, t=8, seed=0):
   toks = np.zeros((b, t), np.int32)
   mask = np.zeros((b, t), np.int32)
   for i, n in enumerate(rs.randint(2, t + 1, size=b)):
-    toks[i, t - n:] = rs.randint(1, CFG.vocab_size, size=n)
-    mask[i, t - n:] = 1
+    toks[i, t - n :] = rs.randint(1, CFG.vocab_size, size=n)
+    mask[i, t - n :] = 1
   return toks, mask
 
 
@@ -139,13 +159,19 @@ def test_sampler_with_kernel_samples_what_xla_attention_samples(dtype):
   for impl in ("xla", "pallas"):
     m = _scaled_model(dataclasses.replace(CFG, dtype=dtype, decode_attention=impl), seed=1)
     toks, mask = _prompts(seed=2)
-    outs.append(smp.sample(m, toks, mask, jax.random.key(3), smp.SamplingConfig(
-        max_new_tokens=16, temperature=0.9, eos_ids=(5,), prompt_buckets=(16,))))
+    outs.append(
+      smp.sample(
+        m,
+        toks,
+        mask,
+        jax.random.key(3),
+        smp.SamplingConfig(max_new_tokens=16, temperature=0.9, eos_ids=(5,), prompt_buckets=(16,)),
+      )
+    )
   np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
   np.testing.assert_array_equal(np.asarray(outs[0].mask), np.asarray(outs[1].mask))
   atol = 1e-5 if dtype == "float32" else 5e-2
-  np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs),
-                             atol=atol)
+  np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=atol)
 
 
 def test_kernel_is_in_the_decode_step():
@@ -154,8 +180,9 @@ def test_kernel_is_in_the_decode_step():
   toks, mask = _prompts()
   cfg = smp.SamplingConfig(max_new_tokens=8, temperature=0.0, prompt_buckets=(8,))
   graphdef, state = nnx.split(m)
-  jaxpr = jax.make_jaxpr(lambda s: smp._sample_core(graphdef, s, toks, mask, jax.random.key(0),
-                                                   cfg))(state)
+  jaxpr = jax.make_jaxpr(
+    lambda s: smp._sample_core(graphdef, s, toks, mask, jax.random.key(0), cfg)
+  )(state)
   text = str(jaxpr)
   assert text.count("pallas_call") == CFG.num_layers  # one a layer, inside the while body
   assert "srft_decode_attention" in text
@@ -170,9 +197,10 @@ def test_kernel_only_in_the_decode_step_so_one_token_training_rows_differentiate
 
   def loss(state):
     model = nnx.merge(graphdef, state)
-    hp, hr = model.forward_shared_prefix(toks, mask, jnp.ones((4, 1), jnp.int32),
-                                         jnp.ones((4, 1), jnp.int32))
-    return jnp.sum(hr ** 2) + jnp.sum(hp ** 2)
+    hp, hr = model.forward_shared_prefix(
+      toks, mask, jnp.ones((4, 1), jnp.int32), jnp.ones((4, 1), jnp.int32)
+    )
+    return jnp.sum(hr**2) + jnp.sum(hp**2)
 
   assert "pallas_call" not in str(jax.make_jaxpr(jax.value_and_grad(loss))(state))
 
@@ -187,8 +215,12 @@ def test_sharded_kernel_equals_single_device():
   ref = da.decode_attention(q, k, v, jnp.asarray(ok), jnp.int32(50))
   P = jax.sharding.PartitionSpec
   put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))  # noqa: E731
-  args = (put(q, P(("data", "fsdp"), "tensor", None)), put(k, P(("data", "fsdp"), "tensor")),
-          put(v, P(("data", "fsdp"), "tensor")), put(jnp.asarray(ok), P(("data", "fsdp"))))
+  args = (
+    put(q, P(("data", "fsdp"), "tensor", None)),
+    put(k, P(("data", "fsdp"), "tensor")),
+    put(v, P(("data", "fsdp"), "tensor")),
+    put(jnp.asarray(ok), P(("data", "fsdp"))),
+  )
   with jax.set_mesh(mesh):
     out = jax.jit(lambda *a: da.decode_attention(*a, jnp.int32(50)))(*args)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6, rtol=0)

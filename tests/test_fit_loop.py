@@ -32,8 +32,16 @@ _spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs
 DEFAULT = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(DEFAULT)
 
-SMALL = model_lib.ModelConfig(vocab_size=32, embed_dim=16, mlp_dim=32, num_layers=1, num_heads=2,
-                              num_kv_heads=1, head_dim=8, max_seq_len=32)
+SMALL = model_lib.ModelConfig(
+  vocab_size=32,
+  embed_dim=16,
+  mlp_dim=32,
+  num_layers=1,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=8,
+  max_seq_len=32,
+)
 
 
 class Killed(Exception):
@@ -72,12 +80,18 @@ class StepTrainer(train.Trainer):
     s = self.state
     g = jax.tree.map(lambda p: jnp.full_like(p, 0.01 * (step + 1) * (-1) ** step), s["params"])
     updates, opt = self.tx.update(g, s["opt_state"], s["params"])
-    self.state = {**s, "params": optax.apply_updates(s["params"], updates), "opt_state": opt,
-                  "step": s["step"] + 1}
+    self.state = {
+      **s,
+      "params": optax.apply_updates(s["params"], updates),
+      "opt_state": opt,
+      "step": s["step"] + 1,
+    }
     bad = self.nonfinite_from is not None and step >= self.nonfinite_from
     streak = step - self.nonfinite_from + 1 if bad else 0
-    return {"data/pos": float(batch["pos"])}, {"loss": jnp.float32(step),
-                                               "nonfinite/streak": jnp.int32(streak)}
+    return {"data/pos": float(batch["pos"])}, {
+      "loss": jnp.float32(step),
+      "nonfinite/streak": jnp.int32(streak),
+    }
 
 
 def _config(stages="sft:2,grpo", steps=5, every=0, **kw):
@@ -93,8 +107,9 @@ def _config(stages="sft:2,grpo", steps=5, every=0, **kw):
 
 def _trainer(c, cls=StepTrainer):
   mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  return cls(model_lib.Transformer(SMALL, rngs=nnx.Rngs(0)), config=c, tokenizer=None,
-             scorer=None, mesh=mesh)
+  return cls(
+    model_lib.Transformer(SMALL, rngs=nnx.Rngs(0)), config=c, tokenizer=None, scorer=None, mesh=mesh
+  )
 
 
 def _fit(c, workdir, kill_at=None, cls=StepTrainer):
@@ -107,8 +122,9 @@ def _fit(c, workdir, kill_at=None, cls=StepTrainer):
 
 
 def _same_state(a, b):
-  return all(bool(jnp.array_equal(x, y)) for x, y in
-             zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)))
+  return all(
+    bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state))
+  )
 
 
 def _rows(workdir):
@@ -156,7 +172,9 @@ def test_nonfinite_stop_saves_the_state_under_its_own_step(tmp_path):
   assert (step, int(state["step"]), data) == (4, 4, {"pos": 4})
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax, after the failed read
+@pytest.mark.filterwarnings(
+  "ignore::pytest.PytestUnraisableExceptionWarning"
+)  # Orbax, after the failed read
 def test_a_corrupted_final_checkpoint_is_saved_again(tmp_path):
   c = _config(stages="", steps=4, every=2)
   _fit(c, tmp_path)
@@ -168,8 +186,10 @@ def test_a_corrupted_final_checkpoint_is_saved_again(tmp_path):
   step, state, _, _ = ck.restore(resumed.abstract_state(resumed.stages()[0]))
   ck.close()
   assert step == 4 and int(state["step"]) == 4
-  assert all(bool(jnp.array_equal(x, y)) for x, y in
-             zip(jax.tree.leaves(state["params"]), jax.tree.leaves(resumed.state["params"])))
+  assert all(
+    bool(jnp.array_equal(x, y))
+    for x, y in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(resumed.state["params"]))
+  )
 
 
 @pytest.mark.parametrize("schedule,warmup", [("linear", 0), ("cosine", 0), ("linear", 2)])
@@ -177,9 +197,18 @@ def test_schedule_is_per_step_across_minibatch_updates(schedule, warmup):
   # Adam with b1 = b2 = 0 moves a parameter by exactly lr (sign of the gradient):
   # the move of each update is the rate it used.
   steps, per_step, lr = 4, 2, 1.0
-  tx, sched = train.make_optimizer(lr, steps=steps, warmup_steps=warmup, schedule=schedule,
-                                   b1=0.0, b2=0.0, eps=1e-12, weight_decay=0.0, clip_norm=None,
-                                   updates_per_step=per_step)
+  tx, sched = train.make_optimizer(
+    lr,
+    steps=steps,
+    warmup_steps=warmup,
+    schedule=schedule,
+    b1=0.0,
+    b2=0.0,
+    eps=1e-12,
+    weight_decay=0.0,
+    clip_norm=None,
+    updates_per_step=per_step,
+  )
   x = jnp.zeros(())
   opt = tx.init(x)
   moves = []
@@ -200,10 +229,13 @@ def test_two_stage_half_follows_the_final_step_count():
   assert train.parse_stages(c.stages, c.steps, c.method) == [("sft", 100), ("grpo", 100)]
 
 
-@pytest.mark.parametrize("field,value,named", [
+@pytest.mark.parametrize(
+  "field,value,named",
+  [
     ("max_nonfinite_streak", 0, "config.max_nonfinite_streak"),
     ("warmup.prompts_per_step", 6, "config.warmup.prompts_per_step"),
-])
+  ],
+)
 def test_config_errors_name_the_field(field, value, named):
   c = DEFAULT.get_config()
   with c.unlocked():
@@ -218,6 +250,7 @@ def test_config_errors_name_the_field(field, value, named):
 
 def test_base_cache_is_complete_or_absent(tmp_path, monkeypatch):
   from srft_jax import hf
+
   model = model_lib.Transformer(dataclasses.replace(SMALL, attention="chunked"), rngs=nnx.Rngs(0))
   hf_dir = str(tmp_path / "base" / "hf")
   real = hf._write_safetensors
@@ -247,6 +280,7 @@ def test_json_cache_written_atomically(tmp_path):
 
 def test_study_refuses_multihost(tmp_path, capsys):
   from srft_jax import study
+
   assert study.main(["--out", str(tmp_path), "--set", "multihost=True"]) == 2
   assert "one process" in capsys.readouterr().err
 
@@ -256,7 +290,9 @@ def test_remote_workdir_keeps_plain_files_local(tmp_path, monkeypatch):
   # process 0's disk under ~/srft_outputs (not to a local directory named "gs:").
   monkeypatch.setenv("HOME", str(tmp_path))
   assert train.local_dir("runs/x") == "runs/x"
-  assert train.local_dir("gs://bkt/runs/x/") == str(tmp_path / "srft_outputs" / "gs" / "bkt" / "runs" / "x")
+  assert train.local_dir("gs://bkt/runs/x/") == str(
+    tmp_path / "srft_outputs" / "gs" / "bkt" / "runs" / "x"
+  )
   # The warm-up's HF cache is plain file I/O: a remote place for it is refused up front.
   with pytest.raises(ValueError, match=r"config\.warmup\.dir"):
     train.run(DEFAULT.get_config(), "gs://bkt/runs/x")
@@ -270,6 +306,7 @@ def test_fewer_steps_than_done_is_refused(tmp_path):
 
 def test_cached_warmup_of_other_settings_is_refused(tmp_path):
   import types
+
   c = DEFAULT.get_config()
   with c.unlocked():
     c.warmup.dir = str(tmp_path / "base")
@@ -279,8 +316,12 @@ def test_cached_warmup_of_other_settings_is_refused(tmp_path):
   train.save_base(model, os.path.join(c.warmup.dir, "hf"), train.warmup_meta(c, mcfg))
   mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
   same = train.base_model(c, tok, mesh, str(tmp_path), scorer=None)  # the cache, reused
-  assert all(bool(jnp.array_equal(x, y)) for x, y in zip(
-      jax.tree.leaves(nnx.state(same, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))))
+  assert all(
+    bool(jnp.array_equal(x, y))
+    for x, y in zip(
+      jax.tree.leaves(nnx.state(same, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))
+    )
+  )
   for field, value in (("warmup.lr", 1e-2), ("model.num_layers", 2)):
     other = c.copy_and_resolve_references()
     with other.unlocked():
@@ -293,29 +334,53 @@ def test_cached_warmup_of_other_settings_is_refused(tmp_path):
 def _cli(module, *args):
   import subprocess
   import sys
+
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_command_line_mistakes_exit_2_with_a_message(tmp_path):
-  res = _cli("srft_jax.main", "--config=configs/default.py", "--config.method=foo",
-             f"--workdir={tmp_path / 'w'}")
+  res = _cli(
+    "srft_jax.main",
+    "--config=configs/default.py",
+    "--config.method=foo",
+    f"--workdir={tmp_path / 'w'}",
+  )
   assert res.returncode == 2 and "error: config.method" in res.stderr, res.stderr[-2000:]
-  res = _cli("srft_jax.evaluate", f"--checkpoint={tmp_path / 'missing'}", "--benchmarks=foo,math500")
+  res = _cli(
+    "srft_jax.evaluate", f"--checkpoint={tmp_path / 'missing'}", "--benchmarks=foo,math500"
+  )
   assert res.returncode == 2, res.stderr[-2000:]
   for part in ("--benchmarks: unknown ['foo']", "--checkpoint: no directory", "--data_dir"):
     assert part in res.stderr
   assert not (tmp_path / "missing").exists()  # nothing created under a wrong path
   from srft_jax import study
   from srft_jax.data import __main__ as data_cli
+
   assert study.main(["--out", str(tmp_path / "s"), "--methods", "foo", "--budget"]) == 2
   assert study.main(["--out", str(tmp_path / "s"), "--report-only"]) == 2
-  assert data_cli.main(["prepare", "task", "--task_sizes", "train4096",
-                        "--data_dir", str(tmp_path / "d")]) == 2
+  assert (
+    data_cli.main(
+      ["prepare", "task", "--task_sizes", "train4096", "--data_dir", str(tmp_path / "d")]
+    )
+    == 2
+  )
   # Splits not named keep their default sizes (was: KeyError on test_id).
-  assert data_cli.main(["prepare", "task", "--task_sizes", "train=8",
-                        "--data_dir", str(tmp_path / "d")]) == 0
+  assert (
+    data_cli.main(["prepare", "task", "--task_sizes", "train=8", "--data_dir", str(tmp_path / "d")])
+    == 0
+  )
   from srft_jax.data import builders
+
   assert len(builders.load_source(str(tmp_path / "d"), "task", "train")) == 8
-  assert len(builders.load_source(str(tmp_path / "d"), "task", "test_id")) == builders.DEFAULT_TASK_SIZES["test_id"]
+  assert (
+    len(builders.load_source(str(tmp_path / "d"), "task", "test_id"))
+    == builders.DEFAULT_TASK_SIZES["test_id"]
+  )

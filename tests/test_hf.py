@@ -28,25 +28,38 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 VOCAB, EMBED, MLP, LAYERS, HEADS, KV_HEADS = 96, 32, 64, 2, 4, 2
 HEAD_DIM = EMBED // HEADS
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0,
-               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               # small, so the test's positions reach the scaled frequencies
-               "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+  "rope_type": "llama3",
+  "rope_theta": 500_000.0,
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  # small, so the test's positions reach the scaled frequencies
+  "original_max_position_embeddings": 16,
+}
 
 
 def _hf_config(kind):
-  common = dict(vocab_size=VOCAB, hidden_size=EMBED, intermediate_size=MLP,
-                num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                num_key_value_heads=KV_HEADS, max_position_embeddings=256,
-                rms_norm_eps=1e-6)
+  common = dict(
+    vocab_size=VOCAB,
+    hidden_size=EMBED,
+    intermediate_size=MLP,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    num_key_value_heads=KV_HEADS,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+  )
   if kind == "qwen2":
     return transformers.Qwen2Config(tie_word_embeddings=False, rope_theta=10_000.0, **common)
   if kind == "llama_tied":
-    return transformers.LlamaConfig(tie_word_embeddings=True, rope_scaling=dict(LLAMA3_ROPE),
-                                    **common)
+    return transformers.LlamaConfig(
+      tie_word_embeddings=True, rope_scaling=dict(LLAMA3_ROPE), **common
+    )
   if kind == "llama_untied":
-    return transformers.LlamaConfig(tie_word_embeddings=False, rope_scaling=dict(LLAMA3_ROPE),
-                                    **common)
+    return transformers.LlamaConfig(
+      tie_word_embeddings=False, rope_scaling=dict(LLAMA3_ROPE), **common
+    )
   raise ValueError(kind)
 
 
@@ -103,9 +116,11 @@ def _hf_logits(ref, tokens, mask=None):
     if mask is None:
       return ref(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
-    return ref(torch.tensor(tokens, dtype=torch.long),
-               attention_mask=torch.tensor(mask, dtype=torch.long),
-               position_ids=torch.tensor(positions, dtype=torch.long)).logits.numpy()
+    return ref(
+      torch.tensor(tokens, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+      position_ids=torch.tensor(positions, dtype=torch.long),
+    ).logits.numpy()
 
 
 _forward = nnx.jit(model_lib.forward_logits)
@@ -124,6 +139,7 @@ def _params(model):
 # ----------------------------------------------------------------------------
 # Parity with transformers
 # ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_transformers(kind, checkpoints, our_logits):
@@ -147,7 +163,7 @@ def test_logits_match_transformers_left_padded(kind, checkpoints, our_logits):
   assert err <= TOL
   # and the padded rows' real tokens score as the same text would unpadded
   for row, pad in ((2, 5), (3, 17)):
-    alone = _hf_logits(ref, TOKENS[row:row + 1, pad:])[0]
+    alone = _hf_logits(ref, TOKENS[row : row + 1, pad:])[0]
     assert np.abs(our_logits[kind][row, pad:] - alone).max() <= TOL
 
 
@@ -166,13 +182,28 @@ def test_config_matches_checkpoint(checkpoints, loaded):
 
 
 def test_config_reads_transformers_4x_keys():
-  v4 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 100,
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
-        "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-5, "rope_theta": 123.0, "torch_dtype": "bfloat16",
-        "rope_scaling": {"type": "llama3", "factor": 4.0, "low_freq_factor": 2.0,
-                         "high_freq_factor": 8.0, "original_max_position_embeddings": 64},
-        "tie_word_embeddings": True}
+  v4 = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 100,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 123.0,
+    "torch_dtype": "bfloat16",
+    "rope_scaling": {
+      "type": "llama3",
+      "factor": 4.0,
+      "low_freq_factor": 2.0,
+      "high_freq_factor": 8.0,
+      "original_max_position_embeddings": 64,
+    },
+    "tie_word_embeddings": True,
+  }
   cfg = hf.config_from_hf(v4)
   assert cfg.rope_theta == 123.0
   assert cfg.rope_scaling == model_lib.RopeScaling(4.0, 2.0, 8.0, 64)
@@ -182,8 +213,9 @@ def test_config_reads_transformers_4x_keys():
   assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
   for name in ("qwen2_5_math_7b_rope40k", "llama3_2_1b", "qwen2_5_0_5b"):
     preset = model_lib.ModelConfig.preset(name)
-    back = hf.config_from_hf(hf.config_to_hf(preset), remat=preset.remat,
-                             attention=preset.attention)
+    back = hf.config_from_hf(
+      hf.config_to_hf(preset), remat=preset.remat, attention=preset.attention
+    )
     assert back == preset, name
 
 
@@ -191,14 +223,16 @@ def test_config_reads_transformers_4x_keys():
 # Export and round trips
 # ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["qwen2", "llama_tied"])
 def test_export_loads_in_transformers(kind, checkpoints, loaded, tmp_path):
   _, ref = checkpoints[kind]
   # a small shard limit forces model-0000i-of-0000n files + the index
   files = hf.save_model(loaded[kind], str(tmp_path), max_shard_bytes=20_000)
   assert len(files) > 1 and os.path.exists(tmp_path / hf.INDEX_FILE)
-  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path),
-                                                           attn_implementation="eager")
+  back = transformers.AutoModelForCausalLM.from_pretrained(
+    str(tmp_path), attn_implementation="eager"
+  )
   assert type(back) is type(ref)
   err = np.abs(_hf_logits(back, TOKENS, MASK) - _hf_logits(ref, TOKENS, MASK)).max()
   print(f"{kind}: export -> transformers: max |dlogits| = {err:.2e}")
@@ -210,11 +244,13 @@ def test_export_loads_in_transformers(kind, checkpoints, loaded, tmp_path):
 
 def test_export_keeps_token_ids_and_tokenizer_files(checkpoints, loaded, tmp_path):
   import types
+
   src = tmp_path / "src"
   src.mkdir()
   (src / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
   (src / "generation_config.json").write_text(
-      json.dumps({"eos_token_id": [7, 5], "pad_token_id": 6, "temperature": 0.6}))
+    json.dumps({"eos_token_id": [7, 5], "pad_token_id": 6, "temperature": 0.6})
+  )
   tok = types.SimpleNamespace(bos_id=None, eos_id=5, pad_id=6, stop_ids=(5, 7))
   hf.save_model(loaded["llama_tied"], str(tmp_path / "plain"), tokenizer=tok)
   config = transformers.AutoConfig.from_pretrained(str(tmp_path / "plain"))
@@ -246,8 +282,12 @@ def test_bfloat16_checkpoints(checkpoints, loaded, tmp_path):
   path, ref = checkpoints["qwen2"]
   ref16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
   ref16.save_pretrained(str(tmp_path / "hf_bf16"))
-  assert hf.read_header(str(tmp_path / "hf_bf16" / "model.safetensors"))[
-      "model.embed_tokens.weight"].dtype == "BF16"
+  assert (
+    hf.read_header(str(tmp_path / "hf_bf16" / "model.safetensors"))[
+      "model.embed_tokens.weight"
+    ].dtype
+    == "BF16"
+  )
   model = hf.load_model(str(tmp_path / "hf_bf16"), dtype=jnp.float32)
   q_hf = ref16.state_dict()["model.layers.1.self_attn.q_proj.weight"].float().numpy()
   q = np.asarray(model.layers[1].attn.q[...])  # [D, N, H]
@@ -265,14 +305,16 @@ def test_bfloat16_checkpoints(checkpoints, loaded, tmp_path):
 # Sharded loading on the forced 8-device mesh
 # ----------------------------------------------------------------------------
 
+
 @pytest.mark.multidevice
-@pytest.mark.parametrize("mesh_shape,q_spec,embed_spec,down_spec", [
+@pytest.mark.parametrize(
+  "mesh_shape,q_spec,embed_spec,down_spec",
+  [
     ({"data": 2, "tensor": 4}, P(None, "tensor", None), P("tensor", None), P("tensor", None)),
-    ({"fsdp": 2, "tensor": 4}, P("fsdp", "tensor", None), P("tensor", "fsdp"),
-     P("tensor", "fsdp")),
-])
-def test_sharded_load(mesh_shape, q_spec, embed_spec, down_spec, checkpoints, loaded,
-                      our_logits):
+    ({"fsdp": 2, "tensor": 4}, P("fsdp", "tensor", None), P("tensor", "fsdp"), P("tensor", "fsdp")),
+  ],
+)
+def test_sharded_load(mesh_shape, q_spec, embed_spec, down_spec, checkpoints, loaded, our_logits):
   path, _ = checkpoints["qwen2"]
   mesh = shd.make_mesh(mesh_shape)
   model = hf.load_model(path, mesh=mesh)
@@ -287,15 +329,15 @@ def test_sharded_load(mesh_shape, q_spec, embed_spec, down_spec, checkpoints, lo
 
   single = _params(loaded["qwen2"])
   expected = {
-      ("layers", 0, "attn", "q"): q_spec,
-      ("layers", 1, "attn", "o"): P("tensor", None, "fsdp" if "fsdp" in mesh_shape else None),
-      # K=2 kv heads do not divide tensor=4: replicated over tensor
-      ("layers", 1, "attn", "k"): P("fsdp" if "fsdp" in mesh_shape else None, None, None),
-      ("layers", 0, "mlp", "down"): down_spec,
-      ("layers", 0, "attn", "q_bias"): P("tensor", None),
-      ("embed",): embed_spec,
-      ("lm_head",): P(embed_spec[1], "tensor"),
-      ("final_norm", "scale"): P(None),
+    ("layers", 0, "attn", "q"): q_spec,
+    ("layers", 1, "attn", "o"): P("tensor", None, "fsdp" if "fsdp" in mesh_shape else None),
+    # K=2 kv heads do not divide tensor=4: replicated over tensor
+    ("layers", 1, "attn", "k"): P("fsdp" if "fsdp" in mesh_shape else None, None, None),
+    ("layers", 0, "mlp", "down"): down_spec,
+    ("layers", 0, "attn", "q_bias"): P("tensor", None),
+    ("embed",): embed_spec,
+    ("lm_head",): P(embed_spec[1], "tensor"),
+    ("final_norm", "scale"): P(None),
   }
   params = _params(model)
   for key, spec in expected.items():
@@ -334,20 +376,34 @@ def test_sharded_load_with_custom_rules(checkpoints, loaded, monkeypatch):
     block = real_read(self, name, index)
     reads.append((name, block.size))
     return block
+
   monkeypatch.setattr(hf._Reader, "__call__", spy)
   mesh = shd.make_mesh({"fsdp": 2, "tensor": 4})
-  rules = tuple((name, {"head_dim": "tensor", "heads": "fsdp", "kv_heads": "fsdp",
-                        "vocab": "fsdp", "embed": "tensor", "mlp": None}.get(name, axes))
-                for name, axes in shd.DEFAULT_RULES)
+  rules = tuple(
+    (
+      name,
+      {
+        "head_dim": "tensor",
+        "heads": "fsdp",
+        "kv_heads": "fsdp",
+        "vocab": "fsdp",
+        "embed": "tensor",
+        "mlp": None,
+      }.get(name, axes),
+    )
+    for name, axes in shd.DEFAULT_RULES
+  )
   model = hf.load_model(path, mesh=mesh, rules=rules)
   assert model.cfg.rules == rules
   params = _params(model)
-  specs = {("layers", 0, "attn", "q"): P("tensor", "fsdp", None),  # tensor taken by embed
-           # o_proj [D, N*H]: both parts of the merged dim cut
-           ("layers", 0, "attn", "o"): P("fsdp", "tensor", None),
-           ("layers", 0, "attn", "k_bias"): P("fsdp", "tensor"),
-           ("layers", 1, "mlp", "up"): P("tensor", None),
-           ("embed",): P("fsdp", "tensor")}
+  specs = {
+    ("layers", 0, "attn", "q"): P("tensor", "fsdp", None),  # tensor taken by embed
+    # o_proj [D, N*H]: both parts of the merged dim cut
+    ("layers", 0, "attn", "o"): P("fsdp", "tensor", None),
+    ("layers", 0, "attn", "k_bias"): P("fsdp", "tensor"),
+    ("layers", 1, "mlp", "up"): P("tensor", None),
+    ("embed",): P("fsdp", "tensor"),
+  }
   for key, spec in specs.items():
     assert params[key].get_value().sharding.spec == spec, key
   lm_head = [size for name, size in reads if name == "lm_head.weight"]
@@ -363,6 +419,7 @@ def test_sharded_load_with_custom_rules(checkpoints, loaded, monkeypatch):
 # ----------------------------------------------------------------------------
 # Malformed checkpoints
 # ----------------------------------------------------------------------------
+
 
 def _copy_with(src, dst, edit_tensors=None, edit_config=None):
   os.makedirs(dst)
@@ -385,48 +442,63 @@ def test_malformed_checkpoints_name_the_problem(checkpoints, tmp_path):
   name = "model.layers.1.mlp.up_proj.weight"
 
   missing = _copy_with(src, str(tmp_path / "missing"), lambda t: t.pop(name))
-  with pytest.raises(hf.CheckpointError, match=rf"missing tensor '{name}' \(expected shape \[64, 32\]\)"):
+  with pytest.raises(
+    hf.CheckpointError, match=rf"missing tensor '{name}' \(expected shape \[64, 32\]\)"
+  ):
     hf.load_model(missing)
 
   def reshape(t):
     t[name] = np.zeros((MLP, EMBED + 1), np.float32)
+
   wrong = _copy_with(src, str(tmp_path / "wrong"), reshape)
-  with pytest.raises(hf.CheckpointError,
-                     match=rf"tensor '{name}' has shape \[64, 33\], expected \[64, 32\]"):
+  with pytest.raises(
+    hf.CheckpointError, match=rf"tensor '{name}' has shape \[64, 33\], expected \[64, 32\]"
+  ):
     hf.load_model(wrong)
 
   def extra(t):
     t["model.layers.0.mlp.up_proj.bias"] = np.zeros((MLP,), np.float32)
+
   unexpected = _copy_with(src, str(tmp_path / "extra"), extra)
-  with pytest.raises(hf.CheckpointError, match=r"unexpected tensor 'model.layers.0.mlp.up_proj.bias'"):
+  with pytest.raises(
+    hf.CheckpointError, match=r"unexpected tensor 'model.layers.0.mlp.up_proj.bias'"
+  ):
     hf.load_model(unexpected)
 
   def gpt2(cfg):
     cfg["model_type"] = "gpt2"
+
   unknown = _copy_with(src, str(tmp_path / "gpt2"), edit_config=gpt2)
   with pytest.raises(hf.CheckpointError, match=r"unknown model_type 'gpt2'"):
     hf.load_model(unknown)
 
   def mistral(cfg):
     cfg["architectures"] = ["Qwen2ForSequenceClassification"]
+
   unknown_arch = _copy_with(src, str(tmp_path / "arch"), edit_config=mistral)
   with pytest.raises(hf.CheckpointError, match=r"Qwen2ForSequenceClassification"):
     hf.load_model(unknown_arch)
 
   def yarn(cfg):
     cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+
   with pytest.raises(hf.CheckpointError, match=r"rope_type 'yarn'"):
     hf.load_model(_copy_with(src, str(tmp_path / "yarn"), edit_config=yarn))
 
   def yarn_legacy(cfg):  # Qwen2.5's documented edit: a 4.x block beside 5.x's "default"
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4}
     cfg["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+
   with pytest.raises(hf.CheckpointError, match=r"rope_type 'yarn'"):
     hf.load_model(_copy_with(src, str(tmp_path / "yarn_legacy"), edit_config=yarn_legacy))
   with pytest.raises(hf.CheckpointError, match=r"needs a 'factor'"):
-    hf.config_from_hf({**hf.config_to_hf(model_lib.ModelConfig.preset("llama3_2_1b")),
-                       "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5},
-                       "rope_scaling": None})
+    hf.config_from_hf(
+      {
+        **hf.config_to_hf(model_lib.ModelConfig.preset("llama3_2_1b")),
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5},
+        "rope_scaling": None,
+      }
+    )
 
   llama_cfg = hf.config_to_hf(model_lib.ModelConfig.preset("llama3_2_1b"))
   with pytest.raises(hf.CheckpointError, match=r"attention_bias"):
@@ -436,6 +508,7 @@ def test_malformed_checkpoints_name_the_problem(checkpoints, tmp_path):
 # ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
+
 
 def test_info_cli(checkpoints, tmp_path, capsys):
   path, ref = checkpoints["llama_tied"]
@@ -448,8 +521,9 @@ def test_info_cli(checkpoints, tmp_path, capsys):
   assert "dtype: float32" in out and "warning" not in out
 
   path, ref = checkpoints["qwen2"]
-  hf.save_model(hf.load_model(path), str(tmp_path / "sharded"), dtype=jnp.bfloat16,
-                max_shard_bytes=10_000)
+  hf.save_model(
+    hf.load_model(path), str(tmp_path / "sharded"), dtype=jnp.bfloat16, max_shard_bytes=10_000
+  )
   info = hf.checkpoint_info(str(tmp_path / "sharded"))
   assert info["num_params"] == sum(p.numel() for p in ref.parameters())
   assert info["num_files"] > 1 and info["dtype"] == "bfloat16"

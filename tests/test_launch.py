@@ -23,7 +23,7 @@ def env(tmp_path):
   calls = tmp_path / "calls.log"
   for name in STUBS:
     stub = bin_dir / name
-    stub.write_text(f"#!/bin/sh\necho {name} \"$@\" >> {calls}\nexit 99\n")
+    stub.write_text(f'#!/bin/sh\necho {name} "$@" >> {calls}\nexit 99\n')
     stub.chmod(0o755)
   e = dict(os.environ)
   e["PATH"] = f"{bin_dir}:{e['PATH']}"
@@ -36,8 +36,14 @@ def env(tmp_path):
 
 def _run(script, args, env, expect_rc=0, extra_env=None):
   e = dict(env, **(extra_env or {}))
-  out = subprocess.run(["bash", str(ROOT / "launch" / script), *args], env=e, cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+  out = subprocess.run(
+    ["bash", str(ROOT / "launch" / script), *args],
+    env=e,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert out.returncode == expect_rc, out.stdout + out.stderr
   calls = Path(env["_CALLS"])
   assert not calls.exists(), f"a dry run reached out: {calls.read_text()}"
@@ -63,10 +69,19 @@ POD = ["--name=srft7b", "--zone=us-east5-a", "--bucket=gs://bkt", "--dry-run"]
 
 
 def test_tpu_pod_fresh_slice(env):
-  out, _ = _run("tpu_pod.sh", POD + ["--accelerator-type=v5p-64", "--spot",
-                                     "--config=configs/srft_7b_tpu.py:fsdp_tensor",
-                                     "--model-gcs=gs://bkt/models/Q7", "--data-gcs=gs://bkt/data",
-                                     "--config.steps=100"], env)
+  out, _ = _run(
+    "tpu_pod.sh",
+    POD
+    + [
+      "--accelerator-type=v5p-64",
+      "--spot",
+      "--config=configs/srft_7b_tpu.py:fsdp_tensor",
+      "--model-gcs=gs://bkt/models/Q7",
+      "--data-gcs=gs://bkt/data",
+      "--config.steps=100",
+    ],
+    env,
+  )
   cmds = _commands(out)
   create = next(c for c in cmds if c[4:5] == ["create"])
   assert "srft7b" in create and "--zone=us-east5-a" in create
@@ -83,9 +98,14 @@ def test_tpu_pod_fresh_slice(env):
   assert any("gs://bkt/data" in r for r in remote)
   train = remote[-1]
   assert "-m srft_jax.main" in train and "nohup" in train
-  for flag in ("--config=configs/srft_7b_tpu.py:fsdp_tensor", "--workdir=gs://bkt/runs/srft7b",
-               "--config.multihost=True", "--config.model.hf_path=/tmp/srft_model",
-               "--config.data.data_dir=/tmp/srft_data", "--config.steps=100"):
+  for flag in (
+    "--config=configs/srft_7b_tpu.py:fsdp_tensor",
+    "--workdir=gs://bkt/runs/srft7b",
+    "--config.multihost=True",
+    "--config.model.hf_path=/tmp/srft_model",
+    "--config.data.data_dir=/tmp/srft_data",
+    "--config.steps=100",
+  ):
     assert flag in train, flag
   # create -> copy -> install -> train, in that order
   order = [i for i, c in enumerate(cmds) if c[4:5] in (["create"], ["scp"])]
@@ -93,8 +113,18 @@ def test_tpu_pod_fresh_slice(env):
 
 
 def test_tpu_pod_topology_and_preemptible(env):
-  out, _ = _run("tpu_pod.sh", POD + ["--topology=v5e:4x4", "--preemptible", "--project=p1",
-                                     "--repo=https://example.com/srft-jax.git", "--ref=v1"], env)
+  out, _ = _run(
+    "tpu_pod.sh",
+    POD
+    + [
+      "--topology=v5e:4x4",
+      "--preemptible",
+      "--project=p1",
+      "--repo=https://example.com/srft-jax.git",
+      "--ref=v1",
+    ],
+    env,
+  )
   cmds = _commands(out)
   create = next(c for c in cmds if c[4:5] == ["create"])
   assert "--type=v5litepod" in create and "--topology=4x4" in create and "--preemptible" in create
@@ -117,12 +147,15 @@ def test_tpu_pod_resume_only_restarts_training(env):
   assert "resume" in out
 
 
-@pytest.mark.parametrize("args,msg", [
+@pytest.mark.parametrize(
+  "args,msg",
+  [
     (["--zone=z", "--accelerator-type=v5p-8", "--bucket=gs://b"], "--name"),
     (["--name=n", "--accelerator-type=v5p-8", "--bucket=gs://b"], "--zone"),
     (["--name=n", "--zone=z", "--bucket=gs://b"], "--accelerator-type"),
     (["--name=n", "--zone=z", "--accelerator-type=v5p-8"], "--bucket"),
-])
+  ],
+)
 def test_tpu_pod_required_flags(env, args, msg):
   _, err = _run("tpu_pod.sh", args + ["--dry-run"], env, expect_rc=2)
   assert msg in err
@@ -145,8 +178,11 @@ def test_gpu(env):
   assert len(_commands(out)) == 1  # no install unless asked
   _run("gpu.sh", ["--cuda=11", "--dry-run"], env, expect_rc=2)
   # The documented space-separated forms too.
-  out, _ = _run("gpu.sh", ["--dry-run", "--venv", "/opt/v", "--workdir", "runs/s", "--config",
-                           "configs/default.py"], env)
+  out, _ = _run(
+    "gpu.sh",
+    ["--dry-run", "--venv", "/opt/v", "--workdir", "runs/s", "--config", "configs/default.py"],
+    env,
+  )
   run = _commands(out)[-1]
   assert "/opt/v/bin/python" in run and "--workdir=runs/s" in run
   assert "--config=configs/default.py" in run and "--venv" not in run
@@ -155,9 +191,12 @@ def test_gpu(env):
 def test_slurm(env):
   text = (ROOT / "launch" / "slurm.sbatch").read_text()
   assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --gpus-per-node=" in text
-  out, _ = _run("slurm.sbatch", ["--dry-run", "--config=configs/srft_7b_tpu.py",
-                                 "--workdir=/shared/r", "--config.steps=3"], env,
-                extra_env={"SLURM_JOB_ID": "1234", "HEAD_NODE": "node001", "GPUS_PER_NODE": "4"})
+  out, _ = _run(
+    "slurm.sbatch",
+    ["--dry-run", "--config=configs/srft_7b_tpu.py", "--workdir=/shared/r", "--config.steps=3"],
+    env,
+    extra_env={"SLURM_JOB_ID": "1234", "HEAD_NODE": "node001", "GPUS_PER_NODE": "4"},
+  )
   (cmd,) = _commands(out)
   assert cmd[0] == "srun" and "--ntasks-per-node=1" in cmd
   coord = next(w for w in cmd if w.startswith("JAX_COORDINATOR_ADDRESS="))
@@ -165,14 +204,19 @@ def test_slurm(env):
   assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3" in cmd
   i = cmd.index("-m")
   assert cmd[i + 1] == "srft_jax.main"
-  for flag in ("--config.multihost=True", "--config=configs/srft_7b_tpu.py",
-               "--workdir=/shared/r", "--config.steps=3"):
+  for flag in (
+    "--config.multihost=True",
+    "--config=configs/srft_7b_tpu.py",
+    "--workdir=/shared/r",
+    "--config.steps=3",
+  ):
     assert flag in cmd
 
 
 def test_local(env):
-  out, _ = _run("local.sh", ["--dry-run", "--workdir=runs/x", "--config.steps=5",
-                             "--config.notes=a b"], env)
+  out, _ = _run(
+    "local.sh", ["--dry-run", "--workdir=runs/x", "--config.steps=5", "--config.notes=a b"], env
+  )
   words = shlex.split(out)  # the printed line is shell-quoted
   assert "srft_jax.main" in words and "--workdir=runs/x" in words and "--config.steps=5" in words
   assert "--config.notes=a b" in words

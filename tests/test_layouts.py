@@ -17,17 +17,25 @@ from srft_jax import sharding as shd
 from srft_jax import train
 
 LAYOUTS = {
-    "data8": {"data": 8},
-    "fsdp8": {"fsdp": 8},
-    "fsdp2_tensor4": {"fsdp": 2, "tensor": 4},
-    "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
+  "data8": {"data": 8},
+  "fsdp8": {"fsdp": 8},
+  "fsdp2_tensor4": {"fsdp": 2, "tensor": 4},
+  "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
 }
 # GQA with heads, kv heads, mlp and vocab divisible by 4 and embed by 8, so every
 # rule of every layout really splits something.
-CFG = model_lib.ModelConfig(vocab_size=256, embed_dim=64, mlp_dim=128, num_layers=1,
-                            num_heads=8, num_kv_heads=4, head_dim=16, max_seq_len=64)
+CFG = model_lib.ModelConfig(
+  vocab_size=256,
+  embed_dim=64,
+  mlp_dim=128,
+  num_layers=1,
+  num_heads=8,
+  num_kv_heads=4,
+  head_dim=16,
+  max_seq_len=64,
+)
 LAYOUT = train.GroupLayout(n_rollouts=3, n_demos=1)
-PROMPTS, P, R = 4, 8, 8   # 16 rows of 16 tokens
+PROMPTS, P, R = 4, 8, 8  # 16 rows of 16 tokens
 STEPS = 2
 
 
@@ -46,7 +54,7 @@ def _host_batch(seed=0):
   dlen = rng.integers(2, R + 1, b)
   dmask = (np.arange(R)[None] < dlen[:, None]).astype(np.int32)
   rewards = rng.integers(0, 2, b * LAYOUT.size).astype(np.float32)
-  rewards[LAYOUT.size - 1::LAYOUT.size] = 1.0  # demos are correct
+  rewards[LAYOUT.size - 1 :: LAYOUT.size] = 1.0  # demos are correct
   return ptok * pmask, pmask, rtok * rmask, rmask, rlogp, dtok * dmask, dmask, rewards
 
 
@@ -56,8 +64,12 @@ def _setup():
   # smooth in g, so float reduction-order noise cannot flip a sign.
   tx, _ = train.make_optimizer(1e-2, steps=STEPS, eps=0.1, clip_norm=1.0)
   step_cfg = train.StepConfig(loss=lc, minibatches=2, microbatches=2, logit_chunk=64)
-  batch = train.assemble_batch(*map(jnp.asarray, _host_batch()), layout=LAYOUT,
-                               adv_normalize_std=lc.adv_normalize_std, adv_eps=lc.adv_eps)
+  batch = train.assemble_batch(
+    *map(jnp.asarray, _host_batch()),
+    layout=LAYOUT,
+    adv_normalize_std=lc.adv_normalize_std,
+    adv_eps=lc.adv_eps,
+  )
   return tx, step_cfg, jax.device_get(batch)
 
 
@@ -77,7 +89,9 @@ def _run(mesh):
     return losses, state
   state_sh = train.state_shardings(state, mesh, CFG.rules)
   state = jax.device_put(state, state_sh)
-  batch_sh = {k: shd.batch_sharding(mesh, v.ndim, CFG.rules, v.shape) for k, v in host_batch.items()}
+  batch_sh = {
+    k: shd.batch_sharding(mesh, v.ndim, CFG.rules, v.shape) for k, v in host_batch.items()
+  }
   batch = jax.device_put(host_batch, batch_sh)
   fn = train._jitted_step(graphdef, tx, step_cfg, train._freeze(state_sh), train._freeze(batch_sh))
   losses = []
@@ -129,15 +143,17 @@ def test_layout_matches_one_device(name, reference):
 def test_rules_split_the_expected_axes():
   """Spot checks of what each layout does to a [D, F] MLP weight and [V, D] embedding."""
   cases = {
-      "data8": ((None, None), (None, None)),
-      "fsdp8": (("fsdp", None), (None, "fsdp")),
-      "fsdp2_tensor4": (("fsdp", "tensor"), ("tensor", "fsdp")),
-      "data2_fsdp2_tensor2": (("fsdp", "tensor"), ("tensor", "fsdp")),
+    "data8": ((None, None), (None, None)),
+    "fsdp8": (("fsdp", None), (None, "fsdp")),
+    "fsdp2_tensor4": (("fsdp", "tensor"), ("tensor", "fsdp")),
+    "data2_fsdp2_tensor2": (("fsdp", "tensor"), ("tensor", "fsdp")),
   }
   for name, (mlp, embed) in cases.items():
     mesh = shd.make_mesh(LAYOUTS[name])
     got_mlp = shd.logical_to_spec(("embed", "mlp"), CFG.rules, mesh, (CFG.embed_dim, CFG.mlp_dim))
-    got_emb = shd.logical_to_spec(("vocab", "embed"), CFG.rules, mesh, (CFG.vocab_size, CFG.embed_dim))
+    got_emb = shd.logical_to_spec(
+      ("vocab", "embed"), CFG.rules, mesh, (CFG.vocab_size, CFG.embed_dim)
+    )
     assert tuple(got_mlp) == mlp, (name, got_mlp)
     assert tuple(got_emb) == embed, (name, got_emb)
     rows = shd.batch_sharding(mesh, 2, CFG.rules, (PROMPTS * LAYOUT.size, P + R)).spec[0]
@@ -145,12 +161,16 @@ def test_rules_split_the_expected_axes():
     assert (rows if isinstance(rows, tuple) else (rows,)) == data_axes, (name, rows)
 
 
-
-@pytest.mark.parametrize("shape,message", [
-    ({"data": 0}, "must be positive"), ({"data": -2, "fsdp": 4}, "must be positive"),
-    ({"data": -1, "fsdp": -1}, "at most one axis"), ({"data": 3}, "need 3 devices"),
+@pytest.mark.parametrize(
+  "shape,message",
+  [
+    ({"data": 0}, "must be positive"),
+    ({"data": -2, "fsdp": 4}, "must be positive"),
+    ({"data": -1, "fsdp": -1}, "at most one axis"),
+    ({"data": 3}, "need 3 devices"),
     ({"pipeline": 2}, "unknown axis"),
-])
+  ],
+)
 def test_bad_mesh_shapes_name_the_problem(shape, message):
   with pytest.raises(ValueError, match=message):
     shd.make_mesh(shape)

@@ -18,8 +18,18 @@ from flax import nnx
 from srft_jax import model as model_lib
 
 CFG = model_lib.ModelConfig(
-    model_type="qwen2", vocab_size=64, embed_dim=32, mlp_dim=64, num_layers=2, num_heads=4,
-    num_kv_heads=2, head_dim=8, rope_theta=10_000.0, qkv_bias=True, tie_embeddings=False)
+  model_type="qwen2",
+  vocab_size=64,
+  embed_dim=32,
+  mlp_dim=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  rope_theta=10_000.0,
+  qkv_bias=True,
+  tie_embeddings=False,
+)
 B, T = 2, 14
 _forward = nnx.jit(model_lib.forward_logits)
 
@@ -28,8 +38,10 @@ def _build(cfg, values):
   """A Transformer with the given parameter values (path -> array), cast to
   cfg's param dtype. Built from abstract shapes: no random init to compile."""
   graphdef, state = nnx.split(model_lib.abstract_model(cfg))
-  flat = [(path, var.replace(jnp.asarray(np.asarray(values[path]).astype(var.get_value().dtype))))
-          for path, var in nnx.to_flat_state(state)]
+  flat = [
+    (path, var.replace(jnp.asarray(np.asarray(values[path]).astype(var.get_value().dtype))))
+    for path, var in nnx.to_flat_state(state)
+  ]
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -63,6 +75,7 @@ def _tokens(seed, shape=(B, T)):
 # Decoding with a KV cache
 # ----------------------------------------------------------------------------
 
+
 @nnx.jit
 def _step(model, tokens, positions, mask, cache):
   return model(tokens, positions, mask, cache=cache)
@@ -80,13 +93,15 @@ def test_kv_cache_decoding_matches_full_forward(model):
 
   cache = model.init_cache(B, 16)  # 2 slots more than needed stay masked out
   positions = np.asarray(model_lib.positions_from_mask(mask))
-  logits, cache = _step(model, tokens[:, :prompt_len], positions[:, :prompt_len],
-                        mask[:, :prompt_len], cache)
+  logits, cache = _step(
+    model, tokens[:, :prompt_len], positions[:, :prompt_len], mask[:, :prompt_len], cache
+  )
   real = mask[:, :prompt_len].astype(bool)
   errs = [np.abs(np.asarray(logits) - full[:, :prompt_len])[real].max()]
   for t in range(prompt_len, T):
-    logits, cache = _step(model, tokens[:, t:t + 1], positions[:, t:t + 1],
-                          mask[:, t:t + 1], cache)
+    logits, cache = _step(
+      model, tokens[:, t : t + 1], positions[:, t : t + 1], mask[:, t : t + 1], cache
+    )
     assert logits.shape == (B, 1, CFG.vocab_size)
     errs.append(np.abs(np.asarray(logits)[:, 0] - full[:, t]).max())
   assert int(cache["index"]) == T
@@ -110,13 +125,17 @@ def test_kv_cache_two_chunk_prefill(model):
   assert np.abs(got - full)[mask.astype(bool)].max() <= 1e-5
 
 
-@pytest.mark.parametrize("changes,weight_first", [
-    ({}, True),                                           # qwen2: qkv bias, untied head
-    ({}, False),                                          # the accelerators' operand order
+@pytest.mark.parametrize(
+  "changes,weight_first",
+  [
+    ({}, True),  # qwen2: qkv bias, untied head
+    ({}, False),  # the accelerators' operand order
     ({"model_type": "llama", "qkv_bias": False, "tie_embeddings": True}, True),
-    ({"num_kv_heads": 1}, True),                          # all query heads in one group
-    ({"num_kv_heads": 4}, True),                          # one query head per kv head
-], ids=["qwen2", "qwen2_x_first", "llama_tied", "mqa", "mha"])
+    ({"num_kv_heads": 1}, True),  # all query heads in one group
+    ({"num_kv_heads": 4}, True),  # one query head per kv head
+  ],
+  ids=["qwen2", "qwen2_x_first", "llama_tied", "mqa", "mha"],
+)
 def test_decode_weights_give_the_plain_logits(changes, weight_first, monkeypatch):
   """Prefill + decode from `decode_weights()` (fused q/k/v and gate/up) gives
   the logits and cache of the model's own parameters, with either operand
@@ -134,7 +153,9 @@ def test_decode_weights_give_the_plain_logits(changes, weight_first, monkeypatch
     logits, cache = step(m, tokens[:, :8], positions[:, :8], mask[:, :8], cache)
     got = [np.asarray(logits)]
     for t in range(8, T):
-      logits, cache = step(m, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+      logits, cache = step(
+        m, tokens[:, t : t + 1], positions[:, t : t + 1], mask[:, t : t + 1], cache
+      )
       got.append(np.asarray(logits))
     outs.append(np.concatenate(got, axis=1))
     caches.append(cache)
@@ -150,12 +171,11 @@ def test_dense_out_major_orders_agree_with_einsum(n_in, shape_w):
   other backends' x-first) equal the plain contraction, output dims last."""
   rs = np.random.RandomState(0)
   w = rs.randn(*shape_w).astype(np.float32)
-  x = rs.randn(2, 3, *shape_w[len(shape_w) - n_in:]).astype(np.float32)
-  want = np.tensordot(x, w, axes=(list(range(2, 2 + n_in)),
-                                  list(range(w.ndim - n_in, w.ndim))))
+  x = rs.randn(2, 3, *shape_w[len(shape_w) - n_in :]).astype(np.float32)
+  want = np.tensordot(x, w, axes=(list(range(2, 2 + n_in)), list(range(w.ndim - n_in, w.ndim))))
   for first in (True, False):
     got = model_lib.dense_out_major(jnp.asarray(x), jnp.asarray(w), n_in, weight_first=first)
-    assert got.shape == (2, 3) + shape_w[:w.ndim - n_in]
+    assert got.shape == (2, 3) + shape_w[: w.ndim - n_in]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
@@ -189,9 +209,11 @@ def test_decode_weights_layout_and_dtype():
   np.testing.assert_array_equal(np.asarray(w["unembed"]), bf(m.lm_head[...]).T)
 
 
-@pytest.mark.parametrize("changes", [{}, {"remat": "dots"},
-                                     {"attention": "chunked", "attention_chunk": 4}],
-                         ids=["plain", "remat", "chunked"])
+@pytest.mark.parametrize(
+  "changes",
+  [{}, {"remat": "dots"}, {"attention": "chunked", "attention_chunk": 4}],
+  ids=["plain", "remat", "chunked"],
+)
 def test_shared_prefix_forward_equals_full_rows(changes):
   """Groups of 3 rows sharing a (left-padded) prompt, with right-padded
   responses: the prompt run once per group gives the full forward's hidden
@@ -206,8 +228,9 @@ def test_shared_prefix_forward_equals_full_rows(changes):
   rm[4, 1:] = 0
   tokens = np.concatenate([np.repeat(pt, g, 0), rt], 1)
   mask = np.concatenate([np.repeat(pm, g, 0), rm], 1)
-  full, _ = nnx.jit(lambda m, t, k: m(t, model_lib.positions_from_mask(k), k,
-                                      return_hidden=True))(m, tokens, mask)
+  full, _ = nnx.jit(lambda m, t, k: m(t, model_lib.positions_from_mask(k), k, return_hidden=True))(
+    m, tokens, mask
+  )
   hp, hr = nnx.jit(lambda m, *a: m.forward_shared_prefix(*a))(m, pt, pm, rt, rm)
   full = np.asarray(full)
   assert hp.shape == (groups, p, CFG.embed_dim) and hr.shape == (groups * g, r, CFG.embed_dim)
@@ -222,6 +245,7 @@ def test_shared_prefix_forward_equals_full_rows(changes):
 # Causality and padding
 # ----------------------------------------------------------------------------
 
+
 def test_causality(model):
   tokens = _tokens(3)
   changed = tokens.copy()
@@ -229,7 +253,7 @@ def test_causality(model):
   a = np.asarray(_forward(model, tokens, np.ones_like(tokens)))
   b = np.asarray(_forward(model, changed, np.ones_like(tokens)))
   np.testing.assert_array_equal(a[:, :9], b[:, :9])  # the past cannot see the future
-  assert np.abs(a[:, 9:] - b[:, 9:]).max() > 1e-3   # the present and future do
+  assert np.abs(a[:, 9:] - b[:, 9:]).max() > 1e-3  # the present and future do
 
 
 def test_padding_invariance(model):
@@ -239,22 +263,24 @@ def test_padding_invariance(model):
   pad = 3
   mask = np.zeros((B, T), np.int32)
   mask[0, pad:] = 1
-  mask[1, :T - pad] = 1
+  mask[1, : T - pad] = 1
   outs = []
   for junk_seed in (5, 6):
     tokens = _tokens(junk_seed)
     tokens[0, pad:] = text
-    tokens[1, :T - pad] = text
+    tokens[1, : T - pad] = text
     outs.append(np.asarray(_forward(model, tokens, mask)))
   for out in outs:
-    assert np.abs(out[0, pad:] - out[1, :T - pad]).max() <= 1e-5
-  np.testing.assert_allclose(outs[0][mask.astype(bool)], outs[1][mask.astype(bool)],
-                             rtol=0, atol=1e-6)
+    assert np.abs(out[0, pad:] - out[1, : T - pad]).max() <= 1e-5
+  np.testing.assert_allclose(
+    outs[0][mask.astype(bool)], outs[1][mask.astype(bool)], rtol=0, atol=1e-6
+  )
 
 
 # ----------------------------------------------------------------------------
 # Numerics and memory-saving variants
 # ----------------------------------------------------------------------------
+
 
 def test_bfloat16_compute_is_close_to_float32(model):
   tokens = _tokens(7)
@@ -269,8 +295,9 @@ def test_bfloat16_compute_is_close_to_float32(model):
     print(f"{changes}: max |dlogits| vs float32 = {err:.3f} (max |logit| {np.abs(ref).max():.2f})")
     assert err <= 0.05 * np.abs(ref).max()
     assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.999
-  hidden, _ = low(jnp.asarray(tokens), model_lib.positions_from_mask(mask), jnp.asarray(mask),
-                  return_hidden=True)
+  hidden, _ = low(
+    jnp.asarray(tokens), model_lib.positions_from_mask(mask), jnp.asarray(mask), return_hidden=True
+  )
   assert hidden.dtype == jnp.bfloat16 and hidden.shape == (B, T, CFG.embed_dim)
 
 
@@ -278,6 +305,7 @@ def _loss_and_grads(model, tokens, mask, weights):
   def loss(m):
     logits = model_lib.forward_logits(m, tokens, mask)
     return jnp.sum(jax.nn.log_softmax(logits) * weights), logits
+
   (value, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
   return value, logits, grads
 
@@ -285,17 +313,20 @@ def _loss_and_grads(model, tokens, mask, weights):
 _loss_and_grads_jit = nnx.jit(_loss_and_grads)
 
 
-@pytest.mark.parametrize("changes", [
+@pytest.mark.parametrize(
+  "changes",
+  [
     {"remat": "full"},
     # 14 queries = 3 blocks of 4 + padding; "dots" saves matmul outputs only
     {"remat": "dots", "attention": "chunked", "attention_chunk": 4},
     # real tokens moved to the front, plain causal attention (XLA's off the GPU)
     {"remat": "dots", "attention": "cudnn"},
-])
+  ],
+)
 def test_remat_and_chunked_attention_match_plain(model, changes):
   tokens = _tokens(8)
   mask = np.ones((B, T), np.int32)
-  mask[1, :4] = 0   # a left-padded prompt ...
+  mask[1, :4] = 0  # a left-padded prompt ...
   mask[1, -3:] = 0  # ... and a right-padded response, as the trainer lays rows out
   mask[0, -1:] = 0
   weights = np.random.RandomState(9).normal(size=(B, T, CFG.vocab_size)).astype(np.float32)
@@ -320,6 +351,7 @@ def test_remat_and_chunked_attention_match_plain(model, changes):
 # ----------------------------------------------------------------------------
 # The 7B preset from abstract shapes
 # ----------------------------------------------------------------------------
+
 
 def test_qwen2_5_math_7b_eval_shape_has_7_6b_params():
   cfg = model_lib.ModelConfig.preset("qwen2_5_math_7b")

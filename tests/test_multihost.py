@@ -21,13 +21,25 @@ STEPS = 4
 pytestmark = pytest.mark.slow
 
 OVERRIDES = [
-    "--config.steps=%d" % STEPS, "--config.warmup.steps=0", "--config.eval.before=False",
-    "--config.eval.after=False", "--config.log.progress=False", "--config.log.tensorboard=False",
-    "--config.log.plots=False", "--config.checkpoint.every=1", "--config.checkpoint.keep=10",
-    "--config.batch.prompts_per_step=4", "--config.rollout.n_rollouts=3",
-    "--config.data.max_response_len=48", "--config.data.task_train_size=200",
-    "--config.model.embed_dim=32", "--config.model.num_layers=1", "--config.model.mlp_dim=64",
-    "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.seed=5",
+  f"--config.steps={STEPS}",
+  "--config.warmup.steps=0",
+  "--config.eval.before=False",
+  "--config.eval.after=False",
+  "--config.log.progress=False",
+  "--config.log.tensorboard=False",
+  "--config.log.plots=False",
+  "--config.checkpoint.every=1",
+  "--config.checkpoint.keep=10",
+  "--config.batch.prompts_per_step=4",
+  "--config.rollout.n_rollouts=3",
+  "--config.data.max_response_len=48",
+  "--config.data.task_train_size=200",
+  "--config.model.embed_dim=32",
+  "--config.model.num_layers=1",
+  "--config.model.mlp_dim=64",
+  "--config.mesh.data=2",
+  "--config.mesh.fsdp=4",
+  "--config.seed=5",
 ]
 
 
@@ -40,8 +52,15 @@ def _env(devices: int) -> dict:
 
 
 def _cmd(workdir, extra=()):
-  return [sys.executable, "-m", "srft_jax.main", "--config=configs/default.py",
-          f"--workdir={workdir}", *OVERRIDES, *extra]
+  return [
+    sys.executable,
+    "-m",
+    "srft_jax.main",
+    "--config=configs/default.py",
+    f"--workdir={workdir}",
+    *OVERRIDES,
+    *extra,
+  ]
 
 
 def _free_port() -> int:
@@ -53,16 +72,24 @@ def _free_port() -> int:
 def _two_process(workdir, port, log_dir):
   procs = []
   for pid in range(2):
-    extra = ["--config.multihost=True", f"--config.distributed.coordinator=127.0.0.1:{port}",
-             "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}"]
+    extra = [
+      "--config.multihost=True",
+      f"--config.distributed.coordinator=127.0.0.1:{port}",
+      "--config.distributed.num_processes=2",
+      f"--config.distributed.process_id={pid}",
+    ]
     log = open(log_dir / f"proc{pid}_{port}.log", "w")
-    procs.append(subprocess.Popen(_cmd(workdir, extra), cwd=ROOT, env=_env(4), stdout=log,
-                                  stderr=subprocess.STDOUT))
+    procs.append(
+      subprocess.Popen(
+        _cmd(workdir, extra), cwd=ROOT, env=_env(4), stdout=log, stderr=subprocess.STDOUT
+      )
+    )
   return procs
 
 
 def _final_params(workdir) -> dict:
   from safetensors.numpy import load_file
+
   return load_file(str(Path(workdir) / "export" / "hf" / "model.safetensors"))
 
 
@@ -75,16 +102,22 @@ def _steps(workdir) -> list[int]:
 
 def test_two_processes_match_one_process_after_kill_and_resume(tmp_path):
   from srft_jax.data import task
+
   single, multi = tmp_path / "single", tmp_path / "multi"
   for w in (single, multi):  # the task tokenizer, made once (not raced by two processes)
     task.get_task_tokenizer(w / "tokenizer")
 
   # One process, 8 devices, with the distributed runtime up so its
   # cross-device reductions run through gloo as the two processes' do.
-  gloo = ["--config.multihost=True", f"--config.distributed.coordinator=127.0.0.1:{_free_port()}",
-          "--config.distributed.num_processes=1", "--config.distributed.process_id=0"]
-  out = subprocess.run(_cmd(single, gloo), cwd=ROOT, env=_env(8), capture_output=True, text=True,
-                       timeout=600)
+  gloo = [
+    "--config.multihost=True",
+    f"--config.distributed.coordinator=127.0.0.1:{_free_port()}",
+    "--config.distributed.num_processes=1",
+    "--config.distributed.process_id=0",
+  ]
+  out = subprocess.run(
+    _cmd(single, gloo), cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600
+  )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
   # Two processes; kill both (SIGKILL) once a checkpoint past step 1 is on disk.
@@ -108,8 +141,10 @@ def test_two_processes_match_one_process_after_kill_and_resume(tmp_path):
   assert STEPS in _steps(multi)
 
   # Same trajectory: identical rewards and losses at every logged step ...
-  rows = {w: {r["step"]: r for r in map(json.loads, open(Path(w) / "logs" / "metrics.jsonl"))}
-          for w in (single, multi)}
+  rows = {
+    w: {r["step"]: r for r in map(json.loads, open(Path(w) / "logs" / "metrics.jsonl"))}
+    for w in (single, multi)
+  }
   common = sorted(set(rows[single]) & set(rows[multi]))
   assert len(common) >= 2
   for step in common:

@@ -16,8 +16,16 @@ from srft_jax import objectives
 from srft_jax import sampler as smp
 from srft_jax import sharding as shd
 
-TINY = model_lib.ModelConfig(vocab_size=64, embed_dim=32, mlp_dim=64, num_layers=2, num_heads=4,
-                             num_kv_heads=2, head_dim=8, max_seq_len=64)
+TINY = model_lib.ModelConfig(
+  vocab_size=64,
+  embed_dim=32,
+  mlp_dim=64,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  max_seq_len=64,
+)
 BUCKETS = (8, 16)
 
 
@@ -37,8 +45,8 @@ def _prompts(seed=0, b=3, t=6, vocab=TINY.vocab_size, min_len=2):
   toks = np.zeros((b, t), np.int32)
   mask = np.zeros((b, t), np.int32)
   for i, n in enumerate(lens):
-    toks[i, t - n:] = rs.randint(1, vocab, size=n)
-    mask[i, t - n:] = 1
+    toks[i, t - n :] = rs.randint(1, vocab, size=n)
+    mask[i, t - n :] = 1
   return toks, mask
 
 
@@ -51,20 +59,31 @@ def model():
 # A model whose logits are a fixed table (same call signature as Transformer).
 # ----------------------------------------------------------------------------
 
+
 class TableModel(nnx.Module):
   """Logits = the same known vector at every position; keeps the cache contract."""
 
   def __init__(self, logits_V):
     v = len(logits_V)
-    self.cfg = model_lib.ModelConfig(vocab_size=v, embed_dim=8, mlp_dim=8, num_layers=1,
-                                     num_heads=1, num_kv_heads=1, head_dim=8, max_seq_len=4096)
+    self.cfg = model_lib.ModelConfig(
+      vocab_size=v,
+      embed_dim=8,
+      mlp_dim=8,
+      num_layers=1,
+      num_heads=1,
+      num_kv_heads=1,
+      head_dim=8,
+      max_seq_len=4096,
+    )
     self.table = nnx.Param(jnp.asarray(logits_V, jnp.float32))
 
   def __call__(self, tokens_BT, positions_BT, mask_BT=None, cache=None, return_hidden=False):
     b, t = tokens_BT.shape
     hidden = jnp.zeros((b, t, 1), jnp.float32)
     if cache is not None:
-      m = jax.lax.dynamic_update_slice(cache["mask"], mask_BT.astype(jnp.int32), (0, cache["index"]))
+      m = jax.lax.dynamic_update_slice(
+        cache["mask"], mask_BT.astype(jnp.int32), (0, cache["index"])
+      )
       cache = dict(cache, mask=m, index=cache["index"] + t)
     return (hidden if return_hidden else self.logits(hidden)), cache
 
@@ -99,15 +118,19 @@ def _expected(logits, temperature, top_k=0, top_p=1.0):
   return q / q.sum()
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [
+@pytest.mark.parametrize(
+  "temperature,top_k,top_p",
+  [
     (0.7, 0, 1.0),
     (1.0, 3, 1.0),
     (1.0, 0, 0.8),
     (1.3, 5, 0.7),
-])
+  ],
+)
 def test_sampling_distribution_matches_target(temperature, top_k, top_p):
-  cfg = smp.SamplingConfig(max_new_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p,
-                           prompt_buckets=(1,))
+  cfg = smp.SamplingConfig(
+    max_new_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p, prompt_buckets=(1,)
+  )
   toks, logp, mask = _draws(cfg)
   assert mask.all()
   target = _expected(LOGITS, temperature, top_k, top_p)
@@ -136,8 +159,12 @@ def test_draw_categorical_across_blocks_never_draws_zero_mass():
   scores[5] = scores[130] = scores[298] = -500.0  # finite, but exp underflows to 0
   rows = 4000
   keys = jax.random.split(jax.random.key(3), 4)
-  draws = np.concatenate([np.asarray(jax.jit(smp.draw_categorical)(
-      k, jnp.broadcast_to(scores, (rows, c)))) for k in keys])
+  draws = np.concatenate(
+    [
+      np.asarray(jax.jit(smp.draw_categorical)(k, jnp.broadcast_to(scores, (rows, c))))
+      for k in keys
+    ]
+  )
   counts = np.bincount(draws, minlength=c)
   assert set(np.flatnonzero(counts)) <= set(live), np.flatnonzero(counts)
   ids = np.array(sorted(live))
@@ -161,14 +188,16 @@ def test_eos_rows_stop_independently_and_loop_exits_early():
   logits = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], np.float32)
   m = TableModel(logits)
   r = 40
-  cfg = smp.SamplingConfig(max_new_tokens=r, temperature=1.0, eos_ids=(7, 99), pad_id=5,
-                           prompt_buckets=(4,))
+  cfg = smp.SamplingConfig(
+    max_new_tokens=r, temperature=1.0, eos_ids=(7, 99), pad_id=5, prompt_buckets=(4,)
+  )
   rows = 64
   toks_in = np.ones((rows, 2), np.int32)
   graphdef, state = nnx.split(m)
   p_tok, p_mask = smp.prepare_prompts(toks_in, np.ones_like(toks_in), cfg)
-  out, cache = smp.sample_tokens(graphdef, state, jnp.asarray(p_tok), jnp.asarray(p_mask),
-                                 jax.random.key(3), cfg)
+  out, cache = smp.sample_tokens(
+    graphdef, state, jnp.asarray(p_tok), jnp.asarray(p_mask), jax.random.key(3), cfg
+  )
   toks, mask, logp, lengths = map(np.asarray, (out.tokens, out.mask, out.logprobs, out.lengths))
   for i in range(rows):
     hits = np.flatnonzero(toks[i] == 7)
@@ -176,14 +205,14 @@ def test_eos_rows_stop_independently_and_loop_exits_early():
     assert lengths[i] == n
     assert mask[i, :n].all() and not mask[i, n:].any()
     assert (toks[i, n:] == 5).all() and (logp[i, n:] == 0).all()
-    assert (toks[i, :n - 1] != 7).all()
+    assert (toks[i, : n - 1] != 7).all()
   assert len(set(lengths.tolist())) > 5  # rows stop independently
   assert lengths.max() < r
   # The loop ran one decode step per generated token after the first, no more.
   assert int(cache["index"]) == 4 + lengths.max() - 1
   # Every slot written for a finished row is masked out of the cache.
   cmask = np.asarray(cache["mask"])
-  np.testing.assert_array_equal(cmask[:, 4:4 + r - 1].sum(-1), lengths - 1)
+  np.testing.assert_array_equal(cmask[:, 4 : 4 + r - 1].sum(-1), lengths - 1)
 
 
 def test_determinism_and_distinct_rows(model):
@@ -206,6 +235,7 @@ def test_determinism_and_distinct_rows(model):
 # ----------------------------------------------------------------------------
 # Parity with the model and the trainer
 # ----------------------------------------------------------------------------
+
 
 def test_greedy_equals_stepwise_full_forward(model):
   toks, mask = _prompts(seed=1, b=3, t=6)
@@ -233,15 +263,22 @@ def test_greedy_equals_stepwise_full_forward(model):
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 5, 0.9), (0.0, 0, 1.0)])
 def test_logprobs_equal_trainer_recomputation(model, temperature, top_k, top_p):
   toks, mask = _prompts(seed=2, b=4, t=5)
-  cfg = smp.SamplingConfig(max_new_tokens=8, temperature=temperature, top_k=top_k, top_p=top_p,
-                           eos_ids=(3, 4, 5, 6, 7), pad_id=0, prompt_buckets=BUCKETS)
+  cfg = smp.SamplingConfig(
+    max_new_tokens=8,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    eos_ids=(3, 4, 5, 6, 7),
+    pad_id=0,
+    prompt_buckets=BUCKETS,
+  )
   out = smp.sample(model, toks, mask, jax.random.key(7), cfg)
   full_tok = jnp.concatenate([out.prompt_tokens, out.tokens], 1)
   full_mask = jnp.concatenate([out.prompt_mask, out.mask], 1)
   logits = model_lib.forward_logits(model, full_tok, full_mask)
   p = out.prompt_tokens.shape[1]
   t_rec = 1.0 if temperature == 0 else temperature
-  logp, _ = objectives.token_logprobs_and_entropy(logits[:, p - 1:-1], out.tokens, t_rec)
+  logp, _ = objectives.token_logprobs_and_entropy(logits[:, p - 1 : -1], out.tokens, t_rec)
   m = np.asarray(out.mask) > 0
   np.testing.assert_allclose(np.asarray(out.logprobs)[m], np.asarray(logp)[m], atol=1e-5)
   assert (np.asarray(out.logprobs)[~m] == 0).all()
@@ -254,14 +291,27 @@ def test_fused_decode_weights_sample_what_the_params_sample(param_dtype, dtype):
   master weights with bfloat16 compute included: both cast the same values)."""
   m = _model(dataclasses.replace(TINY, param_dtype=param_dtype, dtype=dtype), seed=1)
   toks, mask = _prompts(seed=4, b=4, t=6)
-  outs = [smp.sample(m, toks, mask, jax.random.key(3), smp.SamplingConfig(
-      max_new_tokens=8, temperature=0.9, top_k=6, eos_ids=(3,), prompt_buckets=BUCKETS,
-      fused_weights=fused)) for fused in (False, True)]
+  outs = [
+    smp.sample(
+      m,
+      toks,
+      mask,
+      jax.random.key(3),
+      smp.SamplingConfig(
+        max_new_tokens=8,
+        temperature=0.9,
+        top_k=6,
+        eos_ids=(3,),
+        prompt_buckets=BUCKETS,
+        fused_weights=fused,
+      ),
+    )
+    for fused in (False, True)
+  ]
   np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
   np.testing.assert_array_equal(np.asarray(outs[0].mask), np.asarray(outs[1].mask))
   atol = 1e-5 if dtype == "float32" else 2e-2
-  np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs),
-                             atol=atol)
+  np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=atol)
 
 
 def test_decode_jit_continues_from_a_cache(model):
@@ -284,9 +334,17 @@ def test_decode_jit_continues_from_a_cache(model):
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens)[:, :4])
   done = (out.mask[:, -1] == 0) | jnp.isin(out.tokens[:, -1], jnp.asarray(cfg8.eos_ids))
   np.testing.assert_array_equal(np.asarray(done), ended)
-  tok, logp, live, _ = smp.decode_jit(graphdef, state, cache, out.tokens[:, 3], pmask.sum(-1) + 3,
-                                      jax.random.key(0), dataclasses.replace(cfg8, max_new_tokens=5),
-                                      done_B=done, drawn=4)
+  tok, logp, live, _ = smp.decode_jit(
+    graphdef,
+    state,
+    cache,
+    out.tokens[:, 3],
+    pmask.sum(-1) + 3,
+    jax.random.key(0),
+    dataclasses.replace(cfg8, max_new_tokens=5),
+    done_B=done,
+    drawn=4,
+  )
   np.testing.assert_array_equal(np.asarray(tok), np.asarray(ref.tokens)[:, 4:])
   np.testing.assert_array_equal(np.asarray(live), np.asarray(ref.mask)[:, 4:])
   np.testing.assert_allclose(np.asarray(logp), np.asarray(ref.logprobs)[:, 4:], atol=1e-5)
@@ -296,12 +354,28 @@ def test_shared_prefill_samples_what_per_row_prefill_samples(model):
   """n samples a prompt: one prefill per prompt, its cache copied to the n rows,
   gives the tokens, log-probs and lengths of prefilling every row."""
   toks, mask = _prompts(seed=6, b=3, t=6)
-  outs = [smp.sample(model, toks, mask, jax.random.key(5), smp.SamplingConfig(
-      max_new_tokens=7, temperature=1.0, top_p=0.9, eos_ids=(3, 4), prompt_buckets=BUCKETS, n=3,
-      share_prefill=share)) for share in (False, True)]
+  outs = [
+    smp.sample(
+      model,
+      toks,
+      mask,
+      jax.random.key(5),
+      smp.SamplingConfig(
+        max_new_tokens=7,
+        temperature=1.0,
+        top_p=0.9,
+        eos_ids=(3, 4),
+        prompt_buckets=BUCKETS,
+        n=3,
+        share_prefill=share,
+      ),
+    )
+    for share in (False, True)
+  ]
   for name in ("tokens", "mask", "lengths", "prompt_tokens", "prompt_mask"):
-    np.testing.assert_array_equal(np.asarray(getattr(outs[0], name)),
-                                  np.asarray(getattr(outs[1], name)))
+    np.testing.assert_array_equal(
+      np.asarray(getattr(outs[0], name)), np.asarray(getattr(outs[1], name))
+    )
   np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=1e-5)
   assert len({tuple(r) for r in np.asarray(outs[1].tokens)[:3]}) > 1  # the 3 rows differ
 
@@ -313,9 +387,17 @@ def test_greedy_equals_transformers_generate(tmp_path):
 
   torch.manual_seed(0)
   hf_cfg = transformers.Qwen2Config(
-      vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-      rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.3)
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    initializer_range=0.3,
+  )
   hf_model = transformers.Qwen2ForCausalLM(hf_cfg).eval().to(torch.float32)
   with torch.no_grad():  # random (nonzero) biases, so the q/k/v bias layout is exercised
     for layer in hf_model.model.layers:
@@ -328,11 +410,18 @@ def test_greedy_equals_transformers_generate(tmp_path):
   r = 10
   with torch.no_grad():
     ref = hf_model.generate(
-        input_ids=torch.tensor(toks, dtype=torch.long),
-        attention_mask=torch.tensor(mask, dtype=torch.long),
-        max_new_tokens=r, min_new_tokens=r, do_sample=False, pad_token_id=0,
-        eos_token_id=None, top_k=None, top_p=None, temperature=None)
-  ref = ref[:, toks.shape[1]:].numpy()
+      input_ids=torch.tensor(toks, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+      max_new_tokens=r,
+      min_new_tokens=r,
+      do_sample=False,
+      pad_token_id=0,
+      eos_token_id=None,
+      top_k=None,
+      top_p=None,
+      temperature=None,
+    )
+  ref = ref[:, toks.shape[1] :].numpy()
   cfg = smp.SamplingConfig(max_new_tokens=r, temperature=0.0, prompt_buckets=BUCKETS)
   out = smp.sample(ours, toks, mask, jax.random.key(0), cfg)
   np.testing.assert_array_equal(np.asarray(out.tokens), ref)
@@ -341,6 +430,7 @@ def test_greedy_equals_transformers_generate(tmp_path):
 # ----------------------------------------------------------------------------
 # Compilation, sharding, validation
 # ----------------------------------------------------------------------------
+
 
 def test_second_batch_in_same_bucket_does_not_recompile(model):
   cfg = smp.SamplingConfig(max_new_tokens=5, temperature=1.0, top_k=8, prompt_buckets=BUCKETS)
@@ -390,11 +480,22 @@ def test_sharded_cache_layout():
   assert cache["mask"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5),
-    ("top_k", -2), ("pad_id", -1), ("eos_ids", (-3,)), ("prompt_buckets", ()),
-    ("prompt_buckets", (16, 8)), ("n", 0), ("cache_dtype", "int8"),
-])
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("max_new_tokens", 0),
+    ("temperature", -1.0),
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+    ("top_k", -2),
+    ("pad_id", -1),
+    ("eos_ids", (-3,)),
+    ("prompt_buckets", ()),
+    ("prompt_buckets", (16, 8)),
+    ("n", 0),
+    ("cache_dtype", "int8"),
+  ],
+)
 def test_config_validation_names_field(field, value):
   with pytest.raises(ValueError, match=f"SamplingConfig.{field}"):
     smp.SamplingConfig(**{field: value})
@@ -445,11 +546,14 @@ def test_prefill_never_builds_full_prompt_logits():
   toks, mask = _prompts(seed=9, b=b, t=p, vocab=97)
   cfg = smp.SamplingConfig(max_new_tokens=r, temperature=1.0, prompt_buckets=(p,))
   graphdef, state = nnx.split(model)
-  jaxpr = jax.make_jaxpr(
-      lambda s, t, m, k: smp._sample_core(graphdef, s, t, m, k, cfg))(
-          state, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0))
+  jaxpr = jax.make_jaxpr(lambda s, t, m, k: smp._sample_core(graphdef, s, t, m, k, cfg))(
+    state, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0)
+  )
   v = model.cfg.vocab_size
-  vocab_shapes = {tuple(a.shape) for a in _all_avals(jaxpr.jaxpr)
-                  if getattr(a, "shape", None) and a.shape[-1] == v}
+  vocab_shapes = {
+    tuple(a.shape)
+    for a in _all_avals(jaxpr.jaxpr)
+    if getattr(a, "shape", None) and a.shape[-1] == v
+  }
   assert vocab_shapes, "expected some [.., V] logits"
   assert all(math.prod(s[1:-1]) == 1 for s in vocab_shapes), vocab_shapes

@@ -20,12 +20,25 @@ from srft_jax import token_change as tc
 # The miniature: tiny model, 2 warm-up steps, 2 steps a run; the rows of a
 # mini-batch (8 prompts) divide the 8 forced CPU devices.
 MINI = {
-    "model.embed_dim": 32, "model.num_layers": 1, "model.mlp_dim": 64,
-    "warmup.steps": 2, "warmup.prompts_per_step": 8, "steps": 2,
-    "batch.prompts_per_step": 8, "batch.minibatches": 1, "rollout.n_rollouts": 3,
-    "data.max_response_len": 64, "data.task_train_size": 200,
-    "eval.n_id": 8, "eval.n_ood": 8, "eval.batch_size": 8, "eval.every": 1, "eval.every_n": 8,
-    "checkpoint.every": 1, "checkpoint.keep": 3, "checkpoint.export_hf": True,
+  "model.embed_dim": 32,
+  "model.num_layers": 1,
+  "model.mlp_dim": 64,
+  "warmup.steps": 2,
+  "warmup.prompts_per_step": 8,
+  "steps": 2,
+  "batch.prompts_per_step": 8,
+  "batch.minibatches": 1,
+  "rollout.n_rollouts": 3,
+  "data.max_response_len": 64,
+  "data.task_train_size": 200,
+  "eval.n_id": 8,
+  "eval.n_ood": 8,
+  "eval.batch_size": 8,
+  "eval.every": 1,
+  "eval.every_n": 8,
+  "checkpoint.every": 1,
+  "checkpoint.keep": 3,
+  "checkpoint.export_hf": True,
 }
 METHODS = ("sft", "grpo")
 
@@ -87,11 +100,18 @@ def test_study_writes_runs_and_report(mini):
   assert comp["sft"]["tokens_trained"] > 0 and comp["grpo"]["flops"] > 0
   n = summary["n_params"]
   c = comp["grpo"]
-  assert c["flops"] == pytest.approx(6 * n * c["tokens_trained"]
-                                     + 2 * n * (c["tokens_sampled"] + c["prompt_tokens_prefilled"]))
+  assert c["flops"] == pytest.approx(
+    6 * n * c["tokens_trained"] + 2 * n * (c["tokens_sampled"] + c["prompt_tokens_prefilled"])
+  )
   plots = os.listdir(os.path.join(out, "plots"))
-  for name in ("reward.png", "entropy_rollout.png", "entropy_demo.png", "probe_entropy.png",
-               "response_length.png", "eval_id.png"):
+  for name in (
+    "reward.png",
+    "entropy_rollout.png",
+    "entropy_demo.png",
+    "probe_entropy.png",
+    "response_length.png",
+    "eval_id.png",
+  ):
     assert name in plots
 
 
@@ -128,7 +148,9 @@ def test_study_resumes_and_skips_finished_runs(mini):
 
 @pytest.mark.slow
 def test_cli_budget(mini, capsys):
-  assert study.main(["--out", mini["out"], "--budget", "--methods", "sft,grpo", "--seeds", "0"]) == 0
+  assert (
+    study.main(["--out", mini["out"], "--budget", "--methods", "sft,grpo", "--seeds", "0"]) == 0
+  )
   text = capsys.readouterr().out
   assert "estimated study wall time" in text and "grpo" in text
 
@@ -136,6 +158,7 @@ def test_cli_budget(mini, capsys):
 # ----------------------------------------------------------------------------
 # Pure pieces: verdict rule, claims on synthetic runs, budget.
 # ----------------------------------------------------------------------------
+
 
 def test_verdict_rule():
   assert study.verdict([0.05, 0.06, 0.04])[0] == "holds"
@@ -150,8 +173,18 @@ def test_verdict_rule():
   assert study.combine(["inconclusive", "does not hold"]) == "does not hold"
 
 
-def _run(method, seed, *, steps=10, id_acc=0.5, ood_acc=0.5, reward=None, entropy=None,
-         evals=None, probe=None):
+def _run(
+  method,
+  seed,
+  *,
+  steps=10,
+  id_acc=0.5,
+  ood_acc=0.5,
+  reward=None,
+  entropy=None,
+  evals=None,
+  probe=None,
+):
   rows = {}
   for t in range(steps):
     r = {"step": t}
@@ -164,32 +197,49 @@ def _run(method, seed, *, steps=10, id_acc=0.5, ood_acc=0.5, reward=None, entrop
     if fn:
       for t in range(0, steps + 1, 1):
         rows.setdefault(t, {"step": t})[key] = fn(t)
-  return study.Run(method, seed, {"steps": steps, "after": {"id_acc": id_acc, "ood_acc": ood_acc}},
-                   rows)
+  return study.Run(
+    method, seed, {"steps": steps, "after": {"id_acc": id_acc, "ood_acc": ood_acc}}, rows
+  )
 
 
 def test_claim_verdicts_on_synthetic_runs():
   seeds = (0, 1, 2)
   runs = {
-      "srft": [_run("srft", s, reward=lambda t: 0.1 * t, entropy=lambda t: 1.0,
-                    id_acc=0.6 + 0.01 * s, ood_acc=0.5) for s in seeds],
-      "grpo": [_run("grpo", s, reward=lambda t: 0.05 * t, entropy=lambda t: 1.0 - 0.08 * t)
-               for s in seeds],
-      "sft_plus_rl": [_run("sft_plus_rl", s, id_acc=0.7 + 0.01 * s) for s in seeds],
-      # accuracy at the switch (step 5) 0.6, then 0.4, 0.5: a dip.
-      "sft_then_grpo": [_run("sft_then_grpo", s, id_acc=0.5,
-                             evals=lambda t: {5: 0.6, 6: 0.4, 7: 0.5}.get(t, 0.55))
-                        for s in seeds],
-      # probe entropy flat: no spike.
-      "rl_then_sft": [_run("rl_then_sft", s, probe=lambda t: 1.0) for s in seeds],
-      "srft_no_wsft": [_run("srft_no_wsft", s, id_acc=0.5 + 0.01 * s) for s in seeds],
-      # no_wsft is worse than srft, no_wrl better: claim 5 does not hold.
-      "srft_no_wrl": [_run("srft_no_wrl", s, id_acc=0.65 + 0.01 * s, ood_acc=0.5) for s in seeds],
+    "srft": [
+      _run(
+        "srft",
+        s,
+        reward=lambda t: 0.1 * t,
+        entropy=lambda t: 1.0,
+        id_acc=0.6 + 0.01 * s,
+        ood_acc=0.5,
+      )
+      for s in seeds
+    ],
+    "grpo": [
+      _run("grpo", s, reward=lambda t: 0.05 * t, entropy=lambda t: 1.0 - 0.08 * t) for s in seeds
+    ],
+    "sft_plus_rl": [_run("sft_plus_rl", s, id_acc=0.7 + 0.01 * s) for s in seeds],
+    # accuracy at the switch (step 5) 0.6, then 0.4, 0.5: a dip.
+    "sft_then_grpo": [
+      _run("sft_then_grpo", s, id_acc=0.5, evals=lambda t: {5: 0.6, 6: 0.4, 7: 0.5}.get(t, 0.55))
+      for s in seeds
+    ],
+    # probe entropy flat: no spike.
+    "rl_then_sft": [_run("rl_then_sft", s, probe=lambda t: 1.0) for s in seeds],
+    "srft_no_wsft": [_run("srft_no_wsft", s, id_acc=0.5 + 0.01 * s) for s in seeds],
+    # no_wsft is worse than srft, no_wrl better: claim 5 does not hold.
+    "srft_no_wrl": [_run("srft_no_wrl", s, id_acc=0.65 + 0.01 * s, ood_acc=0.5) for s in seeds],
   }
-  token = {"per_seed": {str(s): {
-      "sft": {"moved_frac": 0.4, "moved_share_by_quartile": [0.25] * 4},
-      "grpo": {"moved_frac": 0.05 + 0.01 * s, "moved_share_by_quartile": [0.1, 0.1, 0.1, 0.7]}}
-      for s in seeds}}
+  token = {
+    "per_seed": {
+      str(s): {
+        "sft": {"moved_frac": 0.4, "moved_share_by_quartile": [0.25] * 4},
+        "grpo": {"moved_frac": 0.05 + 0.01 * s, "moved_share_by_quartile": [0.1, 0.1, 0.1, 0.7]},
+      }
+      for s in seeds
+    }
+  }
   v = {c["claim"]: c["verdict"] for c in study.claim_verdicts(runs, token)}
   assert v == {1: "holds", 2: "holds", 3: "does not hold", 4: "holds", 5: "does not hold"}
 
@@ -197,8 +247,9 @@ def test_claim_verdicts_on_synthetic_runs():
 def test_budget_estimate():
   settings = study.study_settings()
   t = study.Timing(sft_step_s=1.0, rl_step_s=2.0, warmup_step_s=1.0, run_overhead_s=10.0)
-  est = study.estimate_seconds({**settings, "steps": 10, "warmup.steps": 5}, ["sft", "grpo",
-                               "rl_then_sft"], [0, 1], t)
+  est = study.estimate_seconds(
+    {**settings, "steps": 10, "warmup.steps": 5}, ["sft", "grpo", "rl_then_sft"], [0, 1], t
+  )
   assert est["per_run_s"] == {"sft": 20.0, "grpo": 30.0, "rl_then_sft": 25.0}
   assert est["total_s"] == pytest.approx(5 + 10 + 2 * 75)
   # The chosen defaults fit the hour with the default timing.
@@ -207,8 +258,9 @@ def test_budget_estimate():
   assert study.switch_step(settings) % settings["eval.every"] == 0
   n = study.steps_that_fit(settings, study.METHODS, study.SEEDS, study.Timing())
   assert n >= settings["steps"] and n % (2 * settings["eval.every"]) == 0
-  over = study.estimate_seconds({**settings, "steps": n + 2 * settings["eval.every"]},
-                                study.METHODS, study.SEEDS)
+  over = study.estimate_seconds(
+    {**settings, "steps": n + 2 * settings["eval.every"]}, study.METHODS, study.SEEDS
+  )
   assert over["total_s"] > 60 * 60
 
 
@@ -216,8 +268,16 @@ def test_budget_estimate():
 # Token change on a hand-made pair of models.
 # ----------------------------------------------------------------------------
 
-SMALL = model_lib.ModelConfig(vocab_size=32, embed_dim=32, mlp_dim=64, num_layers=1, num_heads=2,
-                              num_kv_heads=1, head_dim=16, max_seq_len=64)
+SMALL = model_lib.ModelConfig(
+  vocab_size=32,
+  embed_dim=32,
+  mlp_dim=64,
+  num_layers=1,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=16,
+  max_seq_len=64,
+)
 
 
 def _batch(seed=0, b=4, t=20, prompt=6):
@@ -232,13 +292,18 @@ def _batch(seed=0, b=4, t=20, prompt=6):
 
 def _reference(model_a, model_b, tokens, mask, resp, threshold):
   """NumPy from full logits: moved mask and base entropy of each response target."""
+
   def stats(m):
     logits = np.asarray(model_lib.forward_logits(m, tokens, mask), np.float64)[:, :-1]
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
+    logp = (
+      logits
+      - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+      - logits.max(-1, keepdims=True)
+    )
     p = np.exp(logp)
     tgt = np.take_along_axis(p, tokens[:, 1:, None], -1)[..., 0]
     return tgt, -(p * logp).sum(-1)
+
   p0, h0 = stats(model_a)
   p1, _ = stats(model_b)
   sel = resp[:, 1:] > 0
@@ -278,7 +343,7 @@ def test_token_change_one_unembedding_row():
   w[:, v] += 0.6 * np.random.default_rng(1).standard_normal(w.shape[0]).astype(np.float32)
   tuned.lm_head[...] = jnp.asarray(w)
   tokens, mask, resp = _batch(b=4, t=24)
-  tokens[:, 6::2] = v                       # many targets are v
+  tokens[:, 6::2] = v  # many targets are v
   r = tc.token_change(base, tuned, tokens, mask, resp, threshold=0.1)
   moved, h0, targets = _reference(base, tuned, tokens, mask, resp, 0.1)
   assert r["n_tokens"] == moved.size
@@ -288,8 +353,10 @@ def test_token_change_one_unembedding_row():
   expect_q = [moved[q == i].mean() for i in range(4)]
   np.testing.assert_allclose(r["moved_frac_by_quartile"], expect_q, atol=1e-12)
   assert moved[targets == v].mean() > 2 * moved[targets != v].mean()
+
   # A change to a parameter only v's logit reads leaves the other logits alone.
   def logits(m):
     return np.asarray(model_lib.forward_logits(m, tokens, mask))
+
   d = np.abs(logits(tuned) - logits(base))
   assert d[..., v].max() > 0.1 and np.delete(d, v, axis=-1).max() == 0.0

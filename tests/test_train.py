@@ -36,8 +36,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _default_configs():
   """configs/default.py (configs/ is a folder of files, not a package)."""
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(
-      "srft_configs_default_test", os.path.join(REPO, "configs", "default.py"))
+    "srft_configs_default_test", os.path.join(REPO, "configs", "default.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -45,8 +47,10 @@ def _default_configs():
 
 def _config_file(name):
   import importlib.util
-  spec = importlib.util.spec_from_file_location(f"srft_cfg_{name}",
-                                                os.path.join(REPO, "configs", f"{name}.py"))
+
+  spec = importlib.util.spec_from_file_location(
+    f"srft_cfg_{name}", os.path.join(REPO, "configs", f"{name}.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -56,19 +60,19 @@ DEFAULT = _default_configs()
 
 # Tiny settings shared by the in-process run and the subprocess runs.
 TINY = {
-    "warmup.steps": 0,
-    "batch.prompts_per_step": 4,
-    "batch.minibatches": 2,        # paper's mini-batching: 2 optimizer updates a step
-    "rollout.n_rollouts": 3,
-    "data.max_response_len": 64,
-    "data.task_train_size": 200,
-    "model.embed_dim": 32,
-    "model.num_layers": 1,
-    "model.mlp_dim": 64,
-    "eval.n_id": 8,
-    "eval.n_ood": 8,
-    "eval.batch_size": 8,
-    "log.progress": False,
+  "warmup.steps": 0,
+  "batch.prompts_per_step": 4,
+  "batch.minibatches": 2,  # paper's mini-batching: 2 optimizer updates a step
+  "rollout.n_rollouts": 3,
+  "data.max_response_len": 64,
+  "data.task_train_size": 200,
+  "model.embed_dim": 32,
+  "model.num_layers": 1,
+  "model.mlp_dim": 64,
+  "eval.n_id": 8,
+  "eval.n_ood": 8,
+  "eval.batch_size": 8,
+  "log.progress": False,
 }
 
 
@@ -76,6 +80,7 @@ TINY = {
 def tokenizer_path(tmp_path_factory):
   """The task tokenizer, trained once for the whole module."""
   from srft_jax.data import task
+
   d = tmp_path_factory.mktemp("tokenizer")
   task.get_task_tokenizer(str(d), seed=0)
   (path,) = glob.glob(os.path.join(str(d), "*.model"))
@@ -135,10 +140,21 @@ def e2e(tmp_path_factory, tokenizer_path):
   """One `train.run`: an SFT warm-up (6 steps, the random base model's start
   point is measured) then 5 SRFT steps, TensorBoard on."""
   workdir = str(tmp_path_factory.mktemp("e2e"))
-  c = _config(tokenizer_path, **{
-      "steps": 5, "warmup.steps": 6, "warmup.prompts_per_step": 8, "warmup.lr": 3e-3,
-      "model.embed_dim": 64, "model.num_layers": 2, "model.mlp_dim": 128,
-      "log.tensorboard": True, "log.plots": True, "checkpoint.every": 2})
+  c = _config(
+    tokenizer_path,
+    **{
+      "steps": 5,
+      "warmup.steps": 6,
+      "warmup.prompts_per_step": 8,
+      "warmup.lr": 3e-3,
+      "model.embed_dim": 64,
+      "model.num_layers": 2,
+      "model.mlp_dim": 128,
+      "log.tensorboard": True,
+      "log.plots": True,
+      "checkpoint.every": 2,
+    },
+  )
   iters = []
   real = train.make_data_iter
 
@@ -163,9 +179,14 @@ def e2e(tmp_path_factory, tokenizer_path):
     mp.setattr(train, "_jitted_step", recording)
     results = train.run(c, workdir)
   _COMPILES["on"] = False
-  return {"workdir": workdir, "config": c, "results": results, "iters": iters,
-          "step_fns": step_fns,
-          "wall_s": time.time() - t0}
+  return {
+    "workdir": workdir,
+    "config": c,
+    "results": results,
+    "iters": iters,
+    "step_fns": step_fns,
+    "wall_s": time.time() - t0,
+  }
 
 
 def _rows(path):
@@ -174,10 +195,26 @@ def _rows(path):
 
 
 EXPECTED_KEYS = [
-    "reward/rollout_mean", "reward/demo_mean", "loss/entropy_rollout", "loss/entropy_demo",
-    "loss/w_sft", "loss/w_rl", "loss/loss", "loss/sft", "loss/rl_demo", "loss/rl_self",
-    "rollout/length_mean", "optim/grad_norm", "optim/lr", "tokens/sampled", "tokens/trained",
-    "time/sample_s", "time/score_s", "time/step_s", "outcomes/correct", "nonfinite/total",
+  "reward/rollout_mean",
+  "reward/demo_mean",
+  "loss/entropy_rollout",
+  "loss/entropy_demo",
+  "loss/w_sft",
+  "loss/w_rl",
+  "loss/loss",
+  "loss/sft",
+  "loss/rl_demo",
+  "loss/rl_self",
+  "rollout/length_mean",
+  "optim/grad_norm",
+  "optim/lr",
+  "tokens/sampled",
+  "tokens/trained",
+  "time/sample_s",
+  "time/score_s",
+  "time/step_s",
+  "outcomes/correct",
+  "nonfinite/total",
 ]
 
 
@@ -224,7 +261,9 @@ def test_end_to_end_hf_export_loads(e2e):
   """The HF export loads, runs, and holds the final checkpoint's parameters
   (compared leaf by leaf through size and sum: names and layouts differ)."""
   import orbax.checkpoint as ocp
+
   from srft_jax import hf
+
   wd = e2e["workdir"]
   model = hf.load_model(os.path.join(wd, "export", "hf"))
   with open(os.path.join(wd, "export", "hf", "config.json")) as f:
@@ -263,8 +302,16 @@ def test_no_recompile_after_warmup(e2e):
 # 5 + 8. The train step directly: non-finite skip, one compilation.
 # ----------------------------------------------------------------------------
 
-SMALL = model_lib.ModelConfig(vocab_size=64, embed_dim=32, mlp_dim=64, num_layers=1,
-                              num_heads=4, num_kv_heads=2, head_dim=8, max_seq_len=64)
+SMALL = model_lib.ModelConfig(
+  vocab_size=64,
+  embed_dim=32,
+  mlp_dim=64,
+  num_layers=1,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  max_seq_len=64,
+)
 
 
 def _tiny_batch(seed, b=2, n=3, p=6, r=10, vocab=SMALL.vocab_size):
@@ -281,9 +328,17 @@ def _tiny_batch(seed, b=2, n=3, p=6, r=10, vocab=SMALL.vocab_size):
   dtok = rs.randint(1, vocab, (b, r)).astype(np.int32) * dmask
   rewards = rs.randint(0, 2, (b, n + 1)).astype(np.float32)
   rewards[:, -1] = 1.0
-  return train.assemble_batch(ptok, pmask, rtok, rmask, rlogp, dtok, dmask,
-                              jnp.asarray(rewards.reshape(-1)),
-                              layout=train.GroupLayout(n, 1))
+  return train.assemble_batch(
+    ptok,
+    pmask,
+    rtok,
+    rmask,
+    rlogp,
+    dtok,
+    dmask,
+    jnp.asarray(rewards.reshape(-1)),
+    layout=train.GroupLayout(n, 1),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +393,7 @@ def test_train_step_compiles_once(tiny_step):
 # 4. Checkpoints: a corrupted latest step falls back to the previous one.
 # ----------------------------------------------------------------------------
 
+
 def _small_state():
   model = model_lib.Transformer(SMALL, rngs=nnx.Rngs(0))
   _, params = nnx.split(model)
@@ -356,8 +412,11 @@ def test_checkpoint_falls_back_past_corrupted_latest(tmp_path, caplog, damage):
   ck.wait()
   ck.close()
   # Damage every data file of step 2's state item.
-  files = [f for f in glob.glob(os.path.join(d, "2", "state", "**", "*"), recursive=True)
-           if os.path.isfile(f) and os.sep + "d" + os.sep in f]
+  files = [
+    f
+    for f in glob.glob(os.path.join(d, "2", "state", "**", "*"), recursive=True)
+    if os.path.isfile(f) and os.sep + "d" + os.sep in f
+  ]
   assert files
   for f in files:
     if damage == "truncate":
@@ -375,7 +434,7 @@ def test_checkpoint_falls_back_past_corrupted_latest(tmp_path, caplog, damage):
   assert int(restored["step"]) == 0
   assert _equal_trees(restored["params"], state["params"])
   assert any("unreadable" in r.getMessage() for r in caplog.records)
-  with pytest.raises(Exception):
+  with pytest.raises(Exception):  # noqa: B017 (Orbax's own error type varies by version)
     ck.restore(abstract, step=2)  # an explicit step does not fall back
   ck.close()
 
@@ -390,7 +449,8 @@ def test_checkpoint_relative_directory(tmp_path, monkeypatch):
   ck.close()
   assert os.path.isdir(tmp_path / "runs" / "ck" / "3")
   step, restored, data_state, _ = ckpt_lib.Checkpointer("runs/ck").restore(
-      ckpt_lib.abstract_like(state))
+    ckpt_lib.abstract_like(state)
+  )
   assert step == 3 and data_state == {"pos": 3}
   assert _equal_trees(restored["params"], state["params"])
 
@@ -451,9 +511,17 @@ def _advantages(preset, rollout_rewards, demo_reward):
   b, p, r = 1, 3, 4
   ones = lambda *s: np.ones(s, np.int32)  # noqa: E731
   rewards = np.array(list(rollout_rewards) + [demo_reward], np.float32)
-  batch = train.assemble_batch(ones(b, p), ones(b, p), ones(b * n, r), ones(b * n, r),
-                               np.zeros((b * n, r), np.float32), ones(b, r), ones(b, r),
-                               jnp.asarray(rewards), layout=layout)
+  batch = train.assemble_batch(
+    ones(b, p),
+    ones(b, p),
+    ones(b * n, r),
+    ones(b * n, r),
+    np.zeros((b * n, r), np.float32),
+    ones(b, r),
+    ones(b, r),
+    jnp.asarray(rewards),
+    layout=layout,
+  )
   adv = np.asarray(batch["advantages"])
   return adv[:n], adv[n:]
 
@@ -477,8 +545,9 @@ def test_demo_joins_the_advantage_group_only_with_a_demo_rl_term():
     np.testing.assert_allclose(np.concatenate([roll, demo]), want, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name,arg", [("srft_7b_tpu", None), ("srft_7b_tpu", "fsdp_tensor"),
-                                      ("qwen2p5_1p5b_gpu", None)])
+@pytest.mark.parametrize(
+  "name,arg", [("srft_7b_tpu", None), ("srft_7b_tpu", "fsdp_tensor"), ("qwen2p5_1p5b_gpu", None)]
+)
 def test_other_config_files_validate(name, arg):
   try:
     c = _config_file(name).get_config(arg)
@@ -513,7 +582,9 @@ def _bad(field, value):
   return c
 
 
-@pytest.mark.parametrize("field,value,named", [
+@pytest.mark.parametrize(
+  "field,value,named",
+  [
     ("method", "ppo", "config.method"),
     ("batch.minibatches", 3, "config.batch.minibatches"),
     ("batch.microbatches", 3, "config.batch.microbatches"),
@@ -529,7 +600,8 @@ def _bad(field, value):
     ("model.preset", "gpt5", "config.model.preset"),
     ("model.attention", "flash", "config.model.attention"),
     ("model.decode_attention", "triton", "config.model.decode_attention"),
-])
+  ],
+)
 def test_bad_config_names_field(field, value, named):
   with pytest.raises(ValueError) as e:
     train.validate_config(_bad(field, value))
@@ -562,6 +634,7 @@ def test_bad_config_fails_before_compiling(tmp_path):
 # 7. The 7B preset's train step traces abstractly (no allocation).
 # ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("source", ["preset", "config_file"])
 def test_7b_train_step_eval_shape(source):
   """`qwen2_5_math_7b` as preset (bf16 params) and as configs/srft_7b_tpu.py
@@ -577,14 +650,21 @@ def test_7b_train_step_eval_shape(source):
   state = jax.eval_shape(lambda p: train.init_train_state(p, tx), params)
   b, t = 2, 1024
   sds = jax.ShapeDtypeStruct
-  batch = {"tokens": sds((b, t), jnp.int32), "mask": sds((b, t), jnp.int32),
-           "response_mask": sds((b, t - 1), jnp.int32), "old_logp": sds((b, t - 1), jnp.float32),
-           "is_demo": sds((b,), jnp.bool_), "rewards": sds((b,), jnp.float32),
-           "advantages": sds((b,), jnp.float32)}
-  step_cfg = train.StepConfig(loss=obj.LossConfig.preset("srft"), minibatches=2, microbatches=1,
-                              logit_chunk=512)
+  batch = {
+    "tokens": sds((b, t), jnp.int32),
+    "mask": sds((b, t), jnp.int32),
+    "response_mask": sds((b, t - 1), jnp.int32),
+    "old_logp": sds((b, t - 1), jnp.float32),
+    "is_demo": sds((b,), jnp.bool_),
+    "rewards": sds((b,), jnp.float32),
+    "advantages": sds((b,), jnp.float32),
+  }
+  step_cfg = train.StepConfig(
+    loss=obj.LossConfig.preset("srft"), minibatches=2, microbatches=1, logit_chunk=512
+  )
   new_state, metrics = jax.eval_shape(
-      functools.partial(train.train_step, graphdef, tx, step_cfg), state, batch)
+    functools.partial(train.train_step, graphdef, tx, step_cfg), state, batch
+  )
   for a, b_ in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
     assert a.shape == b_.shape and a.dtype == b_.dtype
   assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
@@ -593,43 +673,54 @@ def test_7b_train_step_eval_shape(source):
     assert metrics["grad_norm"].dtype == jnp.float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _micro_batch_case():
   """One SRFT batch (two groups of 4 rows sharing a prompt), the model, and the
   reference update: one micro-batch over the full rows (computed once)."""
-  cfg = model_lib.ModelConfig(vocab_size=48, embed_dim=32, mlp_dim=64, num_layers=1,
-                              num_heads=2, num_kv_heads=1, head_dim=16)
+  cfg = model_lib.ModelConfig(
+    vocab_size=48, embed_dim=32, mlp_dim=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16
+  )
   graphdef, params = nnx.split(model_lib.create_model(cfg, seed=4))
   tx, _ = train.make_optimizer(1e-2, steps=10)
   rs = np.random.RandomState(0)
   b, t = 8, 12
   mask = np.ones((b, t), np.int32)
-  mask[4:, :3] = 0     # left padding on the second group's prompt (columns 0..5)
-  mask[::2, -4:] = 0   # right padding on some responses
+  mask[4:, :3] = 0  # left padding on the second group's prompt (columns 0..5)
+  mask[::2, -4:] = 0  # right padding on some responses
   mask[3, 7:] = 0
   response = mask[:, 1:].copy()
   response[:, :5] = 0  # targets 5..10 are the response: its last 6 target columns
   tokens = rs.randint(1, 48, (b, t))
   tokens[:, :6] = np.repeat(tokens[::4, :6], 4, axis=0)  # groups of 4 rows share a prompt
-  batch = {"tokens": jnp.asarray(tokens, jnp.int32),
-           "mask": jnp.asarray(mask), "response_mask": jnp.asarray(response),
-           "old_logp": jnp.asarray(-rs.rand(b, t - 1), jnp.float32),
-           "is_demo": jnp.asarray(np.arange(b) % 4 == 3),
-           "rewards": jnp.asarray(rs.randint(0, 2, b), jnp.float32),
-           "advantages": jnp.asarray(rs.randn(b), jnp.float32)}
+  batch = {
+    "tokens": jnp.asarray(tokens, jnp.int32),
+    "mask": jnp.asarray(mask),
+    "response_mask": jnp.asarray(response),
+    "old_logp": jnp.asarray(-rs.rand(b, t - 1), jnp.float32),
+    "is_demo": jnp.asarray(np.arange(b) % 4 == 3),
+    "rewards": jnp.asarray(rs.randint(0, 2, b), jnp.float32),
+    "advantages": jnp.asarray(rs.randn(b), jnp.float32),
+  }
   loss_cfg = dataclasses.replace(obj.LossConfig.preset("srft"), entropy_granularity="batch")
 
   def step(micro, response_len, group):
-    step_cfg = train.StepConfig(loss=loss_cfg, minibatches=1, microbatches=micro, logit_chunk=16,
-                                response_len=response_len, group=group)
+    step_cfg = train.StepConfig(
+      loss=loss_cfg,
+      minibatches=1,
+      microbatches=micro,
+      logit_chunk=16,
+      response_len=response_len,
+      group=group,
+    )
     state = train.init_train_state(params, tx)
     return jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg))(state, batch)
 
   return params, step, step(1, 0, 0)
 
 
-@pytest.mark.parametrize("micro,response_len,group", [(2, 0, 0), (1, 6, 0), (2, 6, 0),
-                                                     (1, 6, 4), (2, 6, 4)])
+@pytest.mark.parametrize(
+  "micro,response_len,group", [(2, 0, 0), (1, 6, 0), (2, 6, 0), (1, 6, 4), (2, 6, 4)]
+)
 def test_micro_batches_and_response_only_logprobs_match_plain_step(micro, response_len, group):
   """Two micro-batches (an entropy pre-pass for the batch-level H, then summed
   gradients), response-only log-probs (`response_len`: no LM head on the
@@ -640,8 +731,9 @@ def test_micro_batches_and_response_only_logprobs_match_plain_step(micro, respon
   np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
   moved = 0.0
-  for a, c, p0 in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"]),
-                      jax.tree.leaves(params)):
+  for a, c, p0 in zip(
+    jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"]), jax.tree.leaves(params)
+  ):
     # Adam's first step is ~lr * sign(g): 1e-5 is 1/1000 of it.
     np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=0, atol=1e-5)
     moved = max(moved, float(np.abs(np.asarray(a) - np.asarray(p0)).max()))
@@ -661,23 +753,47 @@ def cli(tmp_path_factory, tokenizer_path):
   compilation cache makes every process after the first start fast."""
   cache = str(tmp_path_factory.mktemp("jax_cache"))
   env = dict(os.environ)
-  env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
-  overrides = {**TINY, "steps": N_STEPS, "data.tokenizer": tokenizer_path,
-               "eval.before": False, "eval.after": False, "log.tensorboard": False,
-               "log.plots": False, "checkpoint.every": 1, "checkpoint.keep": 3,
-               "checkpoint.async_save": True, "seed": 3}
+  env.update(
+    JAX_COMPILATION_CACHE_DIR=cache,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    PYTHONUNBUFFERED="1",
+  )
+  overrides = {
+    **TINY,
+    "steps": N_STEPS,
+    "data.tokenizer": tokenizer_path,
+    "eval.before": False,
+    "eval.after": False,
+    "log.tensorboard": False,
+    "log.plots": False,
+    "checkpoint.every": 1,
+    "checkpoint.keep": 3,
+    "checkpoint.async_save": True,
+    "seed": 3,
+  }
 
   def command(workdir):
-    args = [sys.executable, "-m", "srft_jax.main", "--config=configs/default.py",
-            f"--workdir={workdir}"]
+    args = [
+      sys.executable,
+      "-m",
+      "srft_jax.main",
+      "--config=configs/default.py",
+      f"--workdir={workdir}",
+    ]
     return args + [f"--config.{k}={v}" for k, v in overrides.items()]
 
   def start(workdir):
     log_path = os.path.join(str(workdir) + ".log")
     f = open(log_path, "a")
-    proc = subprocess.Popen(command(workdir), cwd=REPO, env=env, stdout=f,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+      command(workdir),
+      cwd=REPO,
+      env=env,
+      stdout=f,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
     proc.log_path = log_path
     proc.log_file = f
     return proc
@@ -719,10 +835,13 @@ def _wait_for_checkpoint(proc, workdir, min_step, timeout=300):
 
 def _final_state(workdir, step):
   import orbax.checkpoint as ocp
-  mgr = ocp.CheckpointManager(os.path.join(str(workdir), "checkpoints"),
-                              item_names=ckpt_lib.Checkpointer.ITEMS)
-  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                  data=ocp.args.JsonRestore()))
+
+  mgr = ocp.CheckpointManager(
+    os.path.join(str(workdir), "checkpoints"), item_names=ckpt_lib.Checkpointer.ITEMS
+  )
+  out = mgr.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
+  )
   mgr.close()
   return jax.tree.map(np.asarray, out["state"]), out["data"]
 
@@ -742,8 +861,11 @@ def _assert_bitwise_equal(wd_a, wd_b):
   la, ta = jax.tree.flatten_with_path(sa)
   lb, tb = jax.tree.flatten_with_path(sb)
   assert ta == tb
-  diff = [jax.tree_util.keystr(p) for (p, x), (_, y) in zip(la, lb)
-          if x.dtype != y.dtype or x.tobytes() != y.tobytes()]
+  diff = [
+    jax.tree_util.keystr(p)
+    for (p, x), (_, y) in zip(la, lb)
+    if x.dtype != y.dtype or x.tobytes() != y.tobytes()
+  ]
   assert not diff, f"{len(diff)} leaves differ, e.g. {diff[:5]}"
   with open(os.path.join(str(wd_a), "export", "hf", "model.safetensors"), "rb") as f:
     ha = f.read()
@@ -770,6 +892,7 @@ def test_exact_resume_after_sigkill(cli, straight, tmp_path):
 
 def _resumed_step(log_text):
   import re
+
   m = re.findall(r"resumed from step (\d+)", log_text)
   return int(m[-1]) if m else -1
 

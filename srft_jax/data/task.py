@@ -33,7 +33,7 @@ import json
 import os
 import random
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from srft_jax import tokenizer as tokenizer_lib
 
@@ -50,19 +50,39 @@ HELDOUT_PERCENT = 20
 
 PROMPT_TEMPLATE = "plain"  # tokenizer.render_prompt template the task is trained with
 
-NAMES = (("Mia", "She"), ("Tom", "He"), ("Ann", "She"), ("Ben", "He"), ("Eva", "She"),
-         ("Sam", "He"), ("Lily", "She"), ("Max", "He"), ("Zoe", "She"), ("Leo", "He"))
-OBJECTS = ("apples", "pens", "cards", "coins", "books", "shells", "stamps", "cups",
-           "eggs", "marbles")
+NAMES = (
+  ("Mia", "She"),
+  ("Tom", "He"),
+  ("Ann", "She"),
+  ("Ben", "He"),
+  ("Eva", "She"),
+  ("Sam", "He"),
+  ("Lily", "She"),
+  ("Max", "He"),
+  ("Zoe", "She"),
+  ("Leo", "He"),
+)
+OBJECTS = (
+  "apples",
+  "pens",
+  "cards",
+  "coins",
+  "books",
+  "shells",
+  "stamps",
+  "cups",
+  "eggs",
+  "marbles",
+)
 
 # One sentence per operation; {p} = pronoun, {k}/{a}/{b} = operands, {n} = a name.
 # Every template must be matched by exactly one of _OP_PATTERNS below.
 _TEMPLATES = {
-    "add": ("{p} finds {k} more.", "{p} gets {k} more."),
-    "sub": ("{p} gives {k} to {n}.", "{p} loses {k}."),
-    "mul": ("{p} doubles them.", "{p} triples them."),     # k = 2 / 3
-    "bags": ("{p} buys {a} bags of {b}.",),                 # a as a word: "two"
-    "div": ("{p} gives away half.", "{p} keeps a third."),  # k = 2 / 3
+  "add": ("{p} finds {k} more.", "{p} gets {k} more."),
+  "sub": ("{p} gives {k} to {n}.", "{p} loses {k}."),
+  "mul": ("{p} doubles them.", "{p} triples them."),  # k = 2 / 3
+  "bags": ("{p} buys {a} bags of {b}.",),  # a as a word: "two"
+  "div": ("{p} gives away half.", "{p} keeps a third."),  # k = 2 / 3
 }
 # The bag count is written as a word, so reading the problem takes a little
 # language (and the prompt one token fewer per bag step).
@@ -76,28 +96,28 @@ THINK_OPEN, THINK_CLOSE, BOXED = "<think>", "</think>", "\\boxed{"
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One generated problem: its arithmetic (start, ops) and its text."""
+  """One generated problem: its arithmetic (start, ops) and its text."""
 
-    start: int
-    ops: tuple[tuple, ...]  # ("add", k) | ("sub", k) | ("mul", k) | ("bags", a, b) | ("div", k)
-    text: str
+  start: int
+  ops: tuple[tuple, ...]  # ("add", k) | ("sub", k) | ("mul", k) | ("bags", a, b) | ("div", k)
+  text: str
 
-    @property
-    def key(self) -> str:
-        """The arithmetic alone (names and wording excluded): identity for splits."""
-        return json.dumps([self.start, [list(op) for op in self.ops]])
+  @property
+  def key(self) -> str:
+    """The arithmetic alone (names and wording excluded): identity for splits."""
+    return json.dumps([self.start, [list(op) for op in self.ops]])
 
 
 @dataclasses.dataclass(frozen=True)
 class Solution:
-    answer: int
-    lines: tuple[str, ...]  # one equation per line, e.g. "7+5=12"
+  answer: int
+  lines: tuple[str, ...]  # one equation per line, e.g. "7+5=12"
 
-    @property
-    def target(self) -> str:
-        """The demonstration in the paper's format (METHOD.md §1, reward rule)."""
-        body = "\n".join(self.lines)
-        return f"{THINK_OPEN}\n{body}\n{THINK_CLOSE}\n{BOXED}{self.answer}}}"
+  @property
+  def target(self) -> str:
+    """The demonstration in the paper's format (METHOD.md §1, reward rule)."""
+    body = "\n".join(self.lines)
+    return f"{THINK_OPEN}\n{body}\n{THINK_CLOSE}\n{BOXED}{self.answer}}}"
 
 
 # ---------------------------------------------------------------------------
@@ -105,188 +125,195 @@ class Solution:
 
 _NUM = r"(\d+)"
 _OP_PATTERNS = (
-    (re.compile(rf"^(?:She|He) (?:finds|gets) {_NUM} more\.$"), lambda m: ("add", int(m[1]))),
-    (re.compile(rf"^(?:She|He) gives {_NUM} to [A-Z][a-z]+\.$"), lambda m: ("sub", int(m[1]))),
-    (re.compile(rf"^(?:She|He) loses {_NUM}\.$"), lambda m: ("sub", int(m[1]))),
-    (re.compile(r"^(?:She|He) doubles them\.$"), lambda m: ("mul", 2)),
-    (re.compile(r"^(?:She|He) triples them\.$"), lambda m: ("mul", 3)),
-    (re.compile(rf"^(?:She|He) buys (two|three|four) bags of {_NUM}\.$"),
-     lambda m: ("bags", _NUMBER_WORDS.index(m[1]) + 2, int(m[2]))),
-    (re.compile(r"^(?:She|He) gives away half\.$"), lambda m: ("div", 2)),
-    (re.compile(r"^(?:She|He) keeps a third\.$"), lambda m: ("div", 3)),
+  (re.compile(rf"^(?:She|He) (?:finds|gets) {_NUM} more\.$"), lambda m: ("add", int(m[1]))),
+  (re.compile(rf"^(?:She|He) gives {_NUM} to [A-Z][a-z]+\.$"), lambda m: ("sub", int(m[1]))),
+  (re.compile(rf"^(?:She|He) loses {_NUM}\.$"), lambda m: ("sub", int(m[1]))),
+  (re.compile(r"^(?:She|He) doubles them\.$"), lambda m: ("mul", 2)),
+  (re.compile(r"^(?:She|He) triples them\.$"), lambda m: ("mul", 3)),
+  (
+    re.compile(rf"^(?:She|He) buys (two|three|four) bags of {_NUM}\.$"),
+    lambda m: ("bags", _NUMBER_WORDS.index(m[1]) + 2, int(m[2])),
+  ),
+  (re.compile(r"^(?:She|He) gives away half\.$"), lambda m: ("div", 2)),
+  (re.compile(r"^(?:She|He) keeps a third\.$"), lambda m: ("div", 3)),
 )
 _INTRO_PATTERN = re.compile(rf"^([A-Z][a-z]+) has {_NUM} ([a-z]+)\.$")
 _QUESTION_PATTERN = re.compile(r"^How many ([a-z]+) now\?$")
 
 
 def parse(text: str) -> tuple[int, tuple[tuple, ...]]:
-    """Problem text -> (start, ops). Raises ValueError on text it cannot read."""
-    sentences = re.findall(r"[^.?]+[.?]", text.strip())
-    if len(sentences) < 2 or "".join(sentences).replace(" ", "") != text.strip().replace(" ", ""):
-        raise ValueError(f"not a task problem: {text!r}")
-    sentences = [s.strip() for s in sentences]
-    intro = _INTRO_PATTERN.match(sentences[0])
-    question = _QUESTION_PATTERN.match(sentences[-1])
-    if not intro or not question or intro[3] != question[1]:
-        raise ValueError(f"not a task problem: {text!r}")
-    ops = []
-    for s in sentences[1:-1]:
-        for pattern, build in _OP_PATTERNS:
-            m = pattern.match(s)
-            if m:
-                ops.append(build(m))
-                break
-        else:
-            raise ValueError(f"unknown step {s!r} in {text!r}")
-    return int(intro[2]), tuple(ops)
+  """Problem text -> (start, ops). Raises ValueError on text it cannot read."""
+  sentences = re.findall(r"[^.?]+[.?]", text.strip())
+  if len(sentences) < 2 or "".join(sentences).replace(" ", "") != text.strip().replace(" ", ""):
+    raise ValueError(f"not a task problem: {text!r}")
+  sentences = [s.strip() for s in sentences]
+  intro = _INTRO_PATTERN.match(sentences[0])
+  question = _QUESTION_PATTERN.match(sentences[-1])
+  if not intro or not question or intro[3] != question[1]:
+    raise ValueError(f"not a task problem: {text!r}")
+  ops = []
+  for s in sentences[1:-1]:
+    for pattern, build in _OP_PATTERNS:
+      m = pattern.match(s)
+      if m:
+        ops.append(build(m))
+        break
+    else:
+      raise ValueError(f"unknown step {s!r} in {text!r}")
+  return int(intro[2]), tuple(ops)
 
 
 def _apply(x: int, op: tuple) -> tuple[int, list[str]]:
-    """One step: the new value and the demonstration lines that compute it."""
-    kind = op[0]
-    if kind == "add":
-        y = x + op[1]
-        return y, [f"{x}+{op[1]}={y}"]
-    if kind == "sub":
-        y = x - op[1]
-        return y, [f"{x}-{op[1]}={y}"]
-    if kind == "mul":
-        y = x * op[1]
-        return y, [f"{x}*{op[1]}={y}"]
-    if kind == "bags":
-        c = op[1] * op[2]
-        y = x + c
-        return y, [f"{op[1]}*{op[2]}={c}", f"{x}+{c}={y}"]
-    if kind == "div":
-        if x % op[1]:
-            raise ValueError(f"{x} is not divisible by {op[1]}")
-        y = x // op[1]
-        return y, [f"{x}/{op[1]}={y}"]
-    raise ValueError(f"unknown operation {op!r}")
+  """One step: the new value and the demonstration lines that compute it."""
+  kind = op[0]
+  if kind == "add":
+    y = x + op[1]
+    return y, [f"{x}+{op[1]}={y}"]
+  if kind == "sub":
+    y = x - op[1]
+    return y, [f"{x}-{op[1]}={y}"]
+  if kind == "mul":
+    y = x * op[1]
+    return y, [f"{x}*{op[1]}={y}"]
+  if kind == "bags":
+    c = op[1] * op[2]
+    y = x + c
+    return y, [f"{op[1]}*{op[2]}={c}", f"{x}+{c}={y}"]
+  if kind == "div":
+    if x % op[1]:
+      raise ValueError(f"{x} is not divisible by {op[1]}")
+    y = x // op[1]
+    return y, [f"{x}/{op[1]}={y}"]
+  raise ValueError(f"unknown operation {op!r}")
 
 
 def solve(problem: Problem | str) -> Solution:
-    """Solve a problem (or its text) step by step."""
-    text = problem.text if isinstance(problem, Problem) else problem
-    x, ops = parse(text)
-    lines: list[str] = []
-    for op in ops:
-        x, new = _apply(x, op)
-        lines.extend(new)
-    return Solution(answer=x, lines=tuple(lines))
+  """Solve a problem (or its text) step by step."""
+  text = problem.text if isinstance(problem, Problem) else problem
+  x, ops = parse(text)
+  lines: list[str] = []
+  for op in ops:
+    x, new = _apply(x, op)
+    lines.extend(new)
+  return Solution(answer=x, lines=tuple(lines))
 
 
 # ---------------------------------------------------------------------------
 # Generator.
 
+
 def _draw_op(rng: random.Random, x: int) -> tuple | None:
-    """A random operation valid from value x (stays in 1..MAX_VALUE), or None."""
-    kinds = list(_OP_WEIGHTS)
-    kind = rng.choices(kinds, weights=[_OP_WEIGHTS[k] for k in kinds])[0]
-    if kind == "add":
-        op = ("add", rng.randint(2, 9))
-    elif kind == "sub":
-        op = ("sub", rng.randint(2, 9))
-    elif kind == "mul":
-        op = ("mul", rng.choice((2, 3)))
-    elif kind == "bags":
-        op = ("bags", rng.randint(2, 4), rng.randint(2, 9))
-    else:
-        op = ("div", rng.choice((2, 3)))
-    if kind == "div" and x % op[1]:
-        return None
-    y, _ = _apply(x, op)
-    return op if 1 <= y <= MAX_VALUE else None
+  """A random operation valid from value x (stays in 1..MAX_VALUE), or None."""
+  kinds = list(_OP_WEIGHTS)
+  kind = rng.choices(kinds, weights=[_OP_WEIGHTS[k] for k in kinds])[0]
+  if kind == "add":
+    op = ("add", rng.randint(2, 9))
+  elif kind == "sub":
+    op = ("sub", rng.randint(2, 9))
+  elif kind == "mul":
+    op = ("mul", rng.choice((2, 3)))
+  elif kind == "bags":
+    op = ("bags", rng.randint(2, 4), rng.randint(2, 9))
+  else:
+    op = ("div", rng.choice((2, 3)))
+  if kind == "div" and x % op[1]:
+    return None
+  y, _ = _apply(x, op)
+  return op if 1 <= y <= MAX_VALUE else None
 
 
 def _render(rng: random.Random, start: int, ops: Sequence[tuple]) -> str:
-    name, pronoun = rng.choice(NAMES)
-    obj = rng.choice(OBJECTS)
-    other = rng.choice([n for n, _ in NAMES if n != name])
-    parts = [_PROMPT_INTRO.format(name=name, x=start, obj=obj)]
-    for op in ops:
-        kind = op[0]
-        if kind in ("mul", "div"):
-            template = _TEMPLATES[kind][0 if op[1] == 2 else 1]
-        else:
-            template = rng.choice(_TEMPLATES[kind])
-        a, b = (_NUMBER_WORDS[op[1] - 2], op[2]) if kind == "bags" else (None, None)
-        parts.append(template.format(p=pronoun, k=op[1], a=a, b=b, n=other))
-    parts.append(_PROMPT_QUESTION.format(obj=obj))
-    return " ".join(parts)
+  name, pronoun = rng.choice(NAMES)
+  obj = rng.choice(OBJECTS)
+  other = rng.choice([n for n, _ in NAMES if n != name])
+  parts = [_PROMPT_INTRO.format(name=name, x=start, obj=obj)]
+  for op in ops:
+    kind = op[0]
+    if kind in ("mul", "div"):
+      template = _TEMPLATES[kind][0 if op[1] == 2 else 1]
+    else:
+      template = rng.choice(_TEMPLATES[kind])
+    a, b = (_NUMBER_WORDS[op[1] - 2], op[2]) if kind == "bags" else (None, None)
+    parts.append(template.format(p=pronoun, k=op[1], a=a, b=b, n=other))
+  parts.append(_PROMPT_QUESTION.format(obj=obj))
+  return " ".join(parts)
 
 
 def _prompt_numbers(start: int, ops: Sequence[tuple]) -> set[int]:
-    nums = {start}
-    for op in ops:
-        if op[0] in ("add", "sub"):
-            nums.add(op[1])
-        elif op[0] == "bags":  # the bag count is a word, but copying it would still be a guess
-            nums.update(op[1:])
-    return nums
+  nums = {start}
+  for op in ops:
+    if op[0] in ("add", "sub"):
+      nums.add(op[1])
+    elif op[0] == "bags":  # the bag count is a word, but copying it would still be a guess
+      nums.update(op[1:])
+  return nums
 
 
 def _is_heldout(key: str) -> bool:
-    digest = hashlib.sha256(f"{GENERATOR_VERSION}|{key}".encode()).hexdigest()
-    return int(digest[:8], 16) % 100 < HELDOUT_PERCENT
+  digest = hashlib.sha256(f"{GENERATOR_VERSION}|{key}".encode()).hexdigest()
+  return int(digest[:8], 16) % 100 < HELDOUT_PERCENT
 
 
 def generate_problems(split: str, n: int, seed: int) -> list[Problem]:
-    """`n` distinct problems of `split`, deterministic in (split, n, seed).
+  """`n` distinct problems of `split`, deterministic in (split, n, seed).
 
-    A larger `n` with the same seed extends the smaller list (same prefix).
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
-    # String seeds hash with SHA-512 in `random`: stable across runs/processes.
-    rng = random.Random(f"{GENERATOR_VERSION}|{split}|{seed}")
-    steps_choices = OOD_STEPS if split == "test_ood" else ID_STEPS
-    seen: set[str] = set()
-    out: list[Problem] = []
-    attempts, max_attempts = 0, 200 * n + 1000
-    while len(out) < n:
-        attempts += 1
-        if attempts > max_attempts:
-            raise ValueError(f"could not find {n} distinct {split} problems "
-                             f"(got {len(out)}); the problem space is too small")
-        steps = rng.choice(steps_choices)
-        x = start = rng.randint(*START_RANGE)
-        ops: list[tuple] = []
-        for _ in range(steps):
-            op = None
-            for _ in range(10):
-                op = _draw_op(rng, x)
-                if op is not None:
-                    break
-            if op is None:
-                break
-            ops.append(op)
-            x, _ = _apply(x, op)
-        if len(ops) != steps or x in _prompt_numbers(start, ops):
-            continue  # the answer must be computed, not copied from the prompt
-        text = _render(rng, start, ops)
-        problem = Problem(start=start, ops=tuple(ops), text=text)
-        if problem.key in seen:
-            continue
-        if split != "test_ood" and _is_heldout(problem.key) != (split == "test_id"):
-            continue
-        seen.add(problem.key)
-        out.append(problem)
-    return out
+  A larger `n` with the same seed extends the smaller list (same prefix).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+  # String seeds hash with SHA-512 in `random`: stable across runs/processes.
+  rng = random.Random(f"{GENERATOR_VERSION}|{split}|{seed}")
+  steps_choices = OOD_STEPS if split == "test_ood" else ID_STEPS
+  seen: set[str] = set()
+  out: list[Problem] = []
+  attempts, max_attempts = 0, 200 * n + 1000
+  while len(out) < n:
+    attempts += 1
+    if attempts > max_attempts:
+      raise ValueError(
+        f"could not find {n} distinct {split} problems "
+        f"(got {len(out)}); the problem space is too small"
+      )
+    steps = rng.choice(steps_choices)
+    x = start = rng.randint(*START_RANGE)
+    ops: list[tuple] = []
+    for _ in range(steps):
+      op = None
+      for _ in range(10):
+        op = _draw_op(rng, x)
+        if op is not None:
+          break
+      if op is None:
+        break
+      ops.append(op)
+      x, _ = _apply(x, op)
+    if len(ops) != steps or x in _prompt_numbers(start, ops):
+      continue  # the answer must be computed, not copied from the prompt
+    text = _render(rng, start, ops)
+    problem = Problem(start=start, ops=tuple(ops), text=text)
+    if problem.key in seen:
+      continue
+    if split != "test_ood" and _is_heldout(problem.key) != (split == "test_id"):
+      continue
+    seen.add(problem.key)
+    out.append(problem)
+  return out
 
 
 def generate(split: str, n: int, seed: int) -> list[dict]:
-    """`n` rows {id, prompt, target, answer} (docs/CONTRACTS.md) of `split`."""
-    rows = []
-    for i, problem in enumerate(generate_problems(split, n, seed)):
-        solution = solve(problem)
-        rows.append({
-            "id": f"task-{split}-{seed}-{i:06d}",
-            "prompt": problem.text,
-            "target": solution.target,
-            "answer": str(solution.answer),
-        })
-    return rows
+  """`n` rows {id, prompt, target, answer} (docs/CONTRACTS.md) of `split`."""
+  rows = []
+  for i, problem in enumerate(generate_problems(split, n, seed)):
+    solution = solve(problem)
+    rows.append(
+      {
+        "id": f"task-{split}-{seed}-{i:06d}",
+        "prompt": problem.text,
+        "target": solution.target,
+        "answer": str(solution.answer),
+      }
+    )
+  return rows
 
 
 # ---------------------------------------------------------------------------
@@ -298,76 +325,94 @@ _TOKENIZER_CORPUS_ROWS = 3000
 # format survives tokenization intact.
 _USER_SYMBOLS = ("\n", THINK_OPEN, THINK_CLOSE, BOXED, "}")
 _SP_SETTINGS = dict(
-    model_type="bpe",
-    # identity + no whitespace cleanup: "\n" and spacing round-trip exactly.
-    normalization_rule_name="identity",
-    remove_extra_whitespaces=False,
-    # No dummy "▁" prefix, so encode(prompt) + encode(target) equals the
-    # encoding of the concatenated text the model is trained on.
-    add_dummy_prefix=False,
-    split_digits=True,
-    character_coverage=1.0,
-    byte_fallback=False,
-    pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-    # Determinism: one thread, no sampling/shuffling of the input.
-    num_threads=1,
-    shuffle_input_sentence=False,
-    input_sentence_size=0,
-    hard_vocab_limit=False,
+  model_type="bpe",
+  # identity + no whitespace cleanup: "\n" and spacing round-trip exactly.
+  normalization_rule_name="identity",
+  remove_extra_whitespaces=False,
+  # No dummy "▁" prefix, so encode(prompt) + encode(target) equals the
+  # encoding of the concatenated text the model is trained on.
+  add_dummy_prefix=False,
+  split_digits=True,
+  character_coverage=1.0,
+  byte_fallback=False,
+  pad_id=0,
+  eos_id=1,
+  bos_id=2,
+  unk_id=3,
+  # Determinism: one thread, no sampling/shuffling of the input.
+  num_threads=1,
+  shuffle_input_sentence=False,
+  input_sentence_size=0,
+  hard_vocab_limit=False,
 )
 
 
 def _tokenizer_corpus(seed: int) -> list[str]:
-    rows = generate("train", _TOKENIZER_CORPUS_ROWS, seed)
-    corpus = []
-    for r in rows:
-        corpus.append(tokenizer_lib.render_prompt(r["prompt"], template=PROMPT_TEMPLATE))
-        corpus.append(r["target"])
-    # Every word the generator can emit, so OOD prompts never hit <unk>.
-    for name, pronoun in NAMES:
-        corpus.append(f"{name} {pronoun}")
-    corpus.append(" ".join(OBJECTS))
-    for templates in _TEMPLATES.values():
-        corpus.extend(t.format(p="She", k=5, a="two", b=3, n="Tom") for t in templates)
-    corpus.append(" ".join(_NUMBER_WORDS) + " 0123456789+-*/=")
-    return corpus
+  rows = generate("train", _TOKENIZER_CORPUS_ROWS, seed)
+  corpus = []
+  for r in rows:
+    corpus.append(tokenizer_lib.render_prompt(r["prompt"], template=PROMPT_TEMPLATE))
+    corpus.append(r["target"])
+  # Every word the generator can emit, so OOD prompts never hit <unk>.
+  for name, pronoun in NAMES:
+    corpus.append(f"{name} {pronoun}")
+  corpus.append(" ".join(OBJECTS))
+  for templates in _TEMPLATES.values():
+    corpus.extend(t.format(p="She", k=5, a="two", b=3, n="Tom") for t in templates)
+  corpus.append(" ".join(_NUMBER_WORDS) + " 0123456789+-*/=")
+  return corpus
 
 
 def _settings_digest(seed: int, vocab_size: int) -> str:
-    blob = json.dumps({"version": GENERATOR_VERSION, "seed": seed, "vocab_size": vocab_size,
-                       "rows": _TOKENIZER_CORPUS_ROWS, "symbols": _USER_SYMBOLS,
-                       "template": PROMPT_TEMPLATE, "sp": _SP_SETTINGS}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+  blob = json.dumps(
+    {
+      "version": GENERATOR_VERSION,
+      "seed": seed,
+      "vocab_size": vocab_size,
+      "rows": _TOKENIZER_CORPUS_ROWS,
+      "symbols": _USER_SYMBOLS,
+      "template": PROMPT_TEMPLATE,
+      "sp": _SP_SETTINGS,
+    },
+    sort_keys=True,
+  )
+  return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def task_tokenizer_filename(seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
-    return f"task_sp_{vocab_size}_{_settings_digest(seed, vocab_size)}.model"
+  return f"task_sp_{vocab_size}_{_settings_digest(seed, vocab_size)}.model"
 
 
-def train_task_tokenizer(path: str | os.PathLike, seed: int = 0,
-                         vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
-    """Train the task's sentencepiece model and write it to `path` (atomically)."""
-    import sentencepiece as spm
+def train_task_tokenizer(
+  path: str | os.PathLike, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE
+) -> str:
+  """Train the task's sentencepiece model and write it to `path` (atomically)."""
+  import sentencepiece as spm
 
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_tokenizer_corpus(seed)), model_writer=buf,
-        vocab_size=vocab_size, user_defined_symbols=list(_USER_SYMBOLS),
-        minloglevel=2, **_SP_SETTINGS)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # Write then rename: concurrent processes never see a half-written file.
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(_tokenizer_corpus(seed)),
+    model_writer=buf,
+    vocab_size=vocab_size,
+    user_defined_symbols=list(_USER_SYMBOLS),
+    minloglevel=2,
+    **_SP_SETTINGS,
+  )
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # Write then rename: concurrent processes never see a half-written file.
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(buf.getvalue())
+  os.replace(tmp, path)
+  return path
 
 
-def get_task_tokenizer(cache_dir: str | os.PathLike, seed: int = 0,
-                       vocab_size: int = DEFAULT_VOCAB_SIZE) -> tokenizer_lib.Tokenizer:
-    """The task tokenizer, trained once and cached in `cache_dir`."""
-    path = os.path.join(os.fspath(cache_dir), task_tokenizer_filename(seed, vocab_size))
-    if not os.path.exists(path):
-        train_task_tokenizer(path, seed=seed, vocab_size=vocab_size)
-    return tokenizer_lib.load_tokenizer(path)
+def get_task_tokenizer(
+  cache_dir: str | os.PathLike, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE
+) -> tokenizer_lib.Tokenizer:
+  """The task tokenizer, trained once and cached in `cache_dir`."""
+  path = os.path.join(os.fspath(cache_dir), task_tokenizer_filename(seed, vocab_size))
+  if not os.path.exists(path):
+    train_task_tokenizer(path, seed=seed, vocab_size=vocab_size)
+  return tokenizer_lib.load_tokenizer(path)

@@ -41,28 +41,44 @@ from typing import Any
 HBM_GB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
 FIT_FRACTION = 0.9
 SLICES = {
-    "v5p": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
-    "v5e": ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
-    "v6e": ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
-    "v4": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
+  "v5p": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
+  "v5e": ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+  "v6e": ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+  "v4": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
 }
 PROGRAMS = ("train", "sample", "prefill", "decode")
 _GEN_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
-                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "bf16": 2,
+  "f16": 2,
+  "s16": 2,
+  "u16": 2,
+  "f32": 4,
+  "s32": 4,
+  "u32": 4,
+  "f64": 8,
+  "s64": 8,
+  "u64": 8,
+}
 
 
 # ----------------------------------------------------------------------------
 # Topologies
 # ----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Topology:
-  generation: str          # v4 | v5e | v5p | v6e
-  shape: tuple[int, ...]   # chips along each torus axis
+  generation: str  # v4 | v5e | v5p | v6e
+  shape: tuple[int, ...]  # chips along each torus axis
 
   @classmethod
-  def parse(cls, name: str) -> "Topology":
+  def parse(cls, name: str) -> Topology:
     """'v5p:4x4x4' (also 'v5litepod:4x4') -> Topology."""
     gen, sep, dims = name.partition(":")
     gen = _GEN_ALIASES.get(gen.lower(), gen.lower())
@@ -93,6 +109,7 @@ class Topology:
     """One compile-only device a chip, as the runtime shows them (v4's two
     TensorCores form one megacore device, so memory is per chip)."""
     from jax.experimental import topologies
+
     kw = {"chip_config_name": "megacore"} if self.generation == "v4" else {}
     return topologies.get_topology_desc(platform="tpu", topology_name=self.name, **kw).devices
 
@@ -100,6 +117,7 @@ class Topology:
 def libtpu_available() -> bool:
   try:
     import libtpu  # noqa: F401
+
     return True
   except ImportError:
     return False
@@ -109,9 +127,11 @@ def libtpu_available() -> bool:
 # Building the programs (abstract inputs only)
 # ----------------------------------------------------------------------------
 
+
 def _load_config(spec: str):
   """A config file's get_config(arg) for 'path/to/config.py[:arg]' (as --config takes)."""
   import importlib.util
+
   path, _, arg = spec.partition(":")
   mod_spec = importlib.util.spec_from_file_location("srft_aot_config", path)
   mod = importlib.util.module_from_spec(mod_spec)
@@ -121,6 +141,7 @@ def _load_config(spec: str):
 
 class _VocabOnly:
   """Stands in for the tokenizer where only the vocabulary size matters (tiny preset)."""
+
   def __init__(self, vocab_size: int):
     self.vocab_size = vocab_size
 
@@ -130,26 +151,27 @@ def model_config(c, vocab_size: int = 512):
   model.hf_path has one, else the preset (with the config's dtype and remat)."""
   import os
 
-  from srft_jax import hf
-  from srft_jax import model as model_lib
-  from srft_jax import train
+  from srft_jax import hf, train
+
   kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
   if c.model.hf_path and os.path.exists(os.path.join(c.model.hf_path, "config.json")):
     # The overrides train.base_model applies to a checkpoint (RoPE theta, window, attention).
-    return hf.config_from_hf(hf.read_config(c.model.hf_path),
-                             **kw, **train._hf_config_overrides(c))  # pylint: disable=protected-access
+    return hf.config_from_hf(hf.read_config(c.model.hf_path), **kw, **train._hf_config_overrides(c))  # pylint: disable=protected-access
   return train._model_config(c, _VocabOnly(vocab_size))  # pylint: disable=protected-access
 
 
 def _abstract(tree, shardings):
   import jax
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 def _stage(c):
   """The loss config and group layout of the stage with the biggest group."""
   from srft_jax import train
+
   overrides = dict(c.loss) if not c.stages else None
   best = None
   for name, _ in train.parse_stages(c.stages, c.steps, c.method):
@@ -173,14 +195,26 @@ def lower_train(c, mcfg, mesh):
   lc, layout = _stage(c)
   o = c.optim
   tx, _ = train.make_optimizer(
-      o.lr, steps=c.steps, warmup_steps=o.warmup_steps, schedule=o.schedule,
-      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm or None,
-      updates_per_step=c.batch.minibatches)
-  step_cfg = train.StepConfig(loss=lc, minibatches=c.batch.minibatches,
-                              microbatches=c.batch.microbatches,
-                              temperature=c.rollout.temperature, logit_chunk=c.logit_chunk,
-                              response_len=c.data.max_response_len,
-                              group=layout.size if c.get("shared_prefix") else 0)
+    o.lr,
+    steps=c.steps,
+    warmup_steps=o.warmup_steps,
+    schedule=o.schedule,
+    weight_decay=o.weight_decay,
+    b1=o.b1,
+    b2=o.b2,
+    eps=o.eps,
+    clip_norm=o.clip_norm or None,
+    updates_per_step=c.batch.minibatches,
+  )
+  step_cfg = train.StepConfig(
+    loss=lc,
+    minibatches=c.batch.minibatches,
+    microbatches=c.batch.microbatches,
+    temperature=c.rollout.temperature,
+    logit_chunk=c.logit_chunk,
+    response_len=c.data.max_response_len,
+    group=layout.size if c.get("shared_prefix") else 0,
+  )
   graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
   state = jax.eval_shape(lambda p: train.init_train_state(p, tx), params)
   state_sh = train.state_shardings(state, mesh, mcfg.rules)
@@ -189,14 +223,26 @@ def lower_train(c, mcfg, mesh):
   n = layout.n_rollouts
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
   batch = jax.eval_shape(
-      lambda *a: train.assemble_batch(*a, layout=layout, adv_normalize_std=lc.adv_normalize_std,
-                                      adv_eps=lc.adv_eps),
-      i32(b, p), i32(b, p), i32(b * n, r) if n else None, i32(b * n, r) if n else None,
-      jax.ShapeDtypeStruct((b * n, r), jnp.float32) if n else None, i32(b, r), i32(b, r),
-      jax.ShapeDtypeStruct((b * layout.size,), jnp.float32))
+    lambda *a: train.assemble_batch(
+      *a, layout=layout, adv_normalize_std=lc.adv_normalize_std, adv_eps=lc.adv_eps
+    ),
+    i32(b, p),
+    i32(b, p),
+    i32(b * n, r) if n else None,
+    i32(b * n, r) if n else None,
+    jax.ShapeDtypeStruct((b * n, r), jnp.float32) if n else None,
+    i32(b, r),
+    i32(b, r),
+    jax.ShapeDtypeStruct((b * layout.size,), jnp.float32),
+  )
   batch_sh = {k: shd.batch_sharding(mesh, v.ndim, mcfg.rules, v.shape) for k, v in batch.items()}
-  fn = train._jitted_step(graphdef, tx, step_cfg, train._freeze(state_sh),  # pylint: disable=protected-access
-                          train._freeze(batch_sh))  # pylint: disable=protected-access
+  fn = train._jitted_step(
+    graphdef,
+    tx,
+    step_cfg,
+    train._freeze(state_sh),  # pylint: disable=protected-access
+    train._freeze(batch_sh),
+  )  # pylint: disable=protected-access
   with jax.set_mesh(mesh):
     return fn.lower(_abstract(state, state_sh), _abstract(batch, batch_sh))
 
@@ -210,12 +256,12 @@ def _inference_config(mcfg):
 
 def _sampler_inputs(c, mcfg, mesh, rows: int, length: int):
   import jax
-  import jax.numpy as jnp
   from flax import nnx
 
   from srft_jax import model as model_lib
   from srft_jax import sampler as sampler_lib
   from srft_jax import sharding as shd
+
   graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
   params = _abstract(params, shd.state_shardings(params, mesh, mcfg.rules))
   cache = jax.eval_shape(lambda: model_lib.init_cache(mcfg, rows, length))
@@ -225,6 +271,7 @@ def _sampler_inputs(c, mcfg, mesh, rows: int, length: int):
 
 def _rows_sharding(mesh, mcfg, shape):
   from srft_jax import sharding as shd
+
   return shd.batch_sharding(mesh, len(shape), mcfg.rules, shape)
 
 
@@ -234,28 +281,36 @@ def lower_sample(c, mcfg, mesh):
   import jax.numpy as jnp
 
   from srft_jax import sampler as sampler_lib
+
   mcfg = _inference_config(mcfg)
   _, layout = _stage(c)
   n = max(layout.n_rollouts, 1)
   rows, p, r = c.batch.prompts_per_step * n, max(c.data.prompt_buckets), c.data.max_response_len
   graphdef, params, cache = _sampler_inputs(c, mcfg, mesh, rows, p + r)
   scfg = sampler_lib.SamplingConfig(
-      max_new_tokens=r, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
-      top_k=c.rollout.top_k, eos_ids=(1,), pad_id=0, prompt_buckets=tuple(c.data.prompt_buckets),
-      n=n)
+    max_new_tokens=r,
+    temperature=c.rollout.temperature,
+    top_p=c.rollout.top_p,
+    top_k=c.rollout.top_k,
+    eos_ids=(1,),
+    pad_id=0,
+    prompt_buckets=tuple(c.data.prompt_buckets),
+    n=n,
+  )
   tok_sh = _rows_sharding(mesh, mcfg, (rows, p))
   tokens = jax.ShapeDtypeStruct((rows, p), jnp.int32, sharding=tok_sh)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()))
+  key = jax.ShapeDtypeStruct(
+    key.shape, key.dtype, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  )
   with jax.set_mesh(mesh):
-    return sampler_lib.sample_jit.lower(
-        graphdef, params, tokens, tokens, key, scfg, cache)
+    return sampler_lib.sample_jit.lower(graphdef, params, tokens, tokens, key, scfg, cache)
 
 
 def _model_step(graphdef, state, tokens_BT, positions_BT, mask_BT, cache):
   """One model call with the KV cache, as the sampler makes it (last-position logits)."""
   from flax import nnx
+
   model = nnx.merge(graphdef, state)
   logits, cache = model(tokens_BT, positions_BT, mask_BT, cache=cache)
   return logits[:, -1], cache
@@ -265,6 +320,7 @@ def lower_cache_call(c, mcfg, mesh, new_tokens: int | None):
   """`prefill` (new_tokens=None: the P prompt tokens) or `decode` (1 token)."""
   import jax
   import jax.numpy as jnp
+
   mcfg = _inference_config(mcfg)
   _, layout = _stage(c)
   rows = c.batch.prompts_per_step * max(layout.n_rollouts, 1)
@@ -281,6 +337,7 @@ def lower_cache_call(c, mcfg, mesh, new_tokens: int | None):
 # ----------------------------------------------------------------------------
 # Model FLOPs (the MFU convention: no remat recompute)
 # ----------------------------------------------------------------------------
+
 
 def _matmul_params(mcfg) -> int:
   """Parameters touched by a matmul per token (the embedding lookup is not)."""
@@ -301,13 +358,18 @@ def model_flops(c, mcfg) -> dict[str, float]:
   rows = c.batch.prompts_per_step * max(layout.n_rollouts, 1)
   prefill = rows * (2 * nm * p + attn * p * (p + 1) / 2)
   decode_one = rows * (2 * nm + attn * (p + r / 2))  # mean context over the response
-  return {"train": 3 * fwd, "sample": prefill + r * decode_one, "prefill": prefill,
-          "decode": decode_one}
+  return {
+    "train": 3 * fwd,
+    "sample": prefill + r * decode_one,
+    "prefill": prefill,
+    "decode": decode_one,
+  }
 
 
 # ----------------------------------------------------------------------------
 # Analysis
 # ----------------------------------------------------------------------------
+
 
 def biggest_arrays(hlo_text: str, k: int = 8) -> list[dict[str, Any]]:
   """The largest per-chip arrays defined in a compiled (partitioned) HLO module.
@@ -318,15 +380,26 @@ def biggest_arrays(hlo_text: str, k: int = 8) -> list[dict[str, Any]]:
   seen, out = set(), []
   for m in pat.finditer(hlo_text):
     name, dtype, dims, op = m.groups()
-    if dtype not in _DTYPE_BYTES or op in ("parameter", "get-tuple-element", "bitcast", "copy-done"):
+    if dtype not in _DTYPE_BYTES or op in (
+      "parameter",
+      "get-tuple-element",
+      "bitcast",
+      "copy-done",
+    ):
       continue
     shape = tuple(int(d) for d in dims.split(",")) if dims else ()
     key = (dtype, shape)
     if key in seen:
       continue
     seen.add(key)
-    out.append({"bytes": math.prod(shape) * _DTYPE_BYTES[dtype],
-                "array": f"{dtype}[{','.join(map(str, shape))}]", "op": op, "name": name})
+    out.append(
+      {
+        "bytes": math.prod(shape) * _DTYPE_BYTES[dtype],
+        "array": f"{dtype}[{','.join(map(str, shape))}]",
+        "op": op,
+        "name": name,
+      }
+    )
   out.sort(key=lambda x: -x["bytes"])
   return out[:k]
 
@@ -356,8 +429,9 @@ def compile_program(lowered, topo: Topology, model_flops_step: float) -> dict[st
     msg = str(e)
     if "RESOURCE_EXHAUSTED" in msg or "memory" in msg.lower():
       res = _oom_summary(msg)
-      res.update(compile_s=round(time.perf_counter() - t0, 1), fits=False,
-                 model_flops_step=model_flops_step)
+      res.update(
+        compile_s=round(time.perf_counter() - t0, 1), fits=False, model_flops_step=model_flops_step
+      )
       return res
     raise
   compile_s = time.perf_counter() - t0
@@ -370,24 +444,36 @@ def compile_program(lowered, topo: Topology, model_flops_step: float) -> dict[st
   code = mem.generated_code_size_in_bytes
   total = args + out - alias + temp + code
   return {
-      "argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
-      "code_bytes": code, "total_bytes": total, "hbm_fraction": total / topo.hbm_bytes,
-      "fits": total <= FIT_FRACTION * topo.hbm_bytes,
-      "xla_flops_per_chip": float(cost.get("flops", 0.0)),
-      "xla_bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)),
-      "model_flops_step": model_flops_step,
-      "compile_s": round(compile_s, 1),
-      "biggest": biggest_arrays(compiled.as_text()),
+    "argument_bytes": args,
+    "output_bytes": out,
+    "alias_bytes": alias,
+    "temp_bytes": temp,
+    "code_bytes": code,
+    "total_bytes": total,
+    "hbm_fraction": total / topo.hbm_bytes,
+    "fits": total <= FIT_FRACTION * topo.hbm_bytes,
+    "xla_flops_per_chip": float(cost.get("flops", 0.0)),
+    "xla_bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)),
+    "model_flops_step": model_flops_step,
+    "compile_s": round(compile_s, 1),
+    "biggest": biggest_arrays(compiled.as_text()),
   }
 
 
-def analyse(c, topo: Topology, programs=PROGRAMS, vocab_size: int = 512,
-            log=print, num_layers: int | None = None) -> dict[str, Any]:
+def analyse(
+  c,
+  topo: Topology,
+  programs=PROGRAMS,
+  vocab_size: int = 512,
+  log=print,
+  num_layers: int | None = None,
+) -> dict[str, Any]:
   """Compiles `programs` of config `c` for `topo`; a JSON-ready report.
 
   `num_layers` compiles a shallower copy of the model (see `extrapolate`).
   """
   from srft_jax import sharding as shd
+
   mcfg = model_config(c, vocab_size)
   if num_layers:
     mcfg = dataclasses.replace(mcfg, num_layers=num_layers)
@@ -396,21 +482,33 @@ def analyse(c, topo: Topology, programs=PROGRAMS, vocab_size: int = 512,
   flops = model_flops(c, mcfg)
   _, layout = _stage(c)
   report = {
-      "topology": topo.name, "accelerator_type": topo.accelerator_type, "chips": topo.chips,
-      "device_kind": devices[0].device_kind, "hbm_gb": HBM_GB[topo.generation],
-      "mesh": dict(mesh.shape), "model": c.model.hf_path or c.model.preset,
-      "params": mcfg.num_params(), "param_dtype": mcfg.param_dtype, "dtype": mcfg.dtype,
-      "remat": mcfg.remat, "attention": mcfg.attention,
-      "prompts": c.batch.prompts_per_step, "group": layout.size,
-      "rows": c.batch.prompts_per_step * layout.size,
-      "length": max(c.data.prompt_buckets) + c.data.max_response_len,
-      "minibatches": c.batch.minibatches, "microbatches": c.batch.microbatches,
-      "logit_chunk": c.logit_chunk, "programs": {},
+    "topology": topo.name,
+    "accelerator_type": topo.accelerator_type,
+    "chips": topo.chips,
+    "device_kind": devices[0].device_kind,
+    "hbm_gb": HBM_GB[topo.generation],
+    "mesh": dict(mesh.shape),
+    "model": c.model.hf_path or c.model.preset,
+    "params": mcfg.num_params(),
+    "param_dtype": mcfg.param_dtype,
+    "dtype": mcfg.dtype,
+    "remat": mcfg.remat,
+    "attention": mcfg.attention,
+    "prompts": c.batch.prompts_per_step,
+    "group": layout.size,
+    "rows": c.batch.prompts_per_step * layout.size,
+    "length": max(c.data.prompt_buckets) + c.data.max_response_len,
+    "minibatches": c.batch.minibatches,
+    "microbatches": c.batch.microbatches,
+    "logit_chunk": c.logit_chunk,
+    "programs": {},
   }
-  lowerers = {"train": lambda: lower_train(c, mcfg, mesh),
-              "sample": lambda: lower_sample(c, mcfg, mesh),
-              "prefill": lambda: lower_cache_call(c, mcfg, mesh, None),
-              "decode": lambda: lower_cache_call(c, mcfg, mesh, 1)}
+  lowerers = {
+    "train": lambda: lower_train(c, mcfg, mesh),
+    "sample": lambda: lower_sample(c, mcfg, mesh),
+    "prefill": lambda: lower_cache_call(c, mcfg, mesh, None),
+    "decode": lambda: lower_cache_call(c, mcfg, mesh, 1),
+  }
   for name in programs:
     t0 = time.perf_counter()
     lowered = lowerers[name]()
@@ -418,27 +516,43 @@ def analyse(c, topo: Topology, programs=PROGRAMS, vocab_size: int = 512,
     res = compile_program(lowered, topo, flops[name])
     res["lower_s"] = round(lower_s, 1)
     report["programs"][name] = res
-    log(f"  {topo.name} {name}: lowered in {lower_s:.0f}s, compiled in {res['compile_s']:.0f}s"
-        + ("" if res.get("fits", True) else "  (does not fit)"))
+    log(
+      f"  {topo.name} {name}: lowered in {lower_s:.0f}s, compiled in {res['compile_s']:.0f}s"
+      + ("" if res.get("fits", True) else "  (does not fit)")
+    )
   report["fits"] = all(p.get("fits", False) for p in report["programs"].values())
   report["num_layers"] = mcfg.num_layers
   return report
 
 
-_LINEAR = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes",
-           "total_bytes", "xla_flops_per_chip", "xla_bytes_accessed_per_chip")
+_LINEAR = (
+  "argument_bytes",
+  "output_bytes",
+  "alias_bytes",
+  "temp_bytes",
+  "code_bytes",
+  "total_bytes",
+  "xla_flops_per_chip",
+  "xla_bytes_accessed_per_chip",
+)
 
 
-def extrapolate(c, topo: Topology, programs, layers: tuple[int, int], vocab_size: int = 512,
-                log=print) -> dict[str, Any]:
+def extrapolate(
+  c, topo: Topology, programs, layers: tuple[int, int], vocab_size: int = 512, log=print
+) -> dict[str, Any]:
   """Compiles the model at two depths and extrapolates every size linearly to the
   full depth (params, moments, saved activations and FLOPs grow one layer at a
   time; the embedding, logits and loss buffers do not). For when compiling the
   full model on this host is too slow; an estimate, marked as such."""
   full = model_config(c, vocab_size)
   lo, hi = (analyse(c, topo, programs, vocab_size, log, num_layers=n) for n in layers)
-  out = dict(hi, num_layers=full.num_layers, params=full.num_params(),
-             extrapolated_from_layers=list(layers), programs={})
+  out = dict(
+    hi,
+    num_layers=full.num_layers,
+    params=full.num_params(),
+    extrapolated_from_layers=list(layers),
+    programs={},
+  )
   flops = model_flops(c, full)
   for name in programs:
     a, b = lo["programs"][name], hi["programs"][name]
@@ -447,10 +561,14 @@ def extrapolate(c, topo: Topology, programs, layers: tuple[int, int], vocab_size
       continue
     slope = {k: (b[k] - a[k]) / (layers[1] - layers[0]) for k in _LINEAR}
     p = {k: b[k] + slope[k] * (full.num_layers - layers[1]) for k in _LINEAR}
-    p.update(hbm_fraction=p["total_bytes"] / topo.hbm_bytes,
-             fits=p["total_bytes"] <= FIT_FRACTION * topo.hbm_bytes,
-             model_flops_step=flops[name], compile_s=a["compile_s"] + b["compile_s"],
-             biggest=b["biggest"], extrapolated=True)
+    p.update(
+      hbm_fraction=p["total_bytes"] / topo.hbm_bytes,
+      fits=p["total_bytes"] <= FIT_FRACTION * topo.hbm_bytes,
+      model_flops_step=flops[name],
+      compile_s=a["compile_s"] + b["compile_s"],
+      biggest=b["biggest"],
+      extrapolated=True,
+    )
     out["programs"][name] = p
   out["fits"] = all(p.get("fits", False) for p in out["programs"].values())
   return out
@@ -460,6 +578,7 @@ def extrapolate(c, topo: Topology, programs, layers: tuple[int, int], vocab_size
 # Output
 # ----------------------------------------------------------------------------
 
+
 def _gb(x) -> str:
   return "-" if x is None else f"{x / 1e9:.2f}"
 
@@ -467,45 +586,56 @@ def _gb(x) -> str:
 def format_table(report: dict[str, Any]) -> str:
   r = report
   lines = [
-      f"{r['model']} ({r['params'] / 1e9:.2f}B params, {r['param_dtype']} weights, {r['dtype']} "
-      f"compute, remat={r['remat']}) on {r['topology']} = {r['accelerator_type']} "
-      f"({r['chips']} chips x {r['hbm_gb']:.0f} GB, {r['device_kind']}), mesh {r['mesh']}",
-      f"step: {r['prompts']} prompts x {r['group']} = {r['rows']} rows x {r['length']} tokens, "
-      f"{r['minibatches']} mini-batches x {r['microbatches']} micro-batches, "
-      f"logit chunk {r['logit_chunk']}"
-      + (f"  [EXTRAPOLATED from {r['extrapolated_from_layers']} layers to {r['num_layers']}]"
-         if r.get("extrapolated_from_layers") else ""),
-      "",
-      "| program | args GB | out GB | alias GB | temp GB | total GB/chip | % HBM | fits | "
-      "XLA GFLOP/chip* | model TFLOP/step |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+    f"{r['model']} ({r['params'] / 1e9:.2f}B params, {r['param_dtype']} weights, {r['dtype']} "
+    f"compute, remat={r['remat']}) on {r['topology']} = {r['accelerator_type']} "
+    f"({r['chips']} chips x {r['hbm_gb']:.0f} GB, {r['device_kind']}), mesh {r['mesh']}",
+    f"step: {r['prompts']} prompts x {r['group']} = {r['rows']} rows x {r['length']} tokens, "
+    f"{r['minibatches']} mini-batches x {r['microbatches']} micro-batches, "
+    f"logit chunk {r['logit_chunk']}"
+    + (
+      f"  [EXTRAPOLATED from {r['extrapolated_from_layers']} layers to {r['num_layers']}]"
+      if r.get("extrapolated_from_layers")
+      else ""
+    ),
+    "",
+    "| program | args GB | out GB | alias GB | temp GB | total GB/chip | % HBM | fits | "
+    "XLA GFLOP/chip* | model TFLOP/step |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, p in r["programs"].items():
     if "error" in p:
       used = p.get("used_bytes")
       pct = "-" if used is None else f"{100 * used / (r['hbm_gb'] * 1e9):.0f}"
-      lines.append(f"| {name} | - | - | - | - | {_gb(used)} | {pct} | no (compiler OOM) | - | "
-                   f"{p['model_flops_step'] / 1e12:.1f} |")
+      lines.append(
+        f"| {name} | - | - | - | - | {_gb(used)} | {pct} | no (compiler OOM) | - | "
+        f"{p['model_flops_step'] / 1e12:.1f} |"
+      )
       continue
     lines.append(
-        f"| {name} | {_gb(p['argument_bytes'])} | {_gb(p['output_bytes'])} | "
-        f"{_gb(p['alias_bytes'])} | {_gb(p['temp_bytes'])} | {_gb(p['total_bytes'])} | "
-        f"{100 * p['hbm_fraction']:.1f} | {'yes' if p['fits'] else 'NO'} | "
-        f"{p['xla_flops_per_chip'] / 1e9:.1f} | {p['model_flops_step'] / 1e12:.1f} |")
-  lines.append(f"* XLA cost analysis counts each loop body once (scans, decode loop): a lower "
-               f"bound. fits = total <= {int(FIT_FRACTION * 100)}% of HBM.")
+      f"| {name} | {_gb(p['argument_bytes'])} | {_gb(p['output_bytes'])} | "
+      f"{_gb(p['alias_bytes'])} | {_gb(p['temp_bytes'])} | {_gb(p['total_bytes'])} | "
+      f"{100 * p['hbm_fraction']:.1f} | {'yes' if p['fits'] else 'NO'} | "
+      f"{p['xla_flops_per_chip'] / 1e9:.1f} | {p['model_flops_step'] / 1e12:.1f} |"
+    )
+  lines.append(
+    f"* XLA cost analysis counts each loop body once (scans, decode loop): a lower "
+    f"bound. fits = total <= {int(FIT_FRACTION * 100)}% of HBM."
+  )
   for name, p in r["programs"].items():
     if "error" in p:
       lines += ["", f"{name}: XLA out of memory:", p["message"]]
     elif p.get("biggest"):
-      lines.append(f"{name}: biggest per-chip arrays: " + ", ".join(
-          f"{b['array']} {b['op']} {b['bytes'] / 1e9:.2f} GB" for b in p["biggest"][:5]))
+      lines.append(
+        f"{name}: biggest per-chip arrays: "
+        + ", ".join(f"{b['array']} {b['op']} {b['bytes'] / 1e9:.2f} GB" for b in p["biggest"][:5])
+      )
   return "\n".join(lines)
 
 
 def state_lower_bound(c, topo: Topology, vocab_size: int = 512) -> float:
   """Bytes a chip needs for params + Adam moments + gradients, perfectly sharded."""
   import numpy as np
+
   mcfg = model_config(c, vocab_size)
   pbytes = np.dtype(mcfg.jnp_param_dtype).itemsize
   return 4 * mcfg.num_params() * pbytes / topo.chips
@@ -517,8 +647,9 @@ def _report(c, topo, programs, vocab_size, layers, log=print):
   return analyse(c, topo, programs, vocab_size, log)
 
 
-def find_smallest(c, generation: str, programs, vocab_size: int, log=print,
-                  layers: tuple[int, int] | None = None) -> dict[str, Any]:
+def find_smallest(
+  c, generation: str, programs, vocab_size: int, log=print, layers: tuple[int, int] | None = None
+) -> dict[str, Any]:
   """Tries slices of `generation` from small to large; the first that fits."""
   tried = []
   for shape in SLICES[generation]:
@@ -536,8 +667,12 @@ def find_smallest(c, generation: str, programs, vocab_size: int, log=print,
       continue
     tried.append(rep)
     if rep["fits"]:
-      return {"generation": generation, "smallest": topo.name,
-              "accelerator_type": topo.accelerator_type, "tried": tried}
+      return {
+        "generation": generation,
+        "smallest": topo.name,
+        "accelerator_type": topo.accelerator_type,
+        "tried": tried,
+      }
   return {"generation": generation, "smallest": None, "tried": tried}
 
 
@@ -545,28 +680,40 @@ def find_smallest(c, generation: str, programs, vocab_size: int, log=print,
 # Command line
 # ----------------------------------------------------------------------------
 
+
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", "configs/default.py", "Training config.",
-                                  lock_config=True)
+
+  config_flags.DEFINE_config_file(
+    "config", "configs/default.py", "Training config.", lock_config=True
+  )
   flags.DEFINE_multi_string("topology", [], "TPU topology, e.g. v5p:2x4x4 (repeatable).")
-  flags.DEFINE_bool("find_smallest", False,
-                    "Try growing v5p and v5e slices; report the smallest that fits.")
+  flags.DEFINE_bool(
+    "find_smallest", False, "Try growing v5p and v5e slices; report the smallest that fits."
+  )
   flags.DEFINE_list("generations", ["v5p", "v5e"], "Generations --find_smallest tries.")
   flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile, of {PROGRAMS}.")
   flags.DEFINE_integer("vocab_size", 512, "Vocabulary of the tiny preset (no tokenizer here).")
   flags.DEFINE_string("json_out", "", "Also write the JSON report to this file.")
-  flags.DEFINE_string("dump_dir", "", "Dump the compiled HLO and XLA's buffer assignment "
-                      "(*buffer-assignment.txt: every allocation, by size) here.")
-  flags.DEFINE_list("extrapolate_layers", [],
-                    "Two depths, e.g. 2,4: compile those and extrapolate linearly to the full "
-                    "model (an estimate, for hosts where the full compile is too slow).")
+  flags.DEFINE_string(
+    "dump_dir",
+    "",
+    "Dump the compiled HLO and XLA's buffer assignment "
+    "(*buffer-assignment.txt: every allocation, by size) here.",
+  )
+  flags.DEFINE_list(
+    "extrapolate_layers",
+    [],
+    "Two depths, e.g. 2,4: compile those and extrapolate linearly to the full "
+    "model (an estimate, for hosts where the full compile is too slow).",
+  )
 
 
 def main(argv) -> int:
   del argv
   from absl import flags
+
   f = flags.FLAGS
   if not libtpu_available():
     print("srft_jax.tools.aot needs libtpu: pip install -r requirements-tpu.txt", file=sys.stderr)
@@ -615,9 +762,12 @@ def main(argv) -> int:
         if "programs" in rep:
           print(format_table(rep), flush=True)
           print(flush=True)
-      print(f"smallest {gen} slice that fits: "
-            f"{res['smallest'] or 'none tried'}"
-            + (f" ({res['accelerator_type']})" if res["smallest"] else ""), flush=True)
+      print(
+        f"smallest {gen} slice that fits: "
+        f"{res['smallest'] or 'none tried'}"
+        + (f" ({res['accelerator_type']})" if res["smallest"] else ""),
+        flush=True,
+      )
       out["smallest"].append(res)
   text = json.dumps(out, default=str)
   if f.json_out:
@@ -641,10 +791,12 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
   import logging
   import os
+
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host itself never uses a TPU
   # Compile-only use touches no TPU: let several checks (and CI jobs) load libtpu at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
   from absl import app
+
   _define_flags()
   app.run(main, argv=[sys.argv[0]] + _normalise_argv(sys.argv[1:]))
