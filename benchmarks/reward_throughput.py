@@ -121,7 +121,8 @@ def make_batch(seed: int, prompts: int = 128, group: int = 8):
 
 def naive_loop(responses, truths) -> list[bool]:
   """What a first implementation does: parse + verify each pair sequentially, in-process."""
-  from math_verify import parse, verify
+  from math_verify import parse
+  from math_verify import verify
 
   # The truth is boxed so math-verify reads bare LaTeX like `4\\sqrt{2}` at all.
   return [verify(parse("\\boxed{" + t + "}"), parse(resp)) for resp, t in zip(responses, truths)]

@@ -64,7 +64,7 @@ from srft_jax import model as model_lib  # noqa: E402
 from srft_jax import objectives as obj  # noqa: E402
 from srft_jax import rewards as rewards_lib  # noqa: E402
 from srft_jax import sampler as smp  # noqa: E402
-from srft_jax import train  # noqa: E402
+from srft_jax import step as step_lib  # noqa: E402
 
 
 def _model_cfg(a):
@@ -112,7 +112,7 @@ def run_srft(a) -> dict:
   ptok, pmask, dtok, dmask, answers = _inputs(a, task_tok)
   ptok, pmask, dtok_d, dmask_d = map(jnp.asarray, (ptok, pmask, dtok, dmask))
   n, dn = a.rollouts, a.demos
-  layout = train.GroupLayout(n, dn)
+  layout = step_lib.GroupLayout(n, dn)
   scfg = smp.SamplingConfig(
     max_new_tokens=a.new_tokens,
     temperature=1.0,
@@ -124,8 +124,8 @@ def run_srft(a) -> dict:
     n=n,
   )
   graphdef, params = nnx.split(model)
-  tx, _ = train.make_optimizer(1e-6, steps=100)
-  step_cfg = train.StepConfig(
+  tx, _ = step_lib.make_optimizer(1e-6, steps=100)
+  step_cfg = step_lib.StepConfig(
     loss=obj.LossConfig.preset("srft"),
     minibatches=a.minibatches,
     response_len=a.new_tokens,  # as the trainer builds it
@@ -133,10 +133,13 @@ def run_srft(a) -> dict:
     group=layout.size if a.shared_prefix else 0,
   )
   step_fn = jax.jit(
-    functools.partial(train.train_step, graphdef, tx, step_cfg), donate_argnums=(0,)
+    functools.partial(step_lib.train_step, graphdef, tx, step_cfg), donate_argnums=(0,)
   )
-  assemble = jax.jit(functools.partial(train.assemble_batch, layout=layout))
-  state = train.init_train_state(params, tx)
+  assemble = jax.jit(functools.partial(step_lib.assemble_batch, layout=layout))
+  advantages = jax.jit(
+    functools.partial(step_lib.rollout_advantages, layout=layout, cfg=obj.AdvantageConfig())
+  )
+  state = step_lib.init_train_state(params, tx)
   demo_texts = task_tok.batch_decode(dtok, dmask)
 
   def one_step(state, seed):
@@ -153,6 +156,7 @@ def run_srft(a) -> dict:
       truths += [answers[i]] * (n + dn)
     rewards, _ = scorer.score(all_texts, truths)
     t2 = time.perf_counter()
+    rewards = jnp.asarray(rewards, jnp.float32)
     batch = assemble(
       ptok,
       pmask,
@@ -161,7 +165,8 @@ def run_srft(a) -> dict:
       roll.logprobs,
       dtok_d,
       dmask_d,
-      jnp.asarray(rewards, jnp.float32),
+      rewards,
+      advantages(rewards),
     )
     state, metrics = step_fn(state, batch)
     jax.block_until_ready((state, metrics))

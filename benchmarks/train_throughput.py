@@ -1,6 +1,6 @@
 """Train-step throughput and MFU of the jitted SRFT update (issue 7's GPU check).
 
-One `train.train_step` (the `srft` loss, AdamW, exact micro-batch gradient
+One `step_lib.train_step` (the `srft` loss, AdamW, exact micro-batch gradient
 accumulation, donated state) on a random batch of `rows` sequences of
 `prompt_len + response_len` tokens, for a model preset (default: the
 Qwen2.5-1.5B shape) with float32 master weights and bfloat16 compute.
@@ -33,7 +33,7 @@ from flax import nnx
 
 from srft_jax import model as model_lib
 from srft_jax import objectives as obj
-from srft_jax import train
+from srft_jax import step as step_lib
 
 # Dense bf16 peak (no sparsity), per chip.
 PEAK_BF16_FLOPS = {
@@ -75,7 +75,7 @@ def model_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int) -> float:
 def _batch(a, vocab: int, seed: int = 0) -> dict:
   rs = np.random.RandomState(seed)
   b, g, p, r = a.rows // a.group, a.group, a.prompt_len, a.response_len
-  layout = train.GroupLayout(g - 1, 1)
+  layout = step_lib.GroupLayout(g - 1, 1)
   args = (
     rs.randint(1, vocab, (b, p)),
     np.ones((b, p)),
@@ -87,7 +87,11 @@ def _batch(a, vocab: int, seed: int = 0) -> dict:
     rs.randint(0, 2, (b * g,)),
   )
   args = [jnp.asarray(x, jnp.float32 if x.dtype == np.float64 else jnp.int32) for x in args]
-  return jax.jit(functools.partial(train.assemble_batch, layout=layout))(*args)
+  rewards = args[-1].astype(jnp.float32)
+  adv = step_lib.rollout_advantages(rewards, layout=layout, cfg=obj.AdvantageConfig())
+  return jax.jit(functools.partial(step_lib.assemble_batch, layout=layout))(
+    *args[:-1], rewards, adv
+  )
 
 
 def _peak(device) -> float | None:
@@ -112,16 +116,18 @@ def run(a) -> dict:
   model = model_lib.create_model(cfg, seed=0)
   graphdef, params = nnx.split(model)
   del model
-  tx, _ = train.make_optimizer(1e-6, steps=100)
-  step_cfg = train.StepConfig(
+  tx, _ = step_lib.make_optimizer(1e-6, steps=100)
+  step_cfg = step_lib.StepConfig(
     loss=obj.LossConfig.preset("srft"),
     minibatches=1,
     microbatches=a.microbatches,
     logit_chunk=a.logit_chunk,
   )
-  state = train.init_train_state(params, tx)
+  state = step_lib.init_train_state(params, tx)
   batch = _batch(a, cfg.vocab_size)
-  step = jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg), donate_argnums=(0,))
+  step = jax.jit(
+    functools.partial(step_lib.train_step, graphdef, tx, step_cfg), donate_argnums=(0,)
+  )
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0

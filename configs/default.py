@@ -4,27 +4,27 @@
 First warms a tiny random model up with a short SFT run (so it starts with
 some, not much, accuracy), then trains SRFT from it and reports ID / OOD
 accuracy before and after. Preset args select other methods on the same
-data: `--config=configs/default.py:grpo` (any name of METHOD.md §4, plus
+data: `--config=configs/default.py:grpo` (any name of docs/method.md §4, plus
 `sft_then_grpo` and `rl_then_sft`).
 """
+
+import dataclasses
 
 from ml_collections import config_dict
 
 from srft_jax import objectives as obj
 
-# Two-stage schedules of single-stage loss presets (METHOD.md §4, §7 claim 3).
+# Two-stage schedules of single-stage loss presets (docs/method.md §4, §7 claim 3).
 TWO_STAGE = {
   "sft_then_grpo": "sft:{half},grpo",
   "rl_then_sft": "grpo:{half},sft",
 }
 
 
-def loss_fields() -> config_dict.ConfigDict:
-  """Every LossConfig field as an optional override (None = the preset's value)."""
-  import dataclasses
-
+def optional_fields(cls) -> config_dict.ConfigDict:
+  """Every field of a frozen config dataclass as an optional override (None = the preset's value)."""
   fields = {}
-  for f in dataclasses.fields(obj.LossConfig):
+  for f in dataclasses.fields(cls):
     kind = {"float": float, "int": int, "bool": bool, "str": str}.get(
       str(f.type).replace("Optional[", "").rstrip("]"), None
     )
@@ -38,7 +38,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.steps = 60  # optimizer steps of the main run (all stages)
   c.method = "srft"  # loss preset (objectives.PRESETS) for a single stage
   c.stages = ""  # two-stage schedule, e.g. "sft:60,grpo" (overrides method)
-  c.loss = loss_fields()  # per-field overrides of the preset (single stage only)
+  c.loss = optional_fields(obj.LossConfig)  # per-field overrides of the preset (single stage only)
+  # Group advantages (docs/method.md §1.3): normalize_std, eps; None = the preset's.
+  c.advantage = optional_fields(obj.AdvantageConfig)
   c.logit_chunk = 2048  # rows of logits computed at a time in the loss
   c.shared_prefix = True  # the update runs each prompt once per group, not once per row
   c.max_nonfinite_streak = 5  # stop (with a checkpoint) after this many skipped updates
@@ -69,12 +71,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.data.task_seed = 0
 
   c.rollout = config_dict.ConfigDict()
-  c.rollout.n_rollouts = 7  # on-policy samples per prompt (METHOD.md §1: 7 + 1 demo)
+  c.rollout.n_rollouts = 7  # on-policy samples per prompt (docs/method.md §1: 7 + 1 demo)
   c.rollout.n_demos = 1
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.top_k = 0
-  c.rollout.require_think = False  # reward 0 without </think> (METHOD.md §1.2 switch)
+  c.rollout.require_think = False  # reward 0 without </think> (docs/method.md §1.2 switch)
 
   c.batch = config_dict.ConfigDict()
   c.batch.prompts_per_step = 8  # global prompts per step (paper: 128)

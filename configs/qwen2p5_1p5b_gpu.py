@@ -8,18 +8,17 @@ Same loss, group (7 rollouts + 1 demonstration) and optimizer as the paper; the
 batch and lengths are cut so one 80 GB GPU holds the step and the KV cache.
 """
 
-import importlib.util
 import os
 
 from ml_collections import config_dict
 
+from srft_jax import factory
+
 
 def _default_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("srft_configs_default", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  """configs/default.py's get_config (configs/ is a folder of files, not a package)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  return factory.load_config_module(os.path.join(here, "default.py")).get_config()
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:

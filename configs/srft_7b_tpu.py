@@ -1,4 +1,4 @@
-"""The paper's SRFT recipe (METHOD.md §5) for Qwen2.5-Math-7B on a Cloud TPU pod.
+"""The paper's SRFT recipe (docs/method.md §5) for Qwen2.5-Math-7B on a Cloud TPU pod.
 
   bash launch/tpu_pod.sh --name=srft --accelerator-type=v5p-64 --zone=us-east5-a \
       --bucket=gs://BUCKET --config=configs/srft_7b_tpu.py \
@@ -11,31 +11,29 @@ Fit check from any CPU host (needs requirements-tpu.txt):
 Preset args: `...:fsdp_tensor` shards 4-way tensor x fsdp instead of pure FSDP.
 """
 
-import importlib.util
 import os
 
 from ml_collections import config_dict
 
+from srft_jax import factory
+
 
 def _default_config():
   """configs/default.py's get_config (configs/ is a folder of files, not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("srft_configs_default", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  here = os.path.dirname(os.path.abspath(__file__))
+  return factory.load_config_module(os.path.join(here, "default.py")).get_config()
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = _default_config()
   with c.unlocked():
-    c.method = "srft"  # METHOD.md §4: the full method, paper switches
-    c.steps = 500  # METHOD.md §5: 500 steps
+    c.method = "srft"  # docs/method.md §4: the full method, paper switches
+    c.steps = 500  # docs/method.md §5: 500 steps
     c.logit_chunk = 16_384  # logits for ~16k tokens at a time (f32 [B, C, V] chunk)
     c.shared_prefix = False  # the fit above was compiled with whole rows (prompts: 1/9 of tokens)
     c.max_nonfinite_streak = 5
 
-    # Qwen2.5-Math-7B with RoPE theta 40k and a 16,384-token window (METHOD.md §5).
+    # Qwen2.5-Math-7B with RoPE theta 40k and a 16,384-token window (docs/method.md §5).
     # The real run starts from the HF checkpoint: --config.model.hf_path=/path/on/every/host
     # (launch/tpu_pod.sh --model-gcs copies it onto each worker's local disk).
     c.model.preset = "qwen2_5_math_7b_rope40k"
@@ -46,7 +44,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat = "full"  # recompute each layer in the backward pass
     # Applied to an imported checkpoint too (model.hf_path): the paper raises
-    # RoPE theta 10k -> 40k and uses a 16,384-token window (METHOD.md §5).
+    # RoPE theta 10k -> 40k and uses a 16,384-token window (docs/method.md §5).
     c.model.rope_theta = 40_000.0
     c.model.max_seq_len = 16_384
     c.model.attention = "chunked"

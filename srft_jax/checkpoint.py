@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,6 @@ class PreemptionGuard:
     """True on every host once any host was signalled (multi-host agreement)."""
     if jax.process_count() == 1:
       return self.requested
-    from jax.experimental import multihost_utils
 
     flags = multihost_utils.process_allgather(jax.numpy.array(int(self.requested)))
     return bool(flags.max())

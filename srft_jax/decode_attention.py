@@ -150,7 +150,7 @@ def _call(bound, q_BKGH, k_BKHS, v_BKSH, ok_BS, *, interpret):
   )
   compiler_params = None
   if not interpret:
-    from jax.experimental.pallas import triton as pl_triton
+    from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415 (the GPU backend, on GPUs only)
 
     compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   if splits == 1:

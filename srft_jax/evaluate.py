@@ -7,6 +7,7 @@ or pass@1 per benchmark, ID / OOD averages) as Markdown and JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,9 +17,26 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import app
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+from tqdm.auto import tqdm
 
+from srft_jax import checkpoint as ckpt_lib
+from srft_jax import factory
+from srft_jax import hf
+from srft_jax import metrics_eval
+from srft_jax import model as model_lib
+from srft_jax import multihost
+from srft_jax import rewards as rewards_lib
 from srft_jax import sampler as sampler_lib
+from srft_jax import step as step_lib
+from srft_jax import token_change
+from srft_jax.data import builders
+from srft_jax.data import task
 from srft_jax.tokenizer import render_prompt
 
 log = logging.getLogger(__name__)
@@ -53,9 +71,7 @@ def generate(
     )
   out: list[list[str] | None] = [None] * len(prompts)
   batches = range(0, len(asked), batch_size)
-  if progress and jax.process_index() == 0:
-    from tqdm.auto import tqdm
-
+  if progress and multihost.is_main():
     batches = tqdm(batches, desc="eval", leave=False)
   for i, start in enumerate(batches):
     idx = asked[start : start + batch_size]
@@ -64,9 +80,7 @@ def generate(
     width = cfg.bucket_for(max(lengths[j] for j in idx))
     tokens, mask = tokenizer.batch_encode([prompts[j] for j in idx], max_len=width, left_pad=True)
     res = sampler_lib.sample(model, tokens, mask, jax.random.fold_in(rng, i), cfg, mesh=mesh)
-    from srft_jax.train import gather_all  # whole batch on every host (multi-host safe)
-
-    toks, masks = gather_all(res.tokens), gather_all(res.mask)
+    toks, masks = multihost.gather(res.tokens), multihost.gather(res.mask)  # every host: all rows
     texts = tokenizer.batch_decode(toks, masks)
     for r, j in enumerate(idx[:real]):
       out[j] = texts[r * cfg.n : (r + 1) * cfg.n]
@@ -134,53 +148,81 @@ def accuracy_on_rows(
   }
 
 
-# ----------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------
+def make_eval_hook(c, tokenizer, scorer, evals: dict, mesh):
+  """Periodic evaluation during training: greedy accuracy on a slice of the ID
+  split, and the policy's mean token entropy on a fixed probe of demonstrations
+  (teacher forced), so entropy is comparable across stages without rollouts.
+  None when `eval.every` is 0 or there is no ID split."""
+  if not c.eval.every or "task_id" not in evals:
+    return None
+  rows = evals["task_id"][: c.eval.every_n]
+  tokens, mask, resp = token_change.demo_batch(tokenizer, rows[:32], template=c.data.template)
+  resp = resp[:, 1:]
+  scfg = factory.sampling_config(c, tokenizer, n=1, temperature=0.0)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def probe_entropy(graphdef, params):
+    logp, ent = step_lib.sequence_logprobs(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask))
+    m = jnp.asarray(resp, jnp.float32)
+    return jnp.sum(ent * m) / jnp.sum(m), jnp.sum(logp * m) / jnp.sum(m)
+
+  def hook(model) -> dict[str, float]:
+    res = accuracy_on_rows(
+      model,
+      tokenizer,
+      rows,
+      scorer,
+      scfg,
+      rng=jax.random.key(0),
+      template=c.data.template,
+      batch_size=c.eval.batch_size,
+      mesh=mesh,
+    )
+    graphdef, params = nnx.split(model)
+    ent, logp = jax.device_get(probe_entropy(graphdef, params))
+    return {
+      "eval/task_id": res["accuracy"],
+      "probe/entropy": float(ent),
+      "probe/demo_logp": float(logp),
+    }
+
+  return hook
 
 
 def load_policy(config, checkpoint: str, tokenizer, mesh):
   """A policy from an HF directory, or from a training workdir (its HF export,
-  else the newest Orbax checkpoint restored into the sharded layout)."""
-  from srft_jax import checkpoint as ckpt_lib
-  from srft_jax import hf, train
-  from srft_jax import model as model_lib
-
-  if os.path.exists(os.path.join(checkpoint, "config.json")):
-    return hf.load_model(checkpoint, mesh=mesh, dtype=model_lib.DTYPES[config.model.dtype])
-  export = os.path.join(checkpoint, "export", "hf")
-  if os.path.exists(os.path.join(export, "config.json")):
-    return hf.load_model(export, mesh=mesh, dtype=model_lib.DTYPES[config.model.dtype])
+  else the params of the newest Orbax checkpoint, restored into their sharded
+  layout on `mesh`)."""
+  dtype = model_lib.DTYPES[config.model.dtype]
+  for path in (checkpoint, os.path.join(checkpoint, "export", "hf")):
+    if os.path.exists(os.path.join(path, "config.json")):
+      return hf.load_model(path, mesh=mesh, dtype=dtype)
   ckpt_dir = (
     checkpoint
     if os.path.basename(checkpoint.rstrip("/")) == "checkpoints"
     else os.path.join(checkpoint, "checkpoints")
   )
-  model = model_lib.create_model(train._model_config(config, tokenizer), seed=0, mesh=mesh)
-  trainer = train.Trainer(model, config=config, tokenizer=tokenizer, scorer=None, mesh=mesh)
-  stage = trainer.stages()[-1]
+  mcfg = factory.model_config(config, tokenizer.vocab_size)
+  graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
+  # The restore target is the last stage's train state (its optimizer's state).
+  tx, _ = factory.optimizer(config, factory.stages(config)[-1].steps)
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
-  restored = ckpt.restore(trainer.abstract_state(stage))
+  restored = ckpt.restore(step_lib.abstract_train_state(params, tx, mesh))
   ckpt.close()
   if restored is None:
     raise FileNotFoundError(
       f"--checkpoint: no HF checkpoint or Orbax checkpoint under {checkpoint}"
     )
   _, state, _, _ = restored
-  trainer.params = state["params"]
-  return trainer.model()
+  return nnx.merge(graphdef, state["params"])
 
 
 def benchmark_rows(name: str, config, data_dir: str, limit: int | None) -> list[dict]:
   """Rows {prompt, answer} of one benchmark: the built-in task's splits, or a
   dataset prepared with `python -m srft_jax.data prepare NAME`."""
-  from srft_jax.data import task
-
   if name in ("task_id", "task_ood"):
     n = limit or (config.eval.n_id if name == "task_id" else config.eval.n_ood)
     return task.generate("test_id" if name == "task_id" else "test_ood", n, config.data.task_seed)
-  from srft_jax.data import builders
-
   if not data_dir:
     raise ValueError(f"--data_dir: benchmark {name!r} needs a prepared dataset directory")
   source = builders.load_source(data_dir, name, "test")
@@ -214,21 +256,19 @@ def evaluate_benchmarks(
   seed: int = 0,
 ) -> dict[str, Any]:
   """Per benchmark: the registry's metric (avg@k or pass@1) and outcome counts."""
-  from srft_jax import metrics_eval
-
   results = {}
   for name in names:
     spec = metrics_eval.BENCHMARKS[name]
     n = k or spec.k
     rows = benchmark_rows(name, config, data_dir, limit)
-    cfg = sampler_lib.SamplingConfig(
-      max_new_tokens=max_new_tokens or config.data.max_response_len,
+    cfg = factory.sampling_config(
+      config,
+      tokenizer,
+      n=n,
       temperature=temperature,
       top_p=top_p,
-      eos_ids=tuple(tokenizer.stop_ids),
-      pad_id=tokenizer.pad_id,
-      prompt_buckets=tuple(config.data.prompt_buckets),
-      n=n,
+      top_k=0,
+      max_new_tokens=max_new_tokens,
     )
     t0 = time.time()
     completions = generate(
@@ -260,17 +300,36 @@ def evaluate_benchmarks(
   return results
 
 
-def main(argv):
+# ----------------------------------------------------------------------------
+# Command line: python -m srft_jax.evaluate --config=... --checkpoint=...
+# ----------------------------------------------------------------------------
+
+
+def define_flags() -> None:
+  """The CLI's flags (defined on use, so importing this module defines none)."""
+  config_flags.DEFINE_config_file("config", "configs/default.py", "Run config.")
+  flags.DEFINE_string(
+    "checkpoint", None, "HF checkpoint dir, or a training workdir.", required=True
+  )
+  flags.DEFINE_string("benchmarks", "task_id,task_ood", "Comma-separated benchmark names.")
+  flags.DEFINE_string("data_dir", "", "TFDS dir of prepared benchmarks (srft_jax.data prepare).")
+  flags.DEFINE_string(
+    "tokenizer_dir", "", "Where the task tokenizer is cached (default: the checkpoint's workdir)."
+  )
+  flags.DEFINE_float("temperature", 0.6, "Sampling temperature (paper: 0.6).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus mass (paper: 1.0).")
+  flags.DEFINE_integer("k", 0, "Samples a problem (0 = the benchmark's default: avg@32 or pass@1).")
+  flags.DEFINE_integer("limit", 0, "Evaluate only the first N problems (0 = all).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_string("name", "policy", "Row name in the table.")
+  flags.DEFINE_string("out", "", "Directory for eval.json and eval.md.")
+
+
+def main(argv) -> int:
   del argv
-  from absl import flags
-
-  from srft_jax import metrics_eval, train
-  from srft_jax import rewards as rewards_lib
-  from srft_jax import sharding as shd
-
   f = flags.FLAGS
   logging.basicConfig(level=logging.INFO)
-  config = _CONFIG.value
+  config = f.config
   names = [n for n in f.benchmarks.split(",") if n]
   unknown = [n for n in names if n not in metrics_eval.BENCHMARKS]
   problems = []
@@ -289,9 +348,9 @@ def main(argv):
   if problems:
     print("error: " + "\n       ".join(problems), file=sys.stderr)
     return 2
-  mesh = shd.make_mesh(dict(config.mesh))
+  mesh = factory.mesh(config)
   # The task tokenizer is deterministic: rebuilt (or reused) under the checkpoint dir.
-  tokenizer = train.build_tokenizer(config, f.tokenizer_dir or f.checkpoint)
+  tokenizer = factory.tokenizer(config, f.tokenizer_dir or f.checkpoint)
   model = load_policy(config, f.checkpoint, tokenizer, mesh)
   with rewards_lib.RewardScorer(require_think=config.rollout.require_think) as scorer:
     res = evaluate_benchmarks(
@@ -321,24 +380,11 @@ def main(argv):
   return 0
 
 
-if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
+def cli() -> None:
+  """Console entry point (the same as `python -m srft_jax.evaluate`)."""
+  define_flags()
+  app.run(main)
 
-  _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config.")
-  flags.DEFINE_string(
-    "checkpoint", None, "HF checkpoint dir, or a training workdir.", required=True
-  )
-  flags.DEFINE_string("benchmarks", "task_id,task_ood", "Comma-separated benchmark names.")
-  flags.DEFINE_string("data_dir", "", "TFDS dir of prepared benchmarks (srft_jax.data prepare).")
-  flags.DEFINE_string(
-    "tokenizer_dir", "", "Where the task tokenizer is cached (default: the checkpoint's workdir)."
-  )
-  flags.DEFINE_float("temperature", 0.6, "Sampling temperature (paper: 0.6).")
-  flags.DEFINE_float("top_p", 1.0, "Nucleus mass (paper: 1.0).")
-  flags.DEFINE_integer("k", 0, "Samples a problem (0 = the benchmark's default: avg@32 or pass@1).")
-  flags.DEFINE_integer("limit", 0, "Evaluate only the first N problems (0 = all).")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_string("name", "policy", "Row name in the table.")
-  flags.DEFINE_string("out", "", "Directory for eval.json and eval.md.")
-  sys.exit(app.run(main))
+
+if __name__ == "__main__":
+  cli()

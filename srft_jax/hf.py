@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 
 from srft_jax import model as model_lib
@@ -531,8 +532,6 @@ def load_model(
 def _to_host(x: jax.Array) -> np.ndarray:
   """The full value of a (possibly multi-host sharded) array on this host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
@@ -676,8 +675,6 @@ def save_model(
     with open(os.path.join(path, INDEX_FILE), "w") as fh:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
   if jax.process_count() > 1:  # nobody goes on (and reads) before process 0 has written
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices("srft_save_model")
   return [os.path.join(path, n) for n in names]
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from absl import app, flags
+from absl import app
+from absl import flags
 from ml_collections import config_flags
+
+from srft_jax import factory
+from srft_jax import job
+from srft_jax import multihost
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", "configs/default.py", "Training config.", lock_config=True
@@ -18,16 +23,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints, logs, plots, results.")
 
 
-def main(argv):
+def main(argv) -> int:
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from srft_jax import train
-
   try:
-    results = train.run(_CONFIG.value, _WORKDIR.value)
-  except train.ConfigError as e:  # named by its field, before anything compiled
+    results = job.run(_CONFIG.value, _WORKDIR.value)
+  except factory.ConfigError as e:  # named by its field, before anything compiled
     print(f"error: {e}", file=sys.stderr)
     return 2
   if results.get("status") == "preempted":
@@ -40,9 +43,7 @@ def main(argv):
 
 
 def format_results(r: dict, workdir: str) -> str:
-  from srft_jax.train import local_dir
-
-  out = local_dir(workdir)  # == workdir unless remote: then only checkpoints are there
+  out = multihost.local_dir(workdir)  # == workdir unless remote: then only checkpoints are there
 
   def pct(x):
     return "  n/a" if x is None else f"{100 * x:5.1f}%"
@@ -65,5 +66,10 @@ def format_results(r: dict, workdir: str) -> str:
   return "\n".join(lines)
 
 
+def cli() -> None:
+  """Console entry point (the same as `python -m srft_jax.main`)."""
+  app.run(main)
+
+
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  cli()

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
@@ -23,8 +24,6 @@ class MetricsWriter:
     if self.enabled:
       os.makedirs(log_dir, exist_ok=True)
       if tensorboard:
-        from tensorboardX import SummaryWriter
-
         self._tb = SummaryWriter(os.path.join(log_dir, "tb"))
 
   def write(self, step: int, metrics: Mapping[str, Any]):
@@ -90,10 +89,10 @@ def plot_metrics(
   jsonl_path: str, out_dir: str, plots: Mapping[str, tuple[str, ...]] = PLOTS
 ) -> list[str]:
   """One PNG per plot name (reward, entropy, response length over steps)."""
-  import matplotlib
+  import matplotlib  # noqa: PLC0415 (plots only (a slow import))
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # noqa: PLC0415 (plots only)
 
   rows = read_jsonl(jsonl_path)
   written = []

@@ -12,7 +12,8 @@ import dataclasses
 import math
 import random
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -6,7 +6,7 @@ JAX projects can copy or import it alone.
 Pipeline, per training step::
 
     logp_BT, ent_BT = chunked_logprobs_and_entropy(hidden_BTD, unembed_DV, targets_BT)
-    adv_B = group_advantages(rewards_B, group_ids_B, normalize_std=cfg.adv_normalize_std)
+    adv_B = group_advantages(rewards_B, group_ids_B, normalize_std=adv_cfg.normalize_std)
     loss, aux = srft_loss(logp_BT, ent_BT, batch, cfg)
 
 Exact micro-batch / multi-host accumulation. The loss is a sum of ratios
@@ -34,7 +34,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -226,6 +227,28 @@ def group_advantages(
   return jnp.where(degenerate_B, 0.0, adv_B)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdvantageConfig:
+  """How `group_advantages` turns a group's rewards into advantages (METHOD.md §1.3).
+
+  Paper (Eq. 7): (r - mean) / (std + eps); the released code's script: r - mean.
+  """
+
+  normalize_std: bool = True
+  eps: float = 1e-6
+
+  def __post_init__(self):
+    if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
+      raise ValueError(f"AdvantageConfig.eps={self.eps!r}: expected a finite number > 0")
+
+  @classmethod
+  def preset(cls, name: str, **overrides: Any) -> AdvantageConfig:
+    """The advantage form that goes with loss preset `name` (default: the paper's)."""
+    if name not in PRESETS:
+      raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return cls(**{**ADVANTAGE_PRESETS.get(name, {}), **overrides})
+
+
 # --------------------------------------------------------------------------
 # Loss configuration and presets (METHOD.md §2, §4)
 # --------------------------------------------------------------------------
@@ -277,11 +300,6 @@ class LossConfig:
   use_sft: bool = True
   use_demo_rl: bool = True
   use_self_rl: bool = True
-  # Not used by the loss: the trainer passes these to group_advantages so a
-  # preset fixes the advantage form too (std-normalised in the paper, Eq. 7;
-  # r - mean in the released code's script).
-  adv_normalize_std: bool = True
-  adv_eps: float = 1e-6
 
   def __post_init__(self):
     for name, allowed in _CHOICES.items():
@@ -294,8 +312,6 @@ class LossConfig:
         raise ValueError(f"LossConfig.{name}={value!r}: expected a finite number >= 0")
     if not (isinstance(self.demo_rl_gamma, (int, float)) and self.demo_rl_gamma > 0):
       raise ValueError(f"LossConfig.demo_rl_gamma={self.demo_rl_gamma!r}: expected > 0")
-    if not (isinstance(self.adv_eps, (int, float)) and self.adv_eps > 0):
-      raise ValueError(f"LossConfig.adv_eps={self.adv_eps!r}: expected > 0")
     if self.clip_eps is not None and not (0 < self.clip_eps < 1):
       raise ValueError(f"LossConfig.clip_eps={self.clip_eps!r}: expected None or in (0, 1)")
     if self.max_response_len is not None and not (
@@ -327,7 +343,8 @@ PRESETS: dict[str, dict[str, Any]] = {
   # w_sft = 0.5*exp(+H), LUFFY shaping p/(p+0.1) on demos, GRPO-style
   # advantage form on rollouts with 0.1*exp(H) on positive-advantage rows,
   # per-token entropy, entropy bonus 0.001, Dr.GRPO constant normaliser over
-  # the paper's max response 8,192 (METHOD.md §5), advantages without std.
+  # the paper's max response 8,192 (METHOD.md §5); advantages without std
+  # (ADVANTAGE_PRESETS).
   "srft_code": dict(
     sft_weight="entropy_pos",
     demo_rl_shaping="p_div_p_plus_gamma",
@@ -337,7 +354,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     entropy_bonus=0.001,
     aggregation="constant_len",
     max_response_len=8192,
-    adv_normalize_std=False,
   ),
   # SFT baseline: demonstrations only, w_sft = 1 constant, no rollouts.
   "sft": dict(sft_coef=1.0, sft_weight="const", use_demo_rl=False, use_self_rl=False),
@@ -355,6 +371,10 @@ PRESETS: dict[str, dict[str, Any]] = {
   # Ablations (METHOD.md §4, §6): one entropy weight replaced by its constant.
   "srft_no_wsft": dict(sft_weight="const"),  # w_sft = 0.5
   "srft_no_wrl": dict(rl_weight="const"),  # w_rl = 0.1
+}
+# Presets whose advantages differ from the paper's (AdvantageConfig.preset).
+ADVANTAGE_PRESETS: dict[str, dict[str, Any]] = {
+  "srft_code": dict(normalize_std=False),  # the released code's script: r - mean
 }
 # (`sft_then_grpo` is a two-stage schedule of the `sft` and `grpo` presets: the
 # trainer's business, not a loss config.)

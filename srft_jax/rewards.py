@@ -313,7 +313,9 @@ def fast_judge(answer: str, ground_truth: str) -> str | None:
 @functools.lru_cache(maxsize=8192)
 def _parse_boxed(expr: str):
   """math-verify parse of one answer; cached because a group repeats its ground truth."""
-  from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+  from math_verify import ExprExtractionConfig  # noqa: PLC0415 (in the worker processes only)
+  from math_verify import LatexExtractionConfig  # noqa: PLC0415 (in the worker processes only)
+  from math_verify import parse  # noqa: PLC0415 (in the worker processes only)
 
   config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
   # Wrapping in \boxed makes the LaTeX extractor take the whole answer as one unit.
@@ -325,7 +327,7 @@ def verify_answer(answer: str, ground_truth: str) -> str:
 
   Unbounded in time: call it in a worker (RewardScorer) unless inputs are trusted.
   """
-  from math_verify import verify
+  from math_verify import verify  # noqa: PLC0415 (in the worker processes only)
 
   gold = _parse_boxed(ground_truth)
   pred = _parse_boxed(answer)

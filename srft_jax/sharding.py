@@ -9,13 +9,15 @@ code edit (MaxText's `logical_axis_rules`). Layers never name mesh axes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -1,4 +1,4 @@
-"""Which tokens does fine-tuning move? (METHOD.md §7 claim 4.)
+"""Which tokens does fine-tuning move? (docs/method.md §7 claim 4.)
 
 The paper claims SFT changes token probabilities across whole sequences while
 RL changes few tokens, mostly high-entropy ones. Here: teacher-force the same
@@ -21,15 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from srft_jax import step as step_lib
+from srft_jax.tokenizer import render_prompt
+
 THRESHOLD = 0.1  # |p_tuned - p_base| above this counts as "moved"
 QUARTILES = 4
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _probs_and_entropy(graphdef, params, tokens_BT, mask_BT):
-  from srft_jax import train
-
-  logp, ent = train.sequence_logprobs(graphdef, params, tokens_BT, mask_BT)
+  logp, ent = step_lib.sequence_logprobs(graphdef, params, tokens_BT, mask_BT)
   return jnp.exp(logp), ent
 
 
@@ -99,9 +100,7 @@ def demo_batch(
   tokenizer, rows: Sequence[dict], *, template: str = "plain"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(tokens, mask, response_mask) [B, T] of prompt + demonstration + EOS rows,
-  the same rendering as the trainer's probe (train.make_eval_hook)."""
-  from srft_jax.tokenizer import render_prompt
-
+  the same rendering as the trainer's probe (evaluate.make_eval_hook)."""
   prompts = [tokenizer.encode(render_prompt(r["prompt"], template=template)) for r in rows]
   demos = [tokenizer.encode(r["target"]) + [tokenizer.eos_id] for r in rows]
   width = max(len(p) + len(d) for p, d in zip(prompts, demos))

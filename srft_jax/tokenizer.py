@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from collections.abc import Sequence
 
 import numpy as np
+import sentencepiece as spm
+import tokenizers
 
 __all__ = [
   "Tokenizer",
@@ -131,7 +134,6 @@ class SentencePieceTokenizer(Tokenizer):
   """A sentencepiece `.model` (file path or serialized proto bytes)."""
 
   def __init__(self, model: str | os.PathLike | bytes):
-    import sentencepiece as spm
 
     if isinstance(model, (bytes, bytearray)):
       self._sp = spm.SentencePieceProcessor(model_proto=bytes(model))
@@ -221,7 +223,6 @@ class HFTokenizer(Tokenizer):
     eos_token: str | None = None,
     pad_token: str | None = None,
   ):
-    import tokenizers
 
     path = os.fspath(tokenizer_file)
     self._tok = tokenizers.Tokenizer.from_file(path)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from srft_jax import factory
 from srft_jax.tools import aot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +29,8 @@ def test_topology_names():
 
 def test_model_flops_and_state_bound():
   from srft_jax import model as model_lib
-  from srft_jax.tools.aot import _load_config
 
-  c = _load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
+  c = factory.load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
   mcfg = aot.model_config(c)
   assert mcfg == model_lib.ModelConfig.preset(
     "qwen2_5_math_7b_rope40k", param_dtype="float32", dtype="bfloat16", remat="full"
@@ -122,16 +122,15 @@ def test_oom_message_units_are_binary():
 
 
 def test_hf_checkpoint_gets_the_runs_overrides(tmp_path):
-  # With model.hf_path, the tool compiles what train.base_model loads: the
+  # With model.hf_path, the tool compiles what job.base_model loads: the
   # checkpoint's architecture plus the config's RoPE theta, window and attention.
   from srft_jax import hf
   from srft_jax import model as model_lib
-  from srft_jax.tools.aot import _load_config
 
   (tmp_path / "config.json").write_text(
     json.dumps(hf.config_to_hf(model_lib.ModelConfig.preset("qwen2_5_math_7b")))
   )
-  c = _load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
+  c = factory.load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
   with c.unlocked():
     c.model.hf_path = str(tmp_path)
   mcfg = aot.model_config(c)

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 
-from srft_jax.data import builders, pipeline
+from srft_jax.data import builders
+from srft_jax.data import pipeline
 from srft_jax.data.__main__ import main as cli_main
 
 tfds.display_progress_bar(False)

@@ -1,4 +1,4 @@
-"""The host loop's bookkeeping (`train.fit`): stages, resume, metrics rows,
+"""The host loop's bookkeeping (`trainer.fit`): stages, resume, metrics rows,
 checkpoints and the learning-rate schedule.
 
 The loop is the real one (Orbax checkpoints, MetricsWriter, stage switching);
@@ -22,10 +22,14 @@ import pytest
 from flax import nnx
 
 from srft_jax import checkpoint as ckpt_lib
+from srft_jax import factory
+from srft_jax import job
 from srft_jax import metrics as metrics_lib
 from srft_jax import model as model_lib
+from srft_jax import multihost
 from srft_jax import sharding as shd
-from srft_jax import train
+from srft_jax import step as step_lib
+from srft_jax import trainer as trainer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs" / "default.py")
@@ -70,7 +74,7 @@ class Batches:
     return {}
 
 
-class StepTrainer(train.Trainer):
+class StepTrainer(trainer_lib.Trainer):
   """The Trainer with one deterministic AdamW update a step; `nonfinite_from`
   reports a growing non-finite streak from that step on."""
 
@@ -115,7 +119,7 @@ def _trainer(c, cls=StepTrainer):
 def _fit(c, workdir, kill_at=None, cls=StepTrainer):
   t = _trainer(c, cls)
   try:
-    info = train.fit(t, Batches(kill_at), workdir=str(workdir), progress=False)
+    info = trainer_lib.fit(t, Batches(kill_at), workdir=str(workdir), progress=False)
   except Killed:
     return t, None
   return t, info
@@ -197,7 +201,7 @@ def test_schedule_is_per_step_across_minibatch_updates(schedule, warmup):
   # Adam with b1 = b2 = 0 moves a parameter by exactly lr (sign of the gradient):
   # the move of each update is the rate it used.
   steps, per_step, lr = 4, 2, 1.0
-  tx, sched = train.make_optimizer(
+  tx, sched = step_lib.make_optimizer(
     lr,
     steps=steps,
     warmup_steps=warmup,
@@ -226,7 +230,7 @@ def test_two_stage_half_follows_the_final_step_count():
   c = DEFAULT.get_config("sft_then_grpo")
   with c.unlocked():
     c.steps = 200  # as --config.steps=200 after the preset arg
-  assert train.parse_stages(c.stages, c.steps, c.method) == [("sft", 100), ("grpo", 100)]
+  assert factory.parse_stages(c.stages, c.steps, c.method) == [("sft", 100), ("grpo", 100)]
 
 
 @pytest.mark.parametrize(
@@ -245,7 +249,7 @@ def test_config_errors_name_the_field(field, value, named):
     node, _, leaf = field.rpartition(".")
     (c[node] if node else c)[leaf] = value
   with pytest.raises(ValueError, match=named.replace(".", r"\.")):
-    train.validate_config(c)
+    factory.validate_config(c)
 
 
 def test_base_cache_is_complete_or_absent(tmp_path, monkeypatch):
@@ -260,12 +264,12 @@ def test_base_cache_is_complete_or_absent(tmp_path, monkeypatch):
 
   monkeypatch.setattr(hf, "_write_safetensors", killed)
   with pytest.raises(KeyboardInterrupt):
-    train.save_base(model, hf_dir)
+    job.save_base(model, hf_dir)
   assert not os.path.exists(os.path.join(hf_dir, "config.json"))  # no "finished" cache
   monkeypatch.setattr(hf, "_write_safetensors", real)
-  train.save_base(model, hf_dir)
+  job.save_base(model, hf_dir)
   # The cached base comes back with the run's settings that config.json does not hold.
-  back = hf.load_model(hf_dir, **train._hf_overrides(model.cfg))
+  back = hf.load_model(hf_dir, **factory.runtime_overrides(model.cfg))
   assert back.cfg == model.cfg
   a, b = nnx.state(model, nnx.Param), nnx.state(back, nnx.Param)
   assert all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -273,15 +277,15 @@ def test_base_cache_is_complete_or_absent(tmp_path, monkeypatch):
 
 def test_json_cache_written_atomically(tmp_path):
   path = str(tmp_path / "eval_before.json")
-  train.write_json_atomic(path, {"task_id": 0.25})
+  multihost.write_json_atomic(path, {"task_id": 0.25})
   assert json.loads(open(path).read()) == {"task_id": 0.25}
   assert os.listdir(tmp_path) == ["eval_before.json"]
 
 
 def test_study_refuses_multihost(tmp_path, capsys):
-  from srft_jax import study
+  from srft_jax.study import __main__ as study_cli
 
-  assert study.main(["--out", str(tmp_path), "--set", "multihost=True"]) == 2
+  assert study_cli.main(["--out", str(tmp_path), "--set", "multihost=True"]) == 2
   assert "one process" in capsys.readouterr().err
 
 
@@ -289,18 +293,18 @@ def test_remote_workdir_keeps_plain_files_local(tmp_path, monkeypatch):
   # Only Orbax writes to gs://; logs, results, plots, the export and caches go to
   # process 0's disk under ~/srft_outputs (not to a local directory named "gs:").
   monkeypatch.setenv("HOME", str(tmp_path))
-  assert train.local_dir("runs/x") == "runs/x"
-  assert train.local_dir("gs://bkt/runs/x/") == str(
+  assert multihost.local_dir("runs/x") == "runs/x"
+  assert multihost.local_dir("gs://bkt/runs/x/") == str(
     tmp_path / "srft_outputs" / "gs" / "bkt" / "runs" / "x"
   )
   # The warm-up's HF cache is plain file I/O: a remote place for it is refused up front.
   with pytest.raises(ValueError, match=r"config\.warmup\.dir"):
-    train.run(DEFAULT.get_config(), "gs://bkt/runs/x")
+    job.run(DEFAULT.get_config(), "gs://bkt/runs/x")
 
 
 def test_fewer_steps_than_done_is_refused(tmp_path):
   _fit(_config(stages="", steps=4, every=2), tmp_path)
-  with pytest.raises(train.ConfigError, match=r"config\.steps=2"):
+  with pytest.raises(factory.ConfigError, match=r"config\.steps=2"):
     _fit(_config(stages="", steps=2), tmp_path)
 
 
@@ -311,11 +315,11 @@ def test_cached_warmup_of_other_settings_is_refused(tmp_path):
   with c.unlocked():
     c.warmup.dir = str(tmp_path / "base")
   tok = types.SimpleNamespace(vocab_size=64)
-  mcfg = train._model_config(c, tok)
+  mcfg = factory.model_config(c, tok.vocab_size)
   model = model_lib.Transformer(mcfg, rngs=nnx.Rngs(0))
-  train.save_base(model, os.path.join(c.warmup.dir, "hf"), train.warmup_meta(c, mcfg))
+  job.save_base(model, os.path.join(c.warmup.dir, "hf"), job.warmup_meta(c, mcfg))
   mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  same = train.base_model(c, tok, mesh, str(tmp_path), scorer=None)  # the cache, reused
+  same = job.base_model(c, tok, mesh, str(tmp_path), scorer=None)  # the cache, reused
   assert all(
     bool(jnp.array_equal(x, y))
     for x, y in zip(
@@ -327,8 +331,8 @@ def test_cached_warmup_of_other_settings_is_refused(tmp_path):
     with other.unlocked():
       node, _, leaf = field.rpartition(".")
       other[node][leaf] = value
-    with pytest.raises(train.ConfigError, match=r"config\.warmup\.dir: .*" + field.split(".")[0]):
-      train.base_model(other, tok, mesh, str(tmp_path), scorer=None)
+    with pytest.raises(factory.ConfigError, match=r"config\.warmup\.dir: .*" + field.split(".")[0]):
+      job.base_model(other, tok, mesh, str(tmp_path), scorer=None)
 
 
 def _cli(module, *args):
@@ -361,11 +365,11 @@ def test_command_line_mistakes_exit_2_with_a_message(tmp_path):
   for part in ("--benchmarks: unknown ['foo']", "--checkpoint: no directory", "--data_dir"):
     assert part in res.stderr
   assert not (tmp_path / "missing").exists()  # nothing created under a wrong path
-  from srft_jax import study
   from srft_jax.data import __main__ as data_cli
+  from srft_jax.study import __main__ as study_cli
 
-  assert study.main(["--out", str(tmp_path / "s"), "--methods", "foo", "--budget"]) == 2
-  assert study.main(["--out", str(tmp_path / "s"), "--report-only"]) == 2
+  assert study_cli.main(["--out", str(tmp_path / "s"), "--methods", "foo", "--budget"]) == 2
+  assert study_cli.main(["--out", str(tmp_path / "s"), "--report-only"]) == 2
   assert (
     data_cli.main(
       ["prepare", "task", "--task_sizes", "train4096", "--data_dir", str(tmp_path / "d")]

@@ -1,7 +1,7 @@
 """The train step under several mesh layouts equals the one-device step.
 
-Same path as the Trainer: model.create_model on the mesh, train.state_shardings,
-sharding.batch_sharding for the batch, train._jitted_step (state donated), called
+Same path as the Trainer: model.create_model on the mesh, step.state_shardings,
+sharding.batch_sharding for the batch, step.jit_train_step (state donated), called
 under jax.set_mesh. Layouts on the 8 forced CPU devices: pure data, pure FSDP,
 FSDP x tensor and data x FSDP x tensor.
 """
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from srft_jax import factory
 from srft_jax import model as model_lib
+from srft_jax import objectives as obj
 from srft_jax import sharding as shd
-from srft_jax import train
+from srft_jax import step as step_lib
 
 LAYOUTS = {
   "data8": {"data": 8},
@@ -34,7 +36,7 @@ CFG = model_lib.ModelConfig(
   head_dim=16,
   max_seq_len=64,
 )
-LAYOUT = train.GroupLayout(n_rollouts=3, n_demos=1)
+LAYOUT = step_lib.GroupLayout(n_rollouts=3, n_demos=1)
 PROMPTS, P, R = 4, 8, 8  # 16 rows of 16 tokens
 STEPS = 2
 
@@ -59,17 +61,14 @@ def _host_batch(seed=0):
 
 
 def _setup():
-  lc = train.loss_config("srft", None, R)
+  lc = factory.loss_config("srft", None, R)
   # eps=0.1: Adam's first step is ~lr*sign(g); a large eps keeps the update
   # smooth in g, so float reduction-order noise cannot flip a sign.
-  tx, _ = train.make_optimizer(1e-2, steps=STEPS, eps=0.1, clip_norm=1.0)
-  step_cfg = train.StepConfig(loss=lc, minibatches=2, microbatches=2, logit_chunk=64)
-  batch = train.assemble_batch(
-    *map(jnp.asarray, _host_batch()),
-    layout=LAYOUT,
-    adv_normalize_std=lc.adv_normalize_std,
-    adv_eps=lc.adv_eps,
-  )
+  tx, _ = step_lib.make_optimizer(1e-2, steps=STEPS, eps=0.1, clip_norm=1.0)
+  step_cfg = step_lib.StepConfig(loss=lc, minibatches=2, microbatches=2, logit_chunk=64)
+  *arrays, rewards = map(jnp.asarray, _host_batch())
+  adv = step_lib.rollout_advantages(rewards, layout=LAYOUT, cfg=obj.AdvantageConfig())
+  batch = step_lib.assemble_batch(*arrays, rewards, adv, layout=LAYOUT)
   return tx, step_cfg, jax.device_get(batch)
 
 
@@ -78,22 +77,22 @@ def _run(mesh):
   tx, step_cfg, host_batch = _setup()
   model = model_lib.create_model(CFG, seed=0, mesh=mesh)
   graphdef, params = nnx.split(model)
-  state = train.init_train_state(params, tx)
+  state = step_lib.init_train_state(params, tx)
   if mesh is None:
-    fn = jax.jit(lambda s, b: train.train_step(graphdef, tx, step_cfg, s, b))
+    fn = jax.jit(lambda s, b: step_lib.train_step(graphdef, tx, step_cfg, s, b))
     batch = jax.tree.map(jnp.asarray, host_batch)
     losses = []
     for _ in range(STEPS):
       state, metrics = fn(state, batch)
       losses.append(float(metrics["loss"]))
     return losses, state
-  state_sh = train.state_shardings(state, mesh, CFG.rules)
+  state_sh = step_lib.state_shardings(state, mesh, CFG.rules)
   state = jax.device_put(state, state_sh)
   batch_sh = {
     k: shd.batch_sharding(mesh, v.ndim, CFG.rules, v.shape) for k, v in host_batch.items()
   }
   batch = jax.device_put(host_batch, batch_sh)
-  fn = train._jitted_step(graphdef, tx, step_cfg, train._freeze(state_sh), train._freeze(batch_sh))
+  fn = step_lib.jit_train_step(graphdef, tx, step_cfg, state_sh, batch_sh)
   losses = []
   with jax.set_mesh(mesh):
     for _ in range(STEPS):

@@ -208,8 +208,9 @@ def test_long_prompt_is_skipped_and_scored_zero():
   import numpy as np
   from flax import nnx
 
-  from srft_jax import evaluate, rewards
+  from srft_jax import evaluate
   from srft_jax import model as model_lib
+  from srft_jax import rewards
   from srft_jax import sampler as smp
 
   model = model_lib.Transformer(

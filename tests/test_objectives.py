@@ -466,7 +466,7 @@ def test_presets_match_method_table():
     srft.entropy_granularity,
     srft.aggregation,
     srft.entropy_bonus,
-    srft.adv_normalize_std,
+    obj.AdvantageConfig.preset("srft").normalize_std,
   ) == (
     "entropy_neg",
     0.5,
@@ -488,7 +488,7 @@ def test_presets_match_method_table():
     code.entropy_granularity,
     code.entropy_bonus,
     code.aggregation,
-    code.adv_normalize_std,
+    obj.AdvantageConfig.preset("srft_code").normalize_std,
   ) == (
     "entropy_pos",
     "p_div_p_plus_gamma",
@@ -509,7 +509,8 @@ def test_presets_match_method_table():
   )
   for name in ("grpo", "sft_plus_rl", "luffy"):
     p = c(name)
-    assert (p.use_self_rl, p.self_rl_form, p.rl_weight, p.self_rl_coef, p.adv_normalize_std) == (
+    adv = obj.AdvantageConfig.preset(name)
+    assert (p.use_self_rl, p.self_rl_form, p.rl_weight, p.self_rl_coef, adv.normalize_std) == (
       True,
       "advantage",
       "const",
@@ -582,3 +583,15 @@ def test_readme_example_runs():
   blocks = re.findall(r"```python\n(.*?)```", section, re.S)
   assert len(blocks) >= 2, "README's loss section lost its python blocks"
   exec(compile("\n".join(blocks), "README-loss", "exec"), {"__name__": "loss_usage"})
+
+
+def test_advantage_config():
+  """The advantage form is its own config: the paper's by default, r - mean for
+  the released code's preset; overrides and bad values named by field."""
+  assert obj.AdvantageConfig.preset("srft") == obj.AdvantageConfig(normalize_std=True, eps=1e-6)
+  assert obj.AdvantageConfig.preset("srft_code", eps=1e-3) == obj.AdvantageConfig(False, 1e-3)
+  with pytest.raises(ValueError, match="AdvantageConfig.eps"):
+    obj.AdvantageConfig(eps=0.0)
+  with pytest.raises(ValueError, match="unknown preset"):
+    obj.AdvantageConfig.preset("nope")
+  assert "adv_normalize_std" not in {f.name for f in dataclasses.fields(obj.LossConfig)}

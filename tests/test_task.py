@@ -85,7 +85,8 @@ def test_answers_vary(rows):
 
 
 def test_boxed_answer_parses_with_math_verify(rows):
-  from math_verify import parse, verify
+  from math_verify import parse
+  from math_verify import verify
 
   for r in rows["train"][:20] + rows["test_ood"][:10]:
     pred = parse(r["target"].split("</think>")[-1], parsing_timeout=None)

@@ -26,37 +26,28 @@ import pytest
 from flax import nnx
 
 from srft_jax import checkpoint as ckpt_lib
+from srft_jax import factory
+from srft_jax import job
 from srft_jax import model as model_lib
 from srft_jax import objectives as obj
-from srft_jax import train
+from srft_jax import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _default_configs():
-  """configs/default.py (configs/ is a folder of files, not a package)."""
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(
-    "srft_configs_default_test", os.path.join(REPO, "configs", "default.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def _config_file(name):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(
-    f"srft_cfg_{name}", os.path.join(REPO, "configs", f"{name}.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  """A file of configs/ (a folder of files, not a package), as a module."""
+  return factory.load_config_module(os.path.join(REPO, "configs", f"{name}.py"))
 
 
-DEFAULT = _default_configs()
+def _assemble(*arrays, rewards, layout, adv=None):
+  """assemble_batch with the advantages the trainer computes for `rewards`."""
+  rewards = jnp.asarray(rewards)
+  adv = step_lib.rollout_advantages(rewards, layout=layout, cfg=adv or obj.AdvantageConfig())
+  return step_lib.assemble_batch(*arrays, rewards, adv, layout=layout)
+
+
+DEFAULT = _config_file("default")
 
 # Tiny settings shared by the in-process run and the subprocess runs.
 TINY = {
@@ -100,7 +91,7 @@ def _config(tokenizer_path, **overrides):
 
 
 # ----------------------------------------------------------------------------
-# 1 + 8. End to end through train.run, with compile counting per step.
+# 1 + 8. End to end through job.run, with compile counting per step.
 # ----------------------------------------------------------------------------
 
 _COMPILES = {"on": False, "n": 0}
@@ -137,7 +128,7 @@ class _CountingIter:
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, tokenizer_path):
-  """One `train.run`: an SFT warm-up (6 steps, the random base model's start
+  """One `job.run`: an SFT warm-up (6 steps, the random base model's start
   point is measured) then 5 SRFT steps, TensorBoard on."""
   workdir = str(tmp_path_factory.mktemp("e2e"))
   c = _config(
@@ -156,7 +147,7 @@ def e2e(tmp_path_factory, tokenizer_path):
     },
   )
   iters = []
-  real = train.make_data_iter
+  real = factory.data_iter
 
   def counting(*a, **kw):
     it = _CountingIter(real(*a, **kw))
@@ -164,7 +155,7 @@ def e2e(tmp_path_factory, tokenizer_path):
     return it
 
   step_fns = []
-  real_step = train._jitted_step
+  real_step = step_lib.jit_train_step
 
   def recording(*a):
     fn = real_step(*a)
@@ -175,9 +166,9 @@ def e2e(tmp_path_factory, tokenizer_path):
   _COMPILES.update(on=True, n=0)
   t0 = time.time()
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, "make_data_iter", counting)
-    mp.setattr(train, "_jitted_step", recording)
-    results = train.run(c, workdir)
+    mp.setattr(factory, "data_iter", counting)
+    mp.setattr(step_lib, "jit_train_step", recording)
+    results = job.run(c, workdir)
   _COMPILES["on"] = False
   return {
     "workdir": workdir,
@@ -291,9 +282,9 @@ def test_no_recompile_after_warmup(e2e):
   assert len(counts) == 5
   assert counts[4] - counts[2] == 0, f"compile count at each step start: {counts}"
   # Each stage's jitted, donated, sharded train step (warm-up SFT, then SRFT)
-  # holds exactly one executable after all its steps.
+  # is built once and holds exactly one executable after all its steps.
   fns = {id(f): f for f in e2e["step_fns"]}
-  assert len(fns) == 2 and len(e2e["step_fns"]) == 6 + 5
+  assert len(fns) == 2 and len(e2e["step_fns"]) == 2
   for f in fns.values():
     assert f._cache_size() == 1
 
@@ -328,7 +319,7 @@ def _tiny_batch(seed, b=2, n=3, p=6, r=10, vocab=SMALL.vocab_size):
   dtok = rs.randint(1, vocab, (b, r)).astype(np.int32) * dmask
   rewards = rs.randint(0, 2, (b, n + 1)).astype(np.float32)
   rewards[:, -1] = 1.0
-  return train.assemble_batch(
+  return _assemble(
     ptok,
     pmask,
     rtok,
@@ -336,8 +327,8 @@ def _tiny_batch(seed, b=2, n=3, p=6, r=10, vocab=SMALL.vocab_size):
     rlogp,
     dtok,
     dmask,
-    jnp.asarray(rewards.reshape(-1)),
-    layout=train.GroupLayout(n, 1),
+    rewards=rewards.reshape(-1),
+    layout=step_lib.GroupLayout(n, 1),
   )
 
 
@@ -345,9 +336,9 @@ def _tiny_batch(seed, b=2, n=3, p=6, r=10, vocab=SMALL.vocab_size):
 def tiny_step():
   model = model_lib.Transformer(SMALL, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
-  tx, _ = train.make_optimizer(1e-3, steps=10)
-  cfg = train.StepConfig(loss=obj.LossConfig.preset("srft"), minibatches=2)
-  fn = jax.jit(functools.partial(train.train_step, graphdef, tx, cfg))
+  tx, _ = step_lib.make_optimizer(1e-3, steps=10)
+  cfg = step_lib.StepConfig(loss=obj.LossConfig.preset("srft"), minibatches=2)
+  fn = jax.jit(functools.partial(step_lib.train_step, graphdef, tx, cfg))
   return fn, params, tx
 
 
@@ -357,7 +348,7 @@ def _equal_trees(a, b):
 
 def test_nonfinite_update_is_skipped_and_counted(tiny_step):
   fn, params, tx = tiny_step
-  state = train.init_train_state(params, tx)
+  state = step_lib.init_train_state(params, tx)
   state, m = fn(state, _tiny_batch(0))
   assert float(m["skipped"]) == 0 and int(state["nonfinite_streak"]) == 0
   before = jax.tree.map(jnp.copy, state)
@@ -380,7 +371,7 @@ def test_nonfinite_update_is_skipped_and_counted(tiny_step):
 
 def test_train_step_compiles_once(tiny_step):
   fn, params, tx = tiny_step
-  state = train.init_train_state(params, tx)
+  state = step_lib.init_train_state(params, tx)
   n0 = fn._cache_size()
   for seed in range(3):
     state, _ = fn(state, _tiny_batch(10 + seed))
@@ -397,8 +388,8 @@ def test_train_step_compiles_once(tiny_step):
 def _small_state():
   model = model_lib.Transformer(SMALL, rngs=nnx.Rngs(0))
   _, params = nnx.split(model)
-  tx, _ = train.make_optimizer(1e-3, steps=10)
-  return train.init_train_state(params, tx)
+  tx, _ = step_lib.make_optimizer(1e-3, steps=10)
+  return step_lib.init_train_state(params, tx)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
@@ -465,7 +456,7 @@ PRESET_ARGS = sorted(obj.PRESETS) + sorted(DEFAULT.TWO_STAGE)
 def test_sft_micro_batch_must_divide_the_data_axes():
   c = DEFAULT.get_config("sft")  # 4 prompts x 1 demo a micro-batch on 8 devices
   with pytest.raises(ValueError, match=r"config\.batch\.prompts_per_step: .*4 rows"):
-    train.validate_config(c)
+    factory.validate_config(c)
 
 
 @pytest.mark.parametrize("arg", [None] + PRESET_ARGS)
@@ -476,12 +467,12 @@ def test_default_presets_validate(arg):
     # micro-batch must split over the data axis.
     with c.unlocked():
       c.batch.prompts_per_step = 16
-  train.validate_config(c)
-  stages = train.parse_stages(c.stages, c.steps, c.method)
+  factory.validate_config(c)
+  stages = factory.parse_stages(c.stages, c.steps, c.method)
   assert sum(n for _, n in stages) == c.steps
   for name, _ in stages:
-    lc = train.loss_config(name, dict(c.loss) if not c.stages else None, c.data.max_response_len)
-    train.stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
+    lc = factory.loss_config(name, dict(c.loss) if not c.stages else None, c.data.max_response_len)
+    factory.stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
 
 
 @pytest.mark.parametrize("method", ["srft", "grpo", "luffy", "srft_code"])
@@ -496,22 +487,22 @@ def test_constant_len_takes_this_runs_response_length(method):
       c.rollout.n_rollouts = 8  # as configs/default.py:grpo: 8 slots a prompt
     if jax.device_count() > 1:
       c.batch.prompts_per_step = 16  # as test_default_presets_validate
-  train.validate_config(c)
-  lc = train.loss_config(method, dict(c.loss), c.data.max_response_len)
+  factory.validate_config(c)
+  lc = factory.loss_config(method, dict(c.loss), c.data.max_response_len)
   assert (lc.aggregation, lc.max_response_len) == ("constant_len", c.data.max_response_len)
   with c.unlocked():
     c.loss.max_response_len = 7
-  assert train.loss_config(method, dict(c.loss), c.data.max_response_len).max_response_len == 7
+  assert factory.loss_config(method, dict(c.loss), c.data.max_response_len).max_response_len == 7
 
 
 def _advantages(preset, rollout_rewards, demo_reward):
   """Rollout and demo advantages of one prompt's group as assemble_batch builds them."""
   n = len(rollout_rewards)
-  layout = train.stage_layout(obj.LossConfig.preset(preset), n, 1)
+  layout = factory.stage_layout(obj.LossConfig.preset(preset), n, 1)
   b, p, r = 1, 3, 4
   ones = lambda *s: np.ones(s, np.int32)  # noqa: E731
   rewards = np.array(list(rollout_rewards) + [demo_reward], np.float32)
-  batch = train.assemble_batch(
+  batch = _assemble(
     ones(b, p),
     ones(b, p),
     ones(b * n, r),
@@ -519,8 +510,9 @@ def _advantages(preset, rollout_rewards, demo_reward):
     np.zeros((b * n, r), np.float32),
     ones(b, r),
     ones(b, r),
-    jnp.asarray(rewards),
+    rewards=rewards,
     layout=layout,
+    adv=obj.AdvantageConfig.preset(preset),
   )
   adv = np.asarray(batch["advantages"])
   return adv[:n], adv[n:]
@@ -553,22 +545,22 @@ def test_other_config_files_validate(name, arg):
     c = _config_file(name).get_config(arg)
   except ValueError as e:
     pytest.skip(f"{name}:{arg} not offered: {e}")
-  train.validate_config(c)
+  factory.validate_config(c)
 
 
 def test_model_attention_settings_reach_the_model():
   """config.model.attention / decode_attention override the preset's ("" keeps it)."""
   c = DEFAULT.get_config()
   vocab = types.SimpleNamespace(vocab_size=64)
-  base = train._model_config(c, vocab)
+  base = factory.model_config(c, vocab.vocab_size)
   with c.unlocked():
     c.model.attention = "chunked"
     c.model.decode_attention = "pallas"
-  mcfg = train._model_config(c, vocab)
+  mcfg = factory.model_config(c, vocab.vocab_size)
   assert (mcfg.attention, mcfg.decode_attention) == ("chunked", "pallas")
   assert (base.attention, base.decode_attention) == ("xla", "xla")
   gpu = _config_file("qwen2p5_1p5b_gpu").get_config()
-  assert train._model_config(gpu, vocab).decode_attention == "pallas"
+  assert factory.model_config(gpu, vocab.vocab_size).decode_attention == "pallas"
 
 
 def _bad(field, value):
@@ -604,7 +596,7 @@ def _bad(field, value):
 )
 def test_bad_config_names_field(field, value, named):
   with pytest.raises(ValueError) as e:
-    train.validate_config(_bad(field, value))
+    factory.validate_config(_bad(field, value))
   assert named in str(e.value)
   if named == "config.loss":
     assert field.split(".")[1] in str(e.value)
@@ -623,7 +615,7 @@ def test_bad_config_fails_before_compiling(tmp_path):
   _COMPILES.update(on=True, n=0)
   try:
     with pytest.raises(ValueError, match="batch.minibatches"):
-      train.run(c, str(tmp_path / "w"))
+      job.run(c, str(tmp_path / "w"))
   finally:
     _COMPILES["on"] = False
   assert _COMPILES["n"] == 0
@@ -642,12 +634,12 @@ def test_7b_train_step_eval_shape(source):
   if source == "preset":
     cfg = model_lib.ModelConfig.preset("qwen2_5_math_7b")
   else:
-    cfg = train._model_config(_config_file("srft_7b_tpu").get_config(), None)
+    cfg = factory.model_config(_config_file("srft_7b_tpu").get_config(), 0)
   abstract = model_lib.abstract_model(cfg)
   graphdef, params = nnx.split(abstract)
   assert model_lib.count_params(abstract) > 7e9
-  tx, _ = train.make_optimizer(1e-6, steps=500)
-  state = jax.eval_shape(lambda p: train.init_train_state(p, tx), params)
+  tx, _ = step_lib.make_optimizer(1e-6, steps=500)
+  state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), params)
   b, t = 2, 1024
   sds = jax.ShapeDtypeStruct
   batch = {
@@ -659,11 +651,11 @@ def test_7b_train_step_eval_shape(source):
     "rewards": sds((b,), jnp.float32),
     "advantages": sds((b,), jnp.float32),
   }
-  step_cfg = train.StepConfig(
+  step_cfg = step_lib.StepConfig(
     loss=obj.LossConfig.preset("srft"), minibatches=2, microbatches=1, logit_chunk=512
   )
   new_state, metrics = jax.eval_shape(
-    functools.partial(train.train_step, graphdef, tx, step_cfg), state, batch
+    functools.partial(step_lib.train_step, graphdef, tx, step_cfg), state, batch
   )
   for a, b_ in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
     assert a.shape == b_.shape and a.dtype == b_.dtype
@@ -681,7 +673,7 @@ def _micro_batch_case():
     vocab_size=48, embed_dim=32, mlp_dim=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16
   )
   graphdef, params = nnx.split(model_lib.create_model(cfg, seed=4))
-  tx, _ = train.make_optimizer(1e-2, steps=10)
+  tx, _ = step_lib.make_optimizer(1e-2, steps=10)
   rs = np.random.RandomState(0)
   b, t = 8, 12
   mask = np.ones((b, t), np.int32)
@@ -704,7 +696,7 @@ def _micro_batch_case():
   loss_cfg = dataclasses.replace(obj.LossConfig.preset("srft"), entropy_granularity="batch")
 
   def step(micro, response_len, group):
-    step_cfg = train.StepConfig(
+    step_cfg = step_lib.StepConfig(
       loss=loss_cfg,
       minibatches=1,
       microbatches=micro,
@@ -712,8 +704,8 @@ def _micro_batch_case():
       response_len=response_len,
       group=group,
     )
-    state = train.init_train_state(params, tx)
-    return jax.jit(functools.partial(train.train_step, graphdef, tx, step_cfg))(state, batch)
+    state = step_lib.init_train_state(params, tx)
+    return jax.jit(functools.partial(step_lib.train_step, graphdef, tx, step_cfg))(state, batch)
 
   return params, step, step(1, 0, 0)
 

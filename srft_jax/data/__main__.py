@@ -12,9 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+import tensorflow_datasets as tfds
+
+from srft_jax.data import builders
+from srft_jax.data.builders import NAMES
+
 
 def _parser() -> argparse.ArgumentParser:
-  from srft_jax.data.builders import NAMES
 
   p = argparse.ArgumentParser(
     prog="python -m srft_jax.data",
@@ -92,9 +96,6 @@ def format_report(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  import tensorflow_datasets as tfds
-
-  from srft_jax.data import builders
 
   tfds.display_progress_bar(False)
   if args.name in builders.NO_SRC_NAMES and args.src:

@@ -41,11 +41,15 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
+
+from srft_jax.data import task
 
 __all__ = [
   "NAMES",
@@ -135,7 +139,7 @@ def read_rows(path: str) -> Iterator[tuple[str, dict | SkipRow]]:
     raise FileNotFoundError(f"source file not found: {path}")
   name = os.path.basename(path)
   if path.endswith(".parquet"):
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 (parquet sources only)
 
     n = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
@@ -493,7 +497,7 @@ def _convert_mc(name: str, row: dict, fallback_id: str, opts: RowOptions) -> dic
 
 def _champ_rows() -> Iterator[tuple[str, dict | SkipRow]]:
   """The champ-dataset problems as rows of the training schema (dev dependency)."""
-  import champ_dataset
+  import champ_dataset  # noqa: PLC0415 (an optional package)
 
   problems = champ_dataset.load("v0").problems
   for key in sorted(problems):
@@ -633,8 +637,6 @@ class SrftData(tfds.core.GeneratorBasedBuilder):
     """(label, row iterator factory) per source feeding `split`."""
     name = self.builder_config.name
     if name == "task":
-      from srft_jax.data import task
-
       n = self._task_sizes[split]
       label = f"task:{split}"
       return [

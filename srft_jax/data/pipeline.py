@@ -34,11 +34,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+
+from srft_jax.tokenizer import render_prompt
 
 __all__ = ["PipelineConfig", "BatchIterator", "make_iterator", "encode_record", "DROP_REASONS"]
 
@@ -225,13 +229,9 @@ def make_iterator(
   `process_index`/`process_count` default to jax's.
   """
   if process_index is None or process_count is None:
-    import jax
-
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if render is None:
-    from srft_jax.tokenizer import render_prompt
-
     render = functools.partial(render_prompt, template=cfg.template, system=cfg.system)
   if len(source) == 0:
     raise ValueError("empty data source")

@@ -35,6 +35,8 @@ import random
 import re
 from collections.abc import Sequence
 
+import sentencepiece as spm
+
 from srft_jax import tokenizer as tokenizer_lib
 
 # Bump when anything changes the generated text: it keys the tokenizer cache.
@@ -387,7 +389,6 @@ def train_task_tokenizer(
   path: str | os.PathLike, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE
 ) -> str:
   """Train the task's sentencepiece model and write it to `path` (atomically)."""
-  import sentencepiece as spm
 
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(

@@ -10,8 +10,8 @@ Needs libtpu (requirements-tpu.txt): `jax.experimental.topologies.get_topology_d
 gives compile-only devices of the named topology; nothing runs and no TPU is
 touched. The programs are the ones the trainer runs, built the same way:
 
-  train    train.train_step via train._jitted_step (state and batch shardings
-           from train.state_shardings / sharding.batch_sharding, state donated),
+  train    step.train_step via step.jit_train_step (state and batch shardings
+           from step.state_shardings / step.batch_shardings, state donated),
            on one step's batch: prompts x (rollouts + demos) rows of P + R tokens.
   sample   the sampler's jitted core (prefill + while-loop decode) for
            prompts x rollouts rows and a P + R slot KV cache (donated).
@@ -28,12 +28,30 @@ The last line printed is one JSON object with everything.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import logging
 import math
+import os
 import re
 import sys
 import time
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from flax import nnx
+from jax.experimental import topologies
+from ml_collections import config_flags
+
+from srft_jax import factory
+from srft_jax import model as model_lib
+from srft_jax import sampler as sampler_lib
+from srft_jax import sharding as shd
+from srft_jax import step as step_lib
 
 # Per-chip HBM as the spec sheets give it, taken as GB = 1e9 bytes (the chips'
 # GiB are ~7% more: a conservative fit check), and the slice shapes
@@ -108,19 +126,13 @@ class Topology:
   def devices(self):
     """One compile-only device a chip, as the runtime shows them (v4's two
     TensorCores form one megacore device, so memory is per chip)."""
-    from jax.experimental import topologies
 
     kw = {"chip_config_name": "megacore"} if self.generation == "v4" else {}
     return topologies.get_topology_desc(platform="tpu", topology_name=self.name, **kw).devices
 
 
 def libtpu_available() -> bool:
-  try:
-    import libtpu  # noqa: F401
-
-    return True
-  except ImportError:
-    return False
+  return importlib.util.find_spec("libtpu") is not None
 
 
 # ----------------------------------------------------------------------------
@@ -128,121 +140,53 @@ def libtpu_available() -> bool:
 # ----------------------------------------------------------------------------
 
 
-def _load_config(spec: str):
-  """A config file's get_config(arg) for 'path/to/config.py[:arg]' (as --config takes)."""
-  import importlib.util
-
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("srft_aot_config", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
-
-
-class _VocabOnly:
-  """Stands in for the tokenizer where only the vocabulary size matters (tiny preset)."""
-
-  def __init__(self, vocab_size: int):
-    self.vocab_size = vocab_size
-
-
 def model_config(c, vocab_size: int = 512):
-  """The ModelConfig the run would build: from a local HF config.json when
-  model.hf_path has one, else the preset (with the config's dtype and remat)."""
-  import os
-
-  from srft_jax import hf, train
-
-  kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
-  if c.model.hf_path and os.path.exists(os.path.join(c.model.hf_path, "config.json")):
-    # The overrides train.base_model applies to a checkpoint (RoPE theta, window, attention).
-    return hf.config_from_hf(hf.read_config(c.model.hf_path), **kw, **train._hf_config_overrides(c))  # pylint: disable=protected-access
-  return train._model_config(c, _VocabOnly(vocab_size))  # pylint: disable=protected-access
+  """The ModelConfig the run would build (factory.model_config); `vocab_size`
+  sizes the tiny preset, whose vocabulary is the task tokenizer's."""
+  return factory.model_config(c, vocab_size)
 
 
 def _abstract(tree, shardings):
-  import jax
 
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )
 
 
-def _stage(c):
-  """The loss config and group layout of the stage with the biggest group."""
-  from srft_jax import train
-
-  overrides = dict(c.loss) if not c.stages else None
-  best = None
-  for name, _ in train.parse_stages(c.stages, c.steps, c.method):
-    lc = train.loss_config(name, overrides, c.data.max_response_len)
-    layout = train.stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
-    if best is None or layout.size > best[1].size:
-      best = (lc, layout)
-  return best
+def biggest_stage(c) -> factory.Stage:
+  """The stage with the biggest group: the largest batch a step trains on."""
+  return max(factory.stages(c), key=lambda st: st.layout.size)
 
 
 def lower_train(c, mcfg, mesh):
-  """train.train_step for one step's batch, jitted as the Trainer jits it."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
+  """step.train_step for one step's batch, jitted as the Trainer jits it."""
 
-  from srft_jax import model as model_lib
-  from srft_jax import sharding as shd
-  from srft_jax import train
-
-  lc, layout = _stage(c)
-  o = c.optim
-  tx, _ = train.make_optimizer(
-    o.lr,
-    steps=c.steps,
-    warmup_steps=o.warmup_steps,
-    schedule=o.schedule,
-    weight_decay=o.weight_decay,
-    b1=o.b1,
-    b2=o.b2,
-    eps=o.eps,
-    clip_norm=o.clip_norm or None,
-    updates_per_step=c.batch.minibatches,
-  )
-  step_cfg = train.StepConfig(
-    loss=lc,
-    minibatches=c.batch.minibatches,
-    microbatches=c.batch.microbatches,
-    temperature=c.rollout.temperature,
-    logit_chunk=c.logit_chunk,
-    response_len=c.data.max_response_len,
-    group=layout.size if c.get("shared_prefix") else 0,
-  )
+  stage = biggest_stage(c)
+  layout = stage.layout
+  tx, _ = factory.optimizer(c, c.steps)
+  step_cfg = factory.step_config(c, stage)
   graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
-  state = jax.eval_shape(lambda p: train.init_train_state(p, tx), params)
-  state_sh = train.state_shardings(state, mesh, mcfg.rules)
+  state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), params)
+  state_sh = step_lib.state_shardings(state, mesh, mcfg.rules)
 
   b, p, r = c.batch.prompts_per_step, max(c.data.prompt_buckets), c.data.max_response_len
   n = layout.n_rollouts
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
   batch = jax.eval_shape(
-    lambda *a: train.assemble_batch(
-      *a, layout=layout, adv_normalize_std=lc.adv_normalize_std, adv_eps=lc.adv_eps
-    ),
+    lambda *a: step_lib.assemble_batch(*a, layout=layout),
     i32(b, p),
     i32(b, p),
     i32(b * n, r) if n else None,
     i32(b * n, r) if n else None,
-    jax.ShapeDtypeStruct((b * n, r), jnp.float32) if n else None,
+    f32(b * n, r) if n else None,
     i32(b, r),
     i32(b, r),
-    jax.ShapeDtypeStruct((b * layout.size,), jnp.float32),
+    f32(b * layout.size),
+    f32(b * layout.size),
   )
-  batch_sh = {k: shd.batch_sharding(mesh, v.ndim, mcfg.rules, v.shape) for k, v in batch.items()}
-  fn = train._jitted_step(
-    graphdef,
-    tx,
-    step_cfg,
-    train._freeze(state_sh),  # pylint: disable=protected-access
-    train._freeze(batch_sh),
-  )  # pylint: disable=protected-access
+  batch_sh = step_lib.batch_shardings(batch, mesh, mcfg.rules)
+  fn = step_lib.jit_train_step(graphdef, tx, step_cfg, state_sh, batch_sh)
   with jax.set_mesh(mesh):
     return fn.lower(_abstract(state, state_sh), _abstract(batch, batch_sh))
 
@@ -255,12 +199,6 @@ def _inference_config(mcfg):
 
 
 def _sampler_inputs(c, mcfg, mesh, rows: int, length: int):
-  import jax
-  from flax import nnx
-
-  from srft_jax import model as model_lib
-  from srft_jax import sampler as sampler_lib
-  from srft_jax import sharding as shd
 
   graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
   params = _abstract(params, shd.state_shardings(params, mesh, mcfg.rules))
@@ -270,20 +208,15 @@ def _sampler_inputs(c, mcfg, mesh, rows: int, length: int):
 
 
 def _rows_sharding(mesh, mcfg, shape):
-  from srft_jax import sharding as shd
 
   return shd.batch_sharding(mesh, len(shape), mcfg.rules, shape)
 
 
 def lower_sample(c, mcfg, mesh):
   """The sampler's jitted core: prefill + decode loop, all rollouts of one step."""
-  import jax
-  import jax.numpy as jnp
-
-  from srft_jax import sampler as sampler_lib
 
   mcfg = _inference_config(mcfg)
-  _, layout = _stage(c)
+  layout = biggest_stage(c).layout
   n = max(layout.n_rollouts, 1)
   rows, p, r = c.batch.prompts_per_step * n, max(c.data.prompt_buckets), c.data.max_response_len
   graphdef, params, cache = _sampler_inputs(c, mcfg, mesh, rows, p + r)
@@ -309,7 +242,6 @@ def lower_sample(c, mcfg, mesh):
 
 def _model_step(graphdef, state, tokens_BT, positions_BT, mask_BT, cache):
   """One model call with the KV cache, as the sampler makes it (last-position logits)."""
-  from flax import nnx
 
   model = nnx.merge(graphdef, state)
   logits, cache = model(tokens_BT, positions_BT, mask_BT, cache=cache)
@@ -318,11 +250,9 @@ def _model_step(graphdef, state, tokens_BT, positions_BT, mask_BT, cache):
 
 def lower_cache_call(c, mcfg, mesh, new_tokens: int | None):
   """`prefill` (new_tokens=None: the P prompt tokens) or `decode` (1 token)."""
-  import jax
-  import jax.numpy as jnp
 
   mcfg = _inference_config(mcfg)
-  _, layout = _stage(c)
+  layout = biggest_stage(c).layout
   rows = c.batch.prompts_per_step * max(layout.n_rollouts, 1)
   p, r = max(c.data.prompt_buckets), c.data.max_response_len
   t = p if new_tokens is None else new_tokens
@@ -348,7 +278,7 @@ def _matmul_params(mcfg) -> int:
 def model_flops(c, mcfg) -> dict[str, float]:
   """Global FLOPs of one step of each program: 2 N a token forward (6 N with
   the backward pass) plus causal attention 4 L N H (context) a token."""
-  _, layout = _stage(c)
+  layout = biggest_stage(c).layout
   p, r = max(c.data.prompt_buckets), c.data.max_response_len
   t = p + r
   nm = _matmul_params(mcfg)
@@ -472,7 +402,6 @@ def analyse(
 
   `num_layers` compiles a shallower copy of the model (see `extrapolate`).
   """
-  from srft_jax import sharding as shd
 
   mcfg = model_config(c, vocab_size)
   if num_layers:
@@ -480,7 +409,7 @@ def analyse(
   devices = topo.devices()
   mesh = shd.make_mesh(dict(c.mesh), devices=devices)
   flops = model_flops(c, mcfg)
-  _, layout = _stage(c)
+  layout = biggest_stage(c).layout
   report = {
     "topology": topo.name,
     "accelerator_type": topo.accelerator_type,
@@ -634,7 +563,6 @@ def format_table(report: dict[str, Any]) -> str:
 
 def state_lower_bound(c, topo: Topology, vocab_size: int = 512) -> float:
   """Bytes a chip needs for params + Adam moments + gradients, perfectly sharded."""
-  import numpy as np
 
   mcfg = model_config(c, vocab_size)
   pbytes = np.dtype(mcfg.jnp_param_dtype).itemsize
@@ -682,9 +610,6 @@ def find_smallest(
 
 
 def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file(
     "config", "configs/default.py", "Training config.", lock_config=True
   )
@@ -712,8 +637,6 @@ def _define_flags():
 
 def main(argv) -> int:
   del argv
-  from absl import flags
-
   f = flags.FLAGS
   if not libtpu_available():
     print("srft_jax.tools.aot needs libtpu: pip install -r requirements-tpu.txt", file=sys.stderr)
@@ -789,14 +712,10 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-  import logging
-  import os
-
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host itself never uses a TPU
   # Compile-only use touches no TPU: let several checks (and CI jobs) load libtpu at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
-  from absl import app
 
   _define_flags()
   app.run(main, argv=[sys.argv[0]] + _normalise_argv(sys.argv[1:]))

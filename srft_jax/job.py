@@ -1,0 +1,217 @@
+"""The whole job: `run(config, workdir)`.
+
+In order: validate the config (before anything compiles), build the tokenizer,
+data and mesh, get the base policy (an HF checkpoint, or a tiny model warmed
+up by SFT and cached), evaluate it, train (`trainer.fit`), evaluate again,
+export the policy as an HF checkpoint and write results.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+
+import jax
+
+from srft_jax import evaluate as eval_lib
+from srft_jax import factory
+from srft_jax import hf
+from srft_jax import metrics as metrics_lib
+from srft_jax import model as model_lib
+from srft_jax import multihost
+from srft_jax import rewards as rewards_lib
+from srft_jax import trainer as trainer_lib
+
+log = logging.getLogger(__name__)
+
+WARMUP_META = "srft_warmup.json"
+
+
+def base_model(c, tokenizer, mesh, workdir: str, scorer):
+  """The starting policy: an HF checkpoint, or a tiny model warmed up by SFT
+  (cached as an HF checkpoint in `warmup.dir`, so studies share one base).
+  None when a SIGTERM stopped the warm-up (it resumes from its checkpoint)."""
+  if c.model.hf_path:
+    return hf.load_model(
+      c.model.hf_path,
+      mesh=mesh,
+      dtype=model_lib.DTYPES[c.model.dtype],
+      param_dtype=model_lib.DTYPES[c.model.param_dtype],
+      remat=c.model.remat,
+      **factory.hf_overrides(c),
+    )
+  mcfg = factory.model_config(c, tokenizer.vocab_size)
+  if c.warmup.steps <= 0:
+    return model_lib.create_model(mcfg, seed=c.seed, mesh=mesh)
+  base_dir = c.warmup.dir or os.path.join(workdir, "base")
+  hf_dir = os.path.join(base_dir, "hf")
+  meta = warmup_meta(c, mcfg)
+  if os.path.exists(os.path.join(hf_dir, "config.json")):
+    meta_file = os.path.join(hf_dir, WARMUP_META)
+    if os.path.exists(meta_file):
+      with open(meta_file) as f:
+        cached = json.load(f)
+      diff = sorted(k for k in set(cached) | set(meta) if cached.get(k) != meta.get(k))
+      if diff:
+        raise factory.ConfigError(
+          f"config.warmup.dir: {hf_dir} caches a warm-up of other settings "
+          f"({', '.join(diff)}); delete it or point warmup.dir elsewhere"
+        )
+    log.info("base model: %s (cached warm-up)", hf_dir)
+    return hf.load_model(hf_dir, mesh=mesh, dtype=mcfg.jnp_dtype, **factory.runtime_overrides(mcfg))
+  log.info("base model: SFT warm-up for %d steps", c.warmup.steps)
+  model = model_lib.create_model(mcfg, seed=c.seed, mesh=mesh)
+  w = factory.warmup_config(c)
+  source, _ = factory.datasets(w)
+  trainer = trainer_lib.Trainer(model, config=w, tokenizer=tokenizer, scorer=scorer, mesh=mesh)
+  info = trainer_lib.fit(
+    trainer,
+    factory.data_iter(w, source, tokenizer, w.batch.prompts_per_step, w.seed + 1),
+    workdir=os.path.join(base_dir, "run"),
+    progress=c.log.progress,
+  )
+  if info["status"] == "preempted":
+    return None  # not cached: a half-trained base must not pass for the warm-up
+  model = trainer.model()
+  save_base(model, hf_dir, meta)
+  return model
+
+
+def warmup_meta(c, mcfg: model_lib.ModelConfig) -> dict:
+  """What makes a cached warm-up the one this config asks for (compared on reuse;
+  the seed is not: studies share one base across their seeds)."""
+  how = ("rules", "remat", "attention", "decode_attention", "dtype")  # how it runs, not what it is
+  model = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in how}
+  return json.loads(
+    json.dumps(
+      {
+        "model": model,
+        "task_seed": c.data.task_seed,
+        "warmup": {
+          k: c.warmup[k] for k in ("steps", "lr", "schedule", "warmup_steps", "prompts_per_step")
+        },
+      },
+      default=str,
+    )
+  )
+
+
+def save_base(model, hf_dir: str, meta: dict | None = None) -> None:
+  """The warm-up's HF cache, written aside and renamed: a kill mid-write never
+  leaves an hf/config.json that the next run would take for a finished warm-up."""
+
+  tmp_dir = f"{hf_dir}.partial"
+  hf.save_model(model, tmp_dir)  # collective: every process gathers, process 0 writes
+  if multihost.is_main():
+    if meta is not None:
+      multihost.write_json_atomic(os.path.join(tmp_dir, WARMUP_META), meta)
+    shutil.rmtree(hf_dir, ignore_errors=True)  # a half cache an older version left
+    os.replace(tmp_dir, hf_dir)
+  multihost.sync_processes("srft_base_saved")
+
+
+def evaluate_sets(model, tokenizer, scorer, sets: dict, c, mesh) -> dict[str, float]:
+
+  scfg = factory.sampling_config(c, tokenizer, n=1, temperature=c.eval.temperature)
+  out = {}
+  for name, rows in sets.items():
+    res = eval_lib.accuracy_on_rows(
+      model,
+      tokenizer,
+      rows,
+      scorer,
+      scfg,
+      rng=jax.random.key(c.seed + 17),
+      template=c.data.template,
+      batch_size=c.eval.batch_size,
+      mesh=mesh,
+      require_think=c.rollout.require_think,
+    )
+    out[name] = res["accuracy"]
+  return out
+
+
+def run(c, workdir: str) -> dict:
+  """The main job. Writes WORKDIR/results.json and returns it."""
+  t_start = time.time()
+  if c.multihost and not jax.distributed.is_initialized():
+    # On TPU pods and SLURM the arguments come from the environment; locally
+    # (tests, one machine) from config.distributed.
+    d = c.distributed
+    kw = {}
+    if d.coordinator:
+      kw = dict(
+        coordinator_address=d.coordinator, num_processes=d.num_processes, process_id=d.process_id
+      )
+    jax.distributed.initialize(**kw)
+  factory.validate_config(c)
+  if c.warmup.steps > 0 and not c.model.hf_path and "://" in (c.warmup.dir or workdir):
+    raise factory.ConfigError(
+      "config.warmup.dir: the SFT warm-up caches its model as an HF checkpoint "
+      "with plain file I/O; give a local or shared path (or warmup.steps=0) "
+      f"when the workdir is remote ({workdir})"
+    )
+  out = multihost.local_dir(
+    workdir
+  )  # == workdir unless it is remote (gs://): then only checkpoints go there
+  os.makedirs(out, exist_ok=True)
+  mesh = factory.mesh(c)
+  tokenizer = factory.tokenizer(c, workdir)
+  source, evals = factory.datasets(c)
+  with rewards_lib.RewardScorer(require_think=c.rollout.require_think) as scorer:
+    model = base_model(c, tokenizer, mesh, workdir, scorer)
+    if model is None:
+      return {"status": "preempted", "step": 0, "stage": "warmup"}
+    before = {}
+    if c.eval.before and evals:
+      cache = os.path.join(
+        multihost.local_dir(c.warmup.dir or os.path.join(workdir, "base")), "eval_before.json"
+      )
+      if os.path.exists(cache) and not c.model.hf_path:
+        with open(cache) as f:
+          before = json.load(f)
+      else:
+        before = evaluate_sets(model, tokenizer, scorer, evals, c, mesh)
+        if multihost.is_main():
+          os.makedirs(os.path.dirname(cache), exist_ok=True)
+          multihost.write_json_atomic(cache, before)
+      log.info("before: %s", before)
+    trainer = trainer_lib.Trainer(model, config=c, tokenizer=tokenizer, scorer=scorer, mesh=mesh)
+    it = factory.data_iter(c, source, tokenizer, c.batch.prompts_per_step, c.seed)
+    t_train = time.time()
+    hook = eval_lib.make_eval_hook(c, tokenizer, scorer, evals, mesh)
+    info = trainer_lib.fit(trainer, it, workdir=workdir, progress=c.log.progress, eval_hook=hook)
+    train_s = time.time() - t_train
+    if info["status"] == "preempted":
+      return {"status": "preempted", "step": info["step"]}
+    model = trainer.model()
+    after = (
+      evaluate_sets(model, tokenizer, scorer, evals, c, mesh) if (c.eval.after and evals) else {}
+    )
+  results = {
+    "before": {"id_acc": before.get("task_id"), "ood_acc": before.get("task_ood")},
+    "after": {"id_acc": after.get("task_id"), "ood_acc": after.get("task_ood")},
+    "steps": int(c.steps),
+    "method": c.stages.replace("{half}", str(c.steps // 2)) or c.method,
+    "wall_s": round(time.time() - t_start, 1),
+    "train_s": round(train_s, 1),
+  }
+  if c.checkpoint.export_hf:  # collective: every process gathers, process 0 writes
+    hf.save_model(
+      model,
+      os.path.join(out, "export", "hf"),
+      tokenizer=tokenizer,
+      copy_from=c.model.hf_path or None,
+    )
+  if multihost.is_main():
+    if c.log.plots:
+      results["plots"] = metrics_lib.plot_metrics(
+        os.path.join(out, "logs", "metrics.jsonl"), os.path.join(out, "plots")
+      )
+    with open(os.path.join(out, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  return results

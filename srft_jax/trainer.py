@@ -1,0 +1,355 @@
+"""The trainer: one step as rollout -> reward -> advantage -> assemble -> update,
+and `fit`, the loop around it (resume, checkpoints, preemption, metrics).
+
+Host side of a step (`Trainer.run_step`), each stage a named call:
+  1. `rollout`:    n samples per prompt from the project's sampler (same model code);
+  2. `reward`:     every rollout and demonstration scored by the verifier;
+  3. `advantages`: group advantages over the augmented group, on device;
+  4. `assemble`:   rollouts + demonstrations packed into one training batch;
+  5. `update`:     the jitted, donated train step (mini-batch updates with exact
+                   micro-batch accumulation, `step.train_step`).
+Update metrics are fetched one step late so the host never stalls the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from srft_jax import checkpoint as ckpt_lib
+from srft_jax import factory
+from srft_jax import metrics as metrics_lib
+from srft_jax import multihost
+from srft_jax import sampler as sampler_lib
+from srft_jax import sharding as shd
+from srft_jax import step as step_lib
+
+log = logging.getLogger(__name__)
+Array = jax.Array
+
+OUTCOMES = ("correct", "wrong", "unparseable", "no_answer", "timeout")
+
+# Static arguments are frozen dataclasses: one executable per layout and form.
+_advantages = jax.jit(step_lib.rollout_advantages, static_argnames=("layout", "cfg"))
+_assemble = jax.jit(step_lib.assemble_batch, static_argnames=("layout",))
+
+
+class Trainer:
+  """Owns the train state and runs steps; the host loop lives in `fit`."""
+
+  def __init__(self, model, *, config, tokenizer, scorer, mesh, rules=None):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.scorer = scorer
+    self.mesh = mesh
+    self.rules = rules
+    self.graphdef, self.params = nnx.split(model)
+    self.state = None
+    self.stage: factory.Stage | None = None
+
+  # -- stages and state -------------------------------------------------------
+  def stages(self) -> list[factory.Stage]:
+    return factory.stages(self.config)
+
+  def enter_stage(self, stage: factory.Stage, *, fresh_optimizer: bool) -> None:
+    """This stage's optimizer and step config; a fresh optimizer state (at the
+    stage's first step) keeps the parameters and the step count."""
+    c = self.config
+    self.tx, self.schedule = factory.optimizer(c, stage.steps)
+    self.step_cfg = factory.step_config(c, stage)
+    self._step_fn = None  # jitted on the stage's first batch (its shardings)
+    if fresh_optimizer or self.state is None:
+      params = self.params if self.state is None else self.state["params"]
+      state = step_lib.init_train_state(params, self.tx)
+      if self.state is not None:
+        state["step"] = self.state["step"]
+      self.state = self._place(state)
+    self.stage = stage
+
+  def restore(self, state: dict, stage: factory.Stage, *, at_stage_start: bool) -> None:
+    """Continue from a restored train state inside `stage`. At the stage's
+    first step an unbroken run starts the stage with a fresh optimizer, so the
+    stage is entered again (fresh) on the next step."""
+    self.state = None
+    self.params = state["params"]
+    self.enter_stage(stage, fresh_optimizer=True)
+    self.state = self._place(state)
+    if at_stage_start:
+      self.stage = None
+
+  def _place(self, state):
+    self.state_sh = step_lib.state_shardings(state, self.mesh, self.rules)
+    return jax.device_put(state, self.state_sh)
+
+  def abstract_state(self, stage: factory.Stage):
+    """Sharded ShapeDtypeStructs of the train state (Orbax restore target)."""
+    tx, _ = factory.optimizer(self.config, stage.steps)
+    return step_lib.abstract_train_state(self.params, tx, self.mesh, self.rules)
+
+  def model(self):
+    params = self.state["params"] if self.state is not None else self.params
+    return nnx.merge(self.graphdef, params)
+
+  # -- one step -----------------------------------------------------------------
+  def run_step(self, batch: dict, step: int, rng: Array) -> tuple[dict, dict]:
+    """rollout -> reward -> advantage -> assemble -> update.
+
+    Returns (host metrics, device metrics); the device metrics are not fetched.
+    """
+    host = {}
+    t0 = time.perf_counter()
+    prompts = self.global_batch(batch)
+    rollouts = self.rollout(prompts, rng, host)
+    t1 = time.perf_counter()
+    rewards = self.reward(batch, rollouts, host)
+    t2 = time.perf_counter()
+    advantages = self.advantages(rewards)
+    train_batch = self.assemble(prompts, rollouts, rewards, advantages)
+    metrics = self.update(train_batch, step)
+    host["time/sample_s"] = t1 - t0
+    host["time/score_s"] = t2 - t1
+    host["time/update_dispatch_s"] = time.perf_counter() - t2
+    return host, metrics
+
+  def global_batch(self, batch: dict) -> dict[str, np.ndarray]:
+    """Every host holds the whole (small) batch of prompts and demonstrations in
+    process order, so global row order never depends on the device layout."""
+    keys = ("prompt_tokens", "prompt_mask", "demo_tokens", "demo_mask")
+    return {k: multihost.gather(batch[k]) for k in keys}
+
+  def rollout(self, prompts: dict, rng: Array, host: dict):
+    """n on-policy samples a prompt (None when the stage has no rollout term)."""
+    n = self.stage.layout.n_rollouts
+    if not n:
+      return None
+    cfg = factory.sampling_config(self.config, self.tokenizer, n=n)
+    out = sampler_lib.sample(
+      self.model(), prompts["prompt_tokens"], prompts["prompt_mask"], rng, cfg, mesh=self.mesh
+    )
+    tokens, mask = multihost.gather(out.tokens), multihost.gather(out.mask)
+    lengths = mask.sum(1)
+    last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
+    host["rollout/length_mean"] = float(lengths.mean())
+    host["rollout/truncated_frac"] = float(np.mean(~np.isin(last, list(self.tokenizer.stop_ids))))
+    host["tokens/sampled"] = float(lengths.sum())
+    return out
+
+  def reward(self, batch: dict, rollouts, host: dict) -> Array:
+    """Verifier rewards of the augmented groups, one a training row (prompt-major:
+    each prompt's rollouts, then its demos), as a global array. Each host
+    decodes and scores only its own prompts' rows."""
+    layout = self.stage.layout
+    n, d, g = layout.n_rollouts, layout.n_demos, layout.size
+    b_local = batch["prompt_tokens"].shape[0]
+    roll_texts = []
+    if n:
+      lo = jax.process_index() * b_local * n
+      rows = slice(lo, lo + b_local * n)
+      tokens, mask = multihost.gather(rollouts.tokens), multihost.gather(rollouts.mask)
+      roll_texts = self.tokenizer.batch_decode(tokens[rows], mask[rows])
+    demo_texts = self.tokenizer.batch_decode(batch["demo_tokens"], batch["demo_mask"]) if d else []
+    texts, truths = [], []
+    for i in range(b_local):
+      texts += roll_texts[i * n : (i + 1) * n]
+      texts += demo_texts[i : i + 1] * d
+      truths += [batch["answers"][i]] * g
+    rewards_local, outcomes = self.scorer.score(texts, truths)
+    rewards = multihost.gather(rewards_local.astype(np.float32)).reshape(-1, g)
+    if n:
+      host["reward/rollout_mean"] = float(rewards[:, :n].mean())
+      host["reward/rollout_group_solved"] = float((rewards[:, :n].max(1) > 0).mean())
+      host["reward/rollout_group_allsame"] = float((rewards[:, :n].std(1) == 0).mean())
+    if d:
+      host["reward/demo_mean"] = float(rewards[:, n:].mean())
+    counts = multihost.gather(np.array([[sum(x == o for x in outcomes) for o in OUTCOMES]]))
+    for o, cnt in zip(OUTCOMES, counts.sum(0)):
+      host[f"outcomes/{o}"] = float(cnt)
+    return self._put(rewards.reshape(-1))
+
+  def _put(self, x) -> Array:
+    """A host array as a global array, rows over the data axes."""
+    return shd.put_global(x, shd.batch_sharding(self.mesh, x.ndim, self.rules, x.shape))
+
+  def advantages(self, rewards: Array) -> Array:
+    """Group advantages of the step's rewards, on device (docs/method.md §1.3)."""
+    return _advantages(rewards, layout=self.stage.layout, cfg=self.stage.advantage)
+
+  def assemble(self, prompts: dict, rollouts, rewards: Array, advantages: Array) -> dict:
+    """The training batch: [prompts x g, P + R] rows, sharded over the data axes."""
+    p = {k: self._put(v) for k, v in prompts.items()}
+    train_batch = _assemble(
+      p["prompt_tokens"],
+      p["prompt_mask"],
+      rollouts.tokens if rollouts is not None else None,
+      rollouts.mask if rollouts is not None else None,
+      rollouts.logprobs if rollouts is not None else None,
+      p["demo_tokens"],
+      p["demo_mask"],
+      rewards,
+      advantages,
+      layout=self.stage.layout,
+    )
+    # Constant leaves (is_demo) come out replicated; the step's in_shardings
+    # want every batch leaf split over the data axes.
+    return jax.device_put(train_batch, step_lib.batch_shardings(train_batch, self.mesh, self.rules))
+
+  def update(self, train_batch: dict, step: int) -> dict:
+    """The jitted train step on `train_batch`; returns its (unfetched) metrics."""
+    if self._step_fn is None:
+      batch_sh = step_lib.batch_shardings(train_batch, self.mesh, self.rules)
+      self._step_fn = step_lib.jit_train_step(
+        self.graphdef, self.tx, self.step_cfg, self.state_sh, batch_sh
+      )
+    with jax.set_mesh(self.mesh):  # the model's logical activation constraints apply
+      self.state, metrics = self._step_fn(self.state, train_batch)
+    metrics = dict(metrics)
+    metrics["tokens/trained"] = jnp.sum(train_batch["response_mask"])
+    metrics["optim/lr"] = self.schedule(step - self.stage.start)
+    metrics["optim/grad_norm"] = metrics.pop("grad_norm")
+    return metrics
+
+
+def _progress_postfix(row: dict) -> dict[str, str]:
+  """What the progress bar shows: the rollout reward where the step has
+  rollouts, the loss, and trained tokens a second."""
+  out = {}
+  if "reward/rollout_mean" in row:
+    out["reward"] = f"{row['reward/rollout_mean']:.3f}"
+  out["loss"] = f"{row.get('loss/loss', float('nan')):.3f}"
+  if row.get("time/step_s"):
+    out["tok/s"] = f"{row.get('tokens/trained', 0.0) / row['time/step_s']:.0f}"
+  return out
+
+
+def fit(
+  trainer: Trainer, data_iter, *, workdir: str, progress: bool = True, eval_hook=None
+) -> dict:
+  """The training loop: resume, steps, checkpoints, preemption, metrics.
+
+  Returns {"status": "done" | "preempted" | "nonfinite", "step": last step}.
+  """
+  c = trainer.config
+  stages = trainer.stages()
+  ckpt = ckpt_lib.Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep, async_save=c.checkpoint.async_save
+  )
+  writer = metrics_lib.MetricsWriter(
+    os.path.join(multihost.local_dir(workdir), "logs"), tensorboard=c.log.tensorboard
+  )
+  guard = ckpt_lib.PreemptionGuard()
+  base_key = jax.random.key(c.seed)
+  meta = {"config": c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else str(c)}
+
+  # Resume: the newest readable checkpoint decides the step, stage and data position.
+  start = 0
+  restored = (
+    ckpt.restore(trainer.abstract_state(stages[0]), delete_unreadable=True)
+    if ckpt.latest_step() is not None
+    else None
+  )
+  if restored is not None:
+    start, state, data_state, _ = restored
+    if start > c.steps:
+      raise factory.ConfigError(
+        f"config.steps={c.steps}: {ckpt.directory} already holds step {start}; "
+        "give at least that many steps or another workdir"
+      )
+    data_iter.set_state(data_state)
+    stage = (
+      next(s for s in stages if s.start <= start < s.start + s.steps)
+      if start < c.steps
+      else stages[-1]
+    )
+    trainer.restore(state, stage, at_stage_start=start == stage.start)
+    writer.drop_from(start)  # rows of steps after the checkpoint are written again
+    log.info("resumed from step %d (%s)", start, ckpt.directory)
+
+  def save(step):
+    # A SIGTERM (or the final save) right after a periodic save of the same step
+    # must not save twice: Orbax raises StepAlreadyExistsError.
+    if ckpt.latest_step() == step:
+      return
+    ckpt.save(step, trainer.state, data_iter.get_state(), {"step": step, **meta})
+
+  status = "done"
+  pending = None  # (step, host metrics, device metrics) of the previous step
+  bar = None
+  if progress and multihost.is_main():
+    bar = tqdm(total=c.steps, initial=start, desc="train", dynamic_ncols=True, leave=True)
+
+  def flush(p):
+    step, host, dev = p
+    dev = jax.device_get(dev)
+    row = {**host, **{k if "/" in k else f"loss/{k}": float(v) for k, v in dev.items()}}
+    writer.write(step, row)
+    if bar is not None:
+      bar.set_postfix(_progress_postfix(row), refresh=False)
+      bar.update(1)
+    return row
+
+  last = None
+  step = start
+  try:
+    for step in range(start, c.steps):
+      stage = next(s for s in stages if s.start <= step < s.start + s.steps)
+      current = trainer.stage
+      if current is None or (current.name, current.start) != (stage.name, stage.start):
+        trainer.enter_stage(stage, fresh_optimizer=step == stage.start)
+      t0 = time.perf_counter()
+      evals_now = {}
+      if eval_hook is not None and step % c.eval.every == 0:
+        evals_now = eval_hook(trainer.model())
+      batch = next(data_iter)
+      rng = jax.random.fold_in(base_key, step)
+      host, dev = trainer.run_step(batch, step, rng)
+      host.update(data_iter.stats())
+      diverged = False
+      if pending is not None:
+        last = flush(pending)
+        diverged = last.get("nonfinite/streak", 0) >= c.max_nonfinite_streak
+      host["time/step_s"] = time.perf_counter() - t0
+      host.update(evals_now)
+      pending = (step, host, dev)
+      done = step + 1
+      # A checkpoint at `done` holds every metrics row before it (a kill right
+      # after it loses none); the state saved is the one after this step.
+      if diverged:
+        status = "nonfinite"
+      elif guard.should_stop():
+        status = "preempted"
+      periodic = bool(c.checkpoint.every) and done % c.checkpoint.every == 0
+      if status != "done" or (done < c.steps and (periodic or done == stage.start + stage.steps)):
+        last, pending = flush(pending), None
+        save(done)
+      if status != "done":
+        break
+    if pending is not None:
+      last = flush(pending)
+    if status == "done" and eval_hook is not None and c.steps % c.eval.every == 0:
+      writer.write(c.steps, eval_hook(trainer.model()))
+    if status == "done":
+      save(c.steps)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    guard.restore_handlers()
+    if bar is not None:
+      bar.close()
+  if status == "nonfinite":
+    raise FloatingPointError(
+      f"{c.max_nonfinite_streak} non-finite updates in a row at step {step}; "
+      f"checkpoint saved in {os.path.join(workdir, 'checkpoints')}"
+    )
+  return {
+    "status": status,
+    "step": int(jax.device_get(trainer.state["step"])) if trainer.state else start,
+    "last_metrics": last,
+  }

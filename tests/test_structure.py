@@ -1,0 +1,156 @@
+"""The package's structure: no import cycles, imports at module top, and the
+one code style (ruff's formatter and linter, configured in pyproject.toml)."""
+
+import ast
+import importlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "srft_jax"
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = list(path.relative_to(ROOT).with_suffix("").parts)
+  if parts[-1] == "__init__":
+    parts = parts[:-1]
+  return ".".join(parts)
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(path: pathlib.Path, known: set[str]) -> list[tuple[str, bool]]:
+  """(imported srft_jax module, at module top?) for every import in the file,
+  function-level ones included."""
+  tree = ast.parse(path.read_text())
+  top = {id(n) for n in tree.body}
+  name = _module_name(path)
+  package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+  out = []
+  for node in ast.walk(tree):
+    targets = []
+    if isinstance(node, ast.Import):
+      targets = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base])
+        base = base.strip(".")
+      for a in node.names:
+        full = f"{base}.{a.name}"
+        targets.append(full if full in known else base)
+    for t in targets:
+      if t.startswith("srft_jax"):
+        out.append((t, id(node) in top))
+  return out
+
+
+def _graph() -> dict[str, set[str]]:
+  mods = _modules()
+  known = set(mods)
+  graph = {}
+  for name, path in mods.items():
+    graph[name] = {t for t, _ in _imports(path, known) if t in known and t != name}
+  return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One import cycle of `graph` as a path [a, b, ..., a], or None."""
+  state: dict[str, int] = {}  # 1: on the current path, 2: done
+  path: list[str] = []
+
+  def visit(node):
+    state[node] = 1
+    path.append(node)
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == 1:
+        return path[path.index(nxt) :] + [nxt]
+      if nxt not in state:
+        found = visit(nxt)
+        if found:
+          return found
+    path.pop()
+    state[node] = 2
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node)
+      if found:
+        return found
+  return None
+
+
+def test_cycle_finder_finds_cycles():
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+  assert find_cycle({"a": {"a2"}, "a2": {"b"}, "b": {"a2"}}) == ["a2", "b", "a2"]
+
+
+def test_no_import_cycles():
+  graph = _graph()
+  assert len(graph) > 20 and "srft_jax.trainer" in graph
+  assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_package_imports_at_module_top():
+  """Every import of a srft_jax module sits at its file's top (no hidden cycles)."""
+  mods = _modules()
+  late = [
+    f"{name} imports {t}"
+    for name, p in mods.items()
+    for t, top in _imports(p, set(mods))
+    if not top
+  ]
+  assert not late, late
+
+
+def test_layers():
+  """Lower layers never import higher ones: the loss is pure JAX, the step
+  code knows no trainer, evaluation restores checkpoints without the trainer."""
+  graph = _graph()
+
+  def reach(start):
+    seen, todo = set(), [start]
+    while todo:
+      for nxt in graph.get(todo.pop(), ()):
+        if nxt not in seen:
+          seen.add(nxt)
+          todo.append(nxt)
+    return seen
+
+  assert reach("srft_jax.objectives") == set()
+  assert not reach("srft_jax.step") & {"srft_jax.trainer", "srft_jax.job", "srft_jax.factory"}
+  assert not reach("srft_jax.evaluate") & {"srft_jax.trainer", "srft_jax.job"}
+  assert not reach("srft_jax.factory") & {"srft_jax.trainer", "srft_jax.job"}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in _modules() if not n.endswith("__main__")))
+def test_every_module_imports(name):
+  importlib.import_module(name)
+
+
+def _ruff() -> list[str]:
+  exe = shutil.which("ruff", path=os.path.dirname(sys.executable)) or shutil.which("ruff")
+  if exe is None:
+    pytest.fail("ruff is a dev requirement (requirements-dev.txt)")
+  return [exe]
+
+
+def test_ruff_lint():
+  res = subprocess.run(_ruff() + ["check", "."], cwd=ROOT, capture_output=True, text=True)
+  assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_ruff_format():
+  res = subprocess.run(
+    _ruff() + ["format", "--check", "."], cwd=ROOT, capture_output=True, text=True
+  )
+  assert res.returncode == 0, res.stdout + res.stderr
