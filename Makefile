@@ -1,10 +1,11 @@
-# Two commands for a fresh machine: `make run` and `make test`.
+# Two commands for a fresh machine: `make run` and `make test`
+# (`make lint` formats the tree and applies ruff's fixes).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/default
 
-.PHONY: run test install install-dev clean
+.PHONY: run test lint install install-dev clean
 
 $(BIN)/.runtime: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +25,13 @@ run: $(BIN)/.runtime
 	bash launch/local.sh --workdir=$(WORKDIR)
 
 test: $(BIN)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
+
+lint: $(BIN)/.dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) runs

@@ -59,7 +59,7 @@ TUNING: dict[str, int | None] = {
 }
 
 
-def _settings(b: int, kh: int, s: int) -> tuple[int, int, int, int]:
+def launch_settings(b: int, kh: int, s: int) -> tuple[int, int, int, int]:
   """(block_s, splits, num_warps, num_stages). Defaults from a sweep on an H200
   at 64 x 320 and 128 x 1,152 (rows x slots): one program a (row, kv head), 4
   warps, 2 stages were fastest or within noise of it at both. Splits only
@@ -135,7 +135,7 @@ def _combine(acc_BKJGH, m_BKJG, l_BKJG, dtype):
 def _call(bound, q_BKGH, k_BKHS, v_BKSH, ok_BS, *, interpret):
   b, kh, gp, h = q_BKGH.shape
   s = k_BKHS.shape[-1]
-  bs, splits, num_warps, num_stages = _settings(b, kh, s)
+  bs, splits, num_warps, num_stages = launch_settings(b, kh, s)
   n_blocks = s // bs
   per_split = -(-n_blocks // splits)
   splits = -(-n_blocks // per_split)  # no split left without blocks

@@ -366,7 +366,7 @@ def read_config(path: str) -> dict[str, Any]:
     return json.load(fh)
 
 
-class _Reader:
+class SafetensorsReader:
   """Reads slices of HF tensors: safetensors `get_slice` where numpy supports
   the dtype, a read-only memory map (bf16 / fp8 via ml_dtypes) otherwise.
   Either way only the requested rows are read from disk."""
@@ -404,7 +404,7 @@ def _normalize(index, shape) -> tuple[slice, ...]:
   return tuple(out)
 
 
-def _read_block(reader: _Reader, lay: _Layout, index_ours, dtype) -> np.ndarray:
+def _read_block(reader: SafetensorsReader, lay: _Layout, index_ours, dtype) -> np.ndarray:
   """The block `index_ours` of our parameter, read from its HF tensor.
 
   An HF dim that merges several of our dims (q_proj rows = N x H) is read as
@@ -497,7 +497,7 @@ def load_model(
     sharding_of = None
   single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-  reader = _Reader(infos)
+  reader = SafetensorsReader(infos)
   flat = []
   try:
     for path_key, var in nnx.to_flat_state(abs_state):
@@ -536,7 +536,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _write_safetensors(
+def write_safetensors(
   file: str, entries: list[tuple[str, _Layout, Any]], np_dtype, write: bool
 ) -> None:
   """Streams tensors to `file`: header first (shapes known), then one tensor at a time."""
@@ -669,7 +669,7 @@ def save_model(
           shutil.copyfile(os.path.join(copy_from, name), os.path.join(path, name))
 
   for name, shard in zip(names, shards):  # every process gathers, process 0 writes
-    _write_safetensors(os.path.join(path, name), shard, np_dtype, writer)
+    write_safetensors(os.path.join(path, name), shard, np_dtype, writer)
   if writer and len(shards) > 1:
     weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
     with open(os.path.join(path, INDEX_FILE), "w") as fh:

@@ -1,6 +1,6 @@
 """Evaluation metrics (pure): avg@k, pass@k, multiple-choice shuffling, ID/OOD tables.
 
-METHOD.md §6: AIME24 and AMC report avg@32 (mean accuracy over 32 samples a
+docs/method.md §6: AIME24 and AMC report avg@32 (mean accuracy over 32 samples a
 problem), the other benchmarks pass@1; ID and OOD averages are unweighted means
 over the benchmarks of each group; multiple-choice options are shuffled with a
 fixed seed. `correct` arguments are boolean/0-1 arrays [problems, samples].
@@ -31,7 +31,7 @@ class BenchmarkSpec:
     return f"avg@{self.k}" if self.k > 1 else "pass@1"
 
 
-# Order is the paper's column order (METHOD.md §6); the built-in task comes last.
+# Order is the paper's column order (docs/method.md §6); the built-in task comes last.
 BENCHMARKS: dict[str, BenchmarkSpec] = {
   spec.name: spec
   for spec in (
@@ -143,7 +143,7 @@ def table_columns(benchmark_names) -> list[str]:
 
 
 def results_table(rows: Mapping[str, Mapping[str, float]]) -> tuple[str, dict]:
-  """(Markdown table, JSON-ready dict) in METHOD.md §6's layout, values in percent.
+  """(Markdown table, JSON-ready dict) in docs/method.md §6's layout, values in percent.
 
   `rows` maps a method name to {benchmark: accuracy in [0, 1]}. A group
   average is reported only when the row has every benchmark of that group in

@@ -185,7 +185,7 @@ PRESETS: dict[str, ModelConfig] = {
     tie_embeddings=True,
   ),
   "qwen2_5_math_7b": _QWEN2_5_MATH_7B,
-  # The paper's variant (METHOD.md §5): RoPE theta 40k and a 16,384-token window.
+  # The paper's variant (docs/method.md §5): RoPE theta 40k and a 16,384-token window.
   "qwen2_5_math_7b_rope40k": dataclasses.replace(
     _QWEN2_5_MATH_7B, rope_theta=40_000.0, max_seq_len=16_384
   ),

@@ -1,4 +1,4 @@
-"""The SRFT objective as pure JAX functions (METHOD.md §1-§4).
+"""The SRFT objective as pure JAX functions (docs/method.md §1-§4).
 
 Standalone on purpose: this module imports nothing else from srft_jax, so other
 JAX projects can copy or import it alone.
@@ -10,7 +10,7 @@ Pipeline, per training step::
     loss, aux = srft_loss(logp_BT, ent_BT, batch, cfg)
 
 Exact micro-batch / multi-host accumulation. The loss is a sum of ratios
-``sum_k numerator_k / denominator_k`` (one per term, METHOD.md §3). Numerators are
+``sum_k numerator_k / denominator_k`` (one per term, docs/method.md §3). Numerators are
 sums over tokens, so they split over micro-batches; denominators are token (or
 row) counts of the *whole* batch. A trainer that splits a batch into micro-batches
 therefore:
@@ -61,7 +61,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------
-# Per-token log-probs and entropy (METHOD.md §1 step 4)
+# Per-token log-probs and entropy (docs/method.md §1 step 4)
 # --------------------------------------------------------------------------
 
 
@@ -90,7 +90,7 @@ def token_logprobs_and_entropy(
   """float32 log p(target) and full-vocabulary entropy of softmax(logits / T).
 
   Returns ``(logp_BT, ent_BT)``. ``temperature`` is the rollout temperature,
-  so log-probs match what the sampler scored (METHOD.md §1 step 4).
+  so log-probs match what the sampler scored (docs/method.md §1 step 4).
   """
   z_BTV = logits_BTV.astype(jnp.float32) / temperature
   logp_BT, ent_BT, _, _ = _stats_from_scaled_logits(z_BTV, targets_BT)
@@ -194,7 +194,7 @@ def chunked_logprobs_and_entropy(
 
 
 # --------------------------------------------------------------------------
-# Group advantages (METHOD.md §1 step 3, paper Eq. 7)
+# Group advantages (docs/method.md §1 step 3, paper Eq. 7)
 # --------------------------------------------------------------------------
 
 
@@ -229,7 +229,7 @@ def group_advantages(
 
 @dataclasses.dataclass(frozen=True)
 class AdvantageConfig:
-  """How `group_advantages` turns a group's rewards into advantages (METHOD.md §1.3).
+  """How `group_advantages` turns a group's rewards into advantages (docs/method.md §1.3).
 
   Paper (Eq. 7): (r - mean) / (std + eps); the released code's script: r - mean.
   """
@@ -250,7 +250,7 @@ class AdvantageConfig:
 
 
 # --------------------------------------------------------------------------
-# Loss configuration and presets (METHOD.md §2, §4)
+# Loss configuration and presets (docs/method.md §2, §4)
 # --------------------------------------------------------------------------
 
 _CHOICES = {
@@ -265,7 +265,7 @@ _CHOICES = {
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Every switch of the SRFT loss (METHOD.md §2-§3). Defaults = the paper.
+  """Every switch of the SRFT loss (docs/method.md §2-§3). Defaults = the paper.
 
   Frozen and hashable, so it can be a static argument of ``jax.jit``.
   """
@@ -285,7 +285,7 @@ class LossConfig:
   self_rl_coef: float = 0.1
   # w_rl = self_rl_coef * sg(exp(+H)) ("entropy_pos") | self_rl_coef ("const").
   rl_weight: str = "entropy_pos"
-  # PPO clip for the advantage form; None = no clipping (METHOD.md default).
+  # PPO clip for the advantage form; None = no clipping (the paper, docs/method.md §2).
   clip_eps: float | None = None
   # H inside the weights: per-row mean ("sequence"), per token, or one scalar
   # over all response tokens of the (global) batch.
@@ -327,7 +327,7 @@ class LossConfig:
 
   @classmethod
   def preset(cls, name: str, **overrides: Any) -> LossConfig:
-    """A METHOD.md §4 preset, optionally with field overrides."""
+    """A docs/method.md §4 preset, optionally with field overrides."""
     if name not in PRESETS:
       raise ValueError(f"unknown LossConfig preset {name!r}; known: {sorted(PRESETS)}")
     return cls(**{**PRESETS[name], **overrides})
@@ -339,11 +339,11 @@ _GRPO_ROLLOUTS = dict(self_rl_form="advantage", rl_weight="const", self_rl_coef=
 PRESETS: dict[str, dict[str, Any]] = {
   # The full method with the paper's switches (all LossConfig defaults).
   "srft": {},
-  # The full method with the released code's switches (METHOD.md §2-§3):
+  # The full method with the released code's switches (docs/method.md §2-§3):
   # w_sft = 0.5*exp(+H), LUFFY shaping p/(p+0.1) on demos, GRPO-style
   # advantage form on rollouts with 0.1*exp(H) on positive-advantage rows,
   # per-token entropy, entropy bonus 0.001, Dr.GRPO constant normaliser over
-  # the paper's max response 8,192 (METHOD.md §5); advantages without std
+  # the paper's max response 8,192 (docs/method.md §5); advantages without std
   # (ADVANTAGE_PRESETS).
   "srft_code": dict(
     sft_weight="entropy_pos",
@@ -368,7 +368,7 @@ PRESETS: dict[str, dict[str, Any]] = {
   "luffy": dict(
     use_sft=False, demo_rl_shaping="p_div_p_plus_gamma", demo_rl_gamma=0.1, **_GRPO_ROLLOUTS
   ),
-  # Ablations (METHOD.md §4, §6): one entropy weight replaced by its constant.
+  # Ablations (docs/method.md §4, §6): one entropy weight replaced by its constant.
   "srft_no_wsft": dict(sft_weight="const"),  # w_sft = 0.5
   "srft_no_wrl": dict(rl_weight="const"),  # w_rl = 0.1
 }
@@ -381,7 +381,7 @@ ADVANTAGE_PRESETS: dict[str, dict[str, Any]] = {
 
 
 # --------------------------------------------------------------------------
-# The loss as (sum, count) parts (METHOD.md §3)
+# The loss as (sum, count) parts (docs/method.md §3)
 # --------------------------------------------------------------------------
 
 LOSS_TERMS = ("sft", "rl_demo", "rl_self", "entropy_bonus", "kl")
@@ -404,7 +404,7 @@ def _term_masks(batch: Mapping[str, Array]) -> tuple[Array, Array, Array]:
 
 
 def loss_denominators(batch: Mapping[str, Array], cfg: LossConfig) -> dict[str, Array]:
-  """Denominator of each loss term, from the masks alone (METHOD.md §3).
+  """Denominator of each loss term, from the masks alone (docs/method.md §3).
 
   Compute it on the full batch and pass it to ``srft_loss(denominators=...)``
   of every micro-batch for exact accumulation.
@@ -443,7 +443,7 @@ def batch_mean_entropy(ent_BT: Array, response_mask_BT: Array) -> Array:
 
 
 def _weight_entropy(ent_BT, mask_BT, granularity, batch_entropy):
-  """sg(H) in the shape that broadcasts against [B, T] (METHOD.md §2)."""
+  """sg(H) in the shape that broadcasts against [B, T] (docs/method.md §2)."""
   ent_BT = lax.stop_gradient(ent_BT)
   if granularity == "token":
     return ent_BT
@@ -479,7 +479,7 @@ def srft_loss_parts(
   *,
   batch_entropy: Array | None = None,
 ) -> LossParts:
-  """Numerators and this batch's denominators of every term (METHOD.md §2-§3).
+  """Numerators and this batch's denominators of every term (docs/method.md §2-§3).
 
   ``batch_entropy``: precomputed global H for ``entropy_granularity="batch"``
   (micro-batching); None = this batch's own mean.
@@ -496,7 +496,7 @@ def srft_loss_parts(
   zero = jnp.zeros((), jnp.float32)
   sums = dict.fromkeys(LOSS_TERMS, zero)
 
-  # L_sft_demo, METHOD.md §2 Eq. 8: w_sft * (-log p) on demo tokens.
+  # L_sft_demo, docs/method.md §2 Eq. 8: w_sft * (-log p) on demo tokens.
   w_sft = {
     "entropy_neg": lambda: cfg.sft_coef * jnp.exp(-h),
     "entropy_pos": lambda: cfg.sft_coef * jnp.exp(h),
@@ -505,14 +505,14 @@ def srft_loss_parts(
   if cfg.use_sft:
     sums["sft"] = jnp.sum(demo_BT * w_sft * -logp)
 
-  # L_rl_demo, METHOD.md §2 Eq. 9-10: pi_beta = 1, no clip -> -A * p_t,
+  # L_rl_demo, docs/method.md §2 Eq. 9-10: pi_beta = 1, no clip -> -A * p_t,
   # or LUFFY's policy shaping -A * p_t / (p_t + gamma).
   if cfg.use_demo_rl:
     p = jnp.exp(logp)
     shaped = p if cfg.demo_rl_shaping == "none" else p / (p + cfg.demo_rl_gamma)
     sums["rl_demo"] = jnp.sum(demo_BT * -adv_B1 * shaped)
 
-  # L_rl_self, METHOD.md §2 Eq. 11-12.
+  # L_rl_self, docs/method.md §2 Eq. 11-12.
   w_rl = (
     jnp.exp(h) * cfg.self_rl_coef
     if cfg.rl_weight == "entropy_pos"
@@ -539,7 +539,7 @@ def srft_loss_parts(
   if cfg.use_self_rl:
     sums["rl_self"] = jnp.sum(roll_BT * per_token)
 
-  # Entropy bonus (METHOD.md §2): keeps its gradient, unlike H in the weights.
+  # Entropy bonus (docs/method.md §2): keeps its gradient, unlike H in the weights.
   if cfg.entropy_bonus > 0:
     sums["entropy_bonus"] = -cfg.entropy_bonus * jnp.sum(mask_BT * ent)
 

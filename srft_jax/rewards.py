@@ -1,4 +1,4 @@
-"""Answer extraction and math verification that never hangs (METHOD.md §1 step 2).
+"""Answer extraction and math verification that never hangs (docs/method.md §1 step 2).
 
 r = 1 when the final answer (the last balanced `\\boxed{...}`, taken from the text
 after `</think>` when `require_think` is on) is judged equal to the ground truth,

@@ -231,7 +231,7 @@ def _weights_kw(model, cfg: SamplingConfig) -> dict[str, Any]:
   return {}
 
 
-def _sample_core(
+def sample_core(
   graphdef,
   state,
   tokens_BP: Array,
@@ -397,7 +397,7 @@ TRACE_COUNT = {"sample_tokens": 0}
 
 def _counted_core(graphdef, state, tokens_BP, mask_BP, rng, cfg, cache):
   TRACE_COUNT["sample_tokens"] += 1
-  return _sample_core(graphdef, state, tokens_BP, mask_BP, rng, cfg, cache)
+  return sample_core(graphdef, state, tokens_BP, mask_BP, rng, cfg, cache)
 
 
 # The jitted core; `sample_tokens` calls it (tests and tools lower it directly).

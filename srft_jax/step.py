@@ -240,7 +240,7 @@ def _split(tree, n: int):
 def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple[dict, dict]:
   """One rollout batch: `cfg.minibatches` optimizer updates, each accumulating
   gradients over `cfg.microbatches` chunks with the full mini-batch's loss
-  denominators (exact, docs/method.md §3). Non-finite updates are skipped and counted.
+  denominators (exact, docs/method.md §8). Non-finite updates are skipped and counted.
   """
   loss_cfg = cfg.loss
 

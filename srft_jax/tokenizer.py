@@ -4,7 +4,7 @@ The rest of the project only sees `Tokenizer`: `encode`, `decode`, the special
 ids, and `batch_encode`, which left-pads prompts into numpy int32 arrays (the
 layout the sampler and `model.forward_logits` expect: positions are derived from
 the mask, so left padding is safe). `render_prompt` holds the chat templates:
-the paper's Qwen2.5 chat format (METHOD.md §5) and plain ones for tiny models.
+the paper's Qwen2.5 chat format (docs/method.md §5) and plain ones for tiny models.
 
 HF tokenizers are read with the `tokenizers` library, not transformers, so the
 runtime does not depend on transformers.
@@ -337,7 +337,7 @@ def load_tokenizer(path: str | os.PathLike, **kwargs) -> Tokenizer:
 # ---------------------------------------------------------------------------
 # Chat templates.
 
-# METHOD.md §5: reasoning inside <think>\n ... </think>\n, then the final answer
+# docs/method.md §5: reasoning inside <think>\n ... </think>\n, then the final answer
 # in \boxed{}. The paper does not print its exact wording; this is ours.
 QWEN_MATH_SYSTEM_PROMPT = (
   "You are a careful mathematical reasoner. First think through the problem "
@@ -357,7 +357,7 @@ def render_prompt(question: str, template: str = "qwen_math", system: str | None
   """The text a model is prompted with; the response is appended directly.
 
   - "qwen_math": Qwen2.5 chat format with the paper's system prompt and the
-    user turn "Question: {q} Answer:" (METHOD.md §5). `system` overrides it.
+    user turn "Question: {q} Answer:" (docs/method.md §5). `system` overrides it.
   - "chatml_plain": Qwen2.5 chat format, the question as the whole user
     turn, a system turn only if `system` is given.
   - "plain": "Question: {q} Answer: " with no special tokens, for tiny models

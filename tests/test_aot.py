@@ -58,7 +58,7 @@ def test_biggest_arrays_parses_hlo():
 
 
 def test_dashed_flags():
-  assert aot._normalise_argv(
+  assert aot.normalise_argv(
     ["--find-smallest", "--json-out=a-b.json", "--config.model.hf_path=x-y"]
   ) == ["--find_smallest", "--json_out=a-b.json", "--config.model.hf_path=x-y"]
 
@@ -114,7 +114,7 @@ def test_tiny_on_v5e_2x2(tmp_path):
 
 def test_oom_message_units_are_binary():
   # XLA:TPU's "G" is GiB: v5e's 16 GiB chip reports 15.48G usable.
-  got = aot._oom_summary(
+  got = aot.oom_summary(
     "RESOURCE_EXHAUSTED: Used 30.21G of 15.48G hbm. Exceeded hbm capacity by 14.73G."
   )
   assert got["used_bytes"] == pytest.approx(30.21 * 2**30)

@@ -111,9 +111,9 @@ def test_shape_rules():
   q, k, v, ok = _case(0, h=16, s=40, bound=30)
   with pytest.raises(ValueError, match="cache length 40"):
     da.decode_attention(q, k, v, jnp.asarray(ok), jnp.int32(30))
-  assert da._settings(64, 2, 320) == (64, 1, 4, 2)
-  assert da._settings(4, 2, 8192)[:2] == (64, 8)  # few rows, long cache: split
-  assert da._settings(4, 2, 128)[:2] == (64, 2)  # never more splits than blocks
+  assert da.launch_settings(64, 2, 320) == (64, 1, 4, 2)
+  assert da.launch_settings(4, 2, 8192)[:2] == (64, 8)  # few rows, long cache: split
+  assert da.launch_settings(4, 2, 128)[:2] == (64, 2)  # never more splits than blocks
 
 
 def test_config_validation_names_field():
@@ -181,7 +181,7 @@ def test_kernel_is_in_the_decode_step():
   cfg = smp.SamplingConfig(max_new_tokens=8, temperature=0.0, prompt_buckets=(8,))
   graphdef, state = nnx.split(m)
   jaxpr = jax.make_jaxpr(
-    lambda s: smp._sample_core(graphdef, s, toks, mask, jax.random.key(0), cfg)
+    lambda s: smp.sample_core(graphdef, s, toks, mask, jax.random.key(0), cfg)
   )(state)
   text = str(jaxpr)
   assert text.count("pallas_call") == CFG.num_layers  # one a layer, inside the while body

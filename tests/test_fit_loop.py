@@ -257,16 +257,16 @@ def test_base_cache_is_complete_or_absent(tmp_path, monkeypatch):
 
   model = model_lib.Transformer(dataclasses.replace(SMALL, attention="chunked"), rngs=nnx.Rngs(0))
   hf_dir = str(tmp_path / "base" / "hf")
-  real = hf._write_safetensors
+  real = hf.write_safetensors
 
   def killed(*a, **k):
     raise KeyboardInterrupt("killed mid-write")
 
-  monkeypatch.setattr(hf, "_write_safetensors", killed)
+  monkeypatch.setattr(hf, "write_safetensors", killed)
   with pytest.raises(KeyboardInterrupt):
     job.save_base(model, hf_dir)
   assert not os.path.exists(os.path.join(hf_dir, "config.json"))  # no "finished" cache
-  monkeypatch.setattr(hf, "_write_safetensors", real)
+  monkeypatch.setattr(hf, "write_safetensors", real)
   job.save_base(model, hf_dir)
   # The cached base comes back with the run's settings that config.json does not hold.
   back = hf.load_model(hf_dir, **factory.runtime_overrides(model.cfg))

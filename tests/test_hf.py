@@ -371,14 +371,14 @@ def test_sharded_load_with_custom_rules(checkpoints, loaded, monkeypatch):
   device's slice is all that is read from disk for it."""
   path, _ = checkpoints["qwen2"]
   reads = []
-  real_read = hf._Reader.__call__
+  real_read = hf.SafetensorsReader.__call__
 
   def spy(self, name, index):
     block = real_read(self, name, index)
     reads.append((name, block.size))
     return block
 
-  monkeypatch.setattr(hf._Reader, "__call__", spy)
+  monkeypatch.setattr(hf.SafetensorsReader, "__call__", spy)
   mesh = shd.make_mesh({"fsdp": 2, "tensor": 4})
   rules = tuple(
     (

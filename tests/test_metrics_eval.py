@@ -134,7 +134,7 @@ def test_results_table_reproduces_paper_layout_and_averages():
     "| method | AIME24 | AMC | MATH500 | Minerva | Olympiad | ID | "
     "ARC-C | GPQA-D | MMLU-Pro | OOD |"
   )
-  # METHOD.md §6 row for SRFT: ID 59.5, OOD 62.5
+  # docs/method.md §6 row for SRFT: ID 59.5, OOD 62.5
   assert (
     lines[2] == "| SRFT | 35.3 | 74.3 | 89.8 | 39.7 | 58.3 | 59.5 | 85.3 | 46.4 | 55.9 | 62.5 |"
   )

@@ -1,4 +1,4 @@
-"""Tests for srft_jax.objectives against independent NumPy references (METHOD.md §1-§4)."""
+"""Tests for srft_jax.objectives against independent NumPy references (docs/method.md §1-§4)."""
 
 import dataclasses
 import functools
@@ -20,7 +20,7 @@ group_advantages = jax.jit(obj.group_advantages, static_argnames=("normalize_std
 
 
 # --------------------------------------------------------------------------
-# NumPy references, written from the METHOD.md formulas (float64, loops)
+# NumPy references, written from the docs/method.md formulas (float64, loops)
 # --------------------------------------------------------------------------
 
 
@@ -448,7 +448,7 @@ def test_sharded_mesh_equals_single_device():
 
 
 # --------------------------------------------------------------------------
-# Config and presets (METHOD.md §4)
+# Config and presets (docs/method.md §4)
 # --------------------------------------------------------------------------
 
 

@@ -546,7 +546,7 @@ def test_prefill_never_builds_full_prompt_logits():
   toks, mask = _prompts(seed=9, b=b, t=p, vocab=97)
   cfg = smp.SamplingConfig(max_new_tokens=r, temperature=1.0, prompt_buckets=(p,))
   graphdef, state = nnx.split(model)
-  jaxpr = jax.make_jaxpr(lambda s, t, m, k: smp._sample_core(graphdef, s, t, m, k, cfg))(
+  jaxpr = jax.make_jaxpr(lambda s, t, m, k: smp.sample_core(graphdef, s, t, m, k, cfg))(
     state, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0)
   )
   v = model.cfg.vocab_size

@@ -1,13 +1,10 @@
-"""The package's structure: no import cycles, imports at module top, and the
-one code style (ruff's formatter and linter, configured in pyproject.toml)."""
+"""The package's structure: no import cycles, imports at module top, public
+names only across modules. (The code style is checked by `make test`, which
+runs ruff's linter and formatter before pytest.)"""
 
 import ast
 import importlib
-import os
 import pathlib
-import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -132,25 +129,35 @@ def test_layers():
   assert not reach("srft_jax.factory") & {"srft_jax.trainer", "srft_jax.job"}
 
 
+def _private_uses(path: pathlib.Path) -> list[str]:
+  """`alias._name` where `alias` is an imported srft_jax module."""
+  tree = ast.parse(path.read_text())
+  aliases = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("srft_jax"):
+      aliases |= {a.asname or a.name for a in node.names}
+    elif isinstance(node, ast.Import):
+      aliases |= {a.asname or a.name for a in node.names if a.name.startswith("srft_jax")}
+  return [
+    f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}"
+    for node in ast.walk(tree)
+    if isinstance(node, ast.Attribute)
+    and isinstance(node.value, ast.Name)
+    and node.value.id in aliases
+    and node.attr.startswith("_")
+    and not node.attr.startswith("__")
+  ]
+
+
+def test_no_private_names_across_modules():
+  """Modules, tests, benchmarks and configs use each other's public names only."""
+  files = [
+    p for d in ("srft_jax", "tests", "benchmarks", "configs") for p in (ROOT / d).rglob("*.py")
+  ]
+  found = [use for p in files for use in _private_uses(p)]
+  assert not found, found
+
+
 @pytest.mark.parametrize("name", sorted(n for n in _modules() if not n.endswith("__main__")))
 def test_every_module_imports(name):
   importlib.import_module(name)
-
-
-def _ruff() -> list[str]:
-  exe = shutil.which("ruff", path=os.path.dirname(sys.executable)) or shutil.which("ruff")
-  if exe is None:
-    pytest.fail("ruff is a dev requirement (requirements-dev.txt)")
-  return [exe]
-
-
-def test_ruff_lint():
-  res = subprocess.run(_ruff() + ["check", "."], cwd=ROOT, capture_output=True, text=True)
-  assert res.returncode == 0, res.stdout + res.stderr
-
-
-def test_ruff_format():
-  res = subprocess.run(
-    _ruff() + ["format", "--check", "."], cwd=ROOT, capture_output=True, text=True
-  )
-  assert res.returncode == 0, res.stdout + res.stderr

@@ -219,7 +219,7 @@ def test_render_prompt_templates():
     "<|im_start|>system\n" + tokenizer_lib.QWEN_MATH_SYSTEM_PROMPT + "<|im_end|>\n"
     "<|im_start|>user\nQuestion: What is 2+3? Answer:<|im_end|>\n<|im_start|>assistant\n"
   )
-  # METHOD.md §5: the system prompt asks for <think> reasoning and a \boxed{} answer.
+  # docs/method.md §5: the system prompt asks for <think> reasoning and a \boxed{} answer.
   for needle in ("<think>", "</think>", "\\boxed{}"):
     assert needle in tokenizer_lib.QWEN_MATH_SYSTEM_PROMPT
   assert tokenizer_lib.render_prompt(q, system="S.").startswith(

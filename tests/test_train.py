@@ -529,7 +529,7 @@ def test_demo_joins_the_advantage_group_only_with_a_demo_rl_term():
   assert demo.tolist() == [0.0]
   roll, _ = _advantages("sft_plus_rl", [0] * 7, 1.0)
   assert roll.tolist() == [0.0] * 7
-  # SRFT and LUFFY: the augmented group (demo included, METHOD.md §1.3).
+  # SRFT and LUFFY: the augmented group (demo included, docs/method.md §1.3).
   aug = np.array(r + [1], np.float32)
   want = (aug - aug.mean()) / (aug.std(ddof=1) + 1e-6)
   for preset in ("srft", "luffy"):

@@ -1,7 +1,11 @@
 """Data for srft-jax: the record schema, dataset builders and batching.
 
-Rows everywhere follow docs/CONTRACTS.md: {"id", "prompt", "target", "answer"}.
-`srft_jax.data.task` is the built-in verifiable reasoning task (offline,
-deterministic in a seed). Submodules are imported explicitly so that importing
-this package stays cheap.
+One training row, everywhere: {"id": str, "prompt": str (the question),
+"target": str (the demonstration response, e.g. "<think>\\n...\\n</think>\\n...
+\\boxed{a}"), "answer": str (the ground truth)}.
+
+`task` is the built-in verifiable reasoning task (offline, deterministic in a
+seed); `builders` turns local files into TFDS datasets; `pipeline` batches rows
+into per-host numpy batches (`pipeline.make_iterator`). Submodules are imported
+explicitly so that importing this package stays cheap.
 """

@@ -14,7 +14,7 @@ content (`max_target_chars`, `mc_shuffle_seed`, `task_sizes`, ...) are also
 constructor arguments; TFDS reuses a prepared version directory as is, so
 re-prepare with `prepare(..., overwrite=True)` after changing them.
 
-Every record has the same features (docs/CONTRACTS.md, plus `choices`):
+Every record has the same features (the row schema of `srft_jax.data`, plus `choices`):
     id       str
     prompt   str   the question (multiple choice: question + lettered options)
     target   str   demonstration "<think>\\n...\\n</think>\\n...\\boxed{a}"
@@ -68,7 +68,7 @@ __all__ = [
   "read_rows",
 ]
 
-# Paper benchmarks (METHOD.md §6): answer-graded, then multiple choice.
+# Paper benchmarks (docs/method.md §6): answer-graded, then multiple choice.
 MATH_NAMES = ("math500", "aime24", "amc", "minerva", "olympiadbench")
 MC_NAMES = ("arc_c", "gpqa_diamond", "mmlu_pro")
 BENCHMARK_NAMES = MATH_NAMES + MC_NAMES
@@ -313,7 +313,7 @@ def _row_id(row: dict, fallback: str) -> str:
 
 
 def _demonstration(thoughts: str, answer: str) -> str:
-  """The paper's response format (METHOD.md §1): reasoning in <think>, then \\boxed{}."""
+  """The paper's response format (docs/method.md §1): reasoning in <think>, then \\boxed{}."""
   return f"<think>\n{thoughts.strip()}\n</think>\n\\boxed{{{answer}}}"
 
 

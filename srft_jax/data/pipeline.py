@@ -8,7 +8,7 @@
       -> BatchIterator: global batches of `global_batch` kept rows; this host's
          slice of `global_batch // process_count` rows, padded.
 
-Batch layout (docs/CONTRACTS.md), numpy, per host, B = global_batch // process_count:
+Batch layout, numpy, per host, B = global_batch // process_count:
     prompt_tokens int32 [B, P]  left padded; P = the smallest bucket that fits
                                 the longest prompt of the *global* batch
     prompt_mask   int32 [B, P]

@@ -117,7 +117,7 @@ class Solution:
 
   @property
   def target(self) -> str:
-    """The demonstration in the paper's format (METHOD.md §1, reward rule)."""
+    """The demonstration in the paper's format (docs/method.md §1, reward rule)."""
     body = "\n".join(self.lines)
     return f"{THINK_OPEN}\n{body}\n{THINK_CLOSE}\n{BOXED}{self.answer}}}"
 
@@ -303,7 +303,7 @@ def generate_problems(split: str, n: int, seed: int) -> list[Problem]:
 
 
 def generate(split: str, n: int, seed: int) -> list[dict]:
-  """`n` rows {id, prompt, target, answer} (docs/CONTRACTS.md) of `split`."""
+  """`n` rows {id, prompt, target, answer} (the schema of `srft_jax.data`) of `split`."""
   rows = []
   for i, problem in enumerate(generate_problems(split, n, seed)):
     solution = solve(problem)

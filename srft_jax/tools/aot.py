@@ -334,7 +334,7 @@ def biggest_arrays(hlo_text: str, k: int = 8) -> list[dict[str, Any]]:
   return out[:k]
 
 
-def _oom_summary(msg: str) -> dict[str, Any]:
+def oom_summary(msg: str) -> dict[str, Any]:
   """The used/limit numbers and the top allocations of an XLA:TPU out-of-memory error."""
   out: dict[str, Any] = {"error": "out_of_memory"}
   m = re.search(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm", msg)
@@ -358,7 +358,7 @@ def compile_program(lowered, topo: Topology, model_flops_step: float) -> dict[st
   except Exception as e:  # XLA:TPU refuses programs that exceed HBM
     msg = str(e)
     if "RESOURCE_EXHAUSTED" in msg or "memory" in msg.lower():
-      res = _oom_summary(msg)
+      res = oom_summary(msg)
       res.update(
         compile_s=round(time.perf_counter() - t0, 1), fits=False, model_flops_step=model_flops_step
       )
@@ -700,7 +700,7 @@ def main(argv) -> int:
   return 0
 
 
-def _normalise_argv(argv: list[str]) -> list[str]:
+def normalise_argv(argv: list[str]) -> list[str]:
   """Accept dashed spellings of this tool's flags (--find-smallest, --json-out)."""
   out = []
   for a in argv:
@@ -718,4 +718,4 @@ if __name__ == "__main__":
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
   _define_flags()
-  app.run(main, argv=[sys.argv[0]] + _normalise_argv(sys.argv[1:]))
+  app.run(main, argv=[sys.argv[0]] + normalise_argv(sys.argv[1:]))
