@@ -1,4 +1,4 @@
-"""The comparison study (issue 8): orchestration on a two-method, one-seed,
+"""The comparison study: orchestration on a two-method, one-seed,
 few-step miniature (results files, skip of finished runs, resume of an
 unfinished one, report with verdicts), the verdict rule, the budget estimate,
 and the token-change analysis on a hand-made pair of models.
@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from srft_jax import model as model_lib
-from srft_jax import study
 from srft_jax import token_change as tc
+from srft_jax.study import __main__ as study_cli
+from srft_jax.study import claims
+from srft_jax.study import report
+from srft_jax.study import runner
 
 # The miniature: tiny model, 2 warm-up steps, 2 steps a run; the rows of a
 # mini-batch (8 prompts) divide the 8 forced CPU devices.
@@ -46,12 +49,24 @@ METHODS = ("sft", "grpo")
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("study"))
-  first = study.run_study(out, seeds=[0], methods=METHODS, overrides=MINI, progress=False)
+  first = _run_study(out)
   return {"out": out, "first": first}
 
 
+def _run_study(out):
+  return runner.run_study(
+    out,
+    seeds=[0],
+    methods=METHODS,
+    overrides=MINI,
+    progress=False,
+    criteria=report.CRITERIA_MD,
+    write_report=report.write_report,
+  )
+
+
 def _results(out, method, seed=0):
-  with open(os.path.join(study.run_dir(out, method, seed), "results.json")) as f:
+  with open(os.path.join(runner.run_dir(out, method, seed), "results.json")) as f:
     return json.load(f)
 
 
@@ -71,9 +86,9 @@ def test_study_writes_runs_and_report(mini):
     r = _results(out, m)
     assert r["steps"] == 2 and r["method"] == m
     assert 0.0 <= r["after"]["id_acc"] <= 1.0 and 0.0 <= r["after"]["ood_acc"] <= 1.0
-    assert os.path.exists(os.path.join(study.run_dir(out, m, 0), "export", "hf", "config.json"))
+    assert os.path.exists(os.path.join(runner.run_dir(out, m, 0), "export", "hf", "config.json"))
   # The GRPO-only run puts every slot on rollouts (3 + 1).
-  cfg = study.run_config("grpo", 0, out, study.study_settings(overrides=MINI))
+  cfg = runner.run_config("grpo", 0, out, runner.study_settings(overrides=MINI))
   assert cfg.rollout.n_rollouts == 4 and cfg.seed == 0
   assert cfg.warmup.dir == os.path.join(out, "base")
 
@@ -120,15 +135,15 @@ def test_study_resumes_and_skips_finished_runs(mini):
   """Second invocation: the finished run is skipped (results untouched), the
   run with its results and last checkpoint removed resumes from step 1."""
   out = mini["out"]
-  sft_results = os.path.join(study.run_dir(out, "sft", 0), "results.json")
+  sft_results = os.path.join(runner.run_dir(out, "sft", 0), "results.json")
   mtime = os.path.getmtime(sft_results)
-  grpo = study.run_dir(out, "grpo", 0)
+  grpo = runner.run_dir(out, "grpo", 0)
   os.remove(os.path.join(grpo, "results.json"))
   shutil.rmtree(os.path.join(grpo, "checkpoints", "2"))
   metrics = os.path.join(grpo, "logs", "metrics.jsonl")
   before = [json.loads(x) for x in open(metrics)]
 
-  second = study.run_study(out, seeds=[0], methods=METHODS, overrides=MINI, progress=False)
+  second = _run_study(out)
   assert second["skipped"] == [("sft", 0)] and second["ran"] == [("grpo", 0)]
   assert os.path.getmtime(sft_results) == mtime
   ev = _events(out)
@@ -141,7 +156,7 @@ def test_study_resumes_and_skips_finished_runs(mini):
   assert rows[0] == before[0] and rows[0]["step"] == 0
   assert _results(out, "grpo")["steps"] == 2
   # The report still reads the resumed run (duplicate rows merged by step).
-  run = study.load_run(out, "grpo", 0)
+  run = runner.load_run(out, "grpo", 0)
   assert sorted(t for t, r in run.steps.items() if "tokens/trained" in r) == [0, 1]
   assert os.path.exists(second["report"])
 
@@ -149,7 +164,7 @@ def test_study_resumes_and_skips_finished_runs(mini):
 @pytest.mark.slow
 def test_cli_budget(mini, capsys):
   assert (
-    study.main(["--out", mini["out"], "--budget", "--methods", "sft,grpo", "--seeds", "0"]) == 0
+    study_cli.main(["--out", mini["out"], "--budget", "--methods", "sft,grpo", "--seeds", "0"]) == 0
   )
   text = capsys.readouterr().out
   assert "estimated study wall time" in text and "grpo" in text
@@ -161,16 +176,16 @@ def test_cli_budget(mini, capsys):
 
 
 def test_verdict_rule():
-  assert study.verdict([0.05, 0.06, 0.04])[0] == "holds"
-  assert study.verdict([-0.05, -0.06, -0.04])[0] == "does not hold"
-  assert study.verdict([0.05, -0.06, 0.02])[0] == "inconclusive"
-  assert study.verdict([0.3, 0.2], margin=0.5)[0] == "does not hold"
-  assert study.verdict([])[0] == "inconclusive"
-  v, info = study.verdict([0.1])
+  assert claims.verdict([0.05, 0.06, 0.04])[0] == "holds"
+  assert claims.verdict([-0.05, -0.06, -0.04])[0] == "does not hold"
+  assert claims.verdict([0.05, -0.06, 0.02])[0] == "inconclusive"
+  assert claims.verdict([0.3, 0.2], margin=0.5)[0] == "does not hold"
+  assert claims.verdict([])[0] == "inconclusive"
+  v, info = claims.verdict([0.1])
   assert v == "holds" and "1 seed" in info["note"]
-  assert study.combine(["holds", "holds"]) == "holds"
-  assert study.combine(["holds", "inconclusive"]) == "inconclusive"
-  assert study.combine(["inconclusive", "does not hold"]) == "does not hold"
+  assert claims.combine(["holds", "holds"]) == "holds"
+  assert claims.combine(["holds", "inconclusive"]) == "inconclusive"
+  assert claims.combine(["inconclusive", "does not hold"]) == "does not hold"
 
 
 def _run(
@@ -197,7 +212,7 @@ def _run(
     if fn:
       for t in range(0, steps + 1, 1):
         rows.setdefault(t, {"step": t})[key] = fn(t)
-  return study.Run(
+  return runner.Run(
     method, seed, {"steps": steps, "after": {"id_acc": id_acc, "ood_acc": ood_acc}}, rows
   )
 
@@ -240,28 +255,93 @@ def test_claim_verdicts_on_synthetic_runs():
       for s in seeds
     }
   }
-  v = {c["claim"]: c["verdict"] for c in study.claim_verdicts(runs, token)}
+  v = {c["claim"]: c["verdict"] for c in claims.claim_verdicts(runs, token)}
   assert v == {1: "holds", 2: "holds", 3: "does not hold", 4: "holds", 5: "does not hold"}
 
 
 def test_budget_estimate():
-  settings = study.study_settings()
-  t = study.Timing(sft_step_s=1.0, rl_step_s=2.0, warmup_step_s=1.0, run_overhead_s=10.0)
-  est = study.estimate_seconds(
+  settings = runner.study_settings()
+  t = runner.Timing(sft_step_s=1.0, rl_step_s=2.0, warmup_step_s=1.0, run_overhead_s=10.0)
+  est = runner.estimate_seconds(
     {**settings, "steps": 10, "warmup.steps": 5}, ["sft", "grpo", "rl_then_sft"], [0, 1], t
   )
   assert est["per_run_s"] == {"sft": 20.0, "grpo": 30.0, "rl_then_sft": 25.0}
   assert est["total_s"] == pytest.approx(5 + 10 + 2 * 75)
   # The chosen defaults fit the hour with the default timing.
-  full = study.estimate_seconds(settings, study.METHODS, study.SEEDS)
+  full = runner.estimate_seconds(settings, runner.METHODS, runner.SEEDS)
   assert full["total_s"] < 55 * 60
-  assert study.switch_step(settings) % settings["eval.every"] == 0
-  n = study.steps_that_fit(settings, study.METHODS, study.SEEDS, study.Timing())
+  assert runner.switch_step(settings) % settings["eval.every"] == 0
+  n = runner.steps_that_fit(settings, runner.METHODS, runner.SEEDS, runner.Timing())
   assert n >= settings["steps"] and n % (2 * settings["eval.every"]) == 0
-  over = study.estimate_seconds(
-    {**settings, "steps": n + 2 * settings["eval.every"]}, study.METHODS, study.SEEDS
+  over = runner.estimate_seconds(
+    {**settings, "steps": n + 2 * settings["eval.every"]}, runner.METHODS, runner.SEEDS
   )
   assert over["total_s"] > 60 * 60
+
+
+def _write_run(out, method, seed, *, steps=4, id_acc=0.5, ood_acc=0.25):
+  wd = runner.run_dir(out, method, seed)
+  os.makedirs(os.path.join(wd, "logs"))
+  with open(os.path.join(wd, "results.json"), "w") as f:
+    json.dump(
+      {
+        "method": method,
+        "steps": steps,
+        "wall_s": 12.0,
+        "train_s": 10.0,
+        "after": {"id_acc": id_acc, "ood_acc": ood_acc},
+      },
+      f,
+    )
+  rl = method != "sft"
+  with open(os.path.join(wd, "logs", "metrics.jsonl"), "w") as f:
+    for t in range(steps):
+      row = {"step": t, "tokens/trained": 100.0, "time/step_s": 1.0 + rl}
+      if rl:
+        row.update(
+          {
+            "tokens/sampled": 80.0,
+            "rollout/length_mean": 10.0,
+            "reward/rollout_mean": 0.1 * t,
+            "loss/entropy_rollout": 1.0,
+          }
+        )
+      f.write(json.dumps(row) + "\n")
+
+
+def test_report_and_cli_on_synthetic_runs(tmp_path, capsys):
+  """The report, --report-only and --budget from hand-written run files (no training)."""
+  out = str(tmp_path)
+  settings = {
+    k: list(v) if isinstance(v, tuple) else v
+    for k, v in runner.study_settings(overrides={"steps": 4}).items()
+  }
+  with open(os.path.join(out, "study.json"), "w") as f:
+    json.dump({"settings": settings, "seeds": [0, 1], "methods": list(METHODS), "quick": False}, f)
+  for s in (0, 1):
+    _write_run(out, "sft", s, id_acc=0.4 + 0.1 * s)
+    _write_run(out, "grpo", s, id_acc=0.3)
+  path = report.write_report(out)
+  md = open(path).read()
+  assert md.index("Pre-registered criteria") < md.index("## Results")
+  assert report.CRITERIA_MD in md and "docs/method.md" in md and "METHOD.md" not in md
+  assert "| sft | 45.0 ± 7.1 | 45.0 ± 7.1 | 25.0 ± 0.0 |" in md
+  assert "_not computed" in md  # no base model: no token-change analysis
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["compute"]["grpo"]["tokens_sampled"] == 4 * 80.0
+  assert summary["compute"]["grpo"]["flops"] is None  # no base model: no parameter count
+  assert [c["verdict"] for c in summary["claims"]] == ["inconclusive"] * 5
+  assert "reward.png" in os.listdir(os.path.join(out, "plots"))
+  os.remove(path)
+
+  assert study_cli.main(["--out", out, "--report-only"]) == 0
+  assert capsys.readouterr().out.strip() == path and os.path.exists(path)
+  assert study_cli.main(["--out", out, "--budget", "--methods", "sft,grpo", "--seeds", "0"]) == 0
+  text = capsys.readouterr().out
+  assert "estimated study wall time" in text and "steps a run that fit in 60 min" in text
+  t = runner.measured_timing(out)
+  assert t.sft_step_s == 1.0 and t.rl_step_s == 2.0  # steps after the first two
+  assert t.run_overhead_s == pytest.approx(12.0 - 4 * 1.5)  # median of 8 s (sft) and 4 s (grpo)
 
 
 # ----------------------------------------------------------------------------
