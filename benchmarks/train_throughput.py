@@ -1,4 +1,4 @@
-"""Train-step throughput and MFU of the jitted SRFT update (issue 7's GPU check).
+"""Train-step throughput and MFU of the jitted SRFT update (the GPU check).
 
 One `step_lib.train_step` (the `srft` loss, AdamW, exact micro-batch gradient
 accumulation, donated state) on a random batch of `rows` sequences of
@@ -21,6 +21,7 @@ line: {"tokens_per_s", "mfu", "step_s", "model_flops_per_step", ...}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import time
@@ -62,6 +63,12 @@ def _args(argv=None):
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up; median")
   p.add_argument("--profile", type=int, default=0, help="also report the N costliest device ops")
+  p.add_argument(
+    "--compare_recompute",
+    action="store_true",
+    help="also time the step with recompute_old_logp and a token_truncate correction, "
+    "side by side (the cost of measuring the sampler-trainer mismatch)",
+  )
   return p.parse_args(argv)
 
 
@@ -125,26 +132,41 @@ def run(a) -> dict:
   )
   state = step_lib.init_train_state(params, tx)
   batch = _batch(a, cfg.vocab_size)
-  step = jax.jit(
-    functools.partial(step_lib.train_step, graphdef, tx, step_cfg), donate_argnums=(0,)
-  )
+
+  def compile_step(step_cfg):
+    step = jax.jit(
+      functools.partial(step_lib.train_step, graphdef, tx, step_cfg), donate_argnums=(0,)
+    )
+    return step.lower(state, batch).compile()
+
+  def timed_steps(compiled, state):
+    state, m = compiled(state, batch)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(a.repeats):
+      t0 = time.perf_counter()
+      state, m = compiled(state, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+    return times, state, m
+
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = compile_step(step_cfg)
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", 0.0)) if cost else None
   mem = compiled.memory_analysis()
 
-  state, m = compiled(state, batch)  # warm-up
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(a.repeats):
-    t0 = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
+  times, state, m = timed_steps(compiled, state)
   step_s = float(np.median(times))
+  extra = {}
+  if a.compare_recompute:
+    loss = dataclasses.replace(step_cfg.loss, is_correction="token_truncate")
+    other = compile_step(dataclasses.replace(step_cfg, loss=loss, recompute_old_logp=True))
+    other_times, state, _ = timed_steps(other, state)
+    extra["recompute_step_s"] = float(np.median(other_times))
+    extra["recompute_cost"] = extra["recompute_step_s"] / step_s
   profile = None
   if a.profile:
 
@@ -181,6 +203,7 @@ def run(a) -> dict:
     "dtype": a.dtype,
     "compile_s": compile_s,
     "loss_finite": bool(np.isfinite(float(m["loss"]))),
+    **extra,
     "temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem else None,
     "logit_chunk": a.logit_chunk,
     "all_steps_s": [round(t, 4) for t in times],

@@ -46,6 +46,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.max_nonfinite_streak = 5  # stop (with a checkpoint) after this many skipped updates
 
   c.model = config_dict.ConfigDict()
+  # Presets also: tiny_qwen3, tiny_qwen3_moe (shaped by the fields below), qwen3_0_6b,
+  # qwen3_1_7b, qwen3_8b, qwen3_30b_a3b, e.g. --config.model.preset=tiny_qwen3_moe.
   c.model.preset = "tiny"  # model.PRESETS name (random init) ...
   c.model.hf_path = ""  # ... or an HF checkpoint directory to start from
   c.model.dtype = "float32"  # compute dtype
@@ -77,6 +79,15 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.rollout.top_p = 1.0
   c.rollout.top_k = 0
   c.rollout.require_think = False  # reward 0 without </think> (docs/method.md §1.2 switch)
+  # Sampler-trainer mismatch (docs/method.md §2.7): recompute old_logp with the
+  # trainer's forward before any update (None: on exactly when loss.is_correction is).
+  c.rollout.recompute_old_logp = config_dict.placeholder(bool)
+  # DAPO's trainer switches (docs/method.md §2.8), off by default:
+  c.rollout.overlong_buffer = 0  # L_c tokens: soft length penalty before the max length (0 = off)
+  c.rollout.overlong_penalty = 1.0  # scale of that penalty (added to the reward)
+  c.rollout.overlong_filter = False  # truncated rollouts get zero loss weight
+  c.rollout.dynamic_sampling = False  # drop groups whose rollouts all score the same ...
+  c.rollout.oversample = 1  # ... drawing this many times the step's prompts to fill it
 
   c.batch = config_dict.ConfigDict()
   c.batch.prompts_per_step = 8  # global prompts per step (paper: 128)
@@ -132,7 +143,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   if arg:
     name = arg
     if name in TWO_STAGE:
-      c.stages = TWO_STAGE[name]  # {half}: half of the final config.steps (train.parse_stages)
+      c.stages = TWO_STAGE[name]  # {half}: half of the final config.steps (factory.parse_stages)
       c.rollout.n_rollouts = 8  # the RL stage is plain GRPO: 8 on-policy slots
     elif name in obj.PRESETS:
       c.method = name
@@ -141,7 +152,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
         f"configs/default.py: unknown preset arg {arg!r}; known: "
         f"{sorted(obj.PRESETS) + sorted(TWO_STAGE)}"
       )
-    if name == "grpo":
+    if name in ("grpo", "dapo", "dr_grpo"):
       c.rollout.n_rollouts = 8  # same 8 slots a prompt, all on-policy
+    if name == "dapo":  # DAPO's trainer side: dynamic sampling, overlong shaping
+      c.rollout.dynamic_sampling = True
+      c.rollout.oversample = 2
+      c.rollout.overlong_buffer = c.data.max_response_len // 4
   c.lock()
   return c

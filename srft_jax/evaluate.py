@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from srft_jax import checkpoint as ckpt_lib
+from srft_jax import console
 from srft_jax import factory
 from srft_jax import hf
 from srft_jax import metrics_eval
@@ -307,7 +308,9 @@ def evaluate_benchmarks(
 
 def define_flags() -> None:
   """The CLI's flags (defined on use, so importing this module defines none)."""
-  config_flags.DEFINE_config_file("config", "configs/default.py", "Run config.")
+  config_flags.DEFINE_config_file(
+    "config", console.resolve_config("configs/default.py"), "Run config."
+  )
   flags.DEFINE_string(
     "checkpoint", None, "HF checkpoint dir, or a training workdir.", required=True
   )
@@ -381,9 +384,9 @@ def main(argv) -> int:
 
 
 def cli() -> None:
-  """Console entry point (the same as `python -m srft_jax.evaluate`)."""
+  """Runs `main` on the command line (`python -m srft_jax.evaluate`, `srft-eval`)."""
   define_flags()
-  app.run(main)
+  app.run(main, argv=console.resolve_config_argv(sys.argv))
 
 
 if __name__ == "__main__":

@@ -179,7 +179,16 @@ def step_config(c, stage: Stage) -> step_lib.StepConfig:
     logit_chunk=c.logit_chunk,
     response_len=c.data.max_response_len,
     group=stage.layout.size if c.get("shared_prefix") else 0,
+    recompute_old_logp=recompute_old_logp(c, stage.loss),
+    reference=stage.loss.use_self_rl and stage.loss.kl_coef > 0,
   )
+
+
+def recompute_old_logp(c, loss: obj.LossConfig) -> bool:
+  """`rollout.recompute_old_logp`, or (None) on exactly when an importance
+  correction is on (it needs the trainer's log-probs beside the sampler's)."""
+  value = c.rollout.get("recompute_old_logp")
+  return loss.is_correction != "none" if value is None else bool(value)
 
 
 def sampling_config(
@@ -210,15 +219,15 @@ def sampling_config(
 
 def model_config(c, vocab_size: int) -> model_lib.ModelConfig:
   """The ModelConfig the run builds: from model.hf_path's config.json (with the
-  run's overrides) when it has one, else the preset; the tiny preset takes
-  the tokenizer's `vocab_size` and the config's shape."""
+  run's overrides) when it has one, else the preset; the tiny presets
+  (model.TINY_PRESETS) take the tokenizer's `vocab_size` and the config's shape."""
   kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
   if c.model.hf_path and os.path.exists(os.path.join(c.model.hf_path, "config.json")):
     return hf.config_from_hf(hf.read_config(c.model.hf_path), **kw, **hf_overrides(c))
   for name in ("attention", "decode_attention"):  # "" keeps the preset's
     if c.model.get(name):
       kw[name] = c.model.get(name)
-  if c.model.preset == "tiny":
+  if c.model.preset in model_lib.TINY_PRESETS:  # tiny, tiny_qwen3, tiny_qwen3_moe
     kw.update(
       vocab_size=vocab_size,
       embed_dim=c.model.embed_dim,
@@ -366,6 +375,13 @@ def _check(c) -> None:
     "counts must be >= 0",
   )
   need(c.data.max_response_len > 0, "data.max_response_len", "must be positive")
+  need(c.rollout.oversample >= 1, "rollout.oversample", f"must be >= 1, got {c.rollout.oversample}")
+  need(
+    0 <= c.rollout.overlong_buffer < c.data.max_response_len,
+    "rollout.overlong_buffer",
+    f"must be in [0, data.max_response_len={c.data.max_response_len}), "
+    f"got {c.rollout.overlong_buffer}",
+  )
   need(c.optim.lr > 0, "optim.lr", f"must be positive, got {c.optim.lr}")
   for field, value in (
     ("optim.schedule", c.optim.schedule),
@@ -412,6 +428,13 @@ def _check(c) -> None:
     advantage_config(c.method, dict(c.advantage))
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.advantage: {e}") from None
+  for stage in stages(c) if not c.stages else []:
+    need(
+      stage.loss.is_correction == "none" or recompute_old_logp(c, stage.loss),
+      "rollout.recompute_old_logp",
+      f"loss.is_correction={stage.loss.is_correction!r} needs the trainer's old_logp "
+      "(leave recompute_old_logp unset or True)",
+    )
   n_dev = jax.device_count()
   try:
     mesh_shape = mesh(c).shape

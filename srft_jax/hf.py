@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> srft_jax models (Qwen2 / Llama families).
+"""Hugging Face checkpoints <-> srft_jax models (Qwen2, Llama, Qwen3, Qwen3-MoE).
 
 Import: `load_model(path)` reads `config.json` and the `*.safetensors` files
 and places every tensor straight into its sharded layout: each device reads
@@ -22,7 +22,9 @@ parameter count and the dtype from the headers only (no weights read).
 
 HF linear weights are [out, in]; ours are einsum layouts (model.py glossary):
 q [D,N,H], k/v [D,K,H], o [N,H,D], gate/up [D,F], down [F,D],
-embed [V,D], lm_head [D,V].
+embed [V,D], lm_head [D,V]; Qwen3's q_norm / k_norm [H]; a Qwen3-MoE layer's
+router [D,E] (HF `mlp.gate.weight` [E,D]) and experts gate/up [E,D,F],
+down [E,F,D], each stacked from the E tensors `mlp.experts.{e}.*_proj.weight`.
 """
 
 from __future__ import annotations
@@ -47,10 +49,17 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors import safe_open
 
+import srft_jax
 from srft_jax import model as model_lib
 from srft_jax import sharding as shd
 
-SUPPORTED = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+SUPPORTED = {
+  "qwen2": "Qwen2ForCausalLM",
+  "llama": "LlamaForCausalLM",
+  "qwen3": "Qwen3ForCausalLM",
+  "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+QWEN3 = ("qwen3", "qwen3_moe")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -146,7 +155,11 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> model_lib.ModelConfig:
     raise CheckpointError(
       "config.json: Llama attention_bias=True (q/k/v/o biases) is not supported"
     )
-  if model_type == "qwen2" and hf.get("use_sliding_window"):
+  if model_type in QWEN3 and hf.get("attention_bias"):
+    raise CheckpointError(
+      "config.json: Qwen3 attention_bias=True (q/k/v/o biases) is not supported"
+    )
+  if model_type in ("qwen2",) + QWEN3 and hf.get("use_sliding_window"):
     raise CheckpointError("config.json: use_sliding_window=True is not supported")
   theta, scaling = _rope_from_hf(hf)
   d, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
@@ -163,10 +176,21 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> model_lib.ModelConfig:
     rope_scaling=scaling,
     max_seq_len=int(hf.get("max_position_embeddings", 2048)),
     norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-    qkv_bias=model_type == "qwen2",  # Qwen2 always has q/k/v biases, Llama none
-    # Both Qwen2Config and LlamaConfig default to untied.
+    qkv_bias=model_type == "qwen2",  # Qwen2 always has q/k/v biases, Llama and Qwen3 none
+    qk_norm=model_type in QWEN3,
+    # Qwen2Config, LlamaConfig and the Qwen3 configs all default to untied.
     tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
   )
+  if model_type == "qwen3_moe":  # defaults: transformers' Qwen3MoeConfig
+    fields.update(
+      num_experts=int(hf.get("num_experts", hf.get("num_local_experts", 128))),
+      num_experts_per_tok=int(hf.get("num_experts_per_tok", 8)),
+      moe_mlp_dim=int(hf.get("moe_intermediate_size", 768)),
+      norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+      decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
+      mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+      router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+    )
   dtype = checkpoint_dtype(hf)
   if dtype in model_lib.DTYPES:
     fields["param_dtype"] = fields["dtype"] = dtype
@@ -212,19 +236,38 @@ def config_to_hf(cfg: model_lib.ModelConfig, dtype: str | None = None) -> dict[s
   }
   if cfg.rope_scaling is not None:
     hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}  # 4.x
-  if cfg.model_type == "llama":
-    if cfg.qkv_bias:
-      raise ValueError(
-        "config_to_hf: HF Llama has no q/k/v-only bias (attention_bias also adds an o_proj bias)"
-      )
-    hf["attention_bias"] = False
-    hf["mlp_bias"] = False
-  else:
+  if cfg.qk_norm != (cfg.model_type in QWEN3):
+    raise ValueError(f"config_to_hf: {cfg.model_type} checkpoints have q/k norms iff Qwen3")
+  if cfg.num_experts and cfg.model_type != "qwen3_moe":
+    raise ValueError(f"config_to_hf: a {cfg.model_type} checkpoint has no experts")
+  if cfg.model_type == "qwen2":
     if not cfg.qkv_bias:
       raise ValueError("config_to_hf: Qwen2 checkpoints always have q/k/v biases")
-    hf["use_sliding_window"] = False
-    hf["sliding_window"] = None
-    hf["max_window_layers"] = cfg.num_layers
+  elif cfg.qkv_bias:
+    raise ValueError(
+      f"config_to_hf: HF {cfg.model_type} has no q/k/v-only bias "
+      "(attention_bias also adds an o_proj bias)"
+    )
+  if cfg.model_type == "llama":
+    hf["attention_bias"] = False
+    hf["mlp_bias"] = False
+    return hf
+  hf["use_sliding_window"] = False
+  hf["sliding_window"] = None
+  hf["max_window_layers"] = cfg.num_layers
+  if cfg.model_type in QWEN3:
+    hf["attention_bias"] = False
+  if cfg.model_type == "qwen3_moe":
+    hf.update(
+      num_experts=cfg.num_experts,
+      num_experts_per_tok=cfg.num_experts_per_tok,
+      moe_intermediate_size=cfg.moe_mlp_dim,
+      norm_topk_prob=cfg.norm_topk_prob,
+      decoder_sparse_step=cfg.decoder_sparse_step,
+      mlp_only_layers=list(cfg.mlp_only_layers),
+      router_aux_loss_coef=cfg.router_aux_loss_coef,
+      output_router_logits=False,
+    )
   return hf
 
 
@@ -239,6 +282,8 @@ class _Layout:
 
   The HF tensor (shape `hf_shape`) is reshaped to `split` (each HF dim is a
   run of consecutive split dims, `groups`), then transposed by `perm` to ours.
+  With `experts` > 0 ours has a leading expert axis: slice e is the HF tensor
+  `name.format(e=e)`, laid out as above.
   """
 
   name: str
@@ -246,10 +291,20 @@ class _Layout:
   split: tuple[int, ...]
   groups: tuple[tuple[int, ...], ...]
   perm: tuple[int, ...]
+  experts: int = 0
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return tuple(self.split[p] for p in self.perm)
+    inner = tuple(self.split[p] for p in self.perm)
+    return (self.experts,) + inner if self.experts else inner
+
+  def tensors(self) -> list[_Layout]:
+    """One layout per HF tensor: itself, or each expert's slice."""
+    if not self.experts:
+      return [self]
+    return [
+      dataclasses.replace(self, name=self.name.format(e=e), experts=0) for e in range(self.experts)
+    ]
 
   def to_hf(self, x: np.ndarray) -> np.ndarray:
     inverse = tuple(int(i) for i in np.argsort(self.perm))
@@ -263,6 +318,11 @@ def _layout(name, split, groups, perm) -> _Layout:
 
 def _same(name, shape) -> _Layout:
   return _layout(name, shape, [[i] for i in range(len(shape))], range(len(shape)))
+
+
+def _transposed(name, hf_shape, experts: int = 0) -> _Layout:
+  """A 2-D HF linear weight [out, in] as ours [in, out] (per expert with `experts`)."""
+  return dataclasses.replace(_layout(name, hf_shape, [[0], [1]], (1, 0)), experts=experts)
 
 
 def param_layouts(cfg: model_lib.ModelConfig) -> dict[tuple, _Layout]:
@@ -292,10 +352,21 @@ def param_layouts(cfg: model_lib.ModelConfig) -> dict[tuple, _Layout]:
       out[a + ("q_bias",)] = _layout(p + "self_attn.q_proj.bias", (n, h), [[0, 1]], (0, 1))
       out[a + ("k_bias",)] = _layout(p + "self_attn.k_proj.bias", (k, h), [[0, 1]], (0, 1))
       out[a + ("v_bias",)] = _layout(p + "self_attn.v_proj.bias", (k, h), [[0, 1]], (0, 1))
+    if cfg.qk_norm:
+      out[a + ("q_norm", "scale")] = _same(p + "self_attn.q_norm.weight", (h,))
+      out[a + ("k_norm", "scale")] = _same(p + "self_attn.k_norm.weight", (h,))
     m = ("layers", i, "mlp")
-    out[m + ("gate",)] = _layout(p + "mlp.gate_proj.weight", (f, d), [[0], [1]], (1, 0))
-    out[m + ("up",)] = _layout(p + "mlp.up_proj.weight", (f, d), [[0], [1]], (1, 0))
-    out[m + ("down",)] = _layout(p + "mlp.down_proj.weight", (d, f), [[0], [1]], (1, 0))
+    if cfg.is_moe_layer(i):
+      e, fe = cfg.num_experts, cfg.moe_mlp_dim
+      x = p + "mlp.experts.{e}."
+      out[m + ("router",)] = _transposed(p + "mlp.gate.weight", (e, d))
+      out[m + ("gate",)] = _transposed(x + "gate_proj.weight", (fe, d), experts=e)
+      out[m + ("up",)] = _transposed(x + "up_proj.weight", (fe, d), experts=e)
+      out[m + ("down",)] = _transposed(x + "down_proj.weight", (d, fe), experts=e)
+    else:
+      out[m + ("gate",)] = _transposed(p + "mlp.gate_proj.weight", (f, d))
+      out[m + ("up",)] = _transposed(p + "mlp.up_proj.weight", (f, d))
+      out[m + ("down",)] = _transposed(p + "mlp.down_proj.weight", (d, f))
     out[("layers", i, "attn_norm", "scale")] = _same(p + "input_layernorm.weight", (d,))
     out[("layers", i, "mlp_norm", "scale")] = _same(p + "post_attention_layernorm.weight", (d,))
   return out
@@ -409,8 +480,12 @@ def _read_block(reader: SafetensorsReader, lay: _Layout, index_ours, dtype) -> n
 
   An HF dim that merges several of our dims (q_proj rows = N x H) is read as
   the covering range of its outermost dim; inner dims are then cut in memory.
+  An expert-stacked parameter reads each expert's tensor in the block.
   """
   ours = _normalize(index_ours, lay.shape)
+  if lay.experts:
+    slices = lay.tensors()[ours[0]]
+    return np.stack([_read_block(reader, one, ours[1:], dtype) for one in slices])
   split_idx = [None] * len(lay.split)
   for i, p in enumerate(lay.perm):
     split_idx[p] = ours[i]
@@ -435,7 +510,7 @@ def _check_tensors(
   cfg: model_lib.ModelConfig,
   path: str,
 ):
-  expected = {lay.name: lay for lay in layouts.values()}
+  expected = {one.name: one for lay in layouts.values() for one in lay.tensors()}
   problems = []
   for name, lay in expected.items():
     if name not in infos:
@@ -469,7 +544,7 @@ def load_model(
   param_dtype=None,
   **config_overrides,
 ) -> model_lib.Transformer:
-  """Loads an HF Qwen2 / Llama checkpoint directory as a `Transformer`.
+  """Loads an HF Qwen2 / Llama / Qwen3 / Qwen3-MoE checkpoint directory as a `Transformer`.
 
   `dtype` is the compute dtype; `param_dtype` (default: `dtype`) the dtype
   parameters are stored in. With `mesh`, every parameter is created directly
@@ -559,6 +634,7 @@ def write_safetensors(
       fh.write(struct.pack("<Q", len(blob)))
       fh.write(blob)
     for _name, lay, value in entries:
+      value = value() if callable(value) else value  # an expert's slice, taken when written
       host = _to_host(value)  # a collective when sharded across hosts: all processes
       if fh:
         x = np.ascontiguousarray(lay.to_hf(host).astype(np_dtype))
@@ -627,7 +703,14 @@ def save_model(
       p[1] if p[0] == "layers" else 0,
     ),
   )
-  entries = [(layouts[p].name, layouts[p], values[p].get_value()) for p in order]
+  entries = []
+  for p in order:
+    lay, value = layouts[p], values[p].get_value()
+    if not lay.experts:
+      entries.append((lay.name, lay, value))
+      continue
+    for e, one in enumerate(lay.tensors()):  # E tensors, each sliced when written
+      entries.append((one.name, one, lambda value=value, e=e: value[e]))
   shards: list[list] = [[]]
   size = 0
   total = 0
@@ -650,6 +733,7 @@ def save_model(
       if os.path.exists(stale):
         os.remove(stale)
     hf_cfg, gen = config_to_hf(cfg, np_dtype.name), {"do_sample": False}
+    hf_cfg["srft_jax_version"] = srft_jax.__version__  # the package that wrote this export
     if tokenizer is not None:
       ids = {
         "bos_token_id": tokenizer.bos_id,
@@ -735,6 +819,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"shape: layers={cfg.num_layers} embed={cfg.embed_dim} mlp={cfg.mlp_dim} "
     f"heads={cfg.num_heads} kv_heads={cfg.num_kv_heads} head_dim={cfg.head_dim} "
     f"vocab={cfg.vocab_size} tied={cfg.tie_embeddings}"
+    + (
+      f" experts={cfg.num_experts} top_k={cfg.num_experts_per_tok} "
+      f"moe_mlp={cfg.moe_mlp_dim} moe_layers={cfg.num_moe_layers}"
+      if cfg.num_experts
+      else ""
+    )
   )
   print(f"files: {info['num_files']}, tensors: {info['num_tensors']}")
   if info["num_params"] != info["config_num_params"]:

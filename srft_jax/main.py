@@ -13,12 +13,13 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from srft_jax import console
 from srft_jax import factory
 from srft_jax import job
 from srft_jax import multihost
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/default.py", "Training config.", lock_config=True
+  "config", console.resolve_config("configs/default.py"), "Training config.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints, logs, plots, results.")
 
@@ -67,8 +68,8 @@ def format_results(r: dict, workdir: str) -> str:
 
 
 def cli() -> None:
-  """Console entry point (the same as `python -m srft_jax.main`)."""
-  app.run(main)
+  """Runs `main` on the command line (`python -m srft_jax.main`, `srft-train`)."""
+  app.run(main, argv=console.resolve_config_argv(sys.argv))
 
 
 if __name__ == "__main__":

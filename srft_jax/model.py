@@ -1,8 +1,15 @@
-"""Decoder-only transformer (Qwen2 / Qwen2.5 and Llama 3 families) in Flax NNX.
+"""Decoder-only transformer (Qwen2 / Qwen2.5, Llama 3, Qwen3 and Qwen3-MoE) in Flax NNX.
 
 The trainer and the sampler call this one model: the sampler passes a KV
 cache, the trainer asks for final hidden states and computes log-probs in
 chunks from them (objectives.chunked_logprobs_and_entropy).
+
+Qwen3 adds a per-head RMSNorm on q and k before RoPE (`qk_norm`); Qwen3-MoE
+replaces the MLP of its sparse layers by `MoE`: a float32 router picks the
+top-k experts of each token, tokens are grouped by expert and run through
+grouped matmuls (`grouped_matmul`: megablox kernels on TPU, jax.lax.ragged_dot
+elsewhere; dropless), and the router's load-balancing loss (`router_aux_loss`)
+is returned to the trainer on request.
 
 Dimension letters used in names and einsum strings:
   B  batch rows              T  query (sequence) length
@@ -10,7 +17,9 @@ Dimension letters used in names and einsum strings:
   F  mlp (ffn) size          N  query heads
   K  key/value heads         G  query heads per kv head (N // K)
   H  head dim                V  vocabulary
-  L  layers
+  L  layers                  E  experts
+  X  experts a token (top-k) M  tokens of a MoE call (B * T, flattened)
+  A  token-expert assignments (M * X)
 """
 
 from __future__ import annotations
@@ -18,10 +27,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
 from srft_jax import decode_attention
 from srft_jax import sharding as shd
@@ -46,7 +57,7 @@ class RopeScaling:
 class ModelConfig:
   """Architecture and numerics of one decoder. Frozen: jitted code may close over it."""
 
-  model_type: str = "qwen2"  # "qwen2" | "llama" (HF model_type)
+  model_type: str = "qwen2"  # "qwen2" | "llama" | "qwen3" | "qwen3_moe" (HF model_type)
   vocab_size: int = 512
   embed_dim: int = 128  # D (HF hidden_size)
   mlp_dim: int = 384  # F (HF intermediate_size)
@@ -58,8 +69,21 @@ class ModelConfig:
   rope_scaling: RopeScaling | None = None
   max_seq_len: int = 2048  # context window (HF max_position_embeddings)
   norm_eps: float = 1e-6
-  qkv_bias: bool = True  # Qwen2: True, Llama: False
+  qkv_bias: bool = True  # Qwen2: True, Llama and Qwen3: False
+  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each q and k head before RoPE
   tie_embeddings: bool = False
+  # Mixture of experts (Qwen3-MoE); num_experts 0: every layer is dense.
+  num_experts: int = 0  # E
+  num_experts_per_tok: int = 0  # X: top-k experts a token
+  moe_mlp_dim: int = 0  # one expert's F (HF moe_intermediate_size)
+  norm_topk_prob: bool = False  # rescale the top-k router probabilities to sum to 1
+  decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) % step == 0 ...
+  mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
+  router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training
+  # The experts' grouped matmuls (`grouped_matmul`): "auto" (megablox' Pallas
+  # kernels where compiled for TPU, jax.lax.ragged_dot elsewhere), "ragged_dot",
+  # or "megablox" (its interpreter off TPU: tests).
+  grouped_matmul: str = "auto"
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype; norms, softmax, logits stay float32
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
@@ -75,14 +99,22 @@ class ModelConfig:
   rules: tuple = shd.DEFAULT_RULES  # logical axis -> mesh axes
 
   def __post_init__(self):
+    object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+    moe = self.num_experts > 0
     checks = {
-      "model_type": self.model_type in ("qwen2", "llama"),
+      "model_type": self.model_type in MODEL_TYPES,
       "num_heads": self.num_heads % max(self.num_kv_heads, 1) == 0,
       "param_dtype": self.param_dtype in DTYPES,
       "dtype": self.dtype in DTYPES,
       "remat": self.remat in ("none", "full", "dots"),
       "attention": self.attention in ("xla", "chunked", "cudnn"),
       "decode_attention": self.decode_attention in ("xla", "pallas"),
+      "num_experts": self.num_experts >= 0,
+      "num_experts_per_tok": not moe or 1 <= self.num_experts_per_tok <= self.num_experts,
+      "moe_mlp_dim": not moe or self.moe_mlp_dim > 0,
+      "decoder_sparse_step": self.decoder_sparse_step >= 1,
+      "router_aux_loss_coef": self.router_aux_loss_coef >= 0,
+      "grouped_matmul": self.grouped_matmul in ("auto", "ragged_dot", "megablox"),
     }
     for name, ok in checks.items():
       if not ok:
@@ -109,7 +141,21 @@ class ModelConfig:
   def jnp_param_dtype(self):
     return DTYPES[self.param_dtype]
 
-  def num_params(self) -> int:
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether layer i has a sparse MoE block (HF Qwen3-MoE's rule)."""
+    return (
+      self.num_experts > 0
+      and i not in self.mlp_only_layers
+      and (i + 1) % self.decoder_sparse_step == 0
+    )
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+  def num_params(self, active: bool = False) -> int:
+    """Parameter count; `active`: the parameters one token uses (top-k of the
+    experts of each MoE layer), the N of a MoE model's 6 N FLOPs a token."""
     d, f, n, k, h, v = (
       self.embed_dim,
       self.mlp_dim,
@@ -121,8 +167,13 @@ class ModelConfig:
     attn = d * n * h + 2 * d * k * h + n * h * d
     if self.qkv_bias:
       attn += n * h + 2 * k * h
-    layer = attn + 3 * d * f + 2 * d
-    return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * layer + d
+    if self.qk_norm:
+      attn += 2 * h
+    experts = self.num_experts_per_tok if active else self.num_experts
+    moe = d * self.num_experts + experts * 3 * d * self.moe_mlp_dim
+    mlps = self.num_moe_layers * moe + (self.num_layers - self.num_moe_layers) * 3 * d * f
+    layers = self.num_layers * (attn + 2 * d) + mlps
+    return v * d * (1 if self.tie_embeddings else 2) + layers + d
 
   @classmethod
   def preset(cls, name: str, **overrides) -> ModelConfig:
@@ -130,6 +181,8 @@ class ModelConfig:
       raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
+
+MODEL_TYPES = ("qwen2", "llama", "qwen3", "qwen3_moe")
 
 _QWEN2_5_MATH_7B = ModelConfig(
   model_type="qwen2",
@@ -151,9 +204,70 @@ _QWEN2_5_MATH_7B = ModelConfig(
   attention="chunked",
 )
 
+
+def _qwen3(**fields) -> ModelConfig:
+  """A Qwen3 / Qwen3-MoE shape: q/k RMSNorm, no q/k/v bias, RoPE theta 1e6, 40k window."""
+  base = dict(
+    model_type="qwen3",
+    vocab_size=151_936,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=1e6,
+    max_seq_len=40_960,
+    norm_eps=1e-6,
+    qkv_bias=False,
+    qk_norm=True,
+  )
+  return ModelConfig(**{**base, **fields})
+
+
+_QWEN3_MOE = dict(model_type="qwen3_moe", norm_topk_prob=True, router_aux_loss_coef=0.001)
+
 PRESETS: dict[str, ModelConfig] = {
   # CPU tests and the default run; vocab is replaced by the task tokenizer's.
   "tiny": ModelConfig(),
+  # Tiny random Qwen3 and Qwen3-MoE (tests, the default run); head_dim 64 with
+  # 4 heads of a 128-wide model: head_dim independent of embed / heads, as in Qwen3.
+  "tiny_qwen3": _qwen3(
+    vocab_size=512,
+    embed_dim=128,
+    mlp_dim=384,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    max_seq_len=2048,
+    tie_embeddings=True,
+  ),
+  "tiny_qwen3_moe": _qwen3(
+    **_QWEN3_MOE,
+    vocab_size=512,
+    embed_dim=128,
+    mlp_dim=384,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    max_seq_len=2048,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_mlp_dim=96,
+  ),
+  "qwen3_0_6b": _qwen3(embed_dim=1024, mlp_dim=3072, num_layers=28, tie_embeddings=True),
+  "qwen3_1_7b": _qwen3(embed_dim=2048, mlp_dim=6144, num_layers=28, tie_embeddings=True),
+  "qwen3_8b": _qwen3(embed_dim=4096, mlp_dim=12_288, num_layers=36, num_heads=32),
+  "qwen3_30b_a3b": _qwen3(
+    **_QWEN3_MOE,
+    embed_dim=2048,
+    mlp_dim=6144,
+    num_layers=48,
+    num_heads=32,
+    num_kv_heads=4,
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_mlp_dim=768,
+  ),
   "qwen2_5_0_5b": ModelConfig(
     model_type="qwen2",
     vocab_size=151_936,
@@ -206,6 +320,8 @@ PRESETS: dict[str, ModelConfig] = {
     tie_embeddings=True,
   ),
 }
+# The presets `factory.model_config` sizes from the run's config and tokenizer.
+TINY_PRESETS = ("tiny", "tiny_qwen3", "tiny_qwen3_moe")
 
 
 # ----------------------------------------------------------------------------
@@ -382,6 +498,9 @@ class Attention(nnx.Module):
       self.q_bias = _param(None, (n, h), ("heads", "head_dim"), pd, init="zeros")
       self.k_bias = _param(None, (k, h), ("kv_heads", "head_dim"), pd, init="zeros")
       self.v_bias = _param(None, (k, h), ("kv_heads", "head_dim"), pd, init="zeros")
+    if cfg.qk_norm:  # Qwen3: one [H] scale shared by every head
+      self.q_norm = RMSNorm(h, cfg.norm_eps, pd)
+      self.k_norm = RMSNorm(h, cfg.norm_eps, pd)
 
   def decode_weights(self) -> dict[str, Array]:
     """Output-major projections in the compute dtype (see `dense_out_major`),
@@ -439,6 +558,8 @@ class Attention(nnx.Module):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     rules = cfg.rules
     q, k, v = self._project(x_BTD, w)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q = shd.constrain(
       apply_rope(q, positions_BT, inv_freq), ("batch", "length", "act_heads", "head_dim"), rules
     )
@@ -514,18 +635,274 @@ class MLP(nnx.Module):
     return dense_out_major(h, w["down"])
 
 
-class Block(nnx.Module):
+class RouterStats(NamedTuple):
+  """Load-balancing statistics of MoE layers, summed over layers and real
+  tokens (what HF's `load_balancing_loss_func` reduces, attention mask
+  included); sums, so micro-batches and shared prompts add up."""
+
+  counts: Array  # [E] float32: top-k assignments to each expert
+  probs: Array  # [E] float32: router probability of each expert
+  tokens: Array  # [] float32: real tokens, once per MoE layer
+
+
+def add_router_stats(a: RouterStats | None, b: RouterStats | None, scale_a=1) -> RouterStats | None:
+  """scale_a * a + b, either may be None (no MoE layer)."""
+  if a is None:
+    return b
+  if scale_a != 1:
+    a = jax.tree.map(lambda x: x * scale_a, a)
+  return a if b is None else jax.tree.map(jnp.add, a, b)
+
+
+def router_aux_loss(stats: RouterStats, num_experts: int) -> Array:
+  """The Switch-Transformer load-balancing loss as HF Qwen3-MoE computes it:
+  E * sum_e f_e * P_e, f_e the fraction of top-k assignments to expert e and
+  P_e its mean router probability, both over every MoE layer's real tokens.
+  X (experts a token) when the load is perfectly balanced: f sums to X, P to 1."""
+  n = jnp.maximum(stats.tokens, 1.0)
+  return num_experts * jnp.sum((stats.counts / n) * (stats.probs / n))
+
+
+class RouterAux(NamedTuple):
+  """A forward's router load-balancing loss and the weight training gives it."""
+
+  loss: Array  # router_aux_loss over the forward's real tokens
+  coef: float  # ModelConfig.router_aux_loss_coef
+
+
+def router_aux(cfg: ModelConfig, stats: RouterStats | None) -> RouterAux | None:
+  """`RouterAux` of a forward's router statistics; None without MoE layers."""
+  if stats is None:
+    return None
+  return RouterAux(router_aux_loss(stats, cfg.num_experts), cfg.router_aux_loss_coef)
+
+
+# megablox (m, k, n) tile sizes, MaxText's defaults; each is cut to its dim.
+MEGABLOX_TILING = (512, 1024, 1024)
+
+
+def _megablox_gmm(x_AK, w_GKN, sizes_G, interpret=False):
+  a, k = x_AK.shape
+  tiling = tuple(min(t, d) for t, d in zip(MEGABLOX_TILING, (a, k, w_GKN.shape[2])))
+  pad = (-a) % tiling[0]  # rows: a whole number of tiles
+  x = jnp.pad(x_AK, ((0, pad), (0, 0)))
+  y = megablox.gmm(x, w_GKN, sizes_G, x_AK.dtype, tiling, None, None, False, interpret)
+  return y[:a]
+
+
+def grouped_matmul(x_AK: Array, w_GKN: Array, sizes_G: Array, impl: str = "auto") -> Array:
+  """Rows of x grouped in order (group g: the next sizes[g] rows) times w[g], [A, N].
+
+  Rows past sum(sizes) are unspecified (the caller masks them). jax.lax.ragged_dot
+  runs natively forward on TPU, but XLA:TPU expands its weight gradient (a
+  ragged contraction) into a dense masked matmul over all G groups (G x the
+  FLOPs); megablox' `gmm` / `tgmm` Pallas kernels (its custom VJP) are
+  grouped in both directions. `impl` "auto" picks megablox where the program
+  is lowered for TPU (`platform_dependent`: the AOT tool compiles for TPU on a
+  CPU host) and ragged_dot elsewhere; "megablox" runs the kernels' interpreter
+  off TPU.
+  """
+  if impl == "ragged_dot":
+    return jax.lax.ragged_dot(x_AK, w_GKN, sizes_G)
+  if impl == "megablox":
+    other = lambda *a: _megablox_gmm(*a, interpret=True)  # noqa: E731
+  else:
+    other = jax.lax.ragged_dot
+  return jax.lax.platform_dependent(x_AK, w_GKN, sizes_G, tpu=_megablox_gmm, default=other)
+
+
+def grouped_ffn(
+  x_BTD: Array,
+  experts_BTX: Array,
+  weights_BTX: Array,
+  valid_BT: Array,
+  gate_EDF: Array,
+  up_EDF: Array,
+  down_EFD: Array,
+  first_expert=0,
+  impl: str = "auto",
+) -> Array:
+  """sum_j weights[t, j] * FFN_{experts[t, j]}(x[t]) for each token, [B, T, D].
+
+  Dropless: the M * X token-expert assignments are sorted by expert and run
+  through three grouped matmuls (`grouped_matmul`: group e is the rows of
+  expert e), then unsorted and summed with their weights (float32
+  accumulation). The weights hold experts first_expert .. first_expert + E - 1
+  (one shard's); assignments to other experts, and every assignment of a token
+  with valid 0, form a trailing group that no matmul reads (output 0).
+  """
+  b, t, d = x_BTD.shape
+  xk, e = experts_BTX.shape[-1], gate_EDF.shape[0]
+  x_MD = x_BTD.reshape(b * t, d)
+  local_MX = experts_BTX.reshape(b * t, xk) - first_expert
+  keep_MX = (valid_BT.reshape(b * t, 1) > 0) & (local_MX >= 0) & (local_MX < e)
+  group_A = jnp.where(keep_MX, local_MX, e).reshape(-1)
+  order_A = jnp.argsort(group_A, stable=True)
+  sizes_E = jnp.bincount(group_A, length=e + 1)[:e].astype(jnp.int32)
+  in_groups_A = jnp.arange(order_A.shape[0]) < jnp.sum(sizes_E)
+  # Rows past the groups are zeroed on the way in and the way out: grouped
+  # matmuls leave them unspecified, in values and in gradients.
+  xs_AD = jnp.where(in_groups_A[:, None], jnp.take(x_MD, order_A // xk, axis=0), 0)
+  g_AF = grouped_matmul(xs_AD, gate_EDF, sizes_E, impl)
+  u_AF = grouped_matmul(xs_AD, up_EDF, sizes_E, impl)
+  ys_AD = grouped_matmul(jax.nn.silu(g_AF) * u_AF, down_EFD, sizes_E, impl)
+  inverse_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(order_A.shape[0]))
+  y_MXD = jnp.take(ys_AD, inverse_A, axis=0).reshape(b * t, xk, d)
+  y_MXD = jnp.where(keep_MX[..., None], y_MXD, 0)
+  w_MX = jnp.where(keep_MX, weights_BTX.reshape(b * t, xk), 0).astype(y_MXD.dtype)
+  y_MD = jnp.einsum("MXD,MX->MD", y_MXD, w_MX, preferred_element_type=f32)
+  return y_MD.astype(x_BTD.dtype).reshape(b, t, d)
+
+
+def moe_ffn(
+  x_BTD, experts_BTX, weights_BTX, valid_BT, gate_EDF, up_EDF, down_EFD, rules=None, impl="auto"
+) -> Array:
+  """`grouped_ffn` of every token over every expert, under the ambient mesh.
+
+  One device: `grouped_ffn` itself. Under a mesh, one `shard_map` over the
+  layouts the rules give: each shard runs its rows (the batch axes) through
+  the experts it holds (the `expert` axes) and its slice of F (the `mlp` axes).
+  The weights' `embed` split (FSDP) is all-gathered inside, after a barrier
+  that ties the gather to this layer's input: XLA can then neither hoist every
+  layer's gathered experts out of the micro-batch loop (all of them alive at
+  once: 58 GB a chip for Qwen3-30B-A3B) nor start them early; their gradient
+  is reduce-scattered. Expert and mlp axes that also split the rows gather
+  those rows first and reduce-scatter the result (expert parallelism by
+  all-gather); the others are summed (psum).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  args = (x_BTD, experts_BTX, weights_BTX, valid_BT.astype(jnp.int32), gate_EDF, up_EDF, down_EFD)
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return grouped_ffn(*args, impl=impl)
+  P = jax.sharding.PartitionSpec
+  tok = shd.logical_to_spec(("batch", "length", None), rules, mesh, x_BTD.shape)
+  w_in = shd.logical_to_spec(("expert", "embed", "mlp"), rules, mesh, gate_EDF.shape)
+  w_out = shd.logical_to_spec(("expert", "mlp", "embed"), rules, mesh, down_EFD.shape)
+  expert_axes, embed_axes, mlp_axes = map(shd.mesh_axes, w_in)
+  if (expert_axes, mlp_axes, embed_axes) != tuple(map(shd.mesh_axes, w_out)):
+    raise NotImplementedError(f"moe_ffn: gate/up {w_in} and down {w_out} split differently")
+  row_axes = set(shd.mesh_axes(tok[0]))
+  split = expert_axes + mlp_axes
+  gather = tuple(a for a in split if a in row_axes)
+  reduce = tuple(a for a in split if a not in row_axes)
+  if set(split) & set(shd.mesh_axes(tok[1])):
+    raise NotImplementedError("moe_ffn: a sequence split over the expert or mlp axes")
+  tok3, tok2 = P(tok[0], tok[1], None), P(tok[0], tok[1])
+
+  def shard(x, idx, wt, valid, gate, up, down):
+    if embed_axes:  # FSDP: this layer's experts, gathered when its input exists
+      x, gate, up, down = jax.lax.optimization_barrier((x, gate, up, down))
+      gate, up = (jax.lax.all_gather(w, embed_axes, axis=1, tiled=True) for w in (gate, up))
+      down = jax.lax.all_gather(down, embed_axes, axis=2, tiled=True)
+    if gather:
+      x, idx, wt, valid = (
+        jax.lax.all_gather(a, gather, axis=0, tiled=True) for a in (x, idx, wt, valid)
+      )
+    first = jax.lax.axis_index(expert_axes) * gate.shape[0] if expert_axes else 0
+    y = grouped_ffn(x, idx, wt, valid, gate, up, down, first, impl)
+    if gather:
+      y = jax.lax.psum_scatter(y, gather, scatter_dimension=0, tiled=True)
+    return jax.lax.psum(y, reduce) if reduce else y
+
+  return jax.shard_map(
+    shard,
+    mesh=mesh,
+    in_specs=(tok3, tok3, tok3, tok2, w_in, w_in, w_out),
+    out_specs=tok3,
+    # Unchecked (megablox' Pallas calls carry no varying-axes types): the
+    # backward pass then sums the inputs' cotangents over the axes their
+    # specs leave out (each expert / mlp shard's share of d(x), d(weights)).
+    check_vma=False,
+  )(*args)
+
+
+class MoE(nnx.Module):
+  """Qwen3-MoE's sparse MLP block: router, top-k, dropless grouped experts.
+
+  The router runs in float32 (logits, softmax, top-k, renormalisation when
+  `norm_topk_prob`); expert weights are gate/up [E, D, F] and down [E, F, D],
+  logical axes ("expert", "embed", "mlp"). Padding tokens are routed nowhere
+  (output 0: no real token reads them) and are left out of the statistics.
+  """
+
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, e, f, pd = cfg.embed_dim, cfg.num_experts, cfg.moe_mlp_dim, cfg.jnp_param_dtype
+    self.cfg = cfg
+    self.router = _param(rngs, (d, e), ("embed", None), pd)
+    self.gate = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd)
+    self.up = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd)
+    self.down = _param(rngs, (e, f, d), ("expert", "mlp", "embed"), pd)
+
+  def decode_weights(self) -> dict[str, Array]:
+    """Expert weights in the compute dtype (the router in float32): the
+    sampler's decode steps run the normal path on them, uncast."""
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    up_names, down_names = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+    return {
+      "router": self.router[...].astype(f32),
+      "gate": shd.constrain(self.gate[...].astype(dt), up_names, cfg.rules),
+      "up": shd.constrain(self.up[...].astype(dt), up_names, cfg.rules),
+      "down": shd.constrain(self.down[...].astype(dt), down_names, cfg.rules),
+    }
+
+  def __call__(self, x_BTD, mask_BT=None, w=None) -> tuple[Array, RouterStats]:
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    if w is None:
+      w = {
+        "router": self.router[...],
+        "gate": self.gate[...].astype(dt),
+        "up": self.up[...].astype(dt),
+        "down": self.down[...].astype(dt),
+      }
+    e, xk = cfg.num_experts, cfg.num_experts_per_tok
+    logits_BTE = jnp.einsum("BTD,DE->BTE", x_BTD.astype(f32), w["router"].astype(f32))
+    probs_BTE = jax.nn.softmax(logits_BTE, axis=-1)
+    top_p_BTX, top_i_BTX = jax.lax.top_k(probs_BTE, xk)
+    if cfg.norm_topk_prob:
+      top_p_BTX = top_p_BTX / jnp.sum(top_p_BTX, axis=-1, keepdims=True)
+    valid_BT = jnp.ones(x_BTD.shape[:2], f32) if mask_BT is None else (mask_BT > 0).astype(f32)
+    valid_A = jnp.broadcast_to(valid_BT[..., None], top_i_BTX.shape).reshape(-1)
+    stats = RouterStats(
+      counts=jnp.zeros((e,), f32).at[top_i_BTX.reshape(-1)].add(valid_A),
+      probs=jnp.einsum("BTE,BT->E", probs_BTE, valid_BT),
+      tokens=jnp.sum(valid_BT),
+    )
+    y = moe_ffn(
+      x_BTD,
+      top_i_BTX,
+      top_p_BTX.astype(dt),
+      valid_BT,
+      w["gate"],
+      w["up"],
+      w["down"],
+      cfg.rules,
+      cfg.grouped_matmul,
+    )
+    return shd.constrain(y, ("batch", "length", "act_embed"), cfg.rules), stats
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
     pd = cfg.jnp_param_dtype
     self.cfg = cfg
     self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, rngs)
 
   def __call__(
-    self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None, decode=False
+    self,
+    x_BTD,
+    positions_BT,
+    inv_freq,
+    allowed_BTS,
+    kv=None,
+    index=None,
+    w=None,
+    mask_BT=None,
+    decode=False,
   ):
+    """(x, kv, router stats: None for a dense MLP); mask_BT: real tokens (MoE routing)."""
     y, kv = self.attn(
       self.attn_norm(x_BTD),
       positions_BT,
@@ -537,9 +914,14 @@ class Block(nnx.Module):
       decode,
     )
     x = x_BTD + y
-    x = x + self.mlp(self.mlp_norm(x), None if w is None else w["mlp"])
+    stats = None
+    if isinstance(self.mlp, MoE):
+      y, stats = self.mlp(self.mlp_norm(x), mask_BT, None if w is None else w["mlp"])
+      x = x + y
+    else:
+      x = x + self.mlp(self.mlp_norm(x), None if w is None else w["mlp"])
     x = shd.constrain(x, ("batch", "length", "act_embed"), self.cfg.rules)
-    return x, kv
+    return x, kv, stats
 
 
 _REMAT_POLICIES = {
@@ -559,7 +941,9 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     pd = cfg.jnp_param_dtype
     self.embed = _param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd)
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.layers = nnx.List(
+      [Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+    )
     self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), pd)
@@ -605,11 +989,14 @@ class Transformer(nnx.Module):
     weights: dict[str, Any] | None = None,
     remat: bool | None = None,
     decode: bool = False,
+    router_stats: bool = False,
   ):
     """Logits [B, T, V] float32 (or final hidden states) and the updated cache.
 
     `decode=True` marks the sampler's decode step (one new token a row, a
     cache, no backward pass): only there does `cfg.decode_attention` apply.
+    `router_stats=True` also returns the MoE layers' `RouterStats` over the
+    real tokens of `mask_BT` (None for a dense model): (out, cache, stats).
     """
     cfg = self.cfg
     dt = cfg.jnp_dtype
@@ -624,6 +1011,7 @@ class Transformer(nnx.Module):
       to_front, to_back = left_align(mask_BT)
       tokens_BT = jnp.take_along_axis(tokens_BT, to_front, axis=1)
       positions_BT = jnp.take_along_axis(positions_BT, to_front, axis=1)
+      mask_BT = jnp.take_along_axis(mask_BT, to_front, axis=1)
     x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
     x = shd.constrain(x, ("batch", "length", "act_embed"), cfg.rules)
     inv_freq = rope_frequencies(cfg)
@@ -648,13 +1036,15 @@ class Transformer(nnx.Module):
     if cfg.remat != "none" and (cache is None if remat is None else remat):
       run = nnx.remat(_run_block, policy=_REMAT_POLICIES[cfg.remat])
     new_k, new_v = [], []
+    stats = None
     for i, block in enumerate(self.layers):
       kv = None if cache is None else (cache["k"][i], cache["v"][i])
       w = None if weights is None else weights["layers"][i]
       if decode:  # the sampler's decode step (no backward pass, never rematerialised)
-        x, kv = block(x, positions_BT, inv_freq, allowed, kv, index, w, decode=True)
+        x, kv, st = block(x, positions_BT, inv_freq, allowed, kv, index, w, mask_BT, decode=True)
       else:
-        x, kv = run(block, x, positions_BT, inv_freq, allowed, kv, index, w)
+        x, kv, st = run(block, x, positions_BT, inv_freq, allowed, kv, index, w, mask_BT)
+      stats = add_router_stats(stats, st)
       if cache is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -663,13 +1053,17 @@ class Transformer(nnx.Module):
       x = jnp.take_along_axis(x, to_back[..., None], axis=1)
     if cache is not None:
       cache = {"k": tuple(new_k), "v": tuple(new_v), "mask": kv_mask, "index": index + t}
-    if return_hidden:
-      return x, cache
-    return self.logits(x, weights), cache
+    out = x if return_hidden else self.logits(x, weights)
+    return (out, cache, stats) if router_stats else (out, cache)
 
   def forward_shared_prefix(
-    self, prompt_tokens_GP: Array, prompt_mask_GP: Array, resp_tokens_BR: Array, resp_mask_BR: Array
-  ) -> tuple[Array, Array]:
+    self,
+    prompt_tokens_GP: Array,
+    prompt_mask_GP: Array,
+    resp_tokens_BR: Array,
+    resp_mask_BR: Array,
+    router_stats: bool = False,
+  ) -> tuple[Array, ...]:
     """Final hidden states of rows that share their prompt within groups.
 
     Row i of the responses continues prompt i // g (g = B // G, the trainer's
@@ -679,7 +1073,9 @@ class Transformer(nnx.Module):
     forward of the [prompt | response] rows (left-padded prompt, right-padded
     response) for (g - 1) / g less prompt work; gradients reach each prompt
     from every row of its group (through the cache).
-    Returns (prompt hidden [G, P, D], response hidden [B, R, D]), final-normed.
+    Returns (prompt hidden [G, P, D], response hidden [B, R, D]), final-normed,
+    and with `router_stats` the MoE `RouterStats` of the full rows (a prompt's
+    counted g times, as the full forward counts it).
     """
     g_count, p = prompt_tokens_GP.shape
     b, r = resp_tokens_BR.shape
@@ -691,14 +1087,15 @@ class Transformer(nnx.Module):
     pm = prompt_mask_GP.astype(jnp.int32)
     rm = resp_mask_BR.astype(jnp.int32)
     cache = init_cache(self.cfg, g_count, p + r)
-    hp, cache = self(
-      prompt_tokens_GP, positions_from_mask(pm), pm, cache=cache, return_hidden=True, remat=True
-    )
+    kw = dict(return_hidden=True, remat=True, router_stats=router_stats)
+    hp, cache, *stats_p = self(prompt_tokens_GP, positions_from_mask(pm), pm, cache=cache, **kw)
     cache = repeat_cache_rows(cache, group)
     n_prompt = jnp.sum(cache["mask"], axis=-1, keepdims=True)
     pos_r = jnp.maximum(n_prompt + jnp.cumsum(rm, axis=-1) - 1, 0).astype(jnp.int32)
-    hr, _ = self(resp_tokens_BR, pos_r, rm, cache=cache, return_hidden=True, remat=True)
-    return hp, hr
+    hr, _, *stats_r = self(resp_tokens_BR, pos_r, rm, cache=cache, **kw)
+    if not router_stats:
+      return hp, hr
+    return hp, hr, add_router_stats(stats_p[0], stats_r[0], scale_a=group)
 
   def logits(self, hidden_BTD: Array, weights: dict[str, Any] | None = None) -> Array:
     """Float32 logits of final hidden states (the output of `return_hidden=True`)."""

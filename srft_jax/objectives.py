@@ -259,8 +259,12 @@ _CHOICES = {
   "self_rl_form": ("paper", "advantage"),
   "rl_weight": ("entropy_pos", "const"),
   "entropy_granularity": ("sequence", "token", "batch"),
-  "aggregation": ("token_mean", "constant_len"),
+  "aggregation": ("token_mean", "constant_len", "seq_mean_token_mean", "seq_mean_token_sum"),
+  "is_correction": ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+  "kl_estimator": ("k1", "k2", "k3", "low_var_kl"),
 }
+# Aggregations that average per-row values over the rows with RL tokens.
+SEQ_MEAN = ("seq_mean_token_mean", "seq_mean_token_sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,17 +290,32 @@ class LossConfig:
   # w_rl = self_rl_coef * sg(exp(+H)) ("entropy_pos") | self_rl_coef ("const").
   rl_weight: str = "entropy_pos"
   # PPO clip for the advantage form; None = no clipping (the paper, docs/method.md §2).
+  # The ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (None: clip_eps;
+  # DAPO's clip-higher: 0.28). Dual clip (docs/method.md §2.6): for A < 0 a
+  # token's loss is at most -clip_ratio_c * A (None = off; verl's 3.0).
   clip_eps: float | None = None
+  clip_eps_high: float | None = None
+  clip_ratio_c: float | None = None
+  # Sampler-trainer mismatch (docs/method.md §2.7): rollout tokens' on-policy RL
+  # terms times an importance weight from old_logp (the trainer's) over
+  # sampler_logp (the sampler's), truncated at or masked outside is_cap.
+  is_correction: str = "none"
+  is_cap: float = 2.0
   # H inside the weights: per-row mean ("sequence"), per token, or one scalar
   # over all response tokens of the (global) batch.
   entropy_granularity: str = "sequence"
-  # RL denominator: number of RL tokens, or rows x max_response_len (Dr.GRPO).
+  # RL aggregation (docs/method.md §3): "token_mean" over all RL tokens;
+  # "constant_len" = sum / (rows x max_response_len) (Dr.GRPO);
+  # "seq_mean_token_mean" / "seq_mean_token_sum": the mean over RL rows of each
+  # row's token mean / token sum.
   aggregation: str = "token_mean"
   max_response_len: int | None = None
   # - entropy_bonus * token-mean entropy (keeps its gradient); 0.001 in the code.
   entropy_bonus: float = 0.0
-  # kl_coef * k3 estimator to a reference model on rollout tokens (baselines).
+  # kl_coef * a KL estimator to the reference (base) model, token mean over
+  # rollout tokens (baselines): k1, k2, k3 (default) or low_var_kl (k3 clamped).
   kl_coef: float = 0.0
+  kl_estimator: str = "k3"
   use_sft: bool = True
   use_demo_rl: bool = True
   use_self_rl: bool = True
@@ -314,12 +333,27 @@ class LossConfig:
       raise ValueError(f"LossConfig.demo_rl_gamma={self.demo_rl_gamma!r}: expected > 0")
     if self.clip_eps is not None and not (0 < self.clip_eps < 1):
       raise ValueError(f"LossConfig.clip_eps={self.clip_eps!r}: expected None or in (0, 1)")
+    if self.clip_eps_high is not None:
+      if self.clip_eps is None:
+        raise ValueError("LossConfig.clip_eps_high needs clip_eps (the lower clip width)")
+      if not (isinstance(self.clip_eps_high, (int, float)) and self.clip_eps_high > 0):
+        raise ValueError(f"LossConfig.clip_eps_high={self.clip_eps_high!r}: expected > 0")
+    if self.clip_ratio_c is not None and not (
+      isinstance(self.clip_ratio_c, (int, float)) and self.clip_ratio_c > 1
+    ):
+      raise ValueError(f"LossConfig.clip_ratio_c={self.clip_ratio_c!r}: expected None or > 1")
+    if not (
+      isinstance(self.is_cap, (int, float)) and math.isfinite(self.is_cap) and self.is_cap > 1
+    ):
+      raise ValueError(f"LossConfig.is_cap={self.is_cap!r}: expected a finite number > 1")
     if self.max_response_len is not None and not (
       isinstance(self.max_response_len, int) and self.max_response_len > 0
     ):
       raise ValueError(
         f"LossConfig.max_response_len={self.max_response_len!r}: expected a positive int"
       )
+    if self.clip_ratio_c is not None and self.self_rl_form != "advantage":
+      raise ValueError("LossConfig.clip_ratio_c applies to self_rl_form='advantage' only")
     if self.aggregation == "constant_len" and self.max_response_len is None:
       raise ValueError("LossConfig.max_response_len is required when aggregation='constant_len'")
     if not (self.use_sft or self.use_demo_rl or self.use_self_rl):
@@ -371,10 +405,28 @@ PRESETS: dict[str, dict[str, Any]] = {
   # Ablations (docs/method.md §4, §6): one entropy weight replaced by its constant.
   "srft_no_wsft": dict(sft_weight="const"),  # w_sft = 0.5
   "srft_no_wrl": dict(rl_weight="const"),  # w_rl = 0.1
+  # DAPO (Yu et al. 2025): GRPO on rollouts with clip-higher [0.8, 1.28] and a
+  # token mean over the whole batch; no demonstrations, no KL. Its trainer
+  # switches (dynamic sampling, overlong shaping) are the config's
+  # (configs/default.py:dapo).
+  "dapo": dict(
+    use_sft=False, use_demo_rl=False, **_GRPO_ROLLOUTS, clip_eps=0.2, clip_eps_high=0.28
+  ),
+  # Dr.GRPO (Liu et al. 2025): advantages without std (ADVANTAGE_PRESETS) and a
+  # constant normaliser (rows x the run's max response length), PPO clip 0.2.
+  "dr_grpo": dict(
+    use_sft=False,
+    use_demo_rl=False,
+    **_GRPO_ROLLOUTS,
+    clip_eps=0.2,
+    aggregation="constant_len",
+    max_response_len=8192,
+  ),
 }
 # Presets whose advantages differ from the paper's (AdvantageConfig.preset).
 ADVANTAGE_PRESETS: dict[str, dict[str, Any]] = {
   "srft_code": dict(normalize_std=False),  # the released code's script: r - mean
+  "dr_grpo": dict(normalize_std=False),
 }
 # (`sft_then_grpo` is a two-stage schedule of the `sft` and `grpo` presets: the
 # trainer's business, not a loss config.)
@@ -415,11 +467,14 @@ def loss_denominators(batch: Mapping[str, Array], cfg: LossConfig) -> dict[str, 
     rl_BT = rl_BT + demo_BT
   if cfg.use_self_rl:
     rl_BT = rl_BT + roll_BT
+  rl_rows = jnp.sum(jnp.any(rl_BT > 0, axis=1).astype(jnp.float32))
   if cfg.aggregation == "token_mean":
     rl_den = jnp.sum(rl_BT)
-  else:  # constant_len: rows with any RL token x max_response_len (Dr.GRPO);
-    # rows outside every RL term (e.g. demos under grpo) are not counted.
-    rl_den = jnp.sum(jnp.any(rl_BT > 0, axis=1).astype(jnp.float32)) * cfg.max_response_len
+  elif cfg.aggregation == "constant_len":  # rows with any RL token x max_response_len
+    # (Dr.GRPO); rows outside every RL term (e.g. demos under grpo) are not counted.
+    rl_den = rl_rows * cfg.max_response_len
+  else:  # seq_mean_*: the number of rows with RL tokens
+    rl_den = rl_rows
   return {
     "sft": jnp.sum(demo_BT),
     "rl_demo": rl_den,
@@ -455,6 +510,29 @@ def _weight_entropy(ent_BT, mask_BT, granularity, batch_entropy):
   return lax.stop_gradient(jnp.asarray(batch_entropy, jnp.float32))
 
 
+def importance_weights(
+  old_logp_BT: Array, sampler_logp_BT: Array, mask_BT: Array, correction: str, cap: float
+) -> Array:
+  """Importance weights of the sampler-trainer mismatch (docs/method.md §2.7), sg.
+
+  r_t = exp(old_t - sampler_t) per token, or rho = exp(sum_t of the row's
+  (old_t - sampler_t)) per row ("sequence_*", shape [B, 1]): the product of
+  its token ratios. "*_truncate": min(w, cap); "*_mask": w inside [1/cap, cap],
+  else 0. "none": ones.
+  """
+  mask = mask_BT.astype(jnp.float32)
+  if correction == "none":
+    return jnp.ones_like(mask)
+  d = jnp.where(
+    mask > 0, old_logp_BT.astype(jnp.float32) - sampler_logp_BT.astype(jnp.float32), 0.0
+  )
+  d = lax.stop_gradient(d)
+  w = jnp.exp(d) if correction.startswith("token") else jnp.exp(jnp.sum(d, axis=1))[:, None]
+  if correction.endswith("truncate"):
+    return jnp.minimum(w, cap)
+  return jnp.where((w >= 1.0 / cap) & (w <= cap), w, 0.0)
+
+
 def _check_batch(logp_BT, ent_BT, batch, cfg):
   if logp_BT.ndim != 2 or logp_BT.shape != ent_BT.shape:
     raise ValueError(f"logp and ent must both be [B, T]; got {logp_BT.shape}, {ent_BT.shape}")
@@ -464,6 +542,9 @@ def _check_batch(logp_BT, ent_BT, batch, cfg):
     want["old_logp"] = (b, t)
   if cfg.kl_coef > 0:
     want["ref_logp"] = (b, t)
+  if cfg.is_correction != "none":
+    want["old_logp"] = (b, t)
+    want["sampler_logp"] = (b, t)
   for key, shape in want.items():
     if key not in batch:
       raise ValueError(f"batch[{key!r}] is required for this LossConfig")
@@ -505,12 +586,22 @@ def srft_loss_parts(
   if cfg.use_sft:
     sums["sft"] = jnp.sum(demo_BT * w_sft * -logp)
 
+  def rl_sum(per_token_BT, term_BT):
+    """Numerator of an RL term: a sum over its tokens, or (seq_mean_*) over its
+    rows of each row's token mean / sum (docs/method.md §3)."""
+    if cfg.aggregation not in SEQ_MEAN:
+      return jnp.sum(term_BT * per_token_BT)
+    row_B = jnp.sum(term_BT * per_token_BT, axis=1)
+    if cfg.aggregation == "seq_mean_token_mean":
+      row_B = row_B / jnp.maximum(jnp.sum(term_BT, axis=1), 1.0)
+    return jnp.sum(row_B)
+
   # L_rl_demo, docs/method.md §2 Eq. 9-10: pi_beta = 1, no clip -> -A * p_t,
   # or LUFFY's policy shaping -A * p_t / (p_t + gamma).
   if cfg.use_demo_rl:
     p = jnp.exp(logp)
     shaped = p if cfg.demo_rl_shaping == "none" else p / (p + cfg.demo_rl_gamma)
-    sums["rl_demo"] = jnp.sum(demo_BT * -adv_B1 * shaped)
+    sums["rl_demo"] = rl_sum(-adv_B1 * shaped, demo_BT)
 
   # L_rl_self, docs/method.md §2 Eq. 11-12.
   w_rl = (
@@ -522,31 +613,55 @@ def srft_loss_parts(
     logp - jnp.where(valid, jnp.asarray(batch.get("old_logp", logp), jnp.float32), 0.0)
   )
   clipped = jnp.zeros_like(logp)
+  dual_clipped = jnp.zeros_like(logp)
   if cfg.self_rl_form == "paper":
     # Positives (r > 0): w_rl * (-log p); negatives: +log p (weight 1).
     positive_B1 = (jnp.asarray(batch["rewards"], jnp.float32) > 0)[:, None]
     per_token = jnp.where(positive_B1, w_rl * -logp, logp)
   else:
-    # Released code: GRPO -A * ratio (optionally PPO-clipped), rows with
-    # A > 0 scaled by w_rl.
+    # Released code: GRPO -A * ratio (optionally PPO-clipped to
+    # [1 - eps, 1 + eps_high], optionally dual-clipped), rows with A > 0
+    # scaled by w_rl.
     positive_B1 = adv_B1 > 0
     per_token = -adv_B1 * ratio
     if cfg.clip_eps is not None:
-      clipped_pg = -adv_B1 * jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
+      high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+      clipped_pg = -adv_B1 * jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + high)
       clipped = (clipped_pg > per_token).astype(jnp.float32)
       per_token = jnp.maximum(per_token, clipped_pg)
+    if cfg.clip_ratio_c is not None:  # A < 0: at most -c * A (docs/method.md §2.6)
+      bound = -adv_B1 * cfg.clip_ratio_c
+      dual_clipped = ((adv_B1 < 0) & (per_token > bound)).astype(jnp.float32)
+      per_token = jnp.where(adv_B1 < 0, jnp.minimum(per_token, bound), per_token)
     per_token = jnp.where(positive_B1, w_rl * per_token, per_token)
+  is_w = importance_weights(
+    batch.get("old_logp", logp),
+    batch.get("sampler_logp", logp),
+    roll_BT,
+    cfg.is_correction,
+    cfg.is_cap,
+  )
+  if cfg.is_correction != "none":
+    per_token = per_token * is_w
   if cfg.use_self_rl:
-    sums["rl_self"] = jnp.sum(roll_BT * per_token)
+    sums["rl_self"] = rl_sum(per_token, roll_BT)
 
   # Entropy bonus (docs/method.md §2): keeps its gradient, unlike H in the weights.
   if cfg.entropy_bonus > 0:
     sums["entropy_bonus"] = -cfg.entropy_bonus * jnp.sum(mask_BT * ent)
 
-  # KL to a reference (baselines only): k3 = exp(ref - logp) - (ref - logp) - 1.
+  # KL to the reference (baselines), docs/method.md §2.5: with x = logp - ref,
+  # k1 = x, k2 = x^2 / 2, k3 = exp(-x) + x - 1, low_var_kl = k3 clamped to [-10, 10].
   if cfg.kl_coef > 0:
-    d = jnp.where(valid, jnp.asarray(batch["ref_logp"], jnp.float32), 0.0) - logp
-    sums["kl"] = cfg.kl_coef * jnp.sum(roll_BT * (jnp.exp(d) - d - 1.0))
+    x = logp - jnp.where(valid, jnp.asarray(batch["ref_logp"], jnp.float32), 0.0)
+    k3 = lambda: jnp.exp(-x) + x - 1.0  # noqa: E731
+    kl = {
+      "k1": lambda: x,
+      "k2": lambda: 0.5 * x**2,
+      "k3": k3,
+      "low_var_kl": lambda: jnp.clip(k3(), -10.0, 10.0),
+    }[cfg.kl_estimator]()
+    sums["kl"] = cfg.kl_coef * jnp.sum(roll_BT * kl)
 
   counts = loss_denominators(batch, cfg)
   # Report a weight only where its term is on (an off term's weight reads 0).
@@ -560,6 +675,8 @@ def srft_loss_parts(
     entropy_rollout=sg(jnp.sum(roll_BT * ent)),
     ratio=sg(jnp.sum(roll_BT * ratio)),
     clip_frac=sg(jnp.sum(roll_BT * clipped)),
+    dual_clip_frac=sg(jnp.sum(roll_BT * dual_clipped)),
+    is_weight=sg(jnp.sum(roll_BT * is_w)),
   )
   counts.update(
     w_sft=jnp.sum(w_sft_mask),
@@ -568,6 +685,8 @@ def srft_loss_parts(
     entropy_rollout=jnp.sum(roll_BT),
     ratio=jnp.sum(roll_BT),
     clip_frac=jnp.sum(roll_BT),
+    dual_clip_frac=jnp.sum(roll_BT),
+    is_weight=jnp.sum(roll_BT),
   )
   return LossParts(sums, counts)
 
@@ -602,7 +721,8 @@ def srft_loss(
 
   batch: ``response_mask`` [B,T], ``is_demo`` [B], ``rewards`` [B],
   ``advantages`` [B], ``old_logp`` [B,T] (advantage form), ``ref_logp``
-  [B,T] (kl_coef > 0). ``denominators``: ``loss_denominators`` of the full
+  [B,T] (kl_coef > 0), ``sampler_logp`` [B,T] (is_correction on: the
+  sampler's log-probs, while ``old_logp`` holds the trainer's). ``denominators``: ``loss_denominators`` of the full
   batch when this call is one micro-batch (see the module docstring);
   ``batch_entropy``: the full batch's mean entropy for granularity 'batch'.
   Returns ``(loss, aux)``; aux holds each term, mean w_sft / w_rl, mean
@@ -610,7 +730,13 @@ def srft_loss(
   """
   parts = srft_loss_parts(logp_BT, ent_BT, batch, cfg, batch_entropy=batch_entropy)
   if denominators is not None:
-    counts = dict(parts.counts)
-    counts.update({k: jnp.asarray(denominators[k], jnp.float32) for k in LOSS_TERMS})
-    parts = LossParts(parts.sums, counts)
+    parts = with_denominators(parts, denominators)
   return combine(parts)
+
+
+def with_denominators(parts: LossParts, denominators: Mapping[str, Array]) -> LossParts:
+  """`parts` with the loss terms' denominators replaced (e.g. by the full
+  batch's `loss_denominators`, for one micro-batch)."""
+  counts = dict(parts.counts)
+  counts.update({k: jnp.asarray(denominators[k], jnp.float32) for k in LOSS_TERMS})
+  return LossParts(parts.sums, counts)

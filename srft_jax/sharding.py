@@ -1,9 +1,11 @@
 """Device mesh and logical-axis sharding.
 
 Parameters and activations carry *logical* axis names (`embed`, `mlp`, `heads`,
-...). One rules table maps each logical name to mesh axes (`data`, `fsdp`,
-`tensor`), so switching FSDP for tensor parallelism is a config edit, never a
-code edit (MaxText's `logical_axis_rules`). Layers never name mesh axes.
+`expert`, ...). One rules table maps each logical name to mesh axes (`data`,
+`fsdp`, `tensor`, `expert`), so switching FSDP for tensor parallelism, or
+placing a mixture-of-experts layer's experts over the `fsdp` or the `expert`
+axis, is a config edit, never a code edit (MaxText's `logical_axis_rules`).
+Layers never name mesh axes: code that must (a `shard_map`) asks `mesh_axes`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# `expert` last: positional mesh shapes (data, fsdp, tensor) keep their meaning.
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical name -> mesh axes (None = replicated). Order of preference matters:
 # an axis already used by an earlier dimension of the same array is skipped.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-  ("batch", ("data", "fsdp")),
+  # Rows also split over `expert`: expert parallelism is data parallel outside
+  # the MoE layers (model.MoE gathers a layer's tokens over it).
+  ("batch", ("data", "fsdp", "expert")),
   ("length", None),
   ("cache_length", None),
   ("act_embed", None),
@@ -39,14 +44,26 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ("head_dim", None),
   ("vocab", "tensor"),
   ("norm", None),
+  # A MoE layer's experts: over the `expert` mesh axis (size 1 unless the mesh
+  # has one). with_rules(DEFAULT_RULES, expert="fsdp") puts them over fsdp instead.
+  ("expert", "expert"),
 )
+
+
+def with_rules(rules, **overrides) -> tuple[tuple[str, Any], ...]:
+  """`rules` with some logical names mapped anew, e.g. `with_rules(DEFAULT_RULES,
+  expert="fsdp")`; names not in `rules` are appended."""
+  rules = tuple(rules if rules is not None else DEFAULT_RULES)
+  out = tuple((name, overrides.get(name, axes)) for name, axes in rules)
+  known = {name for name, _ in rules}
+  return out + tuple((n, a) for n, a in overrides.items() if n not in known)
 
 
 def make_mesh(
   shape: Mapping[str, int] | Sequence[int] | None = None,
   devices: Sequence[jax.Device] | None = None,
 ) -> jax.sharding.Mesh:
-  """Builds a (data, fsdp, tensor) mesh with Auto axes (classic GSPMD).
+  """Builds a (data, fsdp, tensor, expert) mesh with Auto axes (classic GSPMD).
 
   `shape` maps axis -> size; one size may be -1 (fills the remaining devices).
   Missing axes get size 1.
@@ -143,6 +160,13 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=None) -> jax.Arra
     return x
   spec = logical_to_spec(names, rules, mesh, x.shape)
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def mesh_axes(spec_entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+  if spec_entry is None:
+    return ()
+  return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
 
 
 def _is_variable(x) -> bool:

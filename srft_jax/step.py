@@ -46,6 +46,11 @@ class StepConfig:
   # sharing one prompt (assemble_batch's layout); the forward then runs each
   # prompt once per group (Transformer.forward_shared_prefix), not once per row.
   group: int = 0
+  # Before any update, recompute `old_logp` with the trainer's forward (the
+  # sampler's values become `sampler_logp`; docs/method.md §2.7).
+  recompute_old_logp: bool = False
+  # The KL term's reference log-probs from `ref_params` (the base model).
+  reference: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +123,7 @@ def sequence_logprobs(
   chunk=1024,
   last: int = 0,
   group: int = 0,
+  router_aux: bool = False,
 ):
   """Teacher-forced log-prob of each next token and the full-vocab entropy, [B, T-1].
 
@@ -127,20 +133,23 @@ def sequence_logprobs(
   before them are 0 (static shapes, no LM-head work spent on the prompt).
   With `group` > 1 as well, rows [i*group, (i+1)*group) share the prompt
   (the first T - last columns) and it runs once per group.
+  `router_aux=True` also returns the MoE router's load-balancing loss over
+  the rows' real tokens (`model.RouterAux`; None for a dense model).
   """
   model = nnx.merge(graphdef, params)
   t = tokens_BT.shape[1]
   first = t - 1 - last if 0 < last < t else 0
+  kw = {"router_stats": True} if router_aux else {}
   if first and group > 1:
     p = first + 1
-    hp, hr = model.forward_shared_prefix(
-      tokens_BT[::group, :p], mask_BT[::group, :p], tokens_BT[:, p:], mask_BT[:, p:]
+    hp, hr, *stats = model.forward_shared_prefix(
+      tokens_BT[::group, :p], mask_BT[::group, :p], tokens_BT[:, p:], mask_BT[:, p:], **kw
     )
     # Response token 0 is predicted from the prompt's last position (shared).
     hidden = jnp.concatenate([jnp.repeat(hp[:, -1:], group, axis=0), hr[:, :-1]], axis=1)
   else:
     positions = model_lib.positions_from_mask(mask_BT)
-    hidden, _ = model(tokens_BT, positions, mask_BT, return_hidden=True)
+    hidden, _, *stats = model(tokens_BT, positions, mask_BT, return_hidden=True, **kw)
     hidden = hidden[:, first:-1]
   logp, ent = obj.chunked_logprobs_and_entropy(
     hidden, model.unembed(), tokens_BT[:, first + 1 :], temperature=temperature, chunk_size=chunk
@@ -148,6 +157,8 @@ def sequence_logprobs(
   if first:
     pad = ((0, 0), (first, 0))
     logp, ent = jnp.pad(logp, pad), jnp.pad(ent, pad)
+  if router_aux:
+    return logp, ent, model_lib.router_aux(model.cfg, stats[0])
   return logp, ent
 
 
@@ -188,6 +199,7 @@ def assemble_batch(
   demo_mask_bR,
   rewards,
   advantages,
+  row_weight=None,
   *,
   layout: GroupLayout,
 ) -> dict[str, Array]:
@@ -195,7 +207,9 @@ def assemble_batch(
 
   Rows are prompt-major: prompt i owns rows [i*g, (i+1)*g), its n rollouts
   first, then its d demonstrations. `rewards` and `advantages` (from
-  `rollout_advantages`) follow the same order. Loss
+  `rollout_advantages`) follow the same order, and so does `row_weight`
+  (optional, [b*g]): a row of weight 0 reaches no loss term (its response
+  mask is cleared; DAPO's overlong filter, dynamic sampling's fillers). Loss
   arrays are aligned with next-token targets (columns 0..T-2).
   """
   b, p = prompt_tokens_bP.shape
@@ -217,6 +231,8 @@ def assemble_batch(
   prompt_mask = jnp.repeat(prompt_mask_bP, g, axis=0).astype(jnp.int32)
   tokens = jnp.concatenate([prompt_tok, resp_tok], axis=1)
   mask = jnp.concatenate([prompt_mask, resp_mask], axis=1)
+  if row_weight is not None:
+    resp_mask = resp_mask * (row_weight > 0).astype(jnp.int32)[:, None]
   # Target column t predicts token t+1: response token j sits at column p+j-1.
   response_mask = jnp.concatenate([jnp.zeros_like(prompt_mask), resp_mask], axis=1)[:, 1:]
   old_logp = jnp.concatenate([jnp.zeros((b * g, p), jnp.float32), resp_logp], axis=1)[:, 1:]
@@ -237,32 +253,112 @@ def _split(tree, n: int):
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
 
 
-def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple[dict, dict]:
+def _logprobs(graphdef, params, mb: dict, cfg: StepConfig, router_aux: bool = False):
+  return sequence_logprobs(
+    graphdef,
+    params,
+    mb["tokens"],
+    mb["mask"],
+    temperature=cfg.temperature,
+    chunk=cfg.logit_chunk,
+    last=cfg.response_len,
+    group=cfg.group,
+    router_aux=router_aux,
+  )
+
+
+def _chunked_logprobs(graphdef, params_list, batch: dict, cfg: StepConfig) -> list[Array]:
+  """Log-probs [B, T-1] of the whole batch under each params (no gradient), one
+  pass over micro-batch-sized chunks so memory stays that of one micro-batch."""
+  n = cfg.minibatches * cfg.microbatches
+  chunks = _split({"tokens": batch["tokens"], "mask": batch["mask"]}, n)
+
+  # The params ride in the carry: a closed-over outer value cannot be merged
+  # into a module inside the scan when the model is rematerialised (flax).
+  def body(ps, mb):
+    return ps, [_logprobs(graphdef, p, mb, cfg)[0] for p in ps]
+
+  _, out = jax.lax.scan(body, params_list, chunks)
+  return [jax.lax.stop_gradient(x.reshape((-1,) + x.shape[2:])) for x in out]
+
+
+def mismatch_metrics(old_logp_BT: Array, sampler_logp_BT: Array, rollout_mask_BT: Array) -> dict:
+  """How far the sampler's log-probs are from the trainer's on rollout tokens
+  (docs/method.md §2.7): |old - sampler| mean, p95 (nearest rank) and max;
+  the fraction of tokens whose ratio exp(old - sampler) is outside [0.5, 2];
+  the mean over rollout rows of the row's sum of (old - sampler)."""
+  m = rollout_mask_BT.astype(jnp.float32)
+  d = jnp.where(m > 0, old_logp_BT - sampler_logp_BT, 0.0)
+  a = jnp.abs(d)
+  n = jnp.sum(m)
+  flat = jnp.sort(jnp.where(m > 0, a, -1.0).reshape(-1))  # masked entries sort first
+  rank = jnp.ceil(0.95 * n).astype(jnp.int32) - 1
+  p95 = flat[jnp.clip(flat.shape[0] - n.astype(jnp.int32) + rank, 0, flat.shape[0] - 1)]
+  rows = jnp.any(m > 0, axis=1).astype(jnp.float32)
+  safe = lambda x, c: jnp.where(c > 0, x / jnp.maximum(c, 1.0), 0.0)  # noqa: E731
+  return {
+    "mismatch/abs_mean": safe(jnp.sum(a), n),
+    "mismatch/abs_p95": jnp.where(n > 0, p95, 0.0),
+    "mismatch/abs_max": jnp.max(a),
+    "mismatch/ratio_outside_frac": safe(jnp.sum(m * ((d < -jnp.log(2.0)) | (d > jnp.log(2.0)))), n),
+    "mismatch/row_sum_mean": safe(jnp.sum(jnp.sum(d, axis=1) * rows), jnp.sum(rows)),
+  }
+
+
+def train_step(
+  graphdef, tx, cfg: StepConfig, state: dict, batch: dict, ref_params=None
+) -> tuple[dict, dict]:
   """One rollout batch: `cfg.minibatches` optimizer updates, each accumulating
   gradients over `cfg.microbatches` chunks with the full mini-batch's loss
   denominators (exact, docs/method.md §8). Non-finite updates are skipped and counted.
+
+  With `cfg.recompute_old_logp` the trainer's own log-probs under the current
+  params become `old_logp` before any update and the sampler's become
+  `sampler_logp`; with `cfg.reference` the reference params (`ref_params`,
+  the base) give `ref_logp` for the KL term, in the same pass.
   """
   loss_cfg = cfg.loss
+  pre = {}
+  if cfg.recompute_old_logp or cfg.reference:
+    params_list = ([state["params"]] if cfg.recompute_old_logp else []) + (
+      [ref_params] if cfg.reference else []
+    )
+    out = _chunked_logprobs(graphdef, params_list, batch, cfg)
+    mask = batch["response_mask"].astype(jnp.float32)
+    batch = dict(batch)
+    if cfg.recompute_old_logp:
+      old = out.pop(0) * mask
+      rollout = mask * (1.0 - batch["is_demo"].astype(jnp.float32))[:, None]
+      pre = mismatch_metrics(old, batch["old_logp"], rollout)
+      batch["sampler_logp"], batch["old_logp"] = batch["old_logp"], old
+    if cfg.reference:
+      batch["ref_logp"] = out.pop(0) * mask
 
   def loss_fn(params, mb, denominators, batch_entropy):
-    logp, ent = sequence_logprobs(
-      graphdef,
-      params,
-      mb["tokens"],
-      mb["mask"],
-      temperature=cfg.temperature,
-      chunk=cfg.logit_chunk,
-      last=cfg.response_len,
-      group=cfg.group,
-    )
-    return obj.srft_loss(
-      logp, ent, mb, loss_cfg, denominators=denominators, batch_entropy=batch_entropy
-    )
+    logp, ent, router = _logprobs(graphdef, params, mb, cfg, router_aux=True)
+    parts = obj.srft_loss_parts(logp, ent, mb, loss_cfg, batch_entropy=batch_entropy)
+    parts = obj.with_denominators(parts, denominators)
+    loss = obj.combine(parts)[0]
+    if router is not None:
+      # MoE load balancing: coef * aux of this micro-batch, weighted by its share
+      # n / N of the mini-batch's real tokens, so the micro-batches add up to the
+      # token-weighted mean of their aux values: with one micro-batch exactly the
+      # mini-batch's (HF's) value; aux is bilinear in two batch means, so with
+      # several it is that mean, not the product of the full batch's means.
+      # Logged as `loss/router_aux` from a (sum, count) pair, n * aux over n.
+      n = jnp.sum(mb["mask"]).astype(jnp.float32)
+      loss = loss + router.coef * router.loss * n / denominators["router_tokens"]
+      parts = obj.LossParts(
+        {**parts.sums, "loss/router_aux": router.loss * n},
+        {**parts.counts, "loss/router_aux": n},
+      )
+    return loss, parts
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def update(state, minibatch):
     denominators = obj.loss_denominators(minibatch, loss_cfg)
+    denominators["router_tokens"] = jnp.sum(minibatch["mask"]).astype(jnp.float32)  # N (MoE)
     micro = _split(minibatch, cfg.microbatches)
     batch_entropy = None
     # With one micro-batch the loss's own forward sees the whole mini-batch and
@@ -270,30 +366,27 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
     if loss_cfg.entropy_granularity == "batch" and cfg.microbatches > 1:
 
       def ent_sums(carry, mb):
-        _, ent = sequence_logprobs(
-          graphdef,
-          state["params"],
-          mb["tokens"],
-          mb["mask"],
-          temperature=cfg.temperature,
-          chunk=cfg.logit_chunk,
-          last=cfg.response_len,
-          group=cfg.group,
-        )
-        s, c = obj.entropy_sum_and_count(ent, mb["response_mask"])
-        return (carry[0] + s, carry[1] + c), None
+        params, s, c = carry  # params in the carry, as in _chunked_logprobs
+        _, ent = _logprobs(graphdef, params, mb, cfg)
+        ds, dc = obj.entropy_sum_and_count(ent, mb["response_mask"])
+        return (params, s + ds, c + dc), None
 
-      (s, c), _ = jax.lax.scan(ent_sums, (0.0, 0.0), micro)
+      (_, s, c), _ = jax.lax.scan(ent_sums, (state["params"], 0.0, 0.0), micro)
       batch_entropy = jax.lax.stop_gradient(s / jnp.maximum(c, 1.0))
 
     def accumulate(carry, mb):
       grads, loss = carry
-      (l, aux), g = grad_fn(state["params"], mb, denominators, batch_entropy)
-      return (jax.tree.map(jnp.add, grads, g), loss + l), aux
+      (l, parts), g = grad_fn(state["params"], mb, denominators, batch_entropy)
+      return (jax.tree.map(jnp.add, grads, g), loss + l), parts
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    (grads, loss), aux = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
-    aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
+    (grads, loss), parts = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+    # Metrics of the whole mini-batch from the micro-batches' (sum, count) pairs.
+    total = obj.LossParts(
+      {k: jnp.sum(v, axis=0) for k, v in parts.sums.items()},
+      {k: jnp.sum(v, axis=0) for k, v in parts.counts.items()},
+    )
+    _, aux = obj.combine(obj.with_denominators(total, denominators))
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -312,6 +405,7 @@ def train_step(graphdef, tx, cfg: StepConfig, state: dict, batch: dict) -> tuple
   state, metrics = jax.lax.scan(update, state, _split(batch, cfg.minibatches))
   metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), metrics)
   metrics["skipped"] = metrics["skipped"] * cfg.minibatches
+  metrics.update(pre)
   state = {**state, "step": state["step"] + 1}
   metrics["nonfinite/total"] = state["nonfinite_total"]
   metrics["nonfinite/streak"] = state["nonfinite_streak"]
@@ -365,11 +459,12 @@ def batch_shardings(batch: dict, mesh, rules=None) -> dict:
   return {k: shd.batch_sharding(mesh, v.ndim, rules, v.shape) for k, v in batch.items()}
 
 
-def jit_train_step(graphdef, tx, cfg: StepConfig, state_sh, batch_sh):
-  """`train_step` jitted with explicit shardings and the state donated."""
+def jit_train_step(graphdef, tx, cfg: StepConfig, state_sh, batch_sh, ref_sh=None):
+  """`train_step` jitted with explicit shardings and the state donated; called
+  as fn(state, batch, ref_params) (ref_params None unless `cfg.reference`)."""
   return jax.jit(
     functools.partial(train_step, graphdef, tx, cfg),
-    in_shardings=(state_sh, batch_sh),
+    in_shardings=(state_sh, batch_sh, ref_sh),
     out_shardings=(state_sh, None),
     donate_argnums=(0,),
   )

@@ -13,6 +13,7 @@ Update metrics are fetched one step late so the host never stalls the device.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -53,6 +54,12 @@ class Trainer:
     self.graphdef, self.params = nnx.split(model)
     self.state = None
     self.stage: factory.Stage | None = None
+    # The KL term's reference: a frozen copy of the starting (base) params,
+    # sharded like the policy; kept only where a stage has a KL term.
+    self.ref_params = self.ref_sh = None
+    if any(factory.step_config(config, st).reference for st in self.stages()):
+      self.ref_sh = shd.state_shardings(self.params, mesh, rules)
+      self.ref_params = jax.device_put(jax.tree.map(jnp.copy, self.params), self.ref_sh)
 
   # -- stages and state -------------------------------------------------------
   def stages(self) -> list[factory.Stage]:
@@ -98,20 +105,35 @@ class Trainer:
     return nnx.merge(self.graphdef, params)
 
   # -- one step -----------------------------------------------------------------
+  @property
+  def draws_per_step(self) -> int:
+    """Data batches one step consumes: `rollout.oversample` with dynamic
+    sampling (groups are then chosen among them), else 1."""
+    r = self.config.rollout
+    on = r.dynamic_sampling and self.stage is not None and self.stage.layout.n_rollouts > 0
+    return int(r.oversample) if on else 1
+
   def run_step(self, batch: dict, step: int, rng: Array) -> tuple[dict, dict]:
     """rollout -> reward -> advantage -> assemble -> update.
 
-    Returns (host metrics, device metrics); the device metrics are not fetched.
+    `batch` holds `draws_per_step` data batches (`merge_batches`). Returns
+    (host metrics, device metrics); the device metrics are not fetched.
     """
     host = {}
     t0 = time.perf_counter()
     prompts = self.global_batch(batch)
     rollouts = self.rollout(prompts, rng, host)
     t1 = time.perf_counter()
-    rewards = self.reward(batch, rollouts, host)
+    rewards, weights, correct = self.reward(batch, rollouts, host)
+    keep = self.select_groups(correct, host)
     t2 = time.perf_counter()
+    if keep is not None:
+      prompts, rollouts, rewards, weights = _take_groups(
+        keep, prompts, rollouts, rewards, weights, self.stage.layout
+      )
+    rewards = self._put(rewards.reshape(-1))
     advantages = self.advantages(rewards)
-    train_batch = self.assemble(prompts, rollouts, rewards, advantages)
+    train_batch = self.assemble(prompts, rollouts, rewards, advantages, weights)
     metrics = self.update(train_batch, step)
     host["time/sample_s"] = t1 - t0
     host["time/score_s"] = t2 - t1
@@ -124,7 +146,7 @@ class Trainer:
     keys = ("prompt_tokens", "prompt_mask", "demo_tokens", "demo_mask")
     return {k: multihost.gather(batch[k]) for k in keys}
 
-  def rollout(self, prompts: dict, rng: Array, host: dict):
+  def rollout(self, prompts: dict, rng: Array, host: dict) -> Rollouts | None:
     """n on-policy samples a prompt (None when the stage has no rollout term)."""
     n = self.stage.layout.n_rollouts
     if not n:
@@ -136,24 +158,30 @@ class Trainer:
     tokens, mask = multihost.gather(out.tokens), multihost.gather(out.mask)
     lengths = mask.sum(1)
     last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
+    truncated = ~np.isin(last, list(self.tokenizer.stop_ids))
     host["rollout/length_mean"] = float(lengths.mean())
-    host["rollout/truncated_frac"] = float(np.mean(~np.isin(last, list(self.tokenizer.stop_ids))))
+    host["rollout/truncated_frac"] = float(np.mean(truncated))
     host["tokens/sampled"] = float(lengths.sum())
-    return out
+    return Rollouts(out.tokens, out.mask, out.logprobs, tokens, mask, lengths, truncated)
 
-  def reward(self, batch: dict, rollouts, host: dict) -> Array:
-    """Verifier rewards of the augmented groups, one a training row (prompt-major:
-    each prompt's rollouts, then its demos), as a global array. Each host
-    decodes and scores only its own prompts' rows."""
+  def reward(self, batch: dict, rollouts: Rollouts | None, host: dict):
+    """(rewards, loss weights, raw rollout correctness) on the host.
+
+    rewards and weights are [prompts, g]: the verifier's rewards of the
+    augmented groups (each prompt's rollouts, then its demos) plus DAPO's
+    overlong shaping on rollouts; weight 0 marks rows whose tokens must not
+    reach the loss (overlong filter). correct [prompts, n] is the verifier's
+    outcome before any shaping. Each host decodes and scores only its own
+    prompts' rows."""
     layout = self.stage.layout
     n, d, g = layout.n_rollouts, layout.n_demos, layout.size
+    r = self.config.rollout
     b_local = batch["prompt_tokens"].shape[0]
     roll_texts = []
     if n:
       lo = jax.process_index() * b_local * n
       rows = slice(lo, lo + b_local * n)
-      tokens, mask = multihost.gather(rollouts.tokens), multihost.gather(rollouts.mask)
-      roll_texts = self.tokenizer.batch_decode(tokens[rows], mask[rows])
+      roll_texts = self.tokenizer.batch_decode(rollouts.host_tokens[rows], rollouts.host_mask[rows])
     demo_texts = self.tokenizer.batch_decode(batch["demo_tokens"], batch["demo_mask"]) if d else []
     texts, truths = [], []
     for i in range(b_local):
@@ -162,16 +190,44 @@ class Trainer:
       truths += [batch["answers"][i]] * g
     rewards_local, outcomes = self.scorer.score(texts, truths)
     rewards = multihost.gather(rewards_local.astype(np.float32)).reshape(-1, g)
+    weights = np.ones_like(rewards)
+    correct = rewards[:, :n].copy()
     if n:
       host["reward/rollout_mean"] = float(rewards[:, :n].mean())
       host["reward/rollout_group_solved"] = float((rewards[:, :n].max(1) > 0).mean())
       host["reward/rollout_group_allsame"] = float((rewards[:, :n].std(1) == 0).mean())
+      if r.overlong_buffer:
+        shaping = r.overlong_penalty * overlong_reward(
+          rollouts.lengths,
+          rollouts.truncated,
+          self.config.data.max_response_len,
+          r.overlong_buffer,
+        ).reshape(-1, n)
+        host["reward/overlong_mean"] = float(shaping.mean())
+        rewards = rewards.copy()
+        rewards[:, :n] += shaping
+      if r.overlong_filter:
+        weights[:, :n] = np.where(rollouts.truncated.reshape(-1, n), 0.0, 1.0)
     if d:
       host["reward/demo_mean"] = float(rewards[:, n:].mean())
     counts = multihost.gather(np.array([[sum(x == o for x in outcomes) for o in OUTCOMES]]))
     for o, cnt in zip(OUTCOMES, counts.sum(0)):
       host[f"outcomes/{o}"] = float(cnt)
-    return self._put(rewards.reshape(-1))
+    return rewards, weights, correct
+
+  def select_groups(self, correct: np.ndarray, host: dict) -> np.ndarray | None:
+    """Dynamic sampling (DAPO): the first `prompts_per_step` groups in data
+    order whose rollouts' raw correctness is not all equal; slots left over
+    are filled with zero-weight groups (index -1), so shapes never change.
+    None when dynamic sampling is off for this step."""
+    if not (self.config.rollout.dynamic_sampling and self.stage.layout.n_rollouts):
+      return None
+    keep = informative_groups(correct, correct.shape[0] // self.draws_per_step)
+    host["dynamic/informative_frac"] = float(
+      np.mean(correct.max(1) != correct.min(1)) if len(correct) else 0.0
+    )
+    host["dynamic/filled_slots"] = float(np.sum(keep < 0))
+    return keep
 
   def _put(self, x) -> Array:
     """A host array as a global array, rows over the data axes."""
@@ -181,9 +237,16 @@ class Trainer:
     """Group advantages of the step's rewards, on device (docs/method.md §1.3)."""
     return _advantages(rewards, layout=self.stage.layout, cfg=self.stage.advantage)
 
-  def assemble(self, prompts: dict, rollouts, rewards: Array, advantages: Array) -> dict:
+  def assemble(
+    self, prompts: dict, rollouts, rewards: Array, advantages: Array, weights: np.ndarray
+  ) -> dict:
     """The training batch: [prompts x g, P + R] rows, sharded over the data axes."""
     p = {k: self._put(v) for k, v in prompts.items()}
+    r = self.config.rollout
+    # Static per run (a weight array only where a switch can zero rows): one trace.
+    row_weight = (
+      self._put(weights.reshape(-1)) if (r.overlong_filter or r.dynamic_sampling) else None
+    )
     train_batch = _assemble(
       p["prompt_tokens"],
       p["prompt_mask"],
@@ -194,6 +257,7 @@ class Trainer:
       p["demo_mask"],
       rewards,
       advantages,
+      row_weight,
       layout=self.stage.layout,
     )
     # Constant leaves (is_demo) come out replicated; the step's in_shardings
@@ -204,16 +268,93 @@ class Trainer:
     """The jitted train step on `train_batch`; returns its (unfetched) metrics."""
     if self._step_fn is None:
       batch_sh = step_lib.batch_shardings(train_batch, self.mesh, self.rules)
+      ref_sh = self.ref_sh if self.step_cfg.reference else None
       self._step_fn = step_lib.jit_train_step(
-        self.graphdef, self.tx, self.step_cfg, self.state_sh, batch_sh
+        self.graphdef, self.tx, self.step_cfg, self.state_sh, batch_sh, ref_sh
       )
+    ref = self.ref_params if self.step_cfg.reference else None
     with jax.set_mesh(self.mesh):  # the model's logical activation constraints apply
-      self.state, metrics = self._step_fn(self.state, train_batch)
+      self.state, metrics = self._step_fn(self.state, train_batch, ref)
     metrics = dict(metrics)
     metrics["tokens/trained"] = jnp.sum(train_batch["response_mask"])
     metrics["optim/lr"] = self.schedule(step - self.stage.start)
     metrics["optim/grad_norm"] = metrics.pop("grad_norm")
     return metrics
+
+
+@dataclasses.dataclass
+class Rollouts:
+  """One step's samples: global device arrays for the batch, host copies for
+  decoding and metrics."""
+
+  tokens: Array  # [prompts * n, R] int32
+  mask: Array
+  logprobs: Array  # the sampler's log-probs of the drawn tokens, [prompts * n, R]
+  host_tokens: np.ndarray
+  host_mask: np.ndarray
+  lengths: np.ndarray  # [prompts * n]
+  truncated: np.ndarray  # [prompts * n] bool: no stop token
+
+
+def overlong_reward(
+  lengths: np.ndarray, truncated: np.ndarray, max_len: int, buffer: int
+) -> np.ndarray:
+  """DAPO's soft overlong penalty (docs/method.md §2.8), before its scale: 0 up
+  to max_len - buffer tokens, then falling linearly to -1 at max_len; -1 for
+  a truncated rollout."""
+  lengths = np.asarray(lengths, np.float64)
+  soft = max_len - buffer
+  out = np.where(lengths <= soft, 0.0, (soft - lengths) / buffer)
+  return np.where(truncated, -1.0, out).astype(np.float32)
+
+
+def informative_groups(correct: np.ndarray, want: int) -> np.ndarray:
+  """Indices of the first `want` groups (rows of `correct`, [groups, n]) whose
+  rollouts are not all equally correct, in data order; -1 fills the slots
+  left over (DAPO's dynamic sampling, docs/method.md §2.8)."""
+  informative = np.flatnonzero(correct.max(1) != correct.min(1))
+  keep = np.full(want, -1, np.int64)
+  keep[: min(want, len(informative))] = informative[:want]
+  return keep
+
+
+def _take_groups(keep, prompts, rollouts, rewards, weights, layout):
+  """The groups `keep` picks (prompt indices; -1: a zero-weight filler)."""
+  n = layout.n_rollouts
+  src = np.where(keep < 0, 0, keep)
+  prompts = {k: v[src] for k, v in prompts.items()}
+  rows = (src[:, None] * n + np.arange(n)[None]).reshape(-1)
+  idx = jnp.asarray(rows, jnp.int32)
+  rollouts = dataclasses.replace(
+    rollouts,
+    tokens=jnp.take(rollouts.tokens, idx, axis=0),
+    mask=jnp.take(rollouts.mask, idx, axis=0),
+    logprobs=jnp.take(rollouts.logprobs, idx, axis=0),
+  )
+  weights = np.where((keep < 0)[:, None], 0.0, weights[src])
+  return prompts, rollouts, rewards[src], weights
+
+
+def merge_batches(batches: list[dict], tokenizer) -> dict:
+  """Data batches as one: rows concatenated, prompts left padded to the widest."""
+  if len(batches) == 1:
+    return batches[0]
+  width = max(b["prompt_tokens"].shape[1] for b in batches)
+
+  def left_pad(x, value):
+    return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
+
+  out = {}
+  for k in batches[0]:
+    vals = [b[k] for b in batches]
+    if k in ("prompt_tokens", "prompt_mask"):
+      pad = tokenizer.pad_id if k == "prompt_tokens" else 0
+      out[k] = np.concatenate([left_pad(v, pad) for v in vals])
+    elif isinstance(vals[0], np.ndarray):
+      out[k] = np.concatenate(vals)
+    else:
+      out[k] = [x for v in vals for x in v]
+  return out
 
 
 def _progress_postfix(row: dict) -> dict[str, str]:
@@ -306,7 +447,9 @@ def fit(
       evals_now = {}
       if eval_hook is not None and step % c.eval.every == 0:
         evals_now = eval_hook(trainer.model())
-      batch = next(data_iter)
+      batch = merge_batches(
+        [next(data_iter) for _ in range(trainer.draws_per_step)], trainer.tokenizer
+      )
       rng = jax.random.fold_in(base_key, step)
       host, dev = trainer.run_step(batch, step, rng)
       host.update(data_iter.stats())

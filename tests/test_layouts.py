@@ -96,7 +96,7 @@ def _run(mesh):
   losses = []
   with jax.set_mesh(mesh):
     for _ in range(STEPS):
-      state, metrics = fn(state, batch)
+      state, metrics = fn(state, batch, None)
       losses.append(float(metrics["loss"]))
   return losses, state
 

@@ -44,8 +44,23 @@ def np_loss(logp, ent, batch, cfg, batch_entropy=None):
   adv = np.asarray(batch["advantages"], np.float64)
   old = np.asarray(batch.get("old_logp", np.zeros_like(logp)), np.float64)
   ref = np.asarray(batch.get("ref_logp", np.zeros_like(logp)), np.float64)
+  smp = np.asarray(batch.get("sampler_logp", old), np.float64)
   B, T = logp.shape
   tokens = [(b, t) for b in range(B) for t in range(T) if mask[b, t]]
+  cap = cfg.is_cap
+
+  def is_weight(b, t):
+    """The importance weight of rollout token (b, t), from its definition."""
+    if cfg.is_correction == "none":
+      return 1.0
+    if cfg.is_correction.startswith("token"):
+      w = np.exp(old[b, t] - smp[b, t])
+    else:
+      w = np.exp(sum(old[b, s] - smp[b, s] for s in range(T) if mask[b, s]))
+    if cfg.is_correction.endswith("truncate"):
+      return min(w, cap)
+    return w if 1 / cap <= w <= cap else 0.0
+
   h_batch = np.mean([ent[b, t] for b, t in tokens]) if batch_entropy is None else batch_entropy
 
   def weight_h(b, t):
@@ -60,6 +75,7 @@ def np_loss(logp, ent, batch, cfg, batch_entropy=None):
   g_ent_bonus = np.zeros((B, T))
   n_demo = n_roll = n_rl = 0
   rl_rows = set()
+  row_val, row_n = np.zeros(B), np.zeros(B)  # per-row RL sums (seq_mean_* aggregations)
   for b, t in tokens:
     l, H = logp[b, t], weight_h(b, t)
     if demo[b]:
@@ -77,12 +93,14 @@ def np_loss(logp, ent, batch, cfg, batch_entropy=None):
         rl_rows.add(b)
         p = np.exp(l)
         if cfg.demo_rl_shaping == "none":
-          num["rl"] += -adv[b] * p
-          g["rl"][b, t] = -adv[b] * p
+          value, grad = -adv[b] * p, -adv[b] * p
         else:
           gam = cfg.demo_rl_gamma
-          num["rl"] += -adv[b] * p / (p + gam)
-          g["rl"][b, t] = -adv[b] * p * gam / (p + gam) ** 2
+          value, grad = -adv[b] * p / (p + gam), -adv[b] * p * gam / (p + gam) ** 2
+        num["rl"] += value
+        g["rl"][b, t] = grad
+        row_val[b] += value
+        row_n[b] += 1
     else:
       n_roll += 1
       w_rl = cfg.self_rl_coef * (np.exp(H) if cfg.rl_weight == "entropy_pos" else 1.0)
@@ -90,33 +108,46 @@ def np_loss(logp, ent, batch, cfg, batch_entropy=None):
         n_rl += 1
         rl_rows.add(b)
         if cfg.self_rl_form == "paper":
-          if rew[b] > 0:
-            num["rl"] += -w_rl * l
-            g["rl"][b, t] = -w_rl
-          else:
-            num["rl"] += l
-            g["rl"][b, t] = 1.0
+          value, grad = (-w_rl * l, -w_rl) if rew[b] > 0 else (l, 1.0)
         else:
           r = np.exp(l - old[b, t])
           value, grad = -adv[b] * r, -adv[b] * r
           if cfg.clip_eps is not None:
-            clipped = -adv[b] * np.clip(r, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
+            high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+            clipped = -adv[b] * np.clip(r, 1 - cfg.clip_eps, 1 + high)
             if clipped > value:
               value, grad = clipped, 0.0
+          if cfg.clip_ratio_c is not None and adv[b] < 0 and value > -adv[b] * cfg.clip_ratio_c:
+            value, grad = -adv[b] * cfg.clip_ratio_c, 0.0
           scale = w_rl if adv[b] > 0 else 1.0
-          num["rl"] += scale * value
-          g["rl"][b, t] = scale * grad
-      d = ref[b, t] - l
-      num["kl"] += cfg.kl_coef * (np.exp(d) - d - 1)
-      g["kl"][b, t] = cfg.kl_coef * (1 - np.exp(d))
+          value, grad = scale * value, scale * grad
+        w = is_weight(b, t)
+        num["rl"] += w * value
+        g["rl"][b, t] = w * grad
+        row_val[b] += w * value
+        row_n[b] += 1
+      x = l - ref[b, t]
+      k3, dk3 = np.exp(-x) + x - 1, 1 - np.exp(-x)
+      kl, dkl = {
+        "k1": (x, 1.0),
+        "k2": (0.5 * x**2, x),
+        "k3": (k3, dk3),
+        "low_var_kl": (min(k3, 10.0), dk3 if k3 < 10.0 else 0.0),
+      }[cfg.kl_estimator]
+      num["kl"] += cfg.kl_coef * kl
+      g["kl"][b, t] = cfg.kl_coef * dkl
     num["bonus"] += -cfg.entropy_bonus * ent[b, t]
     g_ent_bonus[b, t] = -cfg.entropy_bonus
-  den = dict(
-    sft=n_demo,
-    rl=n_rl if cfg.aggregation == "token_mean" else len(rl_rows) * (cfg.max_response_len or 0),
-    bonus=len(tokens),
-    kl=n_roll,
-  )
+  rl_den = {
+    "token_mean": n_rl,
+    "constant_len": len(rl_rows) * (cfg.max_response_len or 0),
+    "seq_mean_token_sum": len(rl_rows),
+    "seq_mean_token_mean": len(rl_rows),
+  }[cfg.aggregation]
+  if cfg.aggregation == "seq_mean_token_mean":  # each row's mean, then the mean over rows
+    num["rl"] = sum(row_val[b] / row_n[b] for b in rl_rows)
+    g["rl"] = g["rl"] / np.maximum(row_n, 1)[:, None]
+  den = dict(sft=n_demo, rl=rl_den, bonus=len(tokens), kl=n_roll)
   loss = sum(num[k] / den[k] for k in num if den[k] > 0)
   g_logp = sum(g[k] / den[k] for k in num if den[k] > 0)
   g_ent = g_ent_bonus / max(den["bonus"], 1)
@@ -143,6 +174,9 @@ def make_batch(seed=0, B=6, T=7):
     old_logp=(logp + rng.normal(0, 0.3, (B, T))).astype(np.float32),
     ref_logp=(logp + rng.normal(0, 0.5, (B, T))).astype(np.float32),
   )
+  # The sampler's log-probs: near the trainer's old_logp, some tokens past a cap of 2.
+  batch["sampler_logp"] = (batch["old_logp"] + rng.normal(0, 0.5, (B, T))).astype(np.float32)
+  batch["ref_logp"][0, 0] = logp[0, 0] + 4.0  # k3 = e^4 - 5 > 10: low_var_kl clamps it
   return logp, ent, batch
 
 
@@ -155,6 +189,20 @@ CONFIGS.update(
   adv_clip=obj.LossConfig(self_rl_form="advantage", clip_eps=0.2),
   adv_clip_constlen=obj.LossConfig.preset("srft_code", clip_eps=0.1, max_response_len=9),
   kl_bonus=obj.LossConfig(kl_coef=0.05, entropy_bonus=0.01),
+  kl_k1=obj.LossConfig.preset("grpo", kl_coef=0.1, kl_estimator="k1"),
+  kl_k2=obj.LossConfig.preset("grpo", kl_coef=0.1, kl_estimator="k2"),
+  kl_low_var=obj.LossConfig.preset("grpo", kl_coef=0.1, kl_estimator="low_var_kl"),
+  is_token_truncate=obj.LossConfig.preset("grpo", is_correction="token_truncate"),
+  is_token_mask_paper=obj.LossConfig(is_correction="token_mask", is_cap=1.5),
+  is_seq_truncate=obj.LossConfig.preset(
+    "srft_code", is_correction="sequence_truncate", max_response_len=10
+  ),
+  is_seq_mask=obj.LossConfig.preset("grpo", is_correction="sequence_mask", is_cap=3.0),
+  dual_clip=obj.LossConfig.preset("grpo", clip_eps=0.2, clip_ratio_c=1.5),
+  seq_mean_token_mean=obj.LossConfig(aggregation="seq_mean_token_mean"),
+  seq_mean_token_sum=obj.LossConfig.preset(
+    "luffy", aggregation="seq_mean_token_sum", clip_eps=0.2, clip_eps_high=0.3
+  ),
   mixed=obj.LossConfig(
     sft_weight="entropy_pos",
     rl_weight="const",
@@ -346,7 +394,9 @@ def test_aux_weights_hand_made():
   np.testing.assert_allclose(loss, expect, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["adv_clip_constlen", "kl_bonus"])
+@pytest.mark.parametrize(
+  "name", ["adv_clip_constlen", "kl_bonus", "is_seq_mask", "seq_mean_token_mean", "dual_clip"]
+)
 def test_padding_invariance_and_nan_free(name):
   cfg = CONFIGS[name]
   logp, ent, batch = make_batch()
@@ -370,6 +420,7 @@ def test_padding_invariance_and_nan_free(name):
     advantages=pad(batch["advantages"], 3.0),
     old_logp=pad(batch["old_logp"], np.inf),
     ref_logp=pad(batch["ref_logp"], -np.inf),
+    sampler_logp=pad(batch["sampler_logp"], -np.inf),
   )
   (p_loss, _), p_grads = value_and_grads(cfg)(p_logp, p_ent, p_batch)
   np.testing.assert_allclose(p_loss, loss, rtol=1e-6)
@@ -399,7 +450,23 @@ def test_jit_equals_no_jit():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["srft", "srft_code", "batch_entropy", "token_constlen"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "srft",
+    "srft_code",
+    "batch_entropy",
+    "token_constlen",
+    "dapo",
+    "dr_grpo",
+    "is_seq_truncate",
+    "is_token_mask_paper",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum",
+    "dual_clip",
+    "kl_low_var",
+  ],
+)
 def test_micro_batch_accumulation_is_exact(name):
   cfg = CONFIGS[name]
   logp, ent, batch = make_batch()
@@ -596,3 +663,107 @@ def test_advantage_config():
   with pytest.raises(ValueError, match="unknown preset"):
     obj.AdvantageConfig.preset("nope")
   assert "adv_normalize_std" not in {f.name for f in dataclasses.fields(obj.LossConfig)}
+
+
+@pytest.mark.parametrize(
+  "correction", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+)
+def test_exact_sampler_makes_every_correction_a_no_op(correction):
+  """sampler_logp == old_logp: every weight is 1 and the loss is the uncorrected one."""
+  logp, ent, batch = make_batch()
+  batch = dict(batch, sampler_logp=batch["old_logp"])
+  for base in ("grpo", "srft"):
+    plain = obj.srft_loss(logp, ent, batch, obj.LossConfig.preset(base))[0]
+    cfg = obj.LossConfig.preset(base, is_correction=correction)
+    loss, aux = obj.srft_loss(logp, ent, batch, cfg)
+    np.testing.assert_allclose(loss, plain, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(aux["is_weight"], 1.0, rtol=1e-6)
+
+
+def test_importance_weights_hand_made():
+  """d = old - sampler per token of two rows (the last token of row 1 is padding)."""
+  d = np.array([[np.log(3.0), np.log(0.25), 0.0], [np.log(1.5), np.log(1.2), 9.0]], np.float32)
+  mask = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+  old, smp = d, np.zeros_like(d)
+  w = lambda c, cap=2.0: np.asarray(obj.importance_weights(old, smp, mask, c, cap))  # noqa: E731
+  np.testing.assert_allclose(w("token_truncate")[0], [2.0, 0.25, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(w("token_mask")[0], [0.0, 0.0, 1.0], rtol=1e-6)
+  # rho: row 0 = 3 * 0.25 * 1 = 0.75; row 1 = 1.5 * 1.2 = 1.8 (padding ignored).
+  np.testing.assert_allclose(w("sequence_truncate")[:, 0], [0.75, 1.8], rtol=1e-6)
+  np.testing.assert_allclose(w("sequence_mask", cap=1.5)[:, 0], [0.75, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(w("none"), np.ones_like(d))
+
+
+def test_dual_clip_and_clip_higher_hand_made():
+  """One rollout token, A = -1: -A * ratio = ratio, clipped at c = 3; A = +1 with
+  clip-higher 0.28: -min(r, 1.28) once r > 1.28."""
+  one = lambda x: np.array([[x]], np.float32)  # noqa: E731
+  batch = dict(
+    response_mask=one(1.0),
+    is_demo=np.array([False]),
+    rewards=np.array([0.0], np.float32),
+    advantages=np.array([-1.0], np.float32),
+    old_logp=one(0.0),
+  )
+  grpo = functools.partial(obj.LossConfig.preset, "grpo")
+  logp = one(np.log(5.0))  # ratio 5
+  assert float(obj.srft_loss(logp, one(1.0), batch, grpo())[0]) == pytest.approx(5.0)
+  loss, aux = obj.srft_loss(logp, one(1.0), batch, grpo(clip_eps=0.2, clip_ratio_c=3.0))
+  assert float(loss) == pytest.approx(3.0) and float(aux["dual_clip_frac"]) == 1.0
+  pos = dict(batch, advantages=np.array([1.0], np.float32), rewards=np.array([1.0], np.float32))
+  loss = obj.srft_loss(logp, one(1.0), pos, grpo(clip_eps=0.2, clip_eps_high=0.28))[0]
+  assert float(loss) == pytest.approx(-1.28, rel=1e-6)
+
+
+def test_seq_mean_aggregations_hand_made():
+  """Two rollout rows of 1 and 3 tokens, every per-token term -A * 1 (ratio 1):
+  token_mean over the 4 tokens; seq_mean_* over the 2 rows."""
+  mask = np.array([[1, 0, 0], [1, 1, 1]], np.float32)
+  batch = dict(
+    response_mask=mask,
+    is_demo=np.array([False, False]),
+    rewards=np.array([0.0, 1.0], np.float32),
+    advantages=np.array([-2.0, 1.0], np.float32),
+    old_logp=np.zeros((2, 3), np.float32),
+  )
+  z = np.zeros((2, 3), np.float32)
+  loss = lambda agg: float(  # noqa: E731
+    obj.srft_loss(z, z, batch, obj.LossConfig.preset("grpo", aggregation=agg))[0]
+  )
+  # per-token terms: row 0: +2 (one token); row 1: -1 (three tokens)
+  assert loss("token_mean") == pytest.approx((2 - 3) / 4)
+  assert loss("seq_mean_token_mean") == pytest.approx((2 + -1) / 2)
+  assert loss("seq_mean_token_sum") == pytest.approx((2 + -3) / 2)
+
+
+def test_new_switches_validate():
+  with pytest.raises(ValueError, match="clip_eps_high needs clip_eps"):
+    obj.LossConfig(clip_eps_high=0.28)
+  with pytest.raises(ValueError, match="clip_ratio_c"):
+    obj.LossConfig.preset("grpo", clip_ratio_c=1.0)
+  with pytest.raises(ValueError, match="is_cap"):
+    obj.LossConfig(is_cap=1.0)
+  with pytest.raises(ValueError, match="is_correction"):
+    obj.LossConfig(is_correction="token")
+  with pytest.raises(ValueError, match="kl_estimator"):
+    obj.LossConfig(kl_estimator="k4")
+  logp, ent, batch = make_batch()
+  with pytest.raises(ValueError, match="sampler_logp"):
+    obj.srft_loss(
+      logp,
+      ent,
+      {k: v for k, v in batch.items() if k != "sampler_logp"},
+      obj.LossConfig(is_correction="token_mask"),
+    )
+  dapo, dr = obj.LossConfig.preset("dapo"), obj.LossConfig.preset("dr_grpo")
+  assert (dapo.clip_eps, dapo.clip_eps_high, dapo.aggregation, dapo.use_sft) == (
+    0.2,
+    0.28,
+    "token_mean",
+    False,
+  )
+  assert (dr.aggregation, dr.use_sft, obj.AdvantageConfig.preset("dr_grpo").normalize_std) == (
+    "constant_len",
+    False,
+    False,
+  )

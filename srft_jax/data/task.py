@@ -165,6 +165,11 @@ def parse(text: str) -> tuple[int, tuple[tuple, ...]]:
   return int(intro[2]), tuple(ops)
 
 
+def difficulty(text: str) -> int:
+  """A problem's difficulty level: its number of steps."""
+  return len(parse(text)[1])
+
+
 def _apply(x: int, op: tuple) -> tuple[int, list[str]]:
   """One step: the new value and the demonstration lines that compute it."""
   kind = op[0]

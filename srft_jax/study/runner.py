@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from srft_jax import console
 from srft_jax import factory
 from srft_jax import job
 from srft_jax import metrics as metrics_lib
@@ -44,8 +45,7 @@ from srft_jax.data import task
 
 log = logging.getLogger(__name__)
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.py")
+DEFAULT_CONFIG = os.path.join(console.configs_dir(), "default.py")
 
 # docs/method.md §4 presets, then the two-stage RL→SFT schedule of claim 3.
 METHODS = (

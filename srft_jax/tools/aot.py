@@ -47,6 +47,7 @@ from flax import nnx
 from jax.experimental import topologies
 from ml_collections import config_flags
 
+from srft_jax import console
 from srft_jax import factory
 from srft_jax import model as model_lib
 from srft_jax import sampler as sampler_lib
@@ -160,7 +161,6 @@ def biggest_stage(c) -> factory.Stage:
 
 def lower_train(c, mcfg, mesh):
   """step.train_step for one step's batch, jitted as the Trainer jits it."""
-
   stage = biggest_stage(c)
   layout = stage.layout
   tx, _ = factory.optimizer(c, c.steps)
@@ -186,9 +186,12 @@ def lower_train(c, mcfg, mesh):
     f32(b * layout.size),
   )
   batch_sh = step_lib.batch_shardings(batch, mesh, mcfg.rules)
-  fn = step_lib.jit_train_step(graphdef, tx, step_cfg, state_sh, batch_sh)
+  # A KL term keeps a frozen copy of the base params (the reference) beside the state.
+  ref_sh = shd.state_shardings(params, mesh, mcfg.rules) if step_cfg.reference else None
+  ref = _abstract(params, ref_sh) if step_cfg.reference else None
+  fn = step_lib.jit_train_step(graphdef, tx, step_cfg, state_sh, batch_sh, ref_sh)
   with jax.set_mesh(mesh):
-    return fn.lower(_abstract(state, state_sh), _abstract(batch, batch_sh))
+    return fn.lower(_abstract(state, state_sh), _abstract(batch, batch_sh), ref)
 
 
 def _inference_config(mcfg):
@@ -220,16 +223,7 @@ def lower_sample(c, mcfg, mesh):
   n = max(layout.n_rollouts, 1)
   rows, p, r = c.batch.prompts_per_step * n, max(c.data.prompt_buckets), c.data.max_response_len
   graphdef, params, cache = _sampler_inputs(c, mcfg, mesh, rows, p + r)
-  scfg = sampler_lib.SamplingConfig(
-    max_new_tokens=r,
-    temperature=c.rollout.temperature,
-    top_p=c.rollout.top_p,
-    top_k=c.rollout.top_k,
-    eos_ids=(1,),
-    pad_id=0,
-    prompt_buckets=tuple(c.data.prompt_buckets),
-    n=n,
-  )
+  scfg = factory.sampling_config(c, n=n, eos_ids=(1,), pad_id=0)  # no tokenizer here
   tok_sh = _rows_sharding(mesh, mcfg, (rows, p))
   tokens = jax.ShapeDtypeStruct((rows, p), jnp.int32, sharding=tok_sh)
   key = jax.eval_shape(lambda: jax.random.key(0))
@@ -270,8 +264,9 @@ def lower_cache_call(c, mcfg, mesh, new_tokens: int | None):
 
 
 def _matmul_params(mcfg) -> int:
-  """Parameters touched by a matmul per token (the embedding lookup is not)."""
-  n = mcfg.num_params()
+  """Parameters touched by a matmul per token (the embedding lookup is not;
+  of a MoE layer, the router and the token's top-k experts)."""
+  n = mcfg.num_params(active=True)
   return n if mcfg.tie_embeddings else n - mcfg.vocab_size * mcfg.embed_dim
 
 
@@ -419,6 +414,7 @@ def analyse(
     "mesh": dict(mesh.shape),
     "model": c.model.hf_path or c.model.preset,
     "params": mcfg.num_params(),
+    "active_params": mcfg.num_params(active=True),  # a token's (MoE: top-k experts)
     "param_dtype": mcfg.param_dtype,
     "dtype": mcfg.dtype,
     "remat": mcfg.remat,
@@ -611,7 +607,7 @@ def find_smallest(
 
 def _define_flags():
   config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Training config.", lock_config=True
+    "config", console.resolve_config("configs/default.py"), "Training config.", lock_config=True
   )
   flags.DEFINE_multi_string("topology", [], "TPU topology, e.g. v5p:2x4x4 (repeatable).")
   flags.DEFINE_bool(
@@ -718,4 +714,4 @@ if __name__ == "__main__":
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
   _define_flags()
-  app.run(main, argv=[sys.argv[0]] + normalise_argv(sys.argv[1:]))
+  app.run(main, argv=console.resolve_config_argv([sys.argv[0]] + normalise_argv(sys.argv[1:])))
