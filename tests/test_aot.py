@@ -93,7 +93,7 @@ def test_tiny_on_v5e_2x2(tmp_path):
   assert (
     rep["topology"] == "v5e:2x2" and rep["chips"] == 4 and rep["accelerator_type"] == "v5litepod-4"
   )
-  assert rep["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert rep["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}
   assert rep["rows"] == 8 * 8 and rep["length"] == 32
   for name in ("train", "sample"):
     p = rep["programs"][name]
