@@ -26,7 +26,7 @@ def optional_fields(cls) -> config_dict.ConfigDict:
   fields = {}
   for f in dataclasses.fields(cls):
     kind = {"float": float, "int": int, "bool": bool, "str": str}.get(
-      str(f.type).replace("Optional[", "").rstrip("]"), None
+      str(f.type).replace("Optional[", "").rstrip("]").removesuffix(" | None"), None
     )
     fields[f.name] = config_dict.placeholder(kind) if kind else None
   return config_dict.ConfigDict(fields)
@@ -61,6 +61,16 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.model.num_layers = 4
   c.model.mlp_dim = 512
 
+  # LoRA (srft_jax/lora.py): train low-rank adapters on the projections, the base
+  # frozen (base may be bfloat16, adapters and their Adam state float32).
+  c.lora = config_dict.ConfigDict()
+  c.lora.rank = 0  # adapter rank R; 0 = off (full fine-tuning)
+  c.lora.alpha = 16.0  # the update is (alpha / R) A B
+  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # projections adapted
+  c.lora.dropout = 0.0  # adapter input dropout (only 0 is implemented)
+  c.lora.init_seed = 0  # A's random init (B starts at zero: the run starts at the base)
+  c.lora.adapter_path = ""  # a PEFT adapter directory to continue from ("" = fresh adapters)
+
   c.data = config_dict.ConfigDict()
   c.data.source = "task"  # "task" (built-in) | "tfds" (prepared with srft_jax.data)
   c.data.data_dir = ""  # TFDS data_dir for source="tfds"
@@ -71,6 +81,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.data.max_response_len = 72  # R: demonstration width and max new tokens
   c.data.task_train_size = 20000  # built-in task: training problems
   c.data.task_seed = 0
+  # Built-in task demonstrations: "terse" (the style the base is warmed up on) or
+  # "teacher" (as correct, but longer and in another order: SFT on it is off-policy).
+  c.data.demo_style = "terse"
+  c.data.task_levels = ()  # difficulty levels (steps) of the training problems; () = all
 
   c.rollout = config_dict.ConfigDict()
   c.rollout.n_rollouts = 7  # on-policy samples per prompt (docs/method.md §1: 7 + 1 demo)
@@ -96,6 +110,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   c.optim = config_dict.ConfigDict()
   c.optim.lr = 2e-4
+  c.optim.stage_lrs = ()  # one peak lr per stage of a schedule (config.stages); () = optim.lr
   c.optim.schedule = "constant"  # "constant" | "linear" | "cosine"
   c.optim.warmup_steps = 0
   c.optim.weight_decay = 0.01
@@ -128,6 +143,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval = config_dict.ConfigDict()
   c.eval.n_id = 300  # test problems (in-distribution split)
   c.eval.n_ood = 300  # test problems (out-of-distribution split)
+  c.eval.n_val = 0  # validation problems (ID levels; for choosing hyperparameters)
   c.eval.batch_size = 100
   c.eval.temperature = 0.0  # greedy for the built-in task
   c.eval.every = 0  # also evaluate every N steps during training (0 = off)

@@ -3,7 +3,9 @@ fallback past a corrupted latest step, and SIGTERM-triggered saves.
 
 A checkpoint holds the train state (params, optimizer state, step; restored
 straight into its sharded layout), the data-iterator position, the RNG seed
-and the config, so a restarted run continues exactly.
+and the config, so a restarted run continues exactly. With LoRA the params
+are the adapters only; the meta names the frozen base (path and content hash,
+`trainer.check_resume_base`).
 """
 
 from __future__ import annotations
@@ -98,6 +100,17 @@ class Checkpointer:
         )
         if delete_unreadable:  # a resuming run saves this step again; keep-N counts good ones
           self._mgr.delete(s)
+    return None
+
+  def read_meta(self) -> dict | None:
+    """The `meta` item of the newest checkpoint whose meta reads (None: none)."""
+    for s in reversed(self.all_steps()):
+      try:
+        return dict(
+          self._mgr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        )
+      except Exception:  # noqa: BLE001 - an unreadable step: `restore` decides
+        continue
     return None
 
   def close(self):

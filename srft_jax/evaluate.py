@@ -29,6 +29,7 @@ from srft_jax import checkpoint as ckpt_lib
 from srft_jax import console
 from srft_jax import factory
 from srft_jax import hf
+from srft_jax import lora as lora_lib
 from srft_jax import metrics_eval
 from srft_jax import model as model_lib
 from srft_jax import multihost
@@ -203,11 +204,29 @@ def load_policy(config, checkpoint: str, tokenizer, mesh):
     if os.path.basename(checkpoint.rstrip("/")) == "checkpoints"
     else os.path.join(checkpoint, "checkpoints")
   )
-  mcfg = factory.model_config(config, tokenizer.vocab_size)
-  graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
   # The restore target is the last stage's train state (its optimizer's state).
-  tx, _ = factory.optimizer(config, factory.stages(config)[-1].steps)
+  last = factory.stages(config)[-1]
+  tx, _ = factory.optimizer(config, last.steps, last.lr)
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
+  lmeta = (ckpt.read_meta() or {}).get("lora")
+  frozen = None
+  if lmeta:  # adapters only: on the base the checkpoint names (same content hash)
+    if not lmeta["base_path"]:
+      raise ValueError(
+        f"--checkpoint: {ckpt_dir} holds LoRA adapters of a randomly initialised "
+        "base; evaluate the run's export/hf (merged) instead"
+      )
+    base = hf.load_model(lmeta["base_path"], mesh=mesh, dtype=dtype)
+    lcfg = lora_lib.LoRAConfig(lmeta["rank"], lmeta["alpha"], tuple(lmeta["targets"]))
+    graphdef, params, frozen = lora_lib.split(lora_lib.attach(base, lcfg, mesh))
+    if lora_lib.base_hash(frozen) != lmeta["base_hash"]:
+      raise ValueError(
+        f"--checkpoint: the base at {lmeta['base_path']} is not the one {ckpt_dir}'s "
+        "adapters were trained on (content hash differs)"
+      )
+  else:
+    mcfg = factory.model_config(config, tokenizer.vocab_size)
+    graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
   restored = ckpt.restore(step_lib.abstract_train_state(params, tx, mesh))
   ckpt.close()
   if restored is None:
@@ -215,6 +234,8 @@ def load_policy(config, checkpoint: str, tokenizer, mesh):
       f"--checkpoint: no HF checkpoint or Orbax checkpoint under {checkpoint}"
     )
   _, state, _, _ = restored
+  if frozen is not None:
+    return nnx.merge(graphdef, state["params"], frozen)
   return nnx.merge(graphdef, state["params"])
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from srft_jax import hf
+from srft_jax import lora as lora_lib
 from srft_jax import model as model_lib
 from srft_jax import multihost
 from srft_jax import objectives as obj
@@ -70,6 +71,7 @@ class Stage:
   loss: obj.LossConfig
   advantage: obj.AdvantageConfig
   layout: step_lib.GroupLayout
+  lr: float  # peak learning rate (config.optim.lr, or this stage's optim.stage_lrs entry)
 
 
 def parse_stages(stages: str, steps: int, default_method: str) -> list[tuple[str, int]]:
@@ -135,11 +137,13 @@ def stages(c) -> list[Stage]:
   single-stage run only (a schedule's stages are the presets as they are)."""
   single = not c.stages
   out, start = [], 0
-  for name, n in parse_stages(c.stages, c.steps, c.method):
+  parsed = parse_stages(c.stages, c.steps, c.method)
+  lrs = tuple(c.optim.stage_lrs) or (c.optim.lr,) * len(parsed)
+  for (name, n), lr in zip(parsed, lrs, strict=True):
     lc = loss_config(name, dict(c.loss) if single else None, c.data.max_response_len)
     ac = advantage_config(name, dict(c.advantage) if single else None)
     layout = stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
-    out.append(Stage(name, start, n, lc, ac, layout))
+    out.append(Stage(name, start, n, lc, ac, layout, float(lr)))
     start += n
   return out
 
@@ -153,11 +157,12 @@ def mesh(c) -> jax.sharding.Mesh:
   return shd.make_mesh(dict(c.mesh))
 
 
-def optimizer(c, steps: int):
-  """(optax transformation, schedule of the step) for a stage of `steps` steps."""
+def optimizer(c, steps: int, lr: float | None = None):
+  """(optax transformation, schedule of the step) for a stage of `steps` steps
+  at peak learning rate `lr` (None: config.optim.lr)."""
   o = c.optim
   return step_lib.make_optimizer(
-    o.lr,
+    o.lr if lr is None else lr,
     steps=steps,
     warmup_steps=o.warmup_steps,
     schedule=o.schedule,
@@ -168,6 +173,27 @@ def optimizer(c, steps: int):
     clip_norm=o.clip_norm or None,
     updates_per_step=c.batch.minibatches,
   )
+
+
+def lora_config(c) -> lora_lib.LoRAConfig:
+  """config.lora as a frozen LoRAConfig (rank 0, or no lora block: LoRA off)."""
+  lc = c.get("lora")
+  if lc is None:
+    return lora_lib.LoRAConfig()
+  targets = lc.targets.split(",") if isinstance(lc.targets, str) else lc.targets
+  return lora_lib.LoRAConfig(
+    rank=int(lc.rank),
+    alpha=float(lc.alpha),
+    targets=tuple(t.strip() for t in targets),
+    dropout=float(lc.dropout),
+    init_seed=int(lc.init_seed),
+  )
+
+
+def lora_adapter_path(c) -> str:
+  """config.lora.adapter_path: a PEFT adapter the run continues from ("" = none)."""
+  lc = c.get("lora")
+  return (lc.get("adapter_path") or "") if lc is not None and lc.rank > 0 else ""
 
 
 def step_config(c, stage: Stage) -> step_lib.StepConfig:
@@ -284,11 +310,13 @@ def tokenizer(c, workdir: str):
 def datasets(c) -> tuple[Any, dict[str, list[dict]]]:
   """(training source, eval sets {name: rows})."""
   if c.data.source == "task":
-    train = task.generate("train", c.data.task_train_size, c.data.task_seed)
-    evals = {
-      "task_id": task.generate("test_id", c.eval.n_id, c.data.task_seed),
-      "task_ood": task.generate("test_ood", c.eval.n_ood, c.data.task_seed),
-    }
+    seed, style = c.data.task_seed, c.data.demo_style
+    levels = tuple(c.data.task_levels) or None
+    train = task.generate("train", c.data.task_train_size, seed, style, levels)
+    sizes = {"task_id": c.eval.n_id, "task_ood": c.eval.n_ood, "task_val": c.eval.n_val}
+    splits = {"task_id": "test_id", "task_ood": "test_ood", "task_val": "val"}
+    # A split of size 0 is not evaluated (a sweep on `val` leaves the test splits alone).
+    evals = {k: task.generate(splits[k], n, seed, style) for k, n in sizes.items() if n}
     return train, evals
   where = os.path.join(c.data.data_dir, "srft_data", c.data.name)
   if "://" not in c.data.data_dir and not os.path.isdir(where):
@@ -319,12 +347,15 @@ def warmup_config(c):
     w.method, w.stages, w.steps = "sft", "", c.warmup.steps
     for k in w.loss:
       w.loss[k] = None
-    w.optim.lr = c.warmup.lr
+    w.optim.lr, w.optim.stage_lrs = c.warmup.lr, ()
     w.optim.schedule = c.warmup.schedule
     w.optim.warmup_steps = c.warmup.warmup_steps
     w.batch.prompts_per_step = c.warmup.prompts_per_step
     w.batch.minibatches = 1
     w.checkpoint.every = 0
+    w.data.demo_style = "terse"  # the base learns the canonical style; the run may use another
+    if "lora" in w:
+      w.lora.rank = 0  # the warm-up makes the (full) base the adapters then sit on
   return w
 
 
@@ -356,7 +387,13 @@ def _check(c) -> None:
     "method",
     f"unknown loss preset {c.method!r}; known: {sorted(obj.PRESETS)}",
   )
-  parse_stages(c.stages, c.steps, c.method)
+  n_stages = len(parse_stages(c.stages, c.steps, c.method))
+  need(
+    len(c.optim.stage_lrs) in (0, n_stages) and all(lr > 0 for lr in c.optim.stage_lrs),
+    "optim.stage_lrs",
+    f"one positive learning rate per stage ({n_stages}), or () for optim.lr; "
+    f"got {tuple(c.optim.stage_lrs)}",
+  )
   need(c.batch.prompts_per_step > 0, "batch.prompts_per_step", "must be positive")
   need(
     c.batch.minibatches > 0 and c.batch.prompts_per_step % c.batch.minibatches == 0,
@@ -399,6 +436,16 @@ def _check(c) -> None:
   )
   need(c.data.source in ("task", "tfds"), "data.source", f"unknown source {c.data.source!r}")
   need(
+    c.data.demo_style in task.DEMO_STYLES,
+    "data.demo_style",
+    f"unknown style {c.data.demo_style!r}; known: {task.DEMO_STYLES}",
+  )
+  need(
+    set(c.data.task_levels) <= set(task.ID_STEPS),
+    "data.task_levels",
+    f"levels are steps of ID problems, a subset of {task.ID_STEPS}; got {c.data.task_levels}",
+  )
+  need(
     c.data.source != "tfds" or c.data.data_dir,
     "data.data_dir",
     "source=tfds reads a prepared dataset: give the directory `python -m srft_jax.data "
@@ -419,6 +466,32 @@ def _check(c) -> None:
     "model.decode_attention",
     f"unknown decode attention {c.model.get('decode_attention')!r}; known: xla, pallas",
   )
+  if c.get("lora") is not None:
+    lc = c.lora
+    need(
+      isinstance(lc.rank, int) and lc.rank >= 0,
+      "lora.rank",
+      f"must be an int >= 0, got {lc.rank!r}",
+    )
+    need(lc.alpha > 0, "lora.alpha", f"must be positive, got {lc.alpha}")
+    targets = lc.targets.split(",") if isinstance(lc.targets, str) else tuple(lc.targets)
+    need(
+      len(targets) > 0 and set(t.strip() for t in targets) <= set(lora_lib.TARGETS),
+      "lora.targets",
+      f"a non-empty subset of {lora_lib.TARGETS}; got {tuple(targets)}",
+    )
+    need(lc.dropout == 0, "lora.dropout", f"only 0 is implemented, got {lc.dropout}")
+    need(
+      not lc.get("adapter_path") or lc.rank > 0,
+      "lora.adapter_path",
+      "continuing from a PEFT adapter needs lora.rank > 0 (its rank)",
+    )
+    need(
+      not lc.get("adapter_path")
+      or os.path.exists(os.path.join(lc.adapter_path, "adapter_config.json")),
+      "lora.adapter_path",
+      f"no adapter_config.json in {lc.get('adapter_path')!r}",
+    )
   overrides = _set_fields(c.loss)
   try:
     loss_config(c.method, overrides, c.data.max_response_len)

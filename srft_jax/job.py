@@ -9,6 +9,7 @@ export the policy as an HF checkpoint and write results.json.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -16,15 +17,18 @@ import shutil
 import time
 
 import jax
+from flax import nnx
 
 from srft_jax import evaluate as eval_lib
 from srft_jax import factory
 from srft_jax import hf
+from srft_jax import lora as lora_lib
 from srft_jax import metrics as metrics_lib
 from srft_jax import model as model_lib
 from srft_jax import multihost
 from srft_jax import rewards as rewards_lib
 from srft_jax import trainer as trainer_lib
+from srft_jax.data import task
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,13 @@ def warmup_meta(c, mcfg: model_lib.ModelConfig) -> dict:
       {
         "model": model,
         "task_seed": c.data.task_seed,
+        # The built-in task's generator and levels: a base warmed up on an
+        # older task (same vocabulary size) is refused, not reused.
+        "task": (
+          {"version": task.GENERATOR_VERSION, "levels": list(c.data.task_levels)}
+          if c.data.source == "task"
+          else None
+        ),
         "warmup": {
           k: c.warmup[k] for k in ("steps", "lr", "schedule", "warmup_steps", "prompts_per_step")
         },
@@ -98,6 +109,22 @@ def warmup_meta(c, mcfg: model_lib.ModelConfig) -> dict:
       default=str,
     )
   )
+
+
+def with_adapters(c, model, mesh):
+  """The base with config.lora's adapters on it (fresh, or a PEFT adapter's
+  from lora.adapter_path); the base itself when LoRA is off."""
+  lcfg = factory.lora_config(c)
+  if not lcfg.enabled:
+    return model
+  if factory.lora_adapter_path(c):
+    model = hf.load_peft_adapter(c.lora.adapter_path, model, mesh=mesh)
+    log.info("LoRA: continuing from the PEFT adapter %s", c.lora.adapter_path)
+    return model
+  model = lora_lib.attach(model, lcfg, mesh)
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, lora_lib.ADAPTER)))
+  log.info("LoRA: rank %d on %s, %d adapter parameters", lcfg.rank, ",".join(lcfg.targets), n)
+  return model
 
 
 def save_base(model, hf_dir: str, meta: dict | None = None) -> None:
@@ -112,6 +139,18 @@ def save_base(model, hf_dir: str, meta: dict | None = None) -> None:
     shutil.rmtree(hf_dir, ignore_errors=True)  # a half cache an older version left
     os.replace(tmp_dir, hf_dir)
   multihost.sync_processes("srft_base_saved")
+
+
+def eval_sets_key(evals: dict, c) -> str:
+  """A digest of the eval sets (every prompt and answer) and the evaluation
+  settings: a cached before-training evaluation is reused only under the same key."""
+  h = hashlib.sha256()
+  seed = c.seed if c.eval.temperature > 0 else None  # greedy: the same for every seed
+  settings = [c.eval.temperature, c.rollout.require_think, c.data.template, seed]
+  h.update(json.dumps([settings, c.data.max_response_len]).encode())
+  for name in sorted(evals):
+    h.update(json.dumps([name, [(r["prompt"], r["answer"]) for r in evals[name]]]).encode())
+  return h.hexdigest()
 
 
 def evaluate_sets(model, tokenizer, scorer, sets: dict, c, mesh) -> dict[str, float]:
@@ -166,21 +205,34 @@ def run(c, workdir: str) -> dict:
     model = base_model(c, tokenizer, mesh, workdir, scorer)
     if model is None:
       return {"status": "preempted", "step": 0, "stage": "warmup"}
+    model = with_adapters(c, model, mesh)
     before = {}
     if c.eval.before and evals:
       cache = os.path.join(
         multihost.local_dir(c.warmup.dir or os.path.join(workdir, "base")), "eval_before.json"
       )
-      if os.path.exists(cache) and not c.model.hf_path:
+      key = eval_sets_key(evals, c)
+      cached = {}
+      if os.path.exists(cache) and not c.model.hf_path and not factory.lora_adapter_path(c):
         with open(cache) as f:
-          before = json.load(f)
-      else:
+          cached = json.load(f)
+      if cached.get("key") == key:
+        before = cached["accuracy"]
+      else:  # none cached, or of other eval sets (other sizes, splits, settings)
         before = evaluate_sets(model, tokenizer, scorer, evals, c, mesh)
         if multihost.is_main():
           os.makedirs(os.path.dirname(cache), exist_ok=True)
-          multihost.write_json_atomic(cache, before)
+          multihost.write_json_atomic(cache, {"key": key, "accuracy": before})
       log.info("before: %s", before)
-    trainer = trainer_lib.Trainer(model, config=c, tokenizer=tokenizer, scorer=scorer, mesh=mesh)
+    base_path = c.model.hf_path or os.path.join(c.warmup.dir or os.path.join(workdir, "base"), "hf")
+    trainer = trainer_lib.Trainer(
+      model,
+      config=c,
+      tokenizer=tokenizer,
+      scorer=scorer,
+      mesh=mesh,
+      base_path=base_path if (c.model.hf_path or c.warmup.steps > 0) else "",
+    )
     it = factory.data_iter(c, source, tokenizer, c.batch.prompts_per_step, c.seed)
     t_train = time.time()
     hook = eval_lib.make_eval_hook(c, tokenizer, scorer, evals, mesh)
@@ -200,6 +252,14 @@ def run(c, workdir: str) -> dict:
     "wall_s": round(time.time() - t_start, 1),
     "train_s": round(train_s, 1),
   }
+  if "task_val" in evals:  # eval.n_val > 0: the split hyperparameters are chosen on
+    results["before"]["val_acc"] = before.get("task_val")
+    results["after"]["val_acc"] = after.get("task_val")
+  if lora_lib.has_adapters(model):  # the adapters in the PEFT layout, and merged below
+    lcfg = lora_lib.config_of(model)
+    results["lora"] = {"rank": lcfg.rank, "alpha": lcfg.alpha, "targets": list(lcfg.targets)}
+    hf.save_peft_adapter(model, os.path.join(out, "export", "peft"), base_model=base_path)
+    model = lora_lib.merged(model) if c.checkpoint.export_hf else model
   if c.checkpoint.export_hf:  # collective: every process gathers, process 0 writes
     hf.save_model(
       model,

@@ -64,6 +64,10 @@ def format_results(r: dict, workdir: str) -> str:
     f"plots:       {out}/plots",
     f"HF export:   {out}/export/hf",
   ]
+  if r.get("lora"):
+    lines.append(
+      f"PEFT adapter: {out}/export/peft   (LoRA rank {r['lora']['rank']}; export/hf: merged)"
+    )
   return "\n".join(lines)
 
 

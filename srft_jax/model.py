@@ -184,19 +184,53 @@ class ModelConfig:
 
 MODEL_TYPES = ("qwen2", "llama", "qwen3", "qwen3_moe")
 
-_QWEN2_5_MATH_7B = ModelConfig(
-  model_type="qwen2",
+# What a family's checkpoints share; a preset is its family's fields plus its own.
+_QWEN = dict(vocab_size=151_936, head_dim=128, rope_theta=1e6, norm_eps=1e-6)
+_FAMILIES: dict[str, dict] = {
+  # Qwen2 / Qwen2.5: q/k/v bias, 32k window, tied embeddings (the small ones).
+  "qwen2": dict(_QWEN, model_type="qwen2", max_seq_len=32_768, qkv_bias=True, tie_embeddings=True),
+  # Qwen3: q/k RMSNorm before RoPE, no q/k/v bias, 40k window.
+  "qwen3": dict(
+    _QWEN,
+    model_type="qwen3",
+    num_heads=16,
+    num_kv_heads=8,
+    max_seq_len=40_960,
+    qkv_bias=False,
+    qk_norm=True,
+  ),
+}
+_FAMILIES["qwen3_moe"] = dict(
+  _FAMILIES["qwen3"], model_type="qwen3_moe", norm_topk_prob=True, router_aux_loss_coef=0.001
+)
+
+
+def _preset(family: str, **fields) -> ModelConfig:
+  return ModelConfig(**{**_FAMILIES[family], **fields})
+
+
+# Tiny random Qwen3 and Qwen3-MoE (tests, the default run): head_dim 64 with 4
+# heads of a 128-wide model, head_dim independent of embed / heads as in Qwen3.
+_TINY_QWEN3 = dict(
+  vocab_size=512,
+  embed_dim=128,
+  mlp_dim=384,
+  num_layers=4,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=64,
+  max_seq_len=2048,
+)
+_QWEN2_5_MATH_7B = _preset(
+  "qwen2",
   vocab_size=152_064,
   embed_dim=3584,
   mlp_dim=18_944,
   num_layers=28,
   num_heads=28,
   num_kv_heads=4,
-  head_dim=128,
   rope_theta=10_000.0,
   max_seq_len=4096,
-  norm_eps=1e-6,
-  qkv_bias=True,
   tie_embeddings=False,
   param_dtype="bfloat16",
   dtype="bfloat16",
@@ -204,61 +238,18 @@ _QWEN2_5_MATH_7B = ModelConfig(
   attention="chunked",
 )
 
-
-def _qwen3(**fields) -> ModelConfig:
-  """A Qwen3 / Qwen3-MoE shape: q/k RMSNorm, no q/k/v bias, RoPE theta 1e6, 40k window."""
-  base = dict(
-    model_type="qwen3",
-    vocab_size=151_936,
-    num_heads=16,
-    num_kv_heads=8,
-    head_dim=128,
-    rope_theta=1e6,
-    max_seq_len=40_960,
-    norm_eps=1e-6,
-    qkv_bias=False,
-    qk_norm=True,
-  )
-  return ModelConfig(**{**base, **fields})
-
-
-_QWEN3_MOE = dict(model_type="qwen3_moe", norm_topk_prob=True, router_aux_loss_coef=0.001)
-
 PRESETS: dict[str, ModelConfig] = {
   # CPU tests and the default run; vocab is replaced by the task tokenizer's.
   "tiny": ModelConfig(),
-  # Tiny random Qwen3 and Qwen3-MoE (tests, the default run); head_dim 64 with
-  # 4 heads of a 128-wide model: head_dim independent of embed / heads, as in Qwen3.
-  "tiny_qwen3": _qwen3(
-    vocab_size=512,
-    embed_dim=128,
-    mlp_dim=384,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=64,
-    max_seq_len=2048,
-    tie_embeddings=True,
+  "tiny_qwen3": _preset("qwen3", **_TINY_QWEN3, tie_embeddings=True),
+  "tiny_qwen3_moe": _preset(
+    "qwen3_moe", **_TINY_QWEN3, num_experts=8, num_experts_per_tok=2, moe_mlp_dim=96
   ),
-  "tiny_qwen3_moe": _qwen3(
-    **_QWEN3_MOE,
-    vocab_size=512,
-    embed_dim=128,
-    mlp_dim=384,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=64,
-    max_seq_len=2048,
-    num_experts=8,
-    num_experts_per_tok=2,
-    moe_mlp_dim=96,
-  ),
-  "qwen3_0_6b": _qwen3(embed_dim=1024, mlp_dim=3072, num_layers=28, tie_embeddings=True),
-  "qwen3_1_7b": _qwen3(embed_dim=2048, mlp_dim=6144, num_layers=28, tie_embeddings=True),
-  "qwen3_8b": _qwen3(embed_dim=4096, mlp_dim=12_288, num_layers=36, num_heads=32),
-  "qwen3_30b_a3b": _qwen3(
-    **_QWEN3_MOE,
+  "qwen3_0_6b": _preset("qwen3", embed_dim=1024, mlp_dim=3072, num_layers=28, tie_embeddings=True),
+  "qwen3_1_7b": _preset("qwen3", embed_dim=2048, mlp_dim=6144, num_layers=28, tie_embeddings=True),
+  "qwen3_8b": _preset("qwen3", embed_dim=4096, mlp_dim=12_288, num_layers=36, num_heads=32),
+  "qwen3_30b_a3b": _preset(
+    "qwen3_moe",
     embed_dim=2048,
     mlp_dim=6144,
     num_layers=48,
@@ -268,35 +259,11 @@ PRESETS: dict[str, ModelConfig] = {
     num_experts_per_tok=8,
     moe_mlp_dim=768,
   ),
-  "qwen2_5_0_5b": ModelConfig(
-    model_type="qwen2",
-    vocab_size=151_936,
-    embed_dim=896,
-    mlp_dim=4864,
-    num_layers=24,
-    num_heads=14,
-    num_kv_heads=2,
-    head_dim=64,
-    rope_theta=1e6,
-    max_seq_len=32_768,
-    norm_eps=1e-6,
-    qkv_bias=True,
-    tie_embeddings=True,
+  "qwen2_5_0_5b": _preset(
+    "qwen2", embed_dim=896, mlp_dim=4864, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64
   ),
-  "qwen2_5_1_5b": ModelConfig(
-    model_type="qwen2",
-    vocab_size=151_936,
-    embed_dim=1536,
-    mlp_dim=8960,
-    num_layers=28,
-    num_heads=12,
-    num_kv_heads=2,
-    head_dim=128,
-    rope_theta=1e6,
-    max_seq_len=32_768,
-    norm_eps=1e-6,
-    qkv_bias=True,
-    tie_embeddings=True,
+  "qwen2_5_1_5b": _preset(
+    "qwen2", embed_dim=1536, mlp_dim=8960, num_layers=28, num_heads=12, num_kv_heads=2
   ),
   "qwen2_5_math_7b": _QWEN2_5_MATH_7B,
   # The paper's variant (docs/method.md §5): RoPE theta 40k and a 16,384-token window.
@@ -337,6 +304,43 @@ def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init: str = "normal"):
   else:
     value = (0.02 * jax.random.normal(rngs.params(), shape, f32)).astype(dtype)
   return nnx.Param(value, logical_axes=tuple(axes))
+
+
+# LoRA (srft_jax/lora.py attaches the adapters): a projection `name` of a layer
+# may carry `{name}_lora_a` [I..., R] and `{name}_lora_b` [R, O...] (nnx.LoRAParam,
+# float32) and the layer a static `lora_scale` (alpha / R): W_eff = W + scale * A B.
+
+
+def lora_adapter(module: nnx.Module, name: str):
+  """(A, B, scale) of the adapter on projection `name` of `module`, or None."""
+  a = getattr(module, f"{name}_lora_a", None)
+  if a is None:
+    return None
+  return a[...], getattr(module, f"{name}_lora_b")[...], module.lora_scale
+
+
+def adapted_weight(module: nnx.Module, name: str) -> Array:
+  """W + scale * A B (float32) where `name` has an adapter; else W as stored."""
+  w = getattr(module, name)[...]
+  ad = lora_adapter(module, name)
+  if ad is None:
+    return w
+  a, b, scale = ad
+  return w.astype(f32) + scale * jnp.tensordot(a, b, 1)
+
+
+def lora_delta(module: nnx.Module, name: str, x: Array, n_in: int = 1) -> Array | None:
+  """scale * (x A) B in x's dtype (x's last `n_in` dims are W's inputs), or None."""
+  ad = lora_adapter(module, name)
+  if ad is None:
+    return None
+  a, b, scale = ad
+  xa = jnp.tensordot(x, a.astype(x.dtype), n_in)  # [..., R]
+  return (scale * jnp.tensordot(xa, b.astype(x.dtype), 1)).astype(x.dtype)
+
+
+def _plus(y: Array, delta: Array | None) -> Array:
+  return y if delta is None else y + delta
 
 
 def rope_frequencies(cfg: ModelConfig) -> Array:
@@ -512,13 +516,14 @@ class Attention(nnx.Module):
     """
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = self.q[...].reshape(d, k, n // k, h)
-    qkv = jnp.concatenate([q, self.k[...][:, :, None], self.v[...][:, :, None]], axis=2)
+    w = {name: adapted_weight(self, name) for name in ("q", "k", "v", "o")}  # + LoRA's A B
+    q = w["q"].reshape(d, k, n // k, h)
+    qkv = jnp.concatenate([q, w["k"][:, :, None], w["v"][:, :, None]], axis=2)
     qkv = qkv.astype(dt).transpose(1, 2, 3, 0)
     out = {
       "qkv": shd.constrain(qkv, ("kv_heads", None, "head_dim", "embed"), cfg.rules),
       "o": shd.constrain(
-        self.o[...].astype(dt).transpose(2, 0, 1), ("embed", "heads", "head_dim"), cfg.rules
+        w["o"].astype(dt).transpose(2, 0, 1), ("embed", "heads", "head_dim"), cfg.rules
       ),
     }
     if cfg.qkv_bias:
@@ -546,6 +551,7 @@ class Attention(nnx.Module):
     q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q[...].astype(dt))
     k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k[...].astype(dt))
     v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v[...].astype(dt))
+    q, k, v = (_plus(y, lora_delta(self, name, x_BTD)) for y, name in zip((q, k, v), "qkv"))
     if cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -599,7 +605,8 @@ class Attention(nnx.Module):
 
   def _out(self, out_BTNH, w):
     if w is None:
-      return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(self.cfg.jnp_dtype))
+      y = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(self.cfg.jnp_dtype))
+      return _plus(y, lora_delta(self, "o", out_BTNH, n_in=2))
     return dense_out_major(out_BTNH, w["o"], n_in=2)
 
 
@@ -615,23 +622,30 @@ class MLP(nnx.Module):
     """Output-major weights in the compute dtype, gate and up stacked:
     gate_up [2, F, D], down [D, F]."""
     cfg, dt = self.cfg, self.cfg.jnp_dtype
-    gate_up = jnp.stack([self.gate[...].T, self.up[...].T]).astype(dt)
+    gate, up, down = (adapted_weight(self, name) for name in ("gate", "up", "down"))  # + LoRA
+    gate_up = jnp.stack([gate.T, up.T]).astype(dt)
     return {
       "gate_up": shd.constrain(gate_up, (None, "mlp", "embed"), cfg.rules),
-      "down": shd.constrain(self.down[...].T.astype(dt), ("embed", "mlp"), cfg.rules),
+      "down": shd.constrain(down.T.astype(dt), ("embed", "mlp"), cfg.rules),
     }
 
   def __call__(self, x_BTD, w=None):
     dt = self.cfg.jnp_dtype
     if w is None:
-      g = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt))
-      u = jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt))
+      g = _plus(
+        jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt)), lora_delta(self, "gate", x_BTD)
+      )
+      u = _plus(
+        jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt)), lora_delta(self, "up", x_BTD)
+      )
     else:  # one matmul for gate and up
       gu = dense_out_major(x_BTD, w["gate_up"])  # [B, T, 2, F]
       g, u = gu[:, :, 0], gu[:, :, 1]
     h = shd.constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"), self.cfg.rules)
     if w is None:
-      return jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt))
+      return _plus(
+        jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt)), lora_delta(self, "down", h)
+      )
     return dense_out_major(h, w["down"])
 
 

@@ -391,8 +391,9 @@ PRESETS: dict[str, dict[str, Any]] = {
   ),
   # SFT baseline: demonstrations only, w_sft = 1 constant, no rollouts.
   "sft": dict(sft_coef=1.0, sft_weight="const", use_demo_rl=False, use_self_rl=False),
-  # On-policy GRPO: advantages with std, no demonstrations used.
-  "grpo": dict(use_sft=False, use_demo_rl=False, **_GRPO_ROLLOUTS),
+  # On-policy GRPO: advantages with std, no demonstrations used, PPO clip 0.2
+  # (as TRL and verl run it: a step makes several updates on one rollout batch).
+  "grpo": dict(use_sft=False, use_demo_rl=False, **_GRPO_ROLLOUTS, clip_eps=0.2),
   # The paper's naive single-stage "SFT+RL": unweighted SFT (w = 1) on demos
   # plus GRPO on rollouts; no RL term on demonstrations, so the demo stays out
   # of the rollouts' advantage group (train.GroupLayout.demos_in_group).

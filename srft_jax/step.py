@@ -124,6 +124,7 @@ def sequence_logprobs(
   last: int = 0,
   group: int = 0,
   router_aux: bool = False,
+  frozen=None,
 ):
   """Teacher-forced log-prob of each next token and the full-vocab entropy, [B, T-1].
 
@@ -135,8 +136,10 @@ def sequence_logprobs(
   (the first T - last columns) and it runs once per group.
   `router_aux=True` also returns the MoE router's load-balancing loss over
   the rows' real tokens (`model.RouterAux`; None for a dense model).
+  `frozen`: the state that is not trained (LoRA's base, `lora.split`), merged
+  with `params` (the adapters) into the model.
   """
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
   t = tokens_BT.shape[1]
   first = t - 1 - last if 0 < last < t else 0
   kw = {"router_stats": True} if router_aux else {}
@@ -253,7 +256,7 @@ def _split(tree, n: int):
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
 
 
-def _logprobs(graphdef, params, mb: dict, cfg: StepConfig, router_aux: bool = False):
+def _logprobs(graphdef, params, mb: dict, cfg: StepConfig, router_aux: bool = False, frozen=None):
   return sequence_logprobs(
     graphdef,
     params,
@@ -264,10 +267,13 @@ def _logprobs(graphdef, params, mb: dict, cfg: StepConfig, router_aux: bool = Fa
     last=cfg.response_len,
     group=cfg.group,
     router_aux=router_aux,
+    frozen=frozen,
   )
 
 
-def _chunked_logprobs(graphdef, params_list, batch: dict, cfg: StepConfig) -> list[Array]:
+def _chunked_logprobs(
+  graphdef, params_list, batch: dict, cfg: StepConfig, frozen=None
+) -> list[Array]:
   """Log-probs [B, T-1] of the whole batch under each params (no gradient), one
   pass over micro-batch-sized chunks so memory stays that of one micro-batch."""
   n = cfg.minibatches * cfg.microbatches
@@ -275,10 +281,11 @@ def _chunked_logprobs(graphdef, params_list, batch: dict, cfg: StepConfig) -> li
 
   # The params ride in the carry: a closed-over outer value cannot be merged
   # into a module inside the scan when the model is rematerialised (flax).
-  def body(ps, mb):
-    return ps, [_logprobs(graphdef, p, mb, cfg)[0] for p in ps]
+  def body(carry, mb):
+    ps, fz = carry
+    return carry, [_logprobs(graphdef, p, mb, cfg, frozen=fz)[0] for p in ps]
 
-  _, out = jax.lax.scan(body, params_list, chunks)
+  _, out = jax.lax.scan(body, (params_list, frozen), chunks)
   return [jax.lax.stop_gradient(x.reshape((-1,) + x.shape[2:])) for x in out]
 
 
@@ -306,7 +313,7 @@ def mismatch_metrics(old_logp_BT: Array, sampler_logp_BT: Array, rollout_mask_BT
 
 
 def train_step(
-  graphdef, tx, cfg: StepConfig, state: dict, batch: dict, ref_params=None
+  graphdef, tx, cfg: StepConfig, state: dict, batch: dict, ref_params=None, frozen=None
 ) -> tuple[dict, dict]:
   """One rollout batch: `cfg.minibatches` optimizer updates, each accumulating
   gradients over `cfg.microbatches` chunks with the full mini-batch's loss
@@ -316,6 +323,10 @@ def train_step(
   params become `old_logp` before any update and the sampler's become
   `sampler_logp`; with `cfg.reference` the reference params (`ref_params`,
   the base) give `ref_logp` for the KL term, in the same pass.
+
+  With LoRA, `state["params"]` holds the adapters only (the optimizer and its
+  state see nothing else) and `frozen` the base (`lora.split`); the reference
+  is then the base with zero adapters (`lora.zeros_like`), not a second copy.
   """
   loss_cfg = cfg.loss
   pre = {}
@@ -323,7 +334,7 @@ def train_step(
     params_list = ([state["params"]] if cfg.recompute_old_logp else []) + (
       [ref_params] if cfg.reference else []
     )
-    out = _chunked_logprobs(graphdef, params_list, batch, cfg)
+    out = _chunked_logprobs(graphdef, params_list, batch, cfg, frozen)
     mask = batch["response_mask"].astype(jnp.float32)
     batch = dict(batch)
     if cfg.recompute_old_logp:
@@ -334,8 +345,12 @@ def train_step(
     if cfg.reference:
       batch["ref_logp"] = out.pop(0) * mask
 
-  def loss_fn(params, mb, denominators, batch_entropy):
-    logp, ent, router = _logprobs(graphdef, params, mb, cfg, router_aux=True)
+  def loss_fn(trainable, mb, denominators, batch_entropy):
+    # LoRA's frozen base rides with the adapters through value_and_grad, so both
+    # are traced alike (nnx.remat refuses a module mixing trace levels), and
+    # stop_gradient gives it a zero tangent: no gradient work, no base gradient.
+    params, frozen = trainable[0], jax.lax.stop_gradient(trainable[1])
+    logp, ent, router = _logprobs(graphdef, params, mb, cfg, router_aux=True, frozen=frozen)
     parts = obj.srft_loss_parts(logp, ent, mb, loss_cfg, batch_entropy=batch_entropy)
     parts = obj.with_denominators(parts, denominators)
     loss = obj.combine(parts)[0]
@@ -366,21 +381,23 @@ def train_step(
     if loss_cfg.entropy_granularity == "batch" and cfg.microbatches > 1:
 
       def ent_sums(carry, mb):
-        params, s, c = carry  # params in the carry, as in _chunked_logprobs
-        _, ent = _logprobs(graphdef, params, mb, cfg)
+        params, fz, s, c = carry  # params in the carry, as in _chunked_logprobs
+        _, ent = _logprobs(graphdef, params, mb, cfg, frozen=fz)
         ds, dc = obj.entropy_sum_and_count(ent, mb["response_mask"])
-        return (params, s + ds, c + dc), None
+        return (params, fz, s + ds, c + dc), None
 
-      (_, s, c), _ = jax.lax.scan(ent_sums, (state["params"], 0.0, 0.0), micro)
+      (_, _, s, c), _ = jax.lax.scan(ent_sums, (state["params"], frozen, 0.0, 0.0), micro)
       batch_entropy = jax.lax.stop_gradient(s / jnp.maximum(c, 1.0))
 
     def accumulate(carry, mb):
-      grads, loss = carry
-      (l, parts), g = grad_fn(state["params"], mb, denominators, batch_entropy)
-      return (jax.tree.map(jnp.add, grads, g), loss + l), parts
+      grads, loss, fz = carry  # the frozen base in the carry, as the params above
+      (l, parts), (g, _) = grad_fn((state["params"], fz), mb, denominators, batch_entropy)
+      return (jax.tree.map(jnp.add, grads, g), loss + l, fz), parts
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    (grads, loss), parts = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+    (grads, loss, _), parts = jax.lax.scan(
+      accumulate, (zeros, jnp.zeros((), jnp.float32), frozen), micro
+    )
     # Metrics of the whole mini-batch from the micro-batches' (sum, count) pairs.
     total = obj.LossParts(
       {k: jnp.sum(v, axis=0) for k, v in parts.sums.items()},
@@ -459,12 +476,14 @@ def batch_shardings(batch: dict, mesh, rules=None) -> dict:
   return {k: shd.batch_sharding(mesh, v.ndim, rules, v.shape) for k, v in batch.items()}
 
 
-def jit_train_step(graphdef, tx, cfg: StepConfig, state_sh, batch_sh, ref_sh=None):
+def jit_train_step(graphdef, tx, cfg: StepConfig, state_sh, batch_sh, ref_sh=None, frozen_sh=None):
   """`train_step` jitted with explicit shardings and the state donated; called
-  as fn(state, batch, ref_params) (ref_params None unless `cfg.reference`)."""
+  as fn(state, batch, ref_params) (ref_params None unless `cfg.reference`), and
+  with `frozen_sh` (LoRA) as fn(state, batch, ref_params, frozen)."""
+  in_sh = (state_sh, batch_sh, ref_sh) + (() if frozen_sh is None else (frozen_sh,))
   return jax.jit(
     functools.partial(train_step, graphdef, tx, cfg),
-    in_shardings=(state_sh, batch_sh, ref_sh),
+    in_shardings=in_sh,
     out_shardings=(state_sh, None),
     donate_argnums=(0,),
   )

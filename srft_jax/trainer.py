@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from srft_jax import checkpoint as ckpt_lib
 from srft_jax import factory
+from srft_jax import lora as lora_lib
 from srft_jax import metrics as metrics_lib
 from srft_jax import multihost
 from srft_jax import sampler as sampler_lib
@@ -45,21 +46,40 @@ _assemble = jax.jit(step_lib.assemble_batch, static_argnames=("layout",))
 class Trainer:
   """Owns the train state and runs steps; the host loop lives in `fit`."""
 
-  def __init__(self, model, *, config, tokenizer, scorer, mesh, rules=None):
+  def __init__(self, model, *, config, tokenizer, scorer, mesh, rules=None, base_path: str = ""):
     self.config = config
     self.tokenizer = tokenizer
     self.scorer = scorer
     self.mesh = mesh
     self.rules = rules
-    self.graphdef, self.params = nnx.split(model)
+    # LoRA (a model with adapters): the train state holds the adapters only;
+    # the frozen base is an argument of every step, identified by its content
+    # hash (and `base_path`) in the checkpoints.
+    self.frozen = self.frozen_sh = self.lora_meta = None
+    if lora_lib.has_adapters(model):
+      self.graphdef, self.params, self.frozen = lora_lib.split(model)
+      self.frozen_sh = shd.state_shardings(self.frozen, mesh, rules)
+      self.frozen = jax.device_put(self.frozen, self.frozen_sh)
+      lcfg = lora_lib.config_of(model)
+      self.lora_meta = {
+        "base_path": base_path,
+        "base_hash": lora_lib.base_hash(self.frozen),
+        "rank": lcfg.rank,
+        "alpha": lcfg.alpha,
+        "targets": list(lcfg.targets),
+      }
+    else:
+      self.graphdef, self.params = nnx.split(model)
     self.state = None
     self.stage: factory.Stage | None = None
     # The KL term's reference: a frozen copy of the starting (base) params,
-    # sharded like the policy; kept only where a stage has a KL term.
+    # sharded like the policy; kept only where a stage has a KL term. With
+    # LoRA: zero adapters on the same frozen base (no second copy of the weights).
     self.ref_params = self.ref_sh = None
     if any(factory.step_config(config, st).reference for st in self.stages()):
       self.ref_sh = shd.state_shardings(self.params, mesh, rules)
-      self.ref_params = jax.device_put(jax.tree.map(jnp.copy, self.params), self.ref_sh)
+      ref = jnp.zeros_like if self.frozen is not None else jnp.copy
+      self.ref_params = jax.device_put(jax.tree.map(ref, self.params), self.ref_sh)
 
   # -- stages and state -------------------------------------------------------
   def stages(self) -> list[factory.Stage]:
@@ -69,7 +89,7 @@ class Trainer:
     """This stage's optimizer and step config; a fresh optimizer state (at the
     stage's first step) keeps the parameters and the step count."""
     c = self.config
-    self.tx, self.schedule = factory.optimizer(c, stage.steps)
+    self.tx, self.schedule = factory.optimizer(c, stage.steps, stage.lr)
     self.step_cfg = factory.step_config(c, stage)
     self._step_fn = None  # jitted on the stage's first batch (its shardings)
     if fresh_optimizer or self.state is None:
@@ -97,11 +117,13 @@ class Trainer:
 
   def abstract_state(self, stage: factory.Stage):
     """Sharded ShapeDtypeStructs of the train state (Orbax restore target)."""
-    tx, _ = factory.optimizer(self.config, stage.steps)
+    tx, _ = factory.optimizer(self.config, stage.steps, stage.lr)
     return step_lib.abstract_train_state(self.params, tx, self.mesh, self.rules)
 
   def model(self):
     params = self.state["params"] if self.state is not None else self.params
+    if self.frozen is not None:
+      return nnx.merge(self.graphdef, params, self.frozen)
     return nnx.merge(self.graphdef, params)
 
   # -- one step -----------------------------------------------------------------
@@ -270,11 +292,12 @@ class Trainer:
       batch_sh = step_lib.batch_shardings(train_batch, self.mesh, self.rules)
       ref_sh = self.ref_sh if self.step_cfg.reference else None
       self._step_fn = step_lib.jit_train_step(
-        self.graphdef, self.tx, self.step_cfg, self.state_sh, batch_sh, ref_sh
+        self.graphdef, self.tx, self.step_cfg, self.state_sh, batch_sh, ref_sh, self.frozen_sh
       )
     ref = self.ref_params if self.step_cfg.reference else None
+    frozen = () if self.frozen is None else (self.frozen,)
     with jax.set_mesh(self.mesh):  # the model's logical activation constraints apply
-      self.state, metrics = self._step_fn(self.state, train_batch, ref)
+      self.state, metrics = self._step_fn(self.state, train_batch, ref, *frozen)
     metrics = dict(metrics)
     metrics["tokens/trained"] = jnp.sum(train_batch["response_mask"])
     metrics["optim/lr"] = self.schedule(step - self.stage.start)
@@ -369,6 +392,37 @@ def _progress_postfix(row: dict) -> dict[str, str]:
   return out
 
 
+def check_resume_base(ckpt: ckpt_lib.Checkpointer, lora_meta: dict | None) -> None:
+  """Refuses (ConfigError) to resume adapters on another base, or to mix a LoRA
+  run and a full fine-tuning run in one checkpoint directory."""
+  saved = ckpt.read_meta()
+  if saved is None:
+    return
+  old = saved.get("lora")
+  if old is None and lora_meta is None:
+    return
+  where = f"{ckpt.directory} (step {saved.get('step')})"
+  if old is None or lora_meta is None:
+    kinds = ("full fine-tuning", "LoRA adapters") if old is None else ("LoRA", "the full model")
+    raise factory.ConfigError(
+      f"config.lora.rank: {where} holds a {kinds[0]} state, this run trains {kinds[1]} "
+      "(give another workdir, or the config that wrote it)"
+    )
+  if old["base_hash"] != lora_meta["base_hash"]:
+    raise factory.ConfigError(
+      f"config.model: {where} holds LoRA adapters of another base model: "
+      f"{old['base_path'] or '(random init)'} (content hash {old['base_hash'][:16]}), "
+      f"this run's base is {lora_meta['base_path'] or '(random init)'} "
+      f"(content hash {lora_meta['base_hash'][:16]}); refusing to resume"
+    )
+  for k in ("rank", "alpha", "targets"):
+    if old.get(k) != lora_meta.get(k):
+      raise factory.ConfigError(
+        f"config.lora.{k}: {where} holds adapters with {k}={old.get(k)!r}, "
+        f"this run asks for {lora_meta.get(k)!r}"
+      )
+
+
 def fit(
   trainer: Trainer, data_iter, *, workdir: str, progress: bool = True, eval_hook=None
 ) -> dict:
@@ -387,9 +441,12 @@ def fit(
   guard = ckpt_lib.PreemptionGuard()
   base_key = jax.random.key(c.seed)
   meta = {"config": c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else str(c)}
+  if trainer.lora_meta is not None:
+    meta["lora"] = trainer.lora_meta  # the base the adapters belong to (checked on resume)
 
   # Resume: the newest readable checkpoint decides the step, stage and data position.
   start = 0
+  check_resume_base(ckpt, trainer.lora_meta)
   restored = (
     ckpt.restore(trainer.abstract_state(stages[0]), delete_unreadable=True)
     if ckpt.latest_step() is not None

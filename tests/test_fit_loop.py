@@ -226,6 +226,38 @@ def test_schedule_is_per_step_across_minibatch_updates(schedule, warmup):
   assert min(moves[-per_step:]) > 0  # the last step still learns
 
 
+class LrTrainer(StepTrainer):
+  """Records the stage schedule's lr and the update's largest move."""
+
+  def run_step(self, batch, step, rng):
+    before = self.state["params"]
+    host, dev = super().run_step(batch, step, rng)
+    move = max(
+      float(jnp.max(jnp.abs(a - b)))
+      for a, b in zip(jax.tree.leaves(self.state["params"]), jax.tree.leaves(before))
+    )
+    return {**host, "lr": float(self.schedule(step - self.stage.start)), "move": move}, dev
+
+
+def test_each_stage_trains_at_its_own_learning_rate(tmp_path):
+  # optim.stage_lrs: a schedule's stages at their own peak lr (the study's
+  # two-stage runs take each family's chosen rate).
+  c = _config()
+  with c.unlocked():
+    c.optim.stage_lrs = (1e-3, 3e-5)
+    c.optim.weight_decay = 0.0
+  _fit(c, tmp_path, cls=LrTrainer)
+  rows = _rows(tmp_path)
+  assert [r["lr"] for r in rows] == pytest.approx([1e-3] * 2 + [3e-5] * 3)
+  # Adam's first update of each stage (a fresh optimizer) moves by the lr itself.
+  assert rows[0]["move"] == pytest.approx(1e-3, rel=1e-3)
+  assert rows[2]["move"] == pytest.approx(3e-5, rel=1e-3)
+  with c.unlocked():
+    c.optim.stage_lrs = (1e-3,)
+  with pytest.raises(ValueError, match=r"config\.optim\.stage_lrs"):
+    factory.validate_config(c)
+
+
 def test_two_stage_half_follows_the_final_step_count():
   c = DEFAULT.get_config("sft_then_grpo")
   with c.unlocked():

@@ -280,16 +280,11 @@ def test_router_loss_in_the_step_and_its_micro_batches(moe_model):
   tx, _ = step_lib.make_optimizer(1e-3, steps=1)
   metrics = {}
   for micro in (1, 2):
-    for coef in (0.0, CFG.router_aux_loss_coef):
-      gd = nnx.split(model_lib.abstract_model(dataclasses.replace(CFG, router_aux_loss_coef=coef)))[
-        0
-      ]
-      fn = jax.jit(
-        lambda s, b, gd=gd, micro=micro: step_lib.train_step(
-          gd, tx, _step_cfg(microbatches=micro), s, b
-        )
-      )
-      _, metrics[micro, coef] = fn(step_lib.init_train_state(params, tx), batch)
+    for coef in (0.0, CFG.router_aux_loss_coef):  # the coefficient lives in the graphdef's cfg
+      cfg = dataclasses.replace(CFG, router_aux_loss_coef=coef)
+      graphdef = nnx.graphdef(model_lib.abstract_model(cfg))
+      step = functools.partial(step_lib.train_step, graphdef, tx, _step_cfg(microbatches=micro))
+      _, metrics[micro, coef] = jax.jit(step)(step_lib.init_train_state(params, tx), batch)
   whole = float(_aux(moe_model, batch).loss)
   halves = [{k: v[i * 8 : (i + 1) * 8] for k, v in batch.items()} for i in (0, 1)]
   n = [float(h["mask"].sum()) for h in halves]

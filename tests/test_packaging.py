@@ -52,6 +52,24 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} - before)))
 """
 
 
+_VERSIONS = """
+import importlib.metadata as m
+def v(n):
+  try:
+    return m.version(n)
+  except m.PackageNotFoundError:
+    return "-"
+print(" ".join(f"{n} {v(n)}" for n in ("jax", "jaxlib", "numpy", "scipy", "ml_dtypes")))
+"""
+
+
+_DISTRIBUTIONS = """
+import importlib.metadata, json, re
+print(json.dumps({re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version
+                  for d in importlib.metadata.distributions()}))
+"""
+
+
 def _env(**extra) -> dict:
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
   env.update(JAX_PLATFORMS="cpu", PYTHONNOUSERSITE="1", **extra)
@@ -176,6 +194,18 @@ def test_scripts_match_pyproject():
     assert module == "srft_jax.console" and callable(getattr(console, func)), name
 
 
+def test_scripts_run_their_modules(monkeypatch):
+  """Each console script runs its module as `python -m` does: runpy, as __main__,
+  with sys.argv[0] and the module in sys.modules replaced for the run."""
+  import runpy
+
+  calls = []
+  monkeypatch.setattr(runpy, "run_module", lambda *a, **k: calls.append((a, k)))
+  for name, target in PYPROJECT["project"]["scripts"].items():
+    getattr(console, target.partition(":")[2])()
+    assert calls.pop() == ((SCRIPTS[name],), {"run_name": "__main__", "alter_sys": True}), name
+
+
 def test_objectives_imports_nothing_beyond_jax_and_numpy():
   """Here flax, optax, orbax and TFDS are installed: the loss still does not import them."""
   out = subprocess.run(
@@ -236,15 +266,79 @@ def _run(cmd, cwd, check=True, **kw) -> subprocess.CompletedProcess:
   return out
 
 
-def _venv(path: pathlib.Path, packages: list[str], constraints: pathlib.Path) -> pathlib.Path:
-  """A fresh venv (no system site-packages) with `packages` and their
-  dependencies at this environment's versions (`constraints`): the lock's
-  wheels again, from pip's cache or the registry."""
-  _run([sys.executable, "-m", "venv", "--without-pip", path], cwd=path.parent)
+# The venvs' dependencies are kept between runs (a core install and a [train]
+# install are ~0.5 and ~1 GB, minutes to unpack on 2 cores), keyed by what
+# decides what pip installs into them: the interpreter, the packages asked for
+# and the wheel's Requires-Dist for that install; a kept venv is used only while
+# each of its distributions still has the version this environment pins
+# (`constraints`). Each run then installs the freshly built wheel into it with
+# --no-deps --force-reinstall and checks the venv against the wheel's metadata,
+# so a dependency dropped from pyproject.toml makes a new key (a new venv), never
+# a stale pass. SRFT_JAX_FRESH_VENVS=1 rebuilds them from nothing.
+VENV_CACHE = pathlib.Path(
+  os.environ.get("SRFT_JAX_VENV_CACHE")
+  or pathlib.Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "srft-jax-test-venvs")
+).expanduser()
+
+
+def _wheel_requires(wheel: pathlib.Path, extra: str = "") -> list[Requirement]:
+  """The wheel's Requires-Dist that a plain install (or one with `extra`) installs."""
+  with zipfile.ZipFile(wheel) as z:
+    (meta,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+    text = z.read(meta).decode()
+  reqs = [
+    Requirement(x.split(":", 1)[1]) for x in text.splitlines() if x.startswith("Requires-Dist:")
+  ]
+  return [r for r in reqs if r.marker is None or r.marker.evaluate({"extra": extra})]
+
+
+def _venv(name: str, packages: list[str], built: dict, extra: str = "") -> pathlib.Path:
+  """A venv (no system site-packages) holding `packages` and their dependencies
+  at this environment's versions (`built["constraints"]`), reused between runs
+  while its key holds (above); the returned python is ready for the wheel."""
+  import fcntl
+  import hashlib
+
+  requires = [str(r) for r in _wheel_requires(built["wheel"], extra)]
+  key = "\n".join([sys.version, *packages, *requires])
+  path = VENV_CACHE / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
   python = path / "bin" / "python"
-  pip = [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-compile"]
-  _run([*pip, "-c", constraints, *packages], cwd=path.parent, timeout=900)
+  VENV_CACHE.mkdir(parents=True, exist_ok=True)
+  with open(VENV_CACHE / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once share one build
+    if (path / "ready").exists() and not os.environ.get("SRFT_JAX_FRESH_VENVS"):
+      kept = json.loads((path / "ready").read_text())
+      if all(built["versions"].get(n, v) == v for n, v in kept.items() if n != "srft-jax"):
+        return python
+    for old in VENV_CACHE.glob(f"{name}-*"):  # earlier keys, and a half-built venv
+      shutil.rmtree(old)
+    _run([sys.executable, "-m", "venv", "--without-pip", path], cwd=VENV_CACHE)
+    pip = [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-compile"]
+    wheel = built["wheel"].as_uri()
+    reqs = [p.format(wheel=wheel) for p in packages]
+    _run([*pip, "-c", built["constraints"], *reqs], cwd=VENV_CACHE, timeout=1800)
+    listed = _run([python, "-c", _DISTRIBUTIONS], cwd=VENV_CACHE).stdout.strip().splitlines()[-1]
+    (path / "ready").write_text(listed)
   return python
+
+
+def _install_wheel(python: pathlib.Path, built: dict, extra: str = "") -> dict[str, str]:
+  """The built wheel into `python`'s venv, replacing the one there (--no-deps);
+  then every dependency the wheel declares (with `extra`) must be installed at a
+  version it allows. Returns the venv's distributions: name -> version."""
+  pip = [sys.executable, "-m", "pip", "--python", python]
+  _run(
+    [*pip, "install", "-q", "--no-compile", "--no-deps", "--force-reinstall", built["wheel"]],
+    cwd=built["tmp"],
+  )
+  listed = _run([python, "-c", _DISTRIBUTIONS], cwd=built["tmp"]).stdout.strip().splitlines()[-1]
+  installed = json.loads(listed)
+  for r in _wheel_requires(built["wheel"], extra):
+    name = canonicalize_name(r.name)
+    assert name in installed, f"{r} (declared by the wheel) is not installed"
+    assert r.specifier.contains(installed[name], prereleases=True), f"{r}: {installed[name]}"
+  _run([*pip, "check"], cwd=built["tmp"])  # and their own dependencies
+  return installed
 
 
 def _readme_loss_example() -> str:
@@ -277,7 +371,13 @@ def built(tmp_path_factory):
     if name and canonicalize_name(name) != "srft-jax":
       versions.setdefault(canonicalize_name(name), d.version)
   constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(versions.items())))
-  return {"tmp": tmp, "wheel": wheel, "sdist": sdist, "constraints": constraints}
+  return {
+    "tmp": tmp,
+    "wheel": wheel,
+    "sdist": sdist,
+    "constraints": constraints,
+    "versions": versions,
+  }
 
 
 def test_wheel_and_sdist_contents(built):
@@ -307,28 +407,29 @@ def test_wheel_and_sdist_contents(built):
 
 def test_core_install_runs_the_readme_loss_example(built):
   """`pip install srft-jax`: the wheel with --no-deps plus only jax and numpy,
-  in a fresh venv; the README's loss example runs there, outside the repo."""
+  in a venv of its own; the README's loss example runs there, outside the repo."""
   tmp = built["tmp"]
-  python = _venv(tmp / "core", ["jax", "numpy"], built["constraints"])
-  _run(
-    [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", built["wheel"]],
-    cwd=tmp,
-  )
-  _run([sys.executable, "-m", "pip", "--python", python, "check"], cwd=tmp)  # deps satisfied
+  python = _venv("core", ["jax", "numpy"], built)
+  installed = _install_wheel(python, built)
+  assert not installed.keys() & {"flax", "optax", "orbax-checkpoint", "tensorflow-datasets"}
+  assert installed.keys() <= {
+    "srft-jax",
+    "jax",
+    "jaxlib",
+    "numpy",
+    "ml-dtypes",
+    "opt-einsum",
+    "scipy",
+  }
   work = tmp / "core-work"
   work.mkdir()
   check = _IMPORT_CHECK + (
-    "import importlib.metadata, os\n"
-    f"assert srft_jax.__file__.startswith({str(tmp / 'core')!r}), srft_jax.__file__\n"
+    "import importlib.metadata\n"
+    f"assert srft_jax.__file__.startswith({str(python.parent.parent)!r}), srft_jax.__file__\n"
     "assert importlib.metadata.version('srft-jax') == srft_jax.__version__\n"
-    "names = {d.metadata['Name'].lower().replace('_', '-') for d in importlib.metadata.distributions()}\n"
-    "print(json.dumps(sorted(names)))\n"
   )
   out = _run([python, "-c", check], cwd=work).stdout.strip().splitlines()
-  assert json.loads(out[-2]) == ["srft_jax"]
-  installed = set(json.loads(out[-1]))
-  assert not installed & {"flax", "optax", "orbax-checkpoint", "tensorflow-datasets"}, installed
-  assert installed <= {"srft-jax", "jax", "jaxlib", "numpy", "ml-dtypes", "opt-einsum", "scipy"}
+  assert json.loads(out[-1]) == ["srft_jax"]
   (work / "loss_example.py").write_text(_readme_loss_example())
   out = _run([python, "loss_example.py"], cwd=work)
   assert re.search(r"loss -?\d+\.\d+ +sft \d+\.\d+", out.stdout), out.stdout
@@ -336,35 +437,44 @@ def test_core_install_runs_the_readme_loss_example(built):
 
 @pytest.mark.slow
 def test_train_install_entry_points(built):
-  """`pip install 'srft-jax[train]'` in a fresh venv: each console script's
-  --help equals its `python -m` form's, and the packaged configs load from a
-  directory outside the repo."""
+  """`pip install 'srft-jax[train]'` in a venv of its own: the package imports
+  no training stack until asked, each console script's --help works (and
+  srft-train's equals `python -m srft_jax.main --help`), and the packaged
+  configs load from a directory outside the repo."""
+  from concurrent.futures import ThreadPoolExecutor
+
   tmp = built["tmp"]
-  python = _venv(
-    tmp / "train", [f"srft-jax[train] @ {built['wheel'].as_uri()}"], built["constraints"]
-  )
+  python = _venv("train", ["srft-jax[train] @ {wheel}"], built, extra="train")
+  _install_wheel(python, built, extra="train")
   bindir = python.parent
   work = tmp / "train-work"
   work.mkdir()
-  out = _run([python, "-c", _IMPORT_CHECK + "import flax, optax, orbax.checkpoint"], cwd=work)
-  assert json.loads(out.stdout.strip().splitlines()[-1]) == ["srft_jax"]
-  for script, module in SCRIPTS.items():
-    a = _run([bindir / script, "--help"], cwd=work, check=False)
-    b = _run([python, "-m", module, "--help"], cwd=work, check=False)
-    assert (a.returncode, a.stdout) == (b.returncode, b.stdout), (script, a, b)
+  # Each script's --help; srft-train's equals `python -m srft_jax.main --help`
+  # (test_scripts_run_their_modules checks every script's module in-process),
+  # and the packaged config (with a preset and an override) reaches validation.
+  train = [bindir / "srft-train", "--config=configs/default.py:grpo", "--config.steps=0"]
+  cmds = [[bindir / script, "--help"] for script in SCRIPTS]
+  cmds += [[python, "-m", SCRIPTS["srft-train"], "--help"], [*train, "--workdir=w"]]
+  cmds += [[python, "-c", _IMPORT_CHECK + "import flax, optax, orbax.checkpoint"]]
+  with ThreadPoolExecutor(4) as pool:  # each one imports jax, flax, orbax, TFDS ...
+    *helps, module_help, out, imports = pool.map(lambda c: _run(c, cwd=work, check=False), cmds)
+  assert imports.returncode == 0, imports.stderr[-2000:]
+  assert json.loads(imports.stdout.strip().splitlines()[-1]) == ["srft_jax"]
+  for script, a in zip(SCRIPTS, helps):
     assert a.returncode in (0, 1) and "--" in a.stdout, (script, a)  # absl's --help exits 1
-  # The packaged config (with a preset and an override) reaches validation.
-  out = _run(
-    [bindir / "srft-train", "--config=configs/default.py:grpo", "--config.steps=0", "--workdir=w"],
-    cwd=work,
-    check=False,
-  )
+    assert "Traceback" not in a.stderr, (script, a.stderr[-2000:])
+  a = helps[0]
+  assert (a.returncode, a.stdout) == (module_help.returncode, module_help.stdout), (a, module_help)
   assert out.returncode == 2 and "config.steps: must be positive" in out.stderr, out.stderr[-2000:]
 
 
-def _served(name: str) -> list[str]:
-  """The versions of `name` the registry serves for this Python and platform."""
-  out = _run([sys.executable, "-m", "pip", "index", "versions", name], cwd=ROOT)
+def _served(name: str, python: str | None = None) -> list[str]:
+  """The versions of `name` the registry serves for this platform and for the
+  Python `python` (X.Y; this interpreter's when None)."""
+  cmd = [sys.executable, "-m", "pip", "index", "versions", name]
+  if python:
+    cmd += ["--python-version", python, "--only-binary=:all:"]
+  out = _run(cmd, cwd=ROOT)
   line = next(x for x in out.stdout.splitlines() if x.startswith("Available versions:"))
   return [v.strip() for v in line.split(":", 1)[1].split(",")]
 
@@ -377,37 +487,48 @@ def test_loss_across_jax_versions(built):
   """The core install on each jax release inside the declared range (not only
   the lock's): a fresh venv with jax==V (jaxlib==V where served), the wheel,
   the README example and tests/test_objectives.py, outside the repo. Also the
-  range's floor with numpy's floor. About a minute a version; not in `make test`."""
+  range's floor with numpy's floor. About 30 s a version; not in `make test`.
+  SRFT_JAX_MATRIX_PYTHON=/path/to/python3.12 makes the venvs from another
+  interpreter (jax >= 0.11 needs Python 3.12; the registry serves it there)."""
   from packaging.version import Version
 
   core = {
     canonicalize_name(Requirement(s).name): Requirement(s)
     for s in PYPROJECT["project"]["dependencies"]
   }
-  jaxlibs = set(_served("jaxlib"))
+  base = os.environ.get("SRFT_JAX_MATRIX_PYTHON", sys.executable)
+  pyver = _run([base, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], cwd=ROOT)
+  pyver = pyver.stdout.strip()
+  served_for = None if base == sys.executable else pyver
+  jaxlibs = set(_served("jaxlib", served_for))
   wanted = os.environ["SRFT_JAX_MATRIX"]
-  versions = sorted((v for v in _served("jax") if core["jax"].specifier.contains(v)), key=Version)
+  served = _served("jax", served_for)
+  versions = sorted((v for v in served if core["jax"].specifier.contains(v)), key=Version)
   if wanted != "all":
     versions = [v for v in versions if v in wanted.split(",")]
   numpy_floor = str(min(Version(s.version) for s in core["numpy"].specifier if s.operator == ">="))
-  cases = [(v, None) for v in versions] + [(versions[0], numpy_floor)]
+  cases = [(v, None) for v in versions]
+  floor = min(Version(v) for v in served if core["jax"].specifier.contains(v))
+  if versions and Version(versions[0]) == floor:
+    cases.insert(0, (versions[0], numpy_floor))  # the range's floor with numpy's floor
   tmp = built["tmp"]
   tree = tmp / "matrix-tests"  # the tests beside the README they read, no srft_jax source
-  (tree / "tests").mkdir(parents=True)
+  (tree / "tests").mkdir(parents=True, exist_ok=True)
   for name in ("tests/conftest.py", "tests/test_objectives.py", "README.md", "pyproject.toml"):
     shutil.copy(ROOT / name, tree / name)
   pytest_pin = f"pytest=={importlib.metadata.version('pytest')}"
   failures = {}
   for v, numpy in cases:
-    tag = f"jax{v}" + (f"-numpy{numpy}" if numpy else "")
+    tag = f"py{pyver}-jax{v}" + (f"-numpy{numpy}" if numpy else "")
     pkgs = [f"jax=={v}", pytest_pin] + ([f"jaxlib=={v}"] if v in jaxlibs else [])
     pkgs += [f"numpy=={numpy}"] if numpy else []
     venv = tmp / tag
-    _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp)
+    _run([base, "-m", "venv", "--without-pip", venv], cwd=tmp)
     python = venv / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-compile"]
     _run([*pip, *pkgs], cwd=tmp, timeout=900)
     _run([*pip, "--no-deps", built["wheel"]], cwd=tmp)
+    got = _run([python, "-c", _VERSIONS], cwd=tmp).stdout.strip()
     # (test_module_is_standalone reads the repo's source: not an install check.)
     tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     out = _run([*tests, "-k", "not test_module_is_standalone"], cwd=tree, check=False)
@@ -417,11 +538,12 @@ def test_loss_across_jax_versions(built):
     probe = "import jax; jax.make_mesh((1,), ('x',), axis_types=(jax.sharding.AxisType.Auto,))"
     has_api = _run([python, "-c", probe], cwd=tmp, check=False).returncode == 0
     allowed = set() if has_api else {"test_sharded_mesh_equals_single_device"}
-    print(f"{tag}: {out.stdout.strip().splitlines()[-1]}")
+    summary = out.stdout.strip().splitlines()[-1]
+    print(f"{tag} ({got}): {summary}" + (f"; failed {', '.join(failed)}" if failed else ""))
     if (
       out.returncode not in (0, 1) or set(failed) - allowed or "test_readme_example_runs" in failed
     ):
-      failures[tag] = f"{failed}: {out.stdout.strip().splitlines()[-1]}"
+      failures[tag] = f"{failed}: {summary}"
       print(out.stdout[-3000:])
     shutil.rmtree(venv)
   assert not failures, failures

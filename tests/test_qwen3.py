@@ -176,7 +176,9 @@ def test_checkpoint_errors_name_the_problem(checkpoints, tmp_path):
     hf.load_model(str(tmp_path / "bad"))
 
 
-@pytest.mark.parametrize("kind", ["qwen3_tied", "moe_e4_top2_norm", "moe_e8_top1_tied_dense1"])
+@pytest.mark.parametrize(
+  "kind", ["qwen3_tied", "qwen3_untied", "moe_e4_top2_norm", "moe_e8_top1_tied_dense1"]
+)
 def test_hf_round_trips_are_bitwise(kind, checkpoints, loaded, tmp_path):
   """ours -> HF files -> transformers: every tensor equal to the source's; and
   ours -> HF files -> ours: every parameter bit-identical (sharded files too)."""

@@ -62,6 +62,7 @@ def _run_study(out):
     progress=False,
     criteria=report.CRITERIA_MD,
     write_report=report.write_report,
+    lr_grid=(1e-3,),  # the sweep runs (one rate a family), nothing to compare
   )
 
 
@@ -87,6 +88,20 @@ def test_study_writes_runs_and_report(mini):
     assert r["steps"] == 2 and r["method"] == m
     assert 0.0 <= r["after"]["id_acc"] <= 1.0 and 0.0 <= r["after"]["ood_acc"] <= 1.0
     assert os.path.exists(os.path.join(runner.run_dir(out, m, 0), "export", "hf", "config.json"))
+  # The sweep ran each family once on `val` (not on the test splits) and the
+  # runs train at its rate.
+  chosen = json.load(open(os.path.join(out, "sweep", "chosen.json")))
+  assert {f: v["lr"] for f, v in chosen.items()} == {"sft": 1e-3, "rl": 1e-3, "mixed": 1e-3}
+  for family in runner.FAMILIES:
+    with open(os.path.join(runner.sweep_dir(out, family, 1e-3), "results.json")) as f:
+      after = json.load(f)["after"]
+    assert after["id_acc"] is None and after["ood_acc"] is None
+    assert 0.0 <= after["val_acc"] <= 1.0
+  rows = [
+    json.loads(x)
+    for x in open(os.path.join(runner.run_dir(out, "grpo", 0), "logs", "metrics.jsonl"))
+  ]
+  assert [r["optim/lr"] for r in rows if "optim/lr" in r] == pytest.approx([1e-3, 1e-3])
   # The GRPO-only run puts every slot on rollouts (3 + 1).
   cfg = runner.run_config("grpo", 0, out, runner.study_settings(overrides=MINI))
   assert cfg.rollout.n_rollouts == 4 and cfg.seed == 0
@@ -94,6 +109,7 @@ def test_study_writes_runs_and_report(mini):
 
   with open(first["report"]) as f:
     md = f.read()
+  assert "| sft (`sft`) |" in md and "| **0.001** |" in md  # the sweep's table
   # Criteria come before the numbers; every claim has a verdict.
   assert md.index("Pre-registered criteria") < md.index("## Results")
   for k in range(1, 6):
@@ -173,6 +189,37 @@ def test_cli_budget(mini, capsys):
 # ----------------------------------------------------------------------------
 # Pure pieces: verdict rule, claims on synthetic runs, budget.
 # ----------------------------------------------------------------------------
+
+
+def test_sweep_picks_each_familys_best_val_rate(tmp_path):
+  # Finished sweep runs are read, not rerun: hand-made val accuracies decide.
+  out, grid = str(tmp_path), (1e-4, 1e-3, 1e-2)
+  val = {"sft": (0.30, 0.50, 0.10), "rl": (0.40, 0.40, 0.20), "mixed": (0.1, 0.2, 0.6)}
+  for family, accs in val.items():
+    for lr, a in zip(grid, accs):
+      os.makedirs(runner.sweep_dir(out, family, lr))
+      with open(os.path.join(runner.sweep_dir(out, family, lr), "results.json"), "w") as f:
+        json.dump({"after": {"val_acc": a}}, f)
+  chosen = runner.run_sweep(out, runner.study_settings(), grid)
+  lrs = {f: v["lr"] for f, v in chosen.items()}
+  assert lrs == {"sft": 1e-3, "rl": 1e-4, "mixed": 1e-2}  # rl: a tie goes to the smaller rate
+  # Each method trains at its family's rate; a two-stage method stage by stage.
+  settings = runner.study_settings()
+  assert runner.run_config("sft", 0, out, settings, lrs).optim.lr == 1e-3
+  assert runner.run_config("luffy", 0, out, settings, lrs).optim.lr == 1e-2
+  assert tuple(runner.run_config("sft_then_grpo", 0, out, settings, lrs).optim.stage_lrs) == (
+    1e-3,
+    1e-4,
+  )
+  assert tuple(runner.run_config("rl_then_sft", 0, out, settings, lrs).optim.stage_lrs) == (
+    1e-4,
+    1e-3,
+  )
+  # A sweep run is evaluated on `val` only, as many problems as the ID test split.
+  s = runner.sweep_settings(settings)
+  assert (s["eval.n_id"], s["eval.n_ood"], s["eval.n_val"]) == (0, 0, settings["eval.n_id"])
+  md, _ = report.sweep_table(out)
+  assert "| rl (`grpo`) | 40.0 | 40.0 | 20.0 | **0.0001** |" in md
 
 
 def test_verdict_rule():
@@ -263,20 +310,26 @@ def test_budget_estimate():
   settings = runner.study_settings()
   t = runner.Timing(sft_step_s=1.0, rl_step_s=2.0, warmup_step_s=1.0, run_overhead_s=10.0)
   est = runner.estimate_seconds(
-    {**settings, "steps": 10, "warmup.steps": 5}, ["sft", "grpo", "rl_then_sft"], [0, 1], t
+    {**settings, "steps": 10, "warmup.steps": 5},
+    ["sft", "grpo", "rl_then_sft"],
+    [0, 1],
+    t,
+    lr_grid=(1e-4, 1e-3),
   )
   assert est["per_run_s"] == {"sft": 20.0, "grpo": 30.0, "rl_then_sft": 25.0}
-  assert est["total_s"] == pytest.approx(5 + 10 + 2 * 75)
-  # The chosen defaults fit the hour with the default timing.
+  # warm-up + the sweep (2 rates x sft, grpo, srft) + 2 seeds of the runs
+  assert est["sweep_s"] == pytest.approx(2 * (20 + 30 + 30))
+  assert est["total_s"] == pytest.approx(5 + 10 + 160 + 2 * 75)
+  # The chosen defaults fit the budget with the default timing.
   full = runner.estimate_seconds(settings, runner.METHODS, runner.SEEDS)
-  assert full["total_s"] < 55 * 60
+  assert full["total_s"] < 0.9 * runner.BUDGET_MIN * 60
   assert runner.switch_step(settings) % settings["eval.every"] == 0
   n = runner.steps_that_fit(settings, runner.METHODS, runner.SEEDS, runner.Timing())
   assert n >= settings["steps"] and n % (2 * settings["eval.every"]) == 0
   over = runner.estimate_seconds(
     {**settings, "steps": n + 2 * settings["eval.every"]}, runner.METHODS, runner.SEEDS
   )
-  assert over["total_s"] > 60 * 60
+  assert over["total_s"] > runner.BUDGET_MIN * 60
 
 
 def _write_run(out, method, seed, *, steps=4, id_acc=0.5, ood_acc=0.25):
@@ -338,7 +391,7 @@ def test_report_and_cli_on_synthetic_runs(tmp_path, capsys):
   assert capsys.readouterr().out.strip() == path and os.path.exists(path)
   assert study_cli.main(["--out", out, "--budget", "--methods", "sft,grpo", "--seeds", "0"]) == 0
   text = capsys.readouterr().out
-  assert "estimated study wall time" in text and "steps a run that fit in 60 min" in text
+  assert "estimated study wall time" in text and "steps a run that fit in 120 min" in text
   t = runner.measured_timing(out)
   assert t.sft_step_s == 1.0 and t.rl_step_s == 2.0  # steps after the first two
   assert t.run_overhead_s == pytest.approx(12.0 - 4 * 1.5)  # median of 8 s (sft) and 4 s (grpo)

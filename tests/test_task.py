@@ -14,6 +14,7 @@ LINE_RE = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)$")
 # demonstration including the EOS the batcher appends).
 ID_PROMPT_MAX, ID_DEMO_MAX = 44, 64
 OOD_PROMPT_MAX, OOD_DEMO_MAX = 52, 80
+TEACHER_DEMO_MAX = 72  # data.max_response_len: every ID teacher demonstration is trained on
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +36,32 @@ def test_generation_is_deterministic_in_seed(rows):
     # Asking for fewer rows gives a prefix of the longer list.
     assert task.generate(split, 20, seed=3) == rows[split][:20]
   assert set(rows["train"][0]) == {"id", "prompt", "target", "answer"}
-  assert len({r["id"] for s in task.SPLITS for r in rows[s]}) == 3 * 400
+  assert len({r["id"] for s in task.SPLITS for r in rows[s]}) == len(task.SPLITS) * 400
 
 
 def test_splits_are_disjoint_by_arithmetic(rows):
   def keys(problems):
     return {p.key for p in problems}
 
-  # Different seeds and sizes still never share a problem across train/test_id.
-  train = keys(task.generate_problems("train", 3000, seed=0))
+  # Different seeds and sizes still never share a problem's arithmetic across
+  # train / val / test_id, not even renamed.
+  train_problems = task.generate_problems("train", 3000, seed=0)
+  train = keys(train_problems)
+  val = keys(task.generate_problems("val", 400, seed=0))
   test_id = keys(task.generate_problems("test_id", 400, seed=0))
   test_id_other_seed = keys(task.generate_problems("test_id", 400, seed=1))
-  assert len(train) == 3000 and len(test_id) == 400  # distinct within a split
+  assert len({p.text for p in train_problems}) == 3000  # distinct texts within a split
   assert not train & test_id and not train & test_id_other_seed
+  assert not val & train and not val & test_id
   assert test_id & test_id_other_seed  # same held-out pool, drawn twice
   assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["test_id"]}
-  # OOD has one more step than anything in training.
-  id_steps = {len(task.parse(r["prompt"])[1]) for s in ("train", "test_id") for r in rows[s]}
-  ood_steps = {len(task.parse(r["prompt"])[1]) for r in rows["test_ood"]}
-  assert id_steps == set(task.ID_STEPS) and ood_steps == set(task.OOD_STEPS)
-  assert min(ood_steps) > max(id_steps)
+  # Every ID split draws every difficulty level; OOD has one more step than any.
+  for split in ("train", "val", "test_id"):
+    levels = [task.difficulty(r["prompt"]) for r in rows[split]]
+    assert set(levels) == set(task.ID_STEPS)
+    assert min(levels.count(lv) for lv in task.ID_STEPS) > 400 / len(task.ID_STEPS) / 2
+  ood_steps = {task.difficulty(r["prompt"]) for r in rows["test_ood"]}
+  assert ood_steps == set(task.OOD_STEPS) and min(ood_steps) > max(task.ID_STEPS)
 
 
 def test_demonstrations_are_correct_and_need_the_steps(rows):
@@ -81,7 +88,40 @@ def test_answers_vary(rows):
   answers = [int(r["answer"]) for r in rows["train"]]
   # No single value is a good guess (keeps the RL signal informative).
   most_common = max(answers.count(a) for a in set(answers))
-  assert len(set(answers)) > 40 and most_common / len(answers) < 0.1
+  assert len(set(answers)) >= task.MAX_VALUE - 2 and most_common / len(answers) < 0.1
+
+
+TEACHER_RE = re.compile(r"^<think>\n((?:[^\n]+\n)+)</think>\n\\boxed\{(\d+)\}$")
+
+
+def test_teacher_demonstrations_are_correct_and_read_differently(rows):
+  """The teacher style (data.demo_style) solves the same problem with the same
+  answer, every equation right, but restates quantities and swaps operands."""
+  differs = 0
+  for split in ("train", "test_ood"):
+    teacher = task.generate(split, 400, seed=3, style="teacher")
+    for r, t in zip(rows[split], teacher):
+      assert (t["id"], t["prompt"], t["answer"]) == (r["id"], r["prompt"], r["answer"])
+      m = TEACHER_RE.match(t["target"])
+      assert m, t["target"]
+      body, boxed = m.groups()
+      obj = re.search(r"How many ([a-z]+) now\?$", r["prompt"])[1]
+      assert boxed == r["answer"]
+      terse = DEMO_RE.match(r["target"])[1].splitlines()
+      lines = body.splitlines()
+      assert len(lines) == len(terse)
+      for line, plain in zip(lines, terse):
+        eq, unit = line.split(" ")
+        assert unit == obj
+        a, op, b, c = LINE_RE.match(eq).groups()
+        pa, pop, pb, pc = LINE_RE.match(plain).groups()
+        # Same operation and result; operands swapped exactly where it commutes.
+        assert (op, c) == (pop, pc)
+        assert (a, b) == ((pb, pa) if op in "+*" else (pa, pb))
+      differs += t["target"] != r["target"]
+  assert differs == 800
+  with pytest.raises(ValueError):
+    task.generate("train", 1, seed=0, style="fancy")
 
 
 def test_boxed_answer_parses_with_math_verify(rows):
@@ -137,6 +177,10 @@ def test_token_lengths_and_format_with_task_tokenizer(rows, task_tok):
       assert tok.decode(p_ids) == prompt and tok.decode(d_ids) == r["target"]
       # Prompt and demo encoded apart equal the encoding of the joined text.
       assert p_ids + d_ids[:-1] == tok.encode(prompt + r["target"])
+  for r in task.generate("train", 400, seed=3, style="teacher"):
+    d_ids = tok.encode(r["target"], add_eos=True)
+    assert len(d_ids) <= TEACHER_DEMO_MAX and tok.unk_id not in d_ids
+    assert tok.decode(d_ids) == r["target"]
   # The format markers are single tokens, so the response format cannot fragment.
   for symbol in ("<think>", "</think>", "\\boxed{", "}", "\n"):
     assert tok.encode(symbol) == [tok.token_to_id(symbol)]

@@ -1,23 +1,36 @@
 """The built-in verifiable reasoning task: short multi-step arithmetic word problems.
 
-Example (3 steps):
+Example (3 steps, difficulty level 3):
     prompt: "Mia has 7 pens. She finds 5 more. She gives 3 to Tom.
-             She buys two bags of 4. How many pens now?"
-    target: "<think>\n7+5=12\n12-3=9\n2*4=8\n9+8=17\n</think>\n\\boxed{17}"
-    answer: "17"
+             She buys two bags of 2. How many pens now?"
+    target: "<think>\n7+5=12\n12-3=9\n2*2=4\n9+4=13\n</think>\n\\boxed{13}"
+    answer: "13"
+The teacher's demonstration of the same problem (`style="teacher"`):
+    "<think>\n5+7=12 pens\n12-3=9 pens\n2*2=4 pens\n4+9=13 pens\n</think>\n\\boxed{13}"
 
 Why it is shaped this way (a tiny model, a 2-core CPU, and an RL signal):
-- Every value stays in 1..MAX_VALUE (at most 50) and operands are one digit, so a
-  ~1-4M parameter model can learn the arithmetic in minutes; digits are split
-  into single tokens by the task tokenizer.
+- Every value stays in 1..MAX_VALUE (20) and operands are one digit, so a ~1M
+  parameter model learns the arithmetic in a few minutes of SFT; digits are
+  split into single tokens by the task tokenizer.
+- Difficulty levels (1, 2 or 3 steps, drawn equally) spread the base model's
+  success: sampled at temperature 1 after the default warm-up, its rollouts
+  are right about 70% of the time on 1-step problems, 40% on 2-step and 20% on
+  3-step ones (45% on the mix), and about 70% of groups of 8 have mixed
+  rewards: an RL signal (docs/method.md §1.3, §7.1; benchmarks/task_signal.py).
 - The answer needs every step: it is never one of the numbers in the prompt
   (rejected at generation), so copying cannot score; one slip anywhere changes it.
 - A handful of sentence templates, names and objects gives a little language to
   map onto operations without much vocabulary (the tokenizer stays < 512).
-- Splits: `train` and `test_id` have 2-3 steps and are disjoint by the problem's
-  arithmetic (a hash of start value + operations assigns each problem to one
-  side, so no seed or size can leak a test problem into training, not even
-  renamed); `test_ood` has 4 steps, one more than ever seen in training.
+- Splits: `train`, `val` and `test_id` have levels 1-3 and are disjoint by the
+  problem's arithmetic (a hash of start value + operations assigns each
+  problem to one of them, so no seed or size can leak a test or validation
+  problem into training, not even renamed); `val` is for choosing
+  hyperparameters; `test_ood` has 4 steps, one more than ever seen in training.
+- Two demonstration styles (DEMO_STYLES): the terse canonical solution the base
+  model is warmed up on, and a teacher's that is as correct but reads
+  differently (each quantity restated with its unit, operands of + and *
+  swapped), so SFT on it is off-policy, as the paper's demonstrations from a
+  stronger model are for its base.
 
 `solve` reads the problem *text* (not the generator's internal record), so the
 demonstrations and answers are checked by an independent parse of what the
@@ -39,16 +52,25 @@ import sentencepiece as spm
 
 from srft_jax import tokenizer as tokenizer_lib
 
-# Bump when anything changes the generated text: it keys the tokenizer cache.
-GENERATOR_VERSION = "arith-v2"
+# Bump when anything changes the generated text: it keys the tokenizer cache
+# and the warm-up cache (job.warmup_meta).
+GENERATOR_VERSION = "arith-v4"
 
-SPLITS = ("train", "test_id", "test_ood")
-ID_STEPS = (2, 3)
+SPLITS = ("train", "val", "test_id", "test_ood")
+# Difficulty levels = steps a problem; train, val and test_id draw them with these weights.
+ID_STEPS = (1, 2, 3)
+ID_STEP_WEIGHTS = (1, 1, 1)
 OOD_STEPS = (4,)
-MAX_VALUE = 50
-START_RANGE = (2, 20)
-# Share of the arithmetic-problem space reserved for `test_id` (by hash).
+MAX_VALUE = 20
+START_RANGE = (2, 15)
+OPERAND_RANGE = (2, 9)  # add / sub amounts
+BAG_RANGE = (2, 5)  # items in a bag
+# Shares of the arithmetic-problem space reserved for `test_id` and `val` (by hash).
 HELDOUT_PERCENT = 20
+VAL_PERCENT = 10
+# Demonstration styles (`data.demo_style`): the terse canonical solution the
+# base is warmed up on, or a teacher's that is as correct but reads differently.
+DEMO_STYLES = ("terse", "teacher")
 
 PROMPT_TEMPLATE = "plain"  # tokenizer.render_prompt template the task is trained with
 
@@ -113,12 +135,19 @@ class Problem:
 @dataclasses.dataclass(frozen=True)
 class Solution:
   answer: int
-  lines: tuple[str, ...]  # one equation per line, e.g. "7+5=12"
+  lines: tuple[str, ...]  # terse: one equation per line, e.g. "7+5=12"
+  teacher_lines: tuple[str, ...] = ()  # the teacher's: e.g. "5+7=12 pens"
 
   @property
   def target(self) -> str:
-    """The demonstration in the paper's format (docs/method.md §1, reward rule)."""
-    body = "\n".join(self.lines)
+    """The terse demonstration in the paper's format (docs/method.md §1.2, reward rule)."""
+    return self.target_in("terse")
+
+  def target_in(self, style: str) -> str:
+    """The demonstration in `style` (DEMO_STYLES); both end in the same boxed answer."""
+    if style not in DEMO_STYLES:
+      raise ValueError(f"unknown demo style {style!r}; choose from {DEMO_STYLES}")
+    body = "\n".join(self.lines if style == "terse" else self.teacher_lines)
     return f"{THINK_OPEN}\n{body}\n{THINK_CLOSE}\n{BOXED}{self.answer}}}"
 
 
@@ -145,6 +174,12 @@ _QUESTION_PATTERN = re.compile(r"^How many ([a-z]+) now\?$")
 
 def parse(text: str) -> tuple[int, tuple[tuple, ...]]:
   """Problem text -> (start, ops). Raises ValueError on text it cannot read."""
+  _, _, start, ops = _parse_all(text)
+  return start, ops
+
+
+def _parse_all(text: str) -> tuple[str, str, int, tuple[tuple, ...]]:
+  """Problem text -> (name, object, start, ops)."""
   sentences = re.findall(r"[^.?]+[.?]", text.strip())
   if len(sentences) < 2 or "".join(sentences).replace(" ", "") != text.strip().replace(" ", ""):
     raise ValueError(f"not a task problem: {text!r}")
@@ -162,7 +197,7 @@ def parse(text: str) -> tuple[int, tuple[tuple, ...]]:
         break
     else:
       raise ValueError(f"unknown step {s!r} in {text!r}")
-  return int(intro[2]), tuple(ops)
+  return intro[1], intro[3], int(intro[2]), tuple(ops)
 
 
 def difficulty(text: str) -> int:
@@ -194,15 +229,36 @@ def _apply(x: int, op: tuple) -> tuple[int, list[str]]:
   raise ValueError(f"unknown operation {op!r}")
 
 
+def _teacher_step(x: int, op: tuple, obj: str) -> tuple[int, list[str]]:
+  """One step as the teacher writes it: operands swapped where the operation
+  commutes, and every intermediate quantity restated with its unit."""
+  kind = op[0]
+  if kind == "add":
+    y = x + op[1]
+    return y, [f"{op[1]}+{x}={y} {obj}"]
+  if kind == "mul":
+    y = x * op[1]
+    return y, [f"{op[1]}*{x}={y} {obj}"]
+  if kind == "bags":
+    c = op[1] * op[2]
+    return x + c, [f"{op[2]}*{op[1]}={c} {obj}", f"{c}+{x}={x + c} {obj}"]
+  y, lines = _apply(x, op)  # sub, div: no other order
+  return y, [f"{lines[0]} {obj}"]
+
+
 def solve(problem: Problem | str) -> Solution:
-  """Solve a problem (or its text) step by step."""
+  """Solve a problem (or its text) step by step, in both demonstration styles."""
   text = problem.text if isinstance(problem, Problem) else problem
-  x, ops = parse(text)
-  lines: list[str] = []
+  _, obj, start, ops = _parse_all(text)
+  x, lines = start, []
+  teacher = []
   for op in ops:
-    x, new = _apply(x, op)
+    y, new = _apply(x, op)
+    _, new_teacher = _teacher_step(x, op, obj)
     lines.extend(new)
-  return Solution(answer=x, lines=tuple(lines))
+    teacher.extend(new_teacher)
+    x = y
+  return Solution(answer=x, lines=tuple(lines), teacher_lines=tuple(teacher))
 
 
 # ---------------------------------------------------------------------------
@@ -214,13 +270,13 @@ def _draw_op(rng: random.Random, x: int) -> tuple | None:
   kinds = list(_OP_WEIGHTS)
   kind = rng.choices(kinds, weights=[_OP_WEIGHTS[k] for k in kinds])[0]
   if kind == "add":
-    op = ("add", rng.randint(2, 9))
+    op = ("add", rng.randint(*OPERAND_RANGE))
   elif kind == "sub":
-    op = ("sub", rng.randint(2, 9))
+    op = ("sub", rng.randint(*OPERAND_RANGE))
   elif kind == "mul":
     op = ("mul", rng.choice((2, 3)))
   elif kind == "bags":
-    op = ("bags", rng.randint(2, 4), rng.randint(2, 9))
+    op = ("bags", rng.randint(2, 4), rng.randint(*BAG_RANGE))
   else:
     op = ("div", rng.choice((2, 3)))
   if kind == "div" and x % op[1]:
@@ -256,21 +312,37 @@ def _prompt_numbers(start: int, ops: Sequence[tuple]) -> set[int]:
   return nums
 
 
-def _is_heldout(key: str) -> bool:
+def id_split_of(key: str) -> str:
+  """The in-distribution split that owns a problem's arithmetic (by hash)."""
   digest = hashlib.sha256(f"{GENERATOR_VERSION}|{key}".encode()).hexdigest()
-  return int(digest[:8], 16) % 100 < HELDOUT_PERCENT
+  bucket = int(digest[:8], 16) % 100
+  if bucket < HELDOUT_PERCENT:
+    return "test_id"
+  return "val" if bucket < HELDOUT_PERCENT + VAL_PERCENT else "train"
 
 
-def generate_problems(split: str, n: int, seed: int) -> list[Problem]:
-  """`n` distinct problems of `split`, deterministic in (split, n, seed).
+def generate_problems(
+  split: str, n: int, seed: int, levels: Sequence[int] | None = None
+) -> list[Problem]:
+  """`n` problems of `split` with distinct texts, deterministic in (split, n, seed, levels).
 
-  A larger `n` with the same seed extends the smaller list (same prefix).
+  A larger `n` with the same seed extends the smaller list (same prefix). The
+  arithmetic decides the split, so a renamed problem never crosses splits; the
+  few 1-step problems recur within a split under other names and objects.
+  `levels` keeps only those difficulty levels of an ID split (None: all).
   """
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+  if levels is not None and (not levels or not set(levels) <= set(ID_STEPS)):
+    raise ValueError(f"levels must be a non-empty subset of {ID_STEPS}, got {levels!r}")
   # String seeds hash with SHA-512 in `random`: stable across runs/processes.
   rng = random.Random(f"{GENERATOR_VERSION}|{split}|{seed}")
-  steps_choices = OOD_STEPS if split == "test_ood" else ID_STEPS
+  if split == "test_ood":
+    steps_choices, weights = OOD_STEPS, None
+  else:
+    keep = [i for i, lv in enumerate(ID_STEPS) if levels is None or lv in levels]
+    steps_choices = tuple(ID_STEPS[i] for i in keep)
+    weights = tuple(ID_STEP_WEIGHTS[i] for i in keep)
   seen: set[str] = set()
   out: list[Problem] = []
   attempts, max_attempts = 0, 200 * n + 1000
@@ -281,7 +353,7 @@ def generate_problems(split: str, n: int, seed: int) -> list[Problem]:
         f"could not find {n} distinct {split} problems "
         f"(got {len(out)}); the problem space is too small"
       )
-    steps = rng.choice(steps_choices)
+    steps = rng.choices(steps_choices, weights=weights)[0]
     x = start = rng.randint(*START_RANGE)
     ops: list[tuple] = []
     for _ in range(steps):
@@ -298,25 +370,31 @@ def generate_problems(split: str, n: int, seed: int) -> list[Problem]:
       continue  # the answer must be computed, not copied from the prompt
     text = _render(rng, start, ops)
     problem = Problem(start=start, ops=tuple(ops), text=text)
-    if problem.key in seen:
+    if text in seen:
       continue
-    if split != "test_ood" and _is_heldout(problem.key) != (split == "test_id"):
+    if split != "test_ood" and id_split_of(problem.key) != split:
       continue
-    seen.add(problem.key)
+    seen.add(text)
     out.append(problem)
   return out
 
 
-def generate(split: str, n: int, seed: int) -> list[dict]:
-  """`n` rows {id, prompt, target, answer} (the schema of `srft_jax.data`) of `split`."""
+def generate(
+  split: str, n: int, seed: int, style: str = "terse", levels: Sequence[int] | None = None
+) -> list[dict]:
+  """`n` rows {id, prompt, target, answer} (the schema of `srft_jax.data`) of
+  `split`, with demonstrations in `style` (DEMO_STYLES), of difficulty `levels`
+  (None: all ID levels)."""
+  if style not in DEMO_STYLES:
+    raise ValueError(f"unknown demo style {style!r}; choose from {DEMO_STYLES}")
   rows = []
-  for i, problem in enumerate(generate_problems(split, n, seed)):
+  for i, problem in enumerate(generate_problems(split, n, seed, levels)):
     solution = solve(problem)
     rows.append(
       {
         "id": f"task-{split}-{seed}-{i:06d}",
         "prompt": problem.text,
-        "target": solution.target,
+        "target": solution.target_in(style),
         "answer": str(solution.answer),
       }
     )
@@ -355,11 +433,12 @@ _SP_SETTINGS = dict(
 
 
 def _tokenizer_corpus(seed: int) -> list[str]:
-  rows = generate("train", _TOKENIZER_CORPUS_ROWS, seed)
   corpus = []
-  for r in rows:
-    corpus.append(tokenizer_lib.render_prompt(r["prompt"], template=PROMPT_TEMPLATE))
-    corpus.append(r["target"])
+  for style in DEMO_STYLES:  # both styles' responses tokenize well
+    for r in generate("train", _TOKENIZER_CORPUS_ROWS, seed, style):
+      if style == DEMO_STYLES[0]:
+        corpus.append(tokenizer_lib.render_prompt(r["prompt"], template=PROMPT_TEMPLATE))
+      corpus.append(r["target"])
   # Every word the generator can emit, so OOD prompts never hit <unk>.
   for name, pronoun in NAMES:
     corpus.append(f"{name} {pronoun}")

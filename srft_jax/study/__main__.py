@@ -3,7 +3,7 @@
 `python -m srft_jax.study --out DIR [--seeds 0,1,2] [--steps N] [--methods a,b] [--quick]`
 `python -m srft_jax.study --out DIR --budget [--calibrate]`  (estimate the wall time from
     DIR's finished runs, or first time a short sft and srft run on this machine; prints the
-    steps that fit in 60 minutes)
+    steps that fit in two hours)
 `python -m srft_jax.study --out DIR --report-only`  (rewrite the report from DIR's runs)
 
 The runs (`runner`) share one warmed-up base, go seed-major and resume where a

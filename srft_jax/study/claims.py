@@ -386,7 +386,9 @@ def token_change_analysis(out: str, seeds: Sequence[int], settings: dict) -> dic
       return prev
   c = runner.run_config("sft", runner.BASE_SEED, out, settings)
   tokenizer = factory.tokenizer(c, out)
-  rows = task.generate("test_id", max(c.eval.n_id, C4_N_PROBLEMS), c.data.task_seed)[:C4_N_PROBLEMS]
+  # The demonstrations in the style the runs trained on (data.demo_style).
+  n = max(c.eval.n_id, C4_N_PROBLEMS)
+  rows = task.generate("test_id", n, c.data.task_seed, c.data.demo_style)[:C4_N_PROBLEMS]
   tokens, mask, resp = tc.demo_batch(tokenizer, rows, template=c.data.template)
   base = hf.load_model(base_hf)
   result: dict[str, Any] = {

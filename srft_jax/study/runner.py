@@ -65,42 +65,69 @@ SEEDS = (0, 1, 2)
 BASE_SEED = 0  # the shared base is warmed up once, with this seed
 
 # The study's settings: explicit overrides of configs/default.py (dotted keys).
-# Sized so 10 methods x 3 seeds + the warm-up fit in 60 minutes on a 2-core CPU
-# (see `estimate_seconds` and `python -m srft_jax.study --budget`).
+# The regime (docs/method.md §7.1): problems of 1-3 steps on which the warmed-up
+# base's sampled rollouts succeed about half the time (most groups mixed), and
+# demonstrations in the teacher's style, which the base was not warmed up on.
 STUDY: dict[str, Any] = {
-  "steps": 30,  # optimizer steps of every run (two-stage: 15 + 15)
+  "steps": 100,  # optimizer steps of every run (two-stage: 50 + 50)
   "batch.prompts_per_step": 8,
   "batch.minibatches": 2,  # paper: 2 optimizer updates a step
   "batch.microbatches": 1,
   "rollout.n_rollouts": 7,  # 7 rollouts + 1 demo (docs/method.md §1); GRPO-only runs: 8
   "rollout.n_demos": 1,
   "rollout.temperature": 1.0,
-  "data.max_response_len": 72,  # R (configs/default.py of d66384f)
+  "data.max_response_len": 72,  # R: every ID teacher demonstration fits
   "data.prompt_buckets": (48,),
   "data.task_seed": 0,  # the same problems for every method and seed
   "data.task_train_size": 20000,
+  "data.demo_style": "teacher",  # off-policy demonstrations (the base knows the terse style)
   "model.preset": "tiny",
   "model.embed_dim": 128,
   "model.num_layers": 4,
   "model.mlp_dim": 512,
-  "optim.lr": 2e-4,
+  "optim.lr": 2e-4,  # replaced by each family's rate from the sweep (LR_GRID)
   "optim.schedule": "constant",
   "warmup.steps": 720,  # the shared base: SFT warm-up of a random tiny model
   "warmup.lr": 1.5e-3,  # (configs/default.py's warm-up)
   "warmup.prompts_per_step": 16,
   "eval.n_id": 200,  # final ID / OOD test problems (greedy)
   "eval.n_ood": 200,
+  "eval.n_val": 0,  # the sweep's split; the final runs report the test splits
   "eval.batch_size": 100,
   "eval.temperature": 0.0,
-  "eval.every": 5,  # periodic eval (claims 2, 3); divides steps // 2
+  "eval.every": 10,  # periodic eval (claims 2, 3); divides steps // 2
   "eval.every_n": 64,  # ID problems of a periodic eval (and the 32-demo probe)
-  "checkpoint.every": 10,  # resume granularity of an interrupted run
+  "checkpoint.every": 50,  # resume granularity of an interrupted run
   "checkpoint.keep": 1,
   "checkpoint.export_hf": True,  # the tuned policies feed the token-change analysis
   "log.progress": False,  # the study's own bar counts runs
   "log.tensorboard": False,
   "log.plots": False,  # the study plots all runs together
 }
+# Learning rates, chosen up front and fairly: one pre-registered grid, swept for
+# each method family on the `val` split (SWEEP_SEED, the study's steps); each
+# family's best final val accuracy picks its rate (ties: the smaller rate).
+LR_GRID = (5e-5, 2e-4, 8e-4)
+FAMILIES = {"sft": "sft", "rl": "grpo", "mixed": "srft"}  # family -> the method swept
+SWEEP_SEED = 0
+SWEEP: dict[str, Any] = {
+  "eval.n_id": 0,  # the test splits stay untouched while choosing ...
+  "eval.n_ood": 0,  # ... and `val` takes the ID test split's size (sweep_settings)
+  "eval.every": 0,
+  "checkpoint.export_hf": False,
+}
+
+
+def families_of(method: str) -> tuple[str, ...]:
+  """A method's family per stage: sft-only, rl-only, or mixed (both at once)."""
+  return {
+    "sft": ("sft",),
+    "grpo": ("rl",),
+    "sft_then_grpo": ("sft", "rl"),
+    "rl_then_sft": ("rl", "sft"),
+  }.get(method, ("mixed",))
+
+
 # Methods whose only rollout term is GRPO without demonstrations put every slot
 # of the group on rollouts (n_rollouts + n_demos; configs/default.py does this
 # for `grpo`): the two-stage runs' GRPO stages then are exactly `grpo`.
@@ -124,6 +151,7 @@ QUICK: dict[str, Any] = {
   "eval.every_n": 8,
   "checkpoint.every": 2,
 }
+QUICK_LR_GRID = (2e-4,)  # one rate: the sweep's plumbing runs, nothing is compared
 
 
 # ----------------------------------------------------------------------------
@@ -166,8 +194,9 @@ def switch_step(settings: dict) -> int:
   return int(settings["steps"]) // 2
 
 
-def run_config(method: str, seed: int, out: str, settings: dict):
-  """configs/default.py:`method` with the study's settings; a locked ConfigDict."""
+def run_config(method: str, seed: int, out: str, settings: dict, lrs: dict | None = None):
+  """configs/default.py:`method` with the study's settings; a locked ConfigDict.
+  `lrs` ({family: lr}, from the sweep) sets each stage's rate by its family."""
   mod = factory.load_config_module(DEFAULT_CONFIG)
   c = mod.get_config(method)
   with c.unlocked():
@@ -178,6 +207,12 @@ def run_config(method: str, seed: int, out: str, settings: dict):
     c.data.tokenizer = tokenizer_path(out, c)
     if method in mod.TWO_STAGE:
       c.stages = mod.TWO_STAGE[method].format(half=switch_step(settings))
+    if lrs:
+      rates = tuple(float(lrs[f]) for f in families_of(method))
+      if len(rates) > 1:
+        c.optim.stage_lrs = rates
+      else:
+        c.optim.lr = rates[0]
   c.lock()
   return c
 
@@ -215,6 +250,55 @@ def ensure_base(out: str, settings: dict) -> None:
       raise SystemExit("study: SIGTERM during the base model's warm-up; rerun to resume it")
 
 
+def sweep_dir(out: str, family: str, lr: float) -> str:
+  return os.path.join(out, "sweep", family, f"lr{lr:g}")
+
+
+def sweep_settings(settings: dict) -> dict:
+  """A sweep run's settings: the study's, evaluated on `val` only (as many
+  problems as the ID test split)."""
+  return {**settings, **SWEEP, "eval.n_val": int(settings["eval.n_id"])}
+
+
+def run_sweep(out: str, settings: dict, grid: Sequence[float], *, bar=None) -> dict:
+  """The learning-rate sweep: each family's method at each rate of `grid` on
+  the `val` split (finished runs are skipped, like the study's). Writes and
+  returns DIR/sweep/chosen.json: {family: {"lr": chosen, "val": {lr: accuracy}}}."""
+  s = sweep_settings(settings)
+  for family, method in FAMILIES.items():
+    for lr in grid:
+      wd = sweep_dir(out, family, lr)
+      if os.path.exists(os.path.join(wd, "results.json")):
+        continue
+      if bar is not None:
+        bar.set_postfix_str(f"sweep {family} lr {lr:g}")
+      c = run_config(method, SWEEP_SEED, out, s, {f: lr for f in FAMILIES})
+      _event(out, run=f"sweep/{family}/lr{lr:g}", action="start")
+      t = time.time()
+      try:
+        res = job.run(c, wd)
+      except FloatingPointError as e:  # a diverged rate scores 0 on val
+        res = {"after": {"val_acc": 0.0}, "error": str(e)}
+        with open(os.path.join(wd, "results.json"), "w") as f:
+          json.dump(res, f)
+      if res.get("status") == "preempted":
+        raise SystemExit("study: preempted during the sweep; rerun the same command to resume")
+      _event(out, run=f"sweep/{family}/lr{lr:g}", action="finished", wall_s=round(time.time() - t))
+      if bar is not None:
+        bar.update(1)
+  chosen = {}
+  for family in FAMILIES:
+    val = {}
+    for lr in grid:
+      with open(os.path.join(sweep_dir(out, family, lr), "results.json")) as f:
+        val[f"{lr:g}"] = float(json.load(f)["after"]["val_acc"])
+    best = max(grid, key=lambda lr: (val[f"{lr:g}"], -lr))  # ties: the smaller rate
+    chosen[family] = {"lr": best, "val": val, "method": FAMILIES[family]}
+  with open(os.path.join(out, "sweep", "chosen.json"), "w") as f:
+    json.dump(chosen, f, indent=2)
+  return chosen
+
+
 def _event(out: str, **row) -> None:
   with open(os.path.join(out, "study_log.jsonl"), "a") as f:
     f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
@@ -231,13 +315,15 @@ def run_study(
   progress: bool = True,
   criteria: str | None = None,
   write_report: Callable[..., str] | None = None,
+  lr_grid: Sequence[float] | None = None,
 ) -> dict:
   """Runs (or resumes) the study in DIR=`out`, then writes the report.
 
   `criteria` (Markdown) goes to DIR/criteria.md before the first run unless that
   file exists; `write_report(out, seeds=, methods=)` writes the report after the
   runs (`report.CRITERIA_MD` and `report.write_report`; this module does not
-  import the report). Returns {"ran": [(method, seed)...], "skipped": [...],
+  import the report). `lr_grid`: the sweep's rates (None: LR_GRID, --quick:
+  QUICK_LR_GRID; empty: no sweep, every run at optim.lr). Returns {"ran": [(method, seed)...], "skipped": [...],
   "failed": [...], "report": path (None without `write_report`)}.
   """
   unknown = [m for m in methods if m not in METHODS]
@@ -262,6 +348,7 @@ def run_study(
       )
   t0 = time.time()
   ensure_base(out, settings)
+  grid = tuple(lr_grid if lr_grid is not None else (QUICK_LR_GRID if quick else LR_GRID))
   runs = [(m, s) for s in seeds for m in methods]
   done = [
     r
@@ -271,10 +358,19 @@ def run_study(
   ran, skipped, failed = [], [], []
   bar = None
   if progress:
+    n_sweep = len(grid) * len(FAMILIES)
+    n_swept = len(glob.glob(os.path.join(out, "sweep", "*", "lr*", "results.json")))
     bar = tqdm(
-      total=len(runs), initial=len(done), desc="study runs", unit="run", dynamic_ncols=True
+      total=len(runs) + n_sweep,
+      initial=len(done) + min(n_swept, n_sweep),
+      desc="study runs",
+      unit="run",
+      dynamic_ncols=True,
     )
   try:
+    lrs = None
+    if grid:
+      lrs = {f: v["lr"] for f, v in run_sweep(out, settings, grid, bar=bar).items()}
     for method, seed in runs:
       wd = run_dir(out, method, seed)
       if finished(out, method, seed) or os.path.exists(os.path.join(wd, "failed.json")):
@@ -283,7 +379,7 @@ def run_study(
         continue
       if bar is not None:
         bar.set_postfix_str(f"{method} seed {seed}")
-      c = run_config(method, seed, out, settings)
+      c = run_config(method, seed, out, settings, lrs)
       resumed = bool(glob.glob(os.path.join(wd, "checkpoints", "*")))
       _event(out, run=f"{method}/seed{seed}", action="resume" if resumed else "start")
       t_run = time.time()
@@ -393,10 +489,10 @@ class Timing:
   settings (scaled from the lead's measurements: RL step ~4-5 s at 16 prompts x 8
   slots, SFT step ~0.9 s); `measured_timing` replaces them from finished runs."""
 
-  sft_step_s: float = 0.5  # a demo-only step (prompts_per_step rows)
-  rl_step_s: float = 2.5  # a step with rollouts (prompts_per_step x 8 slots)
+  sft_step_s: float = 0.3  # a demo-only step (prompts_per_step rows)
+  rl_step_s: float = 1.0  # a step with rollouts (prompts_per_step x 8 slots)
   warmup_step_s: float = 0.35  # a warm-up SFT step (warmup.prompts_per_step rows)
-  run_overhead_s: float = 30.0  # per run: start-up, compiles, periodic + final evals, export
+  run_overhead_s: float = 35.0  # per run: start-up, compiles, periodic + final evals, export
 
 
 def stage_kinds(method: str, steps: int) -> dict[str, int]:
@@ -418,24 +514,28 @@ def estimate_seconds(
   timing: Timing = Timing(),
   *,
   base_cached: bool = False,
+  lr_grid: Sequence[float] = LR_GRID,
 ) -> dict:
-  """Wall-time estimate: warm-up + Σ over runs of (steps x step time + per-run overhead)."""
+  """Wall-time estimate: warm-up + the sweep (each family's method at each rate
+  of `lr_grid`) + Σ over runs of (steps x step time + per-run overhead)."""
   steps = int(settings["steps"])
-  per_method = {}
-  for m in methods:
+
+  def run_s(m: str) -> float:
     k = stage_kinds(m, steps)
-    per_method[m] = (
-      k["sft"] * timing.sft_step_s + k["rl"] * timing.rl_step_s + timing.run_overhead_s
-    )
+    return k["sft"] * timing.sft_step_s + k["rl"] * timing.rl_step_s + timing.run_overhead_s
+
+  per_method = {m: run_s(m) for m in methods}
   warm = (
     0.0
     if base_cached
     else int(settings["warmup.steps"]) * timing.warmup_step_s + timing.run_overhead_s
   )
-  total = warm + len(seeds) * sum(per_method.values())
+  sweep = len(lr_grid) * sum(run_s(m) for m in FAMILIES.values())
+  total = warm + sweep + len(seeds) * sum(per_method.values())
   return {
     "total_s": total,
     "warmup_s": warm,
+    "sweep_s": sweep,
     "per_run_s": per_method,
     "timing": dataclasses.asdict(timing),
   }
@@ -503,7 +603,7 @@ def calibrate(
   return measured_timing(cal)
 
 
-BUDGET_MIN = 60  # the study must fit in an hour on a 2-core CPU
+BUDGET_MIN = 120  # the study (sweep included) must fit in two hours on a 2-core CPU
 
 
 def steps_that_fit(
@@ -534,7 +634,7 @@ def steps_that_fit(
 def budget_text(est: dict, n_seeds: int) -> str:
   lines = [
     f"estimated study wall time: {est['total_s'] / 60:.1f} min "
-    f"(warm-up {est['warmup_s'] / 60:.1f} min)",
+    f"(warm-up {est['warmup_s'] / 60:.1f} min, lr sweep {est.get('sweep_s', 0) / 60:.1f} min)",
     f"timing (s): {est['timing']}",
   ]
   for m, s in est["per_run_s"].items():

@@ -49,6 +49,7 @@ from ml_collections import config_flags
 
 from srft_jax import console
 from srft_jax import factory
+from srft_jax import lora
 from srft_jax import model as model_lib
 from srft_jax import sampler as sampler_lib
 from srft_jax import sharding as shd
@@ -165,7 +166,17 @@ def lower_train(c, mcfg, mesh):
   layout = stage.layout
   tx, _ = factory.optimizer(c, c.steps)
   step_cfg = factory.step_config(c, stage)
-  graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
+  lcfg = factory.lora_config(c)
+  frozen, frozen_sh = (), None
+  if lcfg.enabled:  # LoRA: the state is the adapters; the frozen base is an argument
+    abstract = nnx.eval_shape(
+      lambda: lora.attach(model_lib.Transformer(mcfg, rngs=nnx.Rngs(0)), lcfg)
+    )
+    graphdef, params, base = lora.split(abstract)
+    frozen_sh = shd.state_shardings(base, mesh, mcfg.rules)
+    frozen = (_abstract(base, frozen_sh),)
+  else:
+    graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
   state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), params)
   state_sh = step_lib.state_shardings(state, mesh, mcfg.rules)
 
@@ -186,12 +197,13 @@ def lower_train(c, mcfg, mesh):
     f32(b * layout.size),
   )
   batch_sh = step_lib.batch_shardings(batch, mesh, mcfg.rules)
-  # A KL term keeps a frozen copy of the base params (the reference) beside the state.
+  # A KL term keeps a frozen copy of the base params (the reference) beside the
+  # state; with LoRA zero adapters on the same base (no copy).
   ref_sh = shd.state_shardings(params, mesh, mcfg.rules) if step_cfg.reference else None
   ref = _abstract(params, ref_sh) if step_cfg.reference else None
-  fn = step_lib.jit_train_step(graphdef, tx, step_cfg, state_sh, batch_sh, ref_sh)
+  fn = step_lib.jit_train_step(graphdef, tx, step_cfg, state_sh, batch_sh, ref_sh, frozen_sh)
   with jax.set_mesh(mesh):
-    return fn.lower(_abstract(state, state_sh), _abstract(batch, batch_sh), ref)
+    return fn.lower(_abstract(state, state_sh), _abstract(batch, batch_sh), ref, *frozen)
 
 
 def _inference_config(mcfg):
@@ -475,6 +487,7 @@ def extrapolate(
     hi,
     num_layers=full.num_layers,
     params=full.num_params(),
+    active_params=full.num_params(active=True),
     extrapolated_from_layers=list(layers),
     programs={},
   )
@@ -558,11 +571,13 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def state_lower_bound(c, topo: Topology, vocab_size: int = 512) -> float:
-  """Bytes a chip needs for params + Adam moments + gradients, perfectly sharded."""
+  """Bytes a chip needs for params + Adam moments + gradients, perfectly sharded
+  (with LoRA: the frozen base alone, a lower bound that ignores the adapters)."""
 
   mcfg = model_config(c, vocab_size)
   pbytes = np.dtype(mcfg.jnp_param_dtype).itemsize
-  return 4 * mcfg.num_params() * pbytes / topo.chips
+  copies = 1 if factory.lora_config(c).enabled else 4
+  return copies * mcfg.num_params() * pbytes / topo.chips
 
 
 def _report(c, topo, programs, vocab_size, layers, log=print):

@@ -1,0 +1,473 @@
+"""LoRA (issue 20): adapters start at the base exactly; merged and unmerged
+forwards agree; the optimizer and gradients see adapters only; every preset
+steps; the KL reference is the base with adapters off; the sampler's fused
+weights carry the adapters (its log-probs equal the trainer's); sharded equals
+single device on the 8-device mesh; PEFT export loads into `peft` on the
+transformers base (Qwen2, Llama) and imports back; checkpoints hold adapters
+only, resume exactly and refuse another base."""
+
+import dataclasses
+import functools
+import glob
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from srft_jax import checkpoint as ckpt_lib
+from srft_jax import factory
+from srft_jax import hf
+from srft_jax import lora
+from srft_jax import model as model_lib
+from srft_jax import objectives as obj
+from srft_jax import rewards as rewards_lib
+from srft_jax import sampler as smp
+from srft_jax import sharding as shd
+from srft_jax import step as step_lib
+from srft_jax import trainer as trainer_lib
+from srft_jax.data import task
+
+SMALL = model_lib.ModelConfig(
+  vocab_size=64,
+  embed_dim=32,
+  mlp_dim=64,
+  num_layers=1,  # one layer: every program compiles fast (LoRA is per layer anyway)
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  max_seq_len=64,
+)
+LCFG = lora.LoRAConfig(rank=4, alpha=8.0)
+
+
+def _randomize_b(model, scale=0.2, seed=1):
+  """B drawn at random (host values, so any sharding gets the same numbers):
+  an adapted model that differs from its base."""
+  graphdef, adapters, base = lora.split(model)
+  rs = np.random.RandomState(seed)
+  flat = []
+  for path, v in nnx.to_flat_state(adapters):
+    x = v.get_value()
+    if str(path[-1]).endswith("_lora_b"):
+      new = (scale * rs.standard_normal(x.shape)).astype(np.float32)
+      x = jax.device_put(new, x.sharding) if hasattr(x, "sharding") else jnp.asarray(new)
+    flat.append((path, v.replace(x)))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat), base)
+
+
+def _adapted(cfg=SMALL, lcfg=LCFG, seed=0, mesh=None, b_scale=0.2):
+  model = lora.attach(model_lib.create_model(cfg, seed=seed, mesh=mesh), lcfg, mesh)
+  return _randomize_b(model, b_scale) if b_scale else model
+
+
+def _tokens(b=3, t=12, seed=0, vocab=SMALL.vocab_size):
+  rs = np.random.RandomState(seed)
+  mask = np.ones((b, t), np.int32)
+  mask[1, :3] = 0
+  return rs.randint(1, vocab, (b, t)).astype(np.int32), mask
+
+
+_forward = nnx.jit(model_lib.forward_logits)
+
+
+# ----------------------------------------------------------------------------
+# Model: init, merged vs unmerged, dtypes, config
+# ----------------------------------------------------------------------------
+
+
+def test_adapted_model_equals_base_exactly_at_init():
+  model = model_lib.create_model(SMALL, seed=0)
+  tok, mask = _tokens()
+  base = np.asarray(_forward(model, tok, mask))
+  lora.attach(model, LCFG)
+  n_adapters = len(jax.tree.leaves(nnx.state(model, lora.ADAPTER)))
+  assert n_adapters == 2 * 7 * SMALL.num_layers
+  np.testing.assert_array_equal(np.asarray(_forward(model, tok, mask)), base)
+  # The sampler's fused decode weights too: W + scale * A @ 0 is W, bit for bit.
+  plain = lora.merged(model)
+  weights = nnx.jit(lambda m: m.decode_weights())
+  for w_ad, w_base in zip(jax.tree.leaves(weights(model)), jax.tree.leaves(weights(plain))):
+    np.testing.assert_array_equal(np.asarray(w_ad), np.asarray(w_base))
+
+
+def test_merged_and_unmerged_forwards_agree():
+  model = _adapted()
+  tok, mask = _tokens()
+  unmerged = np.asarray(_forward(model, tok, mask))
+  merged = lora.merged(model)
+  assert not lora.has_adapters(merged) and lora.has_adapters(model)
+  np.testing.assert_allclose(np.asarray(_forward(merged, tok, mask)), unmerged, atol=2e-5)
+  base = np.asarray(_forward(lora.merged(_adapted(b_scale=0)), tok, mask))
+  assert np.abs(unmerged - base).max() > 0.05  # the adapters do move the logits
+
+
+def test_adapters_float32_on_a_bfloat16_base_and_targets():
+  cfg = dataclasses.replace(SMALL, param_dtype="bfloat16", dtype="bfloat16")
+  model = _adapted(cfg, lora.LoRAConfig(rank=2, alpha=4.0, targets=("q", "v")))
+  _, adapters, base = lora.split(model)
+  assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
+  assert {str(p[-1]) for p, _ in nnx.to_flat_state(adapters)} == {
+    "q_lora_a",
+    "q_lora_b",
+    "v_lora_a",
+    "v_lora_b",
+  }
+  assert lora.config_of(model) == lora.LoRAConfig(rank=2, alpha=4.0, targets=("q", "v"))
+
+
+def _cfg(**lora_fields):
+  c = factory.load_config_module(
+    os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.py")
+  ).get_config()
+  with c.unlocked():
+    for k, v in lora_fields.items():
+      c.lora[k] = v
+  return c
+
+
+@pytest.mark.parametrize(
+  "field,value",
+  [("rank", -1), ("alpha", 0.0), ("targets", ("q", "attn")), ("dropout", 0.1)],
+)
+def test_bad_lora_config_names_field(field, value):
+  with pytest.raises(factory.ConfigError, match=f"config.lora.{field}"):
+    factory.validate_config(_cfg(**{"rank": 8, field: value}))
+
+
+def test_lora_config_is_frozen_from_the_config():
+  assert not factory.lora_config(_cfg()).enabled
+  lc = factory.lora_config(_cfg(rank=8, alpha=32.0, targets=("q", "k"), init_seed=3))
+  assert lc == lora.LoRAConfig(rank=8, alpha=32.0, targets=("q", "k"), init_seed=3)
+  assert lc.scale == 4.0
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    lc.rank = 2
+
+
+# ----------------------------------------------------------------------------
+# Train step: adapters only, presets, KL reference, sharding
+# ----------------------------------------------------------------------------
+
+
+def _batch(layout: step_lib.GroupLayout, seed=0, b=2, p=6, r=10, vocab=SMALL.vocab_size):
+  rs = np.random.RandomState(seed)
+  n, d = layout.n_rollouts, layout.n_demos
+  ptok = rs.randint(1, vocab, (b, p)).astype(np.int32)
+  pmask = np.ones((b, p), np.int32)
+  pmask[0, :2] = 0
+  rlen = rs.randint(3, r + 1, size=b * n)
+  rmask = (np.arange(r)[None] < rlen[:, None]).astype(np.int32)
+  rtok = rs.randint(1, vocab, (b * n, r)).astype(np.int32) * rmask
+  rlogp = -rs.rand(b * n, r).astype(np.float32) * rmask
+  dmask = (np.arange(r)[None] < r - 2).astype(np.int32).repeat(b, 0)
+  dtok = rs.randint(1, vocab, (b, r)).astype(np.int32) * dmask
+  rewards = rs.randint(0, 2, (b, n + d)).astype(np.float32)
+  rewards[:, n:] = 1.0
+  rewards = jnp.asarray(rewards.reshape(-1))
+  adv = step_lib.rollout_advantages(rewards, layout=layout, cfg=obj.AdvantageConfig())
+  roll = (rtok, rmask, rlogp) if n else (None, None, None)
+  return step_lib.assemble_batch(ptok, pmask, *roll, dtok, dmask, rewards, adv, layout=layout)
+
+
+def _setup(preset="srft", mesh=None, **loss_overrides):
+  model = _adapted(mesh=mesh)
+  graphdef, adapters, base = lora.split(model)
+  lc = obj.LossConfig.preset(preset, **loss_overrides)
+  layout = factory.stage_layout(lc, 3, 1)
+  cfg = step_lib.StepConfig(
+    loss=lc,
+    minibatches=2,
+    microbatches=1,
+    reference=lc.use_self_rl and lc.kl_coef > 0,
+    recompute_old_logp=lc.is_correction != "none",
+  )
+  tx, _ = step_lib.make_optimizer(1e-2, steps=10)
+  return graphdef, adapters, base, cfg, tx, _batch(layout)
+
+
+@pytest.mark.parametrize("preset", ["srft", "sft"])
+def test_gradients_reach_adapters_only(preset):
+  """The train state is the adapters (+ their Adam moments): the step's
+  gradient is taken w.r.t. them alone, each of them moves, the base (an
+  argument of the step) comes out bit for bit as it went in."""
+  graphdef, adapters, base, cfg, tx, batch = _setup(preset)
+  state = step_lib.init_train_state(adapters, tx)
+  names = {str(p[-1]) for p, _ in nnx.to_flat_state(state["params"])}
+  assert names == {f"{t}_lora_{x}" for t in lora.TARGETS for x in "ab"}
+  # No optimizer state for the base: Adam's moments are the adapters' shapes.
+  n_adapter = sum(x.size for x in jax.tree.leaves(adapters))
+  moments = [x for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
+  assert sum(x.size for x in moments) == 2 * n_adapter
+  base_before = jax.tree.map(np.asarray, base)
+  fn = jax.jit(functools.partial(step_lib.train_step, graphdef, tx, cfg))
+  new, metrics = fn(state, batch, None, base)
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["skipped"]) == 0
+  for before, after in zip(jax.tree.leaves(adapters), jax.tree.leaves(new["params"])):
+    assert np.abs(np.asarray(after) - np.asarray(before)).max() > 0  # every adapter moved
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, base), base_before)
+  # More batches of the same shapes: no recompilation once the step's own
+  # output state is its input (the first call's fresh state may trace once more).
+  layout = factory.stage_layout(cfg.loss, 3, 1)
+  new, _ = fn(new, _batch(layout, seed=1), None, base)
+  n = fn._cache_size()
+  fn(new, _batch(layout, seed=2), None, base)
+  assert fn._cache_size() == n <= 2
+
+
+def test_kl_reference_is_the_base_with_adapters_off():
+  graphdef, adapters, base, cfg, tx, batch = _setup("grpo", kl_coef=0.1)
+  assert cfg.reference
+  zero = lora.zeros_like(adapters)
+  logprobs = jax.jit(step_lib.sequence_logprobs, static_argnums=0)
+  ref = logprobs(graphdef, zero, batch["tokens"], batch["mask"], frozen=base)[0]
+  plain = lora.merged(nnx.merge(graphdef, zero, base))
+  g2, p2 = nnx.split(plain)
+  want = logprobs(g2, p2, batch["tokens"], batch["mask"])[0]
+  np.testing.assert_array_equal(np.asarray(ref), np.asarray(want))
+  state = step_lib.init_train_state(adapters, tx)
+  fn = jax.jit(functools.partial(step_lib.train_step, graphdef, tx, cfg))
+  _, metrics = fn(state, batch, zero, base)
+  # The policy differs from the base (random B): the KL term is positive.
+  assert float(metrics["kl"]) > 0
+
+
+@pytest.mark.multidevice
+def test_sharded_step_equals_single_device():
+  mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  graphdef, adapters, base, cfg, tx, batch = _setup("srft")
+  state = step_lib.init_train_state(adapters, tx)
+  want, m_want = jax.jit(functools.partial(step_lib.train_step, graphdef, tx, cfg))(
+    state, batch, None, base
+  )
+  _, s_adapters, s_base, *_ = _setup("srft", mesh=mesh)
+  # The adapters shard like the layer they adapt.
+  a = nnx.state(nnx.merge(graphdef, s_adapters, s_base), lora.ADAPTER)
+  spec = a["layers"][0]["mlp"]["gate_lora_b"].get_value().sharding.spec
+  assert spec == jax.sharding.PartitionSpec(None, "tensor")
+  s_state = step_lib.init_train_state(s_adapters, tx)
+  state_sh = step_lib.state_shardings(s_state, mesh, SMALL.rules)
+  s_state = jax.device_put(s_state, state_sh)
+  batch_sh = step_lib.batch_shardings(batch, mesh, SMALL.rules)
+  frozen_sh = shd.state_shardings(s_base, mesh, SMALL.rules)
+  fn = step_lib.jit_train_step(graphdef, tx, cfg, state_sh, batch_sh, None, frozen_sh)
+  with jax.set_mesh(mesh):
+    got, m_got = fn(s_state, jax.device_put(batch, batch_sh), None, s_base)
+  np.testing.assert_allclose(float(m_got["loss"]), float(m_want["loss"]), rtol=1e-5)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6),
+    got["params"],
+    want["params"],
+  )
+
+
+# ----------------------------------------------------------------------------
+# Sampler: fused W + scale A B; log-probs equal the trainer's recomputation
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.8])
+def test_sampler_logprobs_equal_trainer_recomputation(temperature):
+  model = _adapted(b_scale=0.5)
+  graphdef, adapters, base = lora.split(model)
+  rs = np.random.RandomState(2)
+  toks = rs.randint(1, SMALL.vocab_size, (4, 5)).astype(np.int32)
+  mask = np.ones_like(toks)
+  mask[1, :2] = 0
+  cfg = smp.SamplingConfig(
+    max_new_tokens=8, temperature=temperature, eos_ids=(3, 4), prompt_buckets=(8,)
+  )
+  out = smp.sample(model, toks, mask, jax.random.key(7), cfg)
+  full_tok = jnp.concatenate([out.prompt_tokens, out.tokens], 1)
+  full_mask = jnp.concatenate([out.prompt_mask, out.mask], 1)
+  t_rec = 1.0 if temperature == 0 else temperature
+  logp, _ = jax.jit(step_lib.sequence_logprobs, static_argnums=0, static_argnames="temperature")(
+    graphdef, adapters, full_tok, full_mask, temperature=t_rec, frozen=base
+  )
+  p = out.prompt_tokens.shape[1]
+  m = np.asarray(out.mask) > 0
+  np.testing.assert_allclose(
+    np.asarray(out.logprobs)[m], np.asarray(logp[:, p - 1 :])[m], atol=1e-5
+  )
+  # The fused weights are W + scale A B: the unfused decode samples the same.
+  unfused = smp.sample(
+    model, toks, mask, jax.random.key(7), dataclasses.replace(cfg, fused_weights=False)
+  )
+  np.testing.assert_array_equal(np.asarray(unfused.tokens), np.asarray(out.tokens))
+
+
+# ----------------------------------------------------------------------------
+# PEFT: export loads into `peft` on the transformers base; import continues
+# ----------------------------------------------------------------------------
+
+HF_SHAPE = dict(
+  vocab_size=96,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=128,
+  rms_norm_eps=1e-6,
+)
+
+
+def _hf_base(kind, path):
+  """A tiny random transformers model (std 0.1 weights) saved at `path`."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  if kind == "qwen2":
+    cfg = transformers.Qwen2Config(tie_word_embeddings=False, **HF_SHAPE)
+  else:
+    cfg = transformers.LlamaConfig(tie_word_embeddings=True, **HF_SHAPE)
+  cfg._attn_implementation = "eager"
+  ref = transformers.AutoModelForCausalLM.from_config(cfg)
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      p.normal_(0.0, 0.1)
+      if name.endswith("norm.weight"):
+        p.add_(1.0)
+  ref.save_pretrained(path)
+
+
+def _torch_logits(ref, tokens, mask):
+  torch = pytest.importorskip("torch")
+  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  with torch.no_grad():
+    return ref(
+      torch.tensor(tokens, dtype=torch.long),
+      attention_mask=torch.tensor(mask, dtype=torch.long),
+      position_ids=torch.tensor(positions, dtype=torch.long),
+    ).logits.numpy()
+
+
+def _load_hf(path):
+  transformers = pytest.importorskip("transformers")
+  return transformers.AutoModelForCausalLM.from_pretrained(
+    path, attn_implementation="eager", torch_dtype="float32"
+  ).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_peft_export_import_parity(kind, tmp_path):
+  peft = pytest.importorskip("peft")
+  torch = pytest.importorskip("torch")
+  base_dir, ours_dir, theirs_dir, merged_dir = (
+    str(tmp_path / n) for n in ("base", "ours", "theirs", "merged")
+  )
+  _hf_base(kind, base_dir)
+  tok, mask = _tokens(b=3, t=16, seed=3, vocab=HF_SHAPE["vocab_size"])
+  lcfg = lora.LoRAConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
+  model = _randomize_b(lora.attach(hf.load_model(base_dir), lcfg), scale=0.1)
+  ours = np.asarray(_forward(model, tok, mask))
+
+  # Ours -> PEFT on the transformers base.
+  hf.save_peft_adapter(model, ours_dir, base_model=base_dir)
+  with open(os.path.join(ours_dir, "adapter_config.json")) as fh:
+    assert json.load(fh)["r"] == 4
+  theirs = peft.PeftModel.from_pretrained(_load_hf(base_dir), ours_dir).eval()
+  np.testing.assert_allclose(_torch_logits(theirs, tok, mask), ours, atol=1e-4)
+
+  # A merged full checkpoint: plain transformers.
+  hf.save_model(lora.merged(model), merged_dir)
+  np.testing.assert_allclose(_torch_logits(_load_hf(merged_dir), tok, mask), ours, atol=1e-4)
+
+  # Import: our own export back (exactly), and an adapter PEFT itself wrote.
+  back = hf.load_peft_adapter(ours_dir, hf.load_model(base_dir))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.tree.map(np.asarray, nnx.state(back, lora.ADAPTER)),
+    jax.tree.map(np.asarray, nnx.state(model, lora.ADAPTER)),
+  )
+  torch.manual_seed(1)
+  pcfg = peft.LoraConfig(
+    r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+  )
+  written = peft.get_peft_model(_load_hf(base_dir), pcfg).eval()
+  written.save_pretrained(theirs_dir)
+  imported = hf.load_peft_adapter(theirs_dir, hf.load_model(base_dir))
+  assert lora.config_of(imported) == lora.LoRAConfig(rank=2, alpha=6.0, targets=("q", "v", "down"))
+  np.testing.assert_allclose(
+    np.asarray(_forward(imported, tok, mask)), _torch_logits(written, tok, mask), atol=1e-4
+  )
+  with pytest.raises(ValueError, match="already has adapters"):
+    hf.load_peft_adapter(theirs_dir, imported)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: adapters + optimizer state only; exact resume; another base refused
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tokenizer")
+  task.get_task_tokenizer(str(d), seed=0)
+  (path,) = glob.glob(os.path.join(str(d), "*.model"))
+  return path
+
+
+def _fit_config(tokenizer_path, steps):
+  c = _cfg(rank=4, alpha=8.0)
+  with c.unlocked():
+    c.steps = steps
+    c.warmup.steps = 0
+    c.batch.prompts_per_step = 4
+    c.rollout.n_rollouts = 3
+    c.data.max_response_len = 16
+    c.data.prompt_buckets = (48,)
+    c.data.task_train_size = 64
+    c.data.tokenizer = tokenizer_path
+    c.model.embed_dim, c.model.num_layers, c.model.mlp_dim = 32, 1, 64
+    c.checkpoint.every = 1
+    c.checkpoint.async_save = False
+    c.log.progress = False
+    c.log.tensorboard = False
+  return c
+
+
+def _fit(c, workdir, base_seed=0):
+  tok = factory.tokenizer(c, workdir)
+  mesh = factory.mesh(c)
+  source, _ = factory.datasets(c)
+  mcfg = factory.model_config(c, tok.vocab_size)
+  base = model_lib.create_model(mcfg, seed=base_seed, mesh=mesh)
+  model = lora.attach(base, factory.lora_config(c), mesh)
+  with rewards_lib.RewardScorer(num_workers=1) as scorer:
+    tr = trainer_lib.Trainer(
+      model, config=c, tokenizer=tok, scorer=scorer, mesh=mesh, base_path=f"seed{base_seed}"
+    )
+    it = factory.data_iter(c, source, tok, c.batch.prompts_per_step, c.seed)
+    info = trainer_lib.fit(tr, it, workdir=workdir, progress=False)
+  return tr, info
+
+
+def test_checkpoint_resume_is_exact_and_refuses_another_base(tokenizer_path, tmp_path):
+  """Two steps in one go vs. the same run killed after step 1 (its step-2
+  checkpoint removed) and resumed: bitwise the same adapters and Adam state."""
+  straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  straight, _ = _fit(_fit_config(tokenizer_path, 2), straight_dir)
+  shutil.copytree(straight_dir, resumed_dir)
+  shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "2"))
+  ckpt = ckpt_lib.Checkpointer(os.path.join(resumed_dir, "checkpoints"))
+  assert ckpt.all_steps() == [1]
+  meta = ckpt.read_meta()
+  ckpt.close()
+  assert meta["lora"]["base_path"] == "seed0" and len(meta["lora"]["base_hash"]) == 64
+  resumed, info = _fit(_fit_config(tokenizer_path, 2), resumed_dir)
+  assert info["step"] == 2
+  # The checkpoint's params are the adapters: nothing of the base.
+  names = {str(p[-1]) for p, _ in nnx.to_flat_state(resumed.state["params"])}
+  assert names == {f"{t}_lora_{x}" for t in lora.TARGETS for x in "ab"}
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.tree.map(np.asarray, straight.state),
+    jax.tree.map(np.asarray, resumed.state),
+  )
+  with pytest.raises(factory.ConfigError, match="another base model"):
+    _fit(_fit_config(tokenizer_path, 3), resumed_dir, base_seed=1)
