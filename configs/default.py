@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.lora.rank = 0  # adapter rank R; 0 = off (full fine-tuning)
   c.lora.alpha = 16.0  # the update is (alpha / R) A B
   c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # projections adapted
-  c.lora.dropout = 0.0  # adapter input dropout (only 0 is implemented)
+  c.lora.dropout = 0.0  # PEFT's lora_dropout: the adapters' input, in the loss forward only
   c.lora.init_seed = 0  # A's random init (B starts at zero: the run starts at the base)
   c.lora.adapter_path = ""  # a PEFT adapter directory to continue from ("" = fresh adapters)
 

@@ -8,7 +8,9 @@ Data: OpenR1-Math-46k prepared once with
   python -m srft_jax.data prepare openr1 --src openr1.parquet --data_dir gs://BUCKET/data
 Fit check from any CPU host (needs requirements-tpu.txt):
   python -m srft_jax.tools.aot --config=configs/srft_7b_tpu.py --topology=v5p:2x4x4
-Preset args: `...:fsdp_tensor` shards 4-way tensor x fsdp instead of pure FSDP.
+Preset args (comma-separated): `fsdp_tensor` shards 4-way tensor x fsdp
+instead of pure FSDP; `lora` trains rank-32 adapters on a bfloat16 base
+(`...:lora` fits v5p-8; see docs/benchmarks.md).
 """
 
 import os
@@ -86,9 +88,26 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.eval.before = False  # benchmark evaluation is a separate job (evaluate.py)
     c.eval.after = False
     c.log.progress = False  # no tqdm bar in pod logs
-  if arg == "fsdp_tensor":
+  args = [a for a in (arg or "").split(",") if a]
+  unknown = sorted(set(args) - {"fsdp_tensor", "lora"})
+  if unknown:
+    raise ValueError(f"configs/srft_7b_tpu.py: unknown args {unknown}; known: fsdp_tensor, lora")
+  if "fsdp_tensor" in args:
     c.mesh.tensor = 4  # divides 28 heads, 4 kv heads, mlp 18,944, vocab 152,064
-  elif arg:
-    raise ValueError(f"configs/srft_7b_tpu.py: unknown arg {arg!r}; known: fsdp_tensor")
+  if "lora" in args:
+    # LoRA (docs/method.md §13): rank-32 adapters on every projection, float32
+    # with their Adam moments; the frozen base in bfloat16 (it takes no updates,
+    # so the master-weight argument above does not apply to it).
+    c.lora.rank = 32
+    c.lora.alpha = 64.0
+    c.model.param_dtype = "bfloat16"
+    # Adapters start at zero update and move only through the rank-32 product:
+    # they take a larger rate than full fine-tuning (1e-6); 1e-5 is a starting
+    # point, not tuned at 7B.
+    c.optim.lr = 1e-5
+    # Rows a chip per gradient chunk: the state is ~4 GB a chip on v5p-8, so
+    # the micro-batch holds 2 rows a chip there (64 chunks of 8 rows) instead
+    # of the full fine-tuning row's 1 (128 chunks).
+    c.batch.microbatches = 64
   c.lock()
   return c

@@ -18,8 +18,8 @@
 #   --project P              gcloud project (default: gcloud's)
 #   --spot | --preemptible   cheaper, can be reclaimed; rerun the same command to resume
 #   --bucket gs://B          workdir = gs://B/runs/NAME unless --workdir is given
-#   --workdir gs://...       checkpoints (shared by all workers); logs, results, plots and
-#                            the HF export stay on worker 0 under ~/srft_outputs/gs/...
+#   --workdir gs://...       everything the run writes (shared by all workers): checkpoints,
+#                            logs, TensorBoard, plots, results.json, the HF export
 #   --config FILE[:ARG]      training config (default configs/srft_7b_tpu.py)
 #   --model-gcs gs://...     HF checkpoint dir, copied to each worker's disk, used as
 #                            model.hf_path and data.tokenizer
@@ -43,7 +43,7 @@ RESUME=0 FOREGROUND=0 DRY=0
 EXTRA=()
 REMOTE_DIR='$HOME/srft-jax'
 JAX_VERSION=${JAX_VERSION:-0.10.2}
-GCSFS_VERSION=${GCSFS_VERSION:-2026.10.1}  # Orbax's gs:// checkpoints go through gcsfs (no TensorFlow)
+GCSFS_VERSION=${GCSFS_VERSION:-2026.10.1}  # gs:// workdirs (srft_jax.paths, Orbax) go through gcsfs
 
 need_value() { [ -n "${2:-}" ] || { echo "tpu_pod.sh: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do

@@ -33,6 +33,7 @@ from srft_jax import lora as lora_lib
 from srft_jax import metrics_eval
 from srft_jax import model as model_lib
 from srft_jax import multihost
+from srft_jax import paths
 from srft_jax import rewards as rewards_lib
 from srft_jax import sampler as sampler_lib
 from srft_jax import step as step_lib
@@ -197,7 +198,7 @@ def load_policy(config, checkpoint: str, tokenizer, mesh):
   layout on `mesh`)."""
   dtype = model_lib.DTYPES[config.model.dtype]
   for path in (checkpoint, os.path.join(checkpoint, "export", "hf")):
-    if os.path.exists(os.path.join(path, "config.json")):
+    if paths.exists(os.path.join(path, "config.json")):
       return hf.load_model(path, mesh=mesh, dtype=dtype)
   ckpt_dir = (
     checkpoint
@@ -359,7 +360,7 @@ def main(argv) -> int:
   problems = []
   if unknown:
     problems.append(f"--benchmarks: unknown {unknown}; known: {sorted(metrics_eval.BENCHMARKS)}")
-  if not os.path.isdir(f.checkpoint):
+  if not paths.isdir(f.checkpoint):
     problems.append(f"--checkpoint: no directory {f.checkpoint!r}")
   needs_data = [
     n for n in names if n not in ("task_id", "task_ood") and n in metrics_eval.BENCHMARKS
@@ -393,12 +394,9 @@ def main(argv) -> int:
     )
   table, table_json = metrics_eval.results_table({f.name: {n: r["score"] for n, r in res.items()}})
   out = {"benchmarks": res, "table": table_json, "checkpoint": f.checkpoint}
-  if f.out:
-    os.makedirs(f.out, exist_ok=True)
-    with open(os.path.join(f.out, "eval.json"), "w") as fh:
-      json.dump(out, fh, indent=2)
-    with open(os.path.join(f.out, "eval.md"), "w") as fh:
-      fh.write(table)
+  if f.out and multihost.is_main():  # a local directory or a bucket (gs://)
+    paths.write_json(os.path.join(f.out, "eval.json"), out, indent=2)
+    paths.write_text(os.path.join(f.out, "eval.md"), table)
   print(table)
   print(json.dumps({n: round(r["score"], 4) for n, r in res.items()}))
   return 0

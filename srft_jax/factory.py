@@ -21,6 +21,7 @@ from srft_jax import lora as lora_lib
 from srft_jax import model as model_lib
 from srft_jax import multihost
 from srft_jax import objectives as obj
+from srft_jax import paths
 from srft_jax import sampler as sampler_lib
 from srft_jax import sharding as shd
 from srft_jax import step as step_lib
@@ -207,6 +208,7 @@ def step_config(c, stage: Stage) -> step_lib.StepConfig:
     group=stage.layout.size if c.get("shared_prefix") else 0,
     recompute_old_logp=recompute_old_logp(c, stage.loss),
     reference=stage.loss.use_self_rl and stage.loss.kl_coef > 0,
+    dropout_seed=int(c.seed),
   )
 
 
@@ -248,7 +250,7 @@ def model_config(c, vocab_size: int) -> model_lib.ModelConfig:
   run's overrides) when it has one, else the preset; the tiny presets
   (model.TINY_PRESETS) take the tokenizer's `vocab_size` and the config's shape."""
   kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
-  if c.model.hf_path and os.path.exists(os.path.join(c.model.hf_path, "config.json")):
+  if c.model.hf_path and paths.exists(os.path.join(c.model.hf_path, "config.json")):
     return hf.config_from_hf(hf.read_config(c.model.hf_path), **kw, **hf_overrides(c))
   for name in ("attention", "decode_attention"):  # "" keeps the preset's
     if c.model.get(name):
@@ -299,8 +301,10 @@ def tokenizer(c, workdir: str):
   """`data.tokenizer`, or the built-in task's sentencepiece model (trained once
   and cached under the workdir; deterministic in `data.task_seed`)."""
   if c.data.tokenizer:
+    if not paths.exists(c.data.tokenizer):
+      raise ConfigError(f"config.data.tokenizer: no file or directory {c.data.tokenizer!r}")
     return tok_lib.load_tokenizer(c.data.tokenizer)
-  cache = os.path.join(multihost.local_dir(workdir), "tokenizer")
+  cache = os.path.join(workdir, "tokenizer")
   if multihost.is_main():  # trains and caches it once; the others then load it
     task.get_task_tokenizer(cache, seed=c.data.task_seed)
   multihost.sync_processes("srft_task_tokenizer")
@@ -319,13 +323,15 @@ def datasets(c) -> tuple[Any, dict[str, list[dict]]]:
     evals = {k: task.generate(splits[k], n, seed, style) for k, n in sizes.items() if n}
     return train, evals
   where = os.path.join(c.data.data_dir, "srft_data", c.data.name)
-  if "://" not in c.data.data_dir and not os.path.isdir(where):
+  if not paths.isdir(where):
     raise ConfigError(
       f"config.data.data_dir: no prepared dataset {c.data.name!r} in "
       f"{c.data.data_dir!r}; make it with `python -m srft_jax.data prepare "
       f"{c.data.name} --src FILE --data_dir DIR`"
     )
-  return builders.load_source(c.data.data_dir, c.data.name, "train"), {}
+  # A bucket's dataset is read from a local copy (array_record files are local).
+  data_dir = paths.local_copy(c.data.data_dir, sub=f"srft_data/{c.data.name}")
+  return builders.load_source(data_dir, c.data.name, "train"), {}
 
 
 def data_iter(c, source, tokenizer, prompts_per_step: int, seed: int):
@@ -480,7 +486,7 @@ def _check(c) -> None:
       "lora.targets",
       f"a non-empty subset of {lora_lib.TARGETS}; got {tuple(targets)}",
     )
-    need(lc.dropout == 0, "lora.dropout", f"only 0 is implemented, got {lc.dropout}")
+    need(0 <= lc.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lc.dropout}")
     need(
       not lc.get("adapter_path") or lc.rank > 0,
       "lora.adapter_path",
@@ -488,7 +494,7 @@ def _check(c) -> None:
     )
     need(
       not lc.get("adapter_path")
-      or os.path.exists(os.path.join(lc.adapter_path, "adapter_config.json")),
+      or paths.exists(os.path.join(lc.adapter_path, "adapter_config.json")),
       "lora.adapter_path",
       f"no adapter_config.json in {lc.get('adapter_path')!r}",
     )

@@ -10,6 +10,10 @@ Export: `save_model(model, path)` writes `config.json` and safetensors files
 `transformers.AutoModelForCausalLM.from_pretrained` loads. Each parameter is
 gathered to the host once and streamed to disk; process 0 writes.
 
+Either path may be remote (gs://, `srft_jax.paths`): an import reads a local
+copy made once per machine (hash-checked); an export is written on local disk
+and uploaded with its config.json last.
+
 Checks: an unknown architecture, a missing tensor, an unexpected tensor and a
 tensor of the wrong shape are all errors (`CheckpointError`) that name the
 problem. Silently dropping an unexpected tensor would hide a model the
@@ -30,6 +34,7 @@ down [E,F,D], each stacked from the E tensors `mlp.experts.{e}.*_proj.weight`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import json
@@ -53,6 +58,7 @@ from safetensors.numpy import save_file as save_numpy_file
 import srft_jax
 from srft_jax import lora as lora_lib
 from srft_jax import model as model_lib
+from srft_jax import paths
 from srft_jax import sharding as shd
 
 SUPPORTED = {
@@ -433,10 +439,9 @@ def read_tensor_infos(path: str) -> dict[str, _TensorInfo]:
 
 def read_config(path: str) -> dict[str, Any]:
   file = os.path.join(path, "config.json")
-  if not os.path.exists(file):
+  if not paths.exists(file):
     raise CheckpointError(f"{path}: no config.json")
-  with open(file) as fh:
-    return json.load(fh)
+  return paths.read_json(file)
 
 
 class SafetensorsReader:
@@ -563,7 +568,7 @@ def load_model(
   cfg = config_from_hf(hf, **overrides)
 
   layouts = param_layouts(cfg)
-  infos = read_tensor_infos(path)
+  infos = read_tensor_infos(paths.local_copy(path))  # safetensors are memory mapped
   _check_tensors(infos, layouts, cfg, path)
 
   graphdef, abs_state = nnx.split(model_lib.abstract_model(cfg))
@@ -731,40 +736,49 @@ def save_model(
     names = [SINGLE_FILE]
   else:
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-  if writer:
-    os.makedirs(path, exist_ok=True)
-    for stale in glob.glob(os.path.join(path, "*.safetensors")) + [os.path.join(path, INDEX_FILE)]:
-      if os.path.exists(stale):
-        os.remove(stale)
-    hf_cfg, gen = config_to_hf(cfg, np_dtype.name), {"do_sample": False}
-    hf_cfg["srft_jax_version"] = srft_jax.__version__  # the package that wrote this export
-    if tokenizer is not None:
-      ids = {
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
-      }
-      hf_cfg.update(ids)
-      stops = list(dict.fromkeys(tokenizer.stop_ids or (tokenizer.eos_id,)))
-      gen.update(ids, eos_token_id=stops if len(stops) > 1 else stops[0])
-    with open(os.path.join(path, "config.json"), "w") as fh:
-      json.dump(hf_cfg, fh, indent=2)
-    with open(os.path.join(path, "generation_config.json"), "w") as fh:
-      json.dump(gen, fh, indent=2)
-    if copy_from and os.path.abspath(copy_from) != os.path.abspath(path):
-      for name in TOKENIZER_FILES:  # the source's own generation config wins
-        if os.path.exists(os.path.join(copy_from, name)):
-          shutil.copyfile(os.path.join(copy_from, name), os.path.join(path, name))
+  final = path
+  # Remote: written on local disk, then uploaded whole with config.json last.
+  with (
+    paths.staged_dir(final, enabled=writer)
+    if paths.is_remote(final)
+    else contextlib.nullcontext(final)
+  ) as path:
+    if writer:
+      os.makedirs(path, exist_ok=True)
+      stale_files = glob.glob(os.path.join(path, "*.safetensors"))
+      for stale in stale_files + [os.path.join(path, INDEX_FILE)]:
+        if os.path.exists(stale):
+          os.remove(stale)
+      hf_cfg, gen = config_to_hf(cfg, np_dtype.name), {"do_sample": False}
+      hf_cfg["srft_jax_version"] = srft_jax.__version__  # the package that wrote this export
+      if tokenizer is not None:
+        ids = {
+          "bos_token_id": tokenizer.bos_id,
+          "eos_token_id": tokenizer.eos_id,
+          "pad_token_id": tokenizer.pad_id,
+        }
+        hf_cfg.update(ids)
+        stops = list(dict.fromkeys(tokenizer.stop_ids or (tokenizer.eos_id,)))
+        gen.update(ids, eos_token_id=stops if len(stops) > 1 else stops[0])
+      with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(hf_cfg, fh, indent=2)
+      with open(os.path.join(path, "generation_config.json"), "w") as fh:
+        json.dump(gen, fh, indent=2)
+      if copy_from and os.path.abspath(copy_from) != os.path.abspath(final):
+        source = paths.local_copy(copy_from)
+        for name in TOKENIZER_FILES:  # the source's own generation config wins
+          if os.path.exists(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(path, name))
 
-  for name, shard in zip(names, shards):  # every process gathers, process 0 writes
-    write_safetensors(os.path.join(path, name), shard, np_dtype, writer)
-  if writer and len(shards) > 1:
-    weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
-    with open(os.path.join(path, INDEX_FILE), "w") as fh:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+    for name, shard in zip(names, shards):  # every process gathers, process 0 writes
+      write_safetensors(os.path.join(path, name), shard, np_dtype, writer)
+    if writer and len(shards) > 1:
+      weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
+      with open(os.path.join(path, INDEX_FILE), "w") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
   if jax.process_count() > 1:  # nobody goes on (and reads) before process 0 has written
     multihost_utils.sync_global_devices("srft_save_model")
-  return [os.path.join(path, n) for n in names]
+  return [os.path.join(final, n) for n in names]
 
 
 # ----------------------------------------------------------------------------
@@ -816,10 +830,16 @@ def save_peft_adapter(model: model_lib.Transformer, path: str, *, base_model: st
   }
   file = os.path.join(path, PEFT_WEIGHTS)
   if jax.process_index() == 0:
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, PEFT_CONFIG), "w") as fh:
-      json.dump(config, fh, indent=2)
-    save_numpy_file(tensors, file, metadata={"format": "pt"})
+    # Remote: written on local disk, uploaded with adapter_config.json last.
+    with (
+      paths.staged_dir(path, last=(PEFT_CONFIG,))
+      if paths.is_remote(path)
+      else contextlib.nullcontext(path)
+    ) as out:
+      os.makedirs(out, exist_ok=True)
+      with open(os.path.join(out, PEFT_CONFIG), "w") as fh:
+        json.dump(config, fh, indent=2)
+      save_numpy_file(tensors, os.path.join(out, PEFT_WEIGHTS), metadata={"format": "pt"})
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("srft_save_peft_adapter")
   return file
@@ -830,10 +850,9 @@ def read_peft_config(path: str) -> lora_lib.LoRAConfig:
   represent (DoRA, rsLoRA, per-module ranks, biases, extra trained modules)
   is an error."""
   file = os.path.join(path, PEFT_CONFIG)
-  if not os.path.exists(file):
+  if not paths.exists(file):
     raise CheckpointError(f"{path}: no {PEFT_CONFIG}")
-  with open(file) as fh:
-    pc = json.load(fh)
+  pc = paths.read_json(file)
   unsupported = {
     "peft_type": pc.get("peft_type", "LORA") != "LORA",
     "use_dora": bool(pc.get("use_dora")),
@@ -856,7 +875,11 @@ def read_peft_config(path: str) -> lora_lib.LoRAConfig:
   if unknown or not targets:
     raise CheckpointError(f"{path}: target_modules {names}: known are {sorted(short)}")
   return lora_lib.LoRAConfig(
-    rank=int(pc["r"]), alpha=float(pc["lora_alpha"]), targets=targets, init_seed=0
+    rank=int(pc["r"]),
+    alpha=float(pc["lora_alpha"]),
+    targets=targets,
+    dropout=float(pc.get("lora_dropout") or 0.0),
+    init_seed=0,
   )
 
 
@@ -867,7 +890,7 @@ def load_peft_adapter(
   trained on, without adapters) and returns it: training can continue from it.
   A missing, unexpected or misshapen tensor is a CheckpointError."""
   lcfg = read_peft_config(path)
-  infos = read_tensor_infos_file(os.path.join(path, PEFT_WEIGHTS))
+  infos = read_tensor_infos_file(os.path.join(paths.local_copy(path), PEFT_WEIGHTS))
   reader = SafetensorsReader(infos)
   specs = lora_lib.adapter_specs(model, lcfg)
   values, used = {}, set()
@@ -908,7 +931,7 @@ def checkpoint_info(path: str) -> dict[str, Any]:
   """Architecture, parameter count and dtypes from config.json and headers only."""
   hf = read_config(path)
   cfg = config_from_hf(hf)
-  infos = read_tensor_infos(path)
+  infos = read_tensor_infos(paths.local_copy(path))
   used = {n: i for n, i in infos.items() if not _ignorable(n, cfg)}
   dtypes: dict[str, int] = {}
   for info in used.values():

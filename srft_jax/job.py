@@ -4,6 +4,10 @@ In order: validate the config (before anything compiles), build the tokenizer,
 data and mesh, get the base policy (an HF checkpoint, or a tiny model warmed
 up by SFT and cached), evaluate it, train (`trainer.fit`), evaluate again,
 export the policy as an HF checkpoint and write results.json.
+
+Everything the job writes lands under the workdir, local or a bucket
+(gs://, `srft_jax.paths`): checkpoints, logs, plots, results, caches and the
+export. Process 0 writes the shared files; every process reads them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 
 import jax
@@ -26,6 +29,7 @@ from srft_jax import lora as lora_lib
 from srft_jax import metrics as metrics_lib
 from srft_jax import model as model_lib
 from srft_jax import multihost
+from srft_jax import paths
 from srft_jax import rewards as rewards_lib
 from srft_jax import trainer as trainer_lib
 from srft_jax.data import task
@@ -54,11 +58,10 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
   base_dir = c.warmup.dir or os.path.join(workdir, "base")
   hf_dir = os.path.join(base_dir, "hf")
   meta = warmup_meta(c, mcfg)
-  if os.path.exists(os.path.join(hf_dir, "config.json")):
+  if paths.exists(os.path.join(hf_dir, "config.json")):
     meta_file = os.path.join(hf_dir, WARMUP_META)
-    if os.path.exists(meta_file):
-      with open(meta_file) as f:
-        cached = json.load(f)
+    if paths.exists(meta_file):
+      cached = paths.read_json(meta_file)
       diff = sorted(k for k in set(cached) | set(meta) if cached.get(k) != meta.get(k))
       if diff:
         raise factory.ConfigError(
@@ -119,6 +122,7 @@ def with_adapters(c, model, mesh):
     return model
   if factory.lora_adapter_path(c):
     model = hf.load_peft_adapter(c.lora.adapter_path, model, mesh=mesh)
+    lora_lib.set_dropout(model, lcfg.dropout)  # a training setting: this run's, not the file's
     log.info("LoRA: continuing from the PEFT adapter %s", c.lora.adapter_path)
     return model
   model = lora_lib.attach(model, lcfg, mesh)
@@ -128,16 +132,13 @@ def with_adapters(c, model, mesh):
 
 
 def save_base(model, hf_dir: str, meta: dict | None = None) -> None:
-  """The warm-up's HF cache, written aside and renamed: a kill mid-write never
-  leaves an hf/config.json that the next run would take for a finished warm-up."""
-
-  tmp_dir = f"{hf_dir}.partial"
-  hf.save_model(model, tmp_dir)  # collective: every process gathers, process 0 writes
-  if multihost.is_main():
-    if meta is not None:
-      multihost.write_json_atomic(os.path.join(tmp_dir, WARMUP_META), meta)
-    shutil.rmtree(hf_dir, ignore_errors=True)  # a half cache an older version left
-    os.replace(tmp_dir, hf_dir)
+  """The warm-up's HF cache, written aside and published whole (paths.staged_dir:
+  config.json last): a kill mid-write never leaves an hf/config.json that the
+  next run would take for a finished warm-up."""
+  with paths.staged_dir(hf_dir, enabled=multihost.is_main()) as tmp_dir:
+    hf.save_model(model, tmp_dir)  # collective: every process gathers, process 0 writes
+    if multihost.is_main() and meta is not None:
+      paths.write_json(os.path.join(tmp_dir, WARMUP_META), meta)
   multihost.sync_processes("srft_base_saved")
 
 
@@ -188,16 +189,8 @@ def run(c, workdir: str) -> dict:
       )
     jax.distributed.initialize(**kw)
   factory.validate_config(c)
-  if c.warmup.steps > 0 and not c.model.hf_path and "://" in (c.warmup.dir or workdir):
-    raise factory.ConfigError(
-      "config.warmup.dir: the SFT warm-up caches its model as an HF checkpoint "
-      "with plain file I/O; give a local or shared path (or warmup.steps=0) "
-      f"when the workdir is remote ({workdir})"
-    )
-  out = multihost.local_dir(
-    workdir
-  )  # == workdir unless it is remote (gs://): then only checkpoints go there
-  os.makedirs(out, exist_ok=True)
+  out = workdir
+  paths.makedirs(out)
   mesh = factory.mesh(c)
   tokenizer = factory.tokenizer(c, workdir)
   source, evals = factory.datasets(c)
@@ -208,21 +201,17 @@ def run(c, workdir: str) -> dict:
     model = with_adapters(c, model, mesh)
     before = {}
     if c.eval.before and evals:
-      cache = os.path.join(
-        multihost.local_dir(c.warmup.dir or os.path.join(workdir, "base")), "eval_before.json"
-      )
+      cache = os.path.join(c.warmup.dir or os.path.join(workdir, "base"), "eval_before.json")
       key = eval_sets_key(evals, c)
       cached = {}
-      if os.path.exists(cache) and not c.model.hf_path and not factory.lora_adapter_path(c):
-        with open(cache) as f:
-          cached = json.load(f)
+      if not c.model.hf_path and not factory.lora_adapter_path(c) and paths.exists(cache):
+        cached = paths.read_json(cache)
       if cached.get("key") == key:
         before = cached["accuracy"]
       else:  # none cached, or of other eval sets (other sizes, splits, settings)
         before = evaluate_sets(model, tokenizer, scorer, evals, c, mesh)
         if multihost.is_main():
-          os.makedirs(os.path.dirname(cache), exist_ok=True)
-          multihost.write_json_atomic(cache, {"key": key, "accuracy": before})
+          paths.write_json(cache, {"key": key, "accuracy": before})
       log.info("before: %s", before)
     base_path = c.model.hf_path or os.path.join(c.warmup.dir or os.path.join(workdir, "base"), "hf")
     trainer = trainer_lib.Trainer(
@@ -272,6 +261,5 @@ def run(c, workdir: str) -> dict:
       results["plots"] = metrics_lib.plot_metrics(
         os.path.join(out, "logs", "metrics.jsonl"), os.path.join(out, "plots")
       )
-    with open(os.path.join(out, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    paths.write_json(os.path.join(out, "results.json"), results, indent=2)
   return results

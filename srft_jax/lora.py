@@ -8,6 +8,9 @@ like the layer they adapt. The layer then computes x W + (alpha / R) (x A) B
 (model.lora_delta); the sampler's fused decode weights are built from
 W + (alpha / R) A B (model.adapted_weight), so decoding costs what it costs
 without LoRA. B starts at zero: the adapted model equals the base exactly.
+With `dropout` > 0 the trainer's loss forward drops the adapters' inputs
+(PEFT's lora_dropout; model.lora_delta); sampling and every other forward
+see the adapters without dropout.
 
 The trainer splits a model with adapters into the trainable adapters and the
 frozen base (`split`): the optimizer and its state see the adapters only, the
@@ -60,7 +63,7 @@ class LoRAConfig:
   rank: int = 0  # R
   alpha: float = 16.0  # the update is (alpha / R) A B
   targets: tuple[str, ...] = TARGETS
-  dropout: float = 0.0  # only 0 (no dropout) is implemented
+  dropout: float = 0.0  # PEFT's lora_dropout on the adapters' input, training only
   init_seed: int = 0  # A's random init (B starts at zero)
 
   def __post_init__(self):
@@ -69,7 +72,7 @@ class LoRAConfig:
       "rank": self.rank >= 0,
       "alpha": math.isfinite(self.alpha) and self.alpha > 0,
       "targets": len(self.targets) > 0 and set(self.targets) <= set(TARGETS),
-      "dropout": self.dropout == 0.0,
+      "dropout": 0.0 <= self.dropout < 1.0,
     }
     for name, ok in checks.items():
       if not ok:
@@ -196,6 +199,7 @@ def attach(model, cfg: LoRAConfig, mesh=None, values: dict | None = None):
     setattr(module, f"{s.target}_lora_a", ADAPTER(a, logical_axes=s.a_axes))
     setattr(module, f"{s.target}_lora_b", ADAPTER(b, logical_axes=s.b_axes))
     module.lora_scale = cfg.scale
+    module.lora_dropout = cfg.dropout
   return model
 
 
@@ -216,10 +220,24 @@ def config_of(model) -> LoRAConfig | None:
   if not values:
     return None
   (i, t), (a, _) = next(iter(values.items()))
-  scale = _module(model, i, _BLOCK_PART.get(t, "mlp")).lora_scale
+  module = _module(model, i, _BLOCK_PART.get(t, "mlp"))
   rank = int(a.shape[-1])
   targets = tuple(x for x in TARGETS if any(k[1] == x for k in values))
-  return LoRAConfig(rank=rank, alpha=scale * rank, targets=targets)
+  return LoRAConfig(
+    rank=rank, alpha=module.lora_scale * rank, targets=targets, dropout=module.lora_dropout
+  )
+
+
+def set_dropout(model, rate: float):
+  """Sets the adapters' dropout rate (training only; a continued PEFT adapter
+  takes the run's config.lora.dropout)."""
+  LoRAConfig(dropout=rate)  # validated as a config field
+  for block in model.layers:
+    for part in ("attn", "mlp"):
+      module = getattr(block, part)
+      if hasattr(module, "lora_scale"):
+        module.lora_dropout = float(rate)
+  return model
 
 
 def split(model):
@@ -246,8 +264,9 @@ def merged(model):
     delattr(module, f"{t}_lora_b")
   for block in new.layers:
     for part in ("attn", "mlp"):
-      if hasattr(getattr(block, part), "lora_scale"):
-        delattr(getattr(block, part), "lora_scale")
+      for attr in ("lora_scale", "lora_dropout"):
+        if hasattr(getattr(block, part), attr):
+          delattr(getattr(block, part), attr)
   return new
 
 

@@ -16,7 +16,6 @@ from ml_collections import config_flags
 from srft_jax import console
 from srft_jax import factory
 from srft_jax import job
-from srft_jax import multihost
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", console.resolve_config("configs/default.py"), "Training config.", lock_config=True
@@ -44,7 +43,7 @@ def main(argv) -> int:
 
 
 def format_results(r: dict, workdir: str) -> str:
-  out = multihost.local_dir(workdir)  # == workdir unless remote: then only checkpoints are there
+  out = workdir.rstrip("/")  # local or a bucket (gs://): every output is under it
 
   def pct(x):
     return "  n/a" if x is None else f"{100 * x:5.1f}%"
@@ -59,7 +58,7 @@ def format_results(r: dict, workdir: str) -> str:
     f"| OOD | {pct(r['before']['ood_acc'])} | {pct(r['after']['ood_acc'])} |",
     "",
     f"results:     {out}/results.json",
-    f"checkpoints: {workdir}/checkpoints",
+    f"checkpoints: {out}/checkpoints",
     f"tensorboard: {out}/logs/tb   (tensorboard --logdir {out}/logs/tb)",
     f"plots:       {out}/plots",
     f"HF export:   {out}/export/hf",

@@ -1,16 +1,89 @@
-"""Training metrics: JSONL + TensorBoard event files + PNG plots (process 0 only)."""
+"""Training metrics: JSONL + TensorBoard event files + PNG plots (process 0 only).
+
+The log directory is local or remote (gs://, `srft_jax.paths`). Locally each
+row is appended as it comes; remotely the rows are kept and the whole file is
+uploaded at each `flush()` (the trainer flushes before every checkpoint, so a
+preempted run's bucket holds every row up to its last checkpoint). TensorBoard
+event files go to the same place, written synchronously (a flush holds every
+scalar written before it); remote ones are uploaded whole at each flush.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import record_writer
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2
+from tensorboardX.proto import summary_pb2
+
+from srft_jax import paths
+
+
+class _RemoteEventFile:
+  """An event file in a remote store: written in memory, uploaded whole (one
+  object) at each flush, so a reader never sees a torn record."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._buf = io.BytesIO()
+    self._uploaded = -1
+
+  def write(self, data: bytes):
+    self._buf.write(data)
+
+  def flush(self):
+    if self._buf.tell() != self._uploaded:
+      paths.write_bytes(self.path, self._buf.getvalue())
+      self._uploaded = self._buf.tell()
+
+  def close(self):
+    self.flush()
+
+
+class _RemoteEventFiles:
+  """tensorboardX's writer factory for a URL scheme (srft_jax.paths, not its own clients)."""
+
+  def open(self, path):
+    return _RemoteEventFile(path)
+
+  def directory_check(self, path):
+    del path  # object stores have no directories
+
+
+class _Scalars:
+  """One TensorBoard event file of scalars. tensorboardX's SummaryWriter
+  writes from a background thread, so its flush may miss the newest events;
+  this writes in the caller's thread."""
+
+  def __init__(self, log_dir: str, purge_step: int | None):
+    paths.makedirs(log_dir)
+    self._events = EventsWriter(os.path.join(log_dir, "events"))
+    if purge_step is not None:  # TensorBoard drops earlier files' events from this step on
+      start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+      self._events.write_event(
+        event_pb2.Event(wall_time=time.time(), step=purge_step, session_log=start)
+      )
+
+  def write(self, step: int, values: Mapping[str, float]):
+    summary = summary_pb2.Summary(
+      value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
+    )
+    self._events.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def flush(self):
+    self._events.flush()
+
+  def close(self):
+    self._events.close()
 
 
 class MetricsWriter:
@@ -20,11 +93,17 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.log_dir = log_dir
     self.path = os.path.join(log_dir, "metrics.jsonl")
+    self._remote = paths.is_remote(log_dir)
+    self._tensorboard = tensorboard
     self._tb = None
+    self._purge_step = None
+    self._text = ""  # remote: the file's whole text (uploaded at flush)
+    self._dirty = False
     if self.enabled:
-      os.makedirs(log_dir, exist_ok=True)
-      if tensorboard:
-        self._tb = SummaryWriter(os.path.join(log_dir, "tb"))
+      paths.makedirs(log_dir)
+      if self._remote:
+        self._text = paths.read_text(self.path) if paths.exists(self.path) else ""
+        record_writer.register_writer_factory(log_dir.split("://")[0], _RemoteEventFiles())
 
   def write(self, step: int, metrics: Mapping[str, Any]):
     if not self.enabled:
@@ -33,25 +112,45 @@ class MetricsWriter:
     for k, v in metrics.items():
       v = float(np.asarray(v))
       row[k] = v if math.isfinite(v) else str(v)
-      if self._tb is not None and math.isfinite(v):
-        self._tb.add_scalar(k, v, int(step))
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    if self._tensorboard:
+      if self._tb is None:  # opened at the first row: a resumed run knows its purge step
+        self._tb = _Scalars(os.path.join(self.log_dir, "tb"), self._purge_step)
+      self._tb.write(int(step), {k: v for k, v in row.items() if k != "step" and type(v) is float})
+    line = json.dumps(row) + "\n"
+    if self._remote:
+      self._text += line
+      self._dirty = True
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
+
+  def flush(self):
+    """Everything written so far is in the log directory (rows and event files)."""
+    if not self.enabled:
+      return
+    if self._remote and self._dirty:
+      paths.write_text(self.path, self._text)
+      self._dirty = False
+    if self._tb is not None:
+      self._tb.flush()
 
   def drop_from(self, step: int):
     """Forgets the JSONL rows of `step` and later (a resumed run writes them again)."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled:
+      return
+    self._purge_step = int(step)
+    if not paths.exists(self.path):
       return
     keep = [r for r in read_jsonl(self.path) if r.get("step", 0) < step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(tmp, self.path)
+    self._text = "".join(json.dumps(r) + "\n" for r in keep)
+    self._dirty = False
+    paths.write_text(self.path, self._text)
 
   def close(self):
+    self.flush()
     if self._tb is not None:
-      self._tb.flush()
       self._tb.close()
+      self._tb = None
 
 
 # Token means whose step may have no such tokens (a stage without rollouts or
@@ -72,10 +171,9 @@ def has_value(row: Mapping[str, Any], key: str) -> bool:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 PLOTS = {
@@ -98,7 +196,6 @@ def plot_metrics(
   written = []
   if not rows:
     return written
-  os.makedirs(out_dir, exist_ok=True)
   for name, keys in plots.items():
     fig, ax = plt.subplots(figsize=(6, 3.5))
     drawn = False
@@ -117,7 +214,9 @@ def plot_metrics(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(out_dir, f"{name}.png")
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    paths.write_bytes(path, buf.getvalue())
     written.append(path)
   return written

@@ -329,12 +329,31 @@ def adapted_weight(module: nnx.Module, name: str) -> Array:
   return w.astype(f32) + scale * jnp.tensordot(a, b, 1)
 
 
-def lora_delta(module: nnx.Module, name: str, x: Array, n_in: int = 1) -> Array | None:
-  """scale * (x A) B in x's dtype (x's last `n_in` dims are W's inputs), or None."""
+# Each projection's dropout stream: the layer's key folded with its index here.
+LORA_STREAMS = {name: i for i, name in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
+
+
+def lora_delta(
+  module: nnx.Module, name: str, x: Array, n_in: int = 1, dropout_key: Array | None = None
+) -> Array | None:
+  """scale * (drop(x) A) B in x's dtype (x's last `n_in` dims are W's inputs), or None.
+
+  drop(x) is PEFT's `lora_dropout` on the adapter's input (the base path sees
+  x as it is): each element zeroed with the layer's `lora_dropout` rate and
+  the rest scaled by 1 / (1 - rate), only when a `dropout_key` is given (the
+  trainer's loss forward); without one (sampling, evaluation, old and
+  reference log-probs) drop(x) = x.
+  """
   ad = lora_adapter(module, name)
   if ad is None:
     return None
   a, b, scale = ad
+  rate = getattr(module, "lora_dropout", 0.0)
+  if dropout_key is not None and rate > 0:
+    keep = jax.random.bernoulli(
+      jax.random.fold_in(dropout_key, LORA_STREAMS[name]), 1.0 - rate, x.shape
+    )
+    x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
   xa = jnp.tensordot(x, a.astype(x.dtype), n_in)  # [..., R]
   return (scale * jnp.tensordot(xa, b.astype(x.dtype), 1)).astype(x.dtype)
 
@@ -538,7 +557,7 @@ class Attention(nnx.Module):
       out["qkv_bias"] = bias.astype(dt)
     return out
 
-  def _project(self, x_BTD, w):
+  def _project(self, x_BTD, w, dropout_key=None):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     if w is not None:  # one matmul for q, k and v
       b, t, _ = x_BTD.shape
@@ -551,7 +570,10 @@ class Attention(nnx.Module):
     q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q[...].astype(dt))
     k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k[...].astype(dt))
     v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v[...].astype(dt))
-    q, k, v = (_plus(y, lora_delta(self, name, x_BTD)) for y, name in zip((q, k, v), "qkv"))
+    q, k, v = (
+      _plus(y, lora_delta(self, name, x_BTD, dropout_key=dropout_key))
+      for y, name in zip((q, k, v), "qkv")
+    )
     if cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -559,11 +581,20 @@ class Attention(nnx.Module):
     return q, k, v
 
   def __call__(
-    self, x_BTD, positions_BT, inv_freq, allowed_BTS, kv=None, index=None, w=None, decode=False
+    self,
+    x_BTD,
+    positions_BT,
+    inv_freq,
+    allowed_BTS,
+    kv=None,
+    index=None,
+    w=None,
+    decode=False,
+    dropout_key=None,
   ):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     rules = cfg.rules
-    q, k, v = self._project(x_BTD, w)
+    q, k, v = self._project(x_BTD, w, dropout_key)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q = shd.constrain(
@@ -572,7 +603,7 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions_BT, inv_freq)
     if allowed_BTS is None:  # packed causal rows (attention="cudnn", no cache)
       k = shd.constrain(k, ("batch", "length", "act_kv_heads", "head_dim"), rules)
-      return self._out(attend_causal(q, k, v), w), None
+      return self._out(attend_causal(q, k, v), w, dropout_key), None
     # The cache layouts: keys [B, K, H, T], values [B, K, T, H] (see `attend`).
     k = k.transpose(0, 2, 3, 1)
     v = v.swapaxes(1, 2)
@@ -601,12 +632,12 @@ class Attention(nnx.Module):
       out = attend_chunked(q, k.astype(dt), v.astype(dt), allowed_BTS, cfg.attention_chunk)
     else:
       out = attend(q, k.astype(dt), v.astype(dt), allowed_BTS)
-    return self._out(out, w), kv
+    return self._out(out, w, dropout_key), kv
 
-  def _out(self, out_BTNH, w):
+  def _out(self, out_BTNH, w, dropout_key=None):
     if w is None:
       y = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o[...].astype(self.cfg.jnp_dtype))
-      return _plus(y, lora_delta(self, "o", out_BTNH, n_in=2))
+      return _plus(y, lora_delta(self, "o", out_BTNH, n_in=2, dropout_key=dropout_key))
     return dense_out_major(out_BTNH, w["o"], n_in=2)
 
 
@@ -629,14 +660,17 @@ class MLP(nnx.Module):
       "down": shd.constrain(down.T.astype(dt), ("embed", "mlp"), cfg.rules),
     }
 
-  def __call__(self, x_BTD, w=None):
+  def __call__(self, x_BTD, w=None, dropout_key=None):
     dt = self.cfg.jnp_dtype
+    key = dropout_key
     if w is None:
       g = _plus(
-        jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt)), lora_delta(self, "gate", x_BTD)
+        jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt)),
+        lora_delta(self, "gate", x_BTD, dropout_key=key),
       )
       u = _plus(
-        jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt)), lora_delta(self, "up", x_BTD)
+        jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt)),
+        lora_delta(self, "up", x_BTD, dropout_key=key),
       )
     else:  # one matmul for gate and up
       gu = dense_out_major(x_BTD, w["gate_up"])  # [B, T, 2, F]
@@ -644,7 +678,8 @@ class MLP(nnx.Module):
     h = shd.constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"), self.cfg.rules)
     if w is None:
       return _plus(
-        jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt)), lora_delta(self, "down", h)
+        jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt)),
+        lora_delta(self, "down", h, dropout_key=key),
       )
     return dense_out_major(h, w["down"])
 
@@ -915,8 +950,10 @@ class Block(nnx.Module):
     w=None,
     mask_BT=None,
     decode=False,
+    dropout_key=None,
   ):
-    """(x, kv, router stats: None for a dense MLP); mask_BT: real tokens (MoE routing)."""
+    """(x, kv, router stats: None for a dense MLP); mask_BT: real tokens (MoE
+    routing); dropout_key: this layer's LoRA dropout key (training only)."""
     y, kv = self.attn(
       self.attn_norm(x_BTD),
       positions_BT,
@@ -926,6 +963,7 @@ class Block(nnx.Module):
       index,
       None if w is None else w["attn"],
       decode,
+      dropout_key,
     )
     x = x_BTD + y
     stats = None
@@ -933,7 +971,7 @@ class Block(nnx.Module):
       y, stats = self.mlp(self.mlp_norm(x), mask_BT, None if w is None else w["mlp"])
       x = x + y
     else:
-      x = x + self.mlp(self.mlp_norm(x), None if w is None else w["mlp"])
+      x = x + self.mlp(self.mlp_norm(x), None if w is None else w["mlp"], dropout_key)
     x = shd.constrain(x, ("batch", "length", "act_embed"), self.cfg.rules)
     return x, kv, stats
 
@@ -944,8 +982,8 @@ _REMAT_POLICIES = {
 }
 
 
-def _run_block(block: Block, *args):
-  return block(*args)
+def _run_block(block: Block, x, positions, inv_freq, allowed, kv, index, w, mask, dropout_key):
+  return block(x, positions, inv_freq, allowed, kv, index, w, mask, dropout_key=dropout_key)
 
 
 class Transformer(nnx.Module):
@@ -1004,6 +1042,7 @@ class Transformer(nnx.Module):
     remat: bool | None = None,
     decode: bool = False,
     router_stats: bool = False,
+    lora_dropout_key: Array | None = None,
   ):
     """Logits [B, T, V] float32 (or final hidden states) and the updated cache.
 
@@ -1011,6 +1050,8 @@ class Transformer(nnx.Module):
     cache, no backward pass): only there does `cfg.decode_attention` apply.
     `router_stats=True` also returns the MoE layers' `RouterStats` over the
     real tokens of `mask_BT` (None for a dense model): (out, cache, stats).
+    `lora_dropout_key` switches on the adapters' dropout (`lora_delta`; the
+    trainer's loss forward), layer i with the key folded with i.
     """
     cfg = self.cfg
     dt = cfg.jnp_dtype
@@ -1057,7 +1098,8 @@ class Transformer(nnx.Module):
       if decode:  # the sampler's decode step (no backward pass, never rematerialised)
         x, kv, st = block(x, positions_BT, inv_freq, allowed, kv, index, w, mask_BT, decode=True)
       else:
-        x, kv, st = run(block, x, positions_BT, inv_freq, allowed, kv, index, w, mask_BT)
+        key = None if lora_dropout_key is None else jax.random.fold_in(lora_dropout_key, i)
+        x, kv, st = run(block, x, positions_BT, inv_freq, allowed, kv, index, w, mask_BT, key)
       stats = add_router_stats(stats, st)
       if cache is not None:
         new_k.append(kv[0])
@@ -1077,6 +1119,7 @@ class Transformer(nnx.Module):
     resp_tokens_BR: Array,
     resp_mask_BR: Array,
     router_stats: bool = False,
+    lora_dropout_key: Array | None = None,
   ) -> tuple[Array, ...]:
     """Final hidden states of rows that share their prompt within groups.
 
@@ -1089,7 +1132,8 @@ class Transformer(nnx.Module):
     from every row of its group (through the cache).
     Returns (prompt hidden [G, P, D], response hidden [B, R, D]), final-normed,
     and with `router_stats` the MoE `RouterStats` of the full rows (a prompt's
-    counted g times, as the full forward counts it).
+    counted g times, as the full forward counts it). `lora_dropout_key`: as in
+    `__call__`; a prompt's dropout mask is then shared by its group's rows.
     """
     g_count, p = prompt_tokens_GP.shape
     b, r = resp_tokens_BR.shape
@@ -1102,11 +1146,14 @@ class Transformer(nnx.Module):
     rm = resp_mask_BR.astype(jnp.int32)
     cache = init_cache(self.cfg, g_count, p + r)
     kw = dict(return_hidden=True, remat=True, router_stats=router_stats)
-    hp, cache, *stats_p = self(prompt_tokens_GP, positions_from_mask(pm), pm, cache=cache, **kw)
+    keys = (None, None) if lora_dropout_key is None else jax.random.split(lora_dropout_key)
+    hp, cache, *stats_p = self(
+      prompt_tokens_GP, positions_from_mask(pm), pm, cache=cache, lora_dropout_key=keys[0], **kw
+    )
     cache = repeat_cache_rows(cache, group)
     n_prompt = jnp.sum(cache["mask"], axis=-1, keepdims=True)
     pos_r = jnp.maximum(n_prompt + jnp.cumsum(rm, axis=-1) - 1, 0).astype(jnp.int32)
-    hr, _, *stats_r = self(resp_tokens_BR, pos_r, rm, cache=cache, **kw)
+    hr, _, *stats_r = self(resp_tokens_BR, pos_r, rm, cache=cache, lora_dropout_key=keys[1], **kw)
     if not router_stats:
       return hp, hr
     return hp, hr, add_router_stats(stats_p[0], stats_r[0], scale_a=group)

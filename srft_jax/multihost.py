@@ -1,13 +1,10 @@
-"""Helpers for runs over several processes (hosts): gather, sync, shared files.
+"""Helpers for runs over several processes (hosts): who writes, sync, gather.
 
 With one process each helper is the plain single-host operation, so the same
 code runs on a laptop and on a pod slice.
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import jax
 import numpy as np
@@ -35,21 +32,3 @@ def gather(x) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def write_json_atomic(path: str, obj) -> None:
-  """A reader (a restarted job) never sees half a file: write aside, then rename."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
-
-
-def local_dir(workdir: str) -> str:
-  """Where the files other than checkpoints go (logs, results, plots, the HF export,
-  caches): the workdir itself, or for a remote workdir (gs://..., which only Orbax
-  writes) the same path under ~/srft_outputs on this host (process 0's disk)."""
-  if "://" not in workdir:
-    return workdir
-  scheme, _, rest = workdir.partition("://")
-  return os.path.join(os.path.expanduser("~"), "srft_outputs", scheme, rest.strip("/"))

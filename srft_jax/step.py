@@ -51,6 +51,10 @@ class StepConfig:
   recompute_old_logp: bool = False
   # The KL term's reference log-probs from `ref_params` (the base model).
   reference: bool = False
+  # LoRA dropout's keys (adapters with lora.dropout > 0): this seed folded with
+  # the step, the mini-batch and the micro-batch, so a resumed run draws the
+  # same masks.
+  dropout_seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +129,7 @@ def sequence_logprobs(
   group: int = 0,
   router_aux: bool = False,
   frozen=None,
+  dropout_key=None,
 ):
   """Teacher-forced log-prob of each next token and the full-vocab entropy, [B, T-1].
 
@@ -137,12 +142,15 @@ def sequence_logprobs(
   `router_aux=True` also returns the MoE router's load-balancing loss over
   the rows' real tokens (`model.RouterAux`; None for a dense model).
   `frozen`: the state that is not trained (LoRA's base, `lora.split`), merged
-  with `params` (the adapters) into the model.
+  with `params` (the adapters) into the model. `dropout_key` switches on the
+  adapters' dropout (the loss forward; model.lora_delta).
   """
   model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
   t = tokens_BT.shape[1]
   first = t - 1 - last if 0 < last < t else 0
   kw = {"router_stats": True} if router_aux else {}
+  if dropout_key is not None:
+    kw["lora_dropout_key"] = dropout_key
   if first and group > 1:
     p = first + 1
     hp, hr, *stats = model.forward_shared_prefix(
@@ -256,7 +264,9 @@ def _split(tree, n: int):
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), tree)
 
 
-def _logprobs(graphdef, params, mb: dict, cfg: StepConfig, router_aux: bool = False, frozen=None):
+def _logprobs(
+  graphdef, params, mb: dict, cfg: StepConfig, router_aux: bool = False, frozen=None, key=None
+):
   return sequence_logprobs(
     graphdef,
     params,
@@ -268,6 +278,7 @@ def _logprobs(graphdef, params, mb: dict, cfg: StepConfig, router_aux: bool = Fa
     group=cfg.group,
     router_aux=router_aux,
     frozen=frozen,
+    dropout_key=key,
   )
 
 
@@ -345,12 +356,14 @@ def train_step(
     if cfg.reference:
       batch["ref_logp"] = out.pop(0) * mask
 
-  def loss_fn(trainable, mb, denominators, batch_entropy):
+  def loss_fn(trainable, mb, denominators, batch_entropy, key):
     # LoRA's frozen base rides with the adapters through value_and_grad, so both
     # are traced alike (nnx.remat refuses a module mixing trace levels), and
     # stop_gradient gives it a zero tangent: no gradient work, no base gradient.
     params, frozen = trainable[0], jax.lax.stop_gradient(trainable[1])
-    logp, ent, router = _logprobs(graphdef, params, mb, cfg, router_aux=True, frozen=frozen)
+    logp, ent, router = _logprobs(
+      graphdef, params, mb, cfg, router_aux=True, frozen=frozen, key=key
+    )
     parts = obj.srft_loss_parts(logp, ent, mb, loss_cfg, batch_entropy=batch_entropy)
     parts = obj.with_denominators(parts, denominators)
     loss = obj.combine(parts)[0]
@@ -370,8 +383,10 @@ def train_step(
     return loss, parts
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  step_key = jax.random.fold_in(jax.random.key(cfg.dropout_seed), state["step"])
 
-  def update(state, minibatch):
+  def update(state, xs):
+    minibatch, i = xs
     denominators = obj.loss_denominators(minibatch, loss_cfg)
     denominators["router_tokens"] = jnp.sum(minibatch["mask"]).astype(jnp.float32)  # N (MoE)
     micro = _split(minibatch, cfg.microbatches)
@@ -389,14 +404,16 @@ def train_step(
       (_, _, s, c), _ = jax.lax.scan(ent_sums, (state["params"], frozen, 0.0, 0.0), micro)
       batch_entropy = jax.lax.stop_gradient(s / jnp.maximum(c, 1.0))
 
-    def accumulate(carry, mb):
+    def accumulate(carry, xs):
+      mb, j = xs
       grads, loss, fz = carry  # the frozen base in the carry, as the params above
-      (l, parts), (g, _) = grad_fn((state["params"], fz), mb, denominators, batch_entropy)
+      key = jax.random.fold_in(jax.random.fold_in(step_key, i), j)  # LoRA dropout only
+      (l, parts), (g, _) = grad_fn((state["params"], fz), mb, denominators, batch_entropy, key)
       return (jax.tree.map(jnp.add, grads, g), loss + l, fz), parts
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     (grads, loss, _), parts = jax.lax.scan(
-      accumulate, (zeros, jnp.zeros((), jnp.float32), frozen), micro
+      accumulate, (zeros, jnp.zeros((), jnp.float32), frozen), (micro, jnp.arange(cfg.microbatches))
     )
     # Metrics of the whole mini-batch from the micro-batches' (sum, count) pairs.
     total = obj.LossParts(
@@ -419,7 +436,9 @@ def train_step(
     metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
     return new_state, metrics
 
-  state, metrics = jax.lax.scan(update, state, _split(batch, cfg.minibatches))
+  state, metrics = jax.lax.scan(
+    update, state, (_split(batch, cfg.minibatches), jnp.arange(cfg.minibatches))
+  )
   metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), metrics)
   metrics["skipped"] = metrics["skipped"] * cfg.minibatches
   metrics.update(pre)

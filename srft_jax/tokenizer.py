@@ -21,6 +21,8 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
+from srft_jax import paths
+
 __all__ = [
   "Tokenizer",
   "SentencePieceTokenizer",
@@ -312,9 +314,10 @@ def load_tokenizer(path: str | os.PathLike, **kwargs) -> Tokenizer:
   - `tokenizer.json` (or any `*.json`) -> HF tokenizers;
   - a directory -> its `tokenizer.json` (with tokenizer_config.json beside it
     naming eos/pad), else its single `*.model` (e.g. `tokenizer.model`).
-  `kwargs` (bos_token/eos_token/pad_token) go to `HFTokenizer`.
+  `kwargs` (bos_token/eos_token/pad_token) go to `HFTokenizer`. A remote
+  path (gs://) is read from a local copy (`paths.local_copy`).
   """
-  path = os.fspath(path)
+  path = paths.local_copy(os.fspath(path))
   if os.path.isdir(path):
     hf = os.path.join(path, "tokenizer.json")
     if os.path.exists(hf):

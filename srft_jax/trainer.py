@@ -435,9 +435,7 @@ def fit(
   ckpt = ckpt_lib.Checkpointer(
     os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep, async_save=c.checkpoint.async_save
   )
-  writer = metrics_lib.MetricsWriter(
-    os.path.join(multihost.local_dir(workdir), "logs"), tensorboard=c.log.tensorboard
-  )
+  writer = metrics_lib.MetricsWriter(os.path.join(workdir, "logs"), tensorboard=c.log.tensorboard)
   guard = ckpt_lib.PreemptionGuard()
   base_key = jax.random.key(c.seed)
   meta = {"config": c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else str(c)}
@@ -466,14 +464,15 @@ def fit(
       else stages[-1]
     )
     trainer.restore(state, stage, at_stage_start=start == stage.start)
-    writer.drop_from(start)  # rows of steps after the checkpoint are written again
     log.info("resumed from step %d (%s)", start, ckpt.directory)
+  writer.drop_from(start)  # rows of steps from the checkpoint on (all: none) are written again
 
   def save(step):
     # A SIGTERM (or the final save) right after a periodic save of the same step
     # must not save twice: Orbax raises StepAlreadyExistsError.
     if ckpt.latest_step() == step:
       return
+    writer.flush()  # the rows before `step` reach the workdir (a bucket) before its checkpoint
     ckpt.save(step, trainer.state, data_iter.get_state(), {"step": step, **meta})
 
   status = "done"

@@ -26,7 +26,7 @@ from srft_jax import factory
 from srft_jax import job
 from srft_jax import metrics as metrics_lib
 from srft_jax import model as model_lib
-from srft_jax import multihost
+from srft_jax import paths
 from srft_jax import sharding as shd
 from srft_jax import step as step_lib
 from srft_jax import trainer as trainer_lib
@@ -309,7 +309,7 @@ def test_base_cache_is_complete_or_absent(tmp_path, monkeypatch):
 
 def test_json_cache_written_atomically(tmp_path):
   path = str(tmp_path / "eval_before.json")
-  multihost.write_json_atomic(path, {"task_id": 0.25})
+  paths.write_json(path, {"task_id": 0.25})
   assert json.loads(open(path).read()) == {"task_id": 0.25}
   assert os.listdir(tmp_path) == ["eval_before.json"]
 
@@ -319,19 +319,6 @@ def test_study_refuses_multihost(tmp_path, capsys):
 
   assert study_cli.main(["--out", str(tmp_path), "--set", "multihost=True"]) == 2
   assert "one process" in capsys.readouterr().err
-
-
-def test_remote_workdir_keeps_plain_files_local(tmp_path, monkeypatch):
-  # Only Orbax writes to gs://; logs, results, plots, the export and caches go to
-  # process 0's disk under ~/srft_outputs (not to a local directory named "gs:").
-  monkeypatch.setenv("HOME", str(tmp_path))
-  assert multihost.local_dir("runs/x") == "runs/x"
-  assert multihost.local_dir("gs://bkt/runs/x/") == str(
-    tmp_path / "srft_outputs" / "gs" / "bkt" / "runs" / "x"
-  )
-  # The warm-up's HF cache is plain file I/O: a remote place for it is refused up front.
-  with pytest.raises(ValueError, match=r"config\.warmup\.dir"):
-    job.run(DEFAULT.get_config(), "gs://bkt/runs/x")
 
 
 def test_fewer_steps_than_done_is_refused(tmp_path):

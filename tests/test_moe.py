@@ -318,9 +318,9 @@ def test_dense_step_has_no_router_metric():
 EXPERTS_OVER_FSDP = shd.with_rules(shd.DEFAULT_RULES, expert="fsdp")
 # Rows that cannot split over the expert axis (summed over it, not gathered) are
 # covered by test_sharded_grouped_matmul_values_and_gradients.
+# FSDP x tensor x an expert axis, and data x FSDP with the experts over FSDP
+# (pure FSDP and FSDP x tensor steps of dense models: tests/test_layouts.py).
 LAYOUTS = {
-  "fsdp8": ({"fsdp": 8}, None),
-  "fsdp2_tensor4": ({"fsdp": 2, "tensor": 4}, None),
   "fsdp2_tensor2_expert2": ({"fsdp": 2, "tensor": 2, "expert": 2}, None),
   "data2_fsdp4_experts_over_fsdp": ({"data": 2, "fsdp": 4}, EXPERTS_OVER_FSDP),
 }

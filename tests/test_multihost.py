@@ -1,9 +1,10 @@
 """Multi-host training: two local processes (gloo, 4 CPU devices each) on one
 (data=2, fsdp=4) mesh spanning both, killed after a checkpoint and resumed,
 end with bitwise the same parameters as one process with 8 devices (that
-process also reduces through gloo)."""
+process also reduces through gloo); and the same two processes with a gs://
+workdir on the GCS emulator (conftest.py `gcs`): process 0 writes the shared
+files, both read them."""
 
-import json
 import os
 import signal
 import socket
@@ -41,6 +42,25 @@ OVERRIDES = [
   "--config.mesh.fsdp=4",
   "--config.seed=5",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for every process this module starts:
+  only the first of each kind compiles."""
+  cache = {
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+  saved = {k: os.environ.get(k) for k in cache}
+  os.environ.update(cache)
+  yield
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
 
 
 def _env(devices: int) -> dict:
@@ -88,9 +108,38 @@ def _two_process(workdir, port, log_dir):
 
 
 def _final_params(workdir) -> dict:
-  from safetensors.numpy import load_file
+  from safetensors.numpy import load
 
-  return load_file(str(Path(workdir) / "export" / "hf" / "model.safetensors"))
+  from srft_jax import paths
+
+  return load(paths.read_bytes(f"{workdir}/export/hf/model.safetensors"))
+
+
+def _rows(workdir) -> dict[int, dict]:
+  from srft_jax import metrics as metrics_lib
+
+  rows = metrics_lib.read_jsonl(f"{workdir}/logs/metrics.jsonl")
+  assert len({r["step"] for r in rows}) == len(rows), "a step logged twice"
+  return {r["step"]: r for r in rows}
+
+
+def _assert_same_run(single, multi) -> None:
+  """Same trajectory: identical rewards and losses at every logged step, and
+  bitwise the same final parameters: both runs reduce across devices with gloo
+  (XLA's in-process all-reduce sums in another order, which left differences
+  of 3.6e-7 when the single process did not initialise it)."""
+  rows = {w: _rows(w) for w in (single, multi)}
+  common = sorted(set(rows[single]) & set(rows[multi]))
+  assert len(common) >= 2
+  for step in common:
+    r1, r2 = rows[single][step], rows[multi][step]
+    assert r1["reward/rollout_mean"] == r2["reward/rollout_mean"], step
+    assert r1["tokens/sampled"] == r2["tokens/sampled"], step
+    np.testing.assert_allclose(r1["loss/loss"], r2["loss/loss"], rtol=1e-5, err_msg=str(step))
+  a, b = _final_params(single), _final_params(multi)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def _steps(workdir) -> list[int]:
@@ -100,15 +149,14 @@ def _steps(workdir) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
 
 
-def test_two_processes_match_one_process_after_kill_and_resume(tmp_path):
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+  """One process, 8 devices, with the distributed runtime up so its
+  cross-device reductions run through gloo as the two processes' do."""
   from srft_jax.data import task
 
-  single, multi = tmp_path / "single", tmp_path / "multi"
-  for w in (single, multi):  # the task tokenizer, made once (not raced by two processes)
-    task.get_task_tokenizer(w / "tokenizer")
-
-  # One process, 8 devices, with the distributed runtime up so its
-  # cross-device reductions run through gloo as the two processes' do.
+  single = tmp_path_factory.mktemp("single")
+  task.get_task_tokenizer(single / "tokenizer")
   gloo = [
     "--config.multihost=True",
     f"--config.distributed.coordinator=127.0.0.1:{_free_port()}",
@@ -119,6 +167,14 @@ def test_two_processes_match_one_process_after_kill_and_resume(tmp_path):
     _cmd(single, gloo), cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600
   )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return single
+
+
+def test_two_processes_match_one_process_after_kill_and_resume(single, tmp_path):
+  from srft_jax.data import task
+
+  multi = tmp_path / "multi"
+  task.get_task_tokenizer(multi / "tokenizer")  # made once (not raced by two processes)
 
   # Two processes; kill both (SIGKILL) once a checkpoint past step 1 is on disk.
   procs = _two_process(multi, _free_port(), tmp_path)
@@ -140,22 +196,20 @@ def test_two_processes_match_one_process_after_kill_and_resume(tmp_path):
   assert codes == [0, 0], logs
   assert STEPS in _steps(multi)
 
-  # Same trajectory: identical rewards and losses at every logged step ...
-  rows = {
-    w: {r["step"]: r for r in map(json.loads, open(Path(w) / "logs" / "metrics.jsonl"))}
-    for w in (single, multi)
-  }
-  common = sorted(set(rows[single]) & set(rows[multi]))
-  assert len(common) >= 2
-  for step in common:
-    r1, r2 = rows[single][step], rows[multi][step]
-    assert r1["reward/rollout_mean"] == r2["reward/rollout_mean"], step
-    assert r1["tokens/sampled"] == r2["tokens/sampled"], step
-    np.testing.assert_allclose(r1["loss/loss"], r2["loss/loss"], rtol=1e-5, err_msg=str(step))
-  # ... and bitwise the same final parameters: both runs reduce across devices
-  # with gloo (XLA's in-process all-reduce sums in another order, which left
-  # differences of 3.6e-7 when the single process did not initialise it).
-  a, b = _final_params(single), _final_params(multi)
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  _assert_same_run(single, multi)
+
+
+def test_two_processes_with_a_bucket_workdir(single, gcs, tmp_path):
+  """Every shared file in the bucket (the task tokenizer process 0 makes and
+  process 1 reads after it, checkpoints, metrics, the export), the same run."""
+  from srft_jax import paths
+
+  multi = "gs://srft-test/multihost"
+  procs = _two_process(multi, _free_port(), tmp_path)
+  codes = [p.wait(timeout=600) for p in procs]
+  logs = "".join(f.read_text()[-2000:] for f in sorted(tmp_path.glob("proc*.log")))
+  assert codes == [0, 0], logs
+  files = paths.list_files(multi)
+  assert f"checkpoints/{STEPS}/_CHECKPOINT_METADATA" in files
+  assert "results.json" in files and any(f.startswith("tokenizer/task_sp_") for f in files)
+  _assert_same_run(single, multi)

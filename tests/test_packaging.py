@@ -438,9 +438,10 @@ def test_core_install_runs_the_readme_loss_example(built):
 @pytest.mark.slow
 def test_train_install_entry_points(built):
   """`pip install 'srft-jax[train]'` in a venv of its own: the package imports
-  no training stack until asked, each console script's --help works (and
-  srft-train's equals `python -m srft_jax.main --help`), and the packaged
-  configs load from a directory outside the repo."""
+  no training stack until asked, every console script is installed and its
+  module imports from the wheel, srft-train's --help equals `python -m
+  srft_jax.main --help`, and the packaged configs load from a directory
+  outside the repo."""
   from concurrent.futures import ThreadPoolExecutor
 
   tmp = built["tmp"]
@@ -453,17 +454,20 @@ def test_train_install_entry_points(built):
   # (test_scripts_run_their_modules checks every script's module in-process),
   # and the packaged config (with a preset and an override) reaches validation.
   train = [bindir / "srft-train", "--config=configs/default.py:grpo", "--config.steps=0"]
-  cmds = [[bindir / script, "--help"] for script in SCRIPTS]
-  cmds += [[python, "-m", SCRIPTS["srft-train"], "--help"], [*train, "--workdir=w"]]
+  modules = "import importlib\n" + "".join(
+    f"importlib.import_module({m!r})\n" for m in SCRIPTS.values()
+  )
+  cmds = [[bindir / "srft-train", "--help"], [python, "-m", SCRIPTS["srft-train"], "--help"]]
+  cmds += [[*train, "--workdir=w"], [python, "-c", modules + "print('ok')"]]
   cmds += [[python, "-c", _IMPORT_CHECK + "import flax, optax, orbax.checkpoint"]]
   with ThreadPoolExecutor(4) as pool:  # each one imports jax, flax, orbax, TFDS ...
-    *helps, module_help, out, imports = pool.map(lambda c: _run(c, cwd=work, check=False), cmds)
+    a, module_help, out, every, imports = pool.map(lambda c: _run(c, cwd=work, check=False), cmds)
   assert imports.returncode == 0, imports.stderr[-2000:]
   assert json.loads(imports.stdout.strip().splitlines()[-1]) == ["srft_jax"]
-  for script, a in zip(SCRIPTS, helps):
-    assert a.returncode in (0, 1) and "--" in a.stdout, (script, a)  # absl's --help exits 1
-    assert "Traceback" not in a.stderr, (script, a.stderr[-2000:])
-  a = helps[0]
+  assert every.returncode == 0 and every.stdout.strip() == "ok", every.stderr[-2000:]
+  assert all((bindir / script).is_file() for script in SCRIPTS), sorted(os.listdir(bindir))
+  assert a.returncode in (0, 1) and "--" in a.stdout, a  # absl's --help exits 1
+  assert "Traceback" not in a.stderr, a.stderr[-2000:]
   assert (a.returncode, a.stdout) == (module_help.returncode, module_help.stdout), (a, module_help)
   assert out.returncode == 2 and "config.steps: must be positive" in out.stderr, out.stderr[-2000:]
 

@@ -144,9 +144,9 @@ def test_sampler_mismatch_measured_and_every_correction_runs(tokenizer_path, dty
     t, it = _trainer(c, scorer)
     batch = next(it)
     base = t.stages()[0]
-    for i, mode in enumerate(
-      ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-    ):
+    modes = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+    # float32: the mismatch is the sampler's, not the mode's: one mode shows it.
+    for i, mode in enumerate(modes if dtype == "bfloat16" else modes[:1]):
       stage = dataclasses.replace(base, loss=dataclasses.replace(base.loss, is_correction=mode))
       t.enter_stage(stage, fresh_optimizer=True)
       assert t.step_cfg.recompute_old_logp
@@ -216,11 +216,11 @@ def _sha(path):
 @pytest.mark.slow
 def test_dapo_with_corrections_and_kl_compiles_once_and_resumes_exactly(tokenizer_path, tmp_path):
   """The dapo preset (dynamic sampling over 2x the prompts, overlong shaping)
-  with an importance correction and a KL term: over 20 steps, after the first
+  with an importance correction and a KL term: over 12 steps, after the first
   steps and the first checkpoint nothing compiles; a run killed mid-way resumes to the unbroken run's
   parameters bitwise, with the same metrics rows."""
   over = {
-    "steps": 20,
+    "steps": 12,
     "checkpoint.every": 2,
     "checkpoint.async_save": False,
     "loss.is_correction": "token_truncate",
@@ -234,7 +234,7 @@ def test_dapo_with_corrections_and_kl_compiles_once_and_resumes_exactly(tokenize
   assert a["after"] == {"id_acc": None, "ood_acc": None}
   per_step = counts[::2]  # two draws a step (oversample 2)
   # Steps 0-1 compile the programs, the first checkpoint (at 2) its own; then nothing.
-  assert len(per_step) == 20 and per_step[-1] == per_step[3], per_step
+  assert len(per_step) == 12 and per_step[-1] == per_step[3], per_step
   # Killed at step 5's first draw (after the checkpoint at 4), then rerun.
   assert _run(c, str(tmp_path / "b"), kill_at_draw=2 * 5 + 1) is None
   _run(c, str(tmp_path / "b"))
@@ -244,7 +244,7 @@ def test_dapo_with_corrections_and_kl_compiles_once_and_resumes_exactly(tokenize
   for name in ("a", "b"):
     with open(tmp_path / name / "logs" / "metrics.jsonl") as f:
       rows[name] = [json.loads(line) for line in f]
-  assert [r["step"] for r in rows["b"]] == list(range(20))
+  assert [r["step"] for r in rows["b"]] == list(range(12))
   keys = ("loss/loss", "dynamic/filled_slots", "mismatch/abs_max", "reward/overlong_mean")
   for ra, rb in zip(rows["a"], rows["b"]):
     for k in keys:

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
+from srft_jax import lora
 from srft_jax import model as model_lib
 from srft_jax import objectives
 from srft_jax import sampler as smp
@@ -53,6 +54,20 @@ def _prompts(seed=0, b=3, t=6, vocab=TINY.vocab_size, min_len=2):
 @pytest.fixture(scope="module")
 def model():
   return _model()
+
+
+def _with_lora(model, seed=1, scale=0.5):
+  """A copy of `model` with rank-4 adapters on every projection, B drawn at
+  random (so the adapted model differs from the base)."""
+  m = lora.attach(nnx.clone(model), lora.LoRAConfig(rank=4, alpha=8.0))
+  rs = np.random.RandomState(seed)
+  for block in m.layers:
+    for part in (block.attn, block.mlp):
+      for t in lora.TARGETS:
+        b = getattr(part, f"{t}_lora_b", None)
+        if b is not None:
+          b.set_value(jnp.asarray(scale * rs.standard_normal(b.get_value().shape), jnp.float32))
+  return m
 
 
 # ----------------------------------------------------------------------------
@@ -260,8 +275,15 @@ def test_greedy_equals_stepwise_full_forward(model):
   np.testing.assert_array_equal(np.asarray(out.prompt_mask)[:, 2:], mask)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 5, 0.9), (0.0, 0, 1.0)])
-def test_logprobs_equal_trainer_recomputation(model, temperature, top_k, top_p):
+@pytest.mark.parametrize(
+  "temperature,top_k,top_p,adapters",
+  [(0.8, 5, 0.9, False), (0.0, 0, 1.0, False), (0.8, 5, 0.9, True)],
+)
+def test_logprobs_equal_trainer_recomputation(model, temperature, top_k, top_p, adapters):
+  """The sampler's recorded log-probs are the trainer's forward's (with LoRA
+  too: decoding reads fused W + scale A B, the trainer x W + scale (x A) B)."""
+  if adapters:
+    model = _with_lora(model)
   toks, mask = _prompts(seed=2, b=4, t=5)
   cfg = smp.SamplingConfig(
     max_new_tokens=8,
@@ -284,12 +306,18 @@ def test_logprobs_equal_trainer_recomputation(model, temperature, top_k, top_p):
   assert (np.asarray(out.logprobs)[~m] == 0).all()
 
 
-@pytest.mark.parametrize("param_dtype,dtype", [("float32", "float32"), ("float32", "bfloat16")])
-def test_fused_decode_weights_sample_what_the_params_sample(param_dtype, dtype):
+@pytest.mark.parametrize(
+  "param_dtype,dtype,adapters",
+  [("float32", "float32", False), ("float32", "bfloat16", False), ("float32", "float32", True)],
+)
+def test_fused_decode_weights_sample_what_the_params_sample(param_dtype, dtype, adapters):
   """The default decode from fused compute-dtype weights draws the same tokens
   with the same log-probs as decoding from the parameters as they are (float32
-  master weights with bfloat16 compute included: both cast the same values)."""
+  master weights with bfloat16 compute included: both cast the same values;
+  with LoRA the fused weights are W + scale A B)."""
   m = _model(dataclasses.replace(TINY, param_dtype=param_dtype, dtype=dtype), seed=1)
+  if adapters:
+    m = _with_lora(m)
   toks, mask = _prompts(seed=4, b=4, t=6)
   outs = [
     smp.sample(

@@ -538,14 +538,26 @@ def test_demo_joins_the_advantage_group_only_with_a_demo_rl_term():
 
 
 @pytest.mark.parametrize(
-  "name,arg", [("srft_7b_tpu", None), ("srft_7b_tpu", "fsdp_tensor"), ("qwen2p5_1p5b_gpu", None)]
+  "name,arg",
+  [
+    ("srft_7b_tpu", None),
+    ("srft_7b_tpu", "fsdp_tensor"),
+    ("srft_7b_tpu", "lora"),
+    ("srft_7b_tpu", "lora,fsdp_tensor"),
+    ("qwen2p5_1p5b_gpu", None),
+  ],
 )
 def test_other_config_files_validate(name, arg):
-  try:
-    c = _config_file(name).get_config(arg)
-  except ValueError as e:
-    pytest.skip(f"{name}:{arg} not offered: {e}")
+  c = _config_file(name).get_config(arg)
   factory.validate_config(c)
+  if arg and "lora" in arg:
+    assert factory.lora_config(c).rank == 32 and c.model.param_dtype == "bfloat16"
+  assert (c.mesh.tensor == 4) == bool(arg and "fsdp_tensor" in arg)
+
+
+def test_config_file_args_are_checked():
+  with pytest.raises(ValueError, match="unknown args \\['lora2'\\]"):
+    _config_file("srft_7b_tpu").get_config("lora2")
 
 
 def test_model_attention_settings_reach_the_model():
@@ -765,7 +777,7 @@ def cli(tmp_path_factory, tokenizer_path):
     "seed": 3,
   }
 
-  def command(workdir):
+  def command(workdir, extra=None):
     args = [
       sys.executable,
       "-m",
@@ -773,13 +785,13 @@ def cli(tmp_path_factory, tokenizer_path):
       "--config=configs/default.py",
       f"--workdir={workdir}",
     ]
-    return args + [f"--config.{k}={v}" for k, v in overrides.items()]
+    return args + [f"--config.{k}={v}" for k, v in {**overrides, **(extra or {})}.items()]
 
-  def start(workdir):
+  def start(workdir, extra=None):
     log_path = os.path.join(str(workdir) + ".log")
     f = open(log_path, "a")
     proc = subprocess.Popen(
-      command(workdir),
+      command(workdir, extra),
       cwd=REPO,
       env=env,
       stdout=f,
@@ -800,8 +812,8 @@ def cli(tmp_path_factory, tokenizer_path):
     with open(proc.log_path) as f:
       return rc, f.read()
 
-  def run(workdir, timeout=300):
-    return finish(start(workdir), timeout)
+  def run(workdir, timeout=300, extra=None):
+    return finish(start(workdir, extra), timeout)
 
   return {"start": start, "finish": finish, "run": run}
 
@@ -838,6 +850,10 @@ def _final_state(workdir, step):
   return jax.tree.map(np.asarray, out["state"]), out["data"]
 
 
+# LoRA on (adapters with dropout: the masks must be redrawn alike on resume).
+LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.1}
+
+
 @pytest.fixture(scope="module")
 def straight(cli, tmp_path_factory):
   wd = tmp_path_factory.mktemp("straight") / "run"
@@ -846,7 +862,15 @@ def straight(cli, tmp_path_factory):
   return wd
 
 
-def _assert_bitwise_equal(wd_a, wd_b):
+@pytest.fixture(scope="module")
+def straight_lora(cli, tmp_path_factory):
+  wd = tmp_path_factory.mktemp("straight_lora") / "run"
+  rc, out = cli["run"](wd, extra=LORA)
+  assert rc == 0, out[-3000:]
+  return wd
+
+
+def _assert_bitwise_equal(wd_a, wd_b, lora=False):
   sa, da = _final_state(wd_a, N_STEPS)
   sb, db = _final_state(wd_b, N_STEPS)
   assert da == db
@@ -859,11 +883,13 @@ def _assert_bitwise_equal(wd_a, wd_b):
     if x.dtype != y.dtype or x.tobytes() != y.tobytes()
   ]
   assert not diff, f"{len(diff)} leaves differ, e.g. {diff[:5]}"
-  with open(os.path.join(str(wd_a), "export", "hf", "model.safetensors"), "rb") as f:
-    ha = f.read()
-  with open(os.path.join(str(wd_b), "export", "hf", "model.safetensors"), "rb") as f:
-    hb = f.read()
-  assert ha == hb
+  exported = ["hf/model.safetensors"] + (["peft/adapter_model.safetensors"] if lora else [])
+  for name in exported:
+    with open(os.path.join(str(wd_a), "export", name), "rb") as f:
+      ha = f.read()
+    with open(os.path.join(str(wd_b), "export", name), "rb") as f:
+      hb = f.read()
+    assert ha == hb, name
 
 
 @pytest.mark.slow
@@ -890,9 +916,15 @@ def _resumed_step(log_text):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_resumes(cli, straight, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sigterm_saves_and_resumes(cli, lora, request, tmp_path):
+  """SIGTERM saves the current step; the rerun resumes there and ends bitwise
+  where the unbroken run ends (with LoRA on too: adapters, their Adam state,
+  the dropout masks, the PEFT export)."""
+  straight = request.getfixturevalue("straight_lora" if lora else "straight")
+  extra = LORA if lora else None
   wd = tmp_path / "term"
-  proc = cli["start"](wd)
+  proc = cli["start"](wd, extra)
   assert _wait_for_checkpoint(proc, wd, 1) is not None
   proc.send_signal(signal.SIGTERM)
   rc, out = cli["finish"](proc)
@@ -900,7 +932,7 @@ def test_sigterm_saves_and_resumes(cli, straight, tmp_path):
   assert "preempted at step" in out
   k = _finished_steps(wd)[-1]
   assert k < N_STEPS, "the run ended before SIGTERM was handled"
-  rc, out = cli["run"](wd)
+  rc, out = cli["run"](wd, extra=extra)
   assert rc == 0, out[-3000:]
   assert _resumed_step(out) == k
-  _assert_bitwise_equal(straight, wd)
+  _assert_bitwise_equal(straight, wd, lora=lora)

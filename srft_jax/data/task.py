@@ -50,6 +50,7 @@ from collections.abc import Sequence
 
 import sentencepiece as spm
 
+from srft_jax import paths
 from srft_jax import tokenizer as tokenizer_lib
 
 # Bump when anything changes the generated text: it keys the tokenizer cache
@@ -484,20 +485,18 @@ def train_task_tokenizer(
     **_SP_SETTINGS,
   )
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # Write then rename: concurrent processes never see a half-written file.
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(buf.getvalue())
-  os.replace(tmp, path)
+  # Atomic (paths.write_bytes): concurrent processes never see a half-written file.
+  paths.write_bytes(path, buf.getvalue())
   return path
 
 
 def get_task_tokenizer(
   cache_dir: str | os.PathLike, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE
 ) -> tokenizer_lib.Tokenizer:
-  """The task tokenizer, trained once and cached in `cache_dir`."""
+  """The task tokenizer, trained once and cached in `cache_dir` (local or remote)."""
   path = os.path.join(os.fspath(cache_dir), task_tokenizer_filename(seed, vocab_size))
-  if not os.path.exists(path):
+  if not paths.exists(path):
     train_task_tokenizer(path, seed=seed, vocab_size=vocab_size)
+  if paths.is_remote(path):
+    return tokenizer_lib.SentencePieceTokenizer(paths.read_bytes(path))
   return tokenizer_lib.load_tokenizer(path)

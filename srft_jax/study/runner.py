@@ -260,12 +260,20 @@ def sweep_settings(settings: dict) -> dict:
   return {**settings, **SWEEP, "eval.n_val": int(settings["eval.n_id"])}
 
 
-def run_sweep(out: str, settings: dict, grid: Sequence[float], *, bar=None) -> dict:
-  """The learning-rate sweep: each family's method at each rate of `grid` on
-  the `val` split (finished runs are skipped, like the study's). Writes and
+def run_sweep(
+  out: str,
+  settings: dict,
+  grid: Sequence[float],
+  *,
+  bar=None,
+  families: Sequence[str] = tuple(FAMILIES),
+) -> dict:
+  """The learning-rate sweep: each of `families`' method at each rate of `grid`
+  on the `val` split (finished runs are skipped, like the study's). Writes and
   returns DIR/sweep/chosen.json: {family: {"lr": chosen, "val": {lr: accuracy}}}."""
   s = sweep_settings(settings)
-  for family, method in FAMILIES.items():
+  for family in families:
+    method = FAMILIES[family]
     for lr in grid:
       wd = sweep_dir(out, family, lr)
       if os.path.exists(os.path.join(wd, "results.json")):
@@ -287,7 +295,7 @@ def run_sweep(out: str, settings: dict, grid: Sequence[float], *, bar=None) -> d
       if bar is not None:
         bar.update(1)
   chosen = {}
-  for family in FAMILIES:
+  for family in families:
     val = {}
     for lr in grid:
       with open(os.path.join(sweep_dir(out, family, lr), "results.json")) as f:
@@ -350,6 +358,8 @@ def run_study(
   ensure_base(out, settings)
   grid = tuple(lr_grid if lr_grid is not None else (QUICK_LR_GRID if quick else LR_GRID))
   runs = [(m, s) for s in seeds for m in methods]
+  # Only the families these methods train with are swept.
+  families = [f for f in FAMILIES if any(f in families_of(m) for m in methods)]
   done = [
     r
     for r in runs
@@ -358,7 +368,7 @@ def run_study(
   ran, skipped, failed = [], [], []
   bar = None
   if progress:
-    n_sweep = len(grid) * len(FAMILIES)
+    n_sweep = len(grid) * len(families)
     n_swept = len(glob.glob(os.path.join(out, "sweep", "*", "lr*", "results.json")))
     bar = tqdm(
       total=len(runs) + n_sweep,
@@ -370,7 +380,8 @@ def run_study(
   try:
     lrs = None
     if grid:
-      lrs = {f: v["lr"] for f, v in run_sweep(out, settings, grid, bar=bar).items()}
+      chosen = run_sweep(out, settings, grid, bar=bar, families=families)
+      lrs = {f: v["lr"] for f, v in chosen.items()}
     for method, seed in runs:
       wd = run_dir(out, method, seed)
       if finished(out, method, seed) or os.path.exists(os.path.join(wd, "failed.json")):
