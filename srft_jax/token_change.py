@@ -8,7 +8,8 @@ the taken token moved by more than `threshold` (0.1), overall and split by the
 *base* model's entropy quartile at that position.
 
 Everything is a pure function of (models, token batch); `demo_batch` builds
-the batch the study uses.
+the batch the study uses. A tuned model with LoRA adapters is its own base:
+the same weights with the adapters switched off (no second copy).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from srft_jax import lora
 from srft_jax import step as step_lib
 from srft_jax.tokenizer import render_prompt
 
@@ -29,18 +31,28 @@ QUARTILES = 4
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _probs_and_entropy(graphdef, params, tokens_BT, mask_BT):
-  logp, ent = step_lib.sequence_logprobs(graphdef, params, tokens_BT, mask_BT)
+def _probs_and_entropy(graphdef, params, tokens_BT, mask_BT, frozen=None):
+  logp, ent = step_lib.sequence_logprobs(graphdef, params, tokens_BT, mask_BT, frozen=frozen)
   return jnp.exp(logp), ent
 
 
-def token_probs(model, tokens_BT, mask_BT) -> tuple[np.ndarray, np.ndarray]:
+def token_probs(
+  model, tokens_BT, mask_BT, *, adapters_off: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
   """(p of each next token, full-vocabulary entropy), both float32 [B, T-1],
-  teacher forced (the trainer's own log-prob path, temperature 1)."""
-  graphdef, params = nnx.split(model)
-  p, ent = _probs_and_entropy(
-    graphdef, params, jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(mask_BT, jnp.int32)
-  )
+  teacher forced (the trainer's own log-prob path, temperature 1).
+  `adapters_off`: a model with LoRA adapters scores as its base (zero adapters)."""
+  tokens_BT, mask_BT = jnp.asarray(tokens_BT, jnp.int32), jnp.asarray(mask_BT, jnp.int32)
+  if lora.has_adapters(model):
+    graphdef, adapters, base = lora.split(model)
+    if adapters_off:
+      adapters = lora.zeros_like(adapters)
+    p, ent = _probs_and_entropy(graphdef, adapters, tokens_BT, mask_BT, base)
+  elif adapters_off:
+    raise ValueError("token_probs: adapters_off needs a model with LoRA adapters")
+  else:
+    graphdef, params = nnx.split(model)
+    p, ent = _probs_and_entropy(graphdef, params, tokens_BT, mask_BT)
   return np.asarray(jax.device_get(p)), np.asarray(jax.device_get(ent))
 
 
@@ -88,8 +100,13 @@ def token_change(
 
   tokens_BT / mask_BT: prompt + response rows (right padded); response_mask_BT
   marks response tokens in the same [B, T] layout (1 on each response token).
+  `base_model=None`: the tuned model carries LoRA adapters, and its base is the
+  same model with them switched off.
   """
-  p0, h0 = token_probs(base_model, tokens_BT, mask_BT)
+  if base_model is None:
+    p0, h0 = token_probs(tuned_model, tokens_BT, mask_BT, adapters_off=True)
+  else:
+    p0, h0 = token_probs(base_model, tokens_BT, mask_BT)
   p1, _ = token_probs(tuned_model, tokens_BT, mask_BT)
   # Column t scores token t+1: the targets' response mask is shifted by one.
   sel = np.asarray(response_mask_BT)[:, 1:] > 0

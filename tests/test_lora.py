@@ -218,6 +218,38 @@ def test_gradients_reach_adapters_only(preset):
   assert fn._cache_size() == n <= 2
 
 
+def test_every_preset_traces_a_lora_step():
+  """Every loss preset builds its LoRA train step (traced, not compiled): the
+  new state is the adapters' tree, the metrics are scalars."""
+  for preset in obj.PRESETS:
+    graphdef, adapters, base, cfg, tx, batch = _setup(preset)
+    ref = lora.zeros_like(adapters) if cfg.reference else None
+    state = step_lib.init_train_state(adapters, tx)
+    fn = functools.partial(step_lib.train_step, graphdef, tx, cfg)
+    new, metrics = jax.eval_shape(fn, state, batch, ref, base)
+    assert jax.tree.structure(new["params"]) == jax.tree.structure(adapters), preset
+    assert metrics["loss"].shape == () and "grad_norm" in metrics, preset
+
+
+def test_token_change_of_adapters_against_their_base():
+  """The token-change probe of a LoRA policy scores its base as the same
+  weights with the adapters off: what the merged policy against the plain
+  base gives."""
+  from srft_jax import token_change as tc
+
+  base = model_lib.create_model(SMALL, seed=0)
+  policy = _randomize_b(lora.attach(model_lib.create_model(SMALL, seed=0), LCFG), 0.5)
+  tok, mask = _tokens(b=4, t=12)
+  resp = np.zeros_like(mask)
+  resp[:, 6:] = 1
+  # A random tiny model's probabilities are all near 1/64: a small threshold.
+  got = tc.token_change(None, policy, tok, mask, resp, threshold=2e-3)
+  want = tc.token_change(base, lora.merged(policy), tok, mask, resp, threshold=2e-3)
+  assert 0 < got["n_moved"] == want["n_moved"] < got["n_tokens"]
+  np.testing.assert_allclose(got["mean_abs_dp"], want["mean_abs_dp"], rtol=1e-4)
+  np.testing.assert_allclose(got["entropy_edges"], want["entropy_edges"], rtol=1e-5)
+
+
 def test_kl_reference_is_the_base_with_adapters_off():
   graphdef, adapters, base, cfg, tx, batch = _setup("grpo", kl_coef=0.1)
   assert cfg.reference

@@ -398,7 +398,12 @@ def token_change_analysis(out: str, seeds: Sequence[int], settings: dict) -> dic
     "per_seed": {},
   }
   for (m, s), path in sorted(tuned.items()):
-    res = tc.token_change(base, hf.load_model(path), tokens, mask, resp, threshold=C4_THRESHOLD)
+    peft = os.path.join(os.path.dirname(path), "peft")
+    if os.path.exists(os.path.join(peft, hf.PEFT_CONFIG)):  # LoRA: the base is the adapters off
+      policy = hf.load_peft_adapter(peft, hf.load_model(base_hf))
+      res = tc.token_change(None, policy, tokens, mask, resp, threshold=C4_THRESHOLD)
+    else:
+      res = tc.token_change(base, hf.load_model(path), tokens, mask, resp, threshold=C4_THRESHOLD)
     result["per_seed"].setdefault(str(s), {})[m] = res
   with open(cache, "w") as f:
     json.dump(result, f, indent=2)
