@@ -119,7 +119,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.clip_norm = 1.0
 
-  c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
+  # Overrides of the logical-axis rules (sharding.DEFAULT_RULES), comma-separated
+  # logical=axis[+axis]: e.g. "expert=fsdp" puts a MoE layer's experts over fsdp
+  # (the default puts them over the `expert` mesh axis: mesh.expert > 1).
+  c.sharding_rules = ""
   c.multihost = False  # call jax.distributed.initialize() first
   c.distributed = config_dict.ConfigDict()
   c.distributed.coordinator = ""  # "host:port" for a manual cluster ("" = from the environment)

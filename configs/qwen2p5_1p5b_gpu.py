@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0
 
-    c.mesh = config_dict.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.mesh = config_dict.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
     c.multihost = False
 
     c.warmup.steps = 0

@@ -10,7 +10,9 @@ Fit check from any CPU host (needs requirements-tpu.txt):
   python -m srft_jax.tools.aot --config=configs/srft_7b_tpu.py --topology=v5p:2x4x4
 Preset args (comma-separated): `fsdp_tensor` shards 4-way tensor x fsdp
 instead of pure FSDP; `lora` trains rank-32 adapters on a bfloat16 base
-(`...:lora` fits v5p-8; see docs/benchmarks.md).
+(`...:lora` fits v5p-8); `qwen3_30b_a3b` runs the same recipe on Qwen3-30B-A3B
+(its own RoPE and window, one row a chip on v5p-32: the smallest v5p slice
+that fits). See docs/benchmarks.md.
 """
 
 import os
@@ -37,7 +39,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
     # Qwen2.5-Math-7B with RoPE theta 40k and a 16,384-token window (docs/method.md §5).
     # The real run starts from the HF checkpoint: --config.model.hf_path=/path/on/every/host
-    # (launch/tpu_pod.sh --model-gcs copies it onto each worker's local disk).
+    # or gs://... (each host copies it once into ~/.cache/srft_jax, checked against the
+    # bucket's hashes; launch/tpu_pod.sh --model-gcs passes it through).
     c.model.preset = "qwen2_5_math_7b_rope40k"
     c.model.hf_path = ""
     c.model.dtype = "bfloat16"  # compute dtype (norms, softmax, logits stay float32)
@@ -79,7 +82,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.optim.clip_norm = 1.0
 
     # FSDP over every chip of the slice (the batch is sharded over it too).
-    c.mesh = config_dict.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.mesh = config_dict.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
     c.multihost = True  # one process per TPU VM worker
 
     c.warmup.steps = 0  # start from the checkpoint, no SFT warm-up
@@ -89,9 +92,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.eval.after = False
     c.log.progress = False  # no tqdm bar in pod logs
   args = [a for a in (arg or "").split(",") if a]
-  unknown = sorted(set(args) - {"fsdp_tensor", "lora"})
+  known = ("fsdp_tensor", "lora", "qwen3_30b_a3b")
+  unknown = sorted(set(args) - set(known))
   if unknown:
-    raise ValueError(f"configs/srft_7b_tpu.py: unknown args {unknown}; known: fsdp_tensor, lora")
+    raise ValueError(f"configs/srft_7b_tpu.py: unknown args {unknown}; known: {', '.join(known)}")
   if "fsdp_tensor" in args:
     c.mesh.tensor = 4  # divides 28 heads, 4 kv heads, mlp 18,944, vocab 152,064
   if "lora" in args:
@@ -109,5 +113,15 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # the micro-batch holds 2 rows a chip there (64 chunks of 8 rows) instead
     # of the full fine-tuning row's 1 (128 chunks).
     c.batch.microbatches = 64
+  if "qwen3_30b_a3b" in args:
+    # Qwen3-30B-A3B (docs/method.md §15): the paper's RoPE / window change is
+    # Qwen2.5-Math's, so the checkpoint keeps its own (theta 1e6, 40,960 tokens).
+    # Experts FSDP-sharded over `embed` (the default rules). 512 rows a mini-batch
+    # in 32 micro-batches: one row a chip on v5p-32 (64.4 GB a chip, 68%); with
+    # `lora` too (set after it: its micro-batches are the 7B's on v5p-8).
+    c.model.preset = "qwen3_30b_a3b"
+    c.model.rope_theta = 0.0
+    c.model.max_seq_len = 0
+    c.batch.microbatches = 32
   c.lock()
   return c

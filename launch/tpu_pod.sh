@@ -21,9 +21,10 @@
 #   --workdir gs://...       everything the run writes (shared by all workers): checkpoints,
 #                            logs, TensorBoard, plots, results.json, the HF export
 #   --config FILE[:ARG]      training config (default configs/srft_7b_tpu.py)
-#   --model-gcs gs://...     HF checkpoint dir, copied to each worker's disk, used as
-#                            model.hf_path and data.tokenizer
-#   --data-gcs gs://...      prepared TFDS data_dir, copied to each worker's disk
+#   --model-gcs gs://...     HF checkpoint dir: model.hf_path and data.tokenizer (each
+#                            worker copies it once into ~/.cache/srft_jax, every file
+#                            checked against the bucket's hash, and reuses the copy)
+#   --data-gcs gs://...      prepared TFDS data_dir (copied and checked the same way)
 #   --repo URL [--ref REF]   git clone on every worker instead of copying this tree
 #   --resume                 the slice and install exist: only (re)start training.
 #                            Training always resumes from WORKDIR/checkpoints, so after a
@@ -169,14 +170,13 @@ if [ "$RESUME" = 0 ]; then
   on_all "set -e; cd $REMOTE_DIR; python3 -m venv .venv; .venv/bin/pip install -q -U pip; \
 .venv/bin/pip install -q 'jax[tpu]==$JAX_VERSION' -r requirements.txt 'gcsfs==$GCSFS_VERSION'; \
 .venv/bin/pip install -q --no-deps -e ."
-  [ -z "$MODEL_GCS" ] || on_all "set -e; mkdir -p /tmp/srft_model; gcloud storage cp -r '$MODEL_GCS/*' /tmp/srft_model/"
-  [ -z "$DATA_GCS" ] || on_all "set -e; mkdir -p /tmp/srft_data; gcloud storage cp -r '$DATA_GCS/*' /tmp/srft_data/"
 fi
 
 # 3. The same command on every worker; jax.distributed.initialize() finds the slice.
 TRAIN=(.venv/bin/python -m srft_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" --config.multihost=True)
-[ -z "$MODEL_GCS" ] || TRAIN+=(--config.model.hf_path=/tmp/srft_model --config.data.tokenizer=/tmp/srft_model)
-[ -z "$DATA_GCS" ] || TRAIN+=(--config.data.data_dir=/tmp/srft_data)
+# gs:// inputs go through as they are: the job makes its own checked local copies.
+[ -z "$MODEL_GCS" ] || TRAIN+=("--config.model.hf_path=$MODEL_GCS" "--config.data.tokenizer=$MODEL_GCS")
+[ -z "$DATA_GCS" ] || TRAIN+=("--config.data.data_dir=$DATA_GCS")
 TRAIN+=("${EXTRA[@]}")
 TRAIN_Q=$(printf ' %q' "${TRAIN[@]}")
 if [ "$FOREGROUND" = 1 ]; then

@@ -197,9 +197,10 @@ def load_policy(config, checkpoint: str, tokenizer, mesh):
   else the params of the newest Orbax checkpoint, restored into their sharded
   layout on `mesh`)."""
   dtype = model_lib.DTYPES[config.model.dtype]
+  rules = factory.sharding_rules(config)
   for path in (checkpoint, os.path.join(checkpoint, "export", "hf")):
     if paths.exists(os.path.join(path, "config.json")):
-      return hf.load_model(path, mesh=mesh, dtype=dtype)
+      return hf.load_model(path, mesh=mesh, dtype=dtype, rules=rules)
   ckpt_dir = (
     checkpoint
     if os.path.basename(checkpoint.rstrip("/")) == "checkpoints"
@@ -217,7 +218,7 @@ def load_policy(config, checkpoint: str, tokenizer, mesh):
         f"--checkpoint: {ckpt_dir} holds LoRA adapters of a randomly initialised "
         "base; evaluate the run's export/hf (merged) instead"
       )
-    base = hf.load_model(lmeta["base_path"], mesh=mesh, dtype=dtype)
+    base = hf.load_model(lmeta["base_path"], mesh=mesh, dtype=dtype, rules=rules)
     lcfg = lora_lib.LoRAConfig(lmeta["rank"], lmeta["alpha"], tuple(lmeta["targets"]))
     graphdef, params, frozen = lora_lib.split(lora_lib.attach(base, lcfg, mesh))
     if lora_lib.base_hash(frozen) != lmeta["base_hash"]:
@@ -228,7 +229,7 @@ def load_policy(config, checkpoint: str, tokenizer, mesh):
   else:
     mcfg = factory.model_config(config, tokenizer.vocab_size)
     graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
-  restored = ckpt.restore(step_lib.abstract_train_state(params, tx, mesh))
+  restored = ckpt.restore(step_lib.abstract_train_state(params, tx, mesh, rules))
   ckpt.close()
   if restored is None:
     raise FileNotFoundError(

@@ -158,6 +158,12 @@ def mesh(c) -> jax.sharding.Mesh:
   return shd.make_mesh(dict(c.mesh))
 
 
+def sharding_rules(c) -> tuple:
+  """The logical-axis rules of the run: sharding.DEFAULT_RULES with
+  config.sharding_rules' overrides (e.g. "expert=fsdp")."""
+  return shd.with_rules(shd.DEFAULT_RULES, **shd.parse_rules(c.get("sharding_rules") or ""))
+
+
 def optimizer(c, steps: int, lr: float | None = None):
   """(optax transformation, schedule of the step) for a stage of `steps` steps
   at peak learning rate `lr` (None: config.optim.lr)."""
@@ -249,7 +255,12 @@ def model_config(c, vocab_size: int) -> model_lib.ModelConfig:
   """The ModelConfig the run builds: from model.hf_path's config.json (with the
   run's overrides) when it has one, else the preset; the tiny presets
   (model.TINY_PRESETS) take the tokenizer's `vocab_size` and the config's shape."""
-  kw = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+  kw = dict(
+    dtype=c.model.dtype,
+    param_dtype=c.model.param_dtype,
+    remat=c.model.remat,
+    rules=sharding_rules(c),
+  )
   if c.model.hf_path and paths.exists(os.path.join(c.model.hf_path, "config.json")):
     return hf.config_from_hf(hf.read_config(c.model.hf_path), **kw, **hf_overrides(c))
   for name in ("attention", "decode_attention"):  # "" keeps the preset's
@@ -362,6 +373,7 @@ def warmup_config(c):
     w.data.demo_style = "terse"  # the base learns the canonical style; the run may use another
     if "lora" in w:
       w.lora.rank = 0  # the warm-up makes the (full) base the adapters then sit on
+      w.lora.adapter_path = ""
   return w
 
 
@@ -407,10 +419,12 @@ def _check(c) -> None:
     f"must divide batch.prompts_per_step={c.batch.prompts_per_step}",
   )
   per_mini = c.batch.prompts_per_step // c.batch.minibatches
+  need(c.batch.microbatches > 0, "batch.microbatches", "must be positive")
   need(
-    c.batch.microbatches > 0 and per_mini % c.batch.microbatches == 0,
+    not c.shared_prefix or per_mini % c.batch.microbatches == 0,
     "batch.microbatches",
-    f"must divide the prompts of one mini-batch ({per_mini})",
+    f"must divide the prompts of one mini-batch ({per_mini}): with shared_prefix a "
+    "micro-batch holds whole groups (shared_prefix=False splits rows)",
   )
   need(
     c.rollout.n_rollouts >= 0 and c.rollout.n_demos >= 0,
@@ -519,17 +533,30 @@ def _check(c) -> None:
     mesh_shape = mesh(c).shape
   except ValueError as e:
     raise ValueError(f"config.mesh: {e}") from None
-  data_par = mesh_shape["data"] * mesh_shape["fsdp"]
-  prompts = per_mini // c.batch.microbatches
+  try:
+    rules = sharding_rules(c)
+  except ValueError as e:
+    raise ValueError(f"config.sharding_rules: {e}") from None
+  data_par = shd.batch_shards(mesh_shape, rules)
+  micro = c.batch.microbatches
   for name, _ in parse_stages(c.stages, c.steps, c.method):
     lc = loss_config(name, overrides if not c.stages else None, c.data.max_response_len)
     layout = stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
-    rows = prompts * layout.size  # rows of one micro-batch: prompts x (rollouts + demos)
+    rows_mini = per_mini * layout.size  # rows of one mini-batch: prompts x (rollouts + demos)
+    need(
+      rows_mini % micro == 0,
+      "batch.microbatches",
+      f"must divide the {rows_mini} rows of one mini-batch "
+      f"({per_mini} prompts x {layout.size} slots, {name})",
+    )
+    rows = rows_mini // micro  # rows of one micro-batch
+    fewer = rows_mini % data_par == 0  # fewer micro-batches would split
     need(
       rows % data_par == 0,
-      "batch.prompts_per_step",
-      f"a micro-batch of {prompts} prompts x {layout.size} slots ({name}) = {rows} rows "
-      f"does not divide the data axes ({data_par} of {n_dev} devices)",
+      "batch.microbatches" if fewer else "batch.prompts_per_step",
+      f"a micro-batch of {rows_mini} rows / {micro} = {rows} rows ({name}) does not "
+      f"split over the {data_par} data shards of {n_dev} devices"
+      + (f" (micro-batches: a divisor of {rows_mini // data_par})" if fewer else ""),
     )
   need(
     c.batch.prompts_per_step % jax.process_count() == 0,

@@ -47,6 +47,7 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
     return hf.load_model(
       c.model.hf_path,
       mesh=mesh,
+      rules=factory.sharding_rules(c),
       dtype=model_lib.DTYPES[c.model.dtype],
       param_dtype=model_lib.DTYPES[c.model.param_dtype],
       remat=c.model.remat,

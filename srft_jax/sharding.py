@@ -100,6 +100,34 @@ def make_mesh(
   return jax.sharding.Mesh(dev_array, MESH_AXES, axis_types=axis_types)
 
 
+def parse_rules(text: str) -> dict[str, tuple[str, ...] | None]:
+  """Overrides of DEFAULT_RULES written as text (the config's `sharding_rules`):
+  comma-separated `logical=axis[+axis]`, an empty right side for replicated,
+  e.g. "expert=fsdp" or "batch=data+fsdp,vocab=". For `with_rules`."""
+  known = [name for name, _ in DEFAULT_RULES]
+  out = {}
+  for item in (x.strip() for x in text.split(",")):
+    if not item:
+      continue
+    name, eq, rhs = (x.strip() for x in item.partition("="))
+    if not eq or name not in known:
+      raise ValueError(f"{item!r}: want logical=axis[+axis], logical one of {known}")
+    if name in out:
+      raise ValueError(f"{item!r}: {name!r} is given twice")
+    axes = tuple(a.strip() for a in rhs.split("+") if a.strip())
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad or len(set(axes)) != len(axes):
+      raise ValueError(f"{item!r}: mesh axes must be distinct names of {MESH_AXES}")
+    out[name] = axes or None
+  return out
+
+
+def batch_shards(mesh_shape: Mapping[str, int], rules=None) -> int:
+  """How many ways a batch's rows split: the product of the mesh axes that the
+  logical `batch` axis maps to."""
+  return math.prod(mesh_shape.get(a, 1) for a in _rules_dict(rules).get("batch", ()))
+
+
 def _rules_dict(rules) -> dict[str, tuple[str, ...]]:
   out = {}
   for name, axes in rules if rules is not None else DEFAULT_RULES:

@@ -51,14 +51,14 @@ class Trainer:
     self.tokenizer = tokenizer
     self.scorer = scorer
     self.mesh = mesh
-    self.rules = rules
+    self.rules = rules if rules is not None else model.cfg.rules  # the model's layout
     # LoRA (a model with adapters): the train state holds the adapters only;
     # the frozen base is an argument of every step, identified by its content
     # hash (and `base_path`) in the checkpoints.
     self.frozen = self.frozen_sh = self.lora_meta = None
     if lora_lib.has_adapters(model):
       self.graphdef, self.params, self.frozen = lora_lib.split(model)
-      self.frozen_sh = shd.state_shardings(self.frozen, mesh, rules)
+      self.frozen_sh = shd.state_shardings(self.frozen, mesh, self.rules)
       self.frozen = jax.device_put(self.frozen, self.frozen_sh)
       lcfg = lora_lib.config_of(model)
       self.lora_meta = {
@@ -77,7 +77,7 @@ class Trainer:
     # LoRA: zero adapters on the same frozen base (no second copy of the weights).
     self.ref_params = self.ref_sh = None
     if any(factory.step_config(config, st).reference for st in self.stages()):
-      self.ref_sh = shd.state_shardings(self.params, mesh, rules)
+      self.ref_sh = shd.state_shardings(self.params, mesh, self.rules)
       ref = jnp.zeros_like if self.frozen is not None else jnp.copy
       self.ref_params = jax.device_put(jax.tree.map(ref, self.params), self.ref_sh)
 

@@ -15,6 +15,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 if _PLATFORM == "cpu":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  # The AOT tests load libtpu to compile only: beside another process too.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 else:
   os.environ["JAX_PLATFORMS"] = _PLATFORM
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -144,6 +144,7 @@ def test_hf_checkpoint_gets_the_runs_overrides(tmp_path):
     (["--topology=v9:2x2"], "--topology"),
     (["--find-smallest", "--generations=v5litepod,v7x"], "--generations: unknown ['v7x']"),
     (["--topology=v5e:2x2", "--programs="], "--programs: give at least one"),
+    (["--topology=v5e:2x2", "--rows-per-shard=-1"], "--rows_per_shard"),
   ],
 )
 def test_bad_arguments_exit_2_with_a_message(args, message):
@@ -168,3 +169,33 @@ def test_v4_devices_are_chips():
   # One megacore device a v4 chip, as the runtime shows them (memory is per chip).
   assert len(aot.Topology.parse("v4:2x2x1").devices()) == 4
   assert len(aot.Topology.parse("v5p:2x2x1").devices()) == 4
+
+
+@pytest.mark.skipif(
+  not aot.libtpu_available(), reason="libtpu not installed (requirements-tpu.txt)"
+)
+def test_rows_per_shard_sets_the_micro_batches():
+  """--rows_per_shard: the 7B recipe's 512 rows a mini-batch over each slice's
+  FSDP shards; a config with shared_prefix keeps whole groups or says why not;
+  the count must split every stage."""
+  c = factory.load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
+  got = {
+    (t, n): aot.microbatches_for(c, aot.Topology.parse(t), n)
+    for t, n in (("v5p:2x2x1", 1), ("v5p:2x2x4", 1), ("v5p:2x4x4", 1), ("v5p:2x4x4", 2))
+  }
+  assert list(got.values()) == [128, 32, 16, 8]
+  v5p32 = aot.Topology.parse("v5p:2x2x4")
+  assert aot.with_rows_per_shard(c, v5p32, 0) is c
+  assert aot.with_rows_per_shard(c, v5p32, 1).batch.microbatches == 32
+  two = c.copy_and_resolve_references()
+  with two.unlocked():
+    two.stages = "sft:10,grpo"  # SFT: 64 rows a mini-batch, 2 a micro-batch over 16 shards
+  with pytest.raises(ValueError, match="stage sft"):
+    aot.microbatches_for(two, v5p32, 1)
+  tiny = factory.load_config(str(ROOT / "configs" / "default.py"))  # 4 prompts x 8 a mini-batch
+  v5e4 = aot.Topology.parse("v5e:2x2")
+  assert aot.microbatches_for(tiny, v5e4, 2) == 4
+  with pytest.raises(ValueError, match="cut groups"):
+    aot.microbatches_for(tiny, v5e4, 1)
+  with pytest.raises(ValueError, match="do not split"):
+    aot.microbatches_for(tiny, v5e4, 3)

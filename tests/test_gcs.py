@@ -4,7 +4,8 @@ Against a local GCS emulator (conftest.py `gcs`): the path layer itself, the
 main job writing every output to the bucket and nothing to local disk, a run
 killed with SIGKILL whose local disk is wiped resuming from the bucket alone
 (bitwise the unbroken run's parameters, every metrics row once), and gs://
-inputs (an HF checkpoint, a prepared dataset) read through hash-checked copies.
+inputs (an HF checkpoint, a prepared dataset, a tokenizer, a PEFT adapter) read
+through hash-checked copies.
 """
 
 import json
@@ -381,3 +382,44 @@ def _with(c, **data):
     for k, v in data.items():
       c.data[k] = v
   return c
+
+
+def test_peft_adapter_in_the_bucket(gcs, tmp_path, monkeypatch):
+  """A PEFT adapter written to gs:// (config last) and continued from there
+  (`lora.adapter_path`): the same adapter values, bit for bit."""
+  from flax import nnx
+
+  from srft_jax import factory
+  from srft_jax import hf
+  from srft_jax import lora
+  from srft_jax import model as model_lib
+
+  monkeypatch.setenv("SRFT_JAX_CACHE", str(tmp_path / "cache"))
+  mcfg = model_lib.ModelConfig.preset("tiny_qwen3", vocab_size=64, embed_dim=32, num_layers=2)
+  lcfg = lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.05)
+  base = lambda: model_lib.Transformer(mcfg, rngs=nnx.Rngs(0))  # noqa: E731
+  rng = np.random.default_rng(0)
+  values = {
+    (s.layer, s.target): (rng.normal(size=s.a_shape), rng.normal(size=s.b_shape))
+    for s in lora.adapter_specs(base(), lcfg)
+  }
+  values = {k: tuple(x.astype(np.float32) for x in v) for k, v in values.items()}
+  path = f"{BUCKET}/adapters/run1"
+  hf.save_peft_adapter(lora.attach(base(), lcfg, values=values), path)
+  assert sorted(paths.list_files(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+  assert hf.read_peft_config(path) == lcfg
+  loaded = lora.adapter_values(hf.load_peft_adapter(path, base()))
+  assert loaded.keys() == values.keys()
+  for k, (a, b) in values.items():
+    np.testing.assert_array_equal(np.asarray(loaded[k][0]), a, err_msg=str(k))
+    np.testing.assert_array_equal(np.asarray(loaded[k][1]), b, err_msg=str(k))
+  # the run's config takes the gs:// adapter (and names the field when it is not there)
+  c = factory.load_config(f"{ROOT}/configs/default.py")
+  with c.unlocked():
+    c.model.preset, c.lora.rank, c.lora.adapter_path = "tiny_qwen3", 4, path
+  assert factory.lora_adapter_path(c) == path
+  factory.validate_config(c)
+  with c.unlocked():
+    c.lora.adapter_path = f"{BUCKET}/adapters/missing"
+  with pytest.raises(factory.ConfigError, match=r"config\.lora\.adapter_path"):
+    factory.validate_config(c)

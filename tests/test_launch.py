@@ -94,16 +94,16 @@ def test_tpu_pod_fresh_slice(env):
   install = next(r for r in remote if "pip install" in r and "jax[tpu]" in r)
   assert "jax[tpu]==0.10.2" in install and "-r requirements.txt" in install
   assert "gcsfs==" in install  # Orbax on gs:// needs it (no TensorFlow)
-  assert any("gs://bkt/models/Q7" in r for r in remote)
-  assert any("gs://bkt/data" in r for r in remote)
+  assert not any("gcloud storage" in r for r in remote)  # the job copies its gs:// inputs
   train = remote[-1]
   assert "-m srft_jax.main" in train and "nohup" in train
   for flag in (
     "--config=configs/srft_7b_tpu.py:fsdp_tensor",
     "--workdir=gs://bkt/runs/srft7b",
     "--config.multihost=True",
-    "--config.model.hf_path=/tmp/srft_model",
-    "--config.data.data_dir=/tmp/srft_data",
+    "--config.model.hf_path=gs://bkt/models/Q7",
+    "--config.data.tokenizer=gs://bkt/models/Q7",
+    "--config.data.data_dir=gs://bkt/data",
     "--config.steps=100",
   ):
     assert flag in train, flag

@@ -315,6 +315,61 @@ def test_dense_step_has_no_router_metric():
 # Sharded equals one device
 # ----------------------------------------------------------------------------
 
+
+@pytest.mark.multidevice
+def test_expert_layout_is_a_config_edit(tmp_path):
+  """`mesh.expert` and `sharding_rules="expert=fsdp"` (config fields, no code)
+  reach the model's parameters and the trainer's state (Adam moments too), for
+  a random preset and an HF checkpoint (the run's base and `evaluate`'s
+  policy), and the rows split over every axis the `batch` rule names."""
+  from srft_jax import evaluate
+  from srft_jax import hf
+  from srft_jax import job
+  from srft_jax import trainer as trainer_lib
+
+  c = factory.load_config(str(ROOT / "configs" / "default.py"))
+  hf_dir = str(tmp_path / "moe")
+  with c.unlocked():
+    c.model.preset, c.warmup.steps = "tiny_qwen3_moe", 0
+  hf.save_model(model_lib.create_model(factory.model_config(c, vocab_size=64)), hf_dir)
+
+  def gate_spec(model):
+    return tuple(model.layers[0].mlp.gate[...].sharding.spec)
+
+  def expert_spec(mesh_shape, rules_text, hf_path=""):
+    with c.unlocked():
+      c.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, **mesh_shape})
+      c.sharding_rules = rules_text
+      c.model.hf_path = hf_path
+    factory.validate_config(c)
+    mesh = factory.mesh(c)
+    if hf_path:
+      model = job.base_model(c, None, mesh, str(tmp_path), None)
+      assert gate_spec(evaluate.load_policy(c, hf_path, None, mesh)) == gate_spec(model)
+    else:
+      model = model_lib.create_model(factory.model_config(c, vocab_size=64), mesh=mesh)
+    trainer = trainer_lib.Trainer(model, config=c, tokenizer=None, scorer=None, mesh=mesh)
+    trainer.enter_stage(trainer.stages()[0], fresh_optimizer=True)
+    flat = jax.tree_util.tree_flatten_with_path(
+      trainer.state_sh, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)
+    )[0]
+    specs = [
+      tuple(sh.spec) for path, sh in flat if "[0]['mlp']['gate']" in jax.tree_util.keystr(path)
+    ]
+    assert len(specs) == 3 and set(specs) == {gate_spec(model)}, specs  # params, mu, nu alike
+    return specs[0], shd.batch_shards(dict(mesh.shape), model.cfg.rules)
+
+  # [experts, embed, mlp]: by default experts over `expert` (size 1 here), embed over fsdp
+  assert expert_spec({"data": 2, "fsdp": 4}, "") == ((None, "fsdp", None), 8)
+  assert expert_spec({"data": 2, "fsdp": 4}, "expert=fsdp") == (("fsdp", None, None), 8)
+  assert expert_spec({"fsdp": 4, "expert": 2}, "") == (("expert", "fsdp", None), 8)
+  assert expert_spec({"data": 2, "fsdp": 4}, "batch=data") == ((None, "fsdp", None), 2)
+  assert expert_spec({"data": 2, "fsdp": 4}, "expert=fsdp", hf_dir) == (("fsdp", None, None), 8)
+  for bad in ("expert=model", "expert=fsdp,expert=data"):
+    with pytest.raises(factory.ConfigError, match=r"config\.sharding_rules"):
+      expert_spec({"fsdp": 8}, bad)
+
+
 EXPERTS_OVER_FSDP = shd.with_rules(shd.DEFAULT_RULES, expert="fsdp")
 # Rows that cannot split over the expert axis (summed over it, not gathered) are
 # covered by test_sharded_grouped_matmul_values_and_gradients.

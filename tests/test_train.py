@@ -128,8 +128,9 @@ class _CountingIter:
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, tokenizer_path):
-  """One `job.run`: an SFT warm-up (6 steps, the random base model's start
-  point is measured) then 5 SRFT steps, TensorBoard on."""
+  """One `job.run` of a tiny Qwen3-MoE (q/k norms, 8 experts, top-2, the
+  router's load-balancing loss) on a (data=4, expert=2) mesh: an SFT warm-up (6 steps, the random base
+  model's start point is measured) then 5 SRFT steps, TensorBoard on."""
   workdir = str(tmp_path_factory.mktemp("e2e"))
   c = _config(
     tokenizer_path,
@@ -138,6 +139,9 @@ def e2e(tmp_path_factory, tokenizer_path):
       "warmup.steps": 6,
       "warmup.prompts_per_step": 8,
       "warmup.lr": 3e-3,
+      "model.preset": "tiny_qwen3_moe",
+      # experts over an `expert` mesh axis, rows over data x expert (8 devices)
+      **({"mesh.data": 4, "mesh.expert": 2} if jax.device_count() >= 8 else {}),
       "model.embed_dim": 64,
       "model.num_layers": 2,
       "model.mlp_dim": 128,
@@ -188,6 +192,7 @@ def _rows(path):
 EXPECTED_KEYS = [
   "reward/rollout_mean",
   "reward/demo_mean",
+  "loss/router_aux",
   "loss/entropy_rollout",
   "loss/entropy_demo",
   "loss/w_sft",
@@ -249,8 +254,9 @@ def test_end_to_end_sft_warmup_learns(e2e):
 
 @pytest.mark.slow
 def test_end_to_end_hf_export_loads(e2e):
-  """The HF export loads, runs, and holds the final checkpoint's parameters
-  (compared leaf by leaf through size and sum: names and layouts differ)."""
+  """The HF export is a Qwen3-MoE checkpoint that loads, runs, and holds the
+  final checkpoint's parameters (compared leaf by leaf through size and sum:
+  names and layouts differ)."""
   import orbax.checkpoint as ocp
 
   from srft_jax import hf
@@ -258,7 +264,10 @@ def test_end_to_end_hf_export_loads(e2e):
   wd = e2e["workdir"]
   model = hf.load_model(os.path.join(wd, "export", "hf"))
   with open(os.path.join(wd, "export", "hf", "config.json")) as f:
-    eos = json.load(f)["eos_token_id"]  # the task tokenizer's, so HF generate stops too
+    hf_config = json.load(f)
+  assert hf_config["architectures"] == ["Qwen3MoeForCausalLM"]
+  assert (hf_config["num_experts"], hf_config["num_experts_per_tok"]) == (8, 2)
+  eos = hf_config["eos_token_id"]  # the task tokenizer's, so HF generate stops too
   with open(os.path.join(wd, "export", "hf", "generation_config.json")) as f:
     assert isinstance(eos, int) and eos in np.atleast_1d(json.load(f)["eos_token_id"])
   logits = model_lib.forward_logits(model, jnp.ones((1, 4), jnp.int32))
@@ -544,12 +553,17 @@ def test_demo_joins_the_advantage_group_only_with_a_demo_rl_term():
     ("srft_7b_tpu", "fsdp_tensor"),
     ("srft_7b_tpu", "lora"),
     ("srft_7b_tpu", "lora,fsdp_tensor"),
+    ("srft_7b_tpu", "qwen3_30b_a3b"),
+    ("srft_7b_tpu", "qwen3_30b_a3b,lora"),
     ("qwen2p5_1p5b_gpu", None),
   ],
 )
 def test_other_config_files_validate(name, arg):
   c = _config_file(name).get_config(arg)
   factory.validate_config(c)
+  if arg and "qwen3_30b_a3b" in arg:  # the AOT fit's step (docs/benchmarks.md); its own RoPE
+    assert (c.model.preset, c.batch.microbatches) == ("qwen3_30b_a3b", 32)
+    assert set(factory.hf_overrides(c)) == {"attention"}
   if arg and "lora" in arg:
     assert factory.lora_config(c).rank == 32 and c.model.param_dtype == "bfloat16"
   assert (c.mesh.tensor == 4) == bool(arg and "fsdp_tensor" in arg)
@@ -604,6 +618,8 @@ def _bad(field, value):
     ("model.preset", "gpt5", "config.model.preset"),
     ("model.attention", "flash", "config.model.attention"),
     ("model.decode_attention", "triton", "config.model.decode_attention"),
+    ("sharding_rules", "experts=fsdp", "config.sharding_rules"),
+    ("sharding_rules", "expert=fsdp+fsdp", "config.sharding_rules"),
   ],
 )
 def test_bad_config_names_field(field, value, named):
@@ -612,6 +628,27 @@ def test_bad_config_names_field(field, value, named):
   assert named in str(e.value)
   if named == "config.loss":
     assert field.split(".")[1] in str(e.value)
+
+
+@pytest.mark.multidevice
+def test_micro_batches_split_rows_without_shared_prefix():
+  """The 7B recipe (shared_prefix off) takes one row a data shard: 512 rows a
+  mini-batch in 128 micro-batches of 4 rows, each split over 4 FSDP shards
+  (a group of 8 rows spans 2 micro-batches, as the step allows: see
+  test_micro_batches_and_response_only_logprobs_match_plain_step). With
+  shared_prefix a micro-batch must hold whole groups."""
+  c = _config_file("srft_7b_tpu").get_config()
+  with c.unlocked():
+    c.batch.microbatches = 128
+    c.mesh.update(data=1, fsdp=4, tensor=2)
+  factory.validate_config(c)
+  for field, value in (("batch.microbatches", 96), ("shared_prefix", True)):
+    bad = c.copy_and_resolve_references()
+    with bad.unlocked():
+      node, _, leaf = field.rpartition(".")
+      (bad[node] if node else bad)[leaf] = value
+    with pytest.raises(ValueError, match=r"config\.batch\.microbatches"):
+      factory.validate_config(bad)
 
 
 def test_unknown_config_key_is_rejected():
@@ -723,11 +760,12 @@ def _micro_batch_case():
 
 
 @pytest.mark.parametrize(
-  "micro,response_len,group", [(2, 0, 0), (1, 6, 0), (2, 6, 0), (1, 6, 4), (2, 6, 4)]
+  "micro,response_len,group", [(2, 0, 0), (1, 6, 0), (4, 6, 0), (1, 6, 4), (2, 6, 4)]
 )
 def test_micro_batches_and_response_only_logprobs_match_plain_step(micro, response_len, group):
-  """Two micro-batches (an entropy pre-pass for the batch-level H, then summed
-  gradients), response-only log-probs (`response_len`: no LM head on the
+  """Two or four micro-batches (an entropy pre-pass for the batch-level H, then
+  summed gradients; four split each group of 4 rows, as shared_prefix=False
+  allows), response-only log-probs (`response_len`: no LM head on the
   prompt) and the shared-prefix forward (`group`: each group's prompt runs
   once) give the update of one micro-batch over the full rows."""
   params, step, (s1, m1) = _micro_batch_case()
@@ -753,8 +791,9 @@ N_STEPS = 6
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, tokenizer_path):
-  """`python -m srft_jax.main` with tiny overrides; a shared persistent
-  compilation cache makes every process after the first start fast."""
+  """`python -m srft_jax.main` with tiny overrides (a tiny dense Qwen3); a
+  shared persistent compilation cache makes every process after the first
+  start fast."""
   cache = str(tmp_path_factory.mktemp("jax_cache"))
   env = dict(os.environ)
   env.update(
@@ -765,6 +804,7 @@ def cli(tmp_path_factory, tokenizer_path):
   )
   overrides = {
     **TINY,
+    "model.preset": "tiny_qwen3",
     "steps": N_STEPS,
     "data.tokenizer": tokenizer_path,
     "eval.before": False,

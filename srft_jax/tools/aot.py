@@ -2,7 +2,7 @@
 on a CPU-only host, and print per-chip memory against the chip's HBM.
 
   python -m srft_jax.tools.aot --config=configs/srft_7b_tpu.py --topology=v5p:2x4x4
-  python -m srft_jax.tools.aot --config=configs/srft_7b_tpu.py --find-smallest
+  python -m srft_jax.tools.aot --config=configs/srft_7b_tpu.py --find-smallest --rows-per-shard=1
   python -m srft_jax.tools.aot --config=configs/default.py --topology=v5e:2x2 \
       --programs=train,sample --config.batch.microbatches=2
 
@@ -580,14 +580,60 @@ def state_lower_bound(c, topo: Topology, vocab_size: int = 512) -> float:
   return copies * mcfg.num_params() * pbytes / topo.chips
 
 
-def _report(c, topo, programs, vocab_size, layers, log=print):
+def microbatches_for(c, topo: Topology, rows_per_shard: int) -> int:
+  """`batch.microbatches` that puts `rows_per_shard` rows of the biggest stage's
+  micro-batch on each data shard of `topo` (the axes the `batch` rule names in
+  the config's mesh there: one chip a shard under pure FSDP); a ValueError
+  when some stage's mini-batch does not split that way."""
+  mesh_shape = shd.make_mesh(dict(c.mesh), devices=topo.devices()).shape
+  data_par = shd.batch_shards(mesh_shape, factory.sharding_rules(c))
+  per_mini = c.batch.prompts_per_step // c.batch.minibatches
+  rows_mini = per_mini * biggest_stage(c).layout.size
+  micro, rest = divmod(rows_mini, data_par * rows_per_shard)
+  if micro == 0 or rest:
+    raise ValueError(
+      f"{rows_mini} rows a mini-batch do not split into micro-batches of "
+      f"{rows_per_shard} row(s) on each of {data_par} data shards"
+    )
+  if c.get("shared_prefix") and per_mini % micro:
+    raise ValueError(
+      f"{micro} micro-batches would cut groups of {per_mini} prompts (shared_prefix=True)"
+    )
+  for stage in factory.stages(c):  # the same micro-batch count serves every stage
+    rows = per_mini * stage.layout.size
+    if rows % micro or (rows // micro) % data_par:
+      raise ValueError(
+        f"{micro} micro-batches do not split stage {stage.name}'s {rows} rows "
+        f"over {data_par} data shards"
+      )
+  return micro
+
+
+def with_rows_per_shard(c, topo: Topology, rows_per_shard: int):
+  """`c` with `batch.microbatches` set for `rows_per_shard` (0: `c` unchanged)."""
+  if not rows_per_shard:
+    return c
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    c.batch.microbatches = microbatches_for(c, topo, rows_per_shard)
+  return c
+
+
+def _report(c, topo, programs, vocab_size, layers, log=print, rows_per_shard: int = 0):
+  c = with_rows_per_shard(c, topo, rows_per_shard)
   if layers:
     return extrapolate(c, topo, programs, layers, vocab_size, log)
   return analyse(c, topo, programs, vocab_size, log)
 
 
 def find_smallest(
-  c, generation: str, programs, vocab_size: int, log=print, layers: tuple[int, int] | None = None
+  c,
+  generation: str,
+  programs,
+  vocab_size: int,
+  log=print,
+  layers: tuple[int, int] | None = None,
+  rows_per_shard: int = 0,
 ) -> dict[str, Any]:
   """Tries slices of `generation` from small to large; the first that fits."""
   tried = []
@@ -599,7 +645,7 @@ def find_smallest(
       tried.append({"topology": topo.name, "fits": False, "skipped": "state lower bound"})
       continue
     try:
-      rep = _report(c, topo, programs, vocab_size, layers, log)
+      rep = _report(c, topo, programs, vocab_size, layers, log, rows_per_shard)
     except (ValueError, RuntimeError) as e:  # a mesh that does not divide it; libtpu refusing it
       log(f"  {topo.name}: {e}")
       tried.append({"topology": topo.name, "fits": False, "error": str(e)})
@@ -638,6 +684,13 @@ def _define_flags():
     "Dump the compiled HLO and XLA's buffer assignment "
     "(*buffer-assignment.txt: every allocation, by size) here.",
   )
+  flags.DEFINE_integer(
+    "rows_per_shard",
+    0,
+    "Set batch.microbatches on each topology so that a micro-batch puts this many "
+    "rows on each data shard (a chip under pure FSDP; 1: the least activation "
+    "memory); 0 keeps the config's.",
+  )
   flags.DEFINE_list(
     "extrapolate_layers",
     [],
@@ -673,6 +726,9 @@ def main(argv) -> int:
   if bad:
     print(f"--generations: unknown {bad}; known: {sorted(SLICES)}", file=sys.stderr)
     return 2
+  if f.rows_per_shard < 0:
+    print("--rows_per_shard: want 0 (the config's micro-batches) or more", file=sys.stderr)
+    return 2
   if f.dump_dir:
     COMPILER_OPTIONS["xla_dump_to"] = f.dump_dir
   layers = tuple(int(x) for x in f.extrapolate_layers) or None
@@ -682,7 +738,7 @@ def main(argv) -> int:
   out: dict[str, Any] = {"reports": [], "smallest": []}
   for topo in topos:
     try:
-      rep = _report(c, topo, f.programs, f.vocab_size, layers)
+      rep = _report(c, topo, f.programs, f.vocab_size, layers, rows_per_shard=f.rows_per_shard)
     except (ValueError, RuntimeError) as e:  # e.g. a shape libtpu has no slice for
       print(f"--topology={topo.name}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
       return 2
@@ -691,7 +747,9 @@ def main(argv) -> int:
     out["reports"].append(rep)
   if f.find_smallest:
     for gen in gens:
-      res = find_smallest(c, gen, f.programs, f.vocab_size, layers=layers)
+      res = find_smallest(
+        c, gen, f.programs, f.vocab_size, layers=layers, rows_per_shard=f.rows_per_shard
+      )
       for rep in res["tried"]:
         if "programs" in rep:
           print(format_table(rep), flush=True)
