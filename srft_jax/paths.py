@@ -23,6 +23,7 @@ copy while the remote files' sizes and hashes still match.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -34,6 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 COPY_MANIFEST = ".srft_copy.json"  # written last into a finished local copy
+COPY_THREADS = 8  # files of a remote directory fetched (and hashed) at once
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -290,7 +292,8 @@ def local_copy(src: str, sub: str = "") -> str:
     if have != {"url": url, "files": wanted}:
       shutil.rmtree(base, ignore_errors=True)
       is_dir = fs.isdir(url)
-      for rel, want in sorted(wanted.items()):
+
+      def fetch(rel: str, want: dict) -> None:
         target = os.path.join(dst, rel) if is_dir else dst
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.get_file(f"{url}/{rel}" if is_dir else url, target + ".partial")
@@ -299,6 +302,12 @@ def local_copy(src: str, sub: str = "") -> str:
           os.remove(target + ".partial")
           raise OSError(f"{url}/{rel}: the copy does not match the store ({got} vs {want})")
         os.replace(target + ".partial", target)
+
+      # Several streams at once (a checkpoint's shards): fsspec's blocking
+      # calls may come from many threads; the first error is raised.
+      with concurrent.futures.ThreadPoolExecutor(min(COPY_THREADS, len(wanted)) or 1) as pool:
+        for done in [pool.submit(fetch, r, w) for r, w in sorted(wanted.items())]:
+          done.result()
       with open(manifest, "w") as f:  # last: a killed copy is redone
         json.dump({"url": url, "files": wanted}, f)
   _COPIES[url] = root

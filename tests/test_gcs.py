@@ -168,6 +168,38 @@ def test_local_copy_is_checked_and_follows_the_bucket(gcs, tmp_path, monkeypatch
     paths.local_copy(f"{BUCKET}/inputs/missing")
 
 
+def test_local_copy_of_many_files_is_whole_or_refused(gcs, tmp_path, monkeypatch):
+  """A checkpoint's shards are fetched several at a time, each one checked; a
+  file that arrives other than the bucket says is an error, and no copy counts."""
+  monkeypatch.setenv("SRFT_JAX_CACHE", str(tmp_path / "cache"))
+  rng = np.random.default_rng(0)
+  src = f"{BUCKET}/inputs/sharded"
+  shards = {
+    f"model-{i:05d}.safetensors": rng.bytes(int(rng.integers(1, 50_000))) for i in range(12)
+  }
+  for name, data in shards.items():
+    paths.write_bytes(f"{src}/{name}", data)
+  local = paths.local_copy(src)
+  for name, data in shards.items():
+    with open(os.path.join(local, name), "rb") as f:
+      assert f.read() == data, name
+  paths.forget_copies()
+  real = paths._hash_file
+
+  def corrupt(file, want):  # one shard arrives damaged
+    got = real(file, want)
+    return dict(got, md5="AAAA") if file.endswith("model-00007.safetensors.partial") else got
+
+  paths.write_bytes(f"{src}/model-00000.safetensors", b"changed")  # forces a new copy
+  monkeypatch.setattr(paths, "_hash_file", corrupt)
+  with pytest.raises(OSError, match="model-00007.safetensors: the copy does not match"):
+    paths.local_copy(src)
+  assert not os.path.exists(os.path.join(os.path.dirname(local), paths.COPY_MANIFEST))
+  monkeypatch.setattr(paths, "_hash_file", real)  # the next try copies it all again
+  with open(os.path.join(paths.local_copy(src), "model-00000.safetensors"), "rb") as f:
+    assert f.read() == b"changed"
+
+
 # ----------------------------------------------------------------------------
 # The main job in a bucket
 # ----------------------------------------------------------------------------
