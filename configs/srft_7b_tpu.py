@@ -117,7 +117,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # Qwen3-30B-A3B (docs/method.md §15): the paper's RoPE / window change is
     # Qwen2.5-Math's, so the checkpoint keeps its own (theta 1e6, 40,960 tokens).
     # Experts FSDP-sharded over `embed` (the default rules). 512 rows a mini-batch
-    # in 32 micro-batches: one row a chip on v5p-32 (64.4 GB a chip, 68%); with
+    # in 32 micro-batches: one row a chip on v5p-32 (train step 64.4 GB a chip, 68%;
+    # sampler with the train state 80.2 GB, 84%); with
     # `lora` too (set after it: its micro-batches are the 7B's on v5p-8).
     c.model.preset = "qwen3_30b_a3b"
     c.model.rope_theta = 0.0

@@ -108,6 +108,16 @@ def test_tiny_on_v5e_2x2(tmp_path):
     assert p["temp_bytes"] >= 0  # a 1-layer model can live in its arguments and outputs
     assert p["fits"] and 0 < p["hbm_fraction"] < 0.9
   assert rep["programs"]["train"]["alias_bytes"] > 0  # the state is donated
+  # Sampling leaves the train state on the chip: Adam's two float32 moments of
+  # every parameter (replicated on a pure data mesh) plus a few int32 counters.
+  c = factory.load_config(str(ROOT / "configs" / "default.py"))
+  with c.unlocked():
+    c.model.num_layers = 1
+  moments = 2 * 4 * aot.model_config(c).num_params()
+  s, t = rep["programs"]["sample"], rep["programs"]["train"]
+  assert moments <= s["resident_bytes"] <= moments + 64 and "resident_bytes" not in t
+  parts = ("argument_bytes", "output_bytes", "temp_bytes", "code_bytes", "resident_bytes")
+  assert s["total_bytes"] == sum(s[k] for k in parts) - s["alias_bytes"]
   assert rep["fits"]
   assert "| train |" in res.stdout and "| sample |" in res.stdout
 

@@ -18,7 +18,9 @@ touched. The programs are the ones the trainer runs, built the same way:
   prefill  one model call with the cache over the P prompt tokens.
   decode   one model call with the cache for one new token per row.
 
-Memory comes from `compiled.memory_analysis()` (per chip). FLOPs come from
+Memory comes from `compiled.memory_analysis()` (per chip); the sampling
+programs' totals add the train state that stays on the chip while they run
+(optimizer moments, a KL reference: `resident_bytes`). FLOPs come from
 `compiled.cost_analysis()` (per chip; XLA counts each loop body once, so for
 the scanned train step and the decode loop it is a lower bound) and, for the
 whole step, from the model: 6 N tokens + causal attention (what MFU uses).
@@ -204,6 +206,36 @@ def lower_train(c, mcfg, mesh):
   fn = step_lib.jit_train_step(graphdef, tx, step_cfg, state_sh, batch_sh, ref_sh, frozen_sh)
   with jax.set_mesh(mesh):
     return fn.lower(_abstract(state, state_sh), _abstract(batch, batch_sh), ref, *frozen)
+
+
+def _per_chip_bytes(tree) -> int:
+  """Bytes of one chip's shards of a tree of sharded ShapeDtypeStructs."""
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(tree)
+  )
+
+
+def resident_bytes(c, mcfg, mesh) -> int:
+  """Bytes a chip keeps through sampling besides the sampling programs' own
+  arguments (the policy's parameters and the KV cache): the train state's
+  optimizer moments (with LoRA the adapters too; the programs take the base)
+  and a KL reference. Added to `sample`, `prefill` and `decode`."""
+  tx, _ = factory.optimizer(c, c.steps)
+  lcfg = factory.lora_config(c)
+  if lcfg.enabled:
+    abstract = nnx.eval_shape(
+      lambda: lora.attach(model_lib.Transformer(mcfg, rngs=nnx.Rngs(0)), lcfg)
+    )
+    _, params, _ = lora.split(abstract)
+  else:
+    _, params = nnx.split(model_lib.abstract_model(mcfg))
+  state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), params)
+  state = _abstract(state, step_lib.state_shardings(state, mesh, mcfg.rules))
+  kept = _per_chip_bytes(state) - (0 if lcfg.enabled else _per_chip_bytes(state["params"]))
+  if factory.step_config(c, biggest_stage(c)).reference:  # a copy of the params (LoRA: zeros)
+    kept += _per_chip_bytes(state["params"])
+  return kept
 
 
 def _inference_config(mcfg):
@@ -446,12 +478,19 @@ def analyse(
     "prefill": lambda: lower_cache_call(c, mcfg, mesh, None),
     "decode": lambda: lower_cache_call(c, mcfg, mesh, 1),
   }
+  resident = None
   for name in programs:
     t0 = time.perf_counter()
     lowered = lowerers[name]()
     lower_s = time.perf_counter() - t0
     res = compile_program(lowered, topo, flops[name])
     res["lower_s"] = round(lower_s, 1)
+    if name != "train" and "error" not in res:  # sampling: the train state stays on the chip
+      resident = resident_bytes(c, mcfg, mesh) if resident is None else resident
+      res["resident_bytes"] = resident
+      res["total_bytes"] += resident
+      res["hbm_fraction"] = res["total_bytes"] / topo.hbm_bytes
+      res["fits"] = res["total_bytes"] <= FIT_FRACTION * topo.hbm_bytes
     report["programs"][name] = res
     log(
       f"  {topo.name} {name}: lowered in {lower_s:.0f}s, compiled in {res['compile_s']:.0f}s"
@@ -468,6 +507,7 @@ _LINEAR = (
   "alias_bytes",
   "temp_bytes",
   "code_bytes",
+  "resident_bytes",
   "total_bytes",
   "xla_flops_per_chip",
   "xla_bytes_accessed_per_chip",
@@ -497,8 +537,9 @@ def extrapolate(
     if "error" in a or "error" in b:
       out["programs"][name] = dict(b, extrapolated=True)
       continue
-    slope = {k: (b[k] - a[k]) / (layers[1] - layers[0]) for k in _LINEAR}
-    p = {k: b[k] + slope[k] * (full.num_layers - layers[1]) for k in _LINEAR}
+    keys = [k for k in _LINEAR if k in b]
+    slope = {k: (b[k] - a[k]) / (layers[1] - layers[0]) for k in keys}
+    p = {k: b[k] + slope[k] * (full.num_layers - layers[1]) for k in keys}
     p.update(
       hbm_fraction=p["total_bytes"] / topo.hbm_bytes,
       fits=p["total_bytes"] <= FIT_FRACTION * topo.hbm_bytes,
@@ -536,28 +577,30 @@ def format_table(report: dict[str, Any]) -> str:
       else ""
     ),
     "",
-    "| program | args GB | out GB | alias GB | temp GB | total GB/chip | % HBM | fits | "
-    "XLA GFLOP/chip* | model TFLOP/step |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| program | args GB | out GB | alias GB | temp GB | + state GB** | total GB/chip | % HBM "
+    "| fits | XLA GFLOP/chip* | model TFLOP/step |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, p in r["programs"].items():
     if "error" in p:
       used = p.get("used_bytes")
       pct = "-" if used is None else f"{100 * used / (r['hbm_gb'] * 1e9):.0f}"
       lines.append(
-        f"| {name} | - | - | - | - | {_gb(used)} | {pct} | no (compiler OOM) | - | "
+        f"| {name} | - | - | - | - | - | {_gb(used)} | {pct} | no (compiler OOM) | - | "
         f"{p['model_flops_step'] / 1e12:.1f} |"
       )
       continue
     lines.append(
       f"| {name} | {_gb(p['argument_bytes'])} | {_gb(p['output_bytes'])} | "
-      f"{_gb(p['alias_bytes'])} | {_gb(p['temp_bytes'])} | {_gb(p['total_bytes'])} | "
+      f"{_gb(p['alias_bytes'])} | {_gb(p['temp_bytes'])} | {_gb(p.get('resident_bytes'))} | "
+      f"{_gb(p['total_bytes'])} | "
       f"{100 * p['hbm_fraction']:.1f} | {'yes' if p['fits'] else 'NO'} | "
       f"{p['xla_flops_per_chip'] / 1e9:.1f} | {p['model_flops_step'] / 1e12:.1f} |"
     )
   lines.append(
     f"* XLA cost analysis counts each loop body once (scans, decode loop): a lower "
-    f"bound. fits = total <= {int(FIT_FRACTION * 100)}% of HBM."
+    f"bound. ** The train state the sampling programs leave on the chip (optimizer "
+    f"moments, a KL reference), in their total. fits = total <= {int(FIT_FRACTION * 100)}% of HBM."
   )
   for name, p in r["programs"].items():
     if "error" in p:
