@@ -233,7 +233,7 @@ def _remote_hashes(fs, path: str) -> dict[str, dict]:
   }
 
 
-def _hash_file(file: str, want: dict) -> dict:
+def file_hash(file: str, want: dict) -> dict:
   """The size and the hash kind `want` has, of a local file (base64, as GCS gives them)."""
   out = {"size": os.path.getsize(file)}
   if "md5" in want:
@@ -297,7 +297,7 @@ def local_copy(src: str, sub: str = "") -> str:
         target = os.path.join(dst, rel) if is_dir else dst
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.get_file(f"{url}/{rel}" if is_dir else url, target + ".partial")
-        got = _hash_file(target + ".partial", want)
+        got = file_hash(target + ".partial", want)
         if got != want:
           os.remove(target + ".partial")
           raise OSError(f"{url}/{rel}: the copy does not match the store ({got} vs {want})")

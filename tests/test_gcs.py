@@ -184,18 +184,18 @@ def test_local_copy_of_many_files_is_whole_or_refused(gcs, tmp_path, monkeypatch
     with open(os.path.join(local, name), "rb") as f:
       assert f.read() == data, name
   paths.forget_copies()
-  real = paths._hash_file
+  real = paths.file_hash
 
   def corrupt(file, want):  # one shard arrives damaged
     got = real(file, want)
     return dict(got, md5="AAAA") if file.endswith("model-00007.safetensors.partial") else got
 
   paths.write_bytes(f"{src}/model-00000.safetensors", b"changed")  # forces a new copy
-  monkeypatch.setattr(paths, "_hash_file", corrupt)
+  monkeypatch.setattr(paths, "file_hash", corrupt)
   with pytest.raises(OSError, match="model-00007.safetensors: the copy does not match"):
     paths.local_copy(src)
   assert not os.path.exists(os.path.join(os.path.dirname(local), paths.COPY_MANIFEST))
-  monkeypatch.setattr(paths, "_hash_file", real)  # the next try copies it all again
+  monkeypatch.setattr(paths, "file_hash", real)  # the next try copies it all again
   with open(os.path.join(paths.local_copy(src), "model-00000.safetensors"), "rb") as f:
     assert f.read() == b"changed"
 
