@@ -162,24 +162,33 @@ def biggest_stage(c) -> factory.Stage:
   return max(factory.stages(c), key=lambda st: st.layout.size)
 
 
+def _train_state(c, mcfg, tx):
+  """(graphdef, abstract train state, frozen LoRA base or None) as the Trainer
+  builds them: with LoRA the state is the adapters and the base an argument."""
+  lcfg = factory.lora_config(c)
+  base = None
+  if lcfg.enabled:
+    abstract = nnx.eval_shape(
+      lambda: lora.attach(model_lib.Transformer(mcfg, rngs=nnx.Rngs(0)), lcfg)
+    )
+    graphdef, params, base = lora.split(abstract)
+  else:
+    graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
+  return graphdef, jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), params), base
+
+
 def lower_train(c, mcfg, mesh):
   """step.train_step for one step's batch, jitted as the Trainer jits it."""
   stage = biggest_stage(c)
   layout = stage.layout
   tx, _ = factory.optimizer(c, c.steps)
   step_cfg = factory.step_config(c, stage)
-  lcfg = factory.lora_config(c)
+  graphdef, state, base = _train_state(c, mcfg, tx)
+  params = state["params"]
   frozen, frozen_sh = (), None
-  if lcfg.enabled:  # LoRA: the state is the adapters; the frozen base is an argument
-    abstract = nnx.eval_shape(
-      lambda: lora.attach(model_lib.Transformer(mcfg, rngs=nnx.Rngs(0)), lcfg)
-    )
-    graphdef, params, base = lora.split(abstract)
+  if base is not None:
     frozen_sh = shd.state_shardings(base, mesh, mcfg.rules)
     frozen = (_abstract(base, frozen_sh),)
-  else:
-    graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
-  state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), params)
   state_sh = step_lib.state_shardings(state, mesh, mcfg.rules)
 
   b, p, r = c.batch.prompts_per_step, max(c.data.prompt_buckets), c.data.max_response_len
@@ -222,17 +231,9 @@ def resident_bytes(c, mcfg, mesh) -> int:
   optimizer moments (with LoRA the adapters too; the programs take the base)
   and a KL reference. Added to `sample`, `prefill` and `decode`."""
   tx, _ = factory.optimizer(c, c.steps)
-  lcfg = factory.lora_config(c)
-  if lcfg.enabled:
-    abstract = nnx.eval_shape(
-      lambda: lora.attach(model_lib.Transformer(mcfg, rngs=nnx.Rngs(0)), lcfg)
-    )
-    _, params, _ = lora.split(abstract)
-  else:
-    _, params = nnx.split(model_lib.abstract_model(mcfg))
-  state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), params)
+  _, state, base = _train_state(c, mcfg, tx)
   state = _abstract(state, step_lib.state_shardings(state, mesh, mcfg.rules))
-  kept = _per_chip_bytes(state) - (0 if lcfg.enabled else _per_chip_bytes(state["params"]))
+  kept = _per_chip_bytes(state) - (0 if base is not None else _per_chip_bytes(state["params"]))
   if factory.step_config(c, biggest_stage(c)).reference:  # a copy of the params (LoRA: zeros)
     kept += _per_chip_bytes(state["params"])
   return kept
