@@ -1,11 +1,12 @@
 # Two commands for a fresh machine: `make run` and `make test`
-# (`make lint` formats the tree and applies ruff's fixes).
+# (`make lint` formats the tree and applies ruff's fixes; `make test-fast`, before
+# each commit: the lint and format checks and every test not marked `slow`).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/default
 
-.PHONY: run test lint install install-dev clean
+.PHONY: run test test-fast lint install install-dev clean
 
 $(BIN)/.runtime: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +29,11 @@ test: $(BIN)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
+
+test-fast: $(BIN)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(BIN)/.dev
 	$(BIN)/ruff check --fix .

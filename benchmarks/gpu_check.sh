@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 7): run on one H100/H200 whenever one is available.
+# The GPU check: run on one H100/H200 whenever one is available.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 #   PARTS="sampler_profile train_profile" bash benchmarks/gpu_check.sh OUT_DIR

@@ -30,24 +30,23 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
 
 
 def config(out: str, *, seed: int, steps: int, lr: float, rank: int, n_val: int, test: bool):
-  c = factory.load_config(DEFAULT_CONFIG)
-  with c.unlocked():
-    c.seed = seed
-    c.steps = steps
-    c.optim.lr = lr
-    c.lora.rank = rank
-    c.lora.alpha = 2.0 * rank if rank else c.lora.alpha
-    c.warmup.dir = os.path.join(out, "base")  # one base for every run
-    c.eval.n_val = 0 if test else n_val
-    c.eval.before = test  # computed once, cached beside the shared base
-    c.log.progress = False
-    c.log.plots = False
-    c.checkpoint.export_hf = False
-    if not test:  # the lr choice sees val only
-      c.eval.n_id = 0
-      c.eval.n_ood = 0
-  c.lock()
-  return c
+  overrides = {
+    "seed": seed,
+    "steps": steps,
+    "optim.lr": lr,
+    "lora.rank": rank,
+    "warmup.dir": os.path.join(out, "base"),  # one base for every run
+    "eval.n_val": 0 if test else n_val,
+    "eval.before": test,  # computed once, cached beside the shared base
+    "log.progress": False,
+    "log.plots": False,
+    "checkpoint.export_hf": False,
+  }
+  if rank:
+    overrides["lora.alpha"] = 2.0 * rank
+  if not test:  # the lr choice sees val only
+    overrides.update({"eval.n_id": 0, "eval.n_ood": 0})
+  return factory.run_spec(factory.load_config(DEFAULT_CONFIG), overrides)
 
 
 def run(out: str, name: str, c) -> dict:

@@ -105,6 +105,7 @@ from flax import nnx  # noqa: E402
 from srft_jax import decode_attention  # noqa: E402
 from srft_jax import model as model_lib  # noqa: E402
 from srft_jax import sampler as smp  # noqa: E402
+from srft_jax.model import attention as attention_lib  # noqa: E402
 
 PEAK_HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 
@@ -301,13 +302,13 @@ def _decode_step(model, tokens, mask, a, variant):
     nnx.update(alt, nnx.state(model))
     return _decode_step(alt, tokens, mask, a, "fused")
   if variant == "fused_wfirst":  # the CPU operand order (w @ x.T) on this backend too
-    saved = model_lib.WEIGHT_FIRST_BACKENDS
-    model_lib.WEIGHT_FIRST_BACKENDS = saved + (jax.default_backend(),)
+    saved = attention_lib.WEIGHT_FIRST_BACKENDS
+    attention_lib.WEIGHT_FIRST_BACKENDS = saved + (jax.default_backend(),)
     smp.sample_jit.clear_cache()
     try:
       return _decode_step(model, tokens, mask, a, "fused")
     finally:
-      model_lib.WEIGHT_FIRST_BACKENDS = saved
+      attention_lib.WEIGHT_FIRST_BACKENDS = saved
       smp.sample_jit.clear_cache()
   fused = variant == "fused"
   if a.decode_only:

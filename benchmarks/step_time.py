@@ -1,4 +1,4 @@
-"""One full SRFT train step, split into sample / score / update (issue 6).
+"""One full SRFT train step, split into sample / score / update.
 
 Shape: 8 prompts x 4 rollouts (+ 1 demonstration each, the SRFT group),
 64 prompt tokens + 64 new tokens (no EOS, so no early stop), float32, the
@@ -11,7 +11,7 @@ pool on them and on real task demonstrations.
 
 Prints one JSON line:
   {"step_s", "sample_s", "score_s", "update_s", "tunix_step_s", "ratio", ...}
-`ratio` = step_s / tunix_step_s (issue 6 target: <= 0.5), null unless
+`ratio` = step_s / tunix_step_s (target: <= 0.5), null unless
 `--tunix_python=/path/to/side/venv/bin/python` (a venv with google-tunix) is
 given; Tunix's `GRPOLearner` then runs the same model shape and batch (4
 generations a prompt, no demonstrations) in that interpreter.

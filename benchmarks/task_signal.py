@@ -51,29 +51,29 @@ def _summary(rewards_NK: np.ndarray) -> dict:
   }
 
 
-def measure(c, model, tokenizer, scorer, mesh, rows, evals, *, k: int, n_eval: int) -> dict:
+def measure(spec, model, tokenizer, scorer, mesh, rows, evals, *, k: int, n_eval: int) -> dict:
   """Sampled success (k a problem, rollout temperature), mixed-group share and
   greedy accuracy on `rows` (by level and on the mix); greedy on each eval set."""
 
   def rewards_of(rows, n, temperature, seed):
-    cfg = factory.sampling_config(c, tokenizer, n=n, temperature=temperature)
+    cfg = spec.sampling(tokenizer, n=n, temperature=temperature)
     comps = eval_lib.generate(
       model,
       tokenizer,
       [r["prompt"] for r in rows],
       cfg,
       rng=jax.random.key(seed),
-      template=c.data.template,
-      batch_size=c.eval.batch_size,
+      template=spec.data.template,
+      batch_size=spec.eval.batch_size,
       mesh=mesh,
     )
     rewards, _ = eval_lib.score_completions(
-      comps, [r["answer"] for r in rows], n, scorer, require_think=c.rollout.require_think
+      comps, [r["answer"] for r in rows], n, scorer, require_think=spec.rollout.require_think
     )
     return rewards, comps
 
   out: dict = {"train": {}, "greedy": {}}
-  sampled, comps = rewards_of(rows, k, c.rollout.temperature, 1)
+  sampled, comps = rewards_of(rows, k, spec.rollout.temperature, 1)
   greedy, _ = rewards_of(rows, 1, 0.0, 2)
   lengths = [len(tokenizer.encode(t)) for cs in comps for t in cs]
   out["train"]["mix"] = {**_summary(sampled), "greedy": round(float(greedy.mean()), 4)}
@@ -92,18 +92,18 @@ def measure(c, model, tokenizer, scorer, mesh, rows, evals, *, k: int, n_eval: i
   for name, ev in evals.items():
     r, _ = rewards_of(ev[:n_eval], 1, 0.0, 3)
     out["greedy"][name] = round(float(r.mean()), 4)
-  out["demo_nll"] = demo_nll(c, model, tokenizer, rows)
+  out["demo_nll"] = demo_nll(spec, model, tokenizer, rows)
   return out
 
 
-def demo_nll(c, model, tokenizer, rows) -> dict:
+def demo_nll(spec, model, tokenizer, rows) -> dict:
   """How off-policy each demonstration style is for the model: the mean
   teacher-forced negative log-likelihood per response token (nats) of the same
   problems' demonstrations in each style (the SFT loss a run starts from)."""
   out = {}
   for style in task.DEMO_STYLES:
     styled = [{**r, "target": task.solve(r["prompt"]).target_in(style)} for r in rows[:64]]
-    tokens, mask, resp = token_change.demo_batch(tokenizer, styled, template=c.data.template)
+    tokens, mask, resp = token_change.demo_batch(tokenizer, styled, template=spec.data.template)
     p, _ = token_change.token_probs(model, tokens, mask)
     resp = resp[:, 1:].astype(bool)  # p[:, t] is the probability of token t + 1
     out[style] = round(float(-np.log(np.maximum(p[resp], 1e-30)).mean()), 3)
@@ -113,16 +113,18 @@ def demo_nll(c, model, tokenizer, rows) -> dict:
 def main(argv) -> None:
   del argv
   logging.basicConfig(level=logging.WARNING)
-  c = _CONFIG.value
+  spec = factory.run_spec(_CONFIG.value)
   t0 = time.time()
-  mesh = factory.mesh(c)
-  tokenizer = factory.tokenizer(c, _WORKDIR.value)
-  source, evals = factory.datasets(c)
+  mesh = spec.make_mesh()
+  tokenizer = factory.tokenizer(spec, _WORKDIR.value)
+  source, evals = factory.datasets(spec)
   rows = list(source)[: _N.value]
-  with rewards_lib.RewardScorer(require_think=c.rollout.require_think) as scorer:
-    model = job.base_model(c, tokenizer, mesh, _WORKDIR.value, scorer)
+  with rewards_lib.RewardScorer(require_think=spec.rollout.require_think) as scorer:
+    model = job.base_model(spec, tokenizer, mesh, _WORKDIR.value, scorer)
     t_base = time.time() - t0
-    out = measure(c, model, tokenizer, scorer, mesh, rows, evals, k=_K.value, n_eval=_N_EVAL.value)
+    out = measure(
+      spec, model, tokenizer, scorer, mesh, rows, evals, k=_K.value, n_eval=_N_EVAL.value
+    )
   out["base_s"] = round(t_base, 1)
   out["total_s"] = round(time.time() - t0, 1)
   print(json.dumps(out))

@@ -137,6 +137,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.warmup.warmup_steps = 0  # linear lr ramp at the start of the warm-up
   c.warmup.prompts_per_step = 16  # many small steps learn the task far faster than few big ones
   c.warmup.dir = ""  # base-model cache ("" = WORKDIR/base); shared by studies
+  # Difficulty levels the warm-up trains on; () = the run's data.task_levels. Easier
+  # levels than the run's make a base that is weak where the training mix is hard.
+  c.warmup.task_levels = ()
+  # The warm-up's training data: "" = the run's data.source; "task" = the built-in
+  # task (its terse demonstrations) when the run trains on a prepared dataset.
+  c.warmup.source = ""
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every = 50
@@ -154,6 +160,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.eval.every_n = 100  # ID problems used by those periodic evaluations
   c.eval.before = True
   c.eval.after = True
+  # Evaluate on the built-in task's splits when training on a prepared dataset
+  # too (data.source="tfds", e.g. task demonstrations distilled from a teacher).
+  c.eval.task_splits = False
 
   c.log = config_dict.ConfigDict()
   c.log.tensorboard = True
@@ -165,12 +174,27 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     if name in TWO_STAGE:
       c.stages = TWO_STAGE[name]  # {half}: half of the final config.steps (factory.parse_stages)
       c.rollout.n_rollouts = 8  # the RL stage is plain GRPO: 8 on-policy slots
+    elif name == "teacher":
+      # A teacher for demonstrations that carry what the base lacks (docs/method.md
+      # §16): a larger model (~5M parameters) trained by SFT from scratch on the
+      # terse demonstrations of every level; distill its verified answers with
+      # `python -m srft_jax.data distill --teacher=WORKDIR`.
+      c.method = "sft"
+      c.steps = 2400
+      c.warmup.steps = 0
+      c.model.embed_dim, c.model.num_layers, c.model.mlp_dim = 256, 6, 1024
+      c.optim.lr = 1e-3
+      c.optim.schedule = "cosine"
+      c.optim.warmup_steps = 50
+      c.batch.prompts_per_step = 16
+      c.batch.minibatches = 1
+      c.checkpoint.every = 400
     elif name in obj.PRESETS:
       c.method = name
     else:
       raise ValueError(
         f"configs/default.py: unknown preset arg {arg!r}; known: "
-        f"{sorted(obj.PRESETS) + sorted(TWO_STAGE)}"
+        f"{sorted(obj.PRESETS) + sorted(TWO_STAGE) + ['teacher']}"
       )
     if name in ("grpo", "dapo", "dr_grpo"):
       c.rollout.n_rollouts = 8  # same 8 slots a prompt, all on-policy

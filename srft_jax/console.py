@@ -5,7 +5,7 @@ the interpreter's `-m`), so flags, `--help` and exit codes are the same in both
 forms: `srft-train` is `python -m srft_jax.main`, `srft-eval` is
 `python -m srft_jax.evaluate`, `srft-data` is `python -m srft_jax.data`,
 `srft-study` is `python -m srft_jax.study`, `srft-aot` is
-`python -m srft_jax.tools.aot` and `srft-hf` is `python -m srft_jax.hf`.
+`python -m srft_jax.tools.aot` and `srft-hf` is `python -m srft_jax.hf_cli`.
 
 Config files: the repo's `configs/` folder ships in the wheel as
 `srft_jax/configs/`. `--config=configs/NAME.py[:ARG]` (or just `NAME[:ARG]`)
@@ -103,5 +103,5 @@ def aot() -> None:
 
 
 def hf() -> None:
-  """`srft-hf`: `python -m srft_jax.hf`."""
-  _run("srft_jax.hf")
+  """`srft-hf`: `python -m srft_jax.hf_cli`."""
+  _run("srft_jax.hf_cli")

@@ -144,6 +144,7 @@ def accuracy_on_rows(
   samples = [t for c in completions if c is not None for t in c][:4]
   return {
     "accuracy": float(correct.mean(1).mean()),
+    "per_row": correct.mean(1).tolist(),  # each problem's mean reward over its samples
     "n": len(rows),
     "k": cfg.n,
     "outcomes": counts,
@@ -151,17 +152,48 @@ def accuracy_on_rows(
   }
 
 
-def make_eval_hook(c, tokenizer, scorer, evals: dict, mesh):
-  """Periodic evaluation during training: greedy accuracy on a slice of the ID
-  split, and the policy's mean token entropy on a fixed probe of demonstrations
-  (teacher forced), so entropy is comparable across stages without rollouts.
-  None when `eval.every` is 0 or there is no ID split."""
-  if not c.eval.every or "task_id" not in evals:
+def accuracy_by_level(rows: Sequence[dict], per_row: Sequence[float]) -> dict[str, float]:
+  """Mean accuracy of the built-in task's rows by difficulty level (steps a
+  problem, `task.difficulty`), keyed "1", "2", ...; {} for other rows."""
+  by_level: dict[str, list[float]] = {}
+  for r, acc in zip(rows, per_row):
+    try:
+      level = task.difficulty(r["prompt"])
+    except ValueError:  # not a built-in task problem
+      return {}
+    by_level.setdefault(str(level), []).append(float(acc))
+  return {k: float(np.mean(v)) for k, v in sorted(by_level.items())}
+
+
+def accuracy_on_spec(model, tokenizer, rows: Sequence[dict], scorer, spec, mesh) -> dict:
+  """`accuracy_on_rows` graded as every evaluation of a run is (before, during
+  and after training): the spec's eval sampling, template, batch size, reward
+  rule (`rollout.require_think`) and key."""
+  return accuracy_on_rows(
+    model,
+    tokenizer,
+    rows,
+    scorer,
+    spec.eval_sampling(tokenizer),
+    rng=jax.random.key(spec.seed + 17),
+    template=spec.data.template,
+    batch_size=spec.eval.batch_size,
+    mesh=mesh,
+    require_think=spec.rollout.require_think,
+  )
+
+
+def make_eval_hook(spec, tokenizer, scorer, evals: dict, mesh):
+  """Periodic evaluation during training: accuracy on a slice of the ID split
+  (graded like the final evaluation, `accuracy_on_spec`), and the policy's mean
+  token entropy on a fixed probe of demonstrations (teacher forced), so entropy
+  is comparable across stages without rollouts. None when `eval.every` is 0 or
+  there is no ID split."""
+  if not spec.eval.every or "task_id" not in evals:
     return None
-  rows = evals["task_id"][: c.eval.every_n]
-  tokens, mask, resp = token_change.demo_batch(tokenizer, rows[:32], template=c.data.template)
+  rows = evals["task_id"][: spec.eval.every_n]
+  tokens, mask, resp = token_change.demo_batch(tokenizer, rows[:32], template=spec.data.template)
   resp = resp[:, 1:]
-  scfg = factory.sampling_config(c, tokenizer, n=1, temperature=0.0)
 
   @functools.partial(jax.jit, static_argnums=0)
   def probe_entropy(graphdef, params):
@@ -170,17 +202,7 @@ def make_eval_hook(c, tokenizer, scorer, evals: dict, mesh):
     return jnp.sum(ent * m) / jnp.sum(m), jnp.sum(logp * m) / jnp.sum(m)
 
   def hook(model) -> dict[str, float]:
-    res = accuracy_on_rows(
-      model,
-      tokenizer,
-      rows,
-      scorer,
-      scfg,
-      rng=jax.random.key(0),
-      template=c.data.template,
-      batch_size=c.eval.batch_size,
-      mesh=mesh,
-    )
+    res = accuracy_on_spec(model, tokenizer, rows, scorer, spec, mesh)
     graphdef, params = nnx.split(model)
     ent, logp = jax.device_get(probe_entropy(graphdef, params))
     return {
@@ -192,12 +214,12 @@ def make_eval_hook(c, tokenizer, scorer, evals: dict, mesh):
   return hook
 
 
-def load_policy(config, checkpoint: str, tokenizer, mesh):
+def load_policy(spec, checkpoint: str, tokenizer, mesh):
   """A policy from an HF directory, or from a training workdir (its HF export,
   else the params of the newest Orbax checkpoint, restored into their sharded
   layout on `mesh`)."""
-  dtype = model_lib.DTYPES[config.model.dtype]
-  rules = factory.sharding_rules(config)
+  dtype = model_lib.DTYPES[spec.model.dtype]
+  rules = spec.model.rules
   for path in (checkpoint, os.path.join(checkpoint, "export", "hf")):
     if paths.exists(os.path.join(path, "config.json")):
       return hf.load_model(path, mesh=mesh, dtype=dtype, rules=rules)
@@ -207,8 +229,7 @@ def load_policy(config, checkpoint: str, tokenizer, mesh):
     else os.path.join(checkpoint, "checkpoints")
   )
   # The restore target is the last stage's train state (its optimizer's state).
-  last = factory.stages(config)[-1]
-  tx, _ = factory.optimizer(config, last.steps, last.lr)
+  tx, _ = spec.optimizer(spec.stages[-1])
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
   lmeta = (ckpt.read_meta() or {}).get("lora")
   frozen = None
@@ -227,7 +248,7 @@ def load_policy(config, checkpoint: str, tokenizer, mesh):
         "adapters were trained on (content hash differs)"
       )
   else:
-    mcfg = factory.model_config(config, tokenizer.vocab_size)
+    mcfg = spec.model.config(tokenizer.vocab_size)
     graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
   restored = ckpt.restore(step_lib.abstract_train_state(params, tx, mesh, rules))
   ckpt.close()
@@ -241,12 +262,12 @@ def load_policy(config, checkpoint: str, tokenizer, mesh):
   return nnx.merge(graphdef, state["params"])
 
 
-def benchmark_rows(name: str, config, data_dir: str, limit: int | None) -> list[dict]:
+def benchmark_rows(name: str, spec, data_dir: str, limit: int | None) -> list[dict]:
   """Rows {prompt, answer} of one benchmark: the built-in task's splits, or a
   dataset prepared with `python -m srft_jax.data prepare NAME`."""
   if name in ("task_id", "task_ood"):
-    n = limit or (config.eval.n_id if name == "task_id" else config.eval.n_ood)
-    return task.generate("test_id" if name == "task_id" else "test_ood", n, config.data.task_seed)
+    n = limit or (spec.eval.n_id if name == "task_id" else spec.eval.n_ood)
+    return task.generate("test_id" if name == "task_id" else "test_ood", n, spec.data.task_seed)
   if not data_dir:
     raise ValueError(f"--data_dir: benchmark {name!r} needs a prepared dataset directory")
   source = builders.load_source(data_dir, name, "test")
@@ -267,7 +288,7 @@ def evaluate_benchmarks(
   model,
   tokenizer,
   names: Sequence[str],
-  config,
+  spec,
   *,
   scorer,
   mesh,
@@ -284,9 +305,8 @@ def evaluate_benchmarks(
   for name in names:
     spec = metrics_eval.BENCHMARKS[name]
     n = k or spec.k
-    rows = benchmark_rows(name, config, data_dir, limit)
-    cfg = factory.sampling_config(
-      config,
+    rows = benchmark_rows(name, spec, data_dir, limit)
+    cfg = spec.sampling(
       tokenizer,
       n=n,
       temperature=temperature,
@@ -301,8 +321,8 @@ def evaluate_benchmarks(
       [r["prompt"] for r in rows],
       cfg,
       rng=jax.random.key(seed),
-      template=config.data.template,
-      batch_size=config.eval.batch_size,
+      template=spec.data.template,
+      batch_size=spec.eval.batch_size,
       mesh=mesh,
       progress=True,
     )
@@ -311,7 +331,7 @@ def evaluate_benchmarks(
       [r["answer"] for r in rows],
       n,
       scorer,
-      require_think=config.rollout.require_think,
+      require_think=spec.rollout.require_think,
     )
     score = metrics_eval.avg_at_k(correct) if n > 1 else metrics_eval.pass_at_1(correct)
     results[name] = {
@@ -321,7 +341,34 @@ def evaluate_benchmarks(
       "outcomes": counts,
       "seconds": round(time.time() - t0, 1),
     }
+    levels = accuracy_by_level(rows, correct.mean(1).tolist())
+    if levels:  # the built-in task: where the accuracy is (docs/method.md §7.1)
+      results[name]["levels"] = levels
   return results
+
+
+def levels_table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
+  """Markdown: accuracy (%) by difficulty level of each split, one row per name
+  ({name: {split: {level: accuracy}}})."""
+  cols = sorted(
+    {
+      (split, lv)
+      for by_split in rows.values()
+      for split, lv_acc in by_split.items()
+      for lv in lv_acc
+    },
+    key=lambda x: (x[0], int(x[1])),
+  )
+  lines = [
+    "| | " + " | ".join(f"{split} L{lv}" for split, lv in cols) + " |",
+    "|---|" + "---|" * len(cols),
+  ]
+  for name, by_split in rows.items():
+    cells = [by_split.get(split, {}).get(lv) for split, lv in cols]
+    lines.append(
+      f"| {name} | " + " | ".join("–" if v is None else f"{100 * v:.1f}" for v in cells) + " |"
+    )
+  return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------
@@ -355,7 +402,8 @@ def main(argv) -> int:
   del argv
   f = flags.FLAGS
   logging.basicConfig(level=logging.INFO)
-  config = f.config
+  # The run's settings as trained (a config for another machine evaluates here too).
+  spec = factory.run_spec(f.config, validate=False)
   names = [n for n in f.benchmarks.split(",") if n]
   unknown = [n for n in names if n not in metrics_eval.BENCHMARKS]
   problems = []
@@ -374,16 +422,16 @@ def main(argv) -> int:
   if problems:
     print("error: " + "\n       ".join(problems), file=sys.stderr)
     return 2
-  mesh = factory.mesh(config)
+  mesh = spec.make_mesh()
   # The task tokenizer is deterministic: rebuilt (or reused) under the checkpoint dir.
-  tokenizer = factory.tokenizer(config, f.tokenizer_dir or f.checkpoint)
-  model = load_policy(config, f.checkpoint, tokenizer, mesh)
-  with rewards_lib.RewardScorer(require_think=config.rollout.require_think) as scorer:
+  tokenizer = factory.tokenizer(spec, f.tokenizer_dir or f.checkpoint)
+  model = load_policy(spec, f.checkpoint, tokenizer, mesh)
+  with rewards_lib.RewardScorer(require_think=spec.rollout.require_think) as scorer:
     res = evaluate_benchmarks(
       model,
       tokenizer,
       names,
-      config,
+      spec,
       scorer=scorer,
       mesh=mesh,
       data_dir=f.data_dir,
@@ -394,6 +442,9 @@ def main(argv) -> int:
       seed=f.seed,
     )
   table, table_json = metrics_eval.results_table({f.name: {n: r["score"] for n, r in res.items()}})
+  levels = {n: r["levels"] for n, r in res.items() if r.get("levels")}
+  if levels:
+    table += "\n" + levels_table({f.name: levels})
   out = {"benchmarks": res, "table": table_json, "checkpoint": f.checkpoint}
   if f.out and multihost.is_main():  # a local directory or a bucket (gs://)
     paths.write_json(os.path.join(f.out, "eval.json"), out, indent=2)

@@ -1,10 +1,13 @@
-"""From a run's ConfigDict to the frozen objects everyone uses, checked first.
+"""From a run's ConfigDict to one frozen run spec, checked first.
 
-The trainer, the job, evaluation, the method study and the AOT tool all build
-their model config, loss and advantage configs, optimizer, step config,
-sampling config, mesh, tokenizer and data through these functions, so one
-config means one set of objects wherever it is read. Jitted code only ever
-sees the frozen dataclasses built here, never a ConfigDict.
+`run_spec(config)` validates the ConfigDict once (every error names its field,
+before anything compiles) and returns a `RunSpec`: frozen dataclasses holding
+the model, the stages (loss, advantages, group layout, learning rate, step
+config), optimizer, rollout and evaluation sampling, mesh and sharding rules,
+data, checkpoint, evaluation and log settings. The job, the trainer and its
+loop, evaluation, the method study and the AOT tool read only the spec: this
+module is the only reader of the ConfigDict (tests/test_structure.py checks
+it). Jitted code sees only the frozen configs inside the spec.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ from srft_jax.data import builders
 from srft_jax.data import pipeline
 from srft_jax.data import task
 
+# Where a run's training prompts come from: the built-in task, or a dataset
+# prepared with `python -m srft_jax.data prepare`.
+DATA_SOURCES = ("task", "tfds")
+
 
 class ConfigError(ValueError):
   """A config (or workdir) that cannot run, named by its field; raised before compiling."""
@@ -51,10 +58,29 @@ def load_config_module(path: str):
   return module
 
 
-def load_config(spec: str):
-  """`get_config(arg)` of 'path/to/config.py[:arg]', as `--config=` takes it."""
+def load_config(spec: str, overrides: dict | None = None):
+  """`get_config(arg)` of 'path/to/config.py[:arg]', as `--config=` takes it,
+  with `overrides` ({"optim.lr": 1e-3, ...}, `with_overrides`) applied."""
   path, _, arg = spec.partition(":")
-  return load_config_module(path).get_config(arg or None)
+  return with_overrides(load_config_module(path).get_config(arg or None), overrides)
+
+
+def with_overrides(c, overrides: dict | None):
+  """A copy of ConfigDict `c` with dotted-key overrides ({"data.task_levels": (1,)}),
+  as `--config.FIELD=VALUE` sets them; an unknown field raises ConfigError."""
+  c = c.copy_and_resolve_references()
+  for key, value in (overrides or {}).items():
+    *groups, name = key.split(".")
+    node = c
+    for g in groups:
+      if g not in node:
+        raise ConfigError(f"config.{key}: no such field")
+      node = node[g]
+    if name not in node:
+      raise ConfigError(f"config.{key}: no such field")
+    with node.unlocked():
+      node[name] = value
+  return c
 
 
 # ----------------------------------------------------------------------------
@@ -73,6 +99,7 @@ class Stage:
   advantage: obj.AdvantageConfig
   layout: step_lib.GroupLayout
   lr: float  # peak learning rate (config.optim.lr, or this stage's optim.stage_lrs entry)
+  step: step_lib.StepConfig  # what the jitted train step of this stage needs
 
 
 def parse_stages(stages: str, steps: int, default_method: str) -> list[tuple[str, int]]:
@@ -133,7 +160,303 @@ def advantage_config(name: str, overrides: dict | None) -> obj.AdvantageConfig:
   return obj.AdvantageConfig.preset(name, **_set_fields(overrides))
 
 
-def stages(c) -> list[Stage]:
+# ----------------------------------------------------------------------------
+# The run spec: one frozen object per run
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What model the run trains and how it runs (config.model, the rules)."""
+
+  preset: str  # model.PRESETS name (random init) ...
+  hf_path: str  # ... or an HF checkpoint directory ("" = none)
+  dtype: str
+  param_dtype: str
+  remat: str
+  rope_theta: float  # > 0 overrides the checkpoint's
+  max_seq_len: int  # > 0 overrides the checkpoint's window
+  attention: str  # "" keeps the preset's / checkpoint's
+  decode_attention: str
+  embed_dim: int  # the tiny presets' shape
+  num_layers: int
+  mlp_dim: int
+  rules: tuple  # logical-axis rules (sharding.DEFAULT_RULES + config.sharding_rules)
+  context: int  # max prompt bucket + response length: the tiny presets' window
+
+  def hf_overrides(self) -> dict:
+    """Architecture overrides for an imported checkpoint (e.g. the paper's RoPE
+    theta 40k and 16k window for Qwen2.5-Math-7B, docs/method.md §5)."""
+    out = {}
+    if self.rope_theta:
+      out["rope_theta"] = float(self.rope_theta)
+    if self.max_seq_len:
+      out["max_seq_len"] = int(self.max_seq_len)
+    for name in ("attention", "decode_attention"):
+      if getattr(self, name):
+        out[name] = getattr(self, name)
+    return out
+
+  def config(self, vocab_size: int) -> model_lib.ModelConfig:
+    """The ModelConfig the run builds: from hf_path's config.json (with the
+    run's overrides) when it has one, else the preset; the tiny presets
+    (model.TINY_PRESETS) take the tokenizer's `vocab_size` and this shape."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, rules=self.rules)
+    if self.hf_path and paths.exists(os.path.join(self.hf_path, "config.json")):
+      return hf.config_from_hf(hf.read_config(self.hf_path), **kw, **self.hf_overrides())
+    for name in ("attention", "decode_attention"):  # "" keeps the preset's
+      if getattr(self, name):
+        kw[name] = getattr(self, name)
+    if self.preset in model_lib.TINY_PRESETS:  # tiny, tiny_qwen3, tiny_qwen3_moe
+      kw.update(
+        vocab_size=vocab_size,
+        embed_dim=self.embed_dim,
+        num_layers=self.num_layers,
+        mlp_dim=self.mlp_dim,
+        max_seq_len=self.context,
+      )
+    return model_lib.ModelConfig.preset(self.preset, **kw)
+
+  def load(self, path: str, mesh):
+    """An HF checkpoint loaded the way this run runs a model (its dtypes,
+    remat, rules and architecture overrides)."""
+    return hf.load_model(
+      path,
+      mesh=mesh,
+      rules=self.rules,
+      dtype=model_lib.DTYPES[self.dtype],
+      param_dtype=model_lib.DTYPES[self.param_dtype],
+      remat=self.remat,
+      **self.hf_overrides(),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  source: str  # "task" (built-in) | "tfds" (prepared with srft_jax.data)
+  data_dir: str
+  name: str
+  tokenizer: str  # "" = the built-in task's sentencepiece model
+  template: str
+  prompt_buckets: tuple[int, ...]
+  max_response_len: int
+  task_train_size: int
+  task_seed: int
+  demo_style: str
+  task_levels: tuple[int, ...]  # () = every level
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+  n_rollouts: int
+  n_demos: int
+  temperature: float
+  top_p: float
+  top_k: int
+  require_think: bool  # the reward rule, for training and every evaluation
+  overlong_buffer: int
+  overlong_penalty: float
+  overlong_filter: bool
+  dynamic_sampling: bool
+  oversample: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+  prompts_per_step: int
+  minibatches: int
+  microbatches: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+  lr: float
+  schedule: str
+  warmup_steps: int
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  clip_norm: float
+
+  def make(self, steps: int, lr: float | None = None, updates_per_step: int = 1):
+    """(optax transformation, schedule of the step) for `steps` steps at peak
+    learning rate `lr` (None: this spec's)."""
+    return step_lib.make_optimizer(
+      self.lr if lr is None else lr,
+      steps=steps,
+      warmup_steps=self.warmup_steps,
+      schedule=self.schedule,
+      weight_decay=self.weight_decay,
+      b1=self.b1,
+      b2=self.b2,
+      eps=self.eps,
+      clip_norm=self.clip_norm or None,
+      updates_per_step=updates_per_step,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupSpec:
+  steps: int  # SFT steps that make the base model (0 = none)
+  dir: str  # the base-model cache ("" = WORKDIR/base)
+  settings: tuple  # ((name, value), ...): what a cached warm-up must match
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+  every: int
+  keep: int
+  async_save: bool
+  export_hf: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  n_id: int
+  n_ood: int
+  n_val: int
+  batch_size: int
+  temperature: float
+  every: int
+  every_n: int
+  before: bool
+  after: bool
+  task_splits: bool  # the built-in task's splits also when training on a prepared dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSpec:
+  tensorboard: bool
+  progress: bool
+  plots: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+  multihost: bool  # call jax.distributed.initialize() first
+  coordinator: str  # "host:port" ("" = from the environment)
+  num_processes: int
+  process_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """Everything a run reads, validated and frozen (`run_spec`)."""
+
+  name: str  # "train", or "warm-up" for the base model's SFT run
+  seed: int
+  steps: int
+  method: str  # what the run trains: a preset, or a schedule like "sft:30,grpo"
+  stages: tuple[Stage, ...]
+  model: ModelSpec
+  lora: lora_lib.LoRAConfig
+  lora_adapter_path: str  # a PEFT adapter the run continues from ("" = none)
+  data: DataSpec
+  rollout: RolloutSpec
+  batch: BatchSpec
+  optim: OptimSpec
+  mesh: tuple[tuple[str, int], ...]  # axis sizes (-1: the remaining devices)
+  distributed: DistributedSpec
+  warmup: WarmupSpec
+  warmup_run: RunSpec | None  # the warm-up's own spec (None: no warm-up)
+  checkpoint: CheckpointSpec
+  eval: EvalSpec
+  log: LogSpec
+  max_nonfinite_streak: int
+  config_json: str  # the ConfigDict as JSON, recorded in every checkpoint
+
+  def make_mesh(self) -> jax.sharding.Mesh:
+    return shd.make_mesh(dict(self.mesh))
+
+  def optimizer(self, stage: Stage):
+    """(optax transformation, schedule of the step) of a stage."""
+    return self.optim.make(stage.steps, stage.lr, updates_per_step=self.batch.minibatches)
+
+  def stage_at(self, step: int) -> Stage:
+    """The stage that trains global step `step` (the last one at the end)."""
+    for s in self.stages:
+      if s.start <= step < s.start + s.steps:
+        return s
+    return self.stages[-1]
+
+  def biggest_stage(self) -> Stage:
+    """The stage with the biggest group: the largest batch a step trains on."""
+    return max(self.stages, key=lambda st: st.layout.size)
+
+  def with_microbatches(self, microbatches: int) -> RunSpec:
+    """This spec with another micro-batch count (the AOT tool's --rows_per_shard);
+    the caller checks the split (check_batch_split)."""
+    stages = tuple(
+      dataclasses.replace(s, step=dataclasses.replace(s.step, microbatches=microbatches))
+      for s in self.stages
+    )
+    batch = dataclasses.replace(self.batch, microbatches=microbatches)
+    return dataclasses.replace(self, batch=batch, stages=stages)
+
+  @property
+  def reference(self) -> bool:
+    """Whether some stage keeps a KL reference (a frozen copy of the base)."""
+    return any(s.step.reference for s in self.stages)
+
+  def base_dir(self, workdir: str) -> str:
+    """The warm-up cache and the before-training evaluation: warmup.dir or WORKDIR/base."""
+    return self.warmup.dir or os.path.join(workdir, "base")
+
+  def sampling(
+    self,
+    tokenizer=None,
+    *,
+    n: int,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    max_new_tokens: int | None = None,
+    eos_ids: tuple[int, ...] | None = None,
+    pad_id: int | None = None,
+  ) -> sampler_lib.SamplingConfig:
+    """The sampler's settings: the rollout settings unless given; stop and pad
+    ids from the tokenizer unless given."""
+    r = self.rollout
+    return sampler_lib.SamplingConfig(
+      max_new_tokens=max_new_tokens or self.data.max_response_len,
+      temperature=r.temperature if temperature is None else temperature,
+      top_p=r.top_p if top_p is None else top_p,
+      top_k=r.top_k if top_k is None else top_k,
+      eos_ids=tuple(tokenizer.stop_ids if eos_ids is None else eos_ids),
+      pad_id=tokenizer.pad_id if pad_id is None else pad_id,
+      prompt_buckets=self.data.prompt_buckets,
+      n=n,
+    )
+
+  def eval_sampling(self, tokenizer) -> sampler_lib.SamplingConfig:
+    """How every evaluation of the run samples (before, during and after
+    training): one completion a problem at `eval.temperature`."""
+    return self.sampling(tokenizer, n=1, temperature=self.eval.temperature)
+
+
+def _stage_step_config(c, loss: obj.LossConfig, layout: step_lib.GroupLayout):
+  return step_lib.StepConfig(
+    loss=loss,
+    minibatches=c.batch.minibatches,
+    microbatches=c.batch.microbatches,
+    temperature=c.rollout.temperature,
+    logit_chunk=c.logit_chunk,
+    response_len=c.data.max_response_len,
+    group=layout.size if c.shared_prefix else 0,
+    recompute_old_logp=recompute_old_logp(c.rollout.get("recompute_old_logp"), loss),
+    reference=loss.use_self_rl and loss.kl_coef > 0,
+    dropout_seed=int(c.seed),
+  )
+
+
+def recompute_old_logp(value: bool | None, loss: obj.LossConfig) -> bool:
+  """`rollout.recompute_old_logp`, or (None) on exactly when an importance
+  correction is on (it needs the trainer's log-probs beside the sampler's)."""
+  return loss.is_correction != "none" if value is None else bool(value)
+
+
+def _stages(c) -> tuple[Stage, ...]:
   """The run's stages; `config.loss` / `config.advantage` overrides apply to a
   single-stage run only (a schedule's stages are the presets as they are)."""
   single = not c.stages
@@ -144,151 +467,211 @@ def stages(c) -> list[Stage]:
     lc = loss_config(name, dict(c.loss) if single else None, c.data.max_response_len)
     ac = advantage_config(name, dict(c.advantage) if single else None)
     layout = stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
-    out.append(Stage(name, start, n, lc, ac, layout, float(lr)))
+    step = _stage_step_config(c, lc, layout)
+    out.append(Stage(name, start, n, lc, ac, layout, float(lr), step))
     start += n
-  return out
+  return tuple(out)
 
 
-# ----------------------------------------------------------------------------
-# Device-side objects
-# ----------------------------------------------------------------------------
-
-
-def mesh(c) -> jax.sharding.Mesh:
-  return shd.make_mesh(dict(c.mesh))
-
-
-def sharding_rules(c) -> tuple:
-  """The logical-axis rules of the run: sharding.DEFAULT_RULES with
-  config.sharding_rules' overrides (e.g. "expert=fsdp")."""
-  return shd.with_rules(shd.DEFAULT_RULES, **shd.parse_rules(c.get("sharding_rules") or ""))
-
-
-def optimizer(c, steps: int, lr: float | None = None):
-  """(optax transformation, schedule of the step) for a stage of `steps` steps
-  at peak learning rate `lr` (None: config.optim.lr)."""
-  o = c.optim
-  return step_lib.make_optimizer(
-    o.lr if lr is None else lr,
-    steps=steps,
-    warmup_steps=o.warmup_steps,
-    schedule=o.schedule,
-    weight_decay=o.weight_decay,
-    b1=o.b1,
-    b2=o.b2,
-    eps=o.eps,
-    clip_norm=o.clip_norm or None,
-    updates_per_step=c.batch.minibatches,
-  )
-
-
-def lora_config(c) -> lora_lib.LoRAConfig:
-  """config.lora as a frozen LoRAConfig (rank 0, or no lora block: LoRA off)."""
+def _lora(c) -> tuple[lora_lib.LoRAConfig, str]:
+  """config.lora as a frozen LoRAConfig (rank 0, or no lora block: LoRA off)
+  and the PEFT adapter path it continues from."""
   lc = c.get("lora")
   if lc is None:
-    return lora_lib.LoRAConfig()
+    return lora_lib.LoRAConfig(), ""
   targets = lc.targets.split(",") if isinstance(lc.targets, str) else lc.targets
-  return lora_lib.LoRAConfig(
+  cfg = lora_lib.LoRAConfig(
     rank=int(lc.rank),
     alpha=float(lc.alpha),
     targets=tuple(t.strip() for t in targets),
     dropout=float(lc.dropout),
     init_seed=int(lc.init_seed),
   )
+  return cfg, (lc.get("adapter_path") or "") if lc.rank > 0 else ""
 
 
-def lora_adapter_path(c) -> str:
-  """config.lora.adapter_path: a PEFT adapter the run continues from ("" = none)."""
-  lc = c.get("lora")
-  return (lc.get("adapter_path") or "") if lc is not None and lc.rank > 0 else ""
+def _rules(c) -> tuple:
+  """The logical-axis rules of the run: sharding.DEFAULT_RULES with
+  config.sharding_rules' overrides (e.g. "expert=fsdp")."""
+  return shd.with_rules(shd.DEFAULT_RULES, **shd.parse_rules(c.get("sharding_rules") or ""))
 
 
-def step_config(c, stage: Stage) -> step_lib.StepConfig:
-  return step_lib.StepConfig(
-    loss=stage.loss,
-    minibatches=c.batch.minibatches,
-    microbatches=c.batch.microbatches,
-    temperature=c.rollout.temperature,
-    logit_chunk=c.logit_chunk,
-    response_len=c.data.max_response_len,
-    group=stage.layout.size if c.get("shared_prefix") else 0,
-    recompute_old_logp=recompute_old_logp(c, stage.loss),
-    reference=stage.loss.use_self_rl and stage.loss.kl_coef > 0,
-    dropout_seed=int(c.seed),
+def _warmup_settings(c) -> tuple:
+  """What makes a cached warm-up the one this config asks for (with the
+  model, compared on reuse; the seed is not: studies share one base)."""
+  task_info = (
+    (("version", task.GENERATOR_VERSION), ("levels", _warmup_levels(c)))
+    if _warmup_source(c) == "task"
+    else None
+  )
+  w = c.warmup
+  return (
+    ("task_seed", c.data.task_seed),
+    ("task", task_info),
+    (
+      "warmup",
+      tuple((k, w[k]) for k in ("steps", "lr", "schedule", "warmup_steps", "prompts_per_step")),
+    ),
   )
 
 
-def recompute_old_logp(c, loss: obj.LossConfig) -> bool:
-  """`rollout.recompute_old_logp`, or (None) on exactly when an importance
-  correction is on (it needs the trainer's log-probs beside the sampler's)."""
-  value = c.rollout.get("recompute_old_logp")
-  return loss.is_correction != "none" if value is None else bool(value)
-
-
-def sampling_config(
-  c,
-  tokenizer=None,
-  *,
-  n: int,
-  temperature: float | None = None,
-  top_p: float | None = None,
-  top_k: int | None = None,
-  max_new_tokens: int | None = None,
-  eos_ids: tuple[int, ...] | None = None,
-  pad_id: int | None = None,
-) -> sampler_lib.SamplingConfig:
-  """The sampler's settings: the config's rollout settings unless given; stop
-  and pad ids from the tokenizer unless given."""
-  return sampler_lib.SamplingConfig(
-    max_new_tokens=max_new_tokens or c.data.max_response_len,
-    temperature=c.rollout.temperature if temperature is None else temperature,
-    top_p=c.rollout.top_p if top_p is None else top_p,
-    top_k=c.rollout.top_k if top_k is None else top_k,
-    eos_ids=tuple(tokenizer.stop_ids if eos_ids is None else eos_ids),
-    pad_id=tokenizer.pad_id if pad_id is None else pad_id,
-    prompt_buckets=tuple(c.data.prompt_buckets),
-    n=n,
+def _build(c, name: str) -> RunSpec:
+  lcfg, adapter = _lora(c)
+  d, r, b, o, e = c.data, c.rollout, c.batch, c.optim, c.eval
+  warmup_run = None
+  if c.warmup.steps > 0 and not c.model.hf_path:
+    warmup_run = _build(_warmup_config(c), "warm-up")
+  return RunSpec(
+    name=name,
+    seed=int(c.seed),
+    steps=int(c.steps),
+    method=c.stages.replace("{half}", str(c.steps // 2)) or c.method,
+    stages=_stages(c),
+    model=ModelSpec(
+      preset=c.model.preset,
+      hf_path=c.model.hf_path,
+      dtype=c.model.dtype,
+      param_dtype=c.model.param_dtype,
+      remat=c.model.remat,
+      rope_theta=float(c.model.get("rope_theta") or 0.0),
+      max_seq_len=int(c.model.get("max_seq_len") or 0),
+      attention=c.model.get("attention") or "",
+      decode_attention=c.model.get("decode_attention") or "",
+      embed_dim=int(c.model.embed_dim),
+      num_layers=int(c.model.num_layers),
+      mlp_dim=int(c.model.mlp_dim),
+      rules=_rules(c),
+      context=max(d.prompt_buckets) + d.max_response_len,
+    ),
+    lora=lcfg,
+    lora_adapter_path=adapter,
+    data=DataSpec(
+      source=d.source,
+      data_dir=d.data_dir,
+      name=d.name,
+      tokenizer=d.tokenizer,
+      template=d.template,
+      prompt_buckets=tuple(int(x) for x in d.prompt_buckets),
+      max_response_len=int(d.max_response_len),
+      task_train_size=int(d.task_train_size),
+      task_seed=int(d.task_seed),
+      demo_style=d.demo_style,
+      task_levels=tuple(int(x) for x in d.task_levels),
+    ),
+    rollout=RolloutSpec(
+      n_rollouts=int(r.n_rollouts),
+      n_demos=int(r.n_demos),
+      temperature=float(r.temperature),
+      top_p=float(r.top_p),
+      top_k=int(r.top_k),
+      require_think=bool(r.require_think),
+      overlong_buffer=int(r.overlong_buffer),
+      overlong_penalty=float(r.overlong_penalty),
+      overlong_filter=bool(r.overlong_filter),
+      dynamic_sampling=bool(r.dynamic_sampling),
+      oversample=int(r.oversample),
+    ),
+    batch=BatchSpec(int(b.prompts_per_step), int(b.minibatches), int(b.microbatches)),
+    optim=OptimSpec(
+      lr=float(o.lr),
+      schedule=o.schedule,
+      warmup_steps=int(o.warmup_steps),
+      weight_decay=float(o.weight_decay),
+      b1=float(o.b1),
+      b2=float(o.b2),
+      eps=float(o.eps),
+      clip_norm=float(o.clip_norm or 0.0),
+    ),
+    mesh=tuple((k, int(v)) for k, v in dict(c.mesh).items()),
+    distributed=DistributedSpec(
+      multihost=bool(c.multihost),
+      coordinator=c.distributed.coordinator,
+      num_processes=int(c.distributed.num_processes),
+      process_id=int(c.distributed.process_id),
+    ),
+    warmup=WarmupSpec(int(c.warmup.steps), c.warmup.dir, _warmup_settings(c)),
+    warmup_run=warmup_run,
+    checkpoint=CheckpointSpec(
+      int(c.checkpoint.every),
+      int(c.checkpoint.keep),
+      bool(c.checkpoint.async_save),
+      bool(c.checkpoint.export_hf),
+    ),
+    eval=EvalSpec(
+      n_id=int(e.n_id),
+      n_ood=int(e.n_ood),
+      n_val=int(e.n_val),
+      batch_size=int(e.batch_size),
+      temperature=float(e.temperature),
+      every=int(e.every),
+      every_n=int(e.every_n),
+      before=bool(e.before),
+      after=bool(e.after),
+      task_splits=bool(e.get("task_splits", False)),
+    ),
+    log=LogSpec(bool(c.log.tensorboard), bool(c.log.progress), bool(c.log.plots)),
+    max_nonfinite_streak=int(c.max_nonfinite_streak),
+    config_json=c.to_json_best_effort(),
   )
 
 
-def model_config(c, vocab_size: int) -> model_lib.ModelConfig:
-  """The ModelConfig the run builds: from model.hf_path's config.json (with the
-  run's overrides) when it has one, else the preset; the tiny presets
-  (model.TINY_PRESETS) take the tokenizer's `vocab_size` and the config's shape."""
-  kw = dict(
-    dtype=c.model.dtype,
-    param_dtype=c.model.param_dtype,
-    remat=c.model.remat,
-    rules=sharding_rules(c),
-  )
-  if c.model.hf_path and paths.exists(os.path.join(c.model.hf_path, "config.json")):
-    return hf.config_from_hf(hf.read_config(c.model.hf_path), **kw, **hf_overrides(c))
-  for name in ("attention", "decode_attention"):  # "" keeps the preset's
-    if c.model.get(name):
-      kw[name] = c.model.get(name)
-  if c.model.preset in model_lib.TINY_PRESETS:  # tiny, tiny_qwen3, tiny_qwen3_moe
-    kw.update(
-      vocab_size=vocab_size,
-      embed_dim=c.model.embed_dim,
-      num_layers=c.model.num_layers,
-      mlp_dim=c.model.mlp_dim,
-      max_seq_len=max(c.data.prompt_buckets) + c.data.max_response_len,
+def run_spec(c, overrides: dict | None = None, *, validate: bool = True) -> RunSpec:
+  """The run's frozen spec: `c` (with dotted-key `overrides`) validated, each
+  error naming its field (ConfigError), then built. The checks against the
+  devices (`check_devices`) run here too, except in a multi-host run before
+  `jax.distributed.initialize` (the job runs them after it). `validate=False`
+  skips every check (evaluation of a run trained with another config)."""
+  if overrides:
+    c = with_overrides(c, overrides)
+  if validate:
+    _validate(c)
+  spec = _build(c, "train")
+  if validate and (not spec.distributed.multihost or jax.distributed.is_initialized()):
+    check_devices(spec)
+  return spec
+
+
+def check_devices(spec: RunSpec) -> None:
+  """The spec's checks against this machine's devices and processes (ConfigError
+  naming the field): the mesh, and every stage's batch split over the data shards."""
+  try:
+    _check_devices(spec)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    if not str(e).startswith("config."):
+      raise
+    raise ConfigError(str(e)) from None
+  if spec.warmup_run is not None:  # its own SFT job: its batch must split the same way
+    try:
+      check_devices(spec.warmup_run)
+    except ConfigError as e:
+      raise ConfigError(
+        f"config.warmup.prompts_per_step={spec.warmup_run.batch.prompts_per_step}: the "
+        f"SFT warm-up's batches fail a check: {e}"
+      ) from None
+
+
+def _check_devices(spec: RunSpec) -> None:
+  try:
+    mesh_shape = spec.make_mesh().shape
+  except ValueError as e:
+    raise ValueError(f"config.mesh: {e}") from None
+  b = spec.batch
+  for stage in spec.stages:
+    check_batch_split(
+      b.prompts_per_step,
+      b.minibatches,
+      b.microbatches,
+      stage.layout,
+      shd.batch_shards(mesh_shape, spec.model.rules),
+      shared_prefix=stage.step.group > 0,
+      label=stage.name,
     )
-  return model_lib.ModelConfig.preset(c.model.preset, **kw)
-
-
-def hf_overrides(c) -> dict:
-  """Architecture overrides for an imported checkpoint (e.g. the paper's RoPE
-  theta 40k and 16k window for Qwen2.5-Math-7B, docs/method.md §5)."""
-  out = {}
-  if c.model.get("rope_theta"):
-    out["rope_theta"] = float(c.model.rope_theta)
-  if c.model.get("max_seq_len"):
-    out["max_seq_len"] = int(c.model.max_seq_len)
-  for name in ("attention", "decode_attention"):
-    if c.model.get(name):
-      out[name] = c.model.get(name)
-  return out
+  if b.prompts_per_step % jax.process_count():
+    raise ValueError(
+      f"config.batch.prompts_per_step: must divide over {jax.process_count()} processes"
+    )
 
 
 def runtime_overrides(mcfg: model_lib.ModelConfig) -> dict:
@@ -303,61 +686,133 @@ def runtime_overrides(mcfg: model_lib.ModelConfig) -> dict:
   }
 
 
+def check_batch_split(
+  prompts_per_step: int,
+  minibatches: int,
+  microbatches: int,
+  layout: step_lib.GroupLayout,
+  data_shards: int,
+  *,
+  shared_prefix: bool,
+  label: str = "",
+) -> None:
+  """The one check that a step's batch splits: mini-batches divide the
+  prompts, micro-batches divide a mini-batch's rows (whole groups with
+  shared_prefix), and a micro-batch's rows split over the data shards.
+  Raises ValueError naming the config field; used by validation and the AOT tool."""
+
+  def need(ok, field, msg):
+    if not ok:
+      raise ValueError(f"config.{field}: {msg}")
+
+  need(
+    minibatches > 0 and prompts_per_step % minibatches == 0,
+    "batch.minibatches",
+    f"must divide batch.prompts_per_step={prompts_per_step}",
+  )
+  per_mini = prompts_per_step // minibatches
+  need(microbatches > 0, "batch.microbatches", "must be positive")
+  need(
+    not shared_prefix or per_mini % microbatches == 0,
+    "batch.microbatches",
+    f"must divide the prompts of one mini-batch ({per_mini}): with shared_prefix a "
+    "micro-batch holds whole groups (shared_prefix=False splits rows)",
+  )
+  rows_mini = per_mini * layout.size  # rows of one mini-batch: prompts x (rollouts + demos)
+  need(
+    rows_mini % microbatches == 0,
+    "batch.microbatches",
+    f"must divide the {rows_mini} rows of one mini-batch "
+    f"({per_mini} prompts x {layout.size} slots{', ' + label if label else ''})",
+  )
+  rows = rows_mini // microbatches  # rows of one micro-batch
+  if rows % data_shards:  # (the message only: no device is asked for before a multi-host start)
+    fewer = rows_mini % data_shards == 0  # fewer micro-batches would split
+    need(
+      False,
+      "batch.microbatches" if fewer else "batch.prompts_per_step",
+      f"a micro-batch of {rows_mini} rows / {microbatches} = {rows} rows"
+      f"{' (' + label + ')' if label else ''} does not split over the {data_shards} data "
+      f"shards of {jax.device_count()} devices"
+      + (f" (micro-batches: a divisor of {rows_mini // data_shards})" if fewer else ""),
+    )
+
+
 # ----------------------------------------------------------------------------
 # Host-side objects: tokenizer and data
 # ----------------------------------------------------------------------------
 
 
-def tokenizer(c, workdir: str):
+def tokenizer(spec: RunSpec, workdir: str):
   """`data.tokenizer`, or the built-in task's sentencepiece model (trained once
   and cached under the workdir; deterministic in `data.task_seed`)."""
-  if c.data.tokenizer:
-    if not paths.exists(c.data.tokenizer):
-      raise ConfigError(f"config.data.tokenizer: no file or directory {c.data.tokenizer!r}")
-    return tok_lib.load_tokenizer(c.data.tokenizer)
+  d = spec.data
+  if d.tokenizer:
+    if not paths.exists(d.tokenizer):
+      raise ConfigError(f"config.data.tokenizer: no file or directory {d.tokenizer!r}")
+    return tok_lib.load_tokenizer(d.tokenizer)
   cache = os.path.join(workdir, "tokenizer")
   if multihost.is_main():  # trains and caches it once; the others then load it
-    task.get_task_tokenizer(cache, seed=c.data.task_seed)
+    task.get_task_tokenizer(cache, seed=d.task_seed)
   multihost.sync_processes("srft_task_tokenizer")
-  return task.get_task_tokenizer(cache, seed=c.data.task_seed)
+  return task.get_task_tokenizer(cache, seed=d.task_seed)
 
 
-def datasets(c) -> tuple[Any, dict[str, list[dict]]]:
+def eval_sets(spec: RunSpec) -> dict[str, list[dict]]:
+  """The evaluation sets {name: rows} of the built-in task (for a prepared
+  dataset only with eval.task_splits)."""
+  d, e = spec.data, spec.eval
+  if d.source != "task" and not e.task_splits:
+    return {}
+  sizes = {"task_id": e.n_id, "task_ood": e.n_ood, "task_val": e.n_val}
+  splits = {"task_id": "test_id", "task_ood": "test_ood", "task_val": "val"}
+  # A split of size 0 is not evaluated (a sweep on `val` leaves the test splits alone).
+  return {k: task.generate(splits[k], n, d.task_seed, d.demo_style) for k, n in sizes.items() if n}
+
+
+def datasets(spec: RunSpec) -> tuple[Any, dict[str, list[dict]]]:
   """(training source, eval sets {name: rows})."""
-  if c.data.source == "task":
-    seed, style = c.data.task_seed, c.data.demo_style
-    levels = tuple(c.data.task_levels) or None
-    train = task.generate("train", c.data.task_train_size, seed, style, levels)
-    sizes = {"task_id": c.eval.n_id, "task_ood": c.eval.n_ood, "task_val": c.eval.n_val}
-    splits = {"task_id": "test_id", "task_ood": "test_ood", "task_val": "val"}
-    # A split of size 0 is not evaluated (a sweep on `val` leaves the test splits alone).
-    evals = {k: task.generate(splits[k], n, seed, style) for k, n in sizes.items() if n}
-    return train, evals
-  where = os.path.join(c.data.data_dir, "srft_data", c.data.name)
+  d = spec.data
+  if d.source == "task":
+    levels = d.task_levels or None
+    train = task.generate("train", d.task_train_size, d.task_seed, d.demo_style, levels)
+    return train, eval_sets(spec)
+  where = os.path.join(d.data_dir, "srft_data", d.name)
   if not paths.isdir(where):
     raise ConfigError(
-      f"config.data.data_dir: no prepared dataset {c.data.name!r} in "
-      f"{c.data.data_dir!r}; make it with `python -m srft_jax.data prepare "
-      f"{c.data.name} --src FILE --data_dir DIR`"
+      f"config.data.data_dir: no prepared dataset {d.name!r} in "
+      f"{d.data_dir!r}; make it with `python -m srft_jax.data prepare "
+      f"{d.name} --src FILE --data_dir DIR`"
     )
   # A bucket's dataset is read from a local copy (array_record files are local).
-  data_dir = paths.local_copy(c.data.data_dir, sub=f"srft_data/{c.data.name}")
-  return builders.load_source(data_dir, c.data.name, "train"), {}
+  data_dir = paths.local_copy(d.data_dir, sub=f"srft_data/{d.name}")
+  return builders.load_source(data_dir, d.name, "train"), {}
 
 
-def data_iter(c, source, tokenizer, prompts_per_step: int, seed: int):
-  """The training batches: prompts with their demonstrations, resumable."""
+def data_iter(spec: RunSpec, source, tokenizer, seed: int | None = None):
+  """The training batches: prompts with their demonstrations, resumable
+  (`seed`: the data order's, default the run's seed)."""
   pcfg = pipeline.PipelineConfig(
-    global_batch=prompts_per_step,
-    prompt_buckets=tuple(c.data.prompt_buckets),
-    max_response_len=c.data.max_response_len,
-    template=c.data.template,
-    seed=seed,
+    global_batch=spec.batch.prompts_per_step,
+    prompt_buckets=spec.data.prompt_buckets,
+    max_response_len=spec.data.max_response_len,
+    template=spec.data.template,
+    seed=spec.seed if seed is None else seed,
   )
   return pipeline.make_iterator(source, tokenizer, pcfg)
 
 
-def warmup_config(c):
+def _warmup_source(c) -> str:
+  """The warm-up's training data: warmup.source, else the run's data.source."""
+  return c.warmup.get("source") or c.data.source
+
+
+def _warmup_levels(c) -> tuple[int, ...]:
+  """The warm-up's difficulty levels: warmup.task_levels, else the run's."""
+  return tuple(c.warmup.get("task_levels") or ()) or tuple(c.data.task_levels)
+
+
+def _warmup_config(c):
   """The base-model warm-up: the same job with the `sft` preset and its own lr/batch."""
   w = c.copy_and_resolve_references()
   with w.unlocked():
@@ -370,7 +825,10 @@ def warmup_config(c):
     w.batch.prompts_per_step = c.warmup.prompts_per_step
     w.batch.minibatches = 1
     w.checkpoint.every = 0
+    w.warmup.steps = 0  # the warm-up has no warm-up of its own
     w.data.demo_style = "terse"  # the base learns the canonical style; the run may use another
+    w.data.task_levels = _warmup_levels(c)
+    w.data.source = _warmup_source(c)
     if "lora" in w:
       w.lora.rank = 0  # the warm-up makes the (full) base the adapters then sit on
       w.lora.adapter_path = ""
@@ -382,7 +840,7 @@ def warmup_config(c):
 # ----------------------------------------------------------------------------
 
 
-def validate_config(c) -> None:
+def _validate(c) -> None:
   """Config errors before anything compiles, each naming its field (ConfigError)."""
   try:
     _check(c)
@@ -414,19 +872,6 @@ def _check(c) -> None:
   )
   need(c.batch.prompts_per_step > 0, "batch.prompts_per_step", "must be positive")
   need(
-    c.batch.minibatches > 0 and c.batch.prompts_per_step % c.batch.minibatches == 0,
-    "batch.minibatches",
-    f"must divide batch.prompts_per_step={c.batch.prompts_per_step}",
-  )
-  per_mini = c.batch.prompts_per_step // c.batch.minibatches
-  need(c.batch.microbatches > 0, "batch.microbatches", "must be positive")
-  need(
-    not c.shared_prefix or per_mini % c.batch.microbatches == 0,
-    "batch.microbatches",
-    f"must divide the prompts of one mini-batch ({per_mini}): with shared_prefix a "
-    "micro-batch holds whole groups (shared_prefix=False splits rows)",
-  )
-  need(
     c.rollout.n_rollouts >= 0 and c.rollout.n_demos >= 0,
     "rollout.n_rollouts",
     "counts must be >= 0",
@@ -447,24 +892,34 @@ def _check(c) -> None:
     need(
       value in step_lib.SCHEDULES,
       field,
-      f"unknown schedule {value!r}; known: {step_lib.SCHEDULES}",
+      f"unknown schedule {value!r}; known: {tuple(step_lib.SCHEDULES)}",
     )
   need(
     c.warmup.steps <= 0 or (c.warmup.lr > 0 and c.warmup.prompts_per_step > 0),
     "warmup.lr",
     "a warm-up needs a positive lr and prompts_per_step",
   )
-  need(c.data.source in ("task", "tfds"), "data.source", f"unknown source {c.data.source!r}")
+  for field, source in (("data.source", c.data.source), ("warmup.source", _warmup_source(c))):
+    need(source in DATA_SOURCES, field, f"unknown source {source!r}; known: {DATA_SOURCES}")
+  need(
+    c.data.template in tok_lib.TEMPLATES,
+    "data.template",
+    f"unknown chat template {c.data.template!r}; known: {tok_lib.TEMPLATES}",
+  )
   need(
     c.data.demo_style in task.DEMO_STYLES,
     "data.demo_style",
     f"unknown style {c.data.demo_style!r}; known: {task.DEMO_STYLES}",
   )
-  need(
-    set(c.data.task_levels) <= set(task.ID_STEPS),
-    "data.task_levels",
-    f"levels are steps of ID problems, a subset of {task.ID_STEPS}; got {c.data.task_levels}",
-  )
+  for field, levels in (
+    ("data.task_levels", c.data.task_levels),
+    ("warmup.task_levels", c.warmup.get("task_levels") or ()),
+  ):
+    need(
+      set(levels) <= set(task.ID_STEPS),
+      field,
+      f"levels are steps of ID problems, a subset of {task.ID_STEPS}; got {tuple(levels)}",
+    )
   need(
     c.data.source != "tfds" or c.data.data_dir,
     "data.data_dir",
@@ -476,16 +931,17 @@ def _check(c) -> None:
     "model.preset",
     f"unknown preset {c.model.preset!r}; known: {sorted(model_lib.PRESETS)}",
   )
-  need(
-    c.model.get("attention", "") in ("", "xla", "chunked", "cudnn"),
-    "model.attention",
-    f"unknown attention {c.model.get('attention')!r}; known: xla, chunked, cudnn",
-  )
-  need(
-    c.model.get("decode_attention", "") in ("", "xla", "pallas"),
-    "model.decode_attention",
-    f"unknown decode attention {c.model.get('decode_attention')!r}; known: xla, pallas",
-  )
+  for field, allowed in (
+    ("remat", model_lib.REMATS),
+    ("attention", model_lib.ATTENTIONS),
+    ("decode_attention", model_lib.DECODE_ATTENTIONS),
+  ):
+    value = c.model.get(field) or ""
+    need(
+      value in ("",) + allowed if field != "remat" else value in allowed,
+      f"model.{field}",
+      f"unknown {field} {value!r}; known: {allowed}",
+    )
   if c.get("lora") is not None:
     lc = c.lora
     need(
@@ -521,48 +977,27 @@ def _check(c) -> None:
     advantage_config(c.method, dict(c.advantage))
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.advantage: {e}") from None
-  for stage in stages(c) if not c.stages else []:
+  for stage in _stages(c) if not c.stages else []:
     need(
-      stage.loss.is_correction == "none" or recompute_old_logp(c, stage.loss),
+      stage.loss.is_correction == "none" or stage.step.recompute_old_logp,
       "rollout.recompute_old_logp",
       f"loss.is_correction={stage.loss.is_correction!r} needs the trainer's old_logp "
       "(leave recompute_old_logp unset or True)",
     )
-  n_dev = jax.device_count()
   try:
-    mesh_shape = mesh(c).shape
-  except ValueError as e:
-    raise ValueError(f"config.mesh: {e}") from None
-  try:
-    rules = sharding_rules(c)
+    _rules(c)
   except ValueError as e:
     raise ValueError(f"config.sharding_rules: {e}") from None
-  data_par = shd.batch_shards(mesh_shape, rules)
-  micro = c.batch.microbatches
-  for name, _ in parse_stages(c.stages, c.steps, c.method):
-    lc = loss_config(name, overrides if not c.stages else None, c.data.max_response_len)
-    layout = stage_layout(lc, c.rollout.n_rollouts, c.rollout.n_demos)
-    rows_mini = per_mini * layout.size  # rows of one mini-batch: prompts x (rollouts + demos)
-    need(
-      rows_mini % micro == 0,
-      "batch.microbatches",
-      f"must divide the {rows_mini} rows of one mini-batch "
-      f"({per_mini} prompts x {layout.size} slots, {name})",
+  for stage in _stages(c):  # the split over devices: check_devices, once they are known
+    check_batch_split(
+      c.batch.prompts_per_step,
+      c.batch.minibatches,
+      c.batch.microbatches,
+      stage.layout,
+      1,
+      shared_prefix=bool(c.shared_prefix),
+      label=stage.name,
     )
-    rows = rows_mini // micro  # rows of one micro-batch
-    fewer = rows_mini % data_par == 0  # fewer micro-batches would split
-    need(
-      rows % data_par == 0,
-      "batch.microbatches" if fewer else "batch.prompts_per_step",
-      f"a micro-batch of {rows_mini} rows / {micro} = {rows} rows ({name}) does not "
-      f"split over the {data_par} data shards of {n_dev} devices"
-      + (f" (micro-batches: a divisor of {rows_mini // data_par})" if fewer else ""),
-    )
-  need(
-    c.batch.prompts_per_step % jax.process_count() == 0,
-    "batch.prompts_per_step",
-    f"must divide over {jax.process_count()} processes",
-  )
   need(
     c.max_nonfinite_streak > 0,
     "max_nonfinite_streak",
@@ -570,11 +1005,9 @@ def _check(c) -> None:
   )
   if c.warmup.steps > 0 and not c.model.hf_path:
     # The warm-up is its own SFT job (warmup_config): its batch must split the same way.
-    w = warmup_config(c)
-    with w.unlocked():
-      w.warmup.steps = 0
+    w = _warmup_config(c)
     try:
-      validate_config(w)
+      _validate(w)
     except ValueError as e:
       raise ValueError(
         f"config.warmup.prompts_per_step={c.warmup.prompts_per_step}: the SFT "

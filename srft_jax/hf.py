@@ -21,10 +21,10 @@ decoder does not implement (e.g. MLP biases), so only tensors known to be
 redundant are skipped: rotary `inv_freq` buffers and `lm_head.weight` of a
 tied model.
 
-Command line: `python -m srft_jax.hf info PATH` prints the architecture, the
-parameter count and the dtype from the headers only (no weights read).
+LoRA adapters in the PEFT layout: `srft_jax.peft`; the command line
+(`python -m srft_jax.hf_cli info PATH`): `srft_jax.hf_cli`.
 
-HF linear weights are [out, in]; ours are einsum layouts (model.py glossary):
+HF linear weights are [out, in]; ours are einsum layouts (srft_jax.model glossary):
 q [D,N,H], k/v [D,K,H], o [N,H,D], gate/up [D,F], down [F,D],
 embed [V,D], lm_head [D,V]; Qwen3's q_norm / k_norm [H]; a Qwen3-MoE layer's
 router [D,E] (HF `mlp.gate.weight` [E,D]) and experts gate/up [E,D,F],
@@ -33,7 +33,6 @@ down [E,F,D], each stacked from the E tensors `mlp.experts.{e}.*_proj.weight`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import glob
@@ -53,7 +52,6 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from safetensors import safe_open
-from safetensors.numpy import save_file as save_numpy_file
 
 import srft_jax
 from srft_jax import lora as lora_lib
@@ -380,7 +378,7 @@ def param_layouts(cfg: model_lib.ModelConfig) -> dict[tuple, _Layout]:
   return out
 
 
-def _ignorable(name: str, cfg: model_lib.ModelConfig) -> bool:
+def ignorable(name: str, cfg: model_lib.ModelConfig) -> bool:
   """Tensors that carry no information for our model (see module docstring)."""
   return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
 
@@ -391,21 +389,21 @@ def _ignorable(name: str, cfg: model_lib.ModelConfig) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class _TensorInfo:
+class TensorInfo:
   file: str
   dtype: str  # safetensors tag, e.g. "BF16"
   shape: tuple[int, ...]
   data_start: int  # absolute byte offset in the file
 
 
-def read_header(file: str) -> dict[str, _TensorInfo]:
+def read_header(file: str) -> dict[str, TensorInfo]:
   """Tensor name -> dtype, shape and offset, from a safetensors header only."""
   with open(file, "rb") as fh:
     (size,) = struct.unpack("<Q", fh.read(8))
     header = json.loads(fh.read(size))
   header.pop("__metadata__", None)
   return {
-    name: _TensorInfo(file, e["dtype"], tuple(e["shape"]), 8 + size + e["data_offsets"][0])
+    name: TensorInfo(file, e["dtype"], tuple(e["shape"]), 8 + size + e["data_offsets"][0])
     for name, e in header.items()
   }
 
@@ -423,8 +421,8 @@ def checkpoint_files(path: str) -> list[str]:
   return files
 
 
-def read_tensor_infos(path: str) -> dict[str, _TensorInfo]:
-  infos: dict[str, _TensorInfo] = {}
+def read_tensor_infos(path: str) -> dict[str, TensorInfo]:
+  infos: dict[str, TensorInfo] = {}
   for file in checkpoint_files(path):
     if not os.path.exists(file):
       raise CheckpointError(
@@ -449,7 +447,7 @@ class SafetensorsReader:
   the dtype, a read-only memory map (bf16 / fp8 via ml_dtypes) otherwise.
   Either way only the requested rows are read from disk."""
 
-  def __init__(self, infos: dict[str, _TensorInfo]):
+  def __init__(self, infos: dict[str, TensorInfo]):
     self.infos = infos
     self._handles: dict[str, Any] = {}
 
@@ -512,7 +510,7 @@ def _read_block(reader: SafetensorsReader, lay: _Layout, index_ours, dtype) -> n
 
 
 def _check_tensors(
-  infos: dict[str, _TensorInfo],
+  infos: dict[str, TensorInfo],
   layouts: dict[tuple, _Layout],
   cfg: model_lib.ModelConfig,
   path: str,
@@ -527,7 +525,7 @@ def _check_tensors(
         f"tensor {name!r} has shape {list(infos[name].shape)}, expected {list(lay.hf_shape)}"
       )
   for name in sorted(set(infos) - set(expected)):
-    if not _ignorable(name, cfg):
+    if not ignorable(name, cfg):
       problems.append(
         f"unexpected tensor {name!r} (shape {list(infos[name].shape)}) "
         f"not used by a {cfg.model_type} model"
@@ -611,7 +609,7 @@ def load_model(
 # ----------------------------------------------------------------------------
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
   """The full value of a (possibly multi-host sharded) array on this host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -642,7 +640,7 @@ def write_safetensors(
       fh.write(blob)
     for _name, lay, value in entries:
       value = value() if callable(value) else value  # an expert's slice, taken when written
-      host = _to_host(value)  # a collective when sharded across hosts: all processes
+      host = to_host(value)  # a collective when sharded across hosts: all processes
       if fh:
         x = np.ascontiguousarray(lay.to_hf(host).astype(np_dtype))
         if sys.byteorder != "little":  # safetensors is little endian
@@ -779,217 +777,3 @@ def save_model(
   if jax.process_count() > 1:  # nobody goes on (and reads) before process 0 has written
     multihost_utils.sync_global_devices("srft_save_model")
   return [os.path.join(final, n) for n in names]
-
-
-# ----------------------------------------------------------------------------
-# LoRA adapters in the HF PEFT layout
-# ----------------------------------------------------------------------------
-
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
-
-
-def _peft_keys(spec: lora_lib.AdapterSpec) -> tuple[str, str]:
-  m = _PEFT_PREFIX + spec.hf_module
-  return f"{m}.lora_A.weight", f"{m}.lora_B.weight"
-
-
-def save_peft_adapter(model: model_lib.Transformer, path: str, *, base_model: str = "") -> str:
-  """Writes the model's adapters as a PEFT LoRA adapter directory
-  (`adapter_config.json` + `adapter_model.safetensors`, float32) that
-  `peft.PeftModel.from_pretrained(base, path)` loads onto the transformers
-  base; returns the weights file. PEFT's lora_A is [R, in] and lora_B
-  [out, R] (HF linear layout); ours are A [I..., R] and B [R, O...] with HF's
-  flattening of heads x head_dim. Every process calls it; process 0 writes."""
-  lcfg = lora_lib.config_of(model)
-  if lcfg is None:
-    raise ValueError("save_peft_adapter: the model has no LoRA adapters")
-  values = lora_lib.adapter_values(model)
-  tensors = {}
-  for spec in lora_lib.adapter_specs(model, lcfg):
-    a, b = (_to_host(x).astype(np.float32) for x in values[(spec.layer, spec.target)])
-    ka, kb = _peft_keys(spec)
-    tensors[ka] = np.ascontiguousarray(a.reshape(-1, lcfg.rank).T)
-    tensors[kb] = np.ascontiguousarray(b.reshape(lcfg.rank, -1).T)
-  config = {
-    "peft_type": "LORA",
-    "task_type": "CAUSAL_LM",
-    "base_model_name_or_path": base_model or None,
-    "r": lcfg.rank,
-    "lora_alpha": lcfg.alpha,
-    "lora_dropout": lcfg.dropout,
-    "target_modules": sorted({lora_lib.HF_MODULES[t].split(".")[-1] for t in lcfg.targets}),
-    "bias": "none",
-    "fan_in_fan_out": False,
-    "use_rslora": False,
-    "use_dora": False,
-    "init_lora_weights": True,
-    "inference_mode": True,
-    "modules_to_save": None,
-  }
-  file = os.path.join(path, PEFT_WEIGHTS)
-  if jax.process_index() == 0:
-    # Remote: written on local disk, uploaded with adapter_config.json last.
-    with (
-      paths.staged_dir(path, last=(PEFT_CONFIG,))
-      if paths.is_remote(path)
-      else contextlib.nullcontext(path)
-    ) as out:
-      os.makedirs(out, exist_ok=True)
-      with open(os.path.join(out, PEFT_CONFIG), "w") as fh:
-        json.dump(config, fh, indent=2)
-      save_numpy_file(tensors, os.path.join(out, PEFT_WEIGHTS), metadata={"format": "pt"})
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("srft_save_peft_adapter")
-  return file
-
-
-def read_peft_config(path: str) -> lora_lib.LoRAConfig:
-  """The LoRAConfig of a PEFT adapter directory; what this model cannot
-  represent (DoRA, rsLoRA, per-module ranks, biases, extra trained modules)
-  is an error."""
-  file = os.path.join(path, PEFT_CONFIG)
-  if not paths.exists(file):
-    raise CheckpointError(f"{path}: no {PEFT_CONFIG}")
-  pc = paths.read_json(file)
-  unsupported = {
-    "peft_type": pc.get("peft_type", "LORA") != "LORA",
-    "use_dora": bool(pc.get("use_dora")),
-    "use_rslora": bool(pc.get("use_rslora")),
-    "fan_in_fan_out": bool(pc.get("fan_in_fan_out")),
-    "bias": pc.get("bias", "none") != "none",
-    "rank_pattern": bool(pc.get("rank_pattern")),
-    "alpha_pattern": bool(pc.get("alpha_pattern")),
-    "modules_to_save": bool(pc.get("modules_to_save")),
-  }
-  bad = [k for k, v in unsupported.items() if v]
-  if bad:
-    raise CheckpointError(f"{path}: unsupported PEFT adapter settings {bad}")
-  names = pc.get("target_modules") or []
-  if isinstance(names, str):  # a regex: the targets are read from the tensors
-    names = list(lora_lib.HF_MODULES.values())
-  short = {v.split(".")[-1]: k for k, v in lora_lib.HF_MODULES.items()}
-  targets = tuple(t for t in lora_lib.TARGETS if lora_lib.HF_MODULES[t].split(".")[-1] in names)
-  unknown = sorted(set(n.split(".")[-1] for n in names) - set(short))
-  if unknown or not targets:
-    raise CheckpointError(f"{path}: target_modules {names}: known are {sorted(short)}")
-  return lora_lib.LoRAConfig(
-    rank=int(pc["r"]),
-    alpha=float(pc["lora_alpha"]),
-    targets=targets,
-    dropout=float(pc.get("lora_dropout") or 0.0),
-    init_seed=0,
-  )
-
-
-def load_peft_adapter(
-  path: str, model: model_lib.Transformer, *, mesh: jax.sharding.Mesh | None = None
-) -> model_lib.Transformer:
-  """Attaches the PEFT LoRA adapter in `path` to `model` (the base it was
-  trained on, without adapters) and returns it: training can continue from it.
-  A missing, unexpected or misshapen tensor is a CheckpointError."""
-  lcfg = read_peft_config(path)
-  infos = read_tensor_infos_file(os.path.join(paths.local_copy(path), PEFT_WEIGHTS))
-  reader = SafetensorsReader(infos)
-  specs = lora_lib.adapter_specs(model, lcfg)
-  values, used = {}, set()
-  try:
-    for spec in specs:
-      ka, kb = _peft_keys(spec)
-      r = lcfg.rank
-      want = {ka: (r, math.prod(spec.a_shape[:-1])), kb: (math.prod(spec.b_shape[1:]), r)}
-      for k, shape in want.items():
-        if k not in infos:
-          raise CheckpointError(f"{path}: adapter tensor {k!r} is missing")
-        if tuple(infos[k].shape) != shape:
-          raise CheckpointError(f"{path}: {k} has shape {infos[k].shape}, expected {shape}")
-      a = reader(ka, (slice(None),) * 2).astype(np.float32).T.reshape(spec.a_shape)
-      b = reader(kb, (slice(None),) * 2).astype(np.float32).T.reshape(spec.b_shape)
-      values[(spec.layer, spec.target)] = (a, b)
-      used |= {ka, kb}
-  finally:
-    reader.close()
-  extra = sorted(set(infos) - used)
-  if extra:
-    raise CheckpointError(f"{path}: adapter tensors this model has no place for: {extra[:4]}")
-  return lora_lib.attach(model, lcfg, mesh, values)
-
-
-def read_tensor_infos_file(file: str) -> dict[str, _TensorInfo]:
-  if not os.path.exists(file):
-    raise CheckpointError(f"no {file}")
-  return read_header(file)
-
-
-# ----------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------
-
-
-def checkpoint_info(path: str) -> dict[str, Any]:
-  """Architecture, parameter count and dtypes from config.json and headers only."""
-  hf = read_config(path)
-  cfg = config_from_hf(hf)
-  infos = read_tensor_infos(paths.local_copy(path))
-  used = {n: i for n, i in infos.items() if not _ignorable(n, cfg)}
-  dtypes: dict[str, int] = {}
-  for info in used.values():
-    dtypes[info.dtype] = dtypes.get(info.dtype, 0) + math.prod(info.shape)
-  return {
-    "architecture": SUPPORTED[cfg.model_type],
-    "model_type": cfg.model_type,
-    "num_params": sum(math.prod(i.shape) for i in used.values()),
-    "config_num_params": cfg.num_params(),
-    "num_tensors": len(used),
-    "num_files": len({i.file for i in infos.values()}),
-    "dtype": checkpoint_dtype(hf),
-    "tensor_dtypes": dtypes,
-    "config": cfg,
-  }
-
-
-def _human(n: int) -> str:
-  for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-    if n >= scale:
-      return f"{n / scale:.2f}{unit}"
-  return str(n)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-    prog="python -m srft_jax.hf", description="Inspect Hugging Face checkpoints."
-  )
-  sub = parser.add_subparsers(dest="command", required=True)
-  info_p = sub.add_parser("info", help="architecture, parameter count, dtype (headers only)")
-  info_p.add_argument("path")
-  args = parser.parse_args(argv)
-  try:
-    info = checkpoint_info(args.path)
-  except CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  cfg = info["config"]
-  tensor_dtypes = ", ".join(f"{k} ({_human(v)})" for k, v in sorted(info["tensor_dtypes"].items()))
-  print(f"architecture: {info['architecture']} (model_type {info['model_type']})")
-  print(f"parameters: {info['num_params']} ({_human(info['num_params'])})")
-  print(f"dtype: {info['dtype']}; tensors: {tensor_dtypes}")
-  print(
-    f"shape: layers={cfg.num_layers} embed={cfg.embed_dim} mlp={cfg.mlp_dim} "
-    f"heads={cfg.num_heads} kv_heads={cfg.num_kv_heads} head_dim={cfg.head_dim} "
-    f"vocab={cfg.vocab_size} tied={cfg.tie_embeddings}"
-    + (
-      f" experts={cfg.num_experts} top_k={cfg.num_experts_per_tok} "
-      f"moe_mlp={cfg.moe_mlp_dim} moe_layers={cfg.num_moe_layers}"
-      if cfg.num_experts
-      else ""
-    )
-  )
-  print(f"files: {info['num_files']}, tensors: {info['num_tensors']}")
-  if info["num_params"] != info["config_num_params"]:
-    print(f"warning: config.json implies {info['config_num_params']} parameters")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,6 +1,7 @@
-"""The whole job: `run(config, workdir)`.
+"""The whole job: `run(spec, workdir)` (the spec: `factory.run_spec(config)`).
 
-In order: validate the config (before anything compiles), build the tokenizer,
+In order (the config was validated when the spec was built, before anything
+compiles): build the tokenizer,
 data and mesh, get the base policy (an HF checkpoint, or a tiny model warmed
 up by SFT and cached), evaluate it, train (`trainer.fit`), evaluate again,
 export the policy as an HF checkpoint and write results.json.
@@ -30,35 +31,26 @@ from srft_jax import metrics as metrics_lib
 from srft_jax import model as model_lib
 from srft_jax import multihost
 from srft_jax import paths
+from srft_jax import peft as peft_lib
 from srft_jax import rewards as rewards_lib
 from srft_jax import trainer as trainer_lib
-from srft_jax.data import task
 
 log = logging.getLogger(__name__)
 
 WARMUP_META = "srft_warmup.json"
 
 
-def base_model(c, tokenizer, mesh, workdir: str, scorer):
+def base_model(spec: factory.RunSpec, tokenizer, mesh, workdir: str, scorer):
   """The starting policy: an HF checkpoint, or a tiny model warmed up by SFT
   (cached as an HF checkpoint in `warmup.dir`, so studies share one base).
   None when a SIGTERM stopped the warm-up (it resumes from its checkpoint)."""
-  if c.model.hf_path:
-    return hf.load_model(
-      c.model.hf_path,
-      mesh=mesh,
-      rules=factory.sharding_rules(c),
-      dtype=model_lib.DTYPES[c.model.dtype],
-      param_dtype=model_lib.DTYPES[c.model.param_dtype],
-      remat=c.model.remat,
-      **factory.hf_overrides(c),
-    )
-  mcfg = factory.model_config(c, tokenizer.vocab_size)
-  if c.warmup.steps <= 0:
-    return model_lib.create_model(mcfg, seed=c.seed, mesh=mesh)
-  base_dir = c.warmup.dir or os.path.join(workdir, "base")
-  hf_dir = os.path.join(base_dir, "hf")
-  meta = warmup_meta(c, mcfg)
+  if spec.model.hf_path:
+    return spec.model.load(spec.model.hf_path, mesh)
+  mcfg = spec.model.config(tokenizer.vocab_size)
+  if spec.warmup_run is None:
+    return model_lib.create_model(mcfg, seed=spec.seed, mesh=mesh)
+  hf_dir = os.path.join(spec.base_dir(workdir), "hf")
+  meta = warmup_meta(spec, mcfg)
   if paths.exists(os.path.join(hf_dir, "config.json")):
     meta_file = os.path.join(hf_dir, WARMUP_META)
     if paths.exists(meta_file):
@@ -71,16 +63,15 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
         )
     log.info("base model: %s (cached warm-up)", hf_dir)
     return hf.load_model(hf_dir, mesh=mesh, dtype=mcfg.jnp_dtype, **factory.runtime_overrides(mcfg))
-  log.info("base model: SFT warm-up for %d steps", c.warmup.steps)
-  model = model_lib.create_model(mcfg, seed=c.seed, mesh=mesh)
-  w = factory.warmup_config(c)
+  w = spec.warmup_run
+  log.info("base model: SFT warm-up for %d steps", w.steps)
+  model = model_lib.create_model(mcfg, seed=spec.seed, mesh=mesh)
   source, _ = factory.datasets(w)
-  trainer = trainer_lib.Trainer(model, config=w, tokenizer=tokenizer, scorer=scorer, mesh=mesh)
+  trainer = trainer_lib.Trainer(model, w, tokenizer=tokenizer, scorer=scorer, mesh=mesh)
   info = trainer_lib.fit(
     trainer,
-    factory.data_iter(w, source, tokenizer, w.batch.prompts_per_step, w.seed + 1),
-    workdir=os.path.join(base_dir, "run"),
-    progress=c.log.progress,
+    factory.data_iter(w, source, tokenizer, seed=w.seed + 1),
+    workdir=os.path.join(spec.base_dir(workdir), "run"),
   )
   if info["status"] == "preempted":
     return None  # not cached: a half-trained base must not pass for the warm-up
@@ -89,42 +80,42 @@ def base_model(c, tokenizer, mesh, workdir: str, scorer):
   return model
 
 
-def warmup_meta(c, mcfg: model_lib.ModelConfig) -> dict:
-  """What makes a cached warm-up the one this config asks for (compared on reuse;
+def warmup_meta(spec: factory.RunSpec, mcfg: model_lib.ModelConfig) -> dict:
+  """What makes a cached warm-up the one this spec asks for (compared on reuse;
   the seed is not: studies share one base across their seeds)."""
   how = ("rules", "remat", "attention", "decode_attention", "dtype")  # how it runs, not what it is
   model = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in how}
+  settings = dict(spec.warmup.settings)
+  task_info = settings["task"]
   return json.loads(
     json.dumps(
       {
         "model": model,
-        "task_seed": c.data.task_seed,
+        "task_seed": settings["task_seed"],
         # The built-in task's generator and levels: a base warmed up on an
         # older task (same vocabulary size) is refused, not reused.
         "task": (
-          {"version": task.GENERATOR_VERSION, "levels": list(c.data.task_levels)}
-          if c.data.source == "task"
+          {"version": dict(task_info)["version"], "levels": list(dict(task_info)["levels"])}
+          if task_info is not None
           else None
         ),
-        "warmup": {
-          k: c.warmup[k] for k in ("steps", "lr", "schedule", "warmup_steps", "prompts_per_step")
-        },
+        "warmup": dict(settings["warmup"]),
       },
       default=str,
     )
   )
 
 
-def with_adapters(c, model, mesh):
-  """The base with config.lora's adapters on it (fresh, or a PEFT adapter's
+def with_adapters(spec: factory.RunSpec, model, mesh):
+  """The base with the spec's LoRA adapters on it (fresh, or a PEFT adapter's
   from lora.adapter_path); the base itself when LoRA is off."""
-  lcfg = factory.lora_config(c)
+  lcfg = spec.lora
   if not lcfg.enabled:
     return model
-  if factory.lora_adapter_path(c):
-    model = hf.load_peft_adapter(c.lora.adapter_path, model, mesh=mesh)
+  if spec.lora_adapter_path:
+    model = peft_lib.load_peft_adapter(spec.lora_adapter_path, model, mesh=mesh)
     lora_lib.set_dropout(model, lcfg.dropout)  # a training setting: this run's, not the file's
-    log.info("LoRA: continuing from the PEFT adapter %s", c.lora.adapter_path)
+    log.info("LoRA: continuing from the PEFT adapter %s", spec.lora_adapter_path)
     return model
   model = lora_lib.attach(model, lcfg, mesh)
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model, lora_lib.ADAPTER)))
@@ -143,122 +134,120 @@ def save_base(model, hf_dir: str, meta: dict | None = None) -> None:
   multihost.sync_processes("srft_base_saved")
 
 
-def eval_sets_key(evals: dict, c) -> str:
+def eval_sets_key(evals: dict, spec: factory.RunSpec) -> str:
   """A digest of the eval sets (every prompt and answer) and the evaluation
   settings: a cached before-training evaluation is reused only under the same key."""
   h = hashlib.sha256()
-  seed = c.seed if c.eval.temperature > 0 else None  # greedy: the same for every seed
-  settings = [c.eval.temperature, c.rollout.require_think, c.data.template, seed]
-  h.update(json.dumps([settings, c.data.max_response_len]).encode())
+  seed = spec.seed if spec.eval.temperature > 0 else None  # greedy: the same for every seed
+  settings = [spec.eval.temperature, spec.rollout.require_think, spec.data.template, seed]
+  h.update(json.dumps([settings, spec.data.max_response_len, "by-level"]).encode())
   for name in sorted(evals):
     h.update(json.dumps([name, [(r["prompt"], r["answer"]) for r in evals[name]]]).encode())
   return h.hexdigest()
 
 
-def evaluate_sets(model, tokenizer, scorer, sets: dict, c, mesh) -> dict[str, float]:
-
-  scfg = factory.sampling_config(c, tokenizer, n=1, temperature=c.eval.temperature)
-  out = {}
+def evaluate_sets(model, tokenizer, scorer, sets: dict, spec: factory.RunSpec, mesh):
+  """({name: accuracy}, {name: {level: accuracy}}) on each eval set, graded as
+  every evaluation of the run is (evaluate.accuracy_on_spec); levels for the
+  built-in task's sets."""
+  acc, levels = {}, {}
   for name, rows in sets.items():
-    res = eval_lib.accuracy_on_rows(
-      model,
-      tokenizer,
-      rows,
-      scorer,
-      scfg,
-      rng=jax.random.key(c.seed + 17),
-      template=c.data.template,
-      batch_size=c.eval.batch_size,
-      mesh=mesh,
-      require_think=c.rollout.require_think,
-    )
-    out[name] = res["accuracy"]
+    res = eval_lib.accuracy_on_spec(model, tokenizer, rows, scorer, spec, mesh)
+    acc[name] = res["accuracy"]
+    levels[name] = eval_lib.accuracy_by_level(rows, res["per_row"])
+  return acc, levels
+
+
+def split_results(acc: dict, levels: dict, names) -> dict:
+  """results.json's block of one evaluation: ID / OOD (/ val) accuracy, and
+  accuracy by difficulty level of each split."""
+  out = {"id_acc": acc.get("task_id"), "ood_acc": acc.get("task_ood")}
+  if "task_val" in names:  # eval.n_val > 0: the split hyperparameters are chosen on
+    out["val_acc"] = acc.get("task_val")
+  out["levels"] = {name: lv for name, lv in levels.items() if lv}
   return out
 
 
-def run(c, workdir: str) -> dict:
+def run(spec: factory.RunSpec, workdir: str) -> dict:
   """The main job. Writes WORKDIR/results.json and returns it."""
   t_start = time.time()
-  if c.multihost and not jax.distributed.is_initialized():
+  d = spec.distributed
+  if d.multihost and not jax.distributed.is_initialized():
     # On TPU pods and SLURM the arguments come from the environment; locally
     # (tests, one machine) from config.distributed.
-    d = c.distributed
     kw = {}
     if d.coordinator:
       kw = dict(
         coordinator_address=d.coordinator, num_processes=d.num_processes, process_id=d.process_id
       )
     jax.distributed.initialize(**kw)
-  factory.validate_config(c)
+  factory.check_devices(spec)  # before anything compiles, now that every process is known
   out = workdir
   paths.makedirs(out)
-  mesh = factory.mesh(c)
-  tokenizer = factory.tokenizer(c, workdir)
-  source, evals = factory.datasets(c)
-  with rewards_lib.RewardScorer(require_think=c.rollout.require_think) as scorer:
-    model = base_model(c, tokenizer, mesh, workdir, scorer)
+  mesh = spec.make_mesh()
+  tokenizer = factory.tokenizer(spec, workdir)
+  source, evals = factory.datasets(spec)
+  with rewards_lib.RewardScorer(require_think=spec.rollout.require_think) as scorer:
+    model = base_model(spec, tokenizer, mesh, workdir, scorer)
     if model is None:
       return {"status": "preempted", "step": 0, "stage": "warmup"}
-    model = with_adapters(c, model, mesh)
-    before = {}
-    if c.eval.before and evals:
-      cache = os.path.join(c.warmup.dir or os.path.join(workdir, "base"), "eval_before.json")
-      key = eval_sets_key(evals, c)
+    model = with_adapters(spec, model, mesh)
+    before, before_levels = {}, {}
+    if spec.eval.before and evals:
+      cache = os.path.join(spec.base_dir(workdir), "eval_before.json")
+      key = eval_sets_key(evals, spec)
       cached = {}
-      if not c.model.hf_path and not factory.lora_adapter_path(c) and paths.exists(cache):
+      if not spec.model.hf_path and not spec.lora_adapter_path and paths.exists(cache):
         cached = paths.read_json(cache)
       if cached.get("key") == key:
-        before = cached["accuracy"]
+        before, before_levels = cached["accuracy"], cached["levels"]
       else:  # none cached, or of other eval sets (other sizes, splits, settings)
-        before = evaluate_sets(model, tokenizer, scorer, evals, c, mesh)
+        before, before_levels = evaluate_sets(model, tokenizer, scorer, evals, spec, mesh)
         if multihost.is_main():
-          paths.write_json(cache, {"key": key, "accuracy": before})
+          paths.write_json(cache, {"key": key, "accuracy": before, "levels": before_levels})
       log.info("before: %s", before)
-    base_path = c.model.hf_path or os.path.join(c.warmup.dir or os.path.join(workdir, "base"), "hf")
+    base_path = spec.model.hf_path or os.path.join(spec.base_dir(workdir), "hf")
     trainer = trainer_lib.Trainer(
       model,
-      config=c,
+      spec,
       tokenizer=tokenizer,
       scorer=scorer,
       mesh=mesh,
-      base_path=base_path if (c.model.hf_path or c.warmup.steps > 0) else "",
+      base_path=base_path if (spec.model.hf_path or spec.warmup_run is not None) else "",
     )
-    it = factory.data_iter(c, source, tokenizer, c.batch.prompts_per_step, c.seed)
+    it = factory.data_iter(spec, source, tokenizer)
     t_train = time.time()
-    hook = eval_lib.make_eval_hook(c, tokenizer, scorer, evals, mesh)
-    info = trainer_lib.fit(trainer, it, workdir=workdir, progress=c.log.progress, eval_hook=hook)
+    hook = eval_lib.make_eval_hook(spec, tokenizer, scorer, evals, mesh)
+    info = trainer_lib.fit(trainer, it, workdir=workdir, eval_hook=hook)
     train_s = time.time() - t_train
     if info["status"] == "preempted":
       return {"status": "preempted", "step": info["step"]}
     model = trainer.model()
-    after = (
-      evaluate_sets(model, tokenizer, scorer, evals, c, mesh) if (c.eval.after and evals) else {}
-    )
+    after, after_levels = {}, {}
+    if spec.eval.after and evals:
+      after, after_levels = evaluate_sets(model, tokenizer, scorer, evals, spec, mesh)
   results = {
-    "before": {"id_acc": before.get("task_id"), "ood_acc": before.get("task_ood")},
-    "after": {"id_acc": after.get("task_id"), "ood_acc": after.get("task_ood")},
-    "steps": int(c.steps),
-    "method": c.stages.replace("{half}", str(c.steps // 2)) or c.method,
+    "before": split_results(before, before_levels, evals),
+    "after": split_results(after, after_levels, evals),
+    "steps": spec.steps,
+    "method": spec.method,
     "wall_s": round(time.time() - t_start, 1),
     "train_s": round(train_s, 1),
   }
-  if "task_val" in evals:  # eval.n_val > 0: the split hyperparameters are chosen on
-    results["before"]["val_acc"] = before.get("task_val")
-    results["after"]["val_acc"] = after.get("task_val")
   if lora_lib.has_adapters(model):  # the adapters in the PEFT layout, and merged below
     lcfg = lora_lib.config_of(model)
     results["lora"] = {"rank": lcfg.rank, "alpha": lcfg.alpha, "targets": list(lcfg.targets)}
-    hf.save_peft_adapter(model, os.path.join(out, "export", "peft"), base_model=base_path)
-    model = lora_lib.merged(model) if c.checkpoint.export_hf else model
-  if c.checkpoint.export_hf:  # collective: every process gathers, process 0 writes
+    peft_lib.save_peft_adapter(model, os.path.join(out, "export", "peft"), base_model=base_path)
+    model = lora_lib.merged(model) if spec.checkpoint.export_hf else model
+  if spec.checkpoint.export_hf:  # collective: every process gathers, process 0 writes
     hf.save_model(
       model,
       os.path.join(out, "export", "hf"),
       tokenizer=tokenizer,
-      copy_from=c.model.hf_path or None,
+      copy_from=spec.model.hf_path or None,
     )
   if multihost.is_main():
-    if c.log.plots:
+    if spec.log.plots:
       results["plots"] = metrics_lib.plot_metrics(
         os.path.join(out, "logs", "metrics.jsonl"), os.path.join(out, "plots")
       )

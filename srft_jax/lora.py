@@ -17,7 +17,7 @@ frozen base (`split`): the optimizer and its state see the adapters only, the
 base is an argument of the jitted step, and the KL reference is the same base
 with zero adapters (`zeros_like`), never a second copy of the weights.
 
-Letters as in model.py, plus R (the adapter rank), I / O (a projection's
+Letters as in srft_jax.model, plus R (the adapter rank), I / O (a projection's
 input / output dims).
 """
 
@@ -196,8 +196,9 @@ def attach(model, cfg: LoRAConfig, mesh=None, values: dict | None = None):
         f"expected {s.a_shape} / {s.b_shape}"
       )
     module = _module(model, s.layer, s.part)
-    setattr(module, f"{s.target}_lora_a", ADAPTER(a, logical_axes=s.a_axes))
-    setattr(module, f"{s.target}_lora_b", ADAPTER(b, logical_axes=s.b_axes))
+    a_attr, b_attr = model_lib.ADAPTER_ATTRS[s.target]
+    setattr(module, a_attr, ADAPTER(a, logical_axes=s.a_axes))
+    setattr(module, b_attr, ADAPTER(b, logical_axes=s.b_axes))
     module.lora_scale = cfg.scale
     module.lora_dropout = cfg.dropout
   return model
@@ -260,8 +261,8 @@ def merged(model):
     module = _module(new, i, _BLOCK_PART.get(t, "mlp"))
     w = getattr(module, t)
     w.set_value(model_lib.adapted_weight(module, t).astype(w.get_value().dtype))
-    delattr(module, f"{t}_lora_a")
-    delattr(module, f"{t}_lora_b")
+    for attr in model_lib.ADAPTER_ATTRS[t]:
+      delattr(module, attr)
   for block in new.layers:
     for part in ("attn", "mlp"):
       for attr in ("lora_scale", "lora_dropout"):

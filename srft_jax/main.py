@@ -7,6 +7,7 @@ picks a preset, `--config.steps=50` overrides a field.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app
@@ -29,7 +30,7 @@ def main(argv) -> int:
   for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
-    results = job.run(_CONFIG.value, _WORKDIR.value)
+    results = job.run(factory.run_spec(_CONFIG.value), _WORKDIR.value)
   except factory.ConfigError as e:  # named by its field, before anything compiled
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -56,10 +57,21 @@ def format_results(r: dict, workdir: str) -> str:
     "|---|---|---|",
     f"| ID  | {pct(r['before']['id_acc'])} | {pct(r['after']['id_acc'])} |",
     f"| OOD | {pct(r['before']['ood_acc'])} | {pct(r['after']['ood_acc'])} |",
+  ]
+  for split, label in (("task_id", "ID"), ("task_ood", "OOD")):  # by difficulty level
+    levels = sorted(
+      set(r["before"].get("levels", {}).get(split, {}))
+      | set(r["after"].get("levels", {}).get(split, {})),
+      key=int,
+    )
+    for lv in levels if len(levels) > 1 else ():
+      b, a = (r[k].get("levels", {}).get(split, {}).get(lv) for k in ("before", "after"))
+      lines.append(f"| {label} level {lv} | {pct(b)} | {pct(a)} |")
+  lines += [
     "",
     f"results:     {out}/results.json",
     f"checkpoints: {out}/checkpoints",
-    f"tensorboard: {out}/logs/tb   (tensorboard --logdir {out}/logs/tb)",
+    f"tensorboard: {out}/logs/tb   ({tensorboard_command()} --logdir {out}/logs/tb)",
     f"plots:       {out}/plots",
     f"HF export:   {out}/export/hf",
   ]
@@ -68,6 +80,16 @@ def format_results(r: dict, workdir: str) -> str:
       f"PEFT adapter: {out}/export/peft   (LoRA rank {r['lora']['rank']}; export/hf: merged)"
     )
   return "\n".join(lines)
+
+
+def tensorboard_command() -> str:
+  """The `tensorboard` installed beside this Python (`.venv/bin/tensorboard` after
+  `make run`), else the one on PATH: the viewer of the event files tensorboardX writes."""
+  exe = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+  if not os.path.isfile(exe):
+    return "tensorboard"
+  rel = os.path.relpath(exe)
+  return rel if not rel.startswith("..") else exe
 
 
 def cli() -> None:

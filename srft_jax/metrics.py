@@ -183,10 +183,30 @@ PLOTS = {
 }
 
 
+def smoothing_window(n: int) -> int:
+  """An odd window of about a tenth of the `n` points (3 to 51); 1 (none) under 10 points."""
+  if n < 10:
+    return 1
+  return min(51, max(3, (n // 10) | 1))
+
+
+def moving_average(values, window: int) -> np.ndarray:
+  """Centred moving average: point i is the mean of the `window` points around it
+  (`window` odd); at the ends the window is cut to the points there are."""
+  y = np.asarray(values, np.float64)
+  half = window // 2
+  cum = np.concatenate([[0.0], np.cumsum(y)])
+  i = np.arange(len(y))
+  lo, hi = np.maximum(i - half, 0), np.minimum(i + half + 1, len(y))
+  return (cum[hi] - cum[lo]) / (hi - lo)
+
+
 def plot_metrics(
   jsonl_path: str, out_dir: str, plots: Mapping[str, tuple[str, ...]] = PLOTS
 ) -> list[str]:
-  """One PNG per plot name (reward, entropy, response length over steps)."""
+  """One PNG per plot name (reward, entropy, response length over steps): each
+  curve's per-step values, faint, under their centred moving average (the
+  per-step reward of a few groups is noisy; the average shows the trend)."""
   import matplotlib  # noqa: PLC0415 (plots only (a slow import))
 
   matplotlib.use("Agg")
@@ -203,7 +223,13 @@ def plot_metrics(
       pts = [(r["step"], r[key]) for r in rows if has_value(r, key)]
       if pts:
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, label=key)
+        window = smoothing_window(len(ys))
+        if window == 1:
+          ax.plot(xs, ys, label=key)
+        else:
+          (raw,) = ax.plot(xs, ys, alpha=0.3, linewidth=0.8, label=f"{key} (per step)")
+          label = f"{key} (centred mean of {window} steps)"
+          ax.plot(xs, moving_average(ys, window), color=raw.get_color(), label=label)
         drawn = True
     if not drawn:
       plt.close(fig)

@@ -396,7 +396,7 @@ PRESETS: dict[str, dict[str, Any]] = {
   "grpo": dict(use_sft=False, use_demo_rl=False, **_GRPO_ROLLOUTS, clip_eps=0.2),
   # The paper's naive single-stage "SFT+RL": unweighted SFT (w = 1) on demos
   # plus GRPO on rollouts; no RL term on demonstrations, so the demo stays out
-  # of the rollouts' advantage group (train.GroupLayout.demos_in_group).
+  # of the rollouts' advantage group (step.GroupLayout.demos_in_group).
   "sft_plus_rl": dict(sft_coef=1.0, sft_weight="const", use_demo_rl=False, **_GRPO_ROLLOUTS),
   # LUFFY: mixed group (the demo is in the advantage group: trainer's
   # business), shaped demo RL with gamma = 0.1, GRPO on rollouts, no SFT.

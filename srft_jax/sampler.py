@@ -11,7 +11,7 @@ compiled program. One call prefills the whole prompt; then a `lax.while_loop`
 decodes one token per step and stops as soon as every row has emitted an EOS
 (or after `max_new_tokens`). Nothing leaves the device inside the loop.
 
-Dimension letters as in model.py, plus P (bucketed prompt length) and
+Dimension letters as in srft_jax.model, plus P (bucketed prompt length) and
 R (max_new_tokens, the response length).
 
 Sampling distribution at step t, with z = logits / temperature:
@@ -222,13 +222,30 @@ def _is_eos(tok_B: Array, eos_ids: tuple[int, ...]) -> Array:
   return jnp.any(tok_B[:, None] == jnp.asarray(eos_ids, jnp.int32)[None, :], axis=-1)
 
 
-def _weights_kw(model, cfg: SamplingConfig) -> dict[str, Any]:
+def weights_kw(model, cfg: SamplingConfig) -> dict[str, Any]:
   """The fused decode weights as the model's `weights=` argument (built once a
   call); none when switched off or for a model without them (a test double,
   which decodes from its own params)."""
   if cfg.fused_weights and hasattr(model, "decode_weights"):
     return {"weights": model.decode_weights()}
   return {}
+
+
+def prefill_step(model, tokens_BT, positions_BT, mask_BT, cache, wkw: dict):
+  """The sampler's prefill call: the prompt into the KV cache, then logits of
+  the last column only (from its hidden state: [B, T, V] is never built).
+  Returns (logits [B, 1, V], cache). `wkw`: `weights_kw`."""
+  out = model(tokens_BT, positions_BT, mask_BT, cache=cache, return_hidden=True, **wkw)
+  return model.logits(out.hidden[:, -1:], **wkw), out.cache
+
+
+def decode_step(model, tok_B1, pos_B1, live_B1, cache, wkw: dict):
+  """The sampler's decode call: one token a row through the model's decode-step
+  path (ModelConfig.decode_attention; test doubles have none). Returns
+  (logits [B, 1, V], cache)."""
+  dkw = dict(wkw, decode=True) if hasattr(model, "decode_weights") else dict(wkw)
+  out = model(tok_B1, pos_B1, live_B1, cache=cache, **dkw)
+  return out.logits, out.cache
 
 
 def sample_core(
@@ -261,7 +278,7 @@ def sample_core(
     cache = dict(cache, mask=jnp.zeros_like(cache["mask"]), index=jnp.zeros_like(cache["index"]))
   cache = _constrain_tree(cache, cache_names, rules)
 
-  wkw = _weights_kw(model, cfg)
+  wkw = weights_kw(model, cfg)
   # Prefill: the whole (left-padded) prompt at once; its last column is real.
   # Only the last column's logits are needed: [B, P, V] float32 is never built.
   group = cfg.n if cfg.share_prefill and cfg.n > 1 and b % cfg.n == 0 else 1
@@ -270,10 +287,10 @@ def sample_core(
     small = _constrain_tree(
       model_lib.init_cache(mcfg, b // group, p, _cache_dtype(mcfg, cfg)), cache_names, rules
     )
-    hidden_bPD, small = model(
-      u_tok, model_lib.positions_from_mask(u_mask), u_mask, cache=small, return_hidden=True, **wkw
+    logits_B1V, small = prefill_step(
+      model, u_tok, model_lib.positions_from_mask(u_mask), u_mask, small, wkw
     )
-    logits_B1V = jnp.repeat(model.logits(hidden_bPD[:, -1:], **wkw), group, axis=0)
+    logits_B1V = jnp.repeat(logits_B1V, group, axis=0)
     small = model_lib.repeat_cache_rows(small, group)
     put = lambda big, new: jax.lax.dynamic_update_slice(big, new, (0,) * big.ndim)  # noqa: E731
     cache = {
@@ -285,10 +302,7 @@ def sample_core(
     cache = _constrain_tree(cache, cache_names, rules)
   else:
     positions_BP = model_lib.positions_from_mask(mask_BP)
-    hidden_BPD, cache = model(
-      tokens_BP, positions_BP, mask_BP, cache=cache, return_hidden=True, **wkw
-    )
-    logits_B1V = model.logits(hidden_BPD[:, -1:], **wkw)
+    logits_B1V, cache = prefill_step(model, tokens_BP, positions_BP, mask_BP, cache, wkw)
   next_pos_B = jnp.sum(mask_BP, axis=-1).astype(jnp.int32)  # position of token 0
 
   tok0, logp0 = select_tokens(
@@ -318,8 +332,6 @@ def _decode_loop(
   rules = model.cfg.rules
   cache_names = model_lib.cache_logical_axes(model.cfg)
   b, r = tok0.shape[0], cfg.max_new_tokens
-  # the model's decode-step path (ModelConfig.decode_attention); test doubles have none
-  dkw = dict(wkw, decode=True) if hasattr(model, "decode_weights") else dict(wkw)
   out_tok_BR = jnp.full((b, r), cfg.pad_id, jnp.int32).at[:, 0].set(tok0)
   out_logp_BR = jnp.zeros((b, r), f32).at[:, 0].set(logp0)
   out_mask_BR = jnp.zeros((b, r), jnp.int32).at[:, 0].set(1)
@@ -334,7 +346,7 @@ def _decode_loop(
     step, cache, last_tok, out_tok, out_logp, out_mask, done = carry
     live = (~done).astype(jnp.int32)
     pos = (next_pos_B + step - 1)[:, None]
-    logits_B1V, cache = model(last_tok[:, None], pos, live[:, None], cache=cache, **dkw)
+    logits_B1V, cache = decode_step(model, last_tok[:, None], pos, live[:, None], cache, wkw)
     cache = _constrain_tree(cache, cache_names, rules)
     tok, logp = select_tokens(
       logits_B1V[:, 0],
@@ -364,7 +376,7 @@ def _decode_core(graphdef, state, cache, last_tok_B, next_pos_B, rng, cfg, done_
     done_B = _is_eos(last_tok_B, cfg.eos_ids)
   tok, logp, mask, cache = _decode_loop(
     model,
-    _weights_kw(model, cfg),
+    weights_kw(model, cfg),
     cache,
     last_tok_B,
     jnp.zeros(last_tok_B.shape, f32),

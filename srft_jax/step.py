@@ -8,6 +8,8 @@ arrays and frozen configs, so it can be jitted, lowered ahead of time
   sequence_logprobs   teacher-forced log p(token) and entropy, chunked over V
   rollout_advantages  group advantages of one step's rewards (docs/method.md §1.3)
   assemble_batch      prompts + rollouts + demonstrations -> one [rows, P+R] batch
+  prepare_batch       advantages + assembly in one program, rows over the data axes
+  split_policy        (graphdef, trainable params, frozen LoRA base) of a policy
   train_step          mini-batch updates with exact micro-batch accumulation
   jit_train_step      `train_step` jitted with shardings and the state donated
 """
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from srft_jax import lora as lora_lib
 from srft_jax import model as model_lib
 from srft_jax import objectives as obj
 from srft_jax import sharding as shd
@@ -76,7 +79,13 @@ class GroupLayout:
     return self.n_rollouts + self.n_demos
 
 
-SCHEDULES = ("constant", "linear", "cosine")
+# The learning-rate schedules after the warm-up ramp: name -> (peak lr, decay steps) -> schedule.
+# The one table of allowed names (factory validates optim.schedule against it).
+SCHEDULES = {
+  "constant": lambda lr, steps: optax.constant_schedule(lr),
+  "linear": lambda lr, steps: optax.linear_schedule(lr, 0.0, steps),
+  "cosine": lambda lr, steps: optax.cosine_decay_schedule(lr, steps),
+}
 
 
 def make_optimizer(
@@ -98,14 +107,9 @@ def make_optimizer(
   `updates_per_step` optimizer updates (its mini-batches), which all use that
   step's rate. Returns (optimizer, schedule of the step).
   """
-  if schedule == "constant":
-    decay = optax.constant_schedule(lr)
-  elif schedule == "linear":
-    decay = optax.linear_schedule(lr, 0.0, max(steps - warmup_steps, 1))
-  elif schedule == "cosine":
-    decay = optax.cosine_decay_schedule(lr, max(steps - warmup_steps, 1))
-  else:
-    raise ValueError(f"optim.schedule: unknown schedule {schedule!r}")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"optim.schedule: unknown schedule {schedule!r}; known: {tuple(SCHEDULES)}")
+  decay = SCHEDULES[schedule](lr, max(steps - warmup_steps, 1))
   sched = (
     decay
     if warmup_steps <= 0
@@ -148,20 +152,22 @@ def sequence_logprobs(
   model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
   t = tokens_BT.shape[1]
   first = t - 1 - last if 0 < last < t else 0
-  kw = {"router_stats": True} if router_aux else {}
-  if dropout_key is not None:
-    kw["lora_dropout_key"] = dropout_key
   if first and group > 1:
     p = first + 1
-    hp, hr, *stats = model.forward_shared_prefix(
-      tokens_BT[::group, :p], mask_BT[::group, :p], tokens_BT[:, p:], mask_BT[:, p:], **kw
+    out = model.forward_shared_prefix(
+      tokens_BT[::group, :p],
+      mask_BT[::group, :p],
+      tokens_BT[:, p:],
+      mask_BT[:, p:],
+      lora_dropout_key=dropout_key,
     )
     # Response token 0 is predicted from the prompt's last position (shared).
+    hp, hr = out.prompt_hidden, out.response_hidden
     hidden = jnp.concatenate([jnp.repeat(hp[:, -1:], group, axis=0), hr[:, :-1]], axis=1)
   else:
     positions = model_lib.positions_from_mask(mask_BT)
-    hidden, _, *stats = model(tokens_BT, positions, mask_BT, return_hidden=True, **kw)
-    hidden = hidden[:, first:-1]
+    out = model(tokens_BT, positions, mask_BT, return_hidden=True, lora_dropout_key=dropout_key)
+    hidden = out.hidden[:, first:-1]
   logp, ent = obj.chunked_logprobs_and_entropy(
     hidden, model.unembed(), tokens_BT[:, first + 1 :], temperature=temperature, chunk_size=chunk
   )
@@ -169,7 +175,7 @@ def sequence_logprobs(
     pad = ((0, 0), (first, 0))
     logp, ent = jnp.pad(logp, pad), jnp.pad(ent, pad)
   if router_aux:
-    return logp, ent, model_lib.router_aux(model.cfg, stats[0])
+    return logp, ent, model_lib.router_aux(model.cfg, out.router_stats)
   return logp, ent
 
 
@@ -506,3 +512,60 @@ def jit_train_step(graphdef, tx, cfg: StepConfig, state_sh, batch_sh, ref_sh=Non
     out_shardings=(state_sh, None),
     donate_argnums=(0,),
   )
+
+
+def prepare_batch(
+  prompt_tokens_bP,
+  prompt_mask_bP,
+  roll_tokens,
+  roll_mask,
+  roll_logp,
+  demo_tokens_bR,
+  demo_mask_bR,
+  rewards,
+  row_weight=None,
+  *,
+  layout: GroupLayout,
+  cfg: obj.AdvantageConfig,
+) -> dict[str, Array]:
+  """One step's training batch from its samples and rewards: group advantages
+  (`rollout_advantages`), then `assemble_batch`."""
+  advantages = rollout_advantages(rewards, layout=layout, cfg=cfg)
+  return assemble_batch(
+    prompt_tokens_bP,
+    prompt_mask_bP,
+    roll_tokens,
+    roll_mask,
+    roll_logp,
+    demo_tokens_bR,
+    demo_mask_bR,
+    rewards,
+    advantages,
+    row_weight,
+    layout=layout,
+  )
+
+
+def jit_prepare_batch(args: tuple, layout: GroupLayout, cfg: obj.AdvantageConfig, mesh, rules):
+  """`prepare_batch` jitted for arguments shaped like `args`, its output rows
+  split over the data axes (out_shardings: the train step's batch shardings)."""
+  fn = functools.partial(prepare_batch, layout=layout, cfg=cfg)
+  out = jax.eval_shape(fn, *args)
+  return jax.jit(fn, out_shardings=batch_shardings(out, mesh, rules))
+
+
+def split_policy(model):
+  """(graphdef, trainable params, frozen base or None) of a policy, concrete or
+  abstract (`nnx.eval_shape`): with LoRA adapters the train state holds the
+  adapters and the frozen base is an argument of every step."""
+  if lora_lib.has_adapters(model):
+    return lora_lib.split(model)
+  graphdef, params = nnx.split(model)
+  return graphdef, params, None
+
+
+def reference_params(params, frozen):
+  """The KL term's reference (docs/method.md §2.5): a copy of the starting
+  params; with LoRA (`frozen` not None) zero adapters on the same frozen base,
+  so the weights are never copied."""
+  return jax.tree.map(jnp.zeros_like if frozen is not None else jnp.copy, params)

@@ -2,12 +2,16 @@
 and `fit`, the loop around it (resume, checkpoints, preemption, metrics).
 
 Host side of a step (`Trainer.run_step`), each stage a named call:
-  1. `rollout`:    n samples per prompt from the project's sampler (same model code);
-  2. `reward`:     every rollout and demonstration scored by the verifier;
-  3. `advantages`: group advantages over the augmented group, on device;
-  4. `assemble`:   rollouts + demonstrations packed into one training batch;
-  5. `update`:     the jitted, donated train step (mini-batch updates with exact
-                   micro-batch accumulation, `step.train_step`).
+  1. `rollout`:  n samples per prompt from the project's sampler (same model code);
+  2. `score`:    every rollout and demonstration scored by the verifier, then
+                 `shape_rewards` (DAPO's overlong switches) and, with dynamic
+                 sampling, `informative_groups` / `take_groups`: pure functions
+                 over host arrays;
+  3. `assemble`: group advantages and the training batch, one jitted program
+                 whose output rows are split over the data axes;
+  4. `update`:   the jitted, donated train step (mini-batch updates with exact
+                 micro-batch accumulation, `step.train_step`).
+Each stage returns its value and its metrics; `run_step` merges the metrics.
 Update metrics are fetched one step late so the host never stalls the device.
 """
 
@@ -17,6 +21,7 @@ import dataclasses
 import logging
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,16 +43,14 @@ Array = jax.Array
 
 OUTCOMES = ("correct", "wrong", "unparseable", "no_answer", "timeout")
 
-# Static arguments are frozen dataclasses: one executable per layout and form.
-_advantages = jax.jit(step_lib.rollout_advantages, static_argnames=("layout", "cfg"))
-_assemble = jax.jit(step_lib.assemble_batch, static_argnames=("layout",))
-
 
 class Trainer:
   """Owns the train state and runs steps; the host loop lives in `fit`."""
 
-  def __init__(self, model, *, config, tokenizer, scorer, mesh, rules=None, base_path: str = ""):
-    self.config = config
+  def __init__(
+    self, model, spec: factory.RunSpec, *, tokenizer, scorer, mesh, rules=None, base_path: str = ""
+  ):
+    self.spec = spec
     self.tokenizer = tokenizer
     self.scorer = scorer
     self.mesh = mesh
@@ -55,9 +58,9 @@ class Trainer:
     # LoRA (a model with adapters): the train state holds the adapters only;
     # the frozen base is an argument of every step, identified by its content
     # hash (and `base_path`) in the checkpoints.
-    self.frozen = self.frozen_sh = self.lora_meta = None
-    if lora_lib.has_adapters(model):
-      self.graphdef, self.params, self.frozen = lora_lib.split(model)
+    self.graphdef, self.params, self.frozen = step_lib.split_policy(model)
+    self.frozen_sh = self.lora_meta = None
+    if self.frozen is not None:
       self.frozen_sh = shd.state_shardings(self.frozen, mesh, self.rules)
       self.frozen = jax.device_put(self.frozen, self.frozen_sh)
       lcfg = lora_lib.config_of(model)
@@ -68,30 +71,25 @@ class Trainer:
         "alpha": lcfg.alpha,
         "targets": list(lcfg.targets),
       }
-    else:
-      self.graphdef, self.params = nnx.split(model)
     self.state = None
     self.stage: factory.Stage | None = None
-    # The KL term's reference: a frozen copy of the starting (base) params,
-    # sharded like the policy; kept only where a stage has a KL term. With
-    # LoRA: zero adapters on the same frozen base (no second copy of the weights).
+    # The KL term's reference, sharded like the policy; kept only where a stage
+    # has a KL term.
     self.ref_params = self.ref_sh = None
-    if any(factory.step_config(config, st).reference for st in self.stages()):
+    if spec.reference:
       self.ref_sh = shd.state_shardings(self.params, mesh, self.rules)
-      ref = jnp.zeros_like if self.frozen is not None else jnp.copy
-      self.ref_params = jax.device_put(jax.tree.map(ref, self.params), self.ref_sh)
+      self.ref_params = jax.device_put(
+        step_lib.reference_params(self.params, self.frozen), self.ref_sh
+      )
 
   # -- stages and state -------------------------------------------------------
-  def stages(self) -> list[factory.Stage]:
-    return factory.stages(self.config)
-
   def enter_stage(self, stage: factory.Stage, *, fresh_optimizer: bool) -> None:
-    """This stage's optimizer and step config; a fresh optimizer state (at the
-    stage's first step) keeps the parameters and the step count."""
-    c = self.config
-    self.tx, self.schedule = factory.optimizer(c, stage.steps, stage.lr)
-    self.step_cfg = factory.step_config(c, stage)
-    self._step_fn = None  # jitted on the stage's first batch (its shardings)
+    """This stage's optimizer, sampling and jitted programs; a fresh optimizer
+    state (at the stage's first step) keeps the parameters and the step count."""
+    self.tx, self.schedule = self.spec.optimizer(stage)
+    self.step_cfg = stage.step
+    self._sampling = None  # the stage's rollout sampling, built on its first rollout
+    self._step_fn = self._prepare_fn = None  # jitted on the stage's first batch (its shapes)
     if fresh_optimizer or self.state is None:
       params = self.params if self.state is None else self.state["params"]
       state = step_lib.init_train_state(params, self.tx)
@@ -117,7 +115,7 @@ class Trainer:
 
   def abstract_state(self, stage: factory.Stage):
     """Sharded ShapeDtypeStructs of the train state (Orbax restore target)."""
-    tx, _ = factory.optimizer(self.config, stage.steps, stage.lr)
+    tx, _ = self.spec.optimizer(stage)
     return step_lib.abstract_train_state(self.params, tx, self.mesh, self.rules)
 
   def model(self):
@@ -131,31 +129,35 @@ class Trainer:
   def draws_per_step(self) -> int:
     """Data batches one step consumes: `rollout.oversample` with dynamic
     sampling (groups are then chosen among them), else 1."""
-    r = self.config.rollout
+    r = self.spec.rollout
     on = r.dynamic_sampling and self.stage is not None and self.stage.layout.n_rollouts > 0
-    return int(r.oversample) if on else 1
+    return r.oversample if on else 1
 
   def run_step(self, batch: dict, step: int, rng: Array) -> tuple[dict, dict]:
-    """rollout -> reward -> advantage -> assemble -> update.
+    """rollout -> reward -> advantage + assemble -> update.
 
     `batch` holds `draws_per_step` data batches (`merge_batches`). Returns
     (host metrics, device metrics); the device metrics are not fetched.
     """
-    host = {}
+    layout, r = self.stage.layout, self.spec.rollout
     t0 = time.perf_counter()
     prompts = self.global_batch(batch)
-    rollouts = self.rollout(prompts, rng, host)
+    rollouts, rollout_metrics = self.rollout(prompts, rng)
     t1 = time.perf_counter()
-    rewards, weights, correct = self.reward(batch, rollouts, host)
-    keep = self.select_groups(correct, host)
+    raw, outcome_counts = self.score(batch, rollouts)
+    scored = shape_rewards(raw, rollouts, layout, r, self.spec.data.max_response_len)
+    keep = None
+    if r.dynamic_sampling and layout.n_rollouts:
+      keep = informative_groups(scored.correct, scored.correct.shape[0] // self.draws_per_step)
     t2 = time.perf_counter()
+    host = {
+      **rollout_metrics,
+      **reward_metrics(scored, rollouts, layout, outcome_counts),
+      **(dynamic_metrics(scored.correct, keep) if keep is not None else {}),
+    }
     if keep is not None:
-      prompts, rollouts, rewards, weights = _take_groups(
-        keep, prompts, rollouts, rewards, weights, self.stage.layout
-      )
-    rewards = self._put(rewards.reshape(-1))
-    advantages = self.advantages(rewards)
-    train_batch = self.assemble(prompts, rollouts, rewards, advantages, weights)
+      prompts, rollouts, scored = take_groups(keep, prompts, rollouts, scored, layout)
+    train_batch = self.assemble(prompts, rollouts, scored)
     metrics = self.update(train_batch, step)
     host["time/sample_s"] = t1 - t0
     host["time/score_s"] = t2 - t1
@@ -168,36 +170,39 @@ class Trainer:
     keys = ("prompt_tokens", "prompt_mask", "demo_tokens", "demo_mask")
     return {k: multihost.gather(batch[k]) for k in keys}
 
-  def rollout(self, prompts: dict, rng: Array, host: dict) -> Rollouts | None:
-    """n on-policy samples a prompt (None when the stage has no rollout term)."""
+  def rollout(self, prompts: dict, rng: Array) -> tuple[Rollouts | None, dict]:
+    """(n on-policy samples a prompt, their metrics); None when the stage has
+    no rollout term."""
     n = self.stage.layout.n_rollouts
     if not n:
-      return None
-    cfg = factory.sampling_config(self.config, self.tokenizer, n=n)
+      return None, {}
+    if self._sampling is None:
+      self._sampling = self.spec.sampling(self.tokenizer, n=n)
     out = sampler_lib.sample(
-      self.model(), prompts["prompt_tokens"], prompts["prompt_mask"], rng, cfg, mesh=self.mesh
+      self.model(),
+      prompts["prompt_tokens"],
+      prompts["prompt_mask"],
+      rng,
+      self._sampling,
+      mesh=self.mesh,
     )
     tokens, mask = multihost.gather(out.tokens), multihost.gather(out.mask)
     lengths = mask.sum(1)
     last = tokens[np.arange(len(tokens)), np.maximum(lengths - 1, 0)]
     truncated = ~np.isin(last, list(self.tokenizer.stop_ids))
-    host["rollout/length_mean"] = float(lengths.mean())
-    host["rollout/truncated_frac"] = float(np.mean(truncated))
-    host["tokens/sampled"] = float(lengths.sum())
-    return Rollouts(out.tokens, out.mask, out.logprobs, tokens, mask, lengths, truncated)
+    metrics = {
+      "rollout/length_mean": float(lengths.mean()),
+      "rollout/truncated_frac": float(np.mean(truncated)),
+      "tokens/sampled": float(lengths.sum()),
+    }
+    return Rollouts(out.tokens, out.mask, out.logprobs, tokens, mask, lengths, truncated), metrics
 
-  def reward(self, batch: dict, rollouts: Rollouts | None, host: dict):
-    """(rewards, loss weights, raw rollout correctness) on the host.
-
-    rewards and weights are [prompts, g]: the verifier's rewards of the
-    augmented groups (each prompt's rollouts, then its demos) plus DAPO's
-    overlong shaping on rollouts; weight 0 marks rows whose tokens must not
-    reach the loss (overlong filter). correct [prompts, n] is the verifier's
-    outcome before any shaping. Each host decodes and scores only its own
-    prompts' rows."""
+  def score(self, batch: dict, rollouts: Rollouts | None) -> tuple[np.ndarray, np.ndarray]:
+    """(the verifier's rewards [prompts, g] of every augmented group: each
+    prompt's rollouts, then its demos; outcome counts in OUTCOMES order). Each
+    host decodes and scores only its own prompts' rows; both are gathered."""
     layout = self.stage.layout
     n, d, g = layout.n_rollouts, layout.n_demos, layout.size
-    r = self.config.rollout
     b_local = batch["prompt_tokens"].shape[0]
     roll_texts = []
     if n:
@@ -212,64 +217,23 @@ class Trainer:
       truths += [batch["answers"][i]] * g
     rewards_local, outcomes = self.scorer.score(texts, truths)
     rewards = multihost.gather(rewards_local.astype(np.float32)).reshape(-1, g)
-    weights = np.ones_like(rewards)
-    correct = rewards[:, :n].copy()
-    if n:
-      host["reward/rollout_mean"] = float(rewards[:, :n].mean())
-      host["reward/rollout_group_solved"] = float((rewards[:, :n].max(1) > 0).mean())
-      host["reward/rollout_group_allsame"] = float((rewards[:, :n].std(1) == 0).mean())
-      if r.overlong_buffer:
-        shaping = r.overlong_penalty * overlong_reward(
-          rollouts.lengths,
-          rollouts.truncated,
-          self.config.data.max_response_len,
-          r.overlong_buffer,
-        ).reshape(-1, n)
-        host["reward/overlong_mean"] = float(shaping.mean())
-        rewards = rewards.copy()
-        rewards[:, :n] += shaping
-      if r.overlong_filter:
-        weights[:, :n] = np.where(rollouts.truncated.reshape(-1, n), 0.0, 1.0)
-    if d:
-      host["reward/demo_mean"] = float(rewards[:, n:].mean())
     counts = multihost.gather(np.array([[sum(x == o for x in outcomes) for o in OUTCOMES]]))
-    for o, cnt in zip(OUTCOMES, counts.sum(0)):
-      host[f"outcomes/{o}"] = float(cnt)
-    return rewards, weights, correct
-
-  def select_groups(self, correct: np.ndarray, host: dict) -> np.ndarray | None:
-    """Dynamic sampling (DAPO): the first `prompts_per_step` groups in data
-    order whose rollouts' raw correctness is not all equal; slots left over
-    are filled with zero-weight groups (index -1), so shapes never change.
-    None when dynamic sampling is off for this step."""
-    if not (self.config.rollout.dynamic_sampling and self.stage.layout.n_rollouts):
-      return None
-    keep = informative_groups(correct, correct.shape[0] // self.draws_per_step)
-    host["dynamic/informative_frac"] = float(
-      np.mean(correct.max(1) != correct.min(1)) if len(correct) else 0.0
-    )
-    host["dynamic/filled_slots"] = float(np.sum(keep < 0))
-    return keep
+    return rewards, counts.sum(0)
 
   def _put(self, x) -> Array:
     """A host array as a global array, rows over the data axes."""
     return shd.put_global(x, shd.batch_sharding(self.mesh, x.ndim, self.rules, x.shape))
 
-  def advantages(self, rewards: Array) -> Array:
-    """Group advantages of the step's rewards, on device (docs/method.md §1.3)."""
-    return _advantages(rewards, layout=self.stage.layout, cfg=self.stage.advantage)
-
-  def assemble(
-    self, prompts: dict, rollouts, rewards: Array, advantages: Array, weights: np.ndarray
-  ) -> dict:
-    """The training batch: [prompts x g, P + R] rows, sharded over the data axes."""
+  def assemble(self, prompts: dict, rollouts: Rollouts | None, scored: Scored) -> dict:
+    """The training batch: [prompts x g, P + R] rows with their group
+    advantages (docs/method.md §1.3), split over the data axes; one program."""
     p = {k: self._put(v) for k, v in prompts.items()}
-    r = self.config.rollout
+    r = self.spec.rollout
     # Static per run (a weight array only where a switch can zero rows): one trace.
     row_weight = (
-      self._put(weights.reshape(-1)) if (r.overlong_filter or r.dynamic_sampling) else None
+      self._put(scored.weights.reshape(-1)) if (r.overlong_filter or r.dynamic_sampling) else None
     )
-    train_batch = _assemble(
+    args = (
       p["prompt_tokens"],
       p["prompt_mask"],
       rollouts.tokens if rollouts is not None else None,
@@ -277,14 +241,14 @@ class Trainer:
       rollouts.logprobs if rollouts is not None else None,
       p["demo_tokens"],
       p["demo_mask"],
-      rewards,
-      advantages,
+      self._put(scored.rewards.reshape(-1)),
       row_weight,
-      layout=self.stage.layout,
     )
-    # Constant leaves (is_demo) come out replicated; the step's in_shardings
-    # want every batch leaf split over the data axes.
-    return jax.device_put(train_batch, step_lib.batch_shardings(train_batch, self.mesh, self.rules))
+    if self._prepare_fn is None:
+      self._prepare_fn = step_lib.jit_prepare_batch(
+        args, self.stage.layout, self.stage.advantage, self.mesh, self.rules
+      )
+    return self._prepare_fn(*args)
 
   def update(self, train_batch: dict, step: int) -> dict:
     """The jitted train step on `train_batch`; returns its (unfetched) metrics."""
@@ -319,6 +283,61 @@ class Rollouts:
   truncated: np.ndarray  # [prompts * n] bool: no stop token
 
 
+class Scored(NamedTuple):
+  """One step's rewards on the host, [prompts, g] (each prompt's rollouts, then its demos)."""
+
+  rewards: np.ndarray  # the verifier's, plus DAPO's overlong shaping on rollouts
+  weights: np.ndarray  # loss weight of each row: 0 where its tokens must not reach the loss
+  correct: np.ndarray  # [prompts, n]: the rollouts' raw verifier outcome, before any shaping
+  shaping: np.ndarray | None = None  # [prompts, n]: the overlong shaping added (None: off)
+
+
+def shape_rewards(raw: np.ndarray, rollouts: Rollouts | None, layout, r, max_len: int) -> Scored:
+  """The verifier's rewards `raw` [prompts, g] with DAPO's trainer switches
+  (docs/method.md §2.8): overlong shaping added to rollout rewards, and the
+  overlong filter's zero weights on truncated rollouts."""
+  n = layout.n_rollouts
+  rewards, weights, shaping = raw, np.ones_like(raw), None
+  if n and r.overlong_buffer:
+    shaping = r.overlong_penalty * overlong_reward(
+      rollouts.lengths, rollouts.truncated, max_len, r.overlong_buffer
+    ).reshape(-1, n)
+    rewards = raw.copy()
+    rewards[:, :n] += shaping
+  if n and r.overlong_filter:
+    weights[:, :n] = np.where(rollouts.truncated.reshape(-1, n), 0.0, 1.0)
+  return Scored(rewards, weights, raw[:, :n].copy(), shaping)
+
+
+def reward_metrics(scored: Scored, rollouts: Rollouts | None, layout, outcome_counts) -> dict:
+  """What the step's rewards say: raw rollout success, solved and all-equal
+  groups, the overlong shaping, demonstration rewards, outcome counts."""
+  n = layout.n_rollouts
+  out = {}
+  if n:
+    raw = scored.correct
+    out["reward/rollout_mean"] = float(raw.mean())
+    out["reward/rollout_group_solved"] = float((raw.max(1) > 0).mean())
+    out["reward/rollout_group_allsame"] = float((raw.std(1) == 0).mean())
+    if scored.shaping is not None:
+      out["reward/overlong_mean"] = float(scored.shaping.mean())
+  if layout.n_demos:
+    out["reward/demo_mean"] = float(scored.rewards[:, n:].mean())
+  for o, cnt in zip(OUTCOMES, outcome_counts):
+    out[f"outcomes/{o}"] = float(cnt)
+  return out
+
+
+def dynamic_metrics(correct: np.ndarray, keep: np.ndarray) -> dict:
+  """Dynamic sampling (DAPO): the drawn groups that were informative, and the
+  slots left to zero-weight fillers."""
+  informative = np.mean(correct.max(1) != correct.min(1)) if len(correct) else 0.0
+  return {
+    "dynamic/informative_frac": float(informative),
+    "dynamic/filled_slots": float(np.sum(keep < 0)),
+  }
+
+
 def overlong_reward(
   lengths: np.ndarray, truncated: np.ndarray, max_len: int, buffer: int
 ) -> np.ndarray:
@@ -341,7 +360,7 @@ def informative_groups(correct: np.ndarray, want: int) -> np.ndarray:
   return keep
 
 
-def _take_groups(keep, prompts, rollouts, rewards, weights, layout):
+def take_groups(keep: np.ndarray, prompts: dict, rollouts: Rollouts, scored: Scored, layout):
   """The groups `keep` picks (prompt indices; -1: a zero-weight filler)."""
   n = layout.n_rollouts
   src = np.where(keep < 0, 0, keep)
@@ -354,8 +373,9 @@ def _take_groups(keep, prompts, rollouts, rewards, weights, layout):
     mask=jnp.take(rollouts.mask, idx, axis=0),
     logprobs=jnp.take(rollouts.logprobs, idx, axis=0),
   )
-  weights = np.where((keep < 0)[:, None], 0.0, weights[src])
-  return prompts, rollouts, rewards[src], weights
+  weights = np.where((keep < 0)[:, None], 0.0, scored.weights[src])
+  shaping = None if scored.shaping is None else scored.shaping[src]
+  return prompts, rollouts, Scored(scored.rewards[src], weights, scored.correct[src], shaping)
 
 
 def merge_batches(batches: list[dict], tokenizer) -> dict:
@@ -423,22 +443,25 @@ def check_resume_base(ckpt: ckpt_lib.Checkpointer, lora_meta: dict | None) -> No
       )
 
 
-def fit(
-  trainer: Trainer, data_iter, *, workdir: str, progress: bool = True, eval_hook=None
-) -> dict:
-  """The training loop: resume, steps, checkpoints, preemption, metrics.
+def fit(trainer: Trainer, data_iter, *, workdir: str, eval_hook=None) -> dict:
+  """The training loop of `trainer.spec`: resume, steps, checkpoints,
+  preemption, metrics, the progress bar (labelled with the spec's name).
 
   Returns {"status": "done" | "preempted" | "nonfinite", "step": last step}.
   """
-  c = trainer.config
-  stages = trainer.stages()
+  spec = trainer.spec
+  steps, stages = spec.steps, spec.stages
   ckpt = ckpt_lib.Checkpointer(
-    os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep, async_save=c.checkpoint.async_save
+    os.path.join(workdir, "checkpoints"),
+    keep=spec.checkpoint.keep,
+    async_save=spec.checkpoint.async_save,
   )
-  writer = metrics_lib.MetricsWriter(os.path.join(workdir, "logs"), tensorboard=c.log.tensorboard)
+  writer = metrics_lib.MetricsWriter(
+    os.path.join(workdir, "logs"), tensorboard=spec.log.tensorboard
+  )
   guard = ckpt_lib.PreemptionGuard()
-  base_key = jax.random.key(c.seed)
-  meta = {"config": c.to_json_best_effort() if hasattr(c, "to_json_best_effort") else str(c)}
+  base_key = jax.random.key(spec.seed)
+  meta = {"config": spec.config_json}
   if trainer.lora_meta is not None:
     meta["lora"] = trainer.lora_meta  # the base the adapters belong to (checked on resume)
 
@@ -452,17 +475,13 @@ def fit(
   )
   if restored is not None:
     start, state, data_state, _ = restored
-    if start > c.steps:
+    if start > steps:
       raise factory.ConfigError(
-        f"config.steps={c.steps}: {ckpt.directory} already holds step {start}; "
+        f"config.steps={steps}: {ckpt.directory} already holds step {start}; "
         "give at least that many steps or another workdir"
       )
     data_iter.set_state(data_state)
-    stage = (
-      next(s for s in stages if s.start <= start < s.start + s.steps)
-      if start < c.steps
-      else stages[-1]
-    )
+    stage = spec.stage_at(start)
     trainer.restore(state, stage, at_stage_start=start == stage.start)
     log.info("resumed from step %d (%s)", start, ckpt.directory)
   writer.drop_from(start)  # rows of steps from the checkpoint on (all: none) are written again
@@ -478,8 +497,8 @@ def fit(
   status = "done"
   pending = None  # (step, host metrics, device metrics) of the previous step
   bar = None
-  if progress and multihost.is_main():
-    bar = tqdm(total=c.steps, initial=start, desc="train", dynamic_ncols=True, leave=True)
+  if spec.log.progress and multihost.is_main():
+    bar = tqdm(total=steps, initial=start, desc=spec.name, dynamic_ncols=True, leave=True)
 
   def flush(p):
     step, host, dev = p
@@ -494,14 +513,14 @@ def fit(
   last = None
   step = start
   try:
-    for step in range(start, c.steps):
-      stage = next(s for s in stages if s.start <= step < s.start + s.steps)
+    for step in range(start, steps):
+      stage = spec.stage_at(step)
       current = trainer.stage
       if current is None or (current.name, current.start) != (stage.name, stage.start):
         trainer.enter_stage(stage, fresh_optimizer=step == stage.start)
       t0 = time.perf_counter()
       evals_now = {}
-      if eval_hook is not None and step % c.eval.every == 0:
+      if eval_hook is not None and step % spec.eval.every == 0:
         evals_now = eval_hook(trainer.model())
       batch = merge_batches(
         [next(data_iter) for _ in range(trainer.draws_per_step)], trainer.tokenizer
@@ -512,7 +531,7 @@ def fit(
       diverged = False
       if pending is not None:
         last = flush(pending)
-        diverged = last.get("nonfinite/streak", 0) >= c.max_nonfinite_streak
+        diverged = last.get("nonfinite/streak", 0) >= spec.max_nonfinite_streak
       host["time/step_s"] = time.perf_counter() - t0
       host.update(evals_now)
       pending = (step, host, dev)
@@ -523,18 +542,18 @@ def fit(
         status = "nonfinite"
       elif guard.should_stop():
         status = "preempted"
-      periodic = bool(c.checkpoint.every) and done % c.checkpoint.every == 0
-      if status != "done" or (done < c.steps and (periodic or done == stage.start + stage.steps)):
+      periodic = bool(spec.checkpoint.every) and done % spec.checkpoint.every == 0
+      if status != "done" or (done < steps and (periodic or done == stage.start + stage.steps)):
         last, pending = flush(pending), None
         save(done)
       if status != "done":
         break
     if pending is not None:
       last = flush(pending)
-    if status == "done" and eval_hook is not None and c.steps % c.eval.every == 0:
-      writer.write(c.steps, eval_hook(trainer.model()))
+    if status == "done" and eval_hook is not None and steps % spec.eval.every == 0:
+      writer.write(steps, eval_hook(trainer.model()))
     if status == "done":
-      save(c.steps)
+      save(steps)
   finally:
     ckpt.wait()
     ckpt.close()
@@ -544,7 +563,7 @@ def fit(
       bar.close()
   if status == "nonfinite":
     raise FloatingPointError(
-      f"{c.max_nonfinite_streak} non-finite updates in a row at step {step}; "
+      f"{spec.max_nonfinite_streak} non-finite updates in a row at step {step}; "
       f"checkpoint saved in {os.path.join(workdir, 'checkpoints')}"
     )
   return {

@@ -24,6 +24,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
 
+import helpers  # noqa: E402
+
 # Float32 parity tests compare against float32 references: no TF32/bf16 passes.
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -35,6 +37,29 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "multidevice" in item.keywords:
       item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------
+# Inputs built once a session (tests/helpers.py)
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+  """The task tokenizer's .model file (seed 0), trained once a session."""
+  return helpers.task_tokenizer_path(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+  """kind -> (directory, torch model): a tiny random transformers checkpoint
+  of each of helpers.HF_KINDS (tests/test_hf.py, tests/test_lora.py)."""
+  root = tmp_path_factory.mktemp("hf")
+  out = {}
+  for seed, kind in enumerate(helpers.HF_KINDS):
+    path = str(root / kind)
+    out[kind] = (path, helpers.save_tiny_hf(helpers.tiny_hf_config(kind), path, seed=seed))
+  return out
 
 
 # ----------------------------------------------------------------------------

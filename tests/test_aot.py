@@ -2,15 +2,14 @@
 preset on a small topology when libtpu (requirements-tpu.txt) is installed."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from srft_jax import factory
 from srft_jax.tools import aot
+
+import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +29,9 @@ def test_topology_names():
 def test_model_flops_and_state_bound():
   from srft_jax import model as model_lib
 
-  c = factory.load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
+  c = factory.run_spec(
+    factory.load_config(str(ROOT / "configs" / "srft_7b_tpu.py")), validate=False
+  )
   mcfg = aot.model_config(c)
   assert mcfg == model_lib.ModelConfig.preset(
     "qwen2_5_math_7b_rope40k", param_dtype="float32", dtype="bfloat16", remat="full"
@@ -69,12 +70,8 @@ def test_dashed_flags():
 @pytest.mark.slow
 def test_tiny_on_v5e_2x2(tmp_path):
   out_json = tmp_path / "aot.json"
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = ""  # the tool's host needs no forced CPU devices
-  env["JAX_PLATFORMS"] = "cpu"
-  cmd = [
-    sys.executable,
-    "-m",
+  # helpers.run_cli: on the CPU without forced devices (the tool's host needs none).
+  res = helpers.run_cli(
     "srft_jax.tools.aot",
     "--config=configs/default.py",
     "--topology=v5e:2x2",
@@ -84,8 +81,8 @@ def test_tiny_on_v5e_2x2(tmp_path):
     "--config.batch.prompts_per_step=8",
     "--config.data.max_response_len=16",
     "--config.data.prompt_buckets=(16,)",
-  ]
-  res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    timeout=900,
+  )
   assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
   last = json.loads(res.stdout.strip().splitlines()[-1])
   assert last == json.loads(out_json.read_text())
@@ -111,9 +108,8 @@ def test_tiny_on_v5e_2x2(tmp_path):
   # Sampling leaves the train state on the chip: Adam's two float32 moments of
   # every parameter (replicated on a pure data mesh) plus a few int32 counters.
   c = factory.load_config(str(ROOT / "configs" / "default.py"))
-  with c.unlocked():
-    c.model.num_layers = 1
-  moments = 2 * 4 * aot.model_config(c).num_params()
+  spec = factory.run_spec(c, {"model.num_layers": 1}, validate=False)
+  moments = 2 * 4 * aot.model_config(spec).num_params()
   s, t = rep["programs"]["sample"], rep["programs"]["train"]
   assert moments <= s["resident_bytes"] <= moments + 64 and "resident_bytes" not in t
   parts = ("argument_bytes", "output_bytes", "temp_bytes", "code_bytes", "resident_bytes")
@@ -141,10 +137,10 @@ def test_hf_checkpoint_gets_the_runs_overrides(tmp_path):
     json.dumps(hf.config_to_hf(model_lib.ModelConfig.preset("qwen2_5_math_7b")))
   )
   c = factory.load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
-  with c.unlocked():
-    c.model.hf_path = str(tmp_path)
-  mcfg = aot.model_config(c)
-  want = {k: c.model[k] for k in ("rope_theta", "max_seq_len", "attention") if c.model.get(k)}
+  spec = factory.run_spec(c, {"model.hf_path": str(tmp_path)}, validate=False)
+  mcfg = aot.model_config(spec)
+  want = {k: getattr(spec.model, k) for k in ("rope_theta", "max_seq_len", "attention")}
+  want = {k: v for k, v in want.items() if v}
   assert want and {k: getattr(mcfg, k) for k in want} == want
 
 
@@ -157,18 +153,11 @@ def test_hf_checkpoint_gets_the_runs_overrides(tmp_path):
     (["--topology=v5e:2x2", "--rows-per-shard=-1"], "--rows_per_shard"),
   ],
 )
+@pytest.mark.slow
 def test_bad_arguments_exit_2_with_a_message(args, message):
   if not aot.libtpu_available():
     pytest.skip("the tool checks for libtpu first")
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  res = subprocess.run(
-    [sys.executable, "-m", "srft_jax.tools.aot", "--config=configs/default.py", *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  res = helpers.run_cli("srft_jax.tools.aot", "--config=configs/default.py", *args)
   assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
 
 
@@ -188,7 +177,8 @@ def test_rows_per_shard_sets_the_micro_batches():
   """--rows_per_shard: the 7B recipe's 512 rows a mini-batch over each slice's
   FSDP shards; a config with shared_prefix keeps whole groups or says why not;
   the count must split every stage."""
-  c = factory.load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
+  config = factory.load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
+  c = factory.run_spec(config, validate=False)
   got = {
     (t, n): aot.microbatches_for(c, aot.Topology.parse(t), n)
     for t, n in (("v5p:2x2x1", 1), ("v5p:2x2x4", 1), ("v5p:2x4x4", 1), ("v5p:2x4x4", 2))
@@ -197,15 +187,17 @@ def test_rows_per_shard_sets_the_micro_batches():
   v5p32 = aot.Topology.parse("v5p:2x2x4")
   assert aot.with_rows_per_shard(c, v5p32, 0) is c
   assert aot.with_rows_per_shard(c, v5p32, 1).batch.microbatches == 32
-  two = c.copy_and_resolve_references()
-  with two.unlocked():
-    two.stages = "sft:10,grpo"  # SFT: 64 rows a mini-batch, 2 a micro-batch over 16 shards
-  with pytest.raises(ValueError, match="stage sft"):
+  # SFT: 64 rows a mini-batch, 2 a micro-batch over 16 shards
+  two = factory.run_spec(config, {"stages": "sft:10,grpo"}, validate=False)
+  with pytest.raises(
+    ValueError, match=r"config\.batch\.microbatches: must divide the 64 rows .*sft"
+  ):
     aot.microbatches_for(two, v5p32, 1)
-  tiny = factory.load_config(str(ROOT / "configs" / "default.py"))  # 4 prompts x 8 a mini-batch
+  # 4 prompts x 8 a mini-batch
+  tiny = factory.run_spec(factory.load_config(str(ROOT / "configs" / "default.py")), validate=False)
   v5e4 = aot.Topology.parse("v5e:2x2")
   assert aot.microbatches_for(tiny, v5e4, 2) == 4
-  with pytest.raises(ValueError, match="cut groups"):
+  with pytest.raises(ValueError, match="whole groups"):
     aot.microbatches_for(tiny, v5e4, 1)
   with pytest.raises(ValueError, match="do not split"):
     aot.microbatches_for(tiny, v5e4, 3)

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -15,8 +13,9 @@ from srft_jax.data import builders
 from srft_jax.data import pipeline
 from srft_jax.data.__main__ import main as cli_main
 
+import helpers
+
 tfds.display_progress_bar(False)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------
@@ -114,6 +113,7 @@ def test_openr1_parquet_and_jsonl(tmp_path):
   assert meta["prepare_report"]["splits"]["train"]["kept"] == 5
 
 
+@pytest.mark.slow
 def test_champ_demonstrations(tmp_path):
   import champ_dataset
 
@@ -488,24 +488,16 @@ def test_prepare_cli(tmp_path, capsys):
   assert "bad.jsonl: no usable row" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_prepare_cli_as_module(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "srft_jax.data",
-      "prepare",
-      "task",
-      "--data_dir",
-      str(tmp_path),
-      "--task_sizes",
-      "train=6,test_id=3,test_ood=2",
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
+  proc = helpers.run_cli(
+    "srft_jax.data",
+    "prepare",
+    "task",
+    "--data_dir",
+    str(tmp_path),
+    "--task_sizes",
+    "train=6,test_id=3,test_ood=2",
     timeout=120,
   )
   assert proc.returncode == 0, proc.stderr

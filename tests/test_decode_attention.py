@@ -75,6 +75,7 @@ F32, BF16 = (jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)
     (70, 96, None, *BF16),
   ],
 )
+@pytest.mark.slow
 def test_kernel_matches_numpy_formula(bound, s, splits, dtype, atol, tuning):
   """One program a (row, kv head) or the slots split over several (flash decoding:
   splits past the bound stay empty and the partial softmaxes are merged)."""
@@ -94,6 +95,7 @@ def test_kernel_matches_numpy_formula(bound, s, splits, dtype, atol, tuning):
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=atol, rtol=0)
 
 
+@pytest.mark.slow
 def test_kernel_matches_model_attend_on_a_clean_cache():
   """Same function as `model.attend` for one query (no NaN slots: attend reads them)."""
   q, k, v, ok = _case(1, b=4, kh=2, g=6, h=32, s=128, bound=128)
@@ -151,6 +153,7 @@ def _scaled_model(cfg, seed=0):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_sampler_with_kernel_samples_what_xla_attention_samples(dtype):
   """Same tokens, masks and (float32: 1e-5) log-probs as decoding with XLA's
   attention: temperature sampling with EOS, left-padded prompts, a 32-slot
@@ -197,15 +200,16 @@ def test_kernel_only_in_the_decode_step_so_one_token_training_rows_differentiate
 
   def loss(state):
     model = nnx.merge(graphdef, state)
-    hp, hr = model.forward_shared_prefix(
+    out = model.forward_shared_prefix(
       toks, mask, jnp.ones((4, 1), jnp.int32), jnp.ones((4, 1), jnp.int32)
     )
-    return jnp.sum(hr**2) + jnp.sum(hp**2)
+    return jnp.sum(out.response_hidden**2) + jnp.sum(out.prompt_hidden**2)
 
   assert "pallas_call" not in str(jax.make_jaxpr(jax.value_and_grad(loss))(state))
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow
 def test_sharded_kernel_equals_single_device():
   """Under a (data 2, fsdp 2, tensor 2) mesh the kernel runs per shard
   (rows over data x fsdp, kv heads over tensor) and gives the same output."""
@@ -228,6 +232,7 @@ def test_sharded_kernel_equals_single_device():
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow
 def test_sharded_sampler_with_kernel_equals_single_device():
   """The whole sampler on a (data 2, fsdp 2, tensor 2) mesh with the kernel in
   its decode step: the same greedy tokens and log-probs as one device."""

@@ -9,8 +9,10 @@ own resume is tested end to end in test_train.py (SIGKILL, SIGTERM).
 """
 
 import dataclasses
+import functools
 import importlib.util
 import json
+import math
 import os
 import pathlib
 
@@ -30,6 +32,8 @@ from srft_jax import paths
 from srft_jax import sharding as shd
 from srft_jax import step as step_lib
 from srft_jax import trainer as trainer_lib
+
+import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs" / "default.py")
@@ -104,6 +108,7 @@ def _config(stages="sft:2,grpo", steps=5, every=0, **kw):
     c.steps, c.stages = steps, stages
     c.checkpoint.every, c.checkpoint.async_save = every, False
     c.log.tensorboard = False
+    c.log.progress = False
     for k, v in kw.items():
       c[k] = v
   return c
@@ -111,15 +116,16 @@ def _config(stages="sft:2,grpo", steps=5, every=0, **kw):
 
 def _trainer(c, cls=StepTrainer):
   mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  spec = factory.run_spec(c, validate=False)  # one device here, not the config's mesh
   return cls(
-    model_lib.Transformer(SMALL, rngs=nnx.Rngs(0)), config=c, tokenizer=None, scorer=None, mesh=mesh
+    model_lib.Transformer(SMALL, rngs=nnx.Rngs(0)), spec, tokenizer=None, scorer=None, mesh=mesh
   )
 
 
 def _fit(c, workdir, kill_at=None, cls=StepTrainer):
   t = _trainer(c, cls)
   try:
-    info = trainer_lib.fit(t, Batches(kill_at), workdir=str(workdir), progress=False)
+    info = trainer_lib.fit(t, Batches(kill_at), workdir=str(workdir))
   except Killed:
     return t, None
   return t, info
@@ -136,6 +142,7 @@ def _rows(workdir):
 
 
 @pytest.mark.parametrize("kill_at", [2, 3])
+@pytest.mark.slow
 def test_resume_equals_an_unbroken_run_across_a_stage_switch(tmp_path, kill_at):
   # kill_at=2: the checkpoint of the stage boundary itself; the unbroken run
   # starts grpo there with a fresh optimizer, and so must the resumed one.
@@ -171,7 +178,7 @@ def test_nonfinite_stop_saves_the_state_under_its_own_step(tmp_path):
   assert [r["step"] for r in _rows(tmp_path)] == [0, 1, 2, 3]
   ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
   t = _trainer(c)
-  step, state, data, _ = ck.restore(t.abstract_state(t.stages()[0]))
+  step, state, data, _ = ck.restore(t.abstract_state(t.spec.stages[0]))
   ck.close()
   assert (step, int(state["step"]), data) == (4, 4, {"pos": 4})
 
@@ -187,7 +194,7 @@ def test_a_corrupted_final_checkpoint_is_saved_again(tmp_path):
       f.write_bytes(b"")
   resumed, info = _fit(c, tmp_path)  # falls back to 2, trains 2 and 3, saves 4
   ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints")
-  step, state, _, _ = ck.restore(resumed.abstract_state(resumed.stages()[0]))
+  step, state, _, _ = ck.restore(resumed.abstract_state(resumed.spec.stages[0]))
   ck.close()
   assert step == 4 and int(state["step"]) == 4
   assert all(
@@ -196,11 +203,39 @@ def test_a_corrupted_final_checkpoint_is_saved_again(tmp_path):
   )
 
 
-@pytest.mark.parametrize("schedule,warmup", [("linear", 0), ("cosine", 0), ("linear", 2)])
+def _lr_formula(schedule, s, *, lr, steps, warmup):
+  """The rate of training step `s` (docs/method.md §5, written out here, not
+  with optax): a linear warm-up from 0 over the first `warmup` steps, then over
+  the n = steps - warmup steps left (t = s - warmup) `constant` lr,
+  `linear` lr (1 - t/n) or `cosine` lr (1 + cos(pi t/n)) / 2, as transformers'
+  get_{linear,cosine}_schedule_with_warmup: the last step still learns."""
+  if s < warmup:
+    return lr * s / warmup
+  frac = (s - warmup) / max(steps - warmup, 1)
+  if schedule == "constant":
+    return lr
+  if schedule == "linear":
+    return lr * (1.0 - frac)
+  assert schedule == "cosine", schedule
+  return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def test_lr_formula_by_hand():
+  f = functools.partial(_lr_formula, lr=2.0, steps=4)
+  assert [f("linear", s, warmup=0) for s in range(4)] == [2.0, 1.5, 1.0, 0.5]
+  assert [f("linear", s, warmup=2) for s in range(4)] == [0.0, 1.0, 2.0, 1.0]
+  assert [f("constant", s, warmup=2) for s in range(4)] == [0.0, 1.0, 2.0, 2.0]
+  assert [f("cosine", s, warmup=0) for s in range(4)] == pytest.approx(
+    [2.0, 1.0 + 2**-0.5, 1.0, 1.0 - 2**-0.5]
+  )
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 2])
 def test_schedule_is_per_step_across_minibatch_updates(schedule, warmup):
   # Adam with b1 = b2 = 0 moves a parameter by exactly lr (sign of the gradient):
   # the move of each update is the rate it used.
-  steps, per_step, lr = 4, 2, 1.0
+  steps, per_step, lr = 5, 2, 1.0
   tx, sched = step_lib.make_optimizer(
     lr,
     steps=steps,
@@ -219,8 +254,10 @@ def test_schedule_is_per_step_across_minibatch_updates(schedule, warmup):
   for _ in range(steps * per_step):
     u, opt = tx.update(jnp.ones(()), opt, x)
     moves.append(-float(u))
-  want = np.repeat([float(sched(s)) for s in range(steps)], per_step)
-  np.testing.assert_allclose(moves, want, rtol=1e-5, atol=1e-7)
+  rates = [_lr_formula(schedule, s, lr=lr, steps=steps, warmup=warmup) for s in range(steps)]
+  np.testing.assert_allclose([float(sched(s)) for s in range(steps)], rates, rtol=1e-6, atol=1e-7)
+  # Every mini-batch update of a step at that step's rate.
+  np.testing.assert_allclose(moves, np.repeat(rates, per_step), rtol=1e-5, atol=1e-7)
   if warmup == 0:
     assert moves[0] == pytest.approx(lr)  # no hidden warm-up step at lr 0
   assert min(moves[-per_step:]) > 0  # the last step still learns
@@ -255,7 +292,7 @@ def test_each_stage_trains_at_its_own_learning_rate(tmp_path):
   with c.unlocked():
     c.optim.stage_lrs = (1e-3,)
   with pytest.raises(ValueError, match=r"config\.optim\.stage_lrs"):
-    factory.validate_config(c)
+    factory.run_spec(c)
 
 
 def test_two_stage_half_follows_the_final_step_count():
@@ -273,15 +310,12 @@ def test_two_stage_half_follows_the_final_step_count():
   ],
 )
 def test_config_errors_name_the_field(field, value, named):
-  c = DEFAULT.get_config()
-  with c.unlocked():
-    if field.startswith("warmup."):
-      c.batch.microbatches = 4  # divides the run's 16 prompts, not the warm-up's 6
-      c.batch.prompts_per_step = 16
-    node, _, leaf = field.rpartition(".")
-    (c[node] if node else c)[leaf] = value
+  overrides = {field: value}
+  if field.startswith("warmup."):
+    # 4 micro-batches divide the run's 16 prompts, not the warm-up's 6
+    overrides.update({"batch.microbatches": 4, "batch.prompts_per_step": 16})
   with pytest.raises(ValueError, match=named.replace(".", r"\.")):
-    factory.validate_config(c)
+    factory.run_spec(DEFAULT.get_config(), overrides)
 
 
 def test_base_cache_is_complete_or_absent(tmp_path, monkeypatch):
@@ -327,6 +361,7 @@ def test_fewer_steps_than_done_is_refused(tmp_path):
     _fit(_config(stages="", steps=2), tmp_path)
 
 
+@pytest.mark.slow
 def test_cached_warmup_of_other_settings_is_refused(tmp_path):
   import types
 
@@ -334,11 +369,12 @@ def test_cached_warmup_of_other_settings_is_refused(tmp_path):
   with c.unlocked():
     c.warmup.dir = str(tmp_path / "base")
   tok = types.SimpleNamespace(vocab_size=64)
-  mcfg = factory.model_config(c, tok.vocab_size)
+  spec = factory.run_spec(c, validate=False)
+  mcfg = spec.model.config(tok.vocab_size)
   model = model_lib.Transformer(mcfg, rngs=nnx.Rngs(0))
-  job.save_base(model, os.path.join(c.warmup.dir, "hf"), job.warmup_meta(c, mcfg))
+  job.save_base(model, os.path.join(spec.warmup.dir, "hf"), job.warmup_meta(spec, mcfg))
   mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  same = job.base_model(c, tok, mesh, str(tmp_path), scorer=None)  # the cache, reused
+  same = job.base_model(spec, tok, mesh, str(tmp_path), scorer=None)  # the cache, reused
   assert all(
     bool(jnp.array_equal(x, y))
     for x, y in zip(
@@ -346,38 +382,21 @@ def test_cached_warmup_of_other_settings_is_refused(tmp_path):
     )
   )
   for field, value in (("warmup.lr", 1e-2), ("model.num_layers", 2)):
-    other = c.copy_and_resolve_references()
-    with other.unlocked():
-      node, _, leaf = field.rpartition(".")
-      other[node][leaf] = value
+    other = factory.run_spec(c, {field: value}, validate=False)
     with pytest.raises(factory.ConfigError, match=r"config\.warmup\.dir: .*" + field.split(".")[0]):
       job.base_model(other, tok, mesh, str(tmp_path), scorer=None)
 
 
-def _cli(module, *args):
-  import subprocess
-  import sys
-
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  return subprocess.run(
-    [sys.executable, "-m", module, *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-
-
+@pytest.mark.slow
 def test_command_line_mistakes_exit_2_with_a_message(tmp_path):
-  res = _cli(
+  res = helpers.run_cli(
     "srft_jax.main",
     "--config=configs/default.py",
     "--config.method=foo",
     f"--workdir={tmp_path / 'w'}",
   )
   assert res.returncode == 2 and "error: config.method" in res.stderr, res.stderr[-2000:]
-  res = _cli(
+  res = helpers.run_cli(
     "srft_jax.evaluate", f"--checkpoint={tmp_path / 'missing'}", "--benchmarks=foo,math500"
   )
   assert res.returncode == 2, res.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""A run whose workdir is a bucket (gs://) keeps everything there (issue 22).
+"""A run whose workdir is a bucket (gs://) keeps everything there.
 
 Against a local GCS emulator (conftest.py `gcs`): the path layer itself, the
 main job writing every output to the bucket and nothing to local disk, a run
@@ -13,8 +13,6 @@ import os
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import time
 
 import jax
@@ -22,6 +20,8 @@ import numpy as np
 import pytest
 
 from srft_jax import paths
+
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gs://srft-test"
@@ -63,49 +63,30 @@ def _files_under(d: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def job_cli(gcs, tmp_path_factory):
-  """`python -m srft_jax.main --workdir=gs://...` with its HOME, TMPDIR and cwd
-  in empty local folders; a compilation cache (outside them) shared by every run."""
+  """`start(workdir, local)`: `python -m srft_jax.main --workdir=gs://...`
+  (helpers.MainJob) with its HOME, TMPDIR and cwd in the empty local folders
+  `local`; a compilation cache (outside them) shared by every run."""
   shared = tmp_path_factory.mktemp("gcs_job")
-  env = dict(os.environ)
-  env.update(
-    gcs.env,
+  env = dict(
+    os.environ,
+    **gcs.env,
+    **helpers.compilation_cache_env(shared / "jax_cache"),
     JAX_PLATFORMS="cpu",
-    JAX_COMPILATION_CACHE_DIR=str(shared / "jax_cache"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     MPLCONFIGDIR=str(shared / "mpl"),
-    PYTHONUNBUFFERED="1",
     PYTHONDONTWRITEBYTECODE="1",
   )
-  env.pop("PYTEST_CURRENT_TEST", None)
 
   def start(workdir, local):
-    run_env = dict(env, HOME=local["home"], TMPDIR=local["tmp"])
-    cmd = [
-      sys.executable,
-      "-m",
-      "srft_jax.main",
-      f"--config={ROOT}/configs/default.py",
-      f"--workdir={workdir}",
-    ] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-    log = open(os.path.join(str(shared), workdir.rsplit("/", 1)[-1] + ".log"), "a")
-    proc = subprocess.Popen(
-      cmd, cwd=local["cwd"], env=run_env, stdout=log, stderr=subprocess.STDOUT
+    return helpers.MainJob(
+      workdir,
+      OVERRIDES,
+      config=f"{ROOT}/configs/default.py",
+      env=dict(env, HOME=local["home"], TMPDIR=local["tmp"]),
+      cwd=local["cwd"],
+      log=shared / (workdir.rsplit("/", 1)[-1] + ".log"),
     )
-    proc.log = log
-    return proc
 
-  def finish(proc, timeout=420):
-    try:
-      rc = proc.wait(timeout=timeout)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-      proc.log.close()
-    with open(proc.log.name) as f:
-      return rc, f.read()
-
-  return {"start": start, "finish": finish, "base": shared}
+  return start
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +95,7 @@ def straight(job_cli, tmp_path_factory):
   workdir = f"{BUCKET}/straight"
   local = _local_dirs(tmp_path_factory.mktemp("straight_local"))
   t0 = time.time()
-  rc, out = job_cli["finish"](job_cli["start"](workdir, local))
+  rc, out = job_cli(workdir, local).wait(timeout=420)
   assert rc == 0, out[-4000:]
   return {"workdir": workdir, "local": local, "out": out, "wall_s": time.time() - t0}
 
@@ -233,6 +214,7 @@ def _tb_scalars(workdir, tag) -> list[int]:
   return steps
 
 
+@pytest.mark.slow
 def test_every_output_lands_in_the_bucket(straight):
   wd = straight["workdir"]
   files = _bucket_files(wd)
@@ -263,17 +245,20 @@ def test_every_output_lands_in_the_bucket(straight):
   assert f"tensorboard --logdir {wd}/logs/tb" in straight["out"]
 
 
+@pytest.mark.slow
 def test_nothing_is_written_outside_the_bucket(straight):
   left = {name: _files_under(d) for name, d in straight["local"].items()}
   assert left == {"home": [], "tmp": [], "cwd": []}, left
 
 
+@pytest.mark.slow
 def test_metrics_rows_and_tensorboard_in_the_bucket(straight):
   wd = straight["workdir"]
   assert [r["step"] for r in _metric_rows(wd)] == list(range(STEPS))
   assert _tb_scalars(wd, "loss/loss") == list(range(STEPS))
 
 
+@pytest.mark.slow
 def test_evaluate_reads_the_run_from_the_bucket(straight, tmp_path, monkeypatch):
   """`srft_jax.evaluate`'s loading: the task tokenizer and the HF export, both
   read from the bucket (the export through a checked local copy)."""
@@ -288,8 +273,9 @@ def test_evaluate_reads_the_run_from_the_bucket(straight, tmp_path, monkeypatch)
   c = factory.load_config(f"{ROOT}/configs/default.py")
   with c.unlocked():
     c.data.task_seed = 0
-  tokenizer = factory.tokenizer(c, wd)
-  model = evaluate.load_policy(c, wd, tokenizer, mesh=None)
+  spec = factory.run_spec(c, validate=False)
+  tokenizer = factory.tokenizer(spec, wd)
+  model = evaluate.load_policy(spec, wd, tokenizer, mesh=None)
   assert model.cfg.num_layers == 1 and model.cfg.vocab_size == tokenizer.vocab_size
   ours = load(paths.read_bytes(f"{wd}/export/hf/model.safetensors"))
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -329,14 +315,12 @@ def _final_state(workdir):
 def test_sigkill_wiped_disk_resumes_from_the_bucket(job_cli, straight, tmp_path):
   wd = f"{BUCKET}/killed"
   local = _local_dirs(tmp_path)
-  proc = job_cli["start"](wd, local)
+  run = job_cli(wd, local)
   deadline = time.time() + 420
-  while (
-    time.time() < deadline and proc.poll() is None and max(_checkpoint_steps(wd), default=0) < 2
-  ):
+  while time.time() < deadline and run.poll() is None and max(_checkpoint_steps(wd), default=0) < 2:
     time.sleep(0.2)
-  proc.send_signal(signal.SIGKILL)
-  rc, out = job_cli["finish"](proc)
+  run.kill()
+  rc, out = run.wait(timeout=420)
   assert rc == -signal.SIGKILL, out[-4000:]
   killed_at = max(_checkpoint_steps(wd))
   assert 2 <= killed_at < STEPS, killed_at
@@ -344,7 +328,7 @@ def test_sigkill_wiped_disk_resumes_from_the_bucket(job_cli, straight, tmp_path)
   for d in local.values():
     shutil.rmtree(d)
   local = _local_dirs(tmp_path)
-  rc, out = job_cli["finish"](job_cli["start"](wd, local))
+  rc, out = job_cli(wd, local).wait(timeout=420)
   assert rc == 0, out[-4000:]
   assert f"resumed from step {killed_at}" in out and "cached warm-up" in out
 
@@ -384,7 +368,7 @@ def test_dataset_in_the_bucket(gcs, tmp_path, monkeypatch):
   c = factory.load_config(f"{ROOT}/configs/default.py")
   with c.unlocked():
     c.data.source, c.data.name, c.data.data_dir = "tfds", "task", data_dir
-  source, _ = factory.datasets(c)
+  source, _ = factory.datasets(factory_spec(c))
   local, _ = factory.datasets(_with(c, data_dir=str(tmp_path / "data")))
   assert len(source) == len(local) == 6
   assert [source[i]["prompt"] for i in range(6)] == [local[i]["prompt"] for i in range(6)]
@@ -400,7 +384,7 @@ def test_tokenizer_in_the_bucket(gcs, tmp_path, monkeypatch):
   task.get_task_tokenizer(f"{BUCKET}/tok", seed=0)  # trained, uploaded as one object
   (name,) = paths.list_files(f"{BUCKET}/tok")
   c = factory.load_config(f"{ROOT}/configs/default.py")
-  local = factory.tokenizer(c, str(tmp_path / "wd"))
+  local = factory.tokenizer(factory_spec(c), str(tmp_path / "wd"))
   remote = factory.tokenizer(_with(c, tokenizer=f"{BUCKET}/tok/{name}"), "unused")
   text = "Question: 12 + 30 = ? Answer: 42"
   assert remote.encode(text) == local.encode(text)
@@ -409,22 +393,26 @@ def test_tokenizer_in_the_bucket(gcs, tmp_path, monkeypatch):
 
 
 def _with(c, **data):
-  c = c.copy_and_resolve_references()
-  with c.unlocked():
-    for k, v in data.items():
-      c.data[k] = v
-  return c
+  """The run spec of `c` with `data.*` overrides."""
+  return factory_spec(c, {f"data.{k}": v for k, v in data.items()})
 
 
+def factory_spec(c, overrides=None):
+  from srft_jax import factory
+
+  return factory.run_spec(c, overrides, validate=False)
+
+
+@pytest.mark.slow
 def test_peft_adapter_in_the_bucket(gcs, tmp_path, monkeypatch):
   """A PEFT adapter written to gs:// (config last) and continued from there
   (`lora.adapter_path`): the same adapter values, bit for bit."""
   from flax import nnx
 
   from srft_jax import factory
-  from srft_jax import hf
   from srft_jax import lora
   from srft_jax import model as model_lib
+  from srft_jax import peft as peft_lib
 
   monkeypatch.setenv("SRFT_JAX_CACHE", str(tmp_path / "cache"))
   mcfg = model_lib.ModelConfig.preset("tiny_qwen3", vocab_size=64, embed_dim=32, num_layers=2)
@@ -437,10 +425,10 @@ def test_peft_adapter_in_the_bucket(gcs, tmp_path, monkeypatch):
   }
   values = {k: tuple(x.astype(np.float32) for x in v) for k, v in values.items()}
   path = f"{BUCKET}/adapters/run1"
-  hf.save_peft_adapter(lora.attach(base(), lcfg, values=values), path)
+  peft_lib.save_peft_adapter(lora.attach(base(), lcfg, values=values), path)
   assert sorted(paths.list_files(path)) == ["adapter_config.json", "adapter_model.safetensors"]
-  assert hf.read_peft_config(path) == lcfg
-  loaded = lora.adapter_values(hf.load_peft_adapter(path, base()))
+  assert peft_lib.read_peft_config(path) == lcfg
+  loaded = lora.adapter_values(peft_lib.load_peft_adapter(path, base()))
   assert loaded.keys() == values.keys()
   for k, (a, b) in values.items():
     np.testing.assert_array_equal(np.asarray(loaded[k][0]), a, err_msg=str(k))
@@ -449,9 +437,8 @@ def test_peft_adapter_in_the_bucket(gcs, tmp_path, monkeypatch):
   c = factory.load_config(f"{ROOT}/configs/default.py")
   with c.unlocked():
     c.model.preset, c.lora.rank, c.lora.adapter_path = "tiny_qwen3", 4, path
-  assert factory.lora_adapter_path(c) == path
-  factory.validate_config(c)
+  assert factory.run_spec(c).lora_adapter_path == path
   with c.unlocked():
     c.lora.adapter_path = f"{BUCKET}/adapters/missing"
   with pytest.raises(factory.ConfigError, match=r"config\.lora\.adapter_path"):
-    factory.validate_config(c)
+    factory.run_spec(c)

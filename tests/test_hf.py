@@ -14,79 +14,31 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 from safetensors.numpy import save_file
 
 from srft_jax import hf
+from srft_jax import hf_cli
 from srft_jax import model as model_lib
 from srft_jax import sharding as shd
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import helpers
 
 TOL = 1e-4
-VOCAB, EMBED, MLP, LAYERS, HEADS, KV_HEADS = 96, 32, 64, 2, 4, 2
-HEAD_DIM = EMBED // HEADS
-LLAMA3_ROPE = {
-  "rope_type": "llama3",
-  "rope_theta": 500_000.0,
-  "factor": 8.0,
-  "low_freq_factor": 1.0,
-  "high_freq_factor": 4.0,
-  # small, so the test's positions reach the scaled frequencies
-  "original_max_position_embeddings": 16,
-}
-
-
-def _hf_config(kind):
-  common = dict(
-    vocab_size=VOCAB,
-    hidden_size=EMBED,
-    intermediate_size=MLP,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=HEADS,
-    num_key_value_heads=KV_HEADS,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-  )
-  if kind == "qwen2":
-    return transformers.Qwen2Config(tie_word_embeddings=False, rope_theta=10_000.0, **common)
-  if kind == "llama_tied":
-    return transformers.LlamaConfig(
-      tie_word_embeddings=True, rope_scaling=dict(LLAMA3_ROPE), **common
-    )
-  if kind == "llama_untied":
-    return transformers.LlamaConfig(
-      tie_word_embeddings=False, rope_scaling=dict(LLAMA3_ROPE), **common
-    )
-  raise ValueError(kind)
-
-
-KINDS = ("qwen2", "llama_tied", "llama_untied")
+# The checkpoints' shape (tests/helpers.py tiny_hf_config).
+VOCAB, EMBED, MLP, HEADS = helpers.HF_VOCAB, helpers.HF_EMBED, helpers.HF_MLP, helpers.HF_HEADS
+HEAD_DIM = helpers.HF_HEAD_DIM
+KINDS = helpers.HF_KINDS
 
 
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-  """kind -> (directory, torch model) for each tiny random checkpoint."""
-  root = tmp_path_factory.mktemp("hf")
-  out = {}
-  for seed, kind in enumerate(KINDS):
-    torch.manual_seed(seed)
-    cfg = _hf_config(kind)
-    cfg._attn_implementation = "eager"
-    ref = transformers.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-      for name, p in ref.named_parameters():
-        p.normal_(0.0, 0.1)
-        if name.endswith("norm.weight"):
-          p.add_(1.0)
-    ref.eval()
-    path = str(root / kind)
-    ref.save_pretrained(path)
-    out[kind] = (path, ref)
-  return out
+def checkpoints(hf_checkpoints):
+  """kind -> (directory, torch model): conftest.py's tiny random checkpoints."""
+  return hf_checkpoints
 
 
 @pytest.fixture(scope="session")
@@ -514,8 +466,8 @@ def test_malformed_checkpoints_name_the_problem(checkpoints, tmp_path):
 def test_info_cli(checkpoints, tmp_path, capsys):
   path, ref = checkpoints["llama_tied"]
   n_ref = sum(p.numel() for p in ref.parameters())  # tied: embedding counted once
-  # what `python -m srft_jax.hf info PATH` runs
-  assert hf.main(["info", path]) == 0
+  # what `python -m srft_jax.hf_cli info PATH` runs
+  assert hf_cli.main(["info", path]) == 0
   out = capsys.readouterr().out
   assert "architecture: LlamaForCausalLM" in out
   assert f"parameters: {n_ref} " in out
@@ -525,7 +477,7 @@ def test_info_cli(checkpoints, tmp_path, capsys):
   hf.save_model(
     hf.load_model(path), str(tmp_path / "sharded"), dtype=jnp.bfloat16, max_shard_bytes=10_000
   )
-  info = hf.checkpoint_info(str(tmp_path / "sharded"))
+  info = hf_cli.checkpoint_info(str(tmp_path / "sharded"))
   assert info["num_params"] == sum(p.numel() for p in ref.parameters())
   assert info["num_files"] > 1 and info["dtype"] == "bfloat16"
   assert set(info["tensor_dtypes"]) == {"BF16"}

@@ -107,9 +107,28 @@ def test_tpu_pod_fresh_slice(env):
     "--config.steps=100",
   ):
     assert flag in train, flag
-  # create -> copy -> install -> train, in that order
-  order = [i for i, c in enumerate(cmds) if c[4:5] in (["create"], ["scp"])]
-  assert order == sorted(order) and cmds.index(create) < len(cmds) - 1
+  assert _pod_steps(cmds) == ["create", "copy", "unpack", "install", "train"]
+
+
+def _pod_steps(cmds):
+  """The fresh-slice steps in the order the dry run prints them, each found once."""
+
+  def remote(c, *parts):  # a worker command holding every one of `parts`
+    return any(w.startswith("--command=") and all(p in w for p in parts) for w in c)
+
+  steps = {
+    "create": lambda c: c[4:5] == ["create"],
+    "copy": lambda c: c[4:5] == ["scp"],
+    "unpack": lambda c: remote(c, "tar xzf"),
+    "install": lambda c: remote(c, "pip install", "jax[tpu]"),
+    "train": lambda c: remote(c, "-m srft_jax.main"),
+  }
+  at = {}
+  for name, is_step in steps.items():
+    hits = [i for i, c in enumerate(cmds) if is_step(c)]
+    assert len(hits) == 1, f"the {name} step is printed {len(hits)} times"
+    at[name] = hits[0]
+  return sorted(at, key=at.get)
 
 
 def test_tpu_pod_topology_and_preemptible(env):

@@ -113,6 +113,7 @@ def _expected_spec(var, mesh):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.slow
 def test_layout_matches_one_device(name, reference):
   assert jax.device_count() == 8
   mesh = shd.make_mesh(LAYOUTS[name])

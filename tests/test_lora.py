@@ -1,4 +1,4 @@
-"""LoRA (issue 20): adapters start at the base exactly; merged and unmerged
+"""LoRA: adapters start at the base exactly; merged and unmerged
 forwards agree; the optimizer and gradients see adapters only; every preset
 steps; the KL reference is the base with adapters off; dropout is PEFT's
 and training-only; sharded equals single device on the 8-device mesh; PEFT
@@ -9,7 +9,6 @@ in tests/test_sampler.py and tests/test_train.py."""
 
 import dataclasses
 import functools
-import glob
 import json
 import os
 
@@ -25,11 +24,13 @@ from srft_jax import hf
 from srft_jax import lora
 from srft_jax import model as model_lib
 from srft_jax import objectives as obj
+from srft_jax import peft as peft_lib
 from srft_jax import rewards as rewards_lib
 from srft_jax import sharding as shd
 from srft_jax import step as step_lib
 from srft_jax import trainer as trainer_lib
-from srft_jax.data import task
+
+import helpers
 
 SMALL = model_lib.ModelConfig(
   vocab_size=64,
@@ -79,6 +80,7 @@ _forward = nnx.jit(model_lib.forward_logits)
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_adapted_model_equals_base_exactly_at_init():
   model = model_lib.create_model(SMALL, seed=0)
   tok, mask = _tokens()
@@ -94,6 +96,7 @@ def test_adapted_model_equals_base_exactly_at_init():
     np.testing.assert_array_equal(np.asarray(w_ad), np.asarray(w_base))
 
 
+@pytest.mark.slow
 def test_merged_and_unmerged_forwards_agree():
   model = _adapted()
   tok, mask = _tokens()
@@ -105,6 +108,7 @@ def test_merged_and_unmerged_forwards_agree():
   assert np.abs(unmerged - base).max() > 0.05  # the adapters do move the logits
 
 
+@pytest.mark.slow
 def test_adapters_float32_on_a_bfloat16_base_and_targets():
   cfg = dataclasses.replace(SMALL, param_dtype="bfloat16", dtype="bfloat16")
   model = _adapted(cfg, lora.LoRAConfig(rank=2, alpha=4.0, targets=("q", "v")))
@@ -136,12 +140,12 @@ def _cfg(**lora_fields):
 )
 def test_bad_lora_config_names_field(field, value):
   with pytest.raises(factory.ConfigError, match=f"config.lora.{field}"):
-    factory.validate_config(_cfg(**{"rank": 8, field: value}))
+    factory.run_spec(_cfg(**{"rank": 8, field: value}))
 
 
 def test_lora_config_is_frozen_from_the_config():
-  assert not factory.lora_config(_cfg()).enabled
-  lc = factory.lora_config(_cfg(rank=8, alpha=32.0, targets=("q", "k"), init_seed=3))
+  assert not factory.run_spec(_cfg(), validate=False).lora.enabled
+  lc = factory.run_spec(_cfg(rank=8, alpha=32.0, targets=("q", "k"), init_seed=3)).lora
   assert lc == lora.LoRAConfig(rank=8, alpha=32.0, targets=("q", "k"), init_seed=3)
   assert lc.scale == 4.0
   with pytest.raises(dataclasses.FrozenInstanceError):
@@ -190,6 +194,7 @@ def _setup(preset="srft", mesh=None, **loss_overrides):
 
 
 @pytest.mark.parametrize("preset", ["srft", "sft"])
+@pytest.mark.slow
 def test_gradients_reach_adapters_only(preset):
   """The train state is the adapters (+ their Adam moments): the step's
   gradient is taken w.r.t. them alone, each of them moves, the base (an
@@ -218,6 +223,7 @@ def test_gradients_reach_adapters_only(preset):
   assert fn._cache_size() == n <= 2
 
 
+@pytest.mark.slow
 def test_every_preset_traces_a_lora_step():
   """Every loss preset builds its LoRA train step (traced, not compiled): the
   new state is the adapters' tree, the metrics are scalars."""
@@ -231,6 +237,7 @@ def test_every_preset_traces_a_lora_step():
     assert metrics["loss"].shape == () and "grad_norm" in metrics, preset
 
 
+@pytest.mark.slow
 def test_token_change_of_adapters_against_their_base():
   """The token-change probe of a LoRA policy scores its base as the same
   weights with the adapters off: what the merged policy against the plain
@@ -250,6 +257,7 @@ def test_token_change_of_adapters_against_their_base():
   np.testing.assert_allclose(got["entropy_edges"], want["entropy_edges"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_kl_reference_is_the_base_with_adapters_off():
   graphdef, adapters, base, cfg, tx, batch = _setup("grpo", kl_coef=0.1)
   assert cfg.reference
@@ -267,6 +275,7 @@ def test_kl_reference_is_the_base_with_adapters_off():
   assert float(metrics["kl"]) > 0
 
 
+@pytest.mark.slow
 def test_adapter_dropout_matches_numpy_and_is_training_only():
   """lora.dropout: the adapter's input is dropped (PEFT's lora_dropout) in the
   forward that gets a key, and only there; the dropped delta equals an
@@ -324,6 +333,7 @@ def test_adapter_dropout_matches_numpy_and_is_training_only():
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow
 def test_sharded_step_equals_single_device():
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   graphdef, adapters, base, cfg, tx, batch = _setup("srft")
@@ -361,39 +371,10 @@ def test_sharded_step_equals_single_device():
 # PEFT: export loads into `peft` on the transformers base; import continues
 # ----------------------------------------------------------------------------
 
-HF_SHAPE = dict(
-  vocab_size=96,
-  hidden_size=32,
-  intermediate_size=64,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  max_position_embeddings=128,
-  rms_norm_eps=1e-6,
-)
-
-
-def _hf_base(kind, path):
-  """A tiny random transformers model (std 0.1 weights) saved at `path`."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  torch.manual_seed(0)
-  if kind == "qwen2":
-    cfg = transformers.Qwen2Config(tie_word_embeddings=False, **HF_SHAPE)
-  else:
-    cfg = transformers.LlamaConfig(tie_word_embeddings=True, **HF_SHAPE)
-  cfg._attn_implementation = "eager"
-  ref = transformers.AutoModelForCausalLM.from_config(cfg)
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      p.normal_(0.0, 0.1)
-      if name.endswith("norm.weight"):
-        p.add_(1.0)
-  ref.save_pretrained(path)
-
 
 def _torch_logits(ref, tokens, mask):
-  torch = pytest.importorskip("torch")
+  import torch
+
   positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
   with torch.no_grad():
     return ref(
@@ -404,27 +385,29 @@ def _torch_logits(ref, tokens, mask):
 
 
 def _load_hf(path):
-  transformers = pytest.importorskip("transformers")
+  import transformers
+
   return transformers.AutoModelForCausalLM.from_pretrained(
     path, attn_implementation="eager", torch_dtype="float32"
   ).eval()
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_peft_export_import_parity(kind, tmp_path):
-  peft = pytest.importorskip("peft")
-  torch = pytest.importorskip("torch")
-  base_dir, ours_dir, theirs_dir, merged_dir = (
-    str(tmp_path / n) for n in ("base", "ours", "theirs", "merged")
-  )
-  _hf_base(kind, base_dir)
-  tok, mask = _tokens(b=3, t=16, seed=3, vocab=HF_SHAPE["vocab_size"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama_tied"])
+@pytest.mark.slow
+def test_peft_export_import_parity(kind, hf_checkpoints, tmp_path):
+  """On conftest.py's tiny random transformers checkpoints (Qwen2; Llama 3, tied)."""
+  import peft
+  import torch
+
+  base_dir = hf_checkpoints[kind][0]
+  ours_dir, theirs_dir, merged_dir = (str(tmp_path / n) for n in ("ours", "theirs", "merged"))
+  tok, mask = _tokens(b=3, t=16, seed=3, vocab=helpers.HF_VOCAB)
   lcfg = lora.LoRAConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
   model = _randomize_b(lora.attach(hf.load_model(base_dir), lcfg), scale=0.1)
   ours = np.asarray(_forward(model, tok, mask))
 
   # Ours -> PEFT on the transformers base.
-  hf.save_peft_adapter(model, ours_dir, base_model=base_dir)
+  peft_lib.save_peft_adapter(model, ours_dir, base_model=base_dir)
   with open(os.path.join(ours_dir, "adapter_config.json")) as fh:
     assert json.load(fh)["r"] == 4
   theirs = peft.PeftModel.from_pretrained(_load_hf(base_dir), ours_dir).eval()
@@ -435,7 +418,7 @@ def test_peft_export_import_parity(kind, tmp_path):
   np.testing.assert_allclose(_torch_logits(_load_hf(merged_dir), tok, mask), ours, atol=1e-4)
 
   # Import: our own export back (exactly), and an adapter PEFT itself wrote.
-  back = hf.load_peft_adapter(ours_dir, hf.load_model(base_dir))
+  back = peft_lib.load_peft_adapter(ours_dir, hf.load_model(base_dir))
   jax.tree.map(
     np.testing.assert_array_equal,
     jax.tree.map(np.asarray, nnx.state(back, lora.ADAPTER)),
@@ -447,26 +430,18 @@ def test_peft_export_import_parity(kind, tmp_path):
   )
   written = peft.get_peft_model(_load_hf(base_dir), pcfg).eval()
   written.save_pretrained(theirs_dir)
-  imported = hf.load_peft_adapter(theirs_dir, hf.load_model(base_dir))
+  imported = peft_lib.load_peft_adapter(theirs_dir, hf.load_model(base_dir))
   assert lora.config_of(imported) == lora.LoRAConfig(rank=2, alpha=6.0, targets=("q", "v", "down"))
   np.testing.assert_allclose(
     np.asarray(_forward(imported, tok, mask)), _torch_logits(written, tok, mask), atol=1e-4
   )
   with pytest.raises(ValueError, match="already has adapters"):
-    hf.load_peft_adapter(theirs_dir, imported)
+    peft_lib.load_peft_adapter(theirs_dir, imported)
 
 
 # ----------------------------------------------------------------------------
 # Checkpoints: adapters + optimizer state only; exact resume; another base refused
 # ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tokenizer")
-  task.get_task_tokenizer(str(d), seed=0)
-  (path,) = glob.glob(os.path.join(str(d), "*.model"))
-  return path
 
 
 def _fit_config(tokenizer_path, steps):
@@ -489,21 +464,23 @@ def _fit_config(tokenizer_path, steps):
 
 
 def _fit(c, workdir, base_seed=0):
-  tok = factory.tokenizer(c, workdir)
-  mesh = factory.mesh(c)
-  source, _ = factory.datasets(c)
-  mcfg = factory.model_config(c, tok.vocab_size)
+  spec = factory.run_spec(c, validate=False)
+  tok = factory.tokenizer(spec, workdir)
+  mesh = spec.make_mesh()
+  source, _ = factory.datasets(spec)
+  mcfg = spec.model.config(tok.vocab_size)
   base = model_lib.create_model(mcfg, seed=base_seed, mesh=mesh)
-  model = lora.attach(base, factory.lora_config(c), mesh)
+  model = lora.attach(base, spec.lora, mesh)
   with rewards_lib.RewardScorer(num_workers=1) as scorer:
     tr = trainer_lib.Trainer(
-      model, config=c, tokenizer=tok, scorer=scorer, mesh=mesh, base_path=f"seed{base_seed}"
+      model, spec, tokenizer=tok, scorer=scorer, mesh=mesh, base_path=f"seed{base_seed}"
     )
-    it = factory.data_iter(c, source, tok, c.batch.prompts_per_step, c.seed)
-    info = trainer_lib.fit(tr, it, workdir=workdir, progress=False)
+    it = factory.data_iter(spec, source, tok)
+    info = trainer_lib.fit(tr, it, workdir=workdir)
   return tr, info
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_adapters_and_refuses_another_base(tokenizer_path, tmp_path):
   """A LoRA checkpoint holds the adapters (+ their Adam state) and names its
   base by path and content hash; resuming it on another base is refused.

@@ -203,6 +203,7 @@ class _CharTokenizer:
     ]
 
 
+@pytest.mark.slow
 def test_long_prompt_is_skipped_and_scored_zero():
   import jax
   import numpy as np

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from srft_jax import model as model_lib
+from srft_jax.model import attention as attention_lib
 
 CFG = model_lib.ModelConfig(
   model_type="qwen2",
@@ -78,9 +79,11 @@ def _tokens(seed, shape=(B, T)):
 
 @nnx.jit
 def _step(model, tokens, positions, mask, cache):
-  return model(tokens, positions, mask, cache=cache)
+  out = model(tokens, positions, mask, cache=cache)
+  return out.logits, out.cache
 
 
+@pytest.mark.slow
 def test_kv_cache_decoding_matches_full_forward(model):
   """Left-padded prompt (row 1) and unpadded prompt (row 0), prefilled then fed
   one token at a time, give the full forward's logits at every real token."""
@@ -136,12 +139,18 @@ def test_kv_cache_two_chunk_prefill(model):
   ],
   ids=["qwen2", "qwen2_x_first", "llama_tied", "mqa", "mha"],
 )
+@pytest.mark.slow
 def test_decode_weights_give_the_plain_logits(changes, weight_first, monkeypatch):
   """Prefill + decode from `decode_weights()` (fused q/k/v and gate/up) gives
   the logits and cache of the model's own parameters, with either operand
   order of `dense_out_major` (CPU's default and the one GPUs/TPUs get)."""
-  monkeypatch.setattr(model_lib, "WEIGHT_FIRST_BACKENDS", ("cpu",) if weight_first else ())
-  fused_step = nnx.jit(lambda m, *a: m(*a[:3], cache=a[3], weights=m.decode_weights()))
+  monkeypatch.setattr(attention_lib, "WEIGHT_FIRST_BACKENDS", ("cpu",) if weight_first else ())
+
+  @nnx.jit  # a new function each test: the backends are read when it is traced
+  def fused_step(m, tokens, positions, mask, cache):
+    out = m(tokens, positions, mask, cache=cache, weights=m.decode_weights())
+    return out.logits, out.cache
+
   m = _make(dataclasses.replace(CFG, **changes), seed=3)
   tokens = _tokens(4)
   mask = np.ones((B, T), np.int32)
@@ -214,6 +223,7 @@ def test_decode_weights_layout_and_dtype():
   [{}, {"remat": "dots"}, {"attention": "chunked", "attention_chunk": 4}],
   ids=["plain", "remat", "chunked"],
 )
+@pytest.mark.slow
 def test_shared_prefix_forward_equals_full_rows(changes):
   """Groups of 3 rows sharing a (left-padded) prompt, with right-padded
   responses: the prompt run once per group gives the full forward's hidden
@@ -228,10 +238,11 @@ def test_shared_prefix_forward_equals_full_rows(changes):
   rm[4, 1:] = 0
   tokens = np.concatenate([np.repeat(pt, g, 0), rt], 1)
   mask = np.concatenate([np.repeat(pm, g, 0), rm], 1)
-  full, _ = nnx.jit(lambda m, t, k: m(t, model_lib.positions_from_mask(k), k, return_hidden=True))(
-    m, tokens, mask
-  )
-  hp, hr = nnx.jit(lambda m, *a: m.forward_shared_prefix(*a))(m, pt, pm, rt, rm)
+  full = nnx.jit(
+    lambda m, t, k: m(t, model_lib.positions_from_mask(k), k, return_hidden=True).hidden
+  )(m, tokens, mask)
+  shared = nnx.jit(lambda m, *a: m.forward_shared_prefix(*a))(m, pt, pm, rt, rm)
+  hp, hr = shared.prompt_hidden, shared.response_hidden
   full = np.asarray(full)
   assert hp.shape == (groups, p, CFG.embed_dim) and hr.shape == (groups * g, r, CFG.embed_dim)
   err_p = np.abs(np.repeat(np.asarray(hp), g, 0) - full[:, :p])[np.repeat(pm, g, 0) > 0].max()
@@ -282,6 +293,7 @@ def test_padding_invariance(model):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_close_to_float32(model):
   tokens = _tokens(7)
   mask = np.ones_like(tokens)
@@ -295,9 +307,9 @@ def test_bfloat16_compute_is_close_to_float32(model):
     print(f"{changes}: max |dlogits| vs float32 = {err:.3f} (max |logit| {np.abs(ref).max():.2f})")
     assert err <= 0.05 * np.abs(ref).max()
     assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.999
-  hidden, _ = low(
+  hidden = low(
     jnp.asarray(tokens), model_lib.positions_from_mask(mask), jnp.asarray(mask), return_hidden=True
-  )
+  ).hidden
   assert hidden.dtype == jnp.bfloat16 and hidden.shape == (B, T, CFG.embed_dim)
 
 
@@ -323,6 +335,7 @@ _loss_and_grads_jit = nnx.jit(_loss_and_grads)
     {"remat": "dots", "attention": "cudnn"},
   ],
 )
+@pytest.mark.slow
 def test_remat_and_chunked_attention_match_plain(model, changes):
   tokens = _tokens(8)
   mask = np.ones((B, T), np.int32)

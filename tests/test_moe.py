@@ -77,6 +77,7 @@ IMPLS = ("ragged_dot", "megablox")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.slow
 def test_grouped_matmul_equals_dense_reference_with_empty_experts(impl):
   args = _grouped_inputs()
   x, idx, w, valid, gate, up, down = args
@@ -90,6 +91,7 @@ def test_grouped_matmul_equals_dense_reference_with_empty_experts(impl):
   np.testing.assert_array_equal(np.asarray(got)[np.asarray(valid) == 0], 0.0)  # padding: 0
 
 
+@pytest.mark.slow
 def test_grouped_matmul_of_one_shard_of_experts():
   """Experts 3..5 of 6 held locally: only assignments to them count (the
   expert-parallel shards' partial sums add up to the whole)."""
@@ -106,6 +108,7 @@ def test_grouped_matmul_of_one_shard_of_experts():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.slow
 def test_grouped_matmul_gradients_equal_dense_reference(impl):
   args = _grouped_inputs(seed=1)
   cot = jax.random.normal(jax.random.key(0), (args[0].shape[0], args[0].shape[1]))
@@ -126,6 +129,7 @@ def _moe_layer(cfg=CFG, seed=0):
   return model_lib.MoE(cfg, rngs=nnx.Rngs(seed))
 
 
+@pytest.mark.slow
 def test_moe_layer_routes_like_a_per_token_reference():
   """Router in float32, top-k, renormalised; padding routed nowhere, outside the stats."""
   for norm in (True, False):
@@ -184,6 +188,7 @@ def test_config_checks_and_sparse_layers():
   assert gate.get_metadata()["logical_axes"] == ("expert", "embed", "mlp")
 
 
+@pytest.mark.slow
 def test_presets_have_the_real_sizes():
   moe = model_lib.ModelConfig.preset("qwen3_30b_a3b")
   assert 30.4e9 < moe.num_params() < 30.6e9  # Qwen3-30B-A3B: 30.5B total ...
@@ -201,7 +206,7 @@ def test_tiny_presets_take_the_task_vocabulary():
   for name in ("tiny_qwen3", "tiny_qwen3_moe"):
     with c.unlocked():
       c.model.preset = name
-    mcfg = factory.model_config(c, vocab_size=301)
+    mcfg = factory.run_spec(c, validate=False).model.config(vocab_size=301)
     assert (mcfg.vocab_size, mcfg.embed_dim, mcfg.num_layers) == (301, 128, 4)
     assert mcfg.model_type == name.removeprefix("tiny_") and mcfg.qk_norm
     assert mcfg.max_seq_len == max(c.data.prompt_buckets) + c.data.max_response_len
@@ -263,6 +268,7 @@ def moe_model():
   return model_lib.create_model(CFG, seed=0)
 
 
+@pytest.mark.slow
 def test_shared_prompt_counts_each_prompt_once_per_row(moe_model):
   """forward_shared_prefix's statistics equal the full rows' (a prompt counted g times)."""
   batch = _host_batch()
@@ -272,6 +278,7 @@ def test_shared_prompt_counts_each_prompt_once_per_row(moe_model):
   assert abs(float(shared.loss) - float(plain.loss)) < 1e-5
 
 
+@pytest.mark.slow
 def test_router_loss_in_the_step_and_its_micro_batches(moe_model):
   """`loss/router_aux` is the mini-batch's aux with one micro-batch, the real-token
   weighted mean of the micro-batches' aux values with two; coef * that is in the loss."""
@@ -301,6 +308,7 @@ def test_router_loss_in_the_step_and_its_micro_batches(moe_model):
     assert added == pytest.approx(0.01 * aux, rel=1e-3, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_dense_step_has_no_router_metric():
   cfg = model_lib.ModelConfig.preset("tiny_qwen3", vocab_size=128, embed_dim=32, num_layers=1)
   graphdef, params = nnx.split(model_lib.create_model(cfg))
@@ -317,6 +325,7 @@ def test_dense_step_has_no_router_metric():
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow
 def test_expert_layout_is_a_config_edit(tmp_path):
   """`mesh.expert` and `sharding_rules="expert=fsdp"` (config fields, no code)
   reach the model's parameters and the trainer's state (Adam moments too), for
@@ -331,7 +340,8 @@ def test_expert_layout_is_a_config_edit(tmp_path):
   hf_dir = str(tmp_path / "moe")
   with c.unlocked():
     c.model.preset, c.warmup.steps = "tiny_qwen3_moe", 0
-  hf.save_model(model_lib.create_model(factory.model_config(c, vocab_size=64)), hf_dir)
+  mcfg = factory.run_spec(c, validate=False).model.config(vocab_size=64)
+  hf.save_model(model_lib.create_model(mcfg), hf_dir)
 
   def gate_spec(model):
     return tuple(model.layers[0].mlp.gate[...].sharding.spec)
@@ -341,15 +351,15 @@ def test_expert_layout_is_a_config_edit(tmp_path):
       c.mesh.update({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, **mesh_shape})
       c.sharding_rules = rules_text
       c.model.hf_path = hf_path
-    factory.validate_config(c)
-    mesh = factory.mesh(c)
+    spec = factory.run_spec(c)
+    mesh = spec.make_mesh()
     if hf_path:
-      model = job.base_model(c, None, mesh, str(tmp_path), None)
-      assert gate_spec(evaluate.load_policy(c, hf_path, None, mesh)) == gate_spec(model)
+      model = job.base_model(spec, None, mesh, str(tmp_path), None)
+      assert gate_spec(evaluate.load_policy(spec, hf_path, None, mesh)) == gate_spec(model)
     else:
-      model = model_lib.create_model(factory.model_config(c, vocab_size=64), mesh=mesh)
-    trainer = trainer_lib.Trainer(model, config=c, tokenizer=None, scorer=None, mesh=mesh)
-    trainer.enter_stage(trainer.stages()[0], fresh_optimizer=True)
+      model = model_lib.create_model(spec.model.config(vocab_size=64), mesh=mesh)
+    trainer = trainer_lib.Trainer(model, spec, tokenizer=None, scorer=None, mesh=mesh)
+    trainer.enter_stage(trainer.spec.stages[0], fresh_optimizer=True)
     flat = jax.tree_util.tree_flatten_with_path(
       trainer.state_sh, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)
     )[0]
@@ -421,6 +431,7 @@ def reference():
 
 @pytest.mark.multidevice
 @pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.slow
 def test_sharded_train_step_equals_one_device(name, reference):
   shape, rules = LAYOUTS[name]
   mesh = shd.make_mesh(shape)
@@ -465,6 +476,7 @@ def test_rules_place_experts():
   ],
   ids=lambda v: "_".join(f"{k}{n}" for k, n in v.items()) if isinstance(v, dict) else v,
 )
+@pytest.mark.slow
 def test_sharded_grouped_matmul_values_and_gradients(shape, impl, rows):
   """`moe_ffn` under a mesh: rows that split over the expert axes (gathered and
   reduce-scattered, rows=8) and rows that cannot (summed, rows=1)."""

@@ -5,53 +5,46 @@ after a checkpoint and resumed, end with bitwise the same parameters as one
 process with 8 devices (that process also reduces through gloo)."""
 
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import helpers
+
 STEPS = 4
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = [
-  f"--config.steps={STEPS}",
-  "--config.warmup.steps=0",
-  "--config.eval.before=False",
-  "--config.eval.after=False",
-  "--config.log.progress=False",
-  "--config.log.tensorboard=False",
-  "--config.log.plots=False",
-  "--config.checkpoint.every=1",
-  "--config.checkpoint.keep=10",
-  "--config.batch.prompts_per_step=4",
-  "--config.rollout.n_rollouts=3",
-  "--config.data.max_response_len=48",
-  "--config.data.task_train_size=200",
-  "--config.model.embed_dim=32",
-  "--config.model.num_layers=1",
-  "--config.model.mlp_dim=64",
-  "--config.mesh.data=2",
-  "--config.mesh.fsdp=4",
-  "--config.seed=5",
-]
+OVERRIDES = {
+  "steps": STEPS,
+  "warmup.steps": 0,
+  "eval.before": False,
+  "eval.after": False,
+  "log.progress": False,
+  "log.tensorboard": False,
+  "log.plots": False,
+  "checkpoint.every": 1,
+  "checkpoint.keep": 10,
+  "batch.prompts_per_step": 4,
+  "rollout.n_rollouts": 3,
+  "data.max_response_len": 48,
+  "data.task_train_size": 200,
+  "model.embed_dim": 32,
+  "model.num_layers": 1,
+  "model.mlp_dim": 64,
+  "mesh.data": 2,
+  "mesh.fsdp": 4,
+  "seed": 5,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
   """One persistent compilation cache for every process this module starts:
   only the first of each kind compiles."""
-  cache = {
-    "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-  }
+  cache = helpers.compilation_cache_env(tmp_path_factory.mktemp("jax_cache"))
   saved = {k: os.environ.get(k) for k in cache}
   os.environ.update(cache)
   yield
@@ -66,20 +59,7 @@ def _env(devices: int) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
-  env.pop("PYTEST_CURRENT_TEST", None)
   return env
-
-
-def _cmd(workdir, extra=()):
-  return [
-    sys.executable,
-    "-m",
-    "srft_jax.main",
-    "--config=configs/default.py",
-    f"--workdir={workdir}",
-    *OVERRIDES,
-    *extra,
-  ]
 
 
 def _free_port() -> int:
@@ -88,22 +68,23 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_process(workdir, port, log_dir):
-  procs = []
-  for pid in range(2):
-    extra = [
-      "--config.multihost=True",
-      f"--config.distributed.coordinator=127.0.0.1:{port}",
-      "--config.distributed.num_processes=2",
-      f"--config.distributed.process_id={pid}",
-    ]
-    log = open(log_dir / f"proc{pid}_{port}.log", "w")
-    procs.append(
-      subprocess.Popen(
-        _cmd(workdir, extra), cwd=ROOT, env=_env(4), stdout=log, stderr=subprocess.STDOUT
-      )
+def _two_process(workdir, port, log_dir) -> list[helpers.MainJob]:
+  return [
+    helpers.MainJob(
+      workdir,
+      {
+        **OVERRIDES,
+        "multihost": True,
+        "distributed.coordinator": f"127.0.0.1:{port}",
+        "distributed.num_processes": 2,
+        "distributed.process_id": pid,
+      },
+      env=_env(4),
+      log=log_dir / f"proc{pid}_{port}.log",
+      log_mode="w",
     )
-  return procs
+    for pid in range(2)
+  ]
 
 
 def _final_params(workdir) -> dict:
@@ -160,16 +141,14 @@ def single(tmp_path_factory):
 
   single = tmp_path_factory.mktemp("single")
   task.get_task_tokenizer(single / "tokenizer")
-  gloo = [
-    "--config.multihost=True",
-    f"--config.distributed.coordinator=127.0.0.1:{_free_port()}",
-    "--config.distributed.num_processes=1",
-    "--config.distributed.process_id=0",
-  ]
-  out = subprocess.run(
-    _cmd(single, gloo), cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600
-  )
-  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  gloo = {
+    "multihost": True,
+    "distributed.coordinator": f"127.0.0.1:{_free_port()}",
+    "distributed.num_processes": 1,
+    "distributed.process_id": 0,
+  }
+  rc, log = helpers.run_main(single, {**OVERRIDES, **gloo}, env=_env(8), timeout=600)
+  assert rc == 0, log[-6000:]
   return single
 
 
@@ -187,14 +166,13 @@ def test_two_processes_in_a_bucket_match_one_process_after_kill_and_resume(singl
       break
     time.sleep(0.5)
   for p in procs:
-    if p.poll() is None:
-      p.send_signal(signal.SIGKILL)
+    p.kill()
     p.wait()
   killed_at = _steps(multi)
   assert killed_at and max(killed_at) < STEPS, f"not killed mid-run: {killed_at}"
 
   procs = _two_process(multi, _free_port(), tmp_path)
-  codes = [p.wait(timeout=600) for p in procs]
+  codes = [p.wait(timeout=600)[0] for p in procs]
   logs = {f.name: f.read_text() for f in sorted(tmp_path.glob("proc*.log"))}
   assert codes == [0, 0], "".join(text[-2000:] for text in logs.values())
   assert sum("resumed from step" in text for text in logs.values()) == 2

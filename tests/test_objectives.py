@@ -488,6 +488,7 @@ def test_micro_batch_accumulation_is_exact(name):
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow
 def test_sharded_mesh_equals_single_device():
   assert jax.device_count() >= 8
   mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)

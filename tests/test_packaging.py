@@ -37,7 +37,7 @@ SCRIPTS = {
   "srft-data": "srft_jax.data",
   "srft-study": "srft_jax.study",
   "srft-aot": "srft_jax.tools.aot",
-  "srft-hf": "srft_jax.hf",
+  "srft-hf": "srft_jax.hf_cli",
 }
 # Must not be imported by `import srft_jax.objectives` (the loss is pure JAX).
 HEAVY = ("flax", "optax", "orbax", "tensorflow_datasets", "grain", "ml_collections", "torch")
@@ -173,6 +173,7 @@ def test_one_version():
   assert re.fullmatch(r"\d+\.\d+\.\d+([.-]?\w+)?", srft_jax.__version__)
 
 
+@pytest.mark.slow
 def test_hf_export_records_the_version(tmp_path):
   from flax import nnx
 
@@ -405,6 +406,7 @@ def test_wheel_and_sdist_contents(built):
   assert {"pyproject.toml", "README.md", "configs/default.py", "srft_jax/objectives.py"} <= members
 
 
+@pytest.mark.slow
 def test_core_install_runs_the_readme_loss_example(built):
   """`pip install srft-jax`: the wheel with --no-deps plus only jax and numpy,
   in a venv of its own; the README's loss example runs there, outside the repo."""

@@ -15,6 +15,8 @@ import os
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
 from srft_jax import hf
@@ -22,8 +24,7 @@ from srft_jax import model as model_lib
 from srft_jax import sampler as smp
 from srft_jax import sharding as shd
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import helpers
 
 TOL = 1e-4
 VOCAB = 96
@@ -63,22 +64,12 @@ def checkpoints(tmp_path_factory):
   root = tmp_path_factory.mktemp("qwen3")
   out = {}
   for seed, (kind, (model_type, kw)) in enumerate(KINDS.items()):
-    torch.manual_seed(100 + seed)
     if model_type == "qwen3":
       cfg = transformers.Qwen3Config(**COMMON, **kw)
     else:
       cfg = transformers.Qwen3MoeConfig(moe_intermediate_size=16, **COMMON, **kw)
-    cfg._attn_implementation = "eager"
-    ref = transformers.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-      for name, p in ref.named_parameters():
-        p.normal_(0.0, 0.1)
-        if name.endswith("norm.weight"):
-          p.add_(1.0)
-    ref.eval()
     path = str(root / kind)
-    ref.save_pretrained(path)
-    out[kind] = (path, ref)
+    out[kind] = (path, helpers.save_tiny_hf(cfg, path, seed=100 + seed))
   return out
 
 
@@ -107,7 +98,7 @@ def _hf(ref, tokens, mask):
 
 @nnx.jit
 def _forward(model, tokens, mask):
-  return model(tokens, model_lib.positions_from_mask(mask), mask, router_stats=True)
+  return model(tokens, model_lib.positions_from_mask(mask), mask)
 
 
 def _params(model):
@@ -115,10 +106,12 @@ def _params(model):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.slow
 def test_logits_match_transformers(kind, checkpoints, loaded):
   _, ref = checkpoints[kind]
   want = _hf(ref, TOKENS, MASK).logits.numpy()
-  got, _, stats = _forward(loaded[kind], TOKENS, MASK)
+  out = _forward(loaded[kind], TOKENS, MASK)
+  got, stats = out.logits, out.router_stats
   real = MASK.astype(bool)
   err = np.abs(np.asarray(got) - want)[real].max()
   print(f"{kind}: max |dlogits| on real tokens = {err:.2e} (max |logit| {np.abs(want).max():.2f})")
@@ -131,7 +124,7 @@ def test_router_aux_loss_matches_transformers(kind, checkpoints, loaded):
   """HF's `load_balancing_loss_func` over every sparse layer, padding masked out."""
   _, ref = checkpoints[kind]
   want = float(_hf(ref, TOKENS, MASK).aux_loss)
-  _, _, stats = _forward(loaded[kind], TOKENS, MASK)
+  stats = _forward(loaded[kind], TOKENS, MASK).router_stats
   got = float(model_lib.router_aux_loss(stats, loaded[kind].cfg.num_experts))
   cfg = loaded[kind].cfg
   assert float(stats.tokens) == MASK.sum() * cfg.num_moe_layers
@@ -237,6 +230,7 @@ def _generate(ref, toks, mask, r):
 
 
 @pytest.mark.parametrize("kind", ["qwen3_untied", "moe_e4_top2_norm", "moe_e8_top1_tied_dense1"])
+@pytest.mark.slow
 def test_greedy_decode_equals_transformers_generate(kind, checkpoints, loaded):
   """Prefill + KV-cache decode from the fused decode weights (the sampler's
   default) and from the params both give `generate`'s tokens, token for token."""
@@ -252,6 +246,7 @@ def test_greedy_decode_equals_transformers_generate(kind, checkpoints, loaded):
     np.testing.assert_array_equal(np.asarray(out.tokens), want, err_msg=f"fused={fused}")
 
 
+@pytest.mark.slow
 def test_moe_sampler_does_not_recompile(loaded):
   model = loaded["moe_e4_top2_norm"]
   cfg = smp.SamplingConfig(max_new_tokens=5, temperature=1.0, prompt_buckets=BUCKETS)
@@ -265,6 +260,7 @@ def test_moe_sampler_does_not_recompile(loaded):
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow
 def test_sharded_load_and_greedy_equal_one_device(checkpoints, loaded):
   """Loaded straight into fsdp x tensor x expert shards: the same logits, and
   greedy sampling (rows over the data axes, experts over `expert`) the same tokens."""
@@ -275,8 +271,8 @@ def test_sharded_load_and_greedy_equal_one_device(checkpoints, loaded):
   assert gate.sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
   assert gate.addressable_shards[0].data.shape == (2, 16, 8)
   with jax.set_mesh(mesh):
-    got = np.asarray(_forward(sharded, TOKENS, MASK)[0])
-  want = np.asarray(_forward(loaded["moe_e4_top2_norm"], TOKENS, MASK)[0])
+    got = np.asarray(_forward(sharded, TOKENS, MASK).logits)
+  want = np.asarray(_forward(loaded["moe_e4_top2_norm"], TOKENS, MASK).logits)
   assert np.abs(got - want)[MASK > 0].max() <= 1e-5
   toks, mask = _prompts(seed=8, b=4, t=6)
   cfg = smp.SamplingConfig(max_new_tokens=8, temperature=0.0, n=2, prompt_buckets=BUCKETS)

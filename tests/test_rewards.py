@@ -252,6 +252,7 @@ def test_fork_start_method_is_refused():
     rewards.RewardScorer(1, start_method="fork").start()
 
 
+@pytest.mark.slow
 def test_close_stops_every_worker():
   # (start_method="spawn" works the same way but costs ~10 s of sympy imports here.)
   s = rewards.RewardScorer(num_workers=1, num_spares=1)

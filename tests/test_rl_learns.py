@@ -17,6 +17,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from srft_jax import factory
 from srft_jax import job
@@ -63,26 +64,20 @@ GRPO = {
 }
 
 
-def _config(arg, overrides):
+def _spec(arg, overrides):
   c = factory.load_config(os.path.join(REPO, "configs", "default.py") + (f":{arg}" if arg else ""))
-  with c.unlocked():
-    for k, v in overrides.items():
-      node = c
-      *parents, leaf = k.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = v
-  return c
+  return factory.run_spec(c, overrides)
 
 
+@pytest.mark.slow
 def test_grpo_raises_rollout_reward(tmp_path):
-  warm = _config(None, {**SHARED, **WARMUP})
-  mesh = factory.mesh(warm)
+  warm = _spec(None, {**SHARED, **WARMUP})
+  mesh = warm.make_mesh()
   tokenizer = factory.tokenizer(warm, str(tmp_path))
   with rewards_lib.RewardScorer() as scorer:
     job.base_model(warm, tokenizer, mesh, str(tmp_path), scorer)
-  c = _config("grpo", {**SHARED, **GRPO, "model.hf_path": str(tmp_path / "base" / "hf")})
-  job.run(c, str(tmp_path))
+  spec = _spec("grpo", {**SHARED, **GRPO, "model.hf_path": str(tmp_path / "base" / "hf")})
+  job.run(spec, str(tmp_path))
   with open(tmp_path / "logs" / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   reward = [r["reward/rollout_mean"] for r in rows if "reward/rollout_mean" in r]

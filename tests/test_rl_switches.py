@@ -3,7 +3,6 @@ mismatch metrics and importance corrections, DAPO's overlong shaping and
 dynamic sampling, the KL reference; compiled once, resumed exactly."""
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -21,7 +20,6 @@ from srft_jax import objectives as obj
 from srft_jax import rewards as rewards_lib
 from srft_jax import step as step_lib
 from srft_jax import trainer as trainer_lib
-from srft_jax.data import task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = factory.load_config_module(os.path.join(REPO, "configs", "default.py"))
@@ -42,24 +40,12 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tokenizer")
-  task.get_task_tokenizer(str(d), seed=0)
-  (path,) = glob.glob(os.path.join(str(d), "*.model"))
-  return path
-
-
 def _config(tokenizer_path, arg=None, **overrides):
-  c = DEFAULT.get_config(arg)
-  with c.unlocked():
-    for k, v in {**TINY, "data.tokenizer": tokenizer_path, **overrides}.items():
-      node = c
-      *parents, leaf = k.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = v
-  return c
+  """The default config (preset `arg`) with TINY, the task tokenizer
+  (conftest.py) and `overrides`."""
+  return factory.with_overrides(
+    DEFAULT.get_config(arg), {**TINY, "data.tokenizer": tokenizer_path, **overrides}
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -124,16 +110,18 @@ def test_mismatch_metrics_hand_made():
 
 
 def _trainer(c, scorer):
-  mesh = factory.mesh(c)
-  tok = factory.tokenizer(c, "/unused")
-  source, _ = factory.datasets(c)
-  model = model_lib.create_model(factory.model_config(c, tok.vocab_size), seed=0, mesh=mesh)
-  t = trainer_lib.Trainer(model, config=c, tokenizer=tok, scorer=scorer, mesh=mesh)
-  it = factory.data_iter(c, source, tok, c.batch.prompts_per_step, seed=0)
+  spec = factory.run_spec(c)
+  mesh = spec.make_mesh()
+  tok = factory.tokenizer(spec, "/unused")
+  source, _ = factory.datasets(spec)
+  model = model_lib.create_model(spec.model.config(tok.vocab_size), seed=0, mesh=mesh)
+  t = trainer_lib.Trainer(model, spec, tokenizer=tok, scorer=scorer, mesh=mesh)
+  it = factory.data_iter(spec, source, tok, seed=0)
   return t, it
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_sampler_mismatch_measured_and_every_correction_runs(tokenizer_path, dtype):
   """float32 on CPU: the sampler's log-probs equal the trainer's (mismatch ~0,
   weights 1). bfloat16 compute (fused bf16 decode weights in the sampler, the
@@ -143,13 +131,15 @@ def test_sampler_mismatch_measured_and_every_correction_runs(tokenizer_path, dty
   with rewards_lib.RewardScorer() as scorer:
     t, it = _trainer(c, scorer)
     batch = next(it)
-    base = t.stages()[0]
+    base = t.spec.stages[0]
     # One token-level and one sequence-level mode (each mode's weights against
     # NumPy: tests/test_objectives.py); float32: the mismatch is the sampler's,
     # not the mode's, so one mode shows it.
     modes = ("token_truncate", "sequence_mask")
     for i, mode in enumerate(modes if dtype == "bfloat16" else modes[:1]):
-      stage = dataclasses.replace(base, loss=dataclasses.replace(base.loss, is_correction=mode))
+      loss = dataclasses.replace(base.loss, is_correction=mode)
+      step = dataclasses.replace(base.step, loss=loss, recompute_old_logp=True)
+      stage = dataclasses.replace(base, loss=loss, step=step)
       t.enter_stage(stage, fresh_optimizer=True)
       assert t.step_cfg.recompute_old_logp
       _, dev = t.run_step(batch, 0, jax.random.key(i))
@@ -205,7 +195,7 @@ def _run(c, workdir, kill_at_draw=None, counts=None):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(factory, "data_iter", lambda *a, **k: Iter(real(*a, **k)))
     try:
-      return job.run(c, workdir)
+      return job.run(factory.run_spec(c), workdir)
     except _Killed:
       return None
 
@@ -233,7 +223,7 @@ def test_dapo_with_corrections_and_kl_compiles_once_and_resumes_exactly(tokenize
   c = _config(tokenizer_path, "dapo", **over)
   counts = []
   a = _run(c, str(tmp_path / "a"), counts=counts)
-  assert a["after"] == {"id_acc": None, "ood_acc": None}
+  assert a["after"] == {"id_acc": None, "ood_acc": None, "levels": {}}
   per_step = counts[::2]  # two draws a step (oversample 2)
   # Steps 0-1 compile the programs, the first checkpoint (at 2) its own; then nothing.
   assert len(per_step) == 12 and per_step[-1] == per_step[3], per_step
@@ -258,17 +248,18 @@ def test_dapo_with_corrections_and_kl_compiles_once_and_resumes_exactly(tokenize
 def test_config_errors_name_the_new_fields(tokenizer_path):
   for field, value in (("rollout.oversample", 0), ("rollout.overlong_buffer", 24)):
     with pytest.raises(factory.ConfigError, match=field.replace(".", r"\.")):
-      factory.validate_config(_config(tokenizer_path, **{field: value}))
+      factory.run_spec(_config(tokenizer_path, **{field: value}))
   c = _config(
     tokenizer_path, **{"loss.is_correction": "token_mask", "rollout.recompute_old_logp": False}
   )
   with pytest.raises(factory.ConfigError, match=r"rollout\.recompute_old_logp"):
-    factory.validate_config(c)
+    factory.run_spec(c)
   c = _config(tokenizer_path, **{"loss.clip_eps_high": 0.3})
   with pytest.raises(factory.ConfigError, match=r"config\.loss: .*clip_eps_high"):
-    factory.validate_config(c)
+    factory.run_spec(c)
 
 
+@pytest.mark.slow
 def test_step_with_every_new_switch_accumulates_micro_batches_exactly():
   """recompute_old_logp + a sequence correction + clip-higher + dual clip +
   per-row aggregation + a KL term to a reference: two micro-batches give the

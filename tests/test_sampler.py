@@ -100,7 +100,9 @@ class TableModel(nnx.Module):
         cache["mask"], mask_BT.astype(jnp.int32), (0, cache["index"])
       )
       cache = dict(cache, mask=m, index=cache["index"] + t)
-    return (hidden if return_hidden else self.logits(hidden)), cache
+    if return_hidden:
+      return model_lib.ModelOutput(None, hidden, cache, None)
+    return model_lib.ModelOutput(self.logits(hidden), None, cache, None)
 
   def logits(self, hidden_BTD):
     b, t, _ = hidden_BTD.shape
@@ -230,6 +232,7 @@ def test_eos_rows_stop_independently_and_loop_exits_early():
   np.testing.assert_array_equal(cmask[:, 4 : 4 + r - 1].sum(-1), lengths - 1)
 
 
+@pytest.mark.slow
 def test_determinism_and_distinct_rows(model):
   toks, mask = _prompts(b=2)
   cfg = smp.SamplingConfig(max_new_tokens=6, temperature=1.0, n=3, prompt_buckets=BUCKETS)
@@ -252,6 +255,7 @@ def test_determinism_and_distinct_rows(model):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_greedy_equals_stepwise_full_forward(model):
   toks, mask = _prompts(seed=1, b=3, t=6)
   r = 7
@@ -279,6 +283,7 @@ def test_greedy_equals_stepwise_full_forward(model):
   "temperature,top_k,top_p,adapters",
   [(0.8, 5, 0.9, False), (0.0, 0, 1.0, False), (0.8, 5, 0.9, True)],
 )
+@pytest.mark.slow
 def test_logprobs_equal_trainer_recomputation(model, temperature, top_k, top_p, adapters):
   """The sampler's recorded log-probs are the trainer's forward's (with LoRA
   too: decoding reads fused W + scale A B, the trainer x W + scale (x A) B)."""
@@ -310,6 +315,7 @@ def test_logprobs_equal_trainer_recomputation(model, temperature, top_k, top_p, 
   "param_dtype,dtype,adapters",
   [("float32", "float32", False), ("float32", "bfloat16", False), ("float32", "float32", True)],
 )
+@pytest.mark.slow
 def test_fused_decode_weights_sample_what_the_params_sample(param_dtype, dtype, adapters):
   """The default decode from fused compute-dtype weights draws the same tokens
   with the same log-probs as decoding from the parameters as they are (float32
@@ -342,6 +348,7 @@ def test_fused_decode_weights_sample_what_the_params_sample(param_dtype, dtype, 
   np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=atol)
 
 
+@pytest.mark.slow
 def test_decode_jit_continues_from_a_cache(model):
   """4 sampled tokens, then `decode_jit` on from the returned cache (feeding the
   4th token, told which rows have ended and how many tokens were drawn) gives
@@ -378,6 +385,7 @@ def test_decode_jit_continues_from_a_cache(model):
   np.testing.assert_allclose(np.asarray(logp), np.asarray(ref.logprobs)[:, 4:], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_shared_prefill_samples_what_per_row_prefill_samples(model):
   """n samples a prompt: one prefill per prompt, its cache copied to the n rows,
   gives the tokens, log-probs and lengths of prefilling every row."""
@@ -408,9 +416,11 @@ def test_shared_prefill_samples_what_per_row_prefill_samples(model):
   assert len({tuple(r) for r in np.asarray(outs[1].tokens)[:3]}) > 1  # the 3 rows differ
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_generate(tmp_path):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  import torch
+  import transformers
+
   from srft_jax import hf
 
   torch.manual_seed(0)
@@ -460,6 +470,7 @@ def test_greedy_equals_transformers_generate(tmp_path):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_batch_in_same_bucket_does_not_recompile(model):
   cfg = smp.SamplingConfig(max_new_tokens=5, temperature=1.0, top_k=8, prompt_buckets=BUCKETS)
   toks, mask = _prompts(seed=5, b=2, t=6)
@@ -480,6 +491,7 @@ def test_second_batch_in_same_bucket_does_not_recompile(model):
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow
 def test_sharded_greedy_equals_single_device(model):
   assert len(jax.devices()) == 8
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})

@@ -161,3 +161,92 @@ def test_no_private_names_across_modules():
 @pytest.mark.parametrize("name", sorted(n for n in _modules() if not n.endswith("__main__")))
 def test_every_module_imports(name):
   importlib.import_module(name)
+
+
+# The ConfigDict's groups (configs/default.py): `x.<group>.<field>` on a config.
+_CONFIG_GROUPS = {
+  "model", "data", "rollout", "batch", "optim", "warmup", "checkpoint",
+  "eval", "log", "lora", "loss", "advantage", "distributed", "mesh",
+}  # fmt: skip
+_CONFIG_METHODS = {"unlocked", "copy_and_resolve_references", "to_json_best_effort", "get_ref"}
+_CONFIG_NAMES = {"c", "config", "cfg", "w", "cfg_dict"}
+_FLAG_CLIS = {"srft_jax.main", "srft_jax.evaluate", "srft_jax.tools.aot"}
+
+
+def config_reads(path: pathlib.Path, module: str) -> list[str]:
+  """Places in a module that read a ConfigDict: its methods, a `c.group.field`
+  chain on a config-named variable, an ml_collections import other than a
+  CLI's config_flags, and a `--config` flag value used other than as the
+  argument of a `factory.` call."""
+  tree = ast.parse(path.read_text())
+  parents = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+  out = []
+  for node in sorted(ast.walk(tree), key=lambda n: getattr(n, "lineno", 0)):
+    where = f"{module}:{getattr(node, 'lineno', '?')}"
+    if isinstance(node, ast.Attribute) and node.attr in _CONFIG_METHODS:
+      out.append(f"{where}: .{node.attr}")
+    if (
+      isinstance(node, ast.Attribute)
+      and isinstance(node.value, ast.Attribute)
+      and node.value.attr in _CONFIG_GROUPS
+      and isinstance(node.value.value, ast.Name)
+      and node.value.value.id in _CONFIG_NAMES
+    ):
+      out.append(f"{where}: {node.value.value.id}.{node.value.attr}.{node.attr}")
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ml_collections"):
+      names = {a.name for a in node.names}
+      if names != {"config_flags"} or module not in _FLAG_CLIS:
+        out.append(f"{where}: from {node.module} import {sorted(names)}")
+    if isinstance(node, ast.Import) and any(
+      a.name.startswith("ml_collections") for a in node.names
+    ):
+      out.append(f"{where}: import ml_collections")
+    is_flag = isinstance(node, ast.Attribute) and (
+      (node.attr == "config" and isinstance(node.value, ast.Name) and node.value.id == "f")
+      or (node.attr == "value" and isinstance(node.value, ast.Name) and node.value.id == "_CONFIG")
+    )
+    if is_flag:
+      call = parents.get(id(node))
+      ok = (
+        isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and isinstance(call.func.value, ast.Name)
+        and call.func.value.id == "factory"
+      )
+      if not ok:
+        out.append(f"{where}: the --config flag's value used outside a factory call")
+  return out
+
+
+def test_only_factory_reads_the_config_dict():
+  """The ConfigDict is validated and turned into a frozen RunSpec once, by
+  srft_jax/factory.py; every other module reads the spec."""
+  reads = [
+    r
+    for name, path in _modules().items()
+    if name != "srft_jax.factory"
+    for r in config_reads(path, name)
+  ]
+  assert reads == []
+
+
+def test_config_reads_finds_reads(tmp_path):
+  """The check above can fail: each kind of read is found in a sample module."""
+  src = tmp_path / "sample.py"
+  src.write_text(
+    "from ml_collections import config_dict\n"
+    "def f(c, spec):\n"
+    "  a = c.rollout.require_think\n"
+    "  b = spec.rollout.require_think\n"
+    "  with c.unlocked():\n"
+    "    pass\n"
+    "def main(f):\n"
+    "  return job.run(f.config, '.')\n"
+  )
+  found = config_reads(src, "srft_jax.sample")
+  assert [x.split(": ", 1)[1] for x in found] == [
+    "from ml_collections import ['config_dict']",
+    "c.rollout.require_think",
+    ".unlocked",
+    "the --config flag's value used outside a factory call",
+  ]

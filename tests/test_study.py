@@ -104,7 +104,7 @@ def test_study_writes_runs_and_report(mini):
   ]
   assert [r["optim/lr"] for r in rows if "optim/lr" in r] == pytest.approx([1e-3, 1e-3])
   # The GRPO-only run puts every slot on rollouts (3 + 1).
-  cfg = runner.run_config("grpo", 0, out, runner.study_settings(overrides=MINI))
+  cfg = runner.run_spec("grpo", 0, out, runner.study_settings(overrides=MINI))
   assert cfg.rollout.n_rollouts == 4 and cfg.seed == 0
   assert cfg.warmup.dir == os.path.join(out, "base")
 
@@ -113,6 +113,12 @@ def test_study_writes_runs_and_report(mini):
   assert "| sft (`sft`) |" in md and "| **0.001** |" in md  # the sweep's table
   # Criteria come before the numbers; every claim has a verdict.
   assert md.index("Pre-registered criteria") < md.index("## Results")
+  # Accuracy by difficulty level: each method's final Task-ID levels (results.json).
+  levels = json.load(open(os.path.join(out, "summary.json")))["levels"]
+  res = json.load(open(os.path.join(runner.run_dir(out, "grpo", 0), "results.json")))
+  want = {f"L{k}": v for k, v in res["after"]["levels"]["task_id"].items()}
+  assert {k: v for k, v in levels["grpo"].items() if k != "OOD"} == pytest.approx(want)
+  assert "### Accuracy by difficulty level" in md and "| grpo |" in md
   for k in range(1, 6):
     assert f"#### Claim {k}:" in md
   summary = json.load(open(os.path.join(out, "summary.json")))
@@ -206,16 +212,15 @@ def test_sweep_picks_each_familys_best_val_rate(tmp_path):
   assert lrs == {"sft": 1e-3, "rl": 1e-4, "mixed": 1e-2}  # rl: a tie goes to the smaller rate
   # Each method trains at its family's rate; a two-stage method stage by stage.
   settings = runner.study_settings()
-  assert runner.run_config("sft", 0, out, settings, lrs).optim.lr == 1e-3
-  assert runner.run_config("luffy", 0, out, settings, lrs).optim.lr == 1e-2
-  assert tuple(runner.run_config("sft_then_grpo", 0, out, settings, lrs).optim.stage_lrs) == (
-    1e-3,
-    1e-4,
-  )
-  assert tuple(runner.run_config("rl_then_sft", 0, out, settings, lrs).optim.stage_lrs) == (
-    1e-4,
-    1e-3,
-  )
+
+  def stage_lrs(method):
+    # (the study's 8 prompts a step do not split over the 8 forced devices)
+    return [s.lr for s in runner.run_spec(method, 0, out, settings, lrs, validate=False).stages]
+
+  assert stage_lrs("sft") == [1e-3]
+  assert stage_lrs("luffy") == [1e-2]
+  assert stage_lrs("sft_then_grpo") == [1e-3, 1e-4]
+  assert stage_lrs("rl_then_sft") == [1e-4, 1e-3]
   # A sweep run is evaluated on `val` only, as many problems as the ID test split.
   s = runner.sweep_settings(settings)
   assert (s["eval.n_id"], s["eval.n_ood"], s["eval.n_val"]) == (0, 0, settings["eval.n_id"])
@@ -458,6 +463,7 @@ def test_change_fractions_exact():
   assert none["moved_frac"] == 0.0 and all(np.isnan(none["moved_share_by_quartile"]))
 
 
+@pytest.mark.slow
 def test_token_change_identical_models_move_nothing():
   base = model_lib.create_model(SMALL, seed=0)
   tokens, mask, resp = _batch()
@@ -466,6 +472,7 @@ def test_token_change_identical_models_move_nothing():
   assert r["n_tokens"] == int(resp[:, 1:].sum())
 
 
+@pytest.mark.slow
 def test_token_change_one_unembedding_row():
   """The tuned copy differs only in the unembedding row of token v (its lm_head
   column): the moved tokens are exactly those the full-logit reference finds,

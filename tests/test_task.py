@@ -1,6 +1,5 @@
 """The built-in reasoning task: determinism, splits, solver-checked demos, tokenizer."""
 
-import os
 import re
 
 import pytest
@@ -23,8 +22,9 @@ def rows():
 
 
 @pytest.fixture(scope="module")
-def task_tok(tmp_path_factory):
-  return task.get_task_tokenizer(tmp_path_factory.mktemp("tok"))
+def task_tok(tokenizer_path):
+  """The task tokenizer (conftest.py's, trained once a session)."""
+  return tokenizer_lib.load_tokenizer(tokenizer_path)
 
 
 def test_generation_is_deterministic_in_seed(rows):
@@ -135,10 +135,6 @@ def test_boxed_answer_parses_with_math_verify(rows):
     assert not verify(wrong, pred, timeout_seconds=None)
 
 
-@pytest.mark.skipif(
-  not os.path.exists(os.path.join(os.path.dirname(task.__file__), "..", "rewards.py")),
-  reason="srft_jax.rewards not written yet",
-)
 def test_demonstrations_score_one_under_rewards(rows):
   from srft_jax import rewards
 

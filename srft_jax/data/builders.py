@@ -3,7 +3,7 @@
 One `GeneratorBasedBuilder`, `SrftData`, with one builder config per dataset
 name (`NAMES`). Everything is written as `array_record` and read back without
 TensorFlow through `as_data_source` / `tfds.builder_from_directory`, which give
-random access for `grain.MapDataset.source` (docs/ENV.md). Nothing here ever
+random access for `grain.MapDataset.source`. Nothing here ever
 downloads: the source files are ones the user already has.
 
 Where the builder gets its source: the constructor argument `src` (a path or a
@@ -66,13 +66,14 @@ __all__ = [
   "load_report",
   "extract_boxed",
   "read_rows",
+  "prompt_and_answer",
 ]
 
 # Paper benchmarks (docs/method.md §6): answer-graded, then multiple choice.
 MATH_NAMES = ("math500", "aime24", "amc", "minerva", "olympiadbench")
 MC_NAMES = ("arc_c", "gpqa_diamond", "mmlu_pro")
 BENCHMARK_NAMES = MATH_NAMES + MC_NAMES
-TRAIN_NAMES = ("openr1", "task", "champ")
+TRAIN_NAMES = ("openr1", "task", "champ", "distilled")
 NAMES = TRAIN_NAMES + BENCHMARK_NAMES
 NO_SRC_NAMES = ("task", "champ")
 
@@ -340,18 +341,11 @@ def _prompt(row: dict, *names: str) -> str:
   return text.strip()
 
 
-def _convert_train(row: dict, fallback_id: str, opts: RowOptions) -> dict:
-  """OpenR1-Math-46k-style row (also the task's and champ's rows) -> record.
-
-  prompt: `prompt` (chat messages: last user turn, or text) / problem / question.
-  demonstration: `target` (text or assistant messages) / generations / response /
-    completion; else a `solution`, wrapped into the <think>...\\boxed{} format.
-  answer: reward_model.ground_truth / answer / final_answer / ground_truth;
-    else the last \\boxed{} of `solution` (or a short one-line `solution`).
-  """
+def _train_prompt_answer(row: dict, max_answer_chars: int) -> tuple[str, str | None, Any, str]:
+  """(prompt, solution text or None, raw answer value, normalised answer) of a
+  training-style row; the field mapping of `_convert_train`."""
   prompt = _prompt(row, "prompt", "problem", "question", "query", "input")
   solution = _as_text(_get(row, "solution"), "assistant")
-
   answer_value = _get(
     row, "reward_model.ground_truth", "answer", "final_answer", "ground_truth", "gt_answer"
   )
@@ -363,8 +357,26 @@ def _convert_train(row: dict, fallback_id: str, opts: RowOptions) -> dict:
       answer_value = solution  # datasets that keep the bare answer in `solution`
   if answer_value is _MISSING:
     raise SkipRow("missing_field", "no answer column")
-  answer = _answer_text(answer_value, opts.max_answer_chars)
+  return prompt, solution, answer_value, _answer_text(answer_value, max_answer_chars)
 
+
+def prompt_and_answer(row: dict, fallback_id: str, max_answer_chars: int = 512) -> dict:
+  """{id, prompt, answer} of a row with no demonstration needed (prompts to
+  distill from), read with the training sets' field mapping; raises SkipRow."""
+  prompt, _, _, answer = _train_prompt_answer(row, max_answer_chars)
+  return {"id": _row_id(row, fallback_id), "prompt": prompt, "answer": answer}
+
+
+def _convert_train(row: dict, fallback_id: str, opts: RowOptions) -> dict:
+  """OpenR1-Math-46k-style row (also the task's and champ's rows) -> record.
+
+  prompt: `prompt` (chat messages: last user turn, or text) / problem / question.
+  demonstration: `target` (text or assistant messages) / generations / response /
+    completion; else a `solution`, wrapped into the <think>...\\boxed{} format.
+  answer: reward_model.ground_truth / answer / final_answer / ground_truth;
+    else the last \\boxed{} of `solution` (or a short one-line `solution`).
+  """
+  prompt, solution, answer_value, answer = _train_prompt_answer(row, opts.max_answer_chars)
   target_value = _get(
     row, "target", "demonstration", "generations", "generation", "response", "completion", "output"
   )
@@ -540,6 +552,12 @@ _CONFIGS = [
   _config("openr1", "train", ("train",), "OpenR1-Math-46k(-8192) schema from local JSONL/Parquet"),
   _config("task", "train", ("train", "test_id", "test_ood"), "the built-in arithmetic task"),
   _config("champ", "train", ("train",), "champ-dataset problems with step-by-step demonstrations"),
+  _config(
+    "distilled",
+    "train",
+    ("train",),
+    "a teacher's verified responses (python -m srft_jax.data distill)",
+  ),
   _config("math500", "math", ("test",), "MATH-500: problem, solution, answer"),
   _config("aime24", "math", ("test",), "AIME 2024: problem/question, answer"),
   _config("amc", "math", ("test",), "AMC: problem/question, answer"),

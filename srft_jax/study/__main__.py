@@ -5,6 +5,10 @@
     DIR's finished runs, or first time a short sft and srft run on this machine; prints the
     steps that fit in two hours)
 `python -m srft_jax.study --out DIR --report-only`  (rewrite the report from DIR's runs)
+`python -m srft_jax.study --out DIR --regime=distilled [--regime-only]`  (first choose the
+    regime where the demonstrations are a teacher's, distilled, and teach what the base
+    lacks: criteria (a)-(c) of docs/method.md §16 on the base, the teacher and SFT alone;
+    the study then runs in it only if they are met)
 
 The runs (`runner`) share one warmed-up base, go seed-major and resume where a
 previous invocation stopped; the report (`report`) gives accuracy, compute,
@@ -24,6 +28,7 @@ from typing import Any
 
 import jax
 
+from srft_jax.study import regime
 from srft_jax.study import report
 from srft_jax.study import runner
 
@@ -73,6 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="--budget: take step times from this (calibration) study directory",
   )
   p.add_argument("--report-only", action="store_true", help="rewrite the report from DIR's runs")
+  p.add_argument(
+    "--regime",
+    choices=("teacher-style", "distilled"),
+    default="teacher-style",
+    help="the demonstrations: the built-in teacher style (default), or a trained "
+    "teacher's distilled answers, chosen by the criteria of docs/method.md §16",
+  )
+  p.add_argument(
+    "--regime-only", action="store_true", help="--regime=distilled: measure the criteria, stop"
+  )
   p.add_argument("--no-compile-cache", action="store_true")
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -142,6 +157,25 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"(now {settings['steps']}; change with --steps)"
     )
     return 0
+  if a.regime == "distilled":
+    quick = regime.QUICK if a.quick else {}
+    res = regime.measure(
+      a.out,
+      settings,
+      lr_grid=runner.QUICK_LR_GRID if a.quick else runner.LR_GRID,
+      teacher_overrides=quick.get("teacher"),
+      distill_overrides=quick.get("distill"),
+      n_val=quick.get("n_val", 300),
+    )
+    with open(os.path.join(a.out, "regime.md"), encoding="utf-8") as f:
+      print(f.read())
+    if a.regime_only:
+      return 0
+    if not res["verdict"]["met"]:
+      print("the regime does not meet criteria (a)-(c): no study in it", file=sys.stderr)
+      return 1
+    overrides = {**overrides, **regime.settings({}, os.path.join(a.out, "distilled"))}
+    settings = runner.study_settings(quick=a.quick, steps=a.steps, overrides=overrides)
   est = runner.estimate_seconds(
     settings,
     methods,

@@ -22,6 +22,7 @@ import numpy as np
 
 from srft_jax import factory
 from srft_jax import hf
+from srft_jax import peft as peft_lib
 from srft_jax import token_change as tc
 from srft_jax.data import task
 from srft_jax.study import runner
@@ -41,6 +42,14 @@ C4_THRESHOLD = 0.1  # claim 4: a token "moved" if |p_tuned - p_base| > 0.1
 C4_N_PROBLEMS = 128  # demonstrations of the first 128 ID test problems
 C4_TOP_SHARE = 0.5  # GRPO: >= half of its moved tokens in the top base-entropy quartile
 C5_ACCURACY = "mean of ID and OOD accuracy"  # claim 5: srft minus each ablation > 0
+
+# The regime where demonstrations carry what the base lacks (docs/method.md §16),
+# chosen before any RL or mixed run from the base, the teacher and SFT alone, on
+# the hardest training level and the `val` split:
+REGIME_BASE_MAX = 0.10  # (a) the base's sampled success <= 10%: RL alone has little signal
+REGIME_TEACHER_MIN = 0.70  # (b) the teacher's pass@1 (sampled) >= 70%
+REGIME_SFT_GAIN = 0.10  # (c) SFT alone on the distilled demos: greedy accuracy +10 points
+REGIME_SAMPLES = 8  # samples a problem for (a) and (b), at the rollout temperature
 
 FLOPS_FORMULA = (
   "FLOPs ≈ 6·N·tokens_trained + 2·N·(tokens_sampled + prompt_tokens_prefilled); "
@@ -187,6 +196,67 @@ def _evals_around_switch(run: runner.Run, key: str, k: int) -> tuple[float | Non
   s = run.series(key)
   after = [s[t] for t in sorted(s) if t > half][:k]
   return s.get(half), after
+
+
+def regime_verdict(
+  level: str,
+  base_sampled: dict[str, float],
+  teacher_pass1: dict[str, float],
+  sft_before: dict[str, float],
+  sft_after: dict[str, float],
+) -> dict[str, Any]:
+  """Whether a regime meets the pre-registered criteria (a)-(c) on difficulty
+  `level` (accuracies by level, in [0, 1]): {"level", "criteria": [(a), (b),
+  (c) each with its value, threshold and whether it holds], "met": all hold}.
+  A missing figure fails its criterion."""
+
+  def get(d, k):
+    v = d.get(k)
+    return None if v is None else float(v)
+
+  base, teacher = get(base_sampled, level), get(teacher_pass1, level)
+  before, after = get(sft_before, level), get(sft_after, level)
+  gain = None if before is None or after is None else after - before
+  criteria = [
+    {
+      "name": "a",
+      "what": f"base sampled success on level {level} <= {REGIME_BASE_MAX:.0%}",
+      "value": base,
+      "holds": base is not None and base <= REGIME_BASE_MAX,
+    },
+    {
+      "name": "b",
+      "what": f"teacher pass@1 on level {level} >= {REGIME_TEACHER_MIN:.0%}",
+      "value": teacher,
+      "holds": teacher is not None and teacher >= REGIME_TEACHER_MIN,
+    },
+    {
+      "name": "c",
+      "what": f"SFT alone raises level {level}'s greedy accuracy by >= "
+      f"{100 * REGIME_SFT_GAIN:.0f} points",
+      "value": gain,
+      "before": before,
+      "after": after,
+      "holds": gain is not None and gain >= REGIME_SFT_GAIN - 1e-9,
+    },
+  ]
+  return {"level": level, "criteria": criteria, "met": all(c["holds"] for c in criteria)}
+
+
+def regime_md(v: dict[str, Any]) -> str:
+  """The regime's figures and verdicts as a Markdown table."""
+  lines = [
+    f"Regime criteria on level {v['level']}: **{'met' if v['met'] else 'not met'}**",
+    "",
+    "| criterion | figure | holds |",
+    "|---|---|---|",
+  ]
+  for c in v["criteria"]:
+    fig = fmt_num(c["value"], "{:+.3f}" if c["name"] == "c" else "{:.3f}")
+    if c["name"] == "c":
+      fig += f" ({fmt_num(c['before'])} -> {fmt_num(c['after'])})"
+    lines.append(f"| ({c['name']}) {c['what']} | {fig} | {'yes' if c['holds'] else 'no'} |")
+  return "\n".join(lines) + "\n"
 
 
 def claim_verdicts(runs: dict[str, list[runner.Run]], token_change: dict | None) -> list[dict]:
@@ -384,12 +454,12 @@ def token_change_analysis(out: str, seeds: Sequence[int], settings: dict) -> dic
       prev = json.load(f)
     if prev.get("runs") == key:
       return prev
-  c = runner.run_config("sft", runner.BASE_SEED, out, settings)
-  tokenizer = factory.tokenizer(c, out)
+  spec = runner.run_spec("sft", runner.BASE_SEED, out, settings)
+  tokenizer = factory.tokenizer(spec, out)
   # The demonstrations in the style the runs trained on (data.demo_style).
-  n = max(c.eval.n_id, C4_N_PROBLEMS)
-  rows = task.generate("test_id", n, c.data.task_seed, c.data.demo_style)[:C4_N_PROBLEMS]
-  tokens, mask, resp = tc.demo_batch(tokenizer, rows, template=c.data.template)
+  n = max(spec.eval.n_id, C4_N_PROBLEMS)
+  rows = task.generate("test_id", n, spec.data.task_seed, spec.data.demo_style)[:C4_N_PROBLEMS]
+  tokens, mask, resp = tc.demo_batch(tokenizer, rows, template=spec.data.template)
   base = hf.load_model(base_hf)
   result: dict[str, Any] = {
     "runs": key,
@@ -399,8 +469,8 @@ def token_change_analysis(out: str, seeds: Sequence[int], settings: dict) -> dic
   }
   for (m, s), path in sorted(tuned.items()):
     peft = os.path.join(os.path.dirname(path), "peft")
-    if os.path.exists(os.path.join(peft, hf.PEFT_CONFIG)):  # LoRA: the base is the adapters off
-      policy = hf.load_peft_adapter(peft, hf.load_model(base_hf))
+    if os.path.exists(os.path.join(peft, peft_lib.PEFT_CONFIG)):  # LoRA: base = adapters off
+      policy = peft_lib.load_peft_adapter(peft, hf.load_model(base_hf))
       res = tc.token_change(None, policy, tokens, mask, resp, threshold=C4_THRESHOLD)
     else:
       res = tc.token_change(base, hf.load_model(path), tokens, mask, resp, threshold=C4_THRESHOLD)

@@ -15,6 +15,8 @@ import math
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 from srft_jax.study import claims as claims_lib
 from srft_jax.study import runner
 from srft_jax.study.claims import C1_ENTROPY_EDGE_STEPS
@@ -175,6 +177,41 @@ def accuracy_table(out: str, runs: dict[str, list[runner.Run]]) -> tuple[str, di
   return "\n".join(lines) + "\n", js
 
 
+def levels_table(out: str, runs: dict[str, list[runner.Run]]) -> tuple[str, dict]:
+  """Final greedy accuracy (%) by difficulty level of Task-ID, and Task-OOD, mean
+  over seeds: where each method gains (results.json's `levels`)."""
+  before = {}
+  cache = os.path.join(out, "base", "eval_before.json")
+  if os.path.exists(cache):
+    with open(cache) as f:
+      before = json.load(f).get("levels", {})
+  rows: dict[str, dict[str, float]] = {}
+  if before:
+    rows["base"] = {
+      **{f"L{k}": v for k, v in before.get("task_id", {}).items()},
+      "OOD": next(iter(before.get("task_ood", {}).values()), float("nan")),
+    }
+  for method, rs in runs.items():
+    cells: dict[str, list[float]] = {}
+    for r in rs:
+      lv = (r.results.get("after") or {}).get("levels") or {}
+      for k, v in lv.get("task_id", {}).items():
+        cells.setdefault(f"L{k}", []).append(v)
+      for v in lv.get("task_ood", {}).values():
+        cells.setdefault("OOD", []).append(v)
+    if cells:
+      rows[method] = {k: float(np.mean(v)) for k, v in cells.items()}
+  if not rows:
+    return "_no accuracy by level in these runs' results_\n", {}
+  cols = sorted({c for r in rows.values() for c in r if c != "OOD"}) + ["OOD"]
+  lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+  for method, r in rows.items():
+    lines.append(
+      f"| {method} | " + " | ".join(_pct(r.get(c, float("nan")), float("nan")) for c in cols) + " |"
+    )
+  return "\n".join(lines) + "\n", rows
+
+
 def compute_table(
   runs: dict[str, list[runner.Run]], n_params: int | None, prompt_width: int
 ) -> tuple[str, dict]:
@@ -304,6 +341,12 @@ def write_report(
   n_params = claims_lib.base_num_params(out)
   width = max(settings.get("data.prompt_buckets") or [64])
   acc_md, acc_js = accuracy_table(out, runs)
+  lv_md, lv_js = levels_table(out, runs)
+  regime_path = os.path.join(out, "regime.md")
+  regime_md = ""
+  if os.path.exists(regime_path):  # the distilled regime's criteria (docs/method.md §16)
+    with open(regime_path) as f:
+      regime_md = "### The regime, chosen before any RL or mixed run\n\n" + f.read() + "\n"
   sweep_md, sweep_js = sweep_table(out)
   comp_md, comp_js = compute_table(runs, n_params, width)
   events = []
@@ -342,7 +385,7 @@ Training problems have 1-3 steps (Task-ID likewise, Task-OOD 4); demonstrations 
 {CRITERIA_MD}
 ## Results
 
-### Learning rates (final val accuracy of the sweep, greedy, %)
+{regime_md}### Learning rates (final val accuracy of the sweep, greedy, %)
 
 {sweep_md}
 ### Verdicts
@@ -358,6 +401,11 @@ split (Task-ID, {settings["eval.n_id"]} problems) and one out-of-distribution sp
 {settings["eval.n_ood"]} problems), so each group average equals its one benchmark.
 
 {acc_md}
+### Accuracy by difficulty level (greedy, %, mean over seeds)
+
+Task-ID's levels (steps a problem) and Task-OOD (4 steps): where each method gains.
+
+{lv_md}
 ### Compute per run (mean over seeds)
 
 {claims_lib.FLOPS_FORMULA}
@@ -395,6 +443,7 @@ Per-method overrides: `{json.dumps(info.get("method_overrides", {}))}`.
     json.dump(
       {
         "accuracy": acc_js,
+        "levels": lv_js,
         "sweep": sweep_js,
         "compute": comp_js,
         "claims": claims,

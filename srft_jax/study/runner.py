@@ -159,14 +159,6 @@ QUICK_LR_GRID = (2e-4,)  # one rate: the sweep's plumbing runs, nothing is compa
 # ----------------------------------------------------------------------------
 
 
-def _set(c, key: str, value) -> None:
-  node = c
-  *parents, leaf = key.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-
-
 def study_settings(
   *, quick: bool = False, steps: int | None = None, overrides: dict | None = None
 ) -> dict[str, Any]:
@@ -194,32 +186,32 @@ def switch_step(settings: dict) -> int:
   return int(settings["steps"]) // 2
 
 
-def run_config(method: str, seed: int, out: str, settings: dict, lrs: dict | None = None):
-  """configs/default.py:`method` with the study's settings; a locked ConfigDict.
+def run_spec(
+  method: str, seed: int, out: str, settings: dict, lrs: dict | None = None, validate: bool = True
+) -> factory.RunSpec:
+  """configs/default.py:`method` with the study's settings, as a run spec.
   `lrs` ({family: lr}, from the sweep) sets each stage's rate by its family."""
   mod = factory.load_config_module(DEFAULT_CONFIG)
-  c = mod.get_config(method)
-  with c.unlocked():
-    for k, v in {**settings, **method_overrides(method, settings)}.items():
-      _set(c, k, v)
-    c.seed = int(seed)
-    c.warmup.dir = os.path.join(out, "base")
-    c.data.tokenizer = tokenizer_path(out, c)
-    if method in mod.TWO_STAGE:
-      c.stages = mod.TWO_STAGE[method].format(half=switch_step(settings))
-    if lrs:
-      rates = tuple(float(lrs[f]) for f in families_of(method))
-      if len(rates) > 1:
-        c.optim.stage_lrs = rates
-      else:
-        c.optim.lr = rates[0]
-  c.lock()
-  return c
+  overrides = {**settings, **method_overrides(method, settings)}
+  overrides["seed"] = int(seed)
+  overrides["warmup.dir"] = os.path.join(out, "base")
+  if method in mod.TWO_STAGE:
+    overrides["stages"] = mod.TWO_STAGE[method].format(half=switch_step(settings))
+  if lrs:
+    rates = tuple(float(lrs[f]) for f in families_of(method))
+    if len(rates) > 1:
+      overrides["optim.stage_lrs"] = rates
+    else:
+      overrides["optim.lr"] = rates[0]
+  config = mod.get_config(method)
+  task_seed = factory.run_spec(config, overrides, validate=False).data.task_seed
+  overrides["data.tokenizer"] = tokenizer_path(out, task_seed)
+  return factory.run_spec(config, overrides, validate=validate)
 
 
-def tokenizer_path(out: str, c) -> str:
+def tokenizer_path(out: str, task_seed: int) -> str:
   return os.path.join(
-    out, "tokenizer", task.task_tokenizer_filename(c.data.task_seed, task.DEFAULT_VOCAB_SIZE)
+    out, "tokenizer", task.task_tokenizer_filename(task_seed, task.DEFAULT_VOCAB_SIZE)
   )
 
 
@@ -239,14 +231,14 @@ def finished(out: str, method: str, seed: int) -> bool:
 
 def ensure_base(out: str, settings: dict) -> None:
   """The shared task tokenizer and warmed-up base model (cached; idempotent)."""
-  c = run_config("sft", BASE_SEED, out, settings)
-  task.get_task_tokenizer(os.path.dirname(c.data.tokenizer), seed=c.data.task_seed)
-  if os.path.exists(os.path.join(out, "base", "hf", "config.json")) or c.warmup.steps <= 0:
+  spec = run_spec("sft", BASE_SEED, out, settings)
+  task.get_task_tokenizer(os.path.dirname(spec.data.tokenizer), seed=spec.data.task_seed)
+  if os.path.exists(os.path.join(out, "base", "hf", "config.json")) or spec.warmup_run is None:
     return
-  tokenizer = factory.tokenizer(c, out)
-  mesh = factory.mesh(c)
-  with rewards_lib.RewardScorer(require_think=c.rollout.require_think) as scorer:
-    if job.base_model(c, tokenizer, mesh, out, scorer) is None:
+  tokenizer = factory.tokenizer(spec, out)
+  mesh = spec.make_mesh()
+  with rewards_lib.RewardScorer(require_think=spec.rollout.require_think) as scorer:
+    if job.base_model(spec, tokenizer, mesh, out, scorer) is None:
       raise SystemExit("study: SIGTERM during the base model's warm-up; rerun to resume it")
 
 
@@ -280,11 +272,11 @@ def run_sweep(
         continue
       if bar is not None:
         bar.set_postfix_str(f"sweep {family} lr {lr:g}")
-      c = run_config(method, SWEEP_SEED, out, s, {f: lr for f in FAMILIES})
+      spec = run_spec(method, SWEEP_SEED, out, s, {f: lr for f in FAMILIES})
       _event(out, run=f"sweep/{family}/lr{lr:g}", action="start")
       t = time.time()
       try:
-        res = job.run(c, wd)
+        res = job.run(spec, wd)
       except FloatingPointError as e:  # a diverged rate scores 0 on val
         res = {"after": {"val_acc": 0.0}, "error": str(e)}
         with open(os.path.join(wd, "results.json"), "w") as f:
@@ -390,12 +382,12 @@ def run_study(
         continue
       if bar is not None:
         bar.set_postfix_str(f"{method} seed {seed}")
-      c = run_config(method, seed, out, settings, lrs)
+      spec = run_spec(method, seed, out, settings, lrs)
       resumed = bool(glob.glob(os.path.join(wd, "checkpoints", "*")))
       _event(out, run=f"{method}/seed{seed}", action="resume" if resumed else "start")
       t_run = time.time()
       try:
-        res = job.run(c, wd)
+        res = job.run(spec, wd)
       except FloatingPointError as e:  # a diverged run is a result, not a study failure
         failed.append((method, seed))
         with open(os.path.join(wd, "failed.json"), "w") as f:

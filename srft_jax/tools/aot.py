@@ -144,10 +144,10 @@ def libtpu_available() -> bool:
 # ----------------------------------------------------------------------------
 
 
-def model_config(c, vocab_size: int = 512):
-  """The ModelConfig the run would build (factory.model_config); `vocab_size`
-  sizes the tiny preset, whose vocabulary is the task tokenizer's."""
-  return factory.model_config(c, vocab_size)
+def model_config(spec: factory.RunSpec, vocab_size: int = 512):
+  """The ModelConfig the run would build; `vocab_size` sizes the tiny preset,
+  whose vocabulary is the task tokenizer's."""
+  return spec.model.config(vocab_size)
 
 
 def _abstract(tree, shardings):
@@ -157,33 +157,31 @@ def _abstract(tree, shardings):
   )
 
 
-def biggest_stage(c) -> factory.Stage:
-  """The stage with the biggest group: the largest batch a step trains on."""
-  return max(factory.stages(c), key=lambda st: st.layout.size)
-
-
-def _train_state(c, mcfg, tx):
+def _train_state(spec: factory.RunSpec, mcfg, tx):
   """(graphdef, abstract train state, frozen LoRA base or None) as the Trainer
-  builds them: with LoRA the state is the adapters and the base an argument."""
-  lcfg = factory.lora_config(c)
-  base = None
-  if lcfg.enabled:
-    abstract = nnx.eval_shape(
-      lambda: lora.attach(model_lib.Transformer(mcfg, rngs=nnx.Rngs(0)), lcfg)
-    )
-    graphdef, params, base = lora.split(abstract)
-  else:
-    graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
+  builds them (step.split_policy): with LoRA the state is the adapters and the
+  base an argument."""
+
+  def policy():
+    model = model_lib.Transformer(mcfg, rngs=nnx.Rngs(0))
+    return lora.attach(model, spec.lora) if spec.lora.enabled else model
+
+  graphdef, params, base = step_lib.split_policy(nnx.eval_shape(policy))
   return graphdef, jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), params), base
 
 
-def lower_train(c, mcfg, mesh):
+def _optimizer(spec: factory.RunSpec):
+  """The optimizer of the whole run's length (its state's shapes are any stage's)."""
+  return spec.optim.make(spec.steps, updates_per_step=spec.batch.minibatches)
+
+
+def lower_train(spec: factory.RunSpec, mcfg, mesh):
   """step.train_step for one step's batch, jitted as the Trainer jits it."""
-  stage = biggest_stage(c)
+  stage = spec.biggest_stage()
   layout = stage.layout
-  tx, _ = factory.optimizer(c, c.steps)
-  step_cfg = factory.step_config(c, stage)
-  graphdef, state, base = _train_state(c, mcfg, tx)
+  tx, _ = _optimizer(spec)
+  step_cfg = stage.step
+  graphdef, state, base = _train_state(spec, mcfg, tx)
   params = state["params"]
   frozen, frozen_sh = (), None
   if base is not None:
@@ -191,12 +189,12 @@ def lower_train(c, mcfg, mesh):
     frozen = (_abstract(base, frozen_sh),)
   state_sh = step_lib.state_shardings(state, mesh, mcfg.rules)
 
-  b, p, r = c.batch.prompts_per_step, max(c.data.prompt_buckets), c.data.max_response_len
+  b, p, r = spec.batch.prompts_per_step, max(spec.data.prompt_buckets), spec.data.max_response_len
   n = layout.n_rollouts
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
   f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
   batch = jax.eval_shape(
-    lambda *a: step_lib.assemble_batch(*a, layout=layout),
+    lambda *a: step_lib.prepare_batch(*a, layout=layout, cfg=stage.advantage),
     i32(b, p),
     i32(b, p),
     i32(b * n, r) if n else None,
@@ -205,13 +203,14 @@ def lower_train(c, mcfg, mesh):
     i32(b, r),
     i32(b, r),
     f32(b * layout.size),
-    f32(b * layout.size),
   )
   batch_sh = step_lib.batch_shardings(batch, mesh, mcfg.rules)
   # A KL term keeps a frozen copy of the base params (the reference) beside the
   # state; with LoRA zero adapters on the same base (no copy).
   ref_sh = shd.state_shardings(params, mesh, mcfg.rules) if step_cfg.reference else None
-  ref = _abstract(params, ref_sh) if step_cfg.reference else None
+  ref = None
+  if step_cfg.reference:
+    ref = _abstract(jax.eval_shape(step_lib.reference_params, params, base), ref_sh)
   fn = step_lib.jit_train_step(graphdef, tx, step_cfg, state_sh, batch_sh, ref_sh, frozen_sh)
   with jax.set_mesh(mesh):
     return fn.lower(_abstract(state, state_sh), _abstract(batch, batch_sh), ref, *frozen)
@@ -225,16 +224,16 @@ def _per_chip_bytes(tree) -> int:
   )
 
 
-def resident_bytes(c, mcfg, mesh) -> int:
+def resident_bytes(spec: factory.RunSpec, mcfg, mesh) -> int:
   """Bytes a chip keeps through sampling besides the sampling programs' own
   arguments (the policy's parameters and the KV cache): the train state's
   optimizer moments (with LoRA the adapters too; the programs take the base)
   and a KL reference. Added to `sample`, `prefill` and `decode`."""
-  tx, _ = factory.optimizer(c, c.steps)
-  _, state, base = _train_state(c, mcfg, tx)
+  tx, _ = _optimizer(spec)
+  _, state, base = _train_state(spec, mcfg, tx)
   state = _abstract(state, step_lib.state_shardings(state, mesh, mcfg.rules))
   kept = _per_chip_bytes(state) - (0 if base is not None else _per_chip_bytes(state["params"]))
-  if factory.step_config(c, biggest_stage(c)).reference:  # a copy of the params (LoRA: zeros)
+  if spec.reference:  # a copy of the params (LoRA: zeros)
     kept += _per_chip_bytes(state["params"])
   return kept
 
@@ -246,7 +245,7 @@ def _inference_config(mcfg):
   return dataclasses.replace(mcfg, remat="none")
 
 
-def _sampler_inputs(c, mcfg, mesh, rows: int, length: int):
+def _sampler_inputs(mcfg, mesh, rows: int, length: int):
 
   graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
   params = _abstract(params, shd.state_shardings(params, mesh, mcfg.rules))
@@ -260,15 +259,16 @@ def _rows_sharding(mesh, mcfg, shape):
   return shd.batch_sharding(mesh, len(shape), mcfg.rules, shape)
 
 
-def lower_sample(c, mcfg, mesh):
+def lower_sample(spec: factory.RunSpec, mcfg, mesh):
   """The sampler's jitted core: prefill + decode loop, all rollouts of one step."""
 
   mcfg = _inference_config(mcfg)
-  layout = biggest_stage(c).layout
+  layout = spec.biggest_stage().layout
   n = max(layout.n_rollouts, 1)
-  rows, p, r = c.batch.prompts_per_step * n, max(c.data.prompt_buckets), c.data.max_response_len
-  graphdef, params, cache = _sampler_inputs(c, mcfg, mesh, rows, p + r)
-  scfg = factory.sampling_config(c, n=n, eos_ids=(1,), pad_id=0)  # no tokenizer here
+  rows = spec.batch.prompts_per_step * n
+  p, r = max(spec.data.prompt_buckets), spec.data.max_response_len
+  graphdef, params, cache = _sampler_inputs(mcfg, mesh, rows, p + r)
+  scfg = spec.sampling(n=n, eos_ids=(1,), pad_id=0)  # no tokenizer here
   tok_sh = _rows_sharding(mesh, mcfg, (rows, p))
   tokens = jax.ShapeDtypeStruct((rows, p), jnp.int32, sharding=tok_sh)
   key = jax.eval_shape(lambda: jax.random.key(0))
@@ -279,28 +279,30 @@ def lower_sample(c, mcfg, mesh):
     return sampler_lib.sample_jit.lower(graphdef, params, tokens, tokens, key, scfg, cache)
 
 
-def _model_step(graphdef, state, tokens_BT, positions_BT, mask_BT, cache):
-  """One model call with the KV cache, as the sampler makes it (last-position logits)."""
+def _model_step(graphdef, cfg, decode, state, tokens_BT, positions_BT, mask_BT, cache):
+  """One model call with the KV cache, the sampler's own (`sampler.prefill_step`
+  or `sampler.decode_step`, with its fused decode weights)."""
 
   model = nnx.merge(graphdef, state)
-  logits, cache = model(tokens_BT, positions_BT, mask_BT, cache=cache)
-  return logits[:, -1], cache
+  step = sampler_lib.decode_step if decode else sampler_lib.prefill_step
+  return step(model, tokens_BT, positions_BT, mask_BT, cache, sampler_lib.weights_kw(model, cfg))
 
 
-def lower_cache_call(c, mcfg, mesh, new_tokens: int | None):
+def lower_cache_call(spec: factory.RunSpec, mcfg, mesh, new_tokens: int | None):
   """`prefill` (new_tokens=None: the P prompt tokens) or `decode` (1 token)."""
 
   mcfg = _inference_config(mcfg)
-  layout = biggest_stage(c).layout
-  rows = c.batch.prompts_per_step * max(layout.n_rollouts, 1)
-  p, r = max(c.data.prompt_buckets), c.data.max_response_len
+  layout = spec.biggest_stage().layout
+  rows = spec.batch.prompts_per_step * max(layout.n_rollouts, 1)
+  p, r = max(spec.data.prompt_buckets), spec.data.max_response_len
   t = p if new_tokens is None else new_tokens
-  graphdef, params, cache = _sampler_inputs(c, mcfg, mesh, rows, p + r)
+  graphdef, params, cache = _sampler_inputs(mcfg, mesh, rows, p + r)
   sh = _rows_sharding(mesh, mcfg, (rows, t))
   x = jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=sh)
-  fn = jax.jit(_model_step, static_argnums=0, donate_argnums=5)
+  scfg = spec.sampling(n=max(layout.n_rollouts, 1), eos_ids=(1,), pad_id=0)
+  fn = jax.jit(_model_step, static_argnums=(0, 1, 2), donate_argnums=7)
   with jax.set_mesh(mesh):
-    return fn.lower(graphdef, params, x, x, x, cache)
+    return fn.lower(graphdef, scfg, new_tokens is not None, params, x, x, x, cache)
 
 
 # ----------------------------------------------------------------------------
@@ -315,17 +317,17 @@ def _matmul_params(mcfg) -> int:
   return n if mcfg.tie_embeddings else n - mcfg.vocab_size * mcfg.embed_dim
 
 
-def model_flops(c, mcfg) -> dict[str, float]:
+def model_flops(spec: factory.RunSpec, mcfg) -> dict[str, float]:
   """Global FLOPs of one step of each program: 2 N a token forward (6 N with
   the backward pass) plus causal attention 4 L N H (context) a token."""
-  layout = biggest_stage(c).layout
-  p, r = max(c.data.prompt_buckets), c.data.max_response_len
+  layout = spec.biggest_stage().layout
+  p, r = max(spec.data.prompt_buckets), spec.data.max_response_len
   t = p + r
   nm = _matmul_params(mcfg)
   attn = 4 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim  # x context length, per token
-  train_rows = c.batch.prompts_per_step * layout.size
+  train_rows = spec.batch.prompts_per_step * layout.size
   fwd = train_rows * (2 * nm * t + attn * t * (t + 1) / 2)
-  rows = c.batch.prompts_per_step * max(layout.n_rollouts, 1)
+  rows = spec.batch.prompts_per_step * max(layout.n_rollouts, 1)
   prefill = rows * (2 * nm * p + attn * p * (p + 1) / 2)
   decode_one = rows * (2 * nm + attn * (p + r / 2))  # mean context over the response
   return {
@@ -431,25 +433,26 @@ def compile_program(lowered, topo: Topology, model_flops_step: float) -> dict[st
 
 
 def analyse(
-  c,
+  spec: factory.RunSpec,
   topo: Topology,
   programs=PROGRAMS,
   vocab_size: int = 512,
   log=print,
   num_layers: int | None = None,
 ) -> dict[str, Any]:
-  """Compiles `programs` of config `c` for `topo`; a JSON-ready report.
+  """Compiles `programs` of the run `spec` for `topo`; a JSON-ready report.
 
   `num_layers` compiles a shallower copy of the model (see `extrapolate`).
   """
 
-  mcfg = model_config(c, vocab_size)
+  mcfg = model_config(spec, vocab_size)
   if num_layers:
     mcfg = dataclasses.replace(mcfg, num_layers=num_layers)
   devices = topo.devices()
-  mesh = shd.make_mesh(dict(c.mesh), devices=devices)
-  flops = model_flops(c, mcfg)
-  layout = biggest_stage(c).layout
+  mesh = shd.make_mesh(dict(spec.mesh), devices=devices)
+  flops = model_flops(spec, mcfg)
+  layout = spec.biggest_stage().layout
+  b = spec.batch
   report = {
     "topology": topo.name,
     "accelerator_type": topo.accelerator_type,
@@ -457,27 +460,27 @@ def analyse(
     "device_kind": devices[0].device_kind,
     "hbm_gb": HBM_GB[topo.generation],
     "mesh": dict(mesh.shape),
-    "model": c.model.hf_path or c.model.preset,
+    "model": spec.model.hf_path or spec.model.preset,
     "params": mcfg.num_params(),
     "active_params": mcfg.num_params(active=True),  # a token's (MoE: top-k experts)
     "param_dtype": mcfg.param_dtype,
     "dtype": mcfg.dtype,
     "remat": mcfg.remat,
     "attention": mcfg.attention,
-    "prompts": c.batch.prompts_per_step,
+    "prompts": b.prompts_per_step,
     "group": layout.size,
-    "rows": c.batch.prompts_per_step * layout.size,
-    "length": max(c.data.prompt_buckets) + c.data.max_response_len,
-    "minibatches": c.batch.minibatches,
-    "microbatches": c.batch.microbatches,
-    "logit_chunk": c.logit_chunk,
+    "rows": b.prompts_per_step * layout.size,
+    "length": max(spec.data.prompt_buckets) + spec.data.max_response_len,
+    "minibatches": b.minibatches,
+    "microbatches": b.microbatches,
+    "logit_chunk": spec.biggest_stage().step.logit_chunk,
     "programs": {},
   }
   lowerers = {
-    "train": lambda: lower_train(c, mcfg, mesh),
-    "sample": lambda: lower_sample(c, mcfg, mesh),
-    "prefill": lambda: lower_cache_call(c, mcfg, mesh, None),
-    "decode": lambda: lower_cache_call(c, mcfg, mesh, 1),
+    "train": lambda: lower_train(spec, mcfg, mesh),
+    "sample": lambda: lower_sample(spec, mcfg, mesh),
+    "prefill": lambda: lower_cache_call(spec, mcfg, mesh, None),
+    "decode": lambda: lower_cache_call(spec, mcfg, mesh, 1),
   }
   resident = None
   for name in programs:
@@ -487,7 +490,7 @@ def analyse(
     res = compile_program(lowered, topo, flops[name])
     res["lower_s"] = round(lower_s, 1)
     if name != "train" and "error" not in res:  # sampling: the train state stays on the chip
-      resident = resident_bytes(c, mcfg, mesh) if resident is None else resident
+      resident = resident_bytes(spec, mcfg, mesh) if resident is None else resident
       res["resident_bytes"] = resident
       res["total_bytes"] += resident
       res["hbm_fraction"] = res["total_bytes"] / topo.hbm_bytes
@@ -516,14 +519,19 @@ _LINEAR = (
 
 
 def extrapolate(
-  c, topo: Topology, programs, layers: tuple[int, int], vocab_size: int = 512, log=print
+  spec: factory.RunSpec,
+  topo: Topology,
+  programs,
+  layers: tuple[int, int],
+  vocab_size: int = 512,
+  log=print,
 ) -> dict[str, Any]:
   """Compiles the model at two depths and extrapolates every size linearly to the
   full depth (params, moments, saved activations and FLOPs grow one layer at a
   time; the embedding, logits and loss buffers do not). For when compiling the
   full model on this host is too slow; an estimate, marked as such."""
-  full = model_config(c, vocab_size)
-  lo, hi = (analyse(c, topo, programs, vocab_size, log, num_layers=n) for n in layers)
+  full = model_config(spec, vocab_size)
+  lo, hi = (analyse(spec, topo, programs, vocab_size, log, num_layers=n) for n in layers)
   out = dict(
     hi,
     num_layers=full.num_layers,
@@ -532,7 +540,7 @@ def extrapolate(
     extrapolated_from_layers=list(layers),
     programs={},
   )
-  flops = model_flops(c, full)
+  flops = model_flops(spec, full)
   for name in programs:
     a, b = lo["programs"][name], hi["programs"][name]
     if "error" in a or "error" in b:
@@ -614,64 +622,61 @@ def format_table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def state_lower_bound(c, topo: Topology, vocab_size: int = 512) -> float:
+def state_lower_bound(spec: factory.RunSpec, topo: Topology, vocab_size: int = 512) -> float:
   """Bytes a chip needs for params + Adam moments + gradients, perfectly sharded
   (with LoRA: the frozen base alone, a lower bound that ignores the adapters)."""
 
-  mcfg = model_config(c, vocab_size)
+  mcfg = model_config(spec, vocab_size)
   pbytes = np.dtype(mcfg.jnp_param_dtype).itemsize
-  copies = 1 if factory.lora_config(c).enabled else 4
+  copies = 1 if spec.lora.enabled else 4
   return copies * mcfg.num_params() * pbytes / topo.chips
 
 
-def microbatches_for(c, topo: Topology, rows_per_shard: int) -> int:
+def microbatches_for(spec: factory.RunSpec, topo: Topology, rows_per_shard: int) -> int:
   """`batch.microbatches` that puts `rows_per_shard` rows of the biggest stage's
   micro-batch on each data shard of `topo` (the axes the `batch` rule names in
   the config's mesh there: one chip a shard under pure FSDP); a ValueError
-  when some stage's mini-batch does not split that way."""
-  mesh_shape = shd.make_mesh(dict(c.mesh), devices=topo.devices()).shape
-  data_par = shd.batch_shards(mesh_shape, factory.sharding_rules(c))
-  per_mini = c.batch.prompts_per_step // c.batch.minibatches
-  rows_mini = per_mini * biggest_stage(c).layout.size
+  when some stage's mini-batch does not split that way (factory.check_batch_split)."""
+  mesh_shape = shd.make_mesh(dict(spec.mesh), devices=topo.devices()).shape
+  data_par = shd.batch_shards(mesh_shape, spec.model.rules)
+  b = spec.batch
+  per_mini = b.prompts_per_step // b.minibatches
+  rows_mini = per_mini * spec.biggest_stage().layout.size
   micro, rest = divmod(rows_mini, data_par * rows_per_shard)
   if micro == 0 or rest:
     raise ValueError(
       f"{rows_mini} rows a mini-batch do not split into micro-batches of "
       f"{rows_per_shard} row(s) on each of {data_par} data shards"
     )
-  if c.get("shared_prefix") and per_mini % micro:
-    raise ValueError(
-      f"{micro} micro-batches would cut groups of {per_mini} prompts (shared_prefix=True)"
+  for stage in spec.stages:  # the same micro-batch count serves every stage
+    factory.check_batch_split(
+      b.prompts_per_step,
+      b.minibatches,
+      micro,
+      stage.layout,
+      data_par,
+      shared_prefix=stage.step.group > 0,
+      label=stage.name,
     )
-  for stage in factory.stages(c):  # the same micro-batch count serves every stage
-    rows = per_mini * stage.layout.size
-    if rows % micro or (rows // micro) % data_par:
-      raise ValueError(
-        f"{micro} micro-batches do not split stage {stage.name}'s {rows} rows "
-        f"over {data_par} data shards"
-      )
   return micro
 
 
-def with_rows_per_shard(c, topo: Topology, rows_per_shard: int):
-  """`c` with `batch.microbatches` set for `rows_per_shard` (0: `c` unchanged)."""
+def with_rows_per_shard(spec: factory.RunSpec, topo: Topology, rows_per_shard: int):
+  """`spec` with `batch.microbatches` set for `rows_per_shard` (0: unchanged)."""
   if not rows_per_shard:
-    return c
-  c = c.copy_and_resolve_references()
-  with c.unlocked():
-    c.batch.microbatches = microbatches_for(c, topo, rows_per_shard)
-  return c
+    return spec
+  return spec.with_microbatches(microbatches_for(spec, topo, rows_per_shard))
 
 
-def _report(c, topo, programs, vocab_size, layers, log=print, rows_per_shard: int = 0):
-  c = with_rows_per_shard(c, topo, rows_per_shard)
+def _report(spec, topo, programs, vocab_size, layers, log=print, rows_per_shard: int = 0):
+  spec = with_rows_per_shard(spec, topo, rows_per_shard)
   if layers:
-    return extrapolate(c, topo, programs, layers, vocab_size, log)
-  return analyse(c, topo, programs, vocab_size, log)
+    return extrapolate(spec, topo, programs, layers, vocab_size, log)
+  return analyse(spec, topo, programs, vocab_size, log)
 
 
 def find_smallest(
-  c,
+  spec: factory.RunSpec,
   generation: str,
   programs,
   vocab_size: int,
@@ -683,13 +688,13 @@ def find_smallest(
   tried = []
   for shape in SLICES[generation]:
     topo = Topology.parse(f"{generation}:{shape}")
-    lb = state_lower_bound(c, topo, vocab_size)
+    lb = state_lower_bound(spec, topo, vocab_size)
     if lb > FIT_FRACTION * topo.hbm_bytes:
       log(f"  {topo.name}: skipped, params + Adam + grads alone need {lb / 1e9:.1f} GB a chip")
       tried.append({"topology": topo.name, "fits": False, "skipped": "state lower bound"})
       continue
     try:
-      rep = _report(c, topo, programs, vocab_size, layers, log, rows_per_shard)
+      rep = _report(spec, topo, programs, vocab_size, layers, log, rows_per_shard)
     except (ValueError, RuntimeError) as e:  # a mesh that does not divide it; libtpu refusing it
       log(f"  {topo.name}: {e}")
       tried.append({"topology": topo.name, "fits": False, "error": str(e)})
@@ -749,7 +754,12 @@ def main(argv) -> int:
   if not libtpu_available():
     print("srft_jax.tools.aot needs libtpu: pip install -r requirements-tpu.txt", file=sys.stderr)
     return 2
-  c = f.config
+  # The run as configured, checked against the slice's devices, not this host's.
+  try:
+    spec = factory.run_spec(f.config, validate=False)
+  except factory.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   unknown = set(f.programs) - set(PROGRAMS)
   if unknown:
     print(f"--programs: unknown {sorted(unknown)}; known: {PROGRAMS}", file=sys.stderr)
@@ -782,7 +792,7 @@ def main(argv) -> int:
   out: dict[str, Any] = {"reports": [], "smallest": []}
   for topo in topos:
     try:
-      rep = _report(c, topo, f.programs, f.vocab_size, layers, rows_per_shard=f.rows_per_shard)
+      rep = _report(spec, topo, f.programs, f.vocab_size, layers, rows_per_shard=f.rows_per_shard)
     except (ValueError, RuntimeError) as e:  # e.g. a shape libtpu has no slice for
       print(f"--topology={topo.name}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
       return 2
@@ -792,7 +802,7 @@ def main(argv) -> int:
   if f.find_smallest:
     for gen in gens:
       res = find_smallest(
-        c, gen, f.programs, f.vocab_size, layers=layers, rows_per_shard=f.rows_per_shard
+        spec, gen, f.programs, f.vocab_size, layers=layers, rows_per_shard=f.rows_per_shard
       )
       for rep in res["tried"]:
         if "programs" in rep:

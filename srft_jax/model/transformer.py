@@ -1,0 +1,401 @@
+"""The decoder: `MLP`, `Block`, `Transformer`, its KV cache, and the helpers
+that build and run it (`create_model`, `abstract_model`, `forward_logits`).
+
+The trainer and the sampler call this one model: the sampler passes a KV
+cache, the trainer asks for final hidden states and computes log-probs in
+chunks from them (objectives.chunked_logprobs_and_entropy). Every forward
+returns one `ModelOutput`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from srft_jax import sharding as shd
+from srft_jax.model.attention import Attention
+from srft_jax.model.attention import dense_out_major
+from srft_jax.model.attention import left_align
+from srft_jax.model.attention import rope_frequencies
+from srft_jax.model.config import ModelConfig
+from srft_jax.model.layers import RMSNorm
+from srft_jax.model.layers import param
+from srft_jax.model.lora_hooks import adapted_weight
+from srft_jax.model.lora_hooks import lora_delta
+from srft_jax.model.lora_hooks import plus_delta
+from srft_jax.model.moe import MoE
+from srft_jax.model.moe import RouterStats
+from srft_jax.model.moe import add_router_stats
+
+Array = jax.Array
+f32 = jnp.float32
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, pd = cfg.embed_dim, cfg.mlp_dim, cfg.jnp_param_dtype
+    self.cfg = cfg
+    self.gate = param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.up = param(rngs, (d, f), ("embed", "mlp"), pd)
+    self.down = param(rngs, (f, d), ("mlp", "embed"), pd)
+
+  def decode_weights(self) -> dict[str, Array]:
+    """Output-major weights in the compute dtype, gate and up stacked:
+    gate_up [2, F, D], down [D, F]."""
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    gate, up, down = (adapted_weight(self, name) for name in ("gate", "up", "down"))  # + LoRA
+    gate_up = jnp.stack([gate.T, up.T]).astype(dt)
+    return {
+      "gate_up": shd.constrain(gate_up, (None, "mlp", "embed"), cfg.rules),
+      "down": shd.constrain(down.T.astype(dt), ("embed", "mlp"), cfg.rules),
+    }
+
+  def __call__(self, x_BTD, w=None, dropout_key=None):
+    dt = self.cfg.jnp_dtype
+    key = dropout_key
+    if w is None:
+      g = plus_delta(
+        jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt)),
+        lora_delta(self, "gate", x_BTD, dropout_key=key),
+      )
+      u = plus_delta(
+        jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt)),
+        lora_delta(self, "up", x_BTD, dropout_key=key),
+      )
+    else:  # one matmul for gate and up
+      gu = dense_out_major(x_BTD, w["gate_up"])  # [B, T, 2, F]
+      g, u = gu[:, :, 0], gu[:, :, 1]
+    h = shd.constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"), self.cfg.rules)
+    if w is None:
+      return plus_delta(
+        jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt)),
+        lora_delta(self, "down", h, dropout_key=key),
+      )
+    return dense_out_major(h, w["down"])
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
+    pd = cfg.jnp_param_dtype
+    self.cfg = cfg
+    self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
+    self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, rngs)
+
+  def __call__(
+    self,
+    x_BTD,
+    positions_BT,
+    inv_freq,
+    allowed_BTS,
+    kv=None,
+    index=None,
+    w=None,
+    mask_BT=None,
+    decode=False,
+    dropout_key=None,
+  ):
+    """(x, kv, router stats: None for a dense MLP); mask_BT: real tokens (MoE
+    routing); dropout_key: this layer's LoRA dropout key (training only)."""
+    y, kv = self.attn(
+      self.attn_norm(x_BTD),
+      positions_BT,
+      inv_freq,
+      allowed_BTS,
+      kv,
+      index,
+      None if w is None else w["attn"],
+      decode,
+      dropout_key,
+    )
+    x = x_BTD + y
+    stats = None
+    if isinstance(self.mlp, MoE):
+      y, stats = self.mlp(self.mlp_norm(x), mask_BT, None if w is None else w["mlp"])
+      x = x + y
+    else:
+      x = x + self.mlp(self.mlp_norm(x), None if w is None else w["mlp"], dropout_key)
+    x = shd.constrain(x, ("batch", "length", "act_embed"), self.cfg.rules)
+    return x, kv, stats
+
+
+_REMAT_POLICIES = {
+  "full": None,
+  "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _run_block(block: Block, x, positions, inv_freq, allowed, kv, index, w, mask, dropout_key):
+  return block(x, positions, inv_freq, allowed, kv, index, w, mask, dropout_key=dropout_key)
+
+
+class ModelOutput(NamedTuple):
+  """One forward of the decoder (`Transformer.__call__`); None where a field does not apply."""
+
+  logits: Array | None  # [B, T, V] float32; None with return_hidden=True
+  hidden: Array | None  # [B, T, D] final-normed hidden states with return_hidden=True; else None
+  cache: dict[str, Any] | None  # the updated KV cache; None without one
+  router_stats: RouterStats | None  # MoE layers' over the real tokens of mask_BT; None: dense
+
+
+class SharedPrefixOutput(NamedTuple):
+  """Final-normed hidden states of `Transformer.forward_shared_prefix`."""
+
+  prompt_hidden: Array  # [G, P, D], once per prompt group
+  response_hidden: Array  # [B, R, D]
+  router_stats: RouterStats | None  # of the full rows (a prompt counted g times); None: dense
+
+
+class Transformer(nnx.Module):
+  """The decoder. `__call__` serves training (no cache) and decoding (cache)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = cfg.jnp_param_dtype
+    self.embed = param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd)
+    self.layers = nnx.List(
+      [Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+    )
+    self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
+    if not cfg.tie_embeddings:
+      self.lm_head = param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), pd)
+
+  def unembed(self) -> Array:
+    """The [D, V] output projection (the transposed embedding when tied)."""
+    if self.cfg.tie_embeddings:
+      return self.embed[...].T
+    return self.lm_head[...]
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> dict[str, Any]:
+    return init_cache(self.cfg, batch, length, dtype)
+
+  def decode_weights(self) -> dict[str, Any]:
+    """Every matmul weight in the compute dtype, output-major, q/k/v and gate/up fused.
+
+    Built once per sampler call (inside its jit), then read by every decode
+    step: fewer, larger matmuls, no per-step cast of float32 master weights,
+    and the layout XLA:CPU's skinny matmuls want (`dense_out_major`). Costs
+    one compute-dtype copy of the weights while it lives. unembed is [V, D]:
+    the embedding table itself when tied.
+    """
+    cfg = self.cfg
+    unembed = self.embed[...] if cfg.tie_embeddings else self.lm_head[...].T
+    weights = {
+      "layers": tuple(
+        {"attn": blk.attn.decode_weights(), "mlp": blk.mlp.decode_weights()} for blk in self.layers
+      ),
+      "unembed": shd.constrain(unembed.astype(cfg.jnp_dtype), ("vocab", "embed"), cfg.rules),
+    }
+    # Materialised once: XLA must not fold the casts and transposes back into
+    # each matmul that reads them (XLA:CPU then also meets a transposed bf16
+    # dot it cannot run: "Unsupported element type for DotThunk").
+    return jax.lax.optimization_barrier(weights)
+
+  def __call__(
+    self,
+    tokens_BT: Array,
+    positions_BT: Array,
+    mask_BT: Array | None = None,
+    *,
+    cache: dict[str, Any] | None = None,
+    return_hidden: bool = False,
+    weights: dict[str, Any] | None = None,
+    remat: bool | None = None,
+    decode: bool = False,
+    lora_dropout_key: Array | None = None,
+  ) -> ModelOutput:
+    """Logits [B, T, V] float32 (or with `return_hidden` the final hidden
+    states), the updated `cache` and the MoE router statistics: a `ModelOutput`.
+
+    `weights`: `decode_weights()` (the sampler's fused weights) instead of the
+    parameters. `remat` (default: only without a cache) rematerialises the
+    layers as `cfg.remat` says. `decode=True` marks the sampler's decode step
+    (one new token a row, a cache, no backward pass): only there does
+    `cfg.decode_attention` apply. `lora_dropout_key` switches on the
+    adapters' dropout (`lora_delta`; the trainer's loss forward), layer i
+    with the key folded with i.
+    """
+    cfg = self.cfg
+    dt = cfg.jnp_dtype
+    b, t = tokens_BT.shape
+    if mask_BT is None:
+      mask_BT = jnp.ones((b, t), jnp.int32)
+    # attention="cudnn" without a cache: each row's real tokens (contiguous, as
+    # the trainer lays rows out) move to the front, so causal attention needs
+    # no padding mask; hidden states move back after the last layer.
+    align = cache is None and cfg.attention == "cudnn"
+    if align:
+      to_front, to_back = left_align(mask_BT)
+      tokens_BT = jnp.take_along_axis(tokens_BT, to_front, axis=1)
+      positions_BT = jnp.take_along_axis(positions_BT, to_front, axis=1)
+      mask_BT = jnp.take_along_axis(mask_BT, to_front, axis=1)
+    x = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+    x = shd.constrain(x, ("batch", "length", "act_embed"), cfg.rules)
+    inv_freq = rope_frequencies(cfg)
+
+    if align:
+      allowed, index = None, None
+    elif cache is None:
+      idx = jnp.arange(t)
+      allowed = (idx[None, :] <= idx[:, None])[None] & (mask_BT[:, None, :] > 0)
+      index = None
+    else:
+      index = cache["index"]
+      kv_mask = jax.lax.dynamic_update_slice(
+        cache["mask"], mask_BT.astype(cache["mask"].dtype), (0, index)
+      )
+      slots = jnp.arange(kv_mask.shape[1])
+      allowed = (slots[None, :] <= index + jnp.arange(t)[:, None])[None] & (kv_mask[:, None, :] > 0)
+
+    run = _run_block
+    # Remat only where there is a backward pass: by default not with a cache
+    # (decoding); `remat=True` asks for it there (the shared-prefix training forward).
+    if cfg.remat != "none" and (cache is None if remat is None else remat):
+      run = nnx.remat(_run_block, policy=_REMAT_POLICIES[cfg.remat])
+    new_k, new_v = [], []
+    stats = None
+    for i, block in enumerate(self.layers):
+      kv = None if cache is None else (cache["k"][i], cache["v"][i])
+      w = None if weights is None else weights["layers"][i]
+      if decode:  # the sampler's decode step (no backward pass, never rematerialised)
+        x, kv, st = block(x, positions_BT, inv_freq, allowed, kv, index, w, mask_BT, decode=True)
+      else:
+        key = None if lora_dropout_key is None else jax.random.fold_in(lora_dropout_key, i)
+        x, kv, st = run(block, x, positions_BT, inv_freq, allowed, kv, index, w, mask_BT, key)
+      stats = add_router_stats(stats, st)
+      if cache is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = self.final_norm(x)
+    if align:
+      x = jnp.take_along_axis(x, to_back[..., None], axis=1)
+    if cache is not None:
+      cache = {"k": tuple(new_k), "v": tuple(new_v), "mask": kv_mask, "index": index + t}
+    if return_hidden:
+      return ModelOutput(None, x, cache, stats)
+    return ModelOutput(self.logits(x, weights), None, cache, stats)
+
+  def forward_shared_prefix(
+    self,
+    prompt_tokens_GP: Array,
+    prompt_mask_GP: Array,
+    resp_tokens_BR: Array,
+    resp_mask_BR: Array,
+    lora_dropout_key: Array | None = None,
+  ) -> SharedPrefixOutput:
+    """Final hidden states of rows that share their prompt within groups.
+
+    Row i of the responses continues prompt i // g (g = B // G, the trainer's
+    prompt-major group layout). The sampler's own cache path does it: the
+    prompts fill a KV cache (once per group), the cache is repeated to the
+    group's rows, and the responses run on top of it. The result is the full
+    forward of the [prompt | response] rows (left-padded prompt, right-padded
+    response) for (g - 1) / g less prompt work; gradients reach each prompt
+    from every row of its group (through the cache).
+    Returns the prompt hidden states [G, P, D] and the response hidden states
+    [B, R, D], final-normed, and the MoE `RouterStats` of the full rows (a
+    prompt's counted g times, as the full forward counts it). `lora_dropout_key`:
+    as in `__call__`; a prompt's dropout mask is then shared by its group's rows.
+    """
+    g_count, p = prompt_tokens_GP.shape
+    b, r = resp_tokens_BR.shape
+    if b % g_count:
+      raise ValueError(
+        f"forward_shared_prefix: {b} response rows do not split into {g_count} prompt groups"
+      )
+    group = b // g_count
+    pm = prompt_mask_GP.astype(jnp.int32)
+    rm = resp_mask_BR.astype(jnp.int32)
+    cache = init_cache(self.cfg, g_count, p + r)
+    kw = dict(return_hidden=True, remat=True)
+    keys = (None, None) if lora_dropout_key is None else jax.random.split(lora_dropout_key)
+    prompt = self(
+      prompt_tokens_GP, positions_from_mask(pm), pm, cache=cache, lora_dropout_key=keys[0], **kw
+    )
+    cache = repeat_cache_rows(prompt.cache, group)
+    n_prompt = jnp.sum(cache["mask"], axis=-1, keepdims=True)
+    pos_r = jnp.maximum(n_prompt + jnp.cumsum(rm, axis=-1) - 1, 0).astype(jnp.int32)
+    resp = self(resp_tokens_BR, pos_r, rm, cache=cache, lora_dropout_key=keys[1], **kw)
+    stats = add_router_stats(prompt.router_stats, resp.router_stats, scale_a=group)
+    return SharedPrefixOutput(prompt.hidden, resp.hidden, stats)
+
+  def logits(self, hidden_BTD: Array, weights: dict[str, Any] | None = None) -> Array:
+    """Float32 logits of final hidden states (`ModelOutput.hidden` of `return_hidden=True`)."""
+    cfg = self.cfg
+    x = hidden_BTD.astype(cfg.jnp_dtype)
+    if weights is None:
+      logits = jnp.einsum(
+        "BTD,DV->BTV", x, self.unembed().astype(cfg.jnp_dtype), preferred_element_type=f32
+      )
+    else:
+      logits = dense_out_major(x, weights["unembed"], preferred_element_type=f32)
+    return shd.constrain(logits, ("batch", "length", "act_vocab"), cfg.rules)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, Any]:
+  """An empty KV cache: per-layer keys [B, K, H, S] and values [B, K, S, H]
+  (the layouts `attend` reads), a slot mask and the fill index."""
+  dtype = dtype or cfg.jnp_dtype
+  b, k, h = batch, cfg.num_kv_heads, cfg.head_dim
+  return {
+    "k": tuple(jnp.zeros((b, k, h, length), dtype) for _ in range(cfg.num_layers)),
+    "v": tuple(jnp.zeros((b, k, length, h), dtype) for _ in range(cfg.num_layers)),
+    "mask": jnp.zeros((batch, length), jnp.int32),
+    "index": jnp.zeros((), jnp.int32),
+  }
+
+
+def repeat_cache_rows(cache: dict[str, Any], n: int) -> dict[str, Any]:
+  """Each row of a cache n times in a row (row i -> rows i*n .. i*n+n-1):
+  one prompt's prefill shared by the n rows of its group."""
+  rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+  return {
+    "k": tuple(map(rep, cache["k"])),
+    "v": tuple(map(rep, cache["v"])),
+    "mask": rep(cache["mask"]),
+    "index": cache["index"],
+  }
+
+
+def cache_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
+  """Logical axis names of the cache pytree (same structure as `init_cache`)."""
+  return {
+    "k": tuple(("batch", "kv_heads", "head_dim", "cache_length") for _ in range(cfg.num_layers)),
+    "v": tuple(("batch", "kv_heads", "cache_length", "head_dim") for _ in range(cfg.num_layers)),
+    "mask": ("batch", "cache_length"),
+    "index": (),
+  }
+
+
+def positions_from_mask(mask_BT: Array) -> Array:
+  """Positions that count real tokens only (left padding safe, as HF generate)."""
+  return jnp.maximum(jnp.cumsum(mask_BT, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def forward_logits(model: Transformer, tokens_BT: Array, mask_BT: Array | None = None) -> Array:
+  """Float32 logits [B, T, V] of a full forward pass (scoring and tests)."""
+  if mask_BT is None:
+    mask_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+  mask_BT = jnp.asarray(mask_BT, jnp.int32)
+  return model(jnp.asarray(tokens_BT), positions_from_mask(mask_BT), mask_BT).logits
+
+
+def create_model(cfg: ModelConfig, *, seed: int = 0, mesh=None) -> Transformer:
+  """A randomly initialised model, created directly in its sharded layout on `mesh`."""
+  return shd.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh, cfg.rules)
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """The model's shapes and dtypes only (no allocation)."""
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: nnx.Module) -> int:
+  state = nnx.state(model, nnx.Param)
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))

@@ -1,0 +1,212 @@
+"""Shared test helpers (the session fixtures built on them live in conftest.py).
+
+- `task_tokenizer_path`: the built-in task's SentencePiece tokenizer, trained once.
+- `tiny_hf_config`, `save_tiny_hf`: tiny random transformers checkpoints.
+- `main_command`, `MainJob`, `run_main`, `run_cli`: `python -m srft_jax.main`
+  (or another CLI) in a subprocess, with overrides, environment, timeout and
+  SIGTERM / SIGKILL.
+"""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = "configs/default.py"  # relative to ROOT (the runs' default cwd)
+
+
+# ----------------------------------------------------------------------------
+# Inputs: the task tokenizer, tiny HF checkpoints
+# (dotted-key config overrides: srft_jax.factory.with_overrides)
+# ----------------------------------------------------------------------------
+
+
+def task_tokenizer_path(directory) -> str:
+  """Trains the task tokenizer (seed 0) into `directory`; the path of its .model file."""
+  from srft_jax.data import task
+
+  task.get_task_tokenizer(str(directory), seed=0)
+  (path,) = glob.glob(os.path.join(str(directory), "*.model"))
+  return path
+
+
+# The shape of tests/test_hf.py's and tests/test_lora.py's checkpoints.
+HF_VOCAB, HF_EMBED, HF_MLP, HF_LAYERS, HF_HEADS, HF_KV_HEADS = 96, 32, 64, 2, 4, 2
+HF_HEAD_DIM = HF_EMBED // HF_HEADS
+HF_KINDS = ("qwen2", "llama_tied", "llama_untied")
+LLAMA3_ROPE = {
+  "rope_type": "llama3",
+  "rope_theta": 500_000.0,
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  # small, so the tests' positions reach the scaled frequencies
+  "original_max_position_embeddings": 16,
+}
+
+
+def tiny_hf_config(kind: str):
+  """A tiny transformers config of `kind` (one of HF_KINDS): Qwen2 (untied,
+  q/k/v biases) or Llama 3 (llama3 RoPE scaling), tied or untied."""
+  import transformers
+
+  common = dict(
+    vocab_size=HF_VOCAB,
+    hidden_size=HF_EMBED,
+    intermediate_size=HF_MLP,
+    num_hidden_layers=HF_LAYERS,
+    num_attention_heads=HF_HEADS,
+    num_key_value_heads=HF_KV_HEADS,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+  )
+  if kind == "qwen2":
+    return transformers.Qwen2Config(tie_word_embeddings=False, rope_theta=10_000.0, **common)
+  if kind in ("llama_tied", "llama_untied"):
+    return transformers.LlamaConfig(
+      tie_word_embeddings=kind == "llama_tied", rope_scaling=dict(LLAMA3_ROPE), **common
+    )
+  raise ValueError(kind)
+
+
+def save_tiny_hf(config, path, *, seed: int = 0):
+  """A random transformers model of `config` saved at `path` with
+  `save_pretrained`; returns it (float32, eager attention, eval mode).
+
+  Weights are drawn with std 0.1 (larger than HF's init) and norm scales near
+  1, so every layer visibly moves the logits."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  config._attn_implementation = "eager"
+  ref = transformers.AutoModelForCausalLM.from_config(config)
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      p.normal_(0.0, 0.1)
+      if name.endswith("norm.weight"):
+        p.add_(1.0)
+  ref.eval()
+  ref.save_pretrained(str(path))
+  return ref
+
+
+# ----------------------------------------------------------------------------
+# Subprocess runs of the main job and the other CLIs
+# ----------------------------------------------------------------------------
+
+
+def compilation_cache_env(directory) -> dict:
+  """Environment for a persistent compilation cache in `directory` that keeps
+  every program: processes after the first skip most of their compile time."""
+  return {
+    "JAX_COMPILATION_CACHE_DIR": str(directory),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+
+
+def main_command(workdir, overrides=None, *, config=DEFAULT_CONFIG, args=()) -> list[str]:
+  """`python -m srft_jax.main --config=... --workdir=...`, then `--config.k=v`
+  for each item of `overrides` (dotted keys), then `args`."""
+  return [
+    sys.executable,
+    "-m",
+    "srft_jax.main",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *(f"--config.{k}={v}" for k, v in (overrides or {}).items()),
+    *args,
+  ]
+
+
+class MainJob:
+  """One `python -m srft_jax.main` process (`main_command`), started at once in
+  its own process group, stdout and stderr into one log file.
+
+  `env`: the child's whole environment (default: this process's), with
+  PYTHONUNBUFFERED=1 (a killed run's log is complete) and without pytest's
+  PYTEST_CURRENT_TEST. `log`: the log file (default `<workdir>.log`, appended
+  to, so a rerun in the same workdir continues it; `log_mode="w"` starts it
+  anew). `cwd`: the repository root unless given.
+  """
+
+  def __init__(
+    self,
+    workdir,
+    overrides=None,
+    *,
+    config=DEFAULT_CONFIG,
+    args=(),
+    env=None,
+    cwd=ROOT,
+    log=None,
+    log_mode="a",
+  ):
+    env = dict(os.environ if env is None else env)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.pop("PYTEST_CURRENT_TEST", None)
+    self.log_path = str(log) if log is not None else f"{workdir}.log"
+    self._log = open(self.log_path, log_mode)
+    self.proc = subprocess.Popen(
+      main_command(workdir, overrides, config=config, args=args),
+      cwd=str(cwd),
+      env=env,
+      stdout=self._log,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
+
+  @property
+  def pid(self) -> int:
+    return self.proc.pid
+
+  def poll(self):
+    """The exit code, or None while it runs."""
+    return self.proc.poll()
+
+  def signal(self, sig=signal.SIGTERM):
+    """Sends `sig` to the job's own process (SIGTERM: a preemption notice)."""
+    self.proc.send_signal(sig)
+
+  def kill(self):
+    """SIGKILL to the job and every process it started (a lost machine)."""
+    if self.proc.poll() is None:
+      os.killpg(self.proc.pid, signal.SIGKILL)
+
+  def wait(self, timeout=300) -> tuple[int, str]:
+    """(exit code, log text) once the job ends. Past `timeout` seconds it is
+    killed (SIGKILL, its whole process group) and TimeoutExpired is raised."""
+    try:
+      rc = self.proc.wait(timeout=timeout)
+    finally:
+      self.kill()
+      self._log.close()
+    return rc, self.log_text()
+
+  def log_text(self) -> str:
+    with open(self.log_path) as f:
+      return f.read()
+
+
+def run_main(workdir, overrides=None, *, timeout=300, **kw) -> tuple[int, str]:
+  """Runs `MainJob(workdir, overrides, **kw)` to its end: (exit code, log text)."""
+  return MainJob(workdir, overrides, **kw).wait(timeout)
+
+
+def run_cli(module, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+  """`python -m module *args` from the repository root, stdout and stderr
+  captured apart (text). Default environment: this process's, on the CPU with
+  no forced devices (a CLI's own host)."""
+  if env is None:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
