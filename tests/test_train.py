@@ -218,9 +218,13 @@ def test_end_to_end_outputs(e2e):
     saved = json.load(f)
   assert saved["steps"] == 5 and saved["wall_s"] > 0
   for when in ("before", "after"):
-    assert set(saved[when]) == {"id_acc", "ood_acc"}
-    for v in saved[when].values():
-      assert 0.0 <= v <= 1.0
+    assert set(saved[when]) == {"id_acc", "ood_acc", "levels"}
+    assert 0.0 <= saved[when]["id_acc"] <= 1.0 and 0.0 <= saved[when]["ood_acc"] <= 1.0
+    # accuracy by difficulty level: Task-ID's levels 1-3, Task-OOD's 4 (its whole split)
+    levels = saved[when]["levels"]
+    assert set(levels) == {"task_id", "task_ood"} and set(levels["task_id"]) <= {"1", "2", "3"}
+    assert levels["task_ood"] == {"4": saved[when]["ood_acc"]}
+    assert all(0.0 <= v <= 1.0 for v in levels["task_id"].values())
   assert r["after"] == saved["after"]
   # The final checkpoint is the last step.
   assert ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 5
