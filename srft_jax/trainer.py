@@ -152,7 +152,7 @@ class Trainer:
     t2 = time.perf_counter()
     host = {
       **rollout_metrics,
-      **reward_metrics(scored, rollouts, layout, outcome_counts),
+      **reward_metrics(scored, layout, outcome_counts),
       **(dynamic_metrics(scored.correct, keep) if keep is not None else {}),
     }
     if keep is not None:
@@ -309,7 +309,7 @@ def shape_rewards(raw: np.ndarray, rollouts: Rollouts | None, layout, r, max_len
   return Scored(rewards, weights, raw[:, :n].copy(), shaping)
 
 
-def reward_metrics(scored: Scored, rollouts: Rollouts | None, layout, outcome_counts) -> dict:
+def reward_metrics(scored: Scored, layout, outcome_counts) -> dict:
   """What the step's rewards say: raw rollout success, solved and all-equal
   groups, the overlong shaping, demonstration rewards, outcome counts."""
   n = layout.n_rollouts
