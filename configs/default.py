@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.model.dtype = "float32"  # compute dtype
   c.model.param_dtype = "float32"
   c.model.remat = "none"  # "none" | "full" | "dots"
+  c.model.scan_layers = False  # stack the layers and lax.scan them (compile time flat in depth)
   c.model.rope_theta = 0.0  # >0 overrides the checkpoint's RoPE theta (paper: 40000)
   c.model.max_seq_len = 0  # >0 overrides the context window (paper: 16384)
   c.model.attention = ""  # "" keeps the preset's; "xla" | "chunked" | "cudnn"
@@ -149,6 +150,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.checkpoint.keep = 2
   c.checkpoint.async_save = True
   c.checkpoint.export_hf = True  # write the final policy as an HF checkpoint
+  # Persistent compilation cache (srft_jax/compile_cache.py): "auto" =
+  # WORKDIR/compile_cache (a gs:// workdir's on the bucket), "" = none, or a path.
+  c.checkpoint.compile_cache = "auto"
 
   c.eval = config_dict.ConfigDict()
   c.eval.n_id = 300  # test problems (in-distribution split)

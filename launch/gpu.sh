@@ -12,15 +12,20 @@
 #   --config FILE[:ARG]  (default configs/qwen2p5_1p5b_gpu.py)
 #   --workdir DIR      (default runs/gpu)
 #   --venv DIR         (default .venv)
+#   --supervise        restart the job until WORKDIR/results.json exists (srft_jax/supervise.py:
+#                      it resumes from its checkpoints; backoff; gives up after restarts
+#                      that make no progress); --max_stalled_restarts=N, --backoff_s=S,
+#                      --backoff_max_s=S, --state_dir=DIR go to it. Stop: Ctrl-C or
+#                      `kill PID` (WORKDIR/supervise.pid); events: WORKDIR/supervise.log
 #   --dry-run
 # Anything else is passed to srft_jax.main (e.g. --config.steps=100).
 # Several GPU hosts: use launch/slurm.sbatch (jax.distributed finds SLURM's layout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CUDA=12 INSTALL=0 DRY=0 GPUS="" CONFIG="configs/qwen2p5_1p5b_gpu.py" WORKDIR="runs/gpu"
+CUDA=12 INSTALL=0 DRY=0 SUPERVISE=0 GPUS="" CONFIG="configs/qwen2p5_1p5b_gpu.py" WORKDIR="runs/gpu"
 VENV=${VENV:-.venv}
 JAX_VERSION=${JAX_VERSION:-0.10.2}
-ARGS=()
+ARGS=() SUP=()
 while [ $# -gt 0 ]; do
   arg="$1"; shift
   case "$arg" in
@@ -36,7 +41,10 @@ while [ $# -gt 0 ]; do
     --venv) VENV="${1:?--venv needs a directory}"; shift ;;
     --install) INSTALL=1 ;;
     --dry-run|--dry_run) DRY=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    --supervise) SUPERVISE=1 ;;
+    --max[-_]stalled[-_]restarts=*|--backoff[-_]s=*|--backoff[-_]max[-_]s=*|--state[-_]dir=*)
+      k="${arg%%=*}"; k="${k#--}"; SUP+=("--${k//-/_}=${arg#*=}") ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) ARGS+=("$arg") ;;
   esac
 done
@@ -59,6 +67,10 @@ if [ "$INSTALL" = 1 ]; then
 fi
 ENV=(env XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}")
 [ -z "$GPUS" ] || ENV+=(CUDA_VISIBLE_DEVICES="$GPUS")
-CMD=("${ENV[@]}" "$VENV/bin/python" -m srft_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" "${ARGS[@]}")
+CMD=("$VENV/bin/python" -m srft_jax.main "--config=$CONFIG" "--workdir=$WORKDIR" "${ARGS[@]}")
+if [ "$SUPERVISE" = 1 ]; then
+  CMD=("$VENV/bin/python" -m srft_jax.supervise "--workdir=$WORKDIR" "${SUP[@]}" -- "${CMD[@]}")
+fi
+CMD=("${ENV[@]}" "${CMD[@]}")
 if [ "$DRY" = 1 ]; then show "${CMD[@]}"; exit 0; fi
 exec "${CMD[@]}"

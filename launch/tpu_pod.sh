@@ -17,6 +17,7 @@
 #   --version V              TPU software version (default by generation)
 #   --project P              gcloud project (default: gcloud's)
 #   --spot | --preemptible   cheaper, can be reclaimed; rerun the same command to resume
+#                            (or add --supervise)
 #   --bucket gs://B          workdir = gs://B/runs/NAME unless --workdir is given
 #   --workdir gs://...       everything the run writes (shared by all workers): checkpoints,
 #                            logs, TensorBoard, plots, results.json, the HF export
@@ -33,6 +34,17 @@
 #   --foreground             stay attached (default: start detached under nohup)
 #   On a slice that exists, a trainer an earlier launch started is first sent SIGTERM
 #   and waited for (it checkpoints; STOP_WAIT_S, default 1200 s) before anything runs.
+#   --stop                   only stop the trainer (SIGTERM, wait for its checkpoint); keep the slice
+#   --supervise              stay here and keep the run going until WORKDIR/results.json exists
+#                            (srft_jax/supervise.py, TPU mode; run it on an always-on machine,
+#                            not the slice): each round looks at the slice with `describe`,
+#                            recreates a preempted or missing one (a quota or capacity error:
+#                            backoff, try again), and runs this script with --foreground
+#                            (--resume once installed). Stop: Ctrl-C or `kill PID` (PID printed,
+#                            and in runs/supervise/NAME/supervise.pid beside supervise.log);
+#                            the trainers checkpoint and stop, the slice is kept. Its options:
+#                            --max-stalled-restarts N (5), --backoff-s S (10), --backoff-max-s S
+#                            (600), --poll-s S (30), --state-dir DIR (runs/supervise/NAME)
 #   --dry-run                print every command instead of running it
 # Anything else (e.g. --config.steps=100) is passed to srft_jax.main.
 set -euo pipefail
@@ -40,12 +52,15 @@ cd "$(dirname "$0")/.."
 
 NAME="" ZONE="" ACCEL="" TOPOLOGY="" VERSION="" PROJECT="" SPOT="" BUCKET="" WORKDIR=""
 CONFIG="configs/srft_7b_tpu.py" MODEL_GCS="" DATA_GCS="" REPO="" REF="main"
-RESUME=0 FOREGROUND=0 DRY=0
+RESUME=0 FOREGROUND=0 DRY=0 STOP=0 SUPERVISE=0 STATE_DIR=""
 EXTRA=()
+SUP_ARGS=()  # the supervisor's own options
+ROUND_ARGS=()  # what each supervised round passes back to this script
 REMOTE_DIR='$HOME/srft-jax'
 JAX_VERSION=${JAX_VERSION:-0.10.2}
 GCSFS_VERSION=${GCSFS_VERSION:-2026.10.1}  # gs:// workdirs (srft_jax.paths, Orbax) go through gcsfs
 
+ALL_ARGS=("$@")
 need_value() { [ -n "${2:-}" ] || { echo "tpu_pod.sh: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   arg="$1"; shift
@@ -74,7 +89,13 @@ while [ $# -gt 0 ]; do
     --resume) RESUME=1 ;;
     --foreground) FOREGROUND=1 ;;
     --dry-run|--dry_run) DRY=1 ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    --stop) STOP=1 ;;
+    --supervise) SUPERVISE=1 ;;
+    --max-stalled-restarts|--max_stalled_restarts|--backoff-s|--backoff_s|--backoff-max-s|\
+--backoff_max_s|--poll-s|--poll_s)
+      takes "${1:-}" && shift; k="${key#--}"; SUP_ARGS+=("--${k//-/_}=$val") ;;
+    --state-dir|--state_dir) takes "${1:-}" && shift; STATE_DIR="$val" ;;
+    -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
     *) EXTRA+=("$arg") ;;
   esac
 done
@@ -118,6 +139,58 @@ on_all() {  # run a shell command on every worker
   run "${GCLOUD[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$1"
 }
 
+CREATE=("${GCLOUD[@]}" create "$NAME" "${LOC[@]}" --version="$VERSION")
+if [ -n "$ACCEL" ]; then
+  CREATE+=(--accelerator-type="$ACCEL")
+else
+  TYPE="${TOPOLOGY%%:*}"
+  [ "$TYPE" != "v5e" ] || TYPE="v5litepod"  # the TPU API's name for v5e
+  CREATE+=(--type="$TYPE" --topology="${TOPOLOGY#*:}")
+fi
+[ -z "$SPOT" ] || CREATE+=("$SPOT")
+
+# A trainer left running by an earlier launch (its pid file) is stopped before
+# anything is reinstalled or started: SIGTERM, then wait while it writes its
+# checkpoint (up to STOP_WAIT_S), so two trainers never share the TPU or workdir.
+STOP_WAIT_S=${STOP_WAIT_S:-1200}
+stop_trainer() {
+  on_all "f=\$HOME/srft_train.pid; [ -f \$f ] || exit 0; p=\$(cat \$f); \
+if kill \$p 2>/dev/null; then t=0; while kill -0 \$p 2>/dev/null && [ \$t -lt $STOP_WAIT_S ]; do \
+sleep 5; t=\$((t + 5)); done; kill -9 \$p 2>/dev/null || true; fi; rm -f \$f"
+}
+if [ "$STOP" = 1 ]; then
+  stop_trainer
+  echo "# trainer stopped on every worker of $NAME (the slice is kept)"
+  exit 0
+fi
+
+# --supervise: this script becomes one round of srft_jax/supervise.py, which
+# stays here (an always-on machine) and reruns it until results.json exists.
+if [ "$SUPERVISE" = 1 ]; then
+  skip=0
+  for a in "${ALL_ARGS[@]}"; do
+    if [ "$skip" = 1 ]; then skip=0; continue; fi
+    case "$a" in
+      --supervise|--resume|--foreground|--dry-run|--dry_run|--stop) ;;
+      --max-stalled-restarts=*|--max_stalled_restarts=*|--backoff-s=*|--backoff_s=*) ;;
+      --backoff-max-s=*|--backoff_max_s=*|--poll-s=*|--poll_s=*|--state-dir=*|--state_dir=*) ;;
+      --max-stalled-restarts|--max_stalled_restarts|--backoff-s|--backoff_s) skip=1 ;;
+      --backoff-max-s|--backoff_max_s|--poll-s|--poll_s|--state-dir|--state_dir) skip=1 ;;
+      *) ROUND_ARGS+=("$a") ;;
+    esac
+  done
+  PY=${PY:-}
+  if [ -z "$PY" ]; then PY=python3; [ ! -x .venv/bin/python ] || PY=.venv/bin/python; fi
+  SUP=(env "PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m srft_jax.supervise
+    "--workdir=$WORKDIR" "--state_dir=${STATE_DIR:-runs/supervise/$NAME}"
+    "--tpu_name=$NAME" "--zone=$ZONE")
+  [ -z "$PROJECT" ] || SUP+=("--project=$PROJECT")
+  SUP+=("--create_cmd=$(printf '%q ' "${CREATE[@]}")" "${SUP_ARGS[@]}")
+  SUP+=(-- bash "$PWD/launch/tpu_pod.sh" "${ROUND_ARGS[@]}" --foreground)
+  if [ "$DRY" = 1 ]; then show "${SUP[@]}"; exit 0; fi
+  exec "${SUP[@]}"
+fi
+
 # 1. The slice: reuse a READY one, recreate a preempted one, else create.
 STATE="NOT_FOUND"
 if [ "$DRY" = 1 ]; then
@@ -134,27 +207,13 @@ case "$STATE" in
     RESUME=0; STATE="NOT_FOUND" ;;
 esac
 if [ "$STATE" != "READY" ]; then
-  CREATE=("${GCLOUD[@]}" create "$NAME" "${LOC[@]}" --version="$VERSION")
-  if [ -n "$ACCEL" ]; then
-    CREATE+=(--accelerator-type="$ACCEL")
-  else
-    TYPE="${TOPOLOGY%%:*}"
-    [ "$TYPE" != "v5e" ] || TYPE="v5litepod"  # the TPU API's name for v5e
-    CREATE+=(--type="$TYPE" --topology="${TOPOLOGY#*:}")
-  fi
-  [ -z "$SPOT" ] || CREATE+=("$SPOT")
   run "${CREATE[@]}"
   RESUME=0
 fi
 
-# A trainer left running by an earlier launch (its pid file) is stopped before
-# anything is reinstalled or started: SIGTERM, then wait while it writes its
-# checkpoint (up to STOP_WAIT_S), so two trainers never share the TPU or workdir.
-STOP_WAIT_S=${STOP_WAIT_S:-1200}
+# An earlier launch's trainer is stopped first (stop_trainer, above).
 if [ "$STATE" = "READY" ]; then
-  on_all "f=\$HOME/srft_train.pid; [ -f \$f ] || exit 0; p=\$(cat \$f); \
-if kill \$p 2>/dev/null; then t=0; while kill -0 \$p 2>/dev/null && [ \$t -lt $STOP_WAIT_S ]; do \
-sleep 5; t=\$((t + 5)); done; kill -9 \$p 2>/dev/null || true; fi; rm -f \$f"
+  stop_trainer
 fi
 
 # 2. The project and its dependencies on every worker (skipped with --resume).

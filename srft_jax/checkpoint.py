@@ -5,7 +5,8 @@ A checkpoint holds the train state (params, optimizer state, step; restored
 straight into its sharded layout), the data-iterator position, the RNG seed
 and the config, so a restarted run continues exactly. With LoRA the params
 are the adapters only; the meta names the frozen base (path and content hash,
-`trainer.check_resume_base`).
+`trainer.check_resume_base`). A checkpoint of the other layer layout
+(`model.scan_layers`) is refused (`LayerLayoutError`), never taken for unreadable.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ class Checkpointer:
     `(step, state, data_state, meta)` or None when there is no checkpoint.
     """
     steps = [step] if step is not None else list(reversed(self.all_steps()))
+    want = layer_layout(abstract_state)
     for s in steps:
+      self._check_layer_layout(s, want)  # refused, never skipped as unreadable (nor deleted)
       try:
         out = self._mgr.restore(
           s,
@@ -102,6 +105,20 @@ class Checkpointer:
           self._mgr.delete(s)
     return None
 
+  def _check_layer_layout(self, step: int, want: str | None):
+    """`LayerLayoutError` when step's params hold the other layer layout."""
+    try:
+      saved = layer_layout(self._mgr.item_metadata(step)["state"])
+    except Exception:  # noqa: BLE001 - unreadable metadata: `restore` decides
+      return
+    if saved and want and saved != want:
+      raise LayerLayoutError(
+        f"model.scan_layers: {self.directory} (step {step}) holds the model's layers in the "
+        f"{saved} layout (model.scan_layers={saved == 'scanned'}), this run builds the {want} "
+        f"layout (model.scan_layers={want == 'scanned'}); set model.scan_layers="
+        f"{saved == 'scanned'} to resume it, or give another workdir"
+      )
+
   def read_meta(self) -> dict | None:
     """The `meta` item of the newest checkpoint whose meta reads (None: none)."""
     for s in reversed(self.all_steps()):
@@ -116,6 +133,23 @@ class Checkpointer:
   def close(self):
     self._mgr.wait_until_finished()
     self._mgr.close()
+
+
+class LayerLayoutError(ValueError):
+  """A checkpoint of the other layer layout (ModelConfig.scan_layers) than the restore target."""
+
+
+def layer_layout(tree: Any) -> str | None:
+  """The layer layout of a train state's params (ModelConfig.scan_layers):
+  "scanned" (stacks under "layer_stacks"), "loop" (one entry a layer under
+  "layers"), or None (neither found, e.g. no model in the tree)."""
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = {str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
+    if "layer_stacks" in names:
+      return "scanned"
+    if "layers" in names:
+      return "loop"
+  return None
 
 
 def abstract_like(tree: Any) -> Any:

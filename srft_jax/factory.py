@@ -174,6 +174,7 @@ class ModelSpec:
   dtype: str
   param_dtype: str
   remat: str
+  scan_layers: bool  # layers stacked and scanned (model.ModelConfig.scan_layers)
   rope_theta: float  # > 0 overrides the checkpoint's
   max_seq_len: int  # > 0 overrides the checkpoint's window
   attention: str  # "" keeps the preset's / checkpoint's
@@ -202,6 +203,7 @@ class ModelSpec:
     run's overrides) when it has one, else the preset; the tiny presets
     (model.TINY_PRESETS) take the tokenizer's `vocab_size` and this shape."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, rules=self.rules)
+    kw["scan_layers"] = self.scan_layers
     if self.hf_path and paths.exists(os.path.join(self.hf_path, "config.json")):
       return hf.config_from_hf(hf.read_config(self.hf_path), **kw, **self.hf_overrides())
     for name in ("attention", "decode_attention"):  # "" keeps the preset's
@@ -227,6 +229,7 @@ class ModelSpec:
       dtype=model_lib.DTYPES[self.dtype],
       param_dtype=model_lib.DTYPES[self.param_dtype],
       remat=self.remat,
+      scan_layers=self.scan_layers,
       **self.hf_overrides(),
     )
 
@@ -309,6 +312,7 @@ class CheckpointSpec:
   keep: int
   async_save: bool
   export_hf: bool
+  compile_cache: str  # "auto" | "" | a path (srft_jax/compile_cache.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,6 +537,7 @@ def _build(c, name: str) -> RunSpec:
       dtype=c.model.dtype,
       param_dtype=c.model.param_dtype,
       remat=c.model.remat,
+      scan_layers=bool(c.model.get("scan_layers", False)),
       rope_theta=float(c.model.get("rope_theta") or 0.0),
       max_seq_len=int(c.model.get("max_seq_len") or 0),
       attention=c.model.get("attention") or "",
@@ -596,6 +601,7 @@ def _build(c, name: str) -> RunSpec:
       int(c.checkpoint.keep),
       bool(c.checkpoint.async_save),
       bool(c.checkpoint.export_hf),
+      str(c.checkpoint.compile_cache),
     ),
     eval=EvalSpec(
       n_id=int(e.n_id),
@@ -679,6 +685,7 @@ def runtime_overrides(mcfg: model_lib.ModelConfig) -> dict:
   run's ModelConfig when loaded: how it runs, which config.json does not say."""
   return {
     "remat": mcfg.remat,
+    "scan_layers": mcfg.scan_layers,
     "rules": mcfg.rules,
     "param_dtype": mcfg.jnp_param_dtype,
     "attention": mcfg.attention,
@@ -786,7 +793,7 @@ def datasets(spec: RunSpec) -> tuple[Any, dict[str, list[dict]]]:
     )
   # A bucket's dataset is read from a local copy (array_record files are local).
   data_dir = paths.local_copy(d.data_dir, sub=f"srft_data/{d.name}")
-  return builders.load_source(data_dir, d.name, "train"), {}
+  return builders.load_source(data_dir, d.name, "train"), eval_sets(spec)
 
 
 def data_iter(spec: RunSpec, source, tokenizer, seed: int | None = None):
@@ -877,6 +884,11 @@ def _check(c) -> None:
     "counts must be >= 0",
   )
   need(c.data.max_response_len > 0, "data.max_response_len", "must be positive")
+  need(
+    isinstance(c.checkpoint.compile_cache, str),
+    "checkpoint.compile_cache",
+    f'"auto", "" (none) or a directory, got {c.checkpoint.compile_cache!r}',
+  )
   need(c.rollout.oversample >= 1, "rollout.oversample", f"must be >= 1, got {c.rollout.oversample}")
   need(
     0 <= c.rollout.overlong_buffer < c.data.max_response_len,
@@ -942,6 +954,11 @@ def _check(c) -> None:
       f"model.{field}",
       f"unknown {field} {value!r}; known: {allowed}",
     )
+  need(
+    isinstance(c.model.get("scan_layers", False), bool),
+    "model.scan_layers",
+    f"must be True or False, got {c.model.get('scan_layers')!r}",
+  )
   if c.get("lora") is not None:
     lc = c.lora
     need(

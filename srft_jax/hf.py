@@ -289,7 +289,9 @@ class _Layout:
   The HF tensor (shape `hf_shape`) is reshaped to `split` (each HF dim is a
   run of consecutive split dims, `groups`), then transposed by `perm` to ours.
   With `experts` > 0 ours has a leading expert axis: slice e is the HF tensor
-  `name.format(e=e)`, laid out as above.
+  `name.format(e=e)`, laid out as above. With `layers` (the scanned layout,
+  ModelConfig.scan_layers) ours is a stack: slice j is the parameter of layer
+  layout `layers[j]`, and the fields above are those of `layers[0]`.
   """
 
   name: str
@@ -298,14 +300,19 @@ class _Layout:
   groups: tuple[tuple[int, ...], ...]
   perm: tuple[int, ...]
   experts: int = 0
+  layers: tuple[_Layout, ...] = ()
 
   @property
   def shape(self) -> tuple[int, ...]:
+    if self.layers:
+      return (len(self.layers),) + self.layers[0].shape
     inner = tuple(self.split[p] for p in self.perm)
     return (self.experts,) + inner if self.experts else inner
 
   def tensors(self) -> list[_Layout]:
-    """One layout per HF tensor: itself, or each expert's slice."""
+    """One layout per HF tensor: itself, or each expert's (each layer's) slice."""
+    if self.layers:
+      return [one for lay in self.layers for one in lay.tensors()]
     if not self.experts:
       return [self]
     return [
@@ -376,6 +383,35 @@ def param_layouts(cfg: model_lib.ModelConfig) -> dict[tuple, _Layout]:
     out[("layers", i, "attn_norm", "scale")] = _same(p + "input_layernorm.weight", (d,))
     out[("layers", i, "mlp_norm", "scale")] = _same(p + "post_attention_layernorm.weight", (d,))
   return out
+
+
+def model_layouts(cfg: model_lib.ModelConfig) -> dict[tuple, _Layout]:
+  """`param_layouts` keyed by the model's own state paths: in the scanned
+  layout (ModelConfig.scan_layers) one stacked layout a stack's parameter."""
+  layouts = param_layouts(cfg)
+  if not cfg.scan_layers:
+    return layouts
+  stacks: dict[tuple, list[_Layout]] = {}
+  for path, lay in layouts.items():  # layers in order
+    stacks.setdefault(model_lib.scanned_path(cfg, path)[0], []).append(lay)
+  return {
+    p: dataclasses.replace(lays[0], layers=tuple(lays)) if p[0] == "layer_stacks" else lays[0]
+    for p, lays in stacks.items()
+  }
+
+
+def layer_values(model: model_lib.Transformer) -> dict[tuple, Any]:
+  """The base parameters keyed by `param_layouts`' per-layer paths: arrays, or
+  (scanned layout) callables that cut a layer out of its stack when called."""
+  flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, lora_lib.BASE))}
+  if not model.cfg.scan_layers:
+    return flat
+  out = {}
+  for path in param_layouts(model.cfg):
+    stacked, j = model_lib.scanned_path(model.cfg, path)
+    if stacked in flat:
+      out[path] = flat[stacked] if j is None else lambda x=flat[stacked], j=j: x[j]
+  return out | {p: x for p, x in flat.items() if p[0] != "layer_stacks"}
 
 
 def ignorable(name: str, cfg: model_lib.ModelConfig) -> bool:
@@ -488,6 +524,8 @@ def _read_block(reader: SafetensorsReader, lay: _Layout, index_ours, dtype) -> n
   An expert-stacked parameter reads each expert's tensor in the block.
   """
   ours = _normalize(index_ours, lay.shape)
+  if lay.layers:  # a stack: each layer's block from its own tensors
+    return np.stack([_read_block(reader, one, ours[1:], dtype) for one in lay.layers[ours[0]]])
   if lay.experts:
     slices = lay.tensors()[ours[0]]
     return np.stack([_read_block(reader, one, ours[1:], dtype) for one in slices])
@@ -565,7 +603,7 @@ def load_model(
     overrides["rules"] = tuple(rules)
   cfg = config_from_hf(hf, **overrides)
 
-  layouts = param_layouts(cfg)
+  layouts = model_layouts(cfg)  # stacked in the scanned layout: a device reads its shard
   infos = read_tensor_infos(paths.local_copy(path))  # safetensors are memory mapped
   _check_tensors(infos, layouts, cfg, path)
 
@@ -616,6 +654,11 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def _value(x):
+  """An array, or the array a callable gives (a slice taken when it is written)."""
+  return x() if callable(x) else x
+
+
 def write_safetensors(
   file: str, entries: list[tuple[str, _Layout, Any]], np_dtype, write: bool
 ) -> None:
@@ -639,8 +682,9 @@ def write_safetensors(
       fh.write(struct.pack("<Q", len(blob)))
       fh.write(blob)
     for _name, lay, value in entries:
-      value = value() if callable(value) else value  # an expert's slice, taken when written
-      host = to_host(value)  # a collective when sharded across hosts: all processes
+      host = to_host(
+        _value(value)
+      )  # an expert's (a layer's) slice is taken when written  # a collective when sharded across hosts: all processes
       if fh:
         x = np.ascontiguousarray(lay.to_hf(host).astype(np_dtype))
         if sys.byteorder != "little":  # safetensors is little endian
@@ -692,10 +736,10 @@ def save_model(
   np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else cfg.jnp_param_dtype))
   if np_dtype not in _ST_TAGS:
     raise ValueError(f"save_model: cannot write dtype {np_dtype}")
-  layouts = param_layouts(cfg)
+  layouts = param_layouts(cfg)  # per layer in either layout: the same files from both
   # A model with LoRA adapters writes its base here (`lora.merged` first for the
   # merged checkpoint; `save_peft_adapter` writes the adapters).
-  values = dict(nnx.to_flat_state(nnx.state(model, lora_lib.BASE)))
+  values = layer_values(model)
   if set(values) != set(layouts):
     raise ValueError(
       f"save_model: model parameters {sorted(set(values) ^ set(layouts))} have no HF name"
@@ -712,12 +756,12 @@ def save_model(
   )
   entries = []
   for p in order:
-    lay, value = layouts[p], values[p].get_value()
+    lay, value = layouts[p], values[p]  # an array, or a callable that cuts it from its stack
     if not lay.experts:
       entries.append((lay.name, lay, value))
       continue
     for e, one in enumerate(lay.tensors()):  # E tensors, each sliced when written
-      entries.append((one.name, one, lambda value=value, e=e: value[e]))
+      entries.append((one.name, one, lambda value=value, e=e: _value(value)[e]))
   shards: list[list] = [[]]
   size = 0
   total = 0

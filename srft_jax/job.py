@@ -23,6 +23,7 @@ import time
 import jax
 from flax import nnx
 
+from srft_jax import compile_cache
 from srft_jax import evaluate as eval_lib
 from srft_jax import factory
 from srft_jax import hf
@@ -83,7 +84,7 @@ def base_model(spec: factory.RunSpec, tokenizer, mesh, workdir: str, scorer):
 def warmup_meta(spec: factory.RunSpec, mcfg: model_lib.ModelConfig) -> dict:
   """What makes a cached warm-up the one this spec asks for (compared on reuse;
   the seed is not: studies share one base across their seeds)."""
-  how = ("rules", "remat", "attention", "decode_attention", "dtype")  # how it runs, not what it is
+  how = ("rules", "remat", "attention", "decode_attention", "dtype", "scan_layers")  # how it runs
   model = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in how}
   settings = dict(spec.warmup.settings)
   task_info = settings["task"]
@@ -182,6 +183,7 @@ def run(spec: factory.RunSpec, workdir: str) -> dict:
       )
     jax.distributed.initialize(**kw)
   factory.check_devices(spec)  # before anything compiles, now that every process is known
+  compile_cache.configure(spec.checkpoint.compile_cache, workdir)
   out = workdir
   paths.makedirs(out)
   mesh = spec.make_mesh()

@@ -108,13 +108,17 @@ class AdapterSpec:
 
 
 def _module(model, layer: int, part: str):
-  return getattr(model.layers[layer], part)
+  """The module of `part` that holds `layer`: its own, or its stack's
+  (ModelConfig.scan_layers; adapters are then stacked like their weights)."""
+  return getattr(model_lib.layer_block(model, layer)[0], part)
 
 
 def adapter_specs(model, cfg: LoRAConfig) -> list[AdapterSpec]:
-  """Every adapter `cfg` puts on `model` (a MoE block's experts get none)."""
+  """Every adapter `cfg` puts on `model` (a MoE block's experts get none); one
+  a layer in either layer layout."""
   out = []
-  for i in range(len(model.layers)):
+  stacked = model.cfg.scan_layers
+  for i in range(model.cfg.num_layers):
     for t in cfg.targets:
       part = _BLOCK_PART.get(t, "mlp")
       module = _module(model, i, part)
@@ -122,6 +126,8 @@ def adapter_specs(model, cfg: LoRAConfig) -> list[AdapterSpec]:
         continue  # model.MoE: no adapters on the experts
       w = getattr(module, t)
       shape, axes = tuple(w.get_value().shape), tuple(w.get_metadata()["logical_axes"])
+      if stacked:  # one layer of a stack
+        shape, axes = shape[1:], axes[1:]
       n = _N_IN.get(t, 1)
       out.append(
         AdapterSpec(
@@ -166,39 +172,64 @@ def attach(model, cfg: LoRAConfig, mesh=None, values: dict | None = None):
     raise ValueError("lora.attach: the model already has adapters")
   specs = adapter_specs(model, cfg)
   rules = model.cfg.rules
+  if values is not None:
+    for s in specs:
+      a, b = values[(s.layer, s.target)]
+      if tuple(a.shape) != s.a_shape or tuple(b.shape) != s.b_shape:
+        raise ValueError(
+          f"lora.attach: layer {s.layer} {s.target}: A {a.shape} / B {b.shape}, "
+          f"expected {s.a_shape} / {s.b_shape}"
+        )
+  # One slot a layer's adapter, or a stack's (ModelConfig.scan_layers): its
+  # layers' adapters stacked on a leading "layers" axis, as their weights are.
+  stacked = model.cfg.scan_layers
+  slots: dict[tuple, list[AdapterSpec]] = {}  # (layer or stack, target) -> its layers' specs
+  for s in specs:
+    where = model_lib.scanned_path(model.cfg, ("layers", s.layer))[0][1] if stacked else s.layer
+    slots.setdefault((where, s.target), []).append(s)
+  lead = ("layers",) if stacked else ()
 
-  def sharding(shape, axes):
-    return None if mesh is None else shd.named_sharding(mesh, axes, rules, shape)
+  def axes(key):
+    s = slots[key][0]
+    return lead + s.a_axes, lead + s.b_axes
+
+  def gather(per_layer: dict, key, xp):
+    """A slot's (A, B) from the per-layer ones (stacked in the scanned layout)."""
+    pairs = [per_layer[(s.layer, s.target)] for s in slots[key]]
+    if not stacked:
+      return pairs[0]
+    return tuple(xp.stack([p[k] for p in pairs]) for k in (0, 1))
+
+  def sharding(key, which, shape):
+    return None if mesh is None else shd.named_sharding(mesh, axes(key)[which], rules, shape)
 
   if values is not None:  # host arrays: each placed straight into its sharding
+    host = {k: tuple(np.asarray(x, np.float32) for x in v) for k, v in values.items()}
     made = {}
-    for s in specs:
-      a, b = (np.asarray(x, np.float32) for x in values[(s.layer, s.target)])
+    for key in slots:
+      a, b = gather(host, key, np)
       if mesh is not None:
-        a, b = (
-          shd.put_global(a, sharding(a.shape, s.a_axes)),
-          shd.put_global(b, sharding(b.shape, s.b_axes)),
-        )
-      made[(s.layer, s.target)] = (jnp.asarray(a), jnp.asarray(b))
-  elif mesh is None:
-    made = _init_values(specs, cfg.init_seed)
-  else:  # initialised directly in the adapters' sharded layout
-    out_sh = {
-      (s.layer, s.target): (sharding(s.a_shape, s.a_axes), sharding(s.b_shape, s.b_axes))
-      for s in specs
-    }
-    made = jax.jit(lambda: _init_values(specs, cfg.init_seed), out_shardings=out_sh)()
-  for s in specs:
-    a, b = made[(s.layer, s.target)]
-    if tuple(a.shape) != s.a_shape or tuple(b.shape) != s.b_shape:
-      raise ValueError(
-        f"lora.attach: layer {s.layer} {s.target}: A {a.shape} / B {b.shape}, "
-        f"expected {s.a_shape} / {s.b_shape}"
-      )
-    module = _module(model, s.layer, s.part)
-    a_attr, b_attr = model_lib.ADAPTER_ATTRS[s.target]
-    setattr(module, a_attr, ADAPTER(a, logical_axes=s.a_axes))
-    setattr(module, b_attr, ADAPTER(b, logical_axes=s.b_axes))
+        a, b = (shd.put_global(x, sharding(key, i, x.shape)) for i, x in enumerate((a, b)))
+      made[key] = (jnp.asarray(a), jnp.asarray(b))
+  else:
+
+    def init():
+      fresh = _init_values(specs, cfg.init_seed)
+      return {k: gather(fresh, k, jnp) for k in slots}
+
+    if mesh is None:
+      made = init()
+    else:  # initialised directly in the adapters' sharded layout
+      shapes = jax.eval_shape(init)
+      out_sh = {k: tuple(sharding(k, i, x.shape) for i, x in enumerate(shapes[k])) for k in slots}
+      made = jax.jit(init, out_shardings=out_sh)()
+  for key, group in slots.items():
+    a, b = made[key]
+    a_axes, b_axes = axes(key)
+    module = _module(model, group[0].layer, group[0].part)
+    a_attr, b_attr = model_lib.ADAPTER_ATTRS[group[0].target]
+    setattr(module, a_attr, ADAPTER(a, logical_axes=a_axes))
+    setattr(module, b_attr, ADAPTER(b, logical_axes=b_axes))
     module.lora_scale = cfg.scale
     module.lora_dropout = cfg.dropout
   return model
@@ -207,11 +238,12 @@ def attach(model, cfg: LoRAConfig, mesh=None, values: dict | None = None):
 def adapter_values(model) -> dict:
   """{(layer, target): (A, B)} of the model's adapters (device arrays)."""
   out = {}
-  for i, block in enumerate(model.layers):
+  for i in range(model.cfg.num_layers):
+    block, j = model_lib.layer_block(model, i)
     for t in TARGETS:
       ad = model_lib.lora_adapter(getattr(block, _BLOCK_PART.get(t, "mlp")), t)
       if ad is not None:
-        out[(i, t)] = ad[:2]
+        out[(i, t)] = ad[:2] if j is None else (ad[0][j], ad[1][j])  # a stack's layer j
   return out
 
 
@@ -233,7 +265,7 @@ def set_dropout(model, rate: float):
   """Sets the adapters' dropout rate (training only; a continued PEFT adapter
   takes the run's config.lora.dropout)."""
   LoRAConfig(dropout=rate)  # validated as a config field
-  for block in model.layers:
+  for block in model_lib.layer_modules(model):
     for part in ("attn", "mlp"):
       module = getattr(block, part)
       if hasattr(module, "lora_scale"):
@@ -257,18 +289,34 @@ def merged(model):
   parameter dtype (the merged checkpoint); `model` is left as it is."""
   values = adapter_values(model)
   new = nnx.clone(model)
+  done = set()
   for i, t in values:
     module = _module(new, i, _BLOCK_PART.get(t, "mlp"))
+    if (id(module), t) in done:  # a stack, merged at its first layer
+      continue
+    done.add((id(module), t))
     w = getattr(module, t)
-    w.set_value(model_lib.adapted_weight(module, t).astype(w.get_value().dtype))
+    if model.cfg.scan_layers:  # layer by layer, as the loop layout merges each
+      stack = w.get_value()
+      a, b = (getattr(module, x)[...] for x in model_lib.ADAPTER_ATTRS[t])
+      scale = module.lora_scale
+      merged_w = jnp.stack([_merge_one(stack[j], a[j], b[j], scale) for j in range(len(stack))])
+    else:
+      merged_w = model_lib.adapted_weight(module, t).astype(w.get_value().dtype)
+    w.set_value(merged_w)
     for attr in model_lib.ADAPTER_ATTRS[t]:
       delattr(module, attr)
-  for block in new.layers:
+  for block in model_lib.layer_modules(new):
     for part in ("attn", "mlp"):
       for attr in ("lora_scale", "lora_dropout"):
         if hasattr(getattr(block, part), attr):
           delattr(getattr(block, part), attr)
   return new
+
+
+def _merge_one(w: Array, a: Array, b: Array, scale: float) -> Array:
+  """One layer's W + scale * A B in W's dtype (model.adapted_weight's arithmetic)."""
+  return (w.astype(jnp.float32) + scale * jnp.tensordot(a, b, 1)).astype(w.dtype)
 
 
 def _fingerprint_leaf(x: Array) -> Array:

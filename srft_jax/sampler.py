@@ -294,8 +294,9 @@ def sample_core(
     small = model_lib.repeat_cache_rows(small, group)
     put = lambda big, new: jax.lax.dynamic_update_slice(big, new, (0,) * big.ndim)  # noqa: E731
     cache = {
-      "k": tuple(map(put, cache["k"], small["k"])),
-      "v": tuple(map(put, cache["v"], small["v"])),
+      # per-layer tuples, or one stacked array each (ModelConfig.scan_layers)
+      "k": jax.tree.map(put, cache["k"], small["k"]),
+      "v": jax.tree.map(put, cache["v"], small["v"]),
       "mask": put(cache["mask"], small["mask"]),
       "index": small["index"],
     }

@@ -47,6 +47,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   # A MoE layer's experts: over the `expert` mesh axis (size 1 unless the mesh
   # has one). with_rules(DEFAULT_RULES, expert="fsdp") puts them over fsdp instead.
   ("expert", "expert"),
+  # The stacked layers of the scanned layout (ModelConfig.scan_layers): each
+  # device holds every layer of its shard; lax.scan walks the axis.
+  ("layers", None),
 )
 
 

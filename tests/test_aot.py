@@ -75,9 +75,10 @@ def test_tiny_on_v5e_2x2(tmp_path):
     "srft_jax.tools.aot",
     "--config=configs/default.py",
     "--topology=v5e:2x2",
-    "--programs=train,sample",
+    "--programs=train,sample,distill,distill_decode",
     f"--json-out={out_json}",
     "--config.model.num_layers=1",
+    "--config.model.dtype=bfloat16",
     "--config.batch.prompts_per_step=8",
     "--config.data.max_response_len=16",
     "--config.data.prompt_buckets=(16,)",
@@ -116,6 +117,21 @@ def test_tiny_on_v5e_2x2(tmp_path):
   assert s["total_bytes"] == sum(s[k] for k in parts) - s["alias_bytes"]
   assert rep["fits"]
   assert "| train |" in res.stdout and "| sample |" in res.stdout
+  # The teacher's distillation sampler: bfloat16 weights (half the policy's
+  # float32 master), no train state beside it, the same KV cache.
+  d, dd = rep["programs"]["distill"], rep["programs"]["distill_decode"]
+  params = aot.model_config(spec).num_params()
+  assert "resident_bytes" not in d and "resident_bytes" not in dd
+  assert s["argument_bytes"] - d["argument_bytes"] == pytest.approx(2 * params, rel=0.01)
+  bound = max(
+    dd["xla_bytes_accessed_per_chip"] / (aot.HBM_GBPS["v5e"] * 1e9),
+    dd["xla_flops_per_chip"] / (aot.PEAK_TFLOPS["v5e"] * 1e12),
+  )
+  assert dd["roofline_step_s"] == bound > 0
+  est = rep["distill_estimate"]
+  assert (est["prompts"], est["k"], est["calls"]) == (aot.OPENR1_PROMPTS, 7, 46_000 // 8)
+  assert est["hours"] == pytest.approx(est["calls"] * 16 * bound / 3600)
+  assert "distillation of 46,000 prompts x 7 samples" in res.stdout
 
 
 def test_oom_message_units_are_binary():

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from srft_jax import factory
 from srft_jax import hf
 from srft_jax import model as model_lib
 from srft_jax import rewards
@@ -282,6 +283,16 @@ def test_output_trains_through_the_pipeline(distilled, tok, tokenizer_path, tmp_
     "log.tensorboard": False,
     "log.progress": False,
   }
+  # Evaluated on the built-in task's splits when asked (the distilled regime's
+  # runs, whose sweep reads val), and on none otherwise.
+  config = factory.load_config(os.path.join(helpers.ROOT, helpers.DEFAULT_CONFIG))
+  sizes = {"eval.n_id": 4, "eval.n_ood": 3, "eval.n_val": 5}
+  for splits, want in ((True, {"task_id": 4, "task_ood": 3, "task_val": 5}), (False, {})):
+    spec = factory.run_spec(
+      config, {**overrides, **sizes, "eval.task_splits": splits}, validate=False
+    )
+    _, evals = factory.datasets(spec)
+    assert {k: len(v) for k, v in evals.items()} == want
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   rc, log = helpers.run_main(tmp_path / "run", overrides, env=env, timeout=240)
   assert rc == 0, log[-3000:]

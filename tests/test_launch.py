@@ -239,3 +239,85 @@ def test_local(env):
   words = shlex.split(out)  # the printed line is shell-quoted
   assert "srft_jax.main" in words and "--workdir=runs/x" in words and "--config.steps=5" in words
   assert "--config.notes=a b" in words
+
+
+# ----------------------------------------------------------------------------
+# --supervise: the same job under srft_jax/supervise.py (tests/test_supervise.py runs it)
+# ----------------------------------------------------------------------------
+
+
+def _supervised(words):
+  """(supervisor options, the supervised command) of a printed `-m srft_jax.supervise` line."""
+  i = words.index("-m")
+  assert words[i + 1] == "srft_jax.supervise"
+  j = words.index("--")
+  return words[i + 2 : j], words[j + 1 :]
+
+
+def test_local_supervise(env):
+  out, _ = _run(
+    "local.sh",
+    ["--dry-run", "--supervise", "--workdir", "runs/s", "--backoff-s=3", "--config.steps=5"],
+    env,
+  )
+  opts, cmd = _supervised(shlex.split(out))
+  assert opts == ["--workdir=runs/s", "--backoff_s=3"]
+  assert cmd[1:3] == ["-m", "srft_jax.main"] and "--config.steps=5" in cmd
+  assert "--supervise" not in cmd and "--backoff-s=3" not in cmd
+  out, _ = _run("local.sh", ["--dry-run", "--supervise"], env)
+  assert _supervised(shlex.split(out))[0] == ["--workdir=runs/default"]  # main.py's default
+
+
+def test_gpu_supervise(env):
+  out, _ = _run(
+    "gpu.sh",
+    ["--dry-run", "--supervise", "--gpus=0", "--workdir=runs/g", "--max_stalled_restarts=2"],
+    env,
+  )
+  (words,) = _commands(out)
+  assert words[:3] == ["env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.92", "CUDA_VISIBLE_DEVICES=0"]
+  opts, cmd = _supervised(words)
+  assert opts == ["--workdir=runs/g", "--max_stalled_restarts=2"]
+  assert cmd[1:3] == ["-m", "srft_jax.main"] and "--workdir=runs/g" in cmd
+
+
+def test_tpu_pod_supervise(env):
+  out, _ = _run(
+    "tpu_pod.sh",
+    POD
+    + ["--accelerator-type=v5p-64", "--spot", "--project=p1", "--supervise", "--resume"]
+    + ["--max-stalled-restarts", "3", "--poll-s=5", "--config.steps=100"],
+    env,
+  )
+  (words,) = _commands(out)  # only the supervisor: it describes and creates, each round
+  assert words[0] == "env" and words[1] == f"PYTHONPATH={ROOT}"
+  opts, cmd = _supervised(words)
+  create = next(o for o in opts if o.startswith("--create_cmd="))
+  assert shlex.split(create.split("=", 1)[1]) == [
+    *("gcloud", "compute", "tpus", "tpu-vm", "create", "srft7b", "--zone=us-east5-a"),
+    *("--project=p1", "--version=v2-alpha-tpuv5", "--accelerator-type=v5p-64", "--spot"),
+  ]
+  assert [o for o in opts if o != create] == [
+    "--workdir=gs://bkt/runs/srft7b",
+    "--state_dir=runs/supervise/srft7b",
+    "--tpu_name=srft7b",
+    "--zone=us-east5-a",
+    "--project=p1",
+    "--max_stalled_restarts=3",
+    "--poll_s=5",
+  ]
+  # Each round is this script again, in the foreground, without the supervisor's flags.
+  assert cmd == [
+    *("bash", str(ROOT / "launch" / "tpu_pod.sh")),
+    *("--name=srft7b", "--zone=us-east5-a", "--bucket=gs://bkt"),
+    *("--accelerator-type=v5p-64", "--spot", "--project=p1", "--config.steps=100", "--foreground"),
+  ]
+
+
+def test_tpu_pod_stop(env):
+  out, _ = _run("tpu_pod.sh", POD + ["--accelerator-type=v5p-64", "--stop"], env)
+  cmds = _commands(out)
+  assert [c[4] for c in cmds] == ["ssh"]  # no describe, no create
+  (stop,) = _remote(cmds)
+  subprocess.run(["bash", "-n", "-c", stop], check=True)
+  assert "kill $p" in stop and "srft_train.pid" in stop

@@ -15,6 +15,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import types
 
@@ -30,6 +32,7 @@ from srft_jax import job
 from srft_jax import model as model_lib
 from srft_jax import objectives as obj
 from srft_jax import step as step_lib
+from srft_jax import supervise
 
 import helpers
 
@@ -811,6 +814,7 @@ def cli(tmp_path_factory, tokenizer_path):
   def start(workdir, extra=None):
     return helpers.MainJob(workdir, {**overrides, **(extra or {})}, env=env)
 
+  start.overrides, start.env = overrides, env
   return start
 
 
@@ -889,19 +893,42 @@ def _assert_bitwise_equal(wd_a, wd_b, lora=False):
 
 
 @pytest.mark.slow
-def test_exact_resume_after_sigkill(cli, straight, tmp_path):
+def test_exact_resume_after_sigkill_under_the_supervisor(cli, straight, tmp_path):
+  """The job SIGKILLed after a checkpoint, under `python -m srft_jax.supervise`
+  (launch/*.sh --supervise): restarted unattended, it resumes and ends bitwise
+  the unbroken run, each metrics row once."""
   wd = tmp_path / "killed"
-  run = cli(wd)
-  k = _wait_for_checkpoint(run, wd, 2)
-  run.kill()
-  rc, out = run.wait()
-  assert k is not None and rc == -signal.SIGKILL, out[-3000:]
-  k = _finished_steps(wd)[-1]
-  assert 1 <= k < N_STEPS
-  rc, out = cli(wd).wait()
-  assert rc == 0, out[-3000:]
-  assert f"resumed from step {_resumed_step(out)}" in out and _resumed_step(out) >= k - 1
+  env = dict(cli.env, PYTHONUNBUFFERED="1")
+  env.pop("PYTEST_CURRENT_TEST", None)
+  with open(tmp_path / "supervised.log", "w") as log:
+    sup = subprocess.Popen(
+      [sys.executable, "-m", "srft_jax.supervise", f"--workdir={wd}", "--backoff_s=0.2"]
+      + ["--max_stalled_restarts=1", "--", *helpers.main_command(wd, cli.overrides)],
+      cwd=helpers.ROOT,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
+    try:
+      k = _wait_for_checkpoint(sup, wd, 2)
+      (start,) = [
+        e for e in supervise.read_log(str(wd / supervise.LOG_NAME)) if e["event"] == "start"
+      ]
+      os.killpg(start["pid"], signal.SIGKILL)  # the job's machine is gone, not the supervisor's
+      rc = sup.wait(timeout=300)
+    finally:
+      if sup.poll() is None:
+        sup.kill()
+  out = (tmp_path / "supervised.log").read_text()
+  assert k is not None and rc == supervise.EXIT_DONE, out[-3000:]
+  events = supervise.read_log(str(wd / supervise.LOG_NAME))
+  assert [e["event"] for e in events] == "supervise start exit restart start exit done".split()
+  killed = events[2]
+  assert killed["rc"] == -signal.SIGKILL and 1 <= killed["latest_step"] < N_STEPS
+  assert _resumed_step(out) >= 1
   _assert_bitwise_equal(straight, wd)
+  rows = [json.loads(x) for x in (wd / "logs" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(N_STEPS))
 
 
 def _resumed_step(log_text):

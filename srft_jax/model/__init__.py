@@ -6,7 +6,8 @@ One job a module:
   lora_hooks   what the layers call for LoRA adapters (srft_jax/lora.py attaches them)
   attention    RoPE, attend / attend_chunked / attend_causal, dense_out_major, Attention
   moe          router statistics and loss, grouped matmuls, moe_ffn, MoE
-  transformer  MLP, Block, Transformer (-> ModelOutput), the KV cache, create_model
+  transformer  MLP, Block, Transformer (-> ModelOutput), the KV cache, create_model,
+               the loop and scanned layer layouts (ModelConfig.scan_layers)
 This package re-exports their public names (`from srft_jax import model as
 model_lib; model_lib.Transformer`); the trace-time switches stay in their
 modules (`attention.WEIGHT_FIRST_BACKENDS`, `moe.MEGABLOX_TILING`).
@@ -72,8 +73,13 @@ from srft_jax.model.transformer import count_params
 from srft_jax.model.transformer import create_model
 from srft_jax.model.transformer import forward_logits
 from srft_jax.model.transformer import init_cache
+from srft_jax.model.transformer import layer_block
+from srft_jax.model.transformer import layer_modules
 from srft_jax.model.transformer import positions_from_mask
 from srft_jax.model.transformer import repeat_cache_rows
+from srft_jax.model.transformer import scanned_path
+from srft_jax.model.transformer import stacked_blocks
+from srft_jax.model.transformer import with_layer_layout
 
 __all__ = [
   "ADAPTER_ATTRS",
@@ -112,6 +118,8 @@ __all__ = [
   "grouped_ffn",
   "grouped_matmul",
   "init_cache",
+  "layer_block",
+  "layer_modules",
   "left_align",
   "lora_adapter",
   "lora_delta",
@@ -121,4 +129,7 @@ __all__ = [
   "rope_frequencies",
   "router_aux",
   "router_aux_loss",
+  "scanned_path",
+  "stacked_blocks",
+  "with_layer_layout",
 ]

@@ -63,6 +63,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype; norms, softmax, logits stay float32
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
+  # Layers' parameters stacked on a leading "layers" axis, one stack a run of
+  # consecutive layers of one kind (`layer_runs`), each run by one lax.scan:
+  # XLA compiles a run's layer once, so compile time stays flat in depth.
+  scan_layers: bool = False
   # "xla" (one einsum) | "chunked" (query blocks) | "cudnn": jax.nn.dot_product_attention,
   # cuDNN flash attention on GPU in bf16 (XLA elsewhere); training/scoring rows must hold
   # their real tokens contiguously (left-padded prompt + right-padded response).
@@ -83,6 +87,7 @@ class ModelConfig:
       "param_dtype": self.param_dtype in DTYPES,
       "dtype": self.dtype in DTYPES,
       "remat": self.remat in REMATS,
+      "scan_layers": isinstance(self.scan_layers, bool),
       "attention": self.attention in ATTENTIONS,
       "decode_attention": self.decode_attention in DECODE_ATTENTIONS,
       "num_experts": self.num_experts >= 0,
@@ -124,6 +129,17 @@ class ModelConfig:
       and i not in self.mlp_only_layers
       and (i + 1) % self.decoder_sparse_step == 0
     )
+
+  @property
+  def layer_runs(self) -> tuple[tuple[int, int], ...]:
+    """(start, stop) of each maximal run of consecutive layers of one kind
+    (dense or MoE), in order: the stacks of the scanned layout (`scan_layers`)."""
+    runs, start = [], 0
+    for i in range(1, self.num_layers + 1):
+      if i == self.num_layers or self.is_moe_layer(i) != self.is_moe_layer(start):
+        runs.append((start, i))
+        start = i
+    return tuple(runs)
 
   @property
   def num_moe_layers(self) -> int:

@@ -9,6 +9,7 @@ returns one `ModelOutput`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 from typing import NamedTuple
@@ -135,6 +136,71 @@ def _run_block(block: Block, x, positions, inv_freq, allowed, kv, index, w, mask
   return block(x, positions, inv_freq, allowed, kv, index, w, mask, dropout_key=dropout_key)
 
 
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, count: int, moe: bool) -> Block:
+  """`count` Blocks of one kind as one Block whose parameters are stacked on a
+  leading "layers" axis (the scanned layout), each layer with its own init."""
+
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(
+    in_axes=(0,),
+    out_axes=0,
+    transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"},
+  )
+  def make(rngs):
+    return Block(cfg, rngs, moe=moe)
+
+  return make(rngs)
+
+
+def layer_block(model: Transformer, i: int) -> tuple[Block, int | None]:
+  """The Block that holds layer i, and layer i's index in its stack (None: the
+  loop layout's own Block; ModelConfig.scan_layers)."""
+  if not model.cfg.scan_layers:
+    return model.layers[i], None
+  for stack, (start, stop) in zip(model.layer_stacks, model.cfg.layer_runs):
+    if start <= i < stop:
+      return stack, i - start
+  raise IndexError(f"layer {i} of a {model.cfg.num_layers}-layer model")
+
+
+def layer_modules(model: Transformer) -> list[Block]:
+  """The model's Blocks: one a layer, or one a stack (ModelConfig.scan_layers)."""
+  return list(model.layer_stacks if model.cfg.scan_layers else model.layers)
+
+
+def scanned_path(cfg: ModelConfig, path: tuple) -> tuple[tuple, int | None]:
+  """A loop-layout state path ("layers", i, ...) as (its scanned-layout path
+  ("layer_stacks", j, ...), layer i's index in stack j); other paths as they are."""
+  if path[:1] != ("layers",):
+    return path, None
+  i = int(path[1])
+  for j, (start, stop) in enumerate(cfg.layer_runs):
+    if start <= i < stop:
+      return ("layer_stacks", j) + tuple(path[2:]), i - start
+  raise IndexError(f"layer {i} of a {cfg.num_layers}-layer model")
+
+
+def _stack_decode_weights(stack: Block) -> dict[str, Any]:
+  """`decode_weights` of each layer of a stack, stacked [layers, ...]."""
+  graphdef, state = nnx.split(stack)
+
+  def one(layer_state):
+    blk = nnx.merge(graphdef, layer_state)
+    return {"attn": blk.attn.decode_weights(), "mlp": blk.mlp.decode_weights()}
+
+  return jax.vmap(one)(state)
+
+
+class _LayerInputs(NamedTuple):
+  """What every layer reads besides x, its cache and its weights."""
+
+  positions: Array  # [B, T]
+  inv_freq: Array  # [H/2]
+  allowed: Array | None  # [B, T, S]; None: packed causal rows (attention="cudnn")
+  index: Array | None  # the cache's fill index; None without a cache
+  mask: Array  # [B, T] real tokens
+
+
 class ModelOutput(NamedTuple):
   """One forward of the decoder (`Transformer.__call__`); None where a field does not apply."""
 
@@ -159,9 +225,17 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     pd = cfg.jnp_param_dtype
     self.embed = param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), pd)
-    self.layers = nnx.List(
-      [Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
-    )
+    if cfg.scan_layers:  # one stack a run of layers of one kind
+      self.layer_stacks = nnx.List(
+        [
+          stacked_blocks(cfg, rngs, stop - start, cfg.is_moe_layer(start))
+          for start, stop in cfg.layer_runs
+        ]
+      )
+    else:
+      self.layers = nnx.List(
+        [Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+      )
     self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, pd)
     if not cfg.tie_embeddings:
       self.lm_head = param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), pd)
@@ -186,10 +260,14 @@ class Transformer(nnx.Module):
     """
     cfg = self.cfg
     unembed = self.embed[...] if cfg.tie_embeddings else self.lm_head[...].T
-    weights = {
-      "layers": tuple(
+    if cfg.scan_layers:  # one stacked dict a stack (scanned layout)
+      layers = tuple(_stack_decode_weights(stack) for stack in self.layer_stacks)
+    else:
+      layers = tuple(
         {"attn": blk.attn.decode_weights(), "mlp": blk.mlp.decode_weights()} for blk in self.layers
-      ),
+      )
+    weights = {
+      "layers": layers,
       "unembed": shd.constrain(unembed.astype(cfg.jnp_dtype), ("vocab", "embed"), cfg.rules),
     }
     # Materialised once: XLA must not fold the casts and transposes back into
@@ -253,33 +331,89 @@ class Transformer(nnx.Module):
       slots = jnp.arange(kv_mask.shape[1])
       allowed = (slots[None, :] <= index + jnp.arange(t)[:, None])[None] & (kv_mask[:, None, :] > 0)
 
-    run = _run_block
     # Remat only where there is a backward pass: by default not with a cache
     # (decoding); `remat=True` asks for it there (the shared-prefix training forward).
-    if cfg.remat != "none" and (cache is None if remat is None else remat):
-      run = nnx.remat(_run_block, policy=_REMAT_POLICIES[cfg.remat])
+    rematerialise = cfg.remat != "none" and (cache is None if remat is None else remat)
+    run_layers = self._scan_layers if cfg.scan_layers else self._loop_layers
+    ctx = _LayerInputs(positions_BT, inv_freq, allowed, index, mask_BT)
+    x, kv, stats = run_layers(x, ctx, cache, weights, rematerialise, decode, lora_dropout_key)
+    x = self.final_norm(x)
+    if align:
+      x = jnp.take_along_axis(x, to_back[..., None], axis=1)
+    if cache is not None:
+      cache = {"k": kv[0], "v": kv[1], "mask": kv_mask, "index": index + t}
+    if return_hidden:
+      return ModelOutput(None, x, cache, stats)
+    return ModelOutput(self.logits(x, weights), None, cache, stats)
+
+  def _loop_layers(
+    self, x, ctx: _LayerInputs, cache, weights, rematerialise, decode, lora_dropout_key
+  ):
+    """The layers one after the other (each compiled on its own): (x, (keys,
+    values) or None without a cache, router stats)."""
+    run = _run_block
+    if rematerialise:
+      run = nnx.remat(_run_block, policy=_REMAT_POLICIES[self.cfg.remat])
     new_k, new_v = [], []
     stats = None
     for i, block in enumerate(self.layers):
       kv = None if cache is None else (cache["k"][i], cache["v"][i])
       w = None if weights is None else weights["layers"][i]
       if decode:  # the sampler's decode step (no backward pass, never rematerialised)
-        x, kv, st = block(x, positions_BT, inv_freq, allowed, kv, index, w, mask_BT, decode=True)
+        x, kv, st = block(x, *ctx[:3], kv, ctx.index, w, ctx.mask, decode=True)
       else:
         key = None if lora_dropout_key is None else jax.random.fold_in(lora_dropout_key, i)
-        x, kv, st = run(block, x, positions_BT, inv_freq, allowed, kv, index, w, mask_BT, key)
+        x, kv, st = run(block, x, *ctx[:3], kv, ctx.index, w, ctx.mask, key)
       stats = add_router_stats(stats, st)
       if cache is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
-    x = self.final_norm(x)
-    if align:
-      x = jnp.take_along_axis(x, to_back[..., None], axis=1)
+    return x, None if cache is None else (tuple(new_k), tuple(new_v)), stats
+
+  def _scan_layers(
+    self, x, ctx: _LayerInputs, cache, weights, rematerialise, decode, lora_dropout_key
+  ):
+    """The scanned layout: one lax.scan a stack (its layer compiled once), the
+    remat policy applied to each layer inside the scan body. The stacked KV
+    cache [L, ...] goes in and out of the scan per layer. Returns (x, (keys,
+    values) or None, stats): the stats summed layer by layer in order, as the
+    loop sums them."""
+    cfg = self.cfg
+    runs = cfg.layer_runs
+    new_k, new_v = [], []
+    stats = None
+    for (start, stop), stack, w in zip(
+      runs, self.layer_stacks, weights["layers"] if weights is not None else (None,) * len(runs)
+    ):
+      graphdef, state = nnx.split(stack)
+      kv = None
+      if cache is not None:  # this stack's layers of the stacked cache
+        whole = len(runs) == 1
+        kv = tuple(c if whole else c[start:stop] for c in (cache["k"], cache["v"]))
+
+      def body(x, xs, graphdef=graphdef):
+        layer_state, kv, w, i = xs
+        block = nnx.merge(graphdef, layer_state)
+        key = None
+        if lora_dropout_key is not None and not decode:  # layer i's key, as the loop folds it
+          key = jax.random.fold_in(lora_dropout_key, i)
+        x, kv, st = block(x, *ctx[:3], kv, ctx.index, w, ctx.mask, decode=decode, dropout_key=key)
+        return x, (kv, st)
+
+      if rematerialise and not decode:
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      layer_ids = jnp.arange(start, stop, dtype=jnp.int32)
+      x, (kv, st) = jax.lax.scan(body, x, (state, kv, w, layer_ids))
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+      for j in range(stop - start) if st is not None else ():
+        stats = add_router_stats(stats, jax.tree.map(lambda a, j=j: a[j], st))
+    kv = None
     if cache is not None:
-      cache = {"k": tuple(new_k), "v": tuple(new_v), "mask": kv_mask, "index": index + t}
-    if return_hidden:
-      return ModelOutput(None, x, cache, stats)
-    return ModelOutput(self.logits(x, weights), None, cache, stats)
+      cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)  # noqa: E731
+      kv = (cat(new_k), cat(new_v))
+    return x, kv, stats
 
   def forward_shared_prefix(
     self,
@@ -340,9 +474,18 @@ class Transformer(nnx.Module):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict[str, Any]:
   """An empty KV cache: per-layer keys [B, K, H, S] and values [B, K, S, H]
-  (the layouts `attend` reads), a slot mask and the fill index."""
+  (the layouts `attend` reads), a slot mask and the fill index. The scanned
+  layout (`scan_layers`) stacks them: keys [L, B, K, H, S], values [L, B, K, S, H]."""
   dtype = dtype or cfg.jnp_dtype
   b, k, h = batch, cfg.num_kv_heads, cfg.head_dim
+  if cfg.scan_layers:
+    n = cfg.num_layers
+    return {
+      "k": jnp.zeros((n, b, k, h, length), dtype),
+      "v": jnp.zeros((n, b, k, length, h), dtype),
+      "mask": jnp.zeros((batch, length), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+    }
   return {
     "k": tuple(jnp.zeros((b, k, h, length), dtype) for _ in range(cfg.num_layers)),
     "v": tuple(jnp.zeros((b, k, length, h), dtype) for _ in range(cfg.num_layers)),
@@ -355,6 +498,14 @@ def repeat_cache_rows(cache: dict[str, Any], n: int) -> dict[str, Any]:
   """Each row of a cache n times in a row (row i -> rows i*n .. i*n+n-1):
   one prompt's prefill shared by the n rows of its group."""
   rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+  if not isinstance(cache["k"], tuple):  # stacked [L, B, ...] (scan_layers): rows are axis 1
+    rep_kv = lambda x: jnp.repeat(x, n, axis=1)  # noqa: E731
+    return {
+      "k": rep_kv(cache["k"]),
+      "v": rep_kv(cache["v"]),
+      "mask": rep(cache["mask"]),
+      "index": cache["index"],
+    }
   return {
     "k": tuple(map(rep, cache["k"])),
     "v": tuple(map(rep, cache["v"])),
@@ -365,6 +516,13 @@ def repeat_cache_rows(cache: dict[str, Any], n: int) -> dict[str, Any]:
 
 def cache_logical_axes(cfg: ModelConfig) -> dict[str, Any]:
   """Logical axis names of the cache pytree (same structure as `init_cache`)."""
+  if cfg.scan_layers:
+    return {
+      "k": ("layers", "batch", "kv_heads", "head_dim", "cache_length"),
+      "v": ("layers", "batch", "kv_heads", "cache_length", "head_dim"),
+      "mask": ("batch", "cache_length"),
+      "index": (),
+    }
   return {
     "k": tuple(("batch", "kv_heads", "head_dim", "cache_length") for _ in range(cfg.num_layers)),
     "v": tuple(("batch", "kv_heads", "cache_length", "head_dim") for _ in range(cfg.num_layers)),
@@ -394,6 +552,32 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, mesh=None) -> Transformer:
 def abstract_model(cfg: ModelConfig) -> Transformer:
   """The model's shapes and dtypes only (no allocation)."""
   return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def with_layer_layout(model: Transformer, scan_layers: bool) -> Transformer:
+  """The same parameters in the loop or the scanned layout (ModelConfig.scan_layers):
+  per-layer tensors stacked into their stack, or each stack cut into its layers.
+  LoRA adapters are not moved (attach them after)."""
+  if model.cfg.scan_layers == scan_layers:
+    return model
+  if any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(nnx.state(model))):
+    raise ValueError("with_layer_layout: detach the LoRA adapters first")
+  src_cfg = model.cfg
+  cfg = dataclasses.replace(src_cfg, scan_layers=scan_layers)
+  source = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+  graphdef, abs_state = nnx.split(abstract_model(cfg))
+  flat = []
+  for path, var in nnx.to_flat_state(abs_state):
+    if not scan_layers:  # one layer of a stack
+      stacked, j = scanned_path(src_cfg, path)
+      value = source[stacked] if j is None else source[stacked][j]
+    elif path[:1] == ("layer_stacks",):  # the stack of its layers
+      start, stop = cfg.layer_runs[int(path[1])]
+      value = jnp.stack([source[("layers", i) + tuple(path[2:])] for i in range(start, stop)])
+    else:
+      value = source[path]
+    flat.append((path, var.replace(value)))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -68,7 +68,18 @@ SLICES = {
   "v6e": ("2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
   "v4": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
 }
-PROGRAMS = ("train", "sample", "prefill", "decode")
+PROGRAMS = ("train", "sample", "prefill", "decode")  # the trainer's (the default list)
+# A frozen teacher's distillation sampler (`python -m srft_jax.data distill`,
+# docs/method.md §16): the sampler core and one decode step with the weights in
+# the compute dtype and nothing else on the chip. Compiled when named.
+DISTILL_PROGRAMS = ("distill", "distill_decode")
+ALL_PROGRAMS = PROGRAMS + DISTILL_PROGRAMS
+# Per-chip HBM bandwidth (GB/s) and dense bf16 peak (TFLOP/s) from the spec
+# sheets: the roofline bound of a distillation decode step.
+HBM_GBPS = {"v4": 1228.0, "v5e": 819.0, "v5p": 2765.0, "v6e": 1640.0}
+PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
+# OpenR1-Math-46k (docs/method.md §5): the prompts of the paper's demonstrations.
+OPENR1_PROMPTS = 46_000
 _GEN_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
 _DTYPE_BYTES = {
   "pred": 1,
@@ -245,6 +256,12 @@ def _inference_config(mcfg):
   return dataclasses.replace(mcfg, remat="none")
 
 
+def _teacher_config(mcfg):
+  """A frozen teacher's config: parameters stored in the compute dtype (no
+  float32 master copy: nothing is trained)."""
+  return dataclasses.replace(_inference_config(mcfg), param_dtype=mcfg.dtype)
+
+
 def _sampler_inputs(mcfg, mesh, rows: int, length: int):
 
   graphdef, params = nnx.split(model_lib.abstract_model(mcfg))
@@ -330,11 +347,14 @@ def model_flops(spec: factory.RunSpec, mcfg) -> dict[str, float]:
   rows = spec.batch.prompts_per_step * max(layout.n_rollouts, 1)
   prefill = rows * (2 * nm * p + attn * p * (p + 1) / 2)
   decode_one = rows * (2 * nm + attn * (p + r / 2))  # mean context over the response
+  sample = prefill + r * decode_one
   return {
     "train": 3 * fwd,
-    "sample": prefill + r * decode_one,
+    "sample": sample,
     "prefill": prefill,
     "decode": decode_one,
+    "distill": sample,
+    "distill_decode": decode_one,
   }
 
 
@@ -481,6 +501,8 @@ def analyse(
     "sample": lambda: lower_sample(spec, mcfg, mesh),
     "prefill": lambda: lower_cache_call(spec, mcfg, mesh, None),
     "decode": lambda: lower_cache_call(spec, mcfg, mesh, 1),
+    "distill": lambda: lower_sample(spec, _teacher_config(mcfg), mesh),
+    "distill_decode": lambda: lower_cache_call(spec, _teacher_config(mcfg), mesh, 1),
   }
   resident = None
   for name in programs:
@@ -489,7 +511,10 @@ def analyse(
     lower_s = time.perf_counter() - t0
     res = compile_program(lowered, topo, flops[name])
     res["lower_s"] = round(lower_s, 1)
-    if name != "train" and "error" not in res:  # sampling: the train state stays on the chip
+    if name == "distill_decode" and "error" not in res:
+      res["roofline_step_s"] = roofline_s(res, topo)
+    if name in PROGRAMS and name != "train" and "error" not in res:
+      # sampling: the train state stays on the chip
       resident = resident_bytes(spec, mcfg, mesh) if resident is None else resident
       res["resident_bytes"] = resident
       res["total_bytes"] += resident
@@ -502,7 +527,42 @@ def analyse(
     )
   report["fits"] = all(p.get("fits", False) for p in report["programs"].values())
   report["num_layers"] = mcfg.num_layers
+  if "roofline_step_s" in report["programs"].get("distill_decode", {}):
+    report["distill_estimate"] = distill_estimate(spec, topo, report["programs"]["distill_decode"])
   return report
+
+
+def roofline_s(program: dict[str, Any], topo: Topology) -> float:
+  """A lower bound on one run of a (memory- or compute-bound) program: its
+  bytes accessed at the chip's HBM bandwidth, or its FLOPs at peak."""
+  return max(
+    program["xla_bytes_accessed_per_chip"] / (HBM_GBPS[topo.generation] * 1e9),
+    program["xla_flops_per_chip"] / (PEAK_TFLOPS[topo.generation] * 1e12),
+  )
+
+
+def distill_estimate(
+  spec: factory.RunSpec, topo: Topology, decode: dict[str, Any], prompts: int = OPENR1_PROMPTS
+) -> dict[str, Any]:
+  """Distilling `prompts` prompts, k = the run's rollouts each, at the decode
+  step's roofline: a sampler call (prompts_per_step prompts) decodes until its
+  longest response ends, at most R steps; the bound takes R (reasoning traces
+  have a long tail) and leaves out the prefill (P tokens once, under 1%)."""
+  layout = spec.biggest_stage().layout
+  per_call = spec.batch.prompts_per_step
+  calls = math.ceil(prompts / per_call)
+  r = spec.data.max_response_len
+  call_s = r * decode["roofline_step_s"]
+  return {
+    "prompts": prompts,
+    "k": max(layout.n_rollouts, 1),
+    "prompts_per_call": per_call,
+    "calls": calls,
+    "decode_steps_per_call": r,
+    "call_s": call_s,
+    "hours": calls * call_s / 3600,
+    "chip_hours": calls * call_s * topo.chips / 3600,
+  }
 
 
 _LINEAR = (
@@ -557,6 +617,9 @@ def extrapolate(
       biggest=b["biggest"],
       extrapolated=True,
     )
+    if name == "distill_decode":
+      p["roofline_step_s"] = roofline_s(p, topo)
+      out["distill_estimate"] = distill_estimate(spec, topo, p)
     out["programs"][name] = p
   out["fits"] = all(p.get("fits", False) for p in out["programs"].values())
   return out
@@ -611,6 +674,16 @@ def format_table(report: dict[str, Any]) -> str:
     f"bound. ** The train state the sampling programs leave on the chip (optimizer "
     f"moments, a KL reference), in their total. fits = total <= {int(FIT_FRACTION * 100)}% of HBM."
   )
+  est = r.get("distill_estimate")
+  if est:
+    lines.append(
+      f"distillation of {est['prompts']:,} prompts x {est['k']} samples, "
+      f"{est['prompts_per_call']} prompts a call, up to {est['decode_steps_per_call']:,} decode "
+      f"steps a call at the decode step's roofline "
+      f"({1e3 * r['programs']['distill_decode']['roofline_step_s']:.2f} ms): "
+      f"{est['calls']} calls x {est['call_s']:.0f} s = {est['hours']:.1f} h "
+      f"({est['chip_hours']:,.0f} chip-hours), a lower bound"
+    )
   for name, p in r["programs"].items():
     if "error" in p:
       lines += ["", f"{name}: XLA out of memory:", p["message"]]
@@ -724,7 +797,12 @@ def _define_flags():
     "find_smallest", False, "Try growing v5p and v5e slices; report the smallest that fits."
   )
   flags.DEFINE_list("generations", ["v5p", "v5e"], "Generations --find_smallest tries.")
-  flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile, of {PROGRAMS}.")
+  flags.DEFINE_list(
+    "programs",
+    list(PROGRAMS),
+    f"Programs to compile, of {ALL_PROGRAMS} (the distill ones: a frozen teacher's "
+    "distillation sampler, k = rollout.n_rollouts samples of batch.prompts_per_step prompts).",
+  )
   flags.DEFINE_integer("vocab_size", 512, "Vocabulary of the tiny preset (no tokenizer here).")
   flags.DEFINE_string("json_out", "", "Also write the JSON report to this file.")
   flags.DEFINE_string(
@@ -760,15 +838,15 @@ def main(argv) -> int:
   except factory.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  unknown = set(f.programs) - set(PROGRAMS)
+  unknown = set(f.programs) - set(ALL_PROGRAMS)
   if unknown:
-    print(f"--programs: unknown {sorted(unknown)}; known: {PROGRAMS}", file=sys.stderr)
+    print(f"--programs: unknown {sorted(unknown)}; known: {ALL_PROGRAMS}", file=sys.stderr)
     return 2
   if not f.topology and not f.find_smallest:
     print("give --topology=GEN:AxBxC (repeatable) and/or --find-smallest", file=sys.stderr)
     return 2
   if not f.programs:
-    print(f"--programs: give at least one of {PROGRAMS}", file=sys.stderr)
+    print(f"--programs: give at least one of {ALL_PROGRAMS}", file=sys.stderr)
     return 2
   try:
     topos = [Topology.parse(name) for name in f.topology]
