@@ -38,6 +38,39 @@ def test_regime_criteria_on_hand_made_figures():
   assert "+0.200 (0.100 -> 0.300)" in md
 
 
+def test_candidates_differ_only_in_the_base_and_are_checked():
+  from srft_jax.study import regime
+
+  one, two = (regime.settings({"steps": 7}, "/d", k) for k in (1, 2))
+  assert (one["warmup.task_levels"], two["warmup.task_levels"]) == ((1,), (1, 2))
+  assert {k: v for k, v in one.items() if k != "warmup.task_levels"} == {
+    k: v for k, v in two.items() if k != "warmup.task_levels"
+  }
+  assert one["data.task_levels"] == (1, 2, 3) and one["steps"] == 7
+  with pytest.raises(ValueError, match="--candidate"):
+    regime.settings({}, "/d", len(regime.CANDIDATES) + 1)
+  res = subprocess.run(
+    [sys.executable, "-m", "srft_jax.study", "--out", "/nonexistent", "--candidate=9"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert res.returncode == 2 and "--candidate: 1 to 3, got 9" in res.stderr
+
+
+def test_finished_demonstrations_are_reused(tmp_path):
+  """A finished distillation (its summary in DIR/distilled/distill/) is reused as
+  it is, by its own DIR or through another candidate's link, never rerun."""
+  from srft_jax.study import regime
+
+  work = tmp_path / "distilled" / "distill"
+  work.mkdir(parents=True)
+  (work / "distill_summary.json").write_text(json.dumps({"kept": 5, "pass@1": 0.9}))
+  got = regime.ensure_demos(str(tmp_path), str(tmp_path / "no_teacher"), {}, {})
+  assert got == {"kept": 5, "pass@1": 0.9}
+
+
 @pytest.mark.slow
 def test_regime_is_measured_on_a_tiny_configuration(tmp_path):
   """`--regime=distilled --regime-only --quick`: the base (warmed up on level

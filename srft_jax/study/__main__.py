@@ -88,6 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument(
     "--regime-only", action="store_true", help="--regime=distilled: measure the criteria, stop"
   )
+  p.add_argument(
+    "--candidate",
+    type=int,
+    default=1,
+    help="--regime=distilled: which candidate regime (study/regime.py CANDIDATES; "
+    "each in its own --out)",
+  )
   p.add_argument("--no-compile-cache", action="store_true")
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -107,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"known: {list(runner.METHODS)}",
       file=sys.stderr,
     )
+    return 2
+  if not 1 <= a.candidate <= len(regime.CANDIDATES):
+    print(f"--candidate: 1 to {len(regime.CANDIDATES)}, got {a.candidate}", file=sys.stderr)
     return 2
   if a.report_only and not os.path.exists(os.path.join(a.out, "study.json")):
     print(f"--report-only: {a.out} holds no study (no study.json)", file=sys.stderr)
@@ -166,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       teacher_overrides=quick.get("teacher"),
       distill_overrides=quick.get("distill"),
       n_val=quick.get("n_val", 300),
+      candidate=a.candidate,
     )
     with open(os.path.join(a.out, "regime.md"), encoding="utf-8") as f:
       print(f.read())
@@ -174,7 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not res["verdict"]["met"]:
       print("the regime does not meet criteria (a)-(c): no study in it", file=sys.stderr)
       return 1
-    overrides = {**overrides, **regime.settings({}, os.path.join(a.out, "distilled"))}
+    overrides = {
+      **overrides,
+      **regime.settings({}, os.path.join(a.out, "distilled"), a.candidate),
+    }
     settings = runner.study_settings(quick=a.quick, steps=a.steps, overrides=overrides)
   est = runner.estimate_seconds(
     settings,

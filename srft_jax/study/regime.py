@@ -44,13 +44,25 @@ HARDEST_LEVEL = "3"
 # study's): the base learns level 1 only, the run trains on every level with the
 # teacher's distilled demonstrations, evaluated on the built-in task's splits.
 REGIME: dict[str, Any] = {
-  "warmup.task_levels": (1,),
   "warmup.source": "task",
   "data.task_levels": (1, 2, 3),
   "data.source": "tfds",
   "data.name": "distilled",
   "eval.task_splits": True,
 }
+# The candidate regimes, numbered from 1 (`--candidate`): what the base is
+# warmed up on, and the study's steps. Candidate 1 was registered with the
+# criteria; candidate 2 was added after candidate 1 failed criterion (c), and
+# candidate 3 (candidate 1's base, 4x the steps: SFT sees 3,200 demonstrations
+# instead of 800) after candidate 2 failed (a) and (c), each before any RL or
+# mixed run in any candidate. The study runs in a candidate only if its
+# criteria are all met. The teacher and its demonstrations do not depend on
+# the candidate.
+CANDIDATES: tuple[dict[str, Any], ...] = (
+  {"warmup.task_levels": (1,)},
+  {"warmup.task_levels": (1, 2)},
+  {"warmup.task_levels": (1,), "steps": 400},
+)
 # The teacher: configs/default.py:teacher with these overrides.
 TEACHER: dict[str, Any] = {
   "eval.n_id": 200,
@@ -87,9 +99,17 @@ QUICK: dict[str, Any] = {
 }
 
 
-def settings(base: dict, data_dir: str) -> dict:
-  """The study's settings in the distilled regime (data_dir: DIR/distilled)."""
-  return {**base, **REGIME, "data.data_dir": data_dir, "data.demo_style": "terse"}
+def settings(base: dict, data_dir: str, candidate: int = 1) -> dict:
+  """The study's settings in the distilled regime's `candidate` (data_dir: DIR/distilled)."""
+  if not 1 <= candidate <= len(CANDIDATES):
+    raise ValueError(f"--candidate: 1 to {len(CANDIDATES)}, got {candidate}")
+  return {
+    **base,
+    **REGIME,
+    **CANDIDATES[candidate - 1],
+    "data.data_dir": data_dir,
+    "data.demo_style": "terse",
+  }
 
 
 def sampled_by_level(model, tokenizer, scorer, spec, mesh, rows, k: int, seed: int = 0) -> dict:
@@ -147,8 +167,8 @@ def ensure_demos(out: str, teacher_wd: str, s: dict, distill_overrides: dict) ->
   """DIR/distilled: the teacher's verified demonstrations of the training
   prompts (resumed shard by shard); the distillation summary."""
   data_dir = os.path.join(out, "distilled")
-  summary = os.path.join(data_dir, "distill_summary.json")
-  if os.path.exists(summary):
+  summary = os.path.join(data_dir, distill_lib.WORK_DIR, distill_lib.SUMMARY_FILE)
+  if os.path.exists(summary):  # done: reused as it is (also from another candidate's DIR)
     with open(summary) as f:
       return json.load(f)
   opts = {**DISTILL, **distill_overrides}
@@ -180,11 +200,12 @@ def measure(
   distill_overrides: dict | None = None,
   n_val: int = 300,
   level: str = HARDEST_LEVEL,
+  candidate: int = 1,
 ) -> dict:
   """Steps 1-6 of the module docstring; returns (and writes) DIR/regime.json."""
   os.makedirs(out, exist_ok=True)
   data_dir = os.path.join(out, "distilled")
-  s = settings(base_settings, data_dir)
+  s = settings(base_settings, data_dir, candidate)
   runner.ensure_base(out, s)
   teacher_wd = ensure_teacher(out, teacher_overrides or {}, s)
   summary = ensure_demos(out, teacher_wd, s, distill_overrides or {})
@@ -215,7 +236,11 @@ def measure(
     "distill": {k_: summary.get(k_) for k_ in ("pass@1", "pass@k", "yield", "kept")},
     "n_val": n_val,
     "samples": k,
-    "settings": {k_: list(v) if isinstance(v, tuple) else v for k_, v in REGIME.items()},
+    "candidate": candidate,
+    "settings": {
+      k_: list(v) if isinstance(v, tuple) else v
+      for k_, v in {**REGIME, **CANDIDATES[candidate - 1]}.items()
+    },
     "teacher": {**TEACHER, **(teacher_overrides or {})},
     "distill_options": {**DISTILL, **(distill_overrides or {})},
   }
