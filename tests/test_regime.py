@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from srft_jax.study import claims
+from srft_jax.study import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,3 +105,15 @@ def test_regime_is_measured_on_a_tiny_configuration(tmp_path):
   assert "Regime criteria on level 3: **not met**" in res.stdout
   assert (out / "regime.md").read_text() in res.stdout
   assert (out / "teacher" / "export" / "hf" / "config.json").exists()
+
+
+def test_report_labels_a_study_whose_regime_failed_its_criteria(tmp_path):
+  """The report's regime section: none in the teacher-style regime; headed as
+  chosen in advance when the criteria were met, as exploratory when not."""
+  assert report.regime_section(str(tmp_path)) == ""
+  (tmp_path / "regime.md").write_text("criteria table\n")
+  for met, head in ((True, "chosen before any RL"), (False, "this study is exploratory")):
+    (tmp_path / "regime.json").write_text(json.dumps({"verdict": {"met": met}}))
+    got = report.regime_section(str(tmp_path))
+    assert got.startswith("### The regime") and head in got.splitlines()[0]
+    assert "criteria table" in got

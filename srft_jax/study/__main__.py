@@ -95,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="--regime=distilled: which candidate regime (study/regime.py CANDIDATES; "
     "each in its own --out)",
   )
+  p.add_argument(
+    "--exploratory",
+    action="store_true",
+    help="--regime=distilled: run the study in the candidate even though its criteria "
+    "are not met; the report says so, and its verdicts test no claim",
+  )
   p.add_argument("--no-compile-cache", action="store_true")
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -183,8 +189,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.regime_only:
       return 0
     if not res["verdict"]["met"]:
-      print("the regime does not meet criteria (a)-(c): no study in it", file=sys.stderr)
-      return 1
+      if not a.exploratory:
+        print(
+          "the regime does not meet criteria (a)-(c): no study in it (--exploratory runs "
+          "one anyway, labelled as such)",
+          file=sys.stderr,
+        )
+        return 1
+      print("the regime does not meet criteria (a)-(c): an exploratory study", file=sys.stderr)
     overrides = {
       **overrides,
       **regime.settings({}, os.path.join(a.out, "distilled"), a.candidate),

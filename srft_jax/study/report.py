@@ -295,6 +295,27 @@ def regime_line(runs: dict[str, list[runner.Run]]) -> str:
   )
 
 
+def regime_section(out: str) -> str:
+  """The distilled regime's criteria (docs/method.md §16), headed by whether
+  they were met: a study in a regime that failed them (`--exploratory`) is
+  labelled so. Empty in the teacher-style regime."""
+  if not os.path.exists(os.path.join(out, "regime.md")):
+    return ""
+  with open(os.path.join(out, "regime.md"), encoding="utf-8") as f:
+    body = f.read()
+  met = True
+  if os.path.exists(os.path.join(out, "regime.json")):
+    with open(os.path.join(out, "regime.json"), encoding="utf-8") as f:
+      met = json.load(f)["verdict"]["met"]
+  head = (
+    "### The regime, chosen before any RL or mixed run"
+    if met
+    else "### The regime: its criteria are not met, so this study is exploratory "
+    "(`--exploratory`; its verdicts test no claim)"
+  )
+  return f"{head}\n\n{body}\n"
+
+
 def _claim_md(c: dict) -> str:
   lines = [f"#### Claim {c['claim']}: {c['title']} — **{c['verdict']}**", ""]
   if c["missing"]:
@@ -342,11 +363,7 @@ def write_report(
   width = max(settings.get("data.prompt_buckets") or [64])
   acc_md, acc_js = accuracy_table(out, runs)
   lv_md, lv_js = levels_table(out, runs)
-  regime_path = os.path.join(out, "regime.md")
-  regime_md = ""
-  if os.path.exists(regime_path):  # the distilled regime's criteria (docs/method.md §16)
-    with open(regime_path) as f:
-      regime_md = "### The regime, chosen before any RL or mixed run\n\n" + f.read() + "\n"
+  regime_md = regime_section(out)
   sweep_md, sweep_js = sweep_table(out)
   comp_md, comp_js = compute_table(runs, n_params, width)
   events = []
