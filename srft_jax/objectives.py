@@ -9,6 +9,10 @@ Pipeline, per training step::
     adv_B = group_advantages(rewards_B, group_ids_B, normalize_std=adv_cfg.normalize_std)
     loss, aux = srft_loss(logp_BT, ent_BT, batch, cfg)
 
+On-policy distillation (docs/method.md §20) adds a teacher term: the batch
+carries the teacher's per-token log-probs (``teacher_logp``) or the per-token
+KL of ``chunked_teacher_kl`` (``distill_rkl``, ``distill_fkl``).
+
 Exact micro-batch / multi-host accumulation. The loss is a sum of ratios
 ``sum_k numerator_k / denominator_k`` (one per term, docs/method.md §3). Numerators are
 sums over tokens, so they split over micro-batches; denominators are token (or
@@ -46,11 +50,14 @@ Array = jax.Array
 __all__ = [
   "token_logprobs_and_entropy",
   "chunked_logprobs_and_entropy",
+  "chunked_teacher_kl",
   "group_advantages",
   "LossConfig",
   "PRESETS",
+  "DISTILL_PRESETS",
   "LossParts",
   "LOSS_TERMS",
+  "DISTILL_TERMS",
   "loss_denominators",
   "entropy_sum_and_count",
   "batch_mean_entropy",
@@ -174,23 +181,174 @@ def chunked_logprobs_and_entropy(
     )
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  batch, length, _ = hidden_BTD.shape
-  # The fewest chunks of at most chunk_size // B positions, evened out so the
-  # padding is under one position per chunk (64 positions at a 51 limit: 2 x 32).
-  n_chunks = -(-length // max(1, min(length, chunk_size // batch)))
-  positions = -(-length // n_chunks)
-  pad = n_chunks * positions - length
-  h = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-  t = jnp.pad(targets_BT.astype(jnp.int32), ((0, 0), (0, pad)))
-  # [B, n*C, ...] -> [n, B, C, ...]: scan over chunks of the T axis.
-  h_NBCD = h.reshape(batch, n_chunks, positions, -1).transpose(1, 0, 2, 3)
-  t_NBC = t.reshape(batch, n_chunks, positions).transpose(1, 0, 2)
-  logp_NBC, ent_NBC = _chunked_core(h_NBCD, unembed_DV, t_NBC, float(temperature))
+  plan = _ChunkPlan.of(hidden_BTD.shape, chunk_size)
+  logp_NBC, ent_NBC = _chunked_core(
+    plan.split(hidden_BTD), unembed_DV, plan.split(targets_BT.astype(jnp.int32)), float(temperature)
+  )
+  return plan.join(logp_NBC), plan.join(ent_NBC)
 
-  def unchunk(x_NBC):
-    return x_NBC.transpose(1, 0, 2).reshape(batch, n_chunks * positions)[:, :length]
 
-  return unchunk(logp_NBC), unchunk(ent_NBC)
+class _ChunkPlan(NamedTuple):
+  """How the T axis of [B, T, ...] splits into n chunks of C positions (all B rows)."""
+
+  batch: int
+  length: int
+  n_chunks: int
+  positions: int
+
+  @classmethod
+  def of(cls, shape_BT: tuple[int, ...], chunk_size: int) -> _ChunkPlan:
+    batch, length = shape_BT[:2]
+    # The fewest chunks of at most chunk_size // B positions, evened out so the
+    # padding is under one position per chunk (64 positions at a 51 limit: 2 x 32).
+    n_chunks = -(-length // max(1, min(length, chunk_size // batch)))
+    return cls(batch, length, n_chunks, -(-length // n_chunks))
+
+  def split(self, x_BT: Array) -> Array:
+    """[B, T, ...] -> [n, B, C, ...], T padded at the end: scan over chunks of T."""
+    pad = self.n_chunks * self.positions - self.length
+    x = jnp.pad(x_BT, ((0, 0), (0, pad)) + ((0, 0),) * (x_BT.ndim - 2))
+    x = x.reshape(self.batch, self.n_chunks, self.positions, *x_BT.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+  def join(self, x_NBC: Array) -> Array:
+    """[n, B, C] -> [B, T], the padding sliced off."""
+    x = x_NBC.transpose(1, 0, 2).reshape(self.batch, self.n_chunks * self.positions)
+    return x[:, : self.length]
+
+
+# --------------------------------------------------------------------------
+# Per-token KL to a teacher over the whole vocabulary (docs/method.md §20.2)
+# --------------------------------------------------------------------------
+
+
+def _kl_stats(zs_NV: Array, zt_NV: Array) -> tuple[Array, Array, Array, Array, Array]:
+  """Scaled student / teacher logits -> (KL(p||q), KL(q||p), p, log p - log q, q).
+
+  A vocabulary entry with zero probability on the side that weighs the sum
+  contributes 0 (as 0 log 0 = 0), so -inf logits masked on both sides are NaN-free.
+  """
+  logp_NV = zs_NV - jax.nn.logsumexp(zs_NV, axis=-1, keepdims=True)
+  logq_NV = zt_NV - jax.nn.logsumexp(zt_NV, axis=-1, keepdims=True)
+  p_NV, q_NV = jnp.exp(logp_NV), jnp.exp(logq_NV)
+  log_ratio_NV = logp_NV - logq_NV
+  rkl_N = jnp.sum(jnp.where(p_NV > 0, p_NV * log_ratio_NV, 0.0), axis=-1)
+  fkl_N = jnp.sum(jnp.where(q_NV > 0, -q_NV * log_ratio_NV, 0.0), axis=-1)
+  return rkl_N, fkl_N, p_NV, jnp.where(p_NV > 0, log_ratio_NV, 0.0), q_NV
+
+
+def _kl_forward(hs_NBCD, ws_DV, ht_NBCE, wt_EV, temperature, teacher_temperature):
+  def one_chunk(_, xs):
+    hs_BCD, ht_BCE = xs
+    zs = _chunk_logits(hs_BCD, ws_DV, temperature)
+    zt = _chunk_logits(ht_BCE, wt_EV, teacher_temperature)
+    rkl, fkl, _, _, _ = _kl_stats(zs, zt)
+    return None, (rkl, fkl)
+
+  _, (rkl_NBC, fkl_NBC) = lax.scan(one_chunk, None, (hs_NBCD, ht_NBCE))
+  return rkl_NBC, fkl_NBC
+
+
+# As _chunked_core: each chunk's logits (student and teacher) are recomputed in
+# the backward pass, never stored; the teacher gets no gradient.
+_kl_core = jax.custom_vjp(_kl_forward, nondiff_argnums=(4, 5))
+
+
+def _kl_core_fwd(hs_NBCD, ws_DV, ht_NBCE, wt_EV, temperature, teacher_temperature):
+  out = _kl_forward(hs_NBCD, ws_DV, ht_NBCE, wt_EV, temperature, teacher_temperature)
+  return out, (hs_NBCD, ws_DV, ht_NBCE, wt_EV)
+
+
+def _kl_core_bwd(temperature, teacher_temperature, residuals, cotangents):
+  hs_NBCD, ws_DV, ht_NBCE, wt_EV = residuals
+  g_rkl_NBC, g_fkl_NBC = cotangents
+  compute_dtype = jnp.result_type(hs_NBCD.dtype, ws_DV.dtype)
+
+  def one_chunk(dw_DV, xs):
+    hs_BCD, ht_BCE, g_rkl, g_fkl = xs
+    zs = _chunk_logits(hs_BCD, ws_DV, temperature)
+    zt = _chunk_logits(ht_BCE, wt_EV, teacher_temperature)
+    rkl, _, p, log_ratio, q = _kl_stats(zs, zt)
+    # docs/method.md §20.2: d KL(p||q) / dz = p (log p - log q - KL);
+    # d KL(q||p) / dz = p - q (z the student's scaled logits).
+    dz = g_rkl[..., None] * p * (log_ratio - rkl[..., None]) + g_fkl[..., None] * (p - q)
+    dlogits = (dz / temperature).astype(compute_dtype)
+    dh_BCD = jnp.einsum("bcv,dv->bcd", dlogits, ws_DV, preferred_element_type=jnp.float32)
+    dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", hs_BCD, dlogits, preferred_element_type=jnp.float32)
+    return dw_DV, dh_BCD.astype(hs_NBCD.dtype)
+
+  dw_DV, dh_NBCD = lax.scan(
+    one_chunk,
+    jnp.zeros(ws_DV.shape, jnp.float32),
+    (hs_NBCD, ht_NBCE, g_rkl_NBC.astype(jnp.float32), g_fkl_NBC.astype(jnp.float32)),
+  )
+  return dh_NBCD, dw_DV.astype(ws_DV.dtype), None, None
+
+
+_kl_core.defvjp(_kl_core_fwd, _kl_core_bwd)
+
+
+def chunked_teacher_kl(
+  student_hidden_BTD: Array,
+  student_unembed_DV: Array,
+  teacher_hidden_BTE: Array,
+  teacher_unembed_EV: Array,
+  temperature: float = 1.0,
+  teacher_temperature: float | None = None,
+  chunk_size: int = 1024,
+) -> tuple[Array, Array]:
+  """Per-token reverse and forward KL between student and teacher, without [B, T, V].
+
+  With p = softmax(student_hidden @ student_unembed / temperature) and q the
+  teacher's (``teacher_temperature``; None = ``temperature``) at every position,
+  returns ``(rkl_BT, fkl_BT)``: KL(p||q) = sum_v p (log p - log q) and
+  KL(q||p) = sum_v q (log q - log p), float32 (docs/method.md §20.2-§20.3).
+  Chunked like ``chunked_logprobs_and_entropy``, a chunk holding the logits of
+  about ``chunk_size // 2`` tokens for each model (so about ``chunk_size``
+  logit rows in all: the same memory), with a custom VJP that recomputes each
+  chunk's logits. Gradients reach the student's hidden states and unembedding
+  only; the teacher's inputs get zero cotangents. Student and teacher may
+  differ in width (D, E) but not in vocabulary: slice both unembeddings to the
+  tokenizer's vocabulary first when their padded sizes differ. Batch, D and V
+  sharding work as in ``chunked_logprobs_and_entropy``.
+  """
+  if (
+    student_hidden_BTD.ndim != 3
+    or teacher_hidden_BTE.ndim != 3
+    or student_unembed_DV.ndim != 2
+    or teacher_unembed_EV.ndim != 2
+  ):
+    raise ValueError(
+      "chunked_teacher_kl wants student hidden [B,T,D], unembed [D,V], teacher hidden "
+      f"[B,T,E], unembed [E,V]; got {student_hidden_BTD.shape}, {student_unembed_DV.shape}, "
+      f"{teacher_hidden_BTE.shape}, {teacher_unembed_EV.shape}"
+    )
+  if student_hidden_BTD.shape[:2] != teacher_hidden_BTE.shape[:2]:
+    raise ValueError(
+      f"student and teacher hidden states differ in [B, T]: {student_hidden_BTD.shape[:2]} "
+      f"vs {teacher_hidden_BTE.shape[:2]}"
+    )
+  if student_unembed_DV.shape[1] != teacher_unembed_EV.shape[1]:
+    raise ValueError(
+      f"student and teacher vocabularies differ: {student_unembed_DV.shape[1]} vs "
+      f"{teacher_unembed_EV.shape[1]}; slice both unembeddings to the tokenizer's vocabulary"
+    )
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
+  # Half the positions of chunked_logprobs_and_entropy's chunk: a chunk holds the
+  # student's and the teacher's logits, so at most about chunk_size rows in all.
+  plan = _ChunkPlan.of(student_hidden_BTD.shape, max(1, chunk_size // 2))
+  sg = lax.stop_gradient
+  rkl_NBC, fkl_NBC = _kl_core(
+    plan.split(student_hidden_BTD),
+    student_unembed_DV,
+    plan.split(sg(teacher_hidden_BTE)),
+    sg(teacher_unembed_EV),
+    float(temperature),
+    float(teacher_temperature),
+  )
+  return plan.join(rkl_NBC), plan.join(fkl_NBC)
 
 
 # --------------------------------------------------------------------------
@@ -244,8 +402,8 @@ class AdvantageConfig:
   @classmethod
   def preset(cls, name: str, **overrides: Any) -> AdvantageConfig:
     """The advantage form that goes with loss preset `name` (default: the paper's)."""
-    if name not in PRESETS:
-      raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    if name not in PRESETS and name not in DISTILL_PRESETS:
+      raise ValueError(f"unknown preset {name!r}; known: {sorted({**PRESETS, **DISTILL_PRESETS})}")
     return cls(**{**ADVANTAGE_PRESETS.get(name, {}), **overrides})
 
 
@@ -262,6 +420,7 @@ _CHOICES = {
   "aggregation": ("token_mean", "constant_len", "seq_mean_token_mean", "seq_mean_token_sum"),
   "is_correction": ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
   "kl_estimator": ("k1", "k2", "k3", "low_var_kl"),
+  "distill_estimator": ("sampled", "full"),
 }
 # Aggregations that average per-row values over the rows with RL tokens.
 SEQ_MEAN = ("seq_mean_token_mean", "seq_mean_token_sum")
@@ -316,6 +475,14 @@ class LossConfig:
   # rollout tokens (baselines): k1, k2, k3 (default) or low_var_kl (k3 clamped).
   kl_coef: float = 0.0
   kl_estimator: str = "k3"
+  # On-policy distillation from a frozen teacher (docs/method.md §20): distill_coef
+  # * token mean over rollout tokens of the reverse KL to the teacher, estimated
+  # on the sampled token ("sampled": -A * ratio with A = -sg(logp - teacher_logp))
+  # or exact over the vocabulary ("full": batch["distill_rkl"]). 0 = off.
+  # distill_on_demos: also distill_coef * the forward KL on demonstration tokens.
+  distill_coef: float = 0.0
+  distill_estimator: str = "sampled"
+  distill_on_demos: bool = False
   use_sft: bool = True
   use_demo_rl: bool = True
   use_self_rl: bool = True
@@ -325,7 +492,7 @@ class LossConfig:
       value = getattr(self, name)
       if value not in allowed:
         raise ValueError(f"LossConfig.{name}={value!r}: expected one of {allowed}")
-    for name in ("sft_coef", "self_rl_coef", "entropy_bonus", "kl_coef"):
+    for name in ("sft_coef", "self_rl_coef", "entropy_bonus", "kl_coef", "distill_coef"):
       value = getattr(self, name)
       if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise ValueError(f"LossConfig.{name}={value!r}: expected a finite number >= 0")
@@ -356,15 +523,23 @@ class LossConfig:
       raise ValueError("LossConfig.clip_ratio_c applies to self_rl_form='advantage' only")
     if self.aggregation == "constant_len" and self.max_response_len is None:
       raise ValueError("LossConfig.max_response_len is required when aggregation='constant_len'")
-    if not (self.use_sft or self.use_demo_rl or self.use_self_rl):
-      raise ValueError("LossConfig.use_sft/use_demo_rl/use_self_rl: at least one must be True")
+    if not isinstance(self.distill_on_demos, bool):
+      raise ValueError(f"LossConfig.distill_on_demos={self.distill_on_demos!r}: expected a bool")
+    if self.distill_on_demos and self.distill_coef == 0:
+      raise ValueError("LossConfig.distill_on_demos needs distill_coef > 0")
+    if not (self.use_sft or self.use_demo_rl or self.use_self_rl or self.distill_coef > 0):
+      raise ValueError(
+        "LossConfig.use_sft/use_demo_rl/use_self_rl: at least one must be True "
+        "(or distill_coef > 0)"
+      )
 
   @classmethod
   def preset(cls, name: str, **overrides: Any) -> LossConfig:
-    """A docs/method.md §4 preset, optionally with field overrides."""
-    if name not in PRESETS:
-      raise ValueError(f"unknown LossConfig preset {name!r}; known: {sorted(PRESETS)}")
-    return cls(**{**PRESETS[name], **overrides})
+    """A docs/method.md §4 or §20.5 preset, optionally with field overrides."""
+    presets = {**PRESETS, **DISTILL_PRESETS}
+    if name not in presets:
+      raise ValueError(f"unknown LossConfig preset {name!r}; known: {sorted(presets)}")
+    return cls(**{**presets[name], **overrides})
 
 
 # Plain GRPO on rollouts: -A*ratio on every rollout token, weight 1.
@@ -424,6 +599,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     max_response_len=8192,
   ),
 }
+# On-policy distillation presets (docs/method.md §20.5). Apart from PRESETS because
+# their batches carry the teacher's keys (teacher_logp, or distill_rkl /
+# distill_fkl), which a trainer must supply before it runs them.
+DISTILL_PRESETS: dict[str, dict[str, Any]] = {
+  # Distillation alone: the reverse KL to the teacher on the student's rollouts,
+  # sampled estimator (the on-policy distillation recipe); no reward term, no SFT.
+  "opd": dict(use_sft=False, use_demo_rl=False, use_self_rl=False, distill_coef=1.0),
+  # The full method (`srft`) plus the same teacher term on its rollouts.
+  "srft_opd": dict(distill_coef=1.0),
+}
 # Presets whose advantages differ from the paper's (AdvantageConfig.preset).
 ADVANTAGE_PRESETS: dict[str, dict[str, Any]] = {
   "srft_code": dict(normalize_std=False),  # the released code's script: r - mean
@@ -438,10 +623,20 @@ ADVANTAGE_PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------
 
 LOSS_TERMS = ("sft", "rl_demo", "rl_self", "entropy_bonus", "kl")
+# Terms present in LossParts only when their switch is on (docs/method.md §20):
+# distill_coef > 0, distill_on_demos.
+DISTILL_TERMS = ("distill", "distill_demo")
+
+
+def _terms(parts_keys) -> tuple[str, ...]:
+  """The loss terms of a LossParts: LOSS_TERMS and the teacher terms it holds."""
+  return LOSS_TERMS + tuple(k for k in DISTILL_TERMS if k in parts_keys)
 
 
 class LossParts(NamedTuple):
-  """Numerators and denominators; loss = sum over LOSS_TERMS of sums/counts.
+  """Numerators and denominators; loss = sum over the terms of sums/counts.
+
+  The terms: LOSS_TERMS, plus those of DISTILL_TERMS that are on.
 
   ``sums`` and ``counts`` share keys: the LOSS_TERMS, then metric keys.
   """
@@ -476,13 +671,20 @@ def loss_denominators(batch: Mapping[str, Array], cfg: LossConfig) -> dict[str, 
     rl_den = rl_rows * cfg.max_response_len
   else:  # seq_mean_*: the number of rows with RL tokens
     rl_den = rl_rows
-  return {
+  den = {
     "sft": jnp.sum(demo_BT),
     "rl_demo": rl_den,
     "rl_self": rl_den,
     "entropy_bonus": jnp.sum(mask_BT),
     "kl": jnp.sum(roll_BT),
   }
+  # The teacher terms (docs/method.md §20) are keys only when on: an off term
+  # adds no key, no metric and no op.
+  if cfg.distill_coef > 0:
+    den["distill"] = jnp.sum(roll_BT)
+  if cfg.distill_on_demos:
+    den["distill_demo"] = jnp.sum(demo_BT)
+  return den
 
 
 def entropy_sum_and_count(ent_BT: Array, response_mask_BT: Array) -> tuple[Array, Array]:
@@ -546,11 +748,80 @@ def _check_batch(logp_BT, ent_BT, batch, cfg):
   if cfg.is_correction != "none":
     want["old_logp"] = (b, t)
     want["sampler_logp"] = (b, t)
+  why = {}
+  if cfg.distill_coef > 0:  # docs/method.md §20.4
+    keys = ["teacher_logp"] if cfg.distill_estimator == "sampled" else ["distill_rkl"]
+    if cfg.distill_on_demos and cfg.distill_estimator == "full":
+      keys.append("distill_fkl")
+    for key in keys:
+      want[key] = (b, t)
+      why[key] = f" (distill_coef > 0, distill_estimator={cfg.distill_estimator!r})"
   for key, shape in want.items():
     if key not in batch:
-      raise ValueError(f"batch[{key!r}] is required for this LossConfig")
+      raise ValueError(f"batch[{key!r}] is required for this LossConfig{why.get(key, '')}")
     if tuple(jnp.shape(batch[key])) != shape:
       raise ValueError(f"batch[{key!r}] has shape {jnp.shape(batch[key])}, expected {shape}")
+
+
+def _policy_gradient(adv: Array, ratio_BT: Array, cfg: LossConfig) -> tuple[Array, Array, Array]:
+  """-A * ratio, PPO-clipped and dual-clipped as cfg says (docs/method.md §2.3, §2.6).
+
+  ``adv`` broadcasts against [B, T] (a row's [B, 1] or a token's [B, T]).
+  Returns (per-token loss, clipped indicator, dual-clipped indicator).
+  """
+  per_token = -adv * ratio_BT
+  clipped = jnp.zeros_like(ratio_BT)
+  dual_clipped = jnp.zeros_like(ratio_BT)
+  if cfg.clip_eps is not None:
+    high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
+    clipped_pg = -adv * jnp.clip(ratio_BT, 1.0 - cfg.clip_eps, 1.0 + high)
+    clipped = (clipped_pg > per_token).astype(jnp.float32)
+    per_token = jnp.maximum(per_token, clipped_pg)
+  if cfg.clip_ratio_c is not None:  # A < 0: at most -c * A (docs/method.md §2.6)
+    bound = -adv * cfg.clip_ratio_c
+    dual_clipped = ((adv < 0) & (per_token > bound)).astype(jnp.float32)
+    per_token = jnp.where(adv < 0, jnp.minimum(per_token, bound), per_token)
+  return per_token, clipped, dual_clipped
+
+
+def _distill_parts(logp, valid, roll_BT, demo_BT, is_w, batch, cfg):
+  """Sums and counts of the teacher terms (docs/method.md §20); distill_coef > 0."""
+  sg = lax.stop_gradient
+  coef = cfg.distill_coef
+  sums, counts = {}, {}
+
+  def given(key):  # a batch entry, zeroed off the response (garbage there stays out)
+    return jnp.where(valid, jnp.asarray(batch[key], jnp.float32), 0.0)
+
+  if cfg.distill_estimator == "sampled":
+    # §20.1: k1 = log p_student(y) - log p_teacher(y) on the sampled token y; its
+    # mean under the student's sampling is KL(student || teacher). A = -sg(k1) in
+    # the policy-gradient surrogate -A * ratio (clip and IS weights as rl_self).
+    teacher = given("teacher_logp")
+    k1 = sg(logp) - teacher
+    old = given("old_logp") if "old_logp" in batch else sg(logp)
+    per_token, clipped, _ = _policy_gradient(-k1, jnp.exp(logp - old), cfg)
+    if cfg.is_correction != "none":
+      per_token = per_token * is_w
+    sums["distill"] = coef * jnp.sum(roll_BT * per_token)
+    sums["teacher_kl"] = sg(jnp.sum(roll_BT * k1))
+    sums["distill_clip_frac"] = sg(jnp.sum(roll_BT * clipped))
+    counts["distill_clip_frac"] = jnp.sum(roll_BT)
+    if cfg.distill_on_demos:
+      # §20.3: teacher-forced on the demonstration; value log q(y) - log p(y), the
+      # forward KL's estimate if the demonstration is a teacher sample; gradient
+      # -grad log p(y), SFT's.
+      sums["distill_demo"] = coef * jnp.sum(demo_BT * (teacher - logp))
+  else:
+    # §20.2: the exact reverse KL, batch["distill_rkl"] from chunked_teacher_kl
+    # computed inside the differentiated function (it carries the gradient).
+    rkl = given("distill_rkl")
+    sums["distill"] = coef * jnp.sum(roll_BT * rkl)
+    sums["teacher_kl"] = sg(jnp.sum(roll_BT * rkl))
+    if cfg.distill_on_demos:  # §20.3: KL(teacher || student) on demonstration tokens
+      sums["distill_demo"] = coef * jnp.sum(demo_BT * given("distill_fkl"))
+  counts["teacher_kl"] = jnp.sum(roll_BT)
+  return sums, counts
 
 
 def srft_loss_parts(
@@ -624,16 +895,7 @@ def srft_loss_parts(
     # [1 - eps, 1 + eps_high], optionally dual-clipped), rows with A > 0
     # scaled by w_rl.
     positive_B1 = adv_B1 > 0
-    per_token = -adv_B1 * ratio
-    if cfg.clip_eps is not None:
-      high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
-      clipped_pg = -adv_B1 * jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + high)
-      clipped = (clipped_pg > per_token).astype(jnp.float32)
-      per_token = jnp.maximum(per_token, clipped_pg)
-    if cfg.clip_ratio_c is not None:  # A < 0: at most -c * A (docs/method.md §2.6)
-      bound = -adv_B1 * cfg.clip_ratio_c
-      dual_clipped = ((adv_B1 < 0) & (per_token > bound)).astype(jnp.float32)
-      per_token = jnp.where(adv_B1 < 0, jnp.minimum(per_token, bound), per_token)
+    per_token, clipped, dual_clipped = _policy_gradient(adv_B1, ratio, cfg)
     per_token = jnp.where(positive_B1, w_rl * per_token, per_token)
   is_w = importance_weights(
     batch.get("old_logp", logp),
@@ -665,6 +927,10 @@ def srft_loss_parts(
     sums["kl"] = cfg.kl_coef * jnp.sum(roll_BT * kl)
 
   counts = loss_denominators(batch, cfg)
+  if cfg.distill_coef > 0:  # docs/method.md §20
+    distill_sums, distill_counts = _distill_parts(logp, valid, roll_BT, demo_BT, is_w, batch, cfg)
+    sums.update(distill_sums)
+    counts.update(distill_counts)
   # Report a weight only where its term is on (an off term's weight reads 0).
   w_sft_mask = demo_BT * float(cfg.use_sft)
   w_rl_mask = roll_BT * positive_B1 * float(cfg.use_self_rl)
@@ -698,9 +964,10 @@ def _safe_div(num: Array, den: Array) -> Array:
 
 
 def combine(parts: LossParts) -> tuple[Array, dict[str, Array]]:
-  """(loss, aux) from parts: loss = sum over LOSS_TERMS of sums / counts."""
+  """(loss, aux) from parts: loss = sum over the terms (LOSS_TERMS, and the
+  DISTILL_TERMS that are on) of sums / counts."""
   aux = {k: _safe_div(parts.sums[k], parts.counts[k]) for k in parts.sums}
-  loss = sum(aux[k] for k in LOSS_TERMS)
+  loss = sum(aux[k] for k in _terms(parts.sums))
   aux["rl"] = aux["rl_demo"] + aux["rl_self"]
   aux["loss"] = loss
   aux["n_demo_tokens"] = parts.counts["entropy_demo"]
@@ -718,16 +985,25 @@ def srft_loss(
   denominators: Mapping[str, Array] | None = None,
   batch_entropy: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-  """The SRFT loss L_sft_demo + L_rl_demo + L_rl_self (+ bonus, + KL).
+  """The SRFT loss L_sft_demo + L_rl_demo + L_rl_self (+ bonus, + KL, + teacher).
 
   batch: ``response_mask`` [B,T], ``is_demo`` [B], ``rewards`` [B],
   ``advantages`` [B], ``old_logp`` [B,T] (advantage form), ``ref_logp``
   [B,T] (kl_coef > 0), ``sampler_logp`` [B,T] (is_correction on: the
-  sampler's log-probs, while ``old_logp`` holds the trainer's). ``denominators``: ``loss_denominators`` of the full
-  batch when this call is one micro-batch (see the module docstring);
+  sampler's log-probs, while ``old_logp`` holds the trainer's); with
+  distill_coef > 0 (docs/method.md §20.4): ``teacher_logp`` [B,T] (the teacher's
+  log-prob of each response token, no gradient; "sampled"; ``old_logp``
+  optional there), or ``distill_rkl`` [B,T] and, with distill_on_demos,
+  ``distill_fkl`` [B,T] ("full": ``chunked_teacher_kl`` of this call's student
+  forward, so they carry the student's gradient). ``denominators``:
+  ``loss_denominators`` of the full batch when this call is one micro-batch
+  (see the module docstring);
   ``batch_entropy``: the full batch's mean entropy for granularity 'batch'.
   Returns ``(loss, aux)``; aux holds each term, mean w_sft / w_rl, mean
-  entropy on demo and rollout tokens, ratio and clip fraction, token counts.
+  entropy on demo and rollout tokens, ratio and clip fraction, token counts
+  (and with distill_coef > 0: ``distill``, ``teacher_kl``, the mean reverse-KL
+  estimate over rollout tokens, and ``distill_demo`` / ``distill_clip_frac``
+  where they apply).
   """
   parts = srft_loss_parts(logp_BT, ent_BT, batch, cfg, batch_entropy=batch_entropy)
   if denominators is not None:
@@ -739,5 +1015,5 @@ def with_denominators(parts: LossParts, denominators: Mapping[str, Array]) -> Lo
   """`parts` with the loss terms' denominators replaced (e.g. by the full
   batch's `loss_denominators`, for one micro-batch)."""
   counts = dict(parts.counts)
-  counts.update({k: jnp.asarray(denominators[k], jnp.float32) for k in LOSS_TERMS})
+  counts.update({k: jnp.asarray(denominators[k], jnp.float32) for k in _terms(parts.counts)})
   return LossParts(parts.sums, counts)
