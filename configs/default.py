@@ -153,6 +153,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Persistent compilation cache (srft_jax/compile_cache.py): "auto" =
   # WORKDIR/compile_cache (a gs:// workdir's on the bucket), "" = none, or a path.
   c.checkpoint.compile_cache = "auto"
+  # Transient storage errors (connection, timeout, 5xx/429) of a gs:// workdir are
+  # retried with backoff this long; then the job exits with code 75 (io_retry.py).
+  c.checkpoint.io_retry_s = 600.0
 
   c.eval = config_dict.ConfigDict()
   c.eval.n_id = 300  # test problems (in-distribution split)

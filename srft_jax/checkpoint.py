@@ -7,10 +7,20 @@ and the config, so a restarted run continues exactly. With LoRA the params
 are the adapters only; the meta names the frozen base (path and content hash,
 `trainer.check_resume_base`). A checkpoint of the other layer layout
 (`model.scan_layers`) is refused (`LayerLayoutError`), never taken for unreadable.
+
+In a bucket (gs://), a save that fails transiently (a connection error, a
+timeout, a 5xx) is saved again as a whole, with backoff, while the arrays it
+holds still exist (before the next step, and always for a run's last save);
+an async save whose arrays the next step has already replaced is dropped with
+a warning, the next save taking its place. Either way the last complete
+checkpoint stays intact (Orbax marks a finished step last and a new manager
+clears unfinished ones), and failures that outlast `checkpoint.io_retry_s`
+raise `io_retry.StorageUnavailable` (docs/method.md §14.3).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -22,7 +32,37 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from srft_jax import io_retry
+
 log = logging.getLogger(__name__)
+
+
+class _QuietFailedSaves(logging.Filter):
+  """Orbax logs a failed async save with its traceback before re-raising it;
+  the Checkpointer reports (and retries) it itself, in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "Save Finalize thread" not in record.getMessage()
+
+
+_QUIET = _QuietFailedSaves()
+
+
+@contextlib.contextmanager
+def _quiet_failed_saves():
+  absl_log = logging.getLogger("absl")
+  absl_log.addFilter(_QUIET)
+  try:
+    yield
+  finally:
+    absl_log.removeFilter(_QUIET)
+
+
+def _arrays_alive(tree: Any) -> bool:
+  """Whether every array of `tree` still holds its buffers (not donated away)."""
+  return not any(
+    isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree_util.tree_leaves(tree)
+  )
 
 
 class Checkpointer:
@@ -35,13 +75,35 @@ class Checkpointer:
     if "://" not in directory:  # Orbax needs absolute local paths (gs:// stays as is)
       directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
-    options = ocp.CheckpointManagerOptions(
+    self._options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       create=True,
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True,
     )
-    self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=self.ITEMS)
+    # Saves are retried in a bucket, and by one process: a multi-host save is
+    # collective (Orbax's barriers), so a retry on one host alone would hang.
+    self._retry = "://" in directory and jax.process_count() == 1
+    self._pending: tuple[int, Any] | None = None  # (step, args) of the save in flight
+    self._streak = io_retry.Streak("checkpoint save", directory)
+    self._mgr = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    def open_manager():
+      return ocp.CheckpointManager(self.directory, options=self._options, item_names=self.ITEMS)
+
+    if not self._retry:
+      return open_manager()
+    return io_retry.retry("open checkpoints", str(self.directory), open_manager)
+
+  def _reopen(self) -> None:
+    """A new manager after a failed save (the old one re-raises its error on
+    every later call); it clears the failed step's unfinished directory."""
+    try:
+      self._mgr.close()
+    except Exception:  # noqa: BLE001 - the failure being handled, raised again
+      pass
+    self._mgr = self._open()
 
   def all_steps(self) -> list[int]:
     return sorted(self._mgr.all_steps())
@@ -52,18 +114,71 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict, meta: dict, *, force: bool = True):
     """Starts an (async) save; returns at once. `wait()` blocks until it is on disk."""
-    self._mgr.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta),
-      ),
-      force=force,
+    self._settle()
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(data_state),
+      meta=ocp.args.JsonSave(meta),
     )
+    try:
+      self._mgr.save(step, args=args, force=force)
+    except Exception as e:
+      if not (self._retry and io_retry.is_transient(e)):
+        raise
+      self._failed(step, args, e)
+      return
+    self._pending = (step, args)
 
   def wait(self):
-    self._mgr.wait_until_finished()
+    self._settle()
+
+  def _settle(self) -> None:
+    """Waits for the save in flight; a failed one is saved again or dropped (`_failed`)."""
+    pending, self._pending = self._pending, None
+    try:
+      with _quiet_failed_saves():
+        self._mgr.wait_until_finished()
+    except Exception as e:
+      if not (self._retry and io_retry.is_transient(e) and pending is not None):
+        raise
+      self._failed(*pending, e)
+      return
+    if pending is not None:
+      self._streak.succeeded()
+
+  def _failed(self, step: int, args: Any, e: BaseException) -> None:
+    self._reopen()
+    if not _arrays_alive(args):  # the next step replaced them: the next save takes its place
+      log.warning(
+        "checkpoint step %d in %s was not saved (%s: %s); the next save takes its place",
+        step,
+        self.directory,
+        type(e).__name__,
+        str(e)[:200],
+      )
+      self._streak.failed(e)
+      return
+    log.warning(
+      "checkpoint step %d in %s failed (%s: %s); saving it again",
+      step,
+      self.directory,
+      type(e).__name__,
+      str(e)[:200],
+    )
+
+    def save_now():
+      if step in self._mgr.all_steps():  # finished before the error
+        return
+      try:
+        self._mgr.save(step, args=args, force=True)
+        self._mgr.wait_until_finished()
+      except Exception:
+        self._reopen()
+        raise
+
+    with _quiet_failed_saves():
+      io_retry.retry("checkpoint save", f"{self.directory}/{step}", save_now)
+    self._streak.succeeded()
 
   def restore(
     self, abstract_state: Any, step: int | None = None, *, delete_unreadable: bool = False
@@ -131,7 +246,7 @@ class Checkpointer:
     return None
 
   def close(self):
-    self._mgr.wait_until_finished()
+    self._settle()
     self._mgr.close()
 
 

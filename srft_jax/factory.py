@@ -313,6 +313,7 @@ class CheckpointSpec:
   async_save: bool
   export_hf: bool
   compile_cache: str  # "auto" | "" | a path (srft_jax/compile_cache.py)
+  io_retry_s: float = 600.0  # transient storage errors retried this long (srft_jax/io_retry.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -602,6 +603,7 @@ def _build(c, name: str) -> RunSpec:
       bool(c.checkpoint.async_save),
       bool(c.checkpoint.export_hf),
       str(c.checkpoint.compile_cache),
+      float(c.checkpoint.io_retry_s),
     ),
     eval=EvalSpec(
       n_id=int(e.n_id),
@@ -888,6 +890,11 @@ def _check(c) -> None:
     isinstance(c.checkpoint.compile_cache, str),
     "checkpoint.compile_cache",
     f'"auto", "" (none) or a directory, got {c.checkpoint.compile_cache!r}',
+  )
+  need(
+    isinstance(c.checkpoint.io_retry_s, int | float) and c.checkpoint.io_retry_s > 0,
+    "checkpoint.io_retry_s",
+    f"seconds to retry transient storage errors, > 0; got {c.checkpoint.io_retry_s!r}",
   )
   need(c.rollout.oversample >= 1, "rollout.oversample", f"must be >= 1, got {c.rollout.oversample}")
   need(

@@ -27,6 +27,7 @@ from srft_jax import compile_cache
 from srft_jax import evaluate as eval_lib
 from srft_jax import factory
 from srft_jax import hf
+from srft_jax import io_retry
 from srft_jax import lora as lora_lib
 from srft_jax import metrics as metrics_lib
 from srft_jax import model as model_lib
@@ -183,6 +184,9 @@ def run(spec: factory.RunSpec, workdir: str) -> dict:
       )
     jax.distributed.initialize(**kw)
   factory.check_devices(spec)  # before anything compiles, now that every process is known
+  # Every remote read and write (paths, checkpoints) rides out transient errors.
+  io_retry.set_budget(spec.checkpoint.io_retry_s)
+  io_retry.quiet_client_logs()
   compile_cache.configure(spec.checkpoint.compile_cache, workdir)
   out = workdir
   paths.makedirs(out)

@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from srft_jax import console
 from srft_jax import factory
+from srft_jax import io_retry
 from srft_jax import job
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -34,6 +35,15 @@ def main(argv) -> int:
   except factory.ConfigError as e:  # named by its field, before anything compiled
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Exception as e:
+    unavailable = storage_unavailable(e)
+    if unavailable is None:
+      raise
+    # One line, and no thread left behind: Orbax's and gcsfs's background
+    # threads would each raise into the interpreter's shutdown.
+    print(f"error: {unavailable}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(io_retry.EXIT_STORAGE)
   if results.get("status") == "preempted":
     print(
       f"preempted at step {results['step']}: checkpoint saved; rerun the same command to resume"
@@ -41,6 +51,17 @@ def main(argv) -> int:
     return 0
   print(format_results(results, _WORKDIR.value))
   return 0
+
+
+def storage_unavailable(e: BaseException) -> io_retry.StorageUnavailable | None:
+  """The `StorageUnavailable` that `e` is or was raised from, if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, io_retry.StorageUnavailable):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
 
 
 def format_results(r: dict, workdir: str) -> str:

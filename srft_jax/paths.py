@@ -26,6 +26,7 @@ import base64
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -33,6 +34,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
+
+from srft_jax import io_retry
 
 COPY_MANIFEST = ".srft_copy.json"  # written last into a finished local copy
 COPY_THREADS = 8  # files of a remote directory fetched (and hashed) at once
@@ -63,14 +66,23 @@ def _remote_fs(path: str):
 # ----------------------------------------------------------------------------
 
 
+def _retried(op: str, path: str, fn):
+  """`fn()` retried through transient storage errors (`io_retry.retry`)."""
+  return io_retry.retry(op, path, fn)
+
+
 def exists(path: str) -> bool:
   path = os.fspath(path)
-  return _remote_fs(path).exists(path) if is_remote(path) else os.path.exists(path)
+  if is_remote(path):
+    return _retried("exists", path, lambda: _remote_fs(path).exists(path))
+  return os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
   path = os.fspath(path)
-  return _remote_fs(path).isdir(path) if is_remote(path) else os.path.isdir(path)
+  if is_remote(path):
+    return _retried("isdir", path, lambda: _remote_fs(path).isdir(path))
+  return os.path.isdir(path)
 
 
 def makedirs(path: str) -> None:
@@ -82,7 +94,7 @@ def makedirs(path: str) -> None:
 def read_bytes(path: str) -> bytes:
   path = os.fspath(path)
   if is_remote(path):
-    return _remote_fs(path).cat_file(path)
+    return _retried("read", path, lambda: _remote_fs(path).cat_file(path))
   with open(path, "rb") as f:
     return f.read()
 
@@ -99,7 +111,8 @@ def write_bytes(path: str, data: bytes) -> None:
   """Writes the whole file at once: a reader sees the old file or the new one."""
   path = os.fspath(path)
   if is_remote(path):
-    _remote_fs(path).pipe_file(path, bytes(data))  # one object upload
+    data = bytes(data)
+    _retried("write", path, lambda: _remote_fs(path).pipe_file(path, data))  # one object upload
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
@@ -121,8 +134,12 @@ def remove(path: str) -> None:
   path = os.fspath(path)
   if is_remote(path):
     fs = _remote_fs(path)
-    if fs.exists(path):
-      fs.rm(path, recursive=True)
+
+    def rm():
+      if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+    _retried("remove", path, rm)
   elif os.path.isdir(path):
     shutil.rmtree(path, ignore_errors=True)
   elif os.path.exists(path):
@@ -136,7 +153,8 @@ def list_files(path: str) -> dict[str, int]:
   if is_remote(path):
     fs = _remote_fs(path)
     prefix = fs._strip_protocol(path).rstrip("/") + "/"
-    for name, info in fs.find(path, detail=True).items():
+    found = _retried("list", path, lambda: fs.find(path, detail=True))
+    for name, info in found.items():
       if info.get("type", "file") == "file" and name.startswith(prefix):
         out[name[len(prefix) :]] = int(info["size"])
     return out
@@ -168,7 +186,8 @@ def publish_dir(local_dir: str, dst: str, *, last: tuple[str, ...] = ("config.js
   remove(dst)
   names = sorted(list_files(local_dir), key=lambda n: (n in last, n))
   for name in names:
-    fs.put_file(os.path.join(local_dir, name), f"{dst.rstrip('/')}/{name}")
+    src, url = os.path.join(local_dir, name), f"{dst.rstrip('/')}/{name}"
+    _retried("upload", url, functools.partial(fs.put_file, src, url))
 
 
 @contextlib.contextmanager
@@ -278,25 +297,26 @@ def local_copy(src: str, sub: str = "") -> str:
   if url in _COPIES:
     return _COPIES[url]
   fs = _remote_fs(url)
-  if not fs.exists(url):
+  if not exists(url):
     raise FileNotFoundError(f"no {url}")
   key = hashlib.sha256(url.encode()).hexdigest()[:16]
   base = os.path.join(cache_root(), "remote", key)
   name = os.path.basename(src.rstrip("/")) or "root"
   root = os.path.join(base, name)  # the copy of `src`
   dst = os.path.join(root, sub.strip("/")) if sub else root
-  wanted = _remote_hashes(fs, url)
+  wanted = _retried("list", url, lambda: _remote_hashes(fs, url))
   manifest = os.path.join(base, COPY_MANIFEST)
   with _locked(os.path.join(base + ".lock")):
     have = json.loads(open(manifest).read()) if os.path.exists(manifest) else None
     if have != {"url": url, "files": wanted}:
       shutil.rmtree(base, ignore_errors=True)
-      is_dir = fs.isdir(url)
+      is_dir = isdir(url)
 
       def fetch(rel: str, want: dict) -> None:
         target = os.path.join(dst, rel) if is_dir else dst
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        fs.get_file(f"{url}/{rel}" if is_dir else url, target + ".partial")
+        remote = f"{url}/{rel}" if is_dir else url
+        _retried("download", remote, functools.partial(fs.get_file, remote, target + ".partial"))
         got = file_hash(target + ".partial", want)
         if got != want:
           os.remove(target + ".partial")

@@ -53,9 +53,10 @@ import threading
 from collections.abc import Callable
 from collections.abc import Sequence
 
+from srft_jax import io_retry
 from srft_jax import paths
 
-EXIT_STORAGE = 75  # the job: storage unavailable beyond its retry budget (sysexits EX_TEMPFAIL)
+EXIT_STORAGE = io_retry.EXIT_STORAGE  # the job: storage unavailable beyond its retry budget
 EXIT_CONFIG = 2  # srft_jax/main.py's config error, launch/tpu_pod.sh's usage error: not retried
 EXIT_DONE = 0
 EXIT_GAVE_UP = 1

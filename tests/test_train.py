@@ -621,6 +621,7 @@ def _bad(field, value):
     ("model.decode_attention", "triton", "config.model.decode_attention"),
     ("sharding_rules", "experts=fsdp", "config.sharding_rules"),
     ("sharding_rules", "expert=fsdp+fsdp", "config.sharding_rules"),
+    ("checkpoint.io_retry_s", 0.0, "config.checkpoint.io_retry_s"),
   ],
 )
 def test_bad_config_names_field(field, value, named):

@@ -1,0 +1,225 @@
+"""Transient storage errors are retried (srft_jax/io_retry.py).
+
+The classification and the backoff on hand-made errors with a fake clock, then
+the real path layer and the Checkpointer riding out an outage of the local GCS
+emulator (conftest.py `gcs`, objects on disk, so the bucket comes back with
+them). The main job's outages are in tests/test_gcs.py.
+"""
+
+import errno
+import logging
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from srft_jax import checkpoint as ckpt_lib
+from srft_jax import io_retry
+from srft_jax import paths
+
+BUCKET = "gs://srft-test"
+
+
+class _Clock:
+  """A clock that `sleep` advances: backoff without waiting."""
+
+  def __init__(self):
+    self.now = 0.0
+    self.sleeps = []
+
+  def __call__(self):
+    return self.now
+
+  def sleep(self, s):
+    self.sleeps.append(s)
+    self.now += s
+
+
+class _Status(Exception):
+  def __init__(self, code):
+    super().__init__(f"HTTP {code}")
+    self.code = code
+
+
+def test_which_errors_are_transient():
+  import aiohttp
+  from gcsfs.retry import HttpError
+
+  transient = [
+    ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
+    ConnectionResetError(),
+    TimeoutError("read timed out"),
+    OSError(errno.ETIMEDOUT, "timed out"),
+    OSError(errno.EHOSTUNREACH, "no route"),
+    aiohttp.ServerDisconnectedError(),
+    HttpError({"code": 503, "message": "Service Unavailable"}),
+    HttpError({"code": 429, "message": "rate limited"}),
+    _Status(500),
+    ValueError("UNAVAILABLE: Couldn't connect to server"),  # TensorStore's absl status text
+    ValueError("DEADLINE_EXCEEDED: while writing"),
+  ]
+  transient.append(  # a resumable upload the restarted store forgot: the write starts over
+    FileNotFoundError(
+      "http://127.0.0.1:1/upload/storage/v1/b/b/o?uploadType=resumable&name=ck%2Fm&upload_id=e9"
+    )
+  )
+  chained = RuntimeError("the commit failed")
+  chained.__cause__ = ConnectionResetError()
+  transient.append(chained)
+  permanent = [
+    FileNotFoundError("gs://b/missing"),
+    PermissionError("403 forbidden"),
+    HttpError({"code": 404, "message": "No such object"}),
+    HttpError({"code": 400, "message": "Invalid argument"}),
+    _Status(403),
+    ValueError("malformed config"),
+    KeyError("step"),
+    io_retry.StorageUnavailable("write", "gs://b/x", ConnectionResetError(), 600),
+  ]
+  assert [io_retry.is_transient(e) for e in transient] == [True] * len(transient)
+  assert [io_retry.is_transient(e) for e in permanent] == [False] * len(permanent)
+
+
+def test_backoff_doubles_to_its_cap_and_succeeds():
+  clock, calls = _Clock(), []
+
+  def flaky():
+    calls.append(clock())
+    if len(calls) <= 7:
+      raise ConnectionResetError("reset by peer")
+    return "ok"
+
+  out = io_retry.retry("write", "gs://b/f", flaky, budget_s=600, sleep=clock.sleep, clock=clock)
+  assert out == "ok"
+  assert clock.sleeps == [1, 2, 4, 8, 16, 30, 30]
+  assert calls == [0, 1, 3, 7, 15, 31, 61, 91]
+
+
+def test_budget_runs_out_with_one_line_naming_path_op_and_error():
+  clock = _Clock()
+
+  def down():
+    raise ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed")
+
+  with pytest.raises(io_retry.StorageUnavailable) as info:
+    io_retry.retry("upload", "gs://b/ck/7", down, budget_s=20, sleep=clock.sleep, clock=clock)
+  # 0 +1 +2 +4 +8 = 15 s waited; the next wait (16 s) would pass the 20 s budget.
+  assert clock.sleeps == [1, 2, 4, 8]
+  e = info.value
+  assert (e.op, e.path, e.waited_s) == ("upload", "gs://b/ck/7", 15)
+  assert isinstance(e.__cause__, ConnectionRefusedError)
+  msg = str(e)
+  assert "\n" not in msg
+  assert msg.startswith("storage unavailable: upload gs://b/ck/7 failed for 15s")
+  assert "last error: ConnectionRefusedError: [Errno 111] Connect call failed" in msg
+  assert isinstance(e, OSError)
+
+
+def test_permanent_errors_are_not_retried():
+  clock = _Clock()
+  for err in (FileNotFoundError("gs://b/none"), ValueError("bad")):
+
+    def fail(err=err):
+      raise err
+
+    with pytest.raises(type(err)):
+      io_retry.retry("read", "gs://b/none", fail, sleep=clock.sleep, clock=clock)
+  assert clock.sleeps == []
+
+
+def test_streak_raises_only_past_the_budget_and_resets_on_success(monkeypatch):
+  monkeypatch.setattr(io_retry, "_budget_s", 10.0)
+  clock = _Clock()
+  s = io_retry.Streak("checkpoint save", "gs://b/ck", clock=clock)
+  err = ConnectionResetError()
+  s.failed(err)
+  clock.now = 10.0
+  s.failed(err)  # 10 s: at the budget, not past it
+  s.succeeded()
+  clock.now = 30.0
+  s.failed(err)  # a new streak starts here
+  clock.now = 40.5
+  with pytest.raises(io_retry.StorageUnavailable, match="checkpoint save gs://b/ck failed for 10s"):
+    s.failed(err)
+
+
+def test_budget_is_validated():
+  with pytest.raises(ValueError, match="positive"):
+    io_retry.set_budget(0)
+
+
+def test_transient_tracebacks_leave_the_log_in_one_line():
+  records = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      records.append(self.format(record))
+
+  handler = Keep()
+  root = logging.getLogger()
+  root.addHandler(handler)
+  try:
+    io_retry.quiet_client_logs()
+    log = logging.getLogger("gcsfs")
+    for err in (ConnectionRefusedError(111, "refused"), ValueError("a bug")):
+      try:
+        raise err
+      except Exception as e:  # noqa: BLE001
+        log.error("request failed: %s", e, exc_info=True)
+  finally:
+    root.removeHandler(handler)
+  assert records[0] == "request failed: [Errno 111] refused"  # retried: one line
+  assert "Traceback" in records[1] and "ValueError: a bug" in records[1]  # a bug keeps its own
+
+
+# ----------------------------------------------------------------------------
+# Against the emulator: an outage while writing, the bucket back with its data
+# ----------------------------------------------------------------------------
+
+
+def _outage(gcs, seconds):
+  """Stops the emulator now and starts it again `seconds` later (a thread)."""
+  gcs.stop()
+  t = threading.Timer(seconds, gcs.start)
+  t.start()
+  return t
+
+
+def test_paths_ride_out_an_outage(gcs):
+  f = f"{BUCKET}/blip/a.json"
+  paths.write_json(f, {"x": 1})
+  t0 = time.monotonic()
+  timer = _outage(gcs, 3)
+  try:
+    paths.write_json(f, {"x": 2})  # waits for the bucket, then writes
+    assert paths.read_json(f) == {"x": 2}
+  finally:
+    timer.join()
+  assert time.monotonic() - t0 >= 3
+  assert paths.list_files(f"{BUCKET}/blip") == {"a.json": 8}
+
+
+@pytest.mark.slow
+def test_checkpoint_save_in_an_outage_is_saved_again_whole(gcs, monkeypatch):
+  """A save whose upload fails (gcsfs gives up after its own ~30 s of retries)
+  is saved again while its arrays exist; the earlier step stays readable."""
+  monkeypatch.setattr(io_retry, "_budget_s", 600.0)
+  ck = ckpt_lib.Checkpointer(f"{BUCKET}/ck_outage", keep=5)
+  one = {"w": jnp.arange(64.0)}
+  ck.save(1, one, {"i": 1}, {"step": 1})
+  ck.wait()
+  two = {"w": jnp.arange(64.0) * 2}
+  timer = _outage(gcs, 40)
+  try:
+    ck.save(2, two, {"i": 2}, {"step": 2})
+    ck.wait()
+  finally:
+    timer.join()
+  assert ck.all_steps() == [1, 2]
+  for step, want in ((1, one), (2, two)):
+    s, state, data, meta = ck.restore(ckpt_lib.abstract_like(want), step)
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(want["w"]))
+    assert (data, meta) == ({"i": step}, {"step": step})
+  ck.close()
