@@ -6,6 +6,7 @@
 #   bash launch/tpu_pod.sh --name=srft7b --zone=us-east5-a --accelerator-type=v5p-64 \
 #       --bucket=gs://my-bucket --config=configs/srft_7b_tpu.py \
 #       --model-gcs=gs://my-bucket/models/Qwen2.5-Math-7B --data-gcs=gs://my-bucket/data --spot
+#   bash launch/tpu_pod.sh ... --spot --queued --supervise   # spot capacity through the queue
 #   bash launch/tpu_pod.sh ... --dry-run        # print the commands, touch nothing
 #
 # Flags (all --flag=value or --flag value):
@@ -18,6 +19,14 @@
 #   --project P              gcloud project (default: gcloud's)
 #   --spot | --preemptible   cheaper, can be reclaimed; rerun the same command to resume
 #                            (or add --supervise)
+#   --queued                 get the slice through a queued resource named NAME (its node,
+#                            the TPU VM, is NAME too): `queued-resources create`, then wait
+#                            while it is ACCEPTED / WAITING_FOR_RESOURCES / PROVISIONING until
+#                            ACTIVE; a SUSPENDED (reclaimed) or FAILED request is deleted
+#                            (--force) and created again. With --spot (not --preemptible).
+#                            The wait polls every QUEUE_POLL_S (default 30) seconds.
+#   --valid-until D          with --queued: the request fails if not ACTIVE within D
+#                            (gcloud's --valid-until-duration, e.g. 6h, 2d)
 #   --bucket gs://B          workdir = gs://B/runs/NAME unless --workdir is given
 #   --workdir gs://...       everything the run writes (shared by all workers): checkpoints,
 #                            logs, TensorBoard, plots, results.json, the HF export
@@ -44,7 +53,9 @@
 #                            and in runs/supervise/NAME/supervise.pid beside supervise.log);
 #                            the trainers checkpoint and stop, the slice is kept. Its options:
 #                            --max-stalled-restarts N (5), --backoff-s S (10), --backoff-max-s S
-#                            (600), --poll-s S (30), --state-dir DIR (runs/supervise/NAME)
+#                            (600), --poll-s S (30), --state-dir DIR (runs/supervise/NAME).
+#                            With --queued it looks at the request instead: waits while it
+#                            is queued, recreates a SUSPENDED or FAILED one (docs/method.md §14.2)
 #   --dry-run                print every command instead of running it
 # Anything else (e.g. --config.steps=100) is passed to srft_jax.main.
 set -euo pipefail
@@ -52,7 +63,7 @@ cd "$(dirname "$0")/.."
 
 NAME="" ZONE="" ACCEL="" TOPOLOGY="" VERSION="" PROJECT="" SPOT="" BUCKET="" WORKDIR=""
 CONFIG="configs/srft_7b_tpu.py" MODEL_GCS="" DATA_GCS="" REPO="" REF="main"
-RESUME=0 FOREGROUND=0 DRY=0 STOP=0 SUPERVISE=0 STATE_DIR=""
+RESUME=0 FOREGROUND=0 DRY=0 STOP=0 SUPERVISE=0 STATE_DIR="" QUEUED=0 VALID_UNTIL=""
 EXTRA=()
 SUP_ARGS=()  # the supervisor's own options
 ROUND_ARGS=()  # what each supervised round passes back to this script
@@ -85,6 +96,8 @@ while [ $# -gt 0 ]; do
     --repo) takes "${1:-}" && shift; REPO="$val" ;;
     --ref) takes "${1:-}" && shift; REF="$val" ;;
     --spot) SPOT="--spot" ;;
+    --queued) QUEUED=1 ;;
+    --valid-until|--valid_until) takes "${1:-}" && shift; VALID_UNTIL="$val" ;;
     --preemptible) SPOT="--preemptible" ;;
     --resume) RESUME=1 ;;
     --foreground) FOREGROUND=1 ;;
@@ -95,7 +108,7 @@ while [ $# -gt 0 ]; do
 --backoff_max_s|--poll-s|--poll_s)
       takes "${1:-}" && shift; k="${key#--}"; SUP_ARGS+=("--${k//-/_}=$val") ;;
     --state-dir|--state_dir) takes "${1:-}" && shift; STATE_DIR="$val" ;;
-    -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,60p' "$0"; exit 0 ;;
     *) EXTRA+=("$arg") ;;
   esac
 done
@@ -105,6 +118,8 @@ die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 [ -n "$ZONE" ] || die "--zone is required"
 [ -n "$ACCEL" ] || [ -n "$TOPOLOGY" ] || die "give --accelerator-type (e.g. v5p-64) or --topology (e.g. v5p:2x4x4)"
 [ -z "$ACCEL" ] || [ -z "$TOPOLOGY" ] || die "give only one of --accelerator-type and --topology"
+[ -z "$VALID_UNTIL" ] || [ "$QUEUED" = 1 ] || die "--valid-until needs --queued"
+[ "$QUEUED" = 0 ] || [ "$SPOT" != "--preemptible" ] || die "--queued takes --spot, not --preemptible"
 if [ -z "$WORKDIR" ]; then
   [ -n "$BUCKET" ] || die "give --bucket=gs://BUCKET (or --workdir=gs://...)"
   WORKDIR="$BUCKET/runs/$NAME"
@@ -139,7 +154,13 @@ on_all() {  # run a shell command on every worker
   run "${GCLOUD[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$1"
 }
 
-CREATE=("${GCLOUD[@]}" create "$NAME" "${LOC[@]}" --version="$VERSION")
+# --queued: a queued resource NAME whose one node is the TPU VM NAME.
+QR=(gcloud compute tpus queued-resources)
+if [ "$QUEUED" = 1 ]; then
+  CREATE=("${QR[@]}" create "$NAME" --node-id="$NAME" "${LOC[@]}" --runtime-version="$VERSION")
+else
+  CREATE=("${GCLOUD[@]}" create "$NAME" "${LOC[@]}" --version="$VERSION")
+fi
 if [ -n "$ACCEL" ]; then
   CREATE+=(--accelerator-type="$ACCEL")
 else
@@ -148,6 +169,7 @@ else
   CREATE+=(--type="$TYPE" --topology="${TOPOLOGY#*:}")
 fi
 [ -z "$SPOT" ] || CREATE+=("$SPOT")
+[ -z "$VALID_UNTIL" ] || CREATE+=(--valid-until-duration="$VALID_UNTIL")
 
 # A trainer left running by an earlier launch (its pid file) is stopped before
 # anything is reinstalled or started: SIGTERM, then wait while it writes its
@@ -185,6 +207,7 @@ if [ "$SUPERVISE" = 1 ]; then
     "--workdir=$WORKDIR" "--state_dir=${STATE_DIR:-runs/supervise/$NAME}"
     "--tpu_name=$NAME" "--zone=$ZONE")
   [ -z "$PROJECT" ] || SUP+=("--project=$PROJECT")
+  [ "$QUEUED" = 0 ] || SUP+=(--queued)
   SUP+=("--create_cmd=$(printf '%q ' "${CREATE[@]}")" "${SUP_ARGS[@]}")
   SUP+=(-- bash "$PWD/launch/tpu_pod.sh" "${ROUND_ARGS[@]}" --foreground)
   if [ "$DRY" = 1 ]; then show "${SUP[@]}"; exit 0; fi
@@ -192,24 +215,63 @@ if [ "$SUPERVISE" = 1 ]; then
 fi
 
 # 1. The slice: reuse a READY one, recreate a preempted one, else create.
-STATE="NOT_FOUND"
-if [ "$DRY" = 1 ]; then
-  show "${GCLOUD[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)'
-  [ "$RESUME" = 1 ] && STATE="READY"
-  echo "# (dry run: assuming state $STATE)"
-else
-  STATE=$("${GCLOUD[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)' 2>/dev/null || echo NOT_FOUND)
-fi
-case "$STATE" in
-  READY) echo "# reusing TPU VM $NAME ($STATE)" ;;
-  PREEMPTED|TERMINATED|STOPPED|FAILED)
-    run "${GCLOUD[@]}" delete "$NAME" "${LOC[@]}" --quiet
-    RESUME=0; STATE="NOT_FOUND" ;;
-esac
-if [ "$STATE" != "READY" ]; then
-  run "${CREATE[@]}"
+vm_slice() {  # sets STATE (READY: reused) and RESUME
+  if [ "$DRY" = 1 ]; then
+    show "${GCLOUD[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)'
+    [ "$RESUME" = 1 ] && STATE="READY"
+    echo "# (dry run: assuming state $STATE)"
+  else
+    STATE=$("${GCLOUD[@]}" describe "$NAME" "${LOC[@]}" --format='value(state)' 2>/dev/null || echo NOT_FOUND)
+  fi
+  case "$STATE" in
+    READY) echo "# reusing TPU VM $NAME ($STATE)" ;;
+    PREEMPTED|TERMINATED|STOPPED|FAILED)
+      run "${GCLOUD[@]}" delete "$NAME" "${LOC[@]}" --quiet
+      RESUME=0; STATE="NOT_FOUND" ;;
+  esac
+  if [ "$STATE" != "READY" ]; then
+    run "${CREATE[@]}"
+    RESUME=0
+  fi
+}
+# --queued: the same through the request. Reuse an ACTIVE one, delete a SUSPENDED
+# (reclaimed) or FAILED one, create a missing one, then wait until it is ACTIVE.
+QR_DESCRIBE=("${QR[@]}" describe "$NAME" "${LOC[@]}" --format='value(state.state)')
+QUEUE_POLL_S=${QUEUE_POLL_S:-30}
+queued_slice() {  # sets STATE (READY: reused) and RESUME
+  if [ "$DRY" = 1 ]; then
+    show "${QR_DESCRIBE[@]}"
+    [ "$RESUME" = 1 ] && STATE="ACTIVE"
+    echo "# (dry run: assuming state $STATE)"
+  else
+    STATE=$("${QR_DESCRIBE[@]}" 2>/dev/null || echo NOT_FOUND)
+  fi
+  case "$STATE" in
+    ACTIVE) echo "# reusing queued resource $NAME ($STATE)"; STATE="READY"; return 0 ;;
+    SUSPENDED|FAILED)
+      run "${QR[@]}" delete "$NAME" "${LOC[@]}" --quiet --force
+      STATE="NOT_FOUND" ;;
+  esac
   RESUME=0
-fi
+  [ "$STATE" != "NOT_FOUND" ] || run "${CREATE[@]}"
+  if [ "$DRY" = 1 ]; then
+    echo "# (dry run: then every $QUEUE_POLL_S s until ACTIVE:)"
+    show "${QR_DESCRIBE[@]}"
+    STATE="NEW"; return 0
+  fi
+  while true; do
+    STATE=$("${QR_DESCRIBE[@]}" 2>/dev/null || echo NOT_FOUND)
+    case "$STATE" in
+      ACTIVE) STATE="NEW"; return 0 ;;  # a new slice: installed, no earlier trainer
+      ACCEPTED|WAITING_FOR_RESOURCES|PROVISIONING|CREATING)
+        echo "# queued resource $NAME: $STATE (waiting)"; sleep "$QUEUE_POLL_S" ;;
+      *) die "queued resource $NAME is $STATE (rerun, or add --supervise): $("${QR[@]}" \
+describe "$NAME" "${LOC[@]}" --format='value(state.failedData.error.message)' 2>&1 || true)" ;;
+    esac
+  done
+}
+STATE="NOT_FOUND"
+if [ "$QUEUED" = 1 ]; then queued_slice; else vm_slice; fi
 
 # An earlier launch's trainer is stopped first (stop_trainer, above).
 if [ "$STATE" = "READY" ]; then

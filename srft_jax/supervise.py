@@ -4,6 +4,7 @@
       python -m srft_jax.main --config=configs/default.py --workdir=runs/x
   bash launch/local.sh --supervise ...    bash launch/gpu.sh --supervise ...
   bash launch/tpu_pod.sh ... --supervise  # the TPU mode, run from a small always-on machine
+  bash launch/tpu_pod.sh ... --spot --queued --supervise  # ... through a queued resource
 
 A job (`JobSupervisor`): the command runs; when it ends without results.json it
 is started again after a backoff (`Policy`: backoff_s doubling up to
@@ -24,6 +25,17 @@ other states (CREATING, ...) -> look again after poll_s. A round that
 made no progress counts as stalled unless the slice went away under it. Progress and
 results.json are read in the gs:// workdir with `gcloud storage ls`, so the
 supervising machine needs no gcsfs and no jax.
+
+A queued resource (`QueuedTpuSupervisor`, `tpu_pod.sh --queued --supervise`):
+the slice comes through `gcloud compute tpus queued-resources` (its node is
+the TPU VM, named like it) and each `step()` looks at the request's state:
+ACTIVE -> a training round as above; ACCEPTED / WAITING_FOR_RESOURCES /
+PROVISIONING / CREATING -> wait poll_s (the queue, neither a stall nor a
+failure); SUSPENDED (spot capacity reclaimed) / FAILED (its error logged) ->
+delete (`--force`: the node too), then create again; NOT_FOUND -> create (the
+same backoff on quota errors); SUSPENDING / DELETING -> look again after
+poll_s. A request that waits past its `--valid-until-duration` is failed by
+the service, and so recreated (docs/method.md §14.2).
 
 Every event is one JSON line with a UTC time in STATE_DIR/supervise.log
 (STATE_DIR: the workdir when it is local, else --state_dir, default
@@ -50,6 +62,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -68,6 +81,10 @@ RESULTS = "results.json"
 # TPU VM states (`describe --format=value(state)`) and what a round does about them.
 RECREATE_STATES = ("PREEMPTED", "TERMINATED", "STOPPED", "FAILED")  # delete, then create
 ABSENT_STATES = ("NOT_FOUND", "DELETED")  # create
+# Queued-resource states (`queued-resources describe --format=value(state.state)`).
+QUEUED_WAITING = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING")  # wait
+QUEUED_RECREATE = ("SUSPENDED", "FAILED")  # delete --force, then create
+QUEUED_LEAVING = ("SUSPENDING", "DELETING")  # wait for the state after
 DESCRIBE_ERROR = "DESCRIBE_ERROR"  # gcloud failed for another reason (network, auth)
 # A create refused for want of quota or capacity is retried without end.
 CAPACITY_ERRORS = re.compile(
@@ -479,8 +496,14 @@ class TpuSupervisor(Supervisor):
   missing slice too, reinstalls, stops an earlier trainer and trains in the
   foreground on every worker); `--resume` is appended once the slice is
   installed, `--stop` for a stop (SIGTERM to every worker's trainer).
-  `create`: the `gcloud ... create` command (tpu_pod.sh builds it).
+  `create`: the `gcloud ... create` command (tpu_pod.sh builds it). The
+  class attributes name the states that train, recreate, create or wait.
   """
+
+  ready_states: tuple[str, ...] = ("READY",)
+  recreate_states: tuple[str, ...] = RECREATE_STATES
+  absent_states: tuple[str, ...] = ABSENT_STATES
+  leaving_states: tuple[str, ...] = ()  # on the way to absent: no "recreate" of its own
 
   def __init__(
     self,
@@ -497,10 +520,11 @@ class TpuSupervisor(Supervisor):
     super().__init__(**kw)
     self.launch = list(launch)
     self.create_cmd = list(create)
-    loc = [f"--zone={zone}"] + ([f"--project={project}"] if project else [])
+    self.loc = loc = [f"--zone={zone}"] + ([f"--project={project}"] if project else [])
     self.describe_cmd = [gcloud, "compute", "tpus", "tpu-vm", "describe", name, *loc]
     self.describe_cmd.append("--format=value(state)")
     self.delete_cmd = [gcloud, "compute", "tpus", "tpu-vm", "delete", name, *loc, "--quiet"]
+    self.gcloud = gcloud
     self.name = name
     self.installed = False  # this supervisor ran a round on the slice as it is now
     self.rounds = 0
@@ -531,7 +555,11 @@ class TpuSupervisor(Supervisor):
 
   def state(self) -> str:
     """The slice's state, NOT_FOUND, or DESCRIBE_ERROR."""
-    rc, out, err = self.capture(self.describe_cmd, timeout=300)
+    return self._describe(self.describe_cmd)
+
+  def _describe(self, cmd: Sequence[str]) -> str:
+    """The last line `cmd` (a `describe --format=value(...)`) prints, NOT_FOUND, or DESCRIBE_ERROR."""
+    rc, out, err = self.capture(cmd, timeout=300)
     if rc == 0:
       return out.strip().splitlines()[-1].strip() if out.strip() else "UNKNOWN"
     if re.search(r"not_found|not found", err, re.I):
@@ -547,25 +575,44 @@ class TpuSupervisor(Supervisor):
         return Outcome("done", exit_code=EXIT_DONE)
     state, previous = self.state(), self.last_state
     if state != previous:
-      self.log("state", state=state)
+      self.log_state(state)
       self.last_state = state
-    if state == "READY":
+    if state in self.ready_states:
       self.describe_errors = 0
       return self._train()
-    if state in RECREATE_STATES:
-      self.log("recreate", state=state)
+    if state in self.recreate_states:
+      self.log("recreate", state=state, **self.failure(state))
       rc, _, err = self.capture(self.delete_cmd)
       self.log("delete", rc=rc, **({"error": err.strip()[-500:]} if rc else {}))
       self.installed = False
       return Outcome("delete") if rc == 0 else self.after_failure(False, rc, "delete")
-    if state in ABSENT_STATES:
-      if previous not in (state, *RECREATE_STATES):  # found gone (not our own delete)
+    if state in self.absent_states:
+      # Found gone (not after our own delete): say so.
+      if previous not in (state, *self.recreate_states, *self.leaving_states):
         self.log("recreate", state=state)
       return self._create(state)
     if state == DESCRIBE_ERROR:
       self.describe_errors += 1
       return Outcome("wait", delay_s=self.policy.delay(self.describe_errors))
+    return self.wait(state)
+
+  def log_state(self, state: str) -> None:
+    """A new state of the slice: one `state` event."""
+    self.log("state", state=state)
+
+  def failure(self, state: str) -> dict:
+    """What a recreated slice's event says beside its state."""
+    del state
+    return {}
+
+  def wait(self, state: str) -> Outcome:
+    """Any other state: look again after poll_s."""
+    del state
     return Outcome("wait", delay_s=self.policy.poll_s)  # CREATING, DELETING, REPAIRING, ...
+
+  def lost(self) -> bool:
+    """Whether the slice went away (reclaimed, deleted): a round's failure is then no stall."""
+    return self.state() in (*self.recreate_states, *self.absent_states)
 
   def _create(self, state: str) -> Outcome:
     self.log("create", state=state, cmd=self.create_cmd)
@@ -606,10 +653,69 @@ class TpuSupervisor(Supervisor):
       return Outcome("done", exit_code=EXIT_DONE)
     # A slice reclaimed under a round (before its first checkpoint) is no stall
     # of the run: spot capacity is retried without end, as a refused create is.
-    if not progress and self.state() in (*RECREATE_STATES, *ABSENT_STATES):
+    if not progress and self.lost():
       self.log("lost_slice", rc=rc)
       return Outcome("lost_slice")
     return self.after_failure(progress, rc, "round")
+
+
+class QueuedTpuSupervisor(TpuSupervisor):
+  """A slice through a queued resource named like its node (module docstring):
+  `create` is the `gcloud compute tpus queued-resources create` command; the
+  request is described and deleted here, its node (the TPU VM) only looked at
+  when a round fails, to tell a reclaimed slice from a crash."""
+
+  ready_states = ("ACTIVE",)
+  recreate_states = QUEUED_RECREATE
+  absent_states = ("NOT_FOUND",)
+  leaving_states = QUEUED_LEAVING
+
+  def __init__(self, **kw):
+    super().__init__(**kw)
+    qr = [self.gcloud, "compute", "tpus", "queued-resources"]
+    self.node_describe_cmd = self.describe_cmd
+    self.describe_cmd = [*qr, "describe", self.name, *self.loc, "--format=value(state.state)"]
+    self.error_cmd = [*self.describe_cmd[:-1], "--format=value(state.failedData.error.message)"]
+    # --force: the request's node is deleted with it.
+    self.delete_cmd = [*qr, "delete", self.name, *self.loc, "--quiet", "--force"]
+    self.queued_since: float | None = None  # when the request entered the queue's states
+
+  def setup_fields(self) -> dict:
+    return {"queued": True, **super().setup_fields()}
+
+  def log_state(self, state: str) -> None:
+    if state not in QUEUED_WAITING:
+      waited = self._waited()
+      self.queued_since = None
+      self.log("state", state=state, **({"waited_s": waited} if waited is not None else {}))
+      return
+    if self.queued_since is None:
+      self.queued_since = time.monotonic()
+    self.log("queued", state=state, waited_s=self._waited())
+
+  def _waited(self) -> float | None:
+    if self.queued_since is None:
+      return None
+    return round(time.monotonic() - self.queued_since, 3)
+
+  def failure(self, state: str) -> dict:
+    """A FAILED request's error message (an expired --valid-until-duration, a bad
+    flag ...), read before the request is deleted."""
+    if state != "FAILED":
+      return {}
+    rc, out, err = self.capture(self.error_cmd, timeout=300)
+    return {"error": (out if rc == 0 else err).strip()[-500:]}
+
+  def wait(self, state: str) -> Outcome:
+    # The queue is not the run's failure: no stall counted, no backoff.
+    return Outcome("queued" if state in QUEUED_WAITING else "wait", delay_s=self.policy.poll_s)
+
+  def lost(self) -> bool:
+    state = self.state()
+    if state in (*self.recreate_states, *self.leaving_states, *self.absent_states):
+      return True
+    # ACTIVE a little while after its spot node was reclaimed.
+    return self._describe(self.node_describe_cmd) in (*RECREATE_STATES, *ABSENT_STATES)
 
 
 # ----------------------------------------------------------------------------
@@ -638,6 +744,11 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   tpu.add_argument("--zone", default="")
   tpu.add_argument("--project", default="")
   tpu.add_argument("--create_cmd", default="", help="the shell-quoted `gcloud ... create` line")
+  tpu.add_argument(
+    "--queued",
+    action="store_true",
+    help="the slice is a queued resource named like the TPU VM (create_cmd: queued-resources create)",
+  )
   tpu.add_argument("--gcloud", default="gcloud")
   opts = p.parse_args(argv[:i])
   command = argv[i + 1 :]
@@ -645,6 +756,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.error("no command after `--`")
   if opts.tpu_name and not (opts.zone and opts.create_cmd):
     p.error("TPU mode needs --zone and --create_cmd")
+  if opts.queued and not opts.tpu_name:
+    p.error("--queued needs --tpu_name (TPU mode)")
   return opts, command
 
 
@@ -659,7 +772,8 @@ def build(opts: argparse.Namespace, command: list[str]) -> tuple[Supervisor, str
   state_dir = opts.state_dir or default_state_dir(opts.workdir)
   log = EventLog(os.path.join(state_dir, LOG_NAME))
   if opts.tpu_name:
-    sup = TpuSupervisor(
+    cls = QueuedTpuSupervisor if opts.queued else TpuSupervisor
+    sup = cls(
       name=opts.tpu_name,
       zone=opts.zone,
       project=opts.project,

@@ -166,6 +166,43 @@ def test_tpu_pod_resume_only_restarts_training(env):
   assert "resume" in out
 
 
+QR = ["gcloud", "compute", "tpus", "queued-resources"]
+
+
+def test_tpu_pod_queued(env):
+  """--queued: the slice is requested through a queued resource (created, then
+  waited for until ACTIVE), then installed and trained on like a created one."""
+  out, _ = _run(
+    "tpu_pod.sh",
+    POD + ["--topology=v6e:4x4", "--spot", "--queued", "--valid-until", "6h", "--project=p1"],
+    env,
+  )
+  cmds = _commands(out)
+  loc = ["--zone=us-east5-a", "--project=p1"]
+  describe = [*QR, "describe", "srft7b", *loc, "--format=value(state.state)"]
+  assert cmds[:3] == [
+    describe,
+    [
+      *(*QR, "create", "srft7b", "--node-id=srft7b", *loc, "--runtime-version=v2-alpha-tpuv6e"),
+      *("--type=v6e", "--topology=4x4", "--spot", "--valid-until-duration=6h"),
+    ],
+    describe,  # the wait until ACTIVE
+  ]
+  assert "every 30 s until ACTIVE" in out
+  assert not any(c[3:5] == ["tpu-vm", "create"] for c in cmds)
+  assert _pod_steps(cmds) == ["create", "copy", "unpack", "install", "train"]
+  assert not any("kill $p" in r for r in _remote(cmds))  # a new slice: no earlier trainer
+
+
+def test_tpu_pod_queued_resume(env):
+  """An ACTIVE request is reused: no create, no wait, training restarted."""
+  out, _ = _run("tpu_pod.sh", POD + ["--accelerator-type=v5p-8", "--queued", "--resume"], env)
+  cmds = _commands(out)
+  assert cmds[0] == [*QR, "describe", "srft7b", "--zone=us-east5-a", "--format=value(state.state)"]
+  assert [c[3:5] for c in cmds[1:]] == [["tpu-vm", "ssh"]] * 2  # stop, train
+  assert "reusing queued resource srft7b" in out
+
+
 @pytest.mark.parametrize(
   "args,msg",
   [
@@ -173,6 +210,21 @@ def test_tpu_pod_resume_only_restarts_training(env):
     (["--name=n", "--accelerator-type=v5p-8", "--bucket=gs://b"], "--zone"),
     (["--name=n", "--zone=z", "--bucket=gs://b"], "--accelerator-type"),
     (["--name=n", "--zone=z", "--accelerator-type=v5p-8"], "--bucket"),
+    (
+      ["--name=n", "--zone=z", "--accelerator-type=v5p-8", "--bucket=gs://b", "--valid-until=1h"],
+      "--valid-until needs --queued",
+    ),
+    (
+      [
+        "--name=n",
+        "--zone=z",
+        "--accelerator-type=v5p-8",
+        "--bucket=gs://b",
+        "--queued",
+        "--preemptible",
+      ],
+      "not --preemptible",
+    ),
   ],
 )
 def test_tpu_pod_required_flags(env, args, msg):
@@ -290,7 +342,8 @@ def test_tpu_pod_supervise(env):
     env,
   )
   (words,) = _commands(out)  # only the supervisor: it describes and creates, each round
-  assert words[0] == "env" and words[1] == f"PYTHONPATH={ROOT}"
+  # This tree first on the path (then any PYTHONPATH the caller set).
+  assert words[0] == "env" and words[1].split(":")[0] == f"PYTHONPATH={ROOT}"
   opts, cmd = _supervised(words)
   create = next(o for o in opts if o.startswith("--create_cmd="))
   assert shlex.split(create.split("=", 1)[1]) == [
@@ -311,6 +364,35 @@ def test_tpu_pod_supervise(env):
     *("bash", str(ROOT / "launch" / "tpu_pod.sh")),
     *("--name=srft7b", "--zone=us-east5-a", "--bucket=gs://bkt"),
     *("--accelerator-type=v5p-64", "--spot", "--project=p1", "--config.steps=100", "--foreground"),
+  ]
+
+
+def test_tpu_pod_queued_supervise(env):
+  """--queued --supervise: the supervisor's queued mode, a queued-resource create
+  line, and rounds that keep --queued (each looks at the request, not a VM)."""
+  out, _ = _run(
+    "tpu_pod.sh",
+    POD + ["--accelerator-type=v5p-64", "--spot", "--queued", "--valid-until=2d", "--supervise"],
+    env,
+  )
+  (words,) = _commands(out)
+  opts, cmd = _supervised(words)
+  create = next(o for o in opts if o.startswith("--create_cmd="))
+  assert shlex.split(create.split("=", 1)[1]) == [
+    *(*QR, "create", "srft7b", "--node-id=srft7b", "--zone=us-east5-a"),
+    *("--runtime-version=v2-alpha-tpuv5", "--accelerator-type=v5p-64", "--spot"),
+    "--valid-until-duration=2d",
+  ]
+  assert [o for o in opts if o != create] == [
+    "--workdir=gs://bkt/runs/srft7b",
+    "--state_dir=runs/supervise/srft7b",
+    "--tpu_name=srft7b",
+    "--zone=us-east5-a",
+    "--queued",
+  ]
+  assert cmd[2:] == [
+    *("--name=srft7b", "--zone=us-east5-a", "--bucket=gs://bkt", "--accelerator-type=v5p-64"),
+    *("--spot", "--queued", "--valid-until=2d", "--foreground"),
   ]
 
 

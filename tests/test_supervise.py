@@ -305,8 +305,11 @@ def test_one_supervisor_per_workdir(fake_job):
 # The fake cloud lives in $FAKE_CLOUD: `state` (the slice's state), queues
 # `describe` (states to report first), `create` (ok | quota | denied) and
 # `train` (a training round: preempt | preempt_early | crash | crash_early |
-# finish | hang), the bucket
-# under bucket/, and every call in calls.jsonl.
+# finish | hang; on a queued resource also reclaim | reclaim_early |
+# node_lost_early), the bucket under bucket/, and every call in calls.jsonl.
+# A queued resource: its state in `qr`, `qr_walk` the states its next describes
+# move it to (one each), `qr_plan` one walk per create (comma-separated; default
+# ACTIVE), `qr_error` a FAILED request's message; its node is the slice above.
 FAKE_GCLOUD = r"""#!PYTHON
 import glob, json, os, re, sys, time
 HERE = os.environ["FAKE_CLOUD"]
@@ -326,7 +329,46 @@ def state(new=None):
   return open(path).read().strip() if os.path.exists(path) else "NOT_FOUND"
 def local(url):
   return os.path.join(HERE, "bucket", url[len("gs://"):])
-if args[:3] == ["compute", "tpus", "tpu-vm"]:
+def qr_state(new=None):
+  path = os.path.join(HERE, "qr")
+  old = open(path).read().strip() if os.path.exists(path) else "NOT_FOUND"
+  if new:
+    open(path, "w").write(new)
+    if new == "ACTIVE" and old != "ACTIVE":  # provisioned: its node is up
+      state("READY")
+  return new or old
+def walk(states):
+  open(os.path.join(HERE, "qr_walk"), "w").write("\n".join(states))
+def reclaim():  # spot capacity taken back: the node first, then the request
+  state("PREEMPTED")
+  qr_state("SUSPENDING")
+  walk(["SUSPENDING", "SUSPENDED"])
+if args[:3] == ["compute", "tpus", "queued-resources"]:
+  verb = args[3]
+  if verb == "describe" and any("failedData" in a for a in args):
+    print(open(os.path.join(HERE, "qr_error")).read())
+  elif verb == "describe":
+    s = qr_state(pop("qr_walk"))
+    if s == "NOT_FOUND":
+      sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.describe) NOT_FOUND: not found")
+    print(s)
+  elif verb == "delete":
+    qr_state("NOT_FOUND")
+    walk([])
+    state("NOT_FOUND")
+  elif verb == "create":
+    outcome = pop("create") or "ok"
+    if outcome == "quota":
+      sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.create) RESOURCE_EXHAUSTED: Quota")
+    if outcome == "denied":
+      sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.create) PERMISSION_DENIED: nope")
+    if qr_state() != "NOT_FOUND":
+      sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.create) ALREADY_EXISTS")
+    qr_state("ACCEPTED")
+    walk((pop("qr_plan") or "ACTIVE").split(","))
+  else:
+    sys.exit(f"fake gcloud: unexpected call {args}")
+elif args[:3] == ["compute", "tpus", "tpu-vm"]:
   verb = args[3]
   if verb == "describe":
     s = pop("describe") or state()
@@ -363,6 +405,13 @@ if args[:3] == ["compute", "tpus", "tpu-vm"]:
       sys.exit(255)
     if outcome == "crash_early":
       sys.exit(1)
+    if outcome == "reclaim_early":
+      reclaim()
+      sys.exit(255)
+    if outcome == "node_lost_early":  # the request still says ACTIVE when the round ends
+      state("PREEMPTED")
+      walk(["ACTIVE", "SUSPENDED"])
+      sys.exit(255)
     os.makedirs(f"{ckpt}/{max(have, default=0) + 1}")
     open(f"{ckpt}/{max(have, default=0) + 1}/commit_success.txt", "w").close()
     if outcome == "preempt":
@@ -370,6 +419,9 @@ if args[:3] == ["compute", "tpus", "tpu-vm"]:
       sys.exit(255)
     if outcome == "crash":
       sys.exit(1)
+    if outcome == "reclaim":
+      reclaim()
+      sys.exit(255)
     open(os.path.dirname(ckpt) + "/results.json", "w").write("{}")
 elif args[:2] == ["storage", "ls"]:
   hits = sorted(glob.glob(local(args[2])))
@@ -427,6 +479,8 @@ def _label(args) -> str:
   if args[:2] == ["storage", "ls"]:
     return "ls results" if args[2].endswith("/results.json") else "ls checkpoints"
   verb = args[3]
+  if args[2] == "queued-resources":
+    return "qr error" if any("failedData" in a for a in args) else f"qr {verb}"
   if verb != "ssh":
     return verb
   cmd = next(a for a in args if a.startswith("--command="))
@@ -661,3 +715,246 @@ def test_missing_program_is_a_failed_run(tmp_path):
   assert _names(events) == ["supervise", "start", "exit", "give_up"]
   assert events[1]["pid"] is None and "no_such_program" in events[1]["error"]
   assert events[2]["rc"] == 127
+
+
+# ----------------------------------------------------------------------------
+# A queued resource: the request's states against the same stand-in gcloud
+# ----------------------------------------------------------------------------
+
+QR_CREATE = "gcloud compute tpus queued-resources create n1 --node-id=n1 --zone=z1"
+QR_CREATE += " --runtime-version=v2-alpha-tpuv5 --accelerator-type=v5p-8 --spot"
+QROUND = ["qr describe", "stop", "clone", "install", "train"]  # tpu_pod.sh --queued --foreground
+
+
+def test_tpu_pod_queued_supervise_waits_reclaimed_recreated(cloud, tmp_path):
+  """No request -> created -> WAITING_FOR_RESOURCES (twice) -> PROVISIONING ->
+  ACTIVE -> a round (reclaimed after a checkpoint) -> SUSPENDING -> SUSPENDED ->
+  deleted -> created -> WAITING_FOR_RESOURCES -> ACTIVE -> a round on the new
+  slice that resumes from the checkpoint and finishes: done."""
+  cloud.set(
+    "qr_plan",
+    "WAITING_FOR_RESOURCES,WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE",
+    "WAITING_FOR_RESOURCES,ACTIVE",
+  )
+  cloud.set("train", "reclaim", "finish")
+  state_dir = tmp_path / "state"
+  out = subprocess.run(
+    ["bash", TPU_POD, *POD, "--queued", "--supervise", "--backoff-s=0", "--poll-s=0.01"]
+    + [f"--state-dir={state_dir}", "--max-stalled-restarts=0"],
+    env=cloud.env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 0, out.stdout + out.stderr
+  calls = cloud.calls()
+  assert [_label(c) for c in calls] == [
+    "ls results",
+    "qr describe",  # NOT_FOUND
+    "qr create",
+    *["qr describe"] * 3,  # WAITING_FOR_RESOURCES, WAITING_FOR_RESOURCES, PROVISIONING
+    "qr describe",  # ACTIVE
+    "ls checkpoints",
+    *QROUND,  # reclaimed after checkpoint 1
+    "ls checkpoints",
+    "ls results",
+    "qr describe",  # SUSPENDING
+    "qr describe",  # SUSPENDED
+    "qr delete",
+    "qr describe",  # NOT_FOUND
+    "qr create",
+    "qr describe",  # WAITING_FOR_RESOURCES
+    "qr describe",  # ACTIVE
+    *QROUND,  # a new slice: installed again, then checkpoint 2 and results.json
+    "ls checkpoints",
+    "ls results",
+  ]
+  qr = ["compute", "tpus", "queued-resources"]
+  assert calls[1] == [*qr, "describe", "n1", "--zone=z1", "--format=value(state.state)"]
+  assert ["gcloud", *calls[2]] == shlex.split(QR_CREATE) == ["gcloud", *calls[19]]
+  assert calls[17] == [*qr, "delete", "n1", "--zone=z1", "--quiet", "--force"]
+  assert not any(c[3:4] in (["create"], ["delete"]) and c[2] == "tpu-vm" for c in calls)
+  train = [c[-1] for c in calls if _label(c) == "train"]
+  assert len(train) == 2 and all("--workdir=gs://bkt/runs/n1" in t for t in train)
+
+  events = _events(state_dir)
+  assert events[0]["queued"] is True and events[0]["max_stalled_restarts"] == 0
+  assert [(e["event"], e.get("state")) for e in events[1:]] == [
+    ("state", "NOT_FOUND"),
+    ("recreate", "NOT_FOUND"),
+    ("create", "NOT_FOUND"),
+    ("created", None),
+    ("queued", "WAITING_FOR_RESOURCES"),
+    ("queued", "PROVISIONING"),
+    ("state", "ACTIVE"),
+    ("start", None),
+    ("exit", None),
+    ("restart", None),
+    ("state", "SUSPENDING"),
+    ("state", "SUSPENDED"),
+    ("recreate", "SUSPENDED"),
+    ("delete", None),
+    ("state", "NOT_FOUND"),
+    ("create", "NOT_FOUND"),
+    ("created", None),
+    ("queued", "WAITING_FOR_RESOURCES"),
+    ("state", "ACTIVE"),
+    ("start", None),
+    ("exit", None),
+    ("done", None),
+  ]
+  queued = [e for e in events if e["event"] == "queued"]
+  assert queued[0]["waited_s"] == 0 and queued[1]["waited_s"] > 0  # time in the queue
+  active = [e for e in events if e.get("state") == "ACTIVE"]
+  assert all(e["waited_s"] >= q["waited_s"] for e, q in zip(active, queued[1:]))
+  assert [e["cmd"] for e in events if e["event"] == "create"] == [shlex.split(QR_CREATE)] * 2
+  starts = [e for e in events if e["event"] == "start"]
+  assert [e["installed"] for e in starts] == [False, False]
+  assert all("--queued" in e["cmd"] and e["cmd"][-1] == "--foreground" for e in starts)
+  exits = [(e["rc"], e["latest_step"], e["progress"]) for e in events if e["event"] == "exit"]
+  assert exits == [(255, 1, True), (0, 2, True)]
+
+
+def _queued_supervisor(cloud, tmp_path, **policy):
+  launch = ["bash", TPU_POD, *POD, "--queued", "--foreground"]
+  return supervise.QueuedTpuSupervisor(
+    name="n1",
+    zone="z1",
+    launch=launch,
+    create=shlex.split(QR_CREATE),
+    workdir="gs://bkt/runs/n1",
+    policy=supervise.Policy(**{"backoff_s": 0.0, "poll_s": 0.0, **policy}),
+    log=supervise.EventLog(str(tmp_path / "state" / "supervise.log"), echo=False),
+    env=cloud.env,
+  )
+
+
+def test_queued_failed_request_is_recreated(cloud, tmp_path):
+  """A FAILED request (here: its --valid-until-duration ran out) is deleted with
+  its error message logged, and created again."""
+  cloud.set("qr", "FAILED")
+  cloud.set("qr_error", "The queued resource request expired")
+  sup = _queued_supervisor(cloud, tmp_path, max_stalled_restarts=0)
+  assert [o.action for o in _steps(sup)] == ["delete", "create", "done"]
+  assert [_label(c) for c in cloud.calls()] == [
+    "ls results",
+    "qr describe",  # FAILED
+    "qr error",
+    "qr delete",
+    "qr describe",  # NOT_FOUND
+    "qr create",
+    "qr describe",  # ACTIVE
+    "ls checkpoints",
+    *QROUND,
+    "ls checkpoints",
+    "ls results",
+  ]
+  assert cloud.calls()[2][-1] == "--format=value(state.failedData.error.message)"
+  events = _events(tmp_path / "state")
+  assert _names(events) == [
+    *("state", "recreate", "delete", "state", "create", "created", "state"),
+    *("start", "exit", "done"),
+  ]
+  assert events[1] == {**events[1], "state": "FAILED"}
+  assert events[1]["error"] == "The queued resource request expired"
+
+
+def test_queued_quota_error_waits_with_backoff(cloud, tmp_path):
+  cloud.set("create", "quota", "quota", "ok")
+  cloud.set("qr_plan", "WAITING_FOR_RESOURCES,ACTIVE")
+  sup = _queued_supervisor(cloud, tmp_path, backoff_s=1.0, backoff_max_s=1.5, poll_s=0.25)
+  outcomes = _steps(sup)
+  assert [(o.action, o.delay_s) for o in outcomes] == [
+    ("wait_capacity", 1.0),
+    ("wait_capacity", 1.5),
+    ("create", 0.0),
+    ("queued", 0.25),  # the queue: poll_s, not the backoff
+    ("done", 0.0),
+  ]
+  assert [_label(c) for c in cloud.calls()] == [
+    "ls results",
+    *["qr describe", "qr create"] * 3,
+    "qr describe",  # WAITING_FOR_RESOURCES
+    "qr describe",  # ACTIVE
+    "ls checkpoints",
+    *QROUND,
+    "ls checkpoints",
+    "ls results",
+  ]
+  events = _events(tmp_path / "state")
+  capacity = [e for e in events if e["event"] == "capacity"]
+  assert [(e["delay_s"], e["waits"]) for e in capacity] == [(1.0, 1), (1.5, 2)]
+  assert "RESOURCE_EXHAUSTED" in capacity[0]["error"]
+  assert sup.stalled == 0 and sup.capacity_waits == 0
+
+
+def test_queued_waiting_and_reclaims_are_not_stalls(cloud, tmp_path):
+  """With max_stalled_restarts=0 any stall gives up: the queue's states, a
+  request reclaimed before the round's first checkpoint (SUSPENDING) and a node
+  reclaimed while the request still says ACTIVE are none; a crash is."""
+  cloud.set(
+    "qr_plan",
+    "WAITING_FOR_RESOURCES,WAITING_FOR_RESOURCES,WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE",
+    "ACCEPTED,ACTIVE",
+    "ACTIVE",
+  )
+  cloud.set("train", "reclaim_early", "node_lost_early", "crash_early")
+  sup = _queued_supervisor(cloud, tmp_path, max_stalled_restarts=0)
+  outcomes = _steps(sup)
+  assert [o.action for o in outcomes] == [
+    "create",
+    *["queued"] * 4,
+    "lost_slice",  # the request: SUSPENDING
+    "delete",
+    "create",
+    "queued",
+    "lost_slice",  # the request ACTIVE, its node PREEMPTED
+    "delete",
+    "create",
+    "give_up",  # a crash before a checkpoint on an ACTIVE request: a stall
+  ]
+  labels = [_label(c) for c in cloud.calls()]
+  lost = [i for i, c in enumerate(cloud.calls()) if c[2:4] == ["tpu-vm", "describe"]]
+  assert len(lost) == 2 and labels[lost[0] - 1] == "qr describe"  # the node, after the request
+  events = _events(tmp_path / "state")
+  assert [e["state"] for e in events if e["event"] == "queued"] == [
+    "WAITING_FOR_RESOURCES",
+    "PROVISIONING",
+    "ACCEPTED",
+  ]
+  assert _names(events).count("lost_slice") == 2 and _names(events)[-1] == "give_up"
+  assert [e["installed"] for e in events if e["event"] == "start"] == [False] * 3
+
+
+def test_tpu_pod_queued_waits_for_active(cloud):
+  """Without the supervisor: `tpu_pod.sh --queued` creates the request, polls it
+  until ACTIVE, installs and trains; a request that FAILED while waited for
+  ends the script (exit 2) with its error message."""
+  cloud.set("qr_plan", "WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE")
+  env = dict(cloud.env, QUEUE_POLL_S="0")
+  cmd = ["bash", TPU_POD, *POD, "--queued", "--valid-until=1h", "--foreground"]
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stdout + out.stderr
+  calls = cloud.calls()
+  assert [_label(c) for c in calls] == [
+    "qr describe",  # NOT_FOUND
+    "qr create",
+    *["qr describe"] * 3,  # WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE
+    "clone",
+    "install",
+    "train",
+  ]
+  assert ["gcloud", *calls[1]] == shlex.split(QR_CREATE) + ["--valid-until-duration=1h"]
+  assert "queued resource n1: WAITING_FOR_RESOURCES (waiting)" in out.stdout
+  assert "queued resource n1: PROVISIONING (waiting)" in out.stdout
+
+  cloud.set("qr", "SUSPENDED")  # reclaimed: deleted, created again, then it fails
+  cloud.set("qr_plan", "WAITING_FOR_RESOURCES,FAILED")
+  cloud.set("qr_error", "request expired")
+  (cloud.dir / "calls.jsonl").unlink()
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stdout + out.stderr
+  assert "queued resource n1 is FAILED" in out.stderr and "request expired" in out.stderr
+  assert [_label(c) for c in cloud.calls()] == [
+    *("qr describe", "qr delete", "qr create", "qr describe", "qr describe", "qr error"),
+  ]
