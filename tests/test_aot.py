@@ -34,7 +34,11 @@ def test_model_flops_and_state_bound():
   )
   mcfg = aot.model_config(c)
   assert mcfg == model_lib.ModelConfig.preset(
-    "qwen2_5_math_7b_rope40k", param_dtype="float32", dtype="bfloat16", remat="full"
+    "qwen2_5_math_7b_rope40k",
+    param_dtype="float32",
+    dtype="bfloat16",
+    remat="full",
+    scan_layers=True,
   )
   f = aot.model_flops(c, mcfg)
   tokens = 128 * 8 * (1024 + 8192)
