@@ -47,6 +47,12 @@ class _QuietFailedSaves(logging.Filter):
 
 _QUIET = _QuietFailedSaves()
 
+# Saves that failed in this process. Orbax leaves a failed async save's
+# threads waiting for signals that never come (until its own timeout, minutes),
+# and the interpreter would wait for them at exit: `srft_jax.main` exits
+# without them once the run's files are written.
+failed_saves = 0
+
 
 @contextlib.contextmanager
 def _quiet_failed_saves():
@@ -147,6 +153,8 @@ class Checkpointer:
       self._streak.succeeded()
 
   def _failed(self, step: int, args: Any, e: BaseException) -> None:
+    global failed_saves
+    failed_saves += 1
     self._reopen()
     if not _arrays_alive(args):  # the next step replaced them: the next save takes its place
       log.warning(

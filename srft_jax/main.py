@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from srft_jax import checkpoint as ckpt_lib
 from srft_jax import console
 from srft_jax import factory
 from srft_jax import io_retry
@@ -48,8 +49,12 @@ def main(argv) -> int:
     print(
       f"preempted at step {results['step']}: checkpoint saved; rerun the same command to resume"
     )
-    return 0
-  print(format_results(results, _WORKDIR.value))
+  else:
+    print(format_results(results, _WORKDIR.value))
+  if ckpt_lib.failed_saves:  # their threads would hold the exit for minutes (checkpoint.py)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
   return 0
 
 
