@@ -103,7 +103,10 @@ def main(argv=None):
   state = step_lib.init_train_state(params, tx)
   row_len = a.prompt_len + a.response_len
   batch = make_batch(a.rows, a.prompt_len, a.response_len, cfg.vocab_size, a.seed)
-  padded_cfg = step_lib.StepConfig(loss=obj.LossConfig.preset("srft"), logit_chunk=1024)
+  # The padded arm as the factory runs it: no LM head on the prompt (response_len).
+  padded_cfg = step_lib.StepConfig(
+    loss=obj.LossConfig.preset("srft"), logit_chunk=1024, response_len=a.response_len
+  )
   packed_cfg = dataclasses.replace(
     padded_cfg, pack_len=a.pack_len or 2 * row_len, pack_rows=a.pack_rows
   )
