@@ -156,9 +156,7 @@ def test_row_extents_and_real_token_fraction():
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-  "attention,scan", [("xla", False), ("chunked", False), ("xla", True), ("cudnn", True)]
-)
+@pytest.mark.parametrize("attention,scan", [("xla", False), ("chunked", False), ("cudnn", True)])
 def test_packed_forward_equals_rows_and_never_crosses_segments(attention, scan):
   """Packed logits equal each row's own forward at its columns (positions
   restart per segment, as `positions_from_mask` counts a padded row's), and
@@ -417,6 +415,7 @@ def test_host_row_mask_is_the_assembled_batch_mask():
   assert np.array_equal(rollouts.lengths, rollouts.host_mask.sum(1))
 
 
+@pytest.mark.slow
 def test_a_packed_run_compiles_once_and_logs_the_fraction(tokenizer_path, tmp_path):
   """job.run with packing on (the dapo preset: dynamic sampling re-indexes the
   rollouts, whose host masks the plan reads): after the first step nothing
