@@ -108,6 +108,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.batch.prompts_per_step = 8  # global prompts per step (paper: 128)
   c.batch.minibatches = 2  # optimizer updates per step (paper: 128 / 64 = 2)
   c.batch.microbatches = 1  # gradient accumulation chunks per update
+  # Sequence packing in the update (docs/method.md §18): each micro-batch's rows
+  # (prompt + response) packed first-fit-decreasing into rows of pack_len tokens,
+  # pack_rows of them a forward, spilling into further forwards that run only
+  # when used. Same loss and gradients; less compute on padding.
+  c.batch.packing = False
+  c.batch.pack_len = 0  # tokens per packed row; 0 = max(data.prompt_buckets) + max_response_len
+  c.batch.pack_rows = 0  # packed rows per forward; 0 = a quarter of a micro-batch's rows
 
   c.optim = config_dict.ConfigDict()
   c.optim.lr = 2e-4

@@ -440,7 +440,20 @@ class RunSpec:
     return self.sampling(tokenizer, n=1, temperature=self.eval.temperature)
 
 
+def packing_shape(c, layout: step_lib.GroupLayout) -> tuple[int, int]:
+  """(pack_len, pack_rows) of sequence packing (docs/method.md §18); (0, 0) when
+  `batch.packing` is off. pack_len 0: the longest row, max(prompt_buckets) +
+  max_response_len; pack_rows 0: a quarter of a micro-batch's rows (at least 1)."""
+  b = c.batch
+  if not b.get("packing", False):
+    return 0, 0
+  row_len = max(c.data.prompt_buckets) + c.data.max_response_len
+  rows = b.prompts_per_step // b.minibatches * layout.size // b.microbatches
+  return int(b.pack_len) or row_len, int(b.pack_rows) or max(1, -(-rows // 4))
+
+
 def _stage_step_config(c, loss: obj.LossConfig, layout: step_lib.GroupLayout):
+  pack_len, pack_rows = packing_shape(c, layout)
   return step_lib.StepConfig(
     loss=loss,
     minibatches=c.batch.minibatches,
@@ -448,10 +461,12 @@ def _stage_step_config(c, loss: obj.LossConfig, layout: step_lib.GroupLayout):
     temperature=c.rollout.temperature,
     logit_chunk=c.logit_chunk,
     response_len=c.data.max_response_len,
-    group=layout.size if c.shared_prefix else 0,
+    group=layout.size if c.shared_prefix and not pack_len else 0,  # packing runs rows alone
     recompute_old_logp=recompute_old_logp(c.rollout.get("recompute_old_logp"), loss),
     reference=loss.use_self_rl and loss.kl_coef > 0,
     dropout_seed=int(c.seed),
+    pack_len=pack_len,
+    pack_rows=pack_rows,
   )
 
 
@@ -886,6 +901,20 @@ def _check(c) -> None:
     "counts must be >= 0",
   )
   need(c.data.max_response_len > 0, "data.max_response_len", "must be positive")
+  packing = c.batch.get("packing", False)
+  need(isinstance(packing, bool), "batch.packing", f"must be True or False, got {packing!r}")
+  row_len = max(c.data.prompt_buckets) + c.data.max_response_len
+  for field in ("pack_len", "pack_rows"):
+    value = c.batch.get(field, 0)
+    need(
+      isinstance(value, int) and value >= 0, f"batch.{field}", f"must be an int >= 0, got {value!r}"
+    )
+  need(
+    not packing or not c.batch.get("pack_len", 0) or c.batch.pack_len >= row_len,
+    "batch.pack_len",
+    f"must hold the longest row, max(data.prompt_buckets) + data.max_response_len = {row_len} "
+    f"tokens (or 0 for exactly that), got {c.batch.get('pack_len')}",
+  )
   need(
     isinstance(c.checkpoint.compile_cache, str),
     "checkpoint.compile_cache",

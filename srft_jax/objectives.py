@@ -9,7 +9,7 @@ Pipeline, per training step::
     adv_B = group_advantages(rewards_B, group_ids_B, normalize_std=adv_cfg.normalize_std)
     loss, aux = srft_loss(logp_BT, ent_BT, batch, cfg)
 
-On-policy distillation (docs/method.md §20) adds a teacher term: the batch
+On-policy distillation (docs/method.md §19) adds a teacher term: the batch
 carries the teacher's per-token log-probs (``teacher_logp``) or the per-token
 KL of ``chunked_teacher_kl`` (``distill_rkl``, ``distill_fkl``).
 
@@ -218,7 +218,7 @@ class _ChunkPlan(NamedTuple):
 
 
 # --------------------------------------------------------------------------
-# Per-token KL to a teacher over the whole vocabulary (docs/method.md §20.2)
+# Per-token KL to a teacher over the whole vocabulary (docs/method.md §19.2)
 # --------------------------------------------------------------------------
 
 
@@ -269,7 +269,7 @@ def _kl_core_bwd(temperature, teacher_temperature, residuals, cotangents):
     zs = _chunk_logits(hs_BCD, ws_DV, temperature)
     zt = _chunk_logits(ht_BCE, wt_EV, teacher_temperature)
     rkl, _, p, log_ratio, q = _kl_stats(zs, zt)
-    # docs/method.md §20.2: d KL(p||q) / dz = p (log p - log q - KL);
+    # docs/method.md §19.2: d KL(p||q) / dz = p (log p - log q - KL);
     # d KL(q||p) / dz = p - q (z the student's scaled logits).
     dz = g_rkl[..., None] * p * (log_ratio - rkl[..., None]) + g_fkl[..., None] * (p - q)
     dlogits = (dz / temperature).astype(compute_dtype)
@@ -302,7 +302,7 @@ def chunked_teacher_kl(
   With p = softmax(student_hidden @ student_unembed / temperature) and q the
   teacher's (``teacher_temperature``; None = ``temperature``) at every position,
   returns ``(rkl_BT, fkl_BT)``: KL(p||q) = sum_v p (log p - log q) and
-  KL(q||p) = sum_v q (log q - log p), float32 (docs/method.md §20.2-§20.3).
+  KL(q||p) = sum_v q (log q - log p), float32 (docs/method.md §19.2-§19.3).
   Chunked like ``chunked_logprobs_and_entropy``, a chunk holding the logits of
   about ``chunk_size // 2`` tokens for each model (so about ``chunk_size``
   logit rows in all: the same memory), with a custom VJP that recomputes each
@@ -475,7 +475,7 @@ class LossConfig:
   # rollout tokens (baselines): k1, k2, k3 (default) or low_var_kl (k3 clamped).
   kl_coef: float = 0.0
   kl_estimator: str = "k3"
-  # On-policy distillation from a frozen teacher (docs/method.md §20): distill_coef
+  # On-policy distillation from a frozen teacher (docs/method.md §19): distill_coef
   # * token mean over rollout tokens of the reverse KL to the teacher, estimated
   # on the sampled token ("sampled": -A * ratio with A = -sg(logp - teacher_logp))
   # or exact over the vocabulary ("full": batch["distill_rkl"]). 0 = off.
@@ -535,7 +535,7 @@ class LossConfig:
 
   @classmethod
   def preset(cls, name: str, **overrides: Any) -> LossConfig:
-    """A docs/method.md §4 or §20.5 preset, optionally with field overrides."""
+    """A docs/method.md §4 or §19.5 preset, optionally with field overrides."""
     presets = {**PRESETS, **DISTILL_PRESETS}
     if name not in presets:
       raise ValueError(f"unknown LossConfig preset {name!r}; known: {sorted(presets)}")
@@ -599,7 +599,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     max_response_len=8192,
   ),
 }
-# On-policy distillation presets (docs/method.md §20.5). Apart from PRESETS because
+# On-policy distillation presets (docs/method.md §19.5). Apart from PRESETS because
 # their batches carry the teacher's keys (teacher_logp, or distill_rkl /
 # distill_fkl), which a trainer must supply before it runs them.
 DISTILL_PRESETS: dict[str, dict[str, Any]] = {
@@ -623,7 +623,7 @@ ADVANTAGE_PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------
 
 LOSS_TERMS = ("sft", "rl_demo", "rl_self", "entropy_bonus", "kl")
-# Terms present in LossParts only when their switch is on (docs/method.md §20):
+# Terms present in LossParts only when their switch is on (docs/method.md §19):
 # distill_coef > 0, distill_on_demos.
 DISTILL_TERMS = ("distill", "distill_demo")
 
@@ -678,7 +678,7 @@ def loss_denominators(batch: Mapping[str, Array], cfg: LossConfig) -> dict[str, 
     "entropy_bonus": jnp.sum(mask_BT),
     "kl": jnp.sum(roll_BT),
   }
-  # The teacher terms (docs/method.md §20) are keys only when on: an off term
+  # The teacher terms (docs/method.md §19) are keys only when on: an off term
   # adds no key, no metric and no op.
   if cfg.distill_coef > 0:
     den["distill"] = jnp.sum(roll_BT)
@@ -749,7 +749,7 @@ def _check_batch(logp_BT, ent_BT, batch, cfg):
     want["old_logp"] = (b, t)
     want["sampler_logp"] = (b, t)
   why = {}
-  if cfg.distill_coef > 0:  # docs/method.md §20.4
+  if cfg.distill_coef > 0:  # docs/method.md §19.4
     keys = ["teacher_logp"] if cfg.distill_estimator == "sampled" else ["distill_rkl"]
     if cfg.distill_on_demos and cfg.distill_estimator == "full":
       keys.append("distill_fkl")
@@ -785,7 +785,7 @@ def _policy_gradient(adv: Array, ratio_BT: Array, cfg: LossConfig) -> tuple[Arra
 
 
 def _distill_parts(logp, valid, roll_BT, demo_BT, is_w, batch, cfg):
-  """Sums and counts of the teacher terms (docs/method.md §20); distill_coef > 0."""
+  """Sums and counts of the teacher terms (docs/method.md §19); distill_coef > 0."""
   sg = lax.stop_gradient
   coef = cfg.distill_coef
   sums, counts = {}, {}
@@ -794,7 +794,7 @@ def _distill_parts(logp, valid, roll_BT, demo_BT, is_w, batch, cfg):
     return jnp.where(valid, jnp.asarray(batch[key], jnp.float32), 0.0)
 
   if cfg.distill_estimator == "sampled":
-    # §20.1: k1 = log p_student(y) - log p_teacher(y) on the sampled token y; its
+    # §19.1: k1 = log p_student(y) - log p_teacher(y) on the sampled token y; its
     # mean under the student's sampling is KL(student || teacher). A = -sg(k1) in
     # the policy-gradient surrogate -A * ratio (clip and IS weights as rl_self).
     teacher = given("teacher_logp")
@@ -808,17 +808,17 @@ def _distill_parts(logp, valid, roll_BT, demo_BT, is_w, batch, cfg):
     sums["distill_clip_frac"] = sg(jnp.sum(roll_BT * clipped))
     counts["distill_clip_frac"] = jnp.sum(roll_BT)
     if cfg.distill_on_demos:
-      # §20.3: teacher-forced on the demonstration; value log q(y) - log p(y), the
+      # §19.3: teacher-forced on the demonstration; value log q(y) - log p(y), the
       # forward KL's estimate if the demonstration is a teacher sample; gradient
       # -grad log p(y), SFT's.
       sums["distill_demo"] = coef * jnp.sum(demo_BT * (teacher - logp))
   else:
-    # §20.2: the exact reverse KL, batch["distill_rkl"] from chunked_teacher_kl
+    # §19.2: the exact reverse KL, batch["distill_rkl"] from chunked_teacher_kl
     # computed inside the differentiated function (it carries the gradient).
     rkl = given("distill_rkl")
     sums["distill"] = coef * jnp.sum(roll_BT * rkl)
     sums["teacher_kl"] = sg(jnp.sum(roll_BT * rkl))
-    if cfg.distill_on_demos:  # §20.3: KL(teacher || student) on demonstration tokens
+    if cfg.distill_on_demos:  # §19.3: KL(teacher || student) on demonstration tokens
       sums["distill_demo"] = coef * jnp.sum(demo_BT * given("distill_fkl"))
   counts["teacher_kl"] = jnp.sum(roll_BT)
   return sums, counts
@@ -927,7 +927,7 @@ def srft_loss_parts(
     sums["kl"] = cfg.kl_coef * jnp.sum(roll_BT * kl)
 
   counts = loss_denominators(batch, cfg)
-  if cfg.distill_coef > 0:  # docs/method.md §20
+  if cfg.distill_coef > 0:  # docs/method.md §19
     distill_sums, distill_counts = _distill_parts(logp, valid, roll_BT, demo_BT, is_w, batch, cfg)
     sums.update(distill_sums)
     counts.update(distill_counts)
@@ -991,7 +991,7 @@ def srft_loss(
   ``advantages`` [B], ``old_logp`` [B,T] (advantage form), ``ref_logp``
   [B,T] (kl_coef > 0), ``sampler_logp`` [B,T] (is_correction on: the
   sampler's log-probs, while ``old_logp`` holds the trainer's); with
-  distill_coef > 0 (docs/method.md §20.4): ``teacher_logp`` [B,T] (the teacher's
+  distill_coef > 0 (docs/method.md §19.4): ``teacher_logp`` [B,T] (the teacher's
   log-prob of each response token, no gradient; "sampled"; ``old_logp``
   optional there), or ``distill_rkl`` [B,T] and, with distill_on_demos,
   ``distill_fkl`` [B,T] ("full": ``chunked_teacher_kl`` of this call's student

@@ -9,6 +9,7 @@ arrays and frozen configs, so it can be jitted, lowered ahead of time
   rollout_advantages  group advantages of one step's rewards (docs/method.md §1.3)
   assemble_batch      prompts + rollouts + demonstrations -> one [rows, P+R] batch
   prepare_batch       advantages + assembly in one program, rows over the data axes
+  packed_logprobs     `sequence_logprobs` of rows run packed (docs/method.md §18)
   split_policy        (graphdef, trainable params, frozen LoRA base) of a policy
   train_step          mini-batch updates with exact micro-batch accumulation
   jit_train_step      `train_step` jitted with shardings and the state donated
@@ -58,6 +59,11 @@ class StepConfig:
   # the step, the mini-batch and the micro-batch, so a resumed run draws the
   # same masks.
   dropout_seed: int = 0
+  # > 0: sequence packing (docs/method.md §18). Each micro-batch's rows run as
+  # slots of `pack_rows` packed rows of this many tokens, by the plan the
+  # trainer passes (packing.make_plan); `group` is then unused.
+  pack_len: int = 0
+  pack_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +294,113 @@ def _logprobs(
   )
 
 
+def packed_logprobs(
+  graphdef,
+  params,
+  tokens_BT,
+  plan: dict,
+  *,
+  temperature=1.0,
+  chunk=1024,
+  router_aux: bool = False,
+  frozen=None,
+  dropout_key=None,
+):
+  """`sequence_logprobs` [B, T-1] of the rows one packed slot holds
+  (docs/method.md §18); rows it does not hold get 0.
+
+  `plan`: one slot of `packing.make_plan`, "row", "col", "segment" and
+  "position" [Q, L]. The slot's tokens are gathered from `tokens_BT`, run as
+  Q packed rows (attention inside a segment, positions restarting per
+  segment), and each token's log-prob of its row's next token and its
+  entropy are scattered back to the row's column.
+  """
+  model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+  row, col, seg = plan["row"], plan["col"], plan["segment"]
+  tok_QL = tokens_BT[row, col]
+  out = model(
+    tok_QL,
+    plan["position"],
+    (seg > 0).astype(jnp.int32),
+    return_hidden=True,
+    lora_dropout_key=dropout_key,
+    segment_ids_BT=seg,
+  )
+  logp, ent = obj.chunked_logprobs_and_entropy(
+    out.hidden[:, :-1], model.unembed(), tok_QL[:, 1:], temperature=temperature, chunk_size=chunk
+  )
+  # A packed token predicts the next packed token only inside its own segment.
+  b, t = tokens_BT.shape
+  target = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
+  to_row = jnp.where(target, row[:, :-1], b)  # out of range: dropped
+  to_col = col[:, :-1]
+  logp, ent = (
+    jnp.zeros((b, t - 1), x.dtype).at[to_row, to_col].add(x, mode="drop") for x in (logp, ent)
+  )
+  if router_aux:
+    return logp, ent, model_lib.router_aux(model.cfg, out.router_stats)
+  return logp, ent
+
+
+def _packed(
+  graphdef, params, tokens_BT, plan, cfg: StepConfig, router_aux=False, frozen=None, key=None
+):
+  return packed_logprobs(
+    graphdef,
+    params,
+    tokens_BT,
+    plan,
+    temperature=cfg.temperature,
+    chunk=cfg.logit_chunk,
+    router_aux=router_aux,
+    frozen=frozen,
+    dropout_key=key,
+  )
+
+
+def _slot_holds(plan: dict, rows: int) -> Array:
+  """[rows] int32: 1 where the packed slot `plan` holds the row."""
+  at = jnp.where(plan["segment"] > 0, plan["row"], rows)
+  return jnp.zeros((rows,), jnp.int32).at[at].max(1, mode="drop")
+
+
+def _packed_micro_logprobs(graphdef, params, tokens_BT, plan_S: dict, cfg: StepConfig, frozen=None):
+  """(log-probs, entropy) [B, T-1] of one micro-batch's rows from its packed
+  slots (plan leaves [S, Q, L]), no gradient; a slot holding nothing is skipped."""
+  b, t = tokens_BT.shape
+  zeros = jnp.zeros((b, t - 1), jnp.float32)
+
+  def slot(carry, plan):
+    ps, fz, logp, ent = carry  # params in the carry, as in _chunked_logprobs
+
+    def run(ops):
+      return _packed(graphdef, ops[0], tokens_BT, plan, cfg, frozen=ops[1])
+
+    lp, en = jax.lax.cond(jnp.any(plan["segment"] > 0), run, lambda ops: (zeros, zeros), (ps, fz))
+    return (ps, fz, logp + lp, ent + en), None
+
+  (_, _, logp, ent), _ = jax.lax.scan(slot, (params, frozen, zeros, zeros), plan_S)
+  return logp, ent
+
+
+def _packed_chunked_logprobs(
+  graphdef, params_list, batch: dict, plan: dict, cfg: StepConfig, frozen=None
+) -> list[Array]:
+  """`_chunked_logprobs` with every micro-batch's rows run packed (plan
+  leaves [minibatches, microbatches, S, Q, L])."""
+  n = cfg.minibatches * cfg.microbatches
+  chunks = _split({"tokens": batch["tokens"]}, n)
+  plans = {k: v.reshape((n,) + v.shape[2:]) for k, v in plan.items()}
+
+  def body(carry, xs):
+    ps, fz = carry
+    mb, pl = xs
+    return carry, [_packed_micro_logprobs(graphdef, p, mb["tokens"], pl, cfg, fz)[0] for p in ps]
+
+  _, out = jax.lax.scan(body, (params_list, frozen), (chunks, plans))
+  return [jax.lax.stop_gradient(x.reshape((-1,) + x.shape[2:])) for x in out]
+
+
 def _chunked_logprobs(
   graphdef, params_list, batch: dict, cfg: StepConfig, frozen=None
 ) -> list[Array]:
@@ -330,7 +443,7 @@ def mismatch_metrics(old_logp_BT: Array, sampler_logp_BT: Array, rollout_mask_BT
 
 
 def train_step(
-  graphdef, tx, cfg: StepConfig, state: dict, batch: dict, ref_params=None, frozen=None
+  graphdef, tx, cfg: StepConfig, state: dict, batch: dict, ref_params=None, frozen=None, pack=None
 ) -> tuple[dict, dict]:
   """One rollout batch: `cfg.minibatches` optimizer updates, each accumulating
   gradients over `cfg.microbatches` chunks with the full mini-batch's loss
@@ -344,6 +457,11 @@ def train_step(
   With LoRA, `state["params"]` holds the adapters only (the optimizer and its
   state see nothing else) and `frozen` the base (`lora.split`); the reference
   is then the base with zero adapters (`lora.zeros_like`), not a second copy.
+
+  `pack` (with `cfg.pack_len`): the packing plan (`packing.make_plan`, leaves
+  [minibatches, microbatches, slots, pack_rows, pack_len]); every forward then
+  runs packed slots (docs/method.md §18), the loss sees the same [rows, T-1]
+  arrays. Without it the rows run as they are.
   """
   loss_cfg = cfg.loss
   pre = {}
@@ -351,7 +469,10 @@ def train_step(
     params_list = ([state["params"]] if cfg.recompute_old_logp else []) + (
       [ref_params] if cfg.reference else []
     )
-    out = _chunked_logprobs(graphdef, params_list, batch, cfg, frozen)
+    if pack is None:
+      out = _chunked_logprobs(graphdef, params_list, batch, cfg, frozen)
+    else:
+      out = _packed_chunked_logprobs(graphdef, params_list, batch, pack, cfg, frozen)
     mask = batch["response_mask"].astype(jnp.float32)
     batch = dict(batch)
     if cfg.recompute_old_logp:
@@ -373,6 +494,9 @@ def train_step(
     parts = obj.srft_loss_parts(logp, ent, mb, loss_cfg, batch_entropy=batch_entropy)
     parts = obj.with_denominators(parts, denominators)
     loss = obj.combine(parts)[0]
+    return with_router(loss, parts, router, mb["mask"], denominators)
+
+  def with_router(loss, parts, router, mask, denominators):
     if router is not None:
       # MoE load balancing: coef * aux of this micro-batch, weighted by its share
       # n / N of the mini-batch's real tokens, so the micro-batches add up to the
@@ -380,7 +504,7 @@ def train_step(
       # mini-batch's (HF's) value; aux is bilinear in two batch means, so with
       # several it is that mean, not the product of the full batch's means.
       # Logged as `loss/router_aux` from a (sum, count) pair, n * aux over n.
-      n = jnp.sum(mb["mask"]).astype(jnp.float32)
+      n = jnp.sum(mask).astype(jnp.float32)
       loss = loss + router.coef * router.loss * n / denominators["router_tokens"]
       parts = obj.LossParts(
         {**parts.sums, "loss/router_aux": router.loss * n},
@@ -388,39 +512,104 @@ def train_step(
       )
     return loss, parts
 
+  def packed_loss_fn(trainable, mb, plan, denominators, batch_entropy, key):
+    # loss_fn over one packed slot: rows it does not hold leave every sum and count.
+    params, frozen = trainable[0], jax.lax.stop_gradient(trainable[1])
+    logp, ent, router = _packed(
+      graphdef, params, mb["tokens"], plan, cfg, router_aux=True, frozen=frozen, key=key
+    )
+    held = _slot_holds(plan, mb["tokens"].shape[0])
+    mb = {**mb, "response_mask": mb["response_mask"] * held[:, None]}
+    parts = obj.srft_loss_parts(logp, ent, mb, loss_cfg, batch_entropy=batch_entropy)
+    parts = obj.with_denominators(parts, denominators)
+    loss = obj.combine(parts)[0]
+    return with_router(loss, parts, router, plan["segment"] > 0, denominators)
+
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  packed_grad_fn = jax.value_and_grad(packed_loss_fn, has_aux=True)
   step_key = jax.random.fold_in(jax.random.key(cfg.dropout_seed), state["step"])
 
-  def update(state, xs):
-    minibatch, i = xs
-    denominators = obj.loss_denominators(minibatch, loss_cfg)
-    denominators["router_tokens"] = jnp.sum(minibatch["mask"]).astype(jnp.float32)  # N (MoE)
-    micro = _split(minibatch, cfg.microbatches)
+  def packed_grads(state, micro, plan_m, denominators, i):
+    """(grads, loss, parts [microbatches * slots]) of one mini-batch's
+    micro-batches, each run as its packed slots; empty slots are skipped."""
+    slots = plan_m["segment"].shape[1]
     batch_entropy = None
-    # With one micro-batch the loss's own forward sees the whole mini-batch and
-    # computes H itself (batch_entropy=None): no extra forward pass.
-    if loss_cfg.entropy_granularity == "batch" and cfg.microbatches > 1:
+    if loss_cfg.entropy_granularity == "batch" and cfg.microbatches * slots > 1:
 
-      def ent_sums(carry, mb):
+      def ent_sums(carry, xs):
         params, fz, s, c = carry  # params in the carry, as in _chunked_logprobs
-        _, ent = _logprobs(graphdef, params, mb, cfg, frozen=fz)
+        mb, pl = xs
+        _, ent = _packed_micro_logprobs(graphdef, params, mb["tokens"], pl, cfg, fz)
         ds, dc = obj.entropy_sum_and_count(ent, mb["response_mask"])
         return (params, fz, s + ds, c + dc), None
 
-      (_, _, s, c), _ = jax.lax.scan(ent_sums, (state["params"], frozen, 0.0, 0.0), micro)
+      (_, _, s, c), _ = jax.lax.scan(ent_sums, (state["params"], frozen, 0.0, 0.0), (micro, plan_m))
       batch_entropy = jax.lax.stop_gradient(s / jnp.maximum(c, 1.0))
 
-    def accumulate(carry, xs):
-      mb, j = xs
-      grads, loss, fz = carry  # the frozen base in the carry, as the params above
-      key = jax.random.fold_in(jax.random.fold_in(step_key, i), j)  # LoRA dropout only
-      (l, parts), (g, _) = grad_fn((state["params"], fz), mb, denominators, batch_entropy, key)
-      return (jax.tree.map(jnp.add, grads, g), loss + l, fz), parts
+    def micro_step(carry, xs):
+      mb, plan_s, j = xs
+
+      def slot_step(carry, xs):
+        grads, loss, fz = carry
+        plan, s = xs
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(step_key, i), j), s)
+
+        def run(ops):
+          (l, parts), (g, _) = packed_grad_fn(ops, mb, plan, denominators, batch_entropy, key)
+          return g, l, parts
+
+        def skip(ops):
+          return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(run, ops))
+
+        g, l, parts = jax.lax.cond(jnp.any(plan["segment"] > 0), run, skip, (state["params"], fz))
+        return (jax.tree.map(jnp.add, grads, g), loss + l, fz), parts
+
+      return jax.lax.scan(slot_step, carry, (plan_s, jnp.arange(slots)))
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     (grads, loss, _), parts = jax.lax.scan(
-      accumulate, (zeros, jnp.zeros((), jnp.float32), frozen), (micro, jnp.arange(cfg.microbatches))
+      micro_step,
+      (zeros, jnp.zeros((), jnp.float32), frozen),
+      (micro, plan_m, jnp.arange(cfg.microbatches)),
     )
+    parts = jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:]), parts)
+    return grads, loss, parts
+
+  def update(state, xs):
+    minibatch, i = xs[0], xs[1]
+    denominators = obj.loss_denominators(minibatch, loss_cfg)
+    denominators["router_tokens"] = jnp.sum(minibatch["mask"]).astype(jnp.float32)  # N (MoE)
+    micro = _split(minibatch, cfg.microbatches)
+    if pack is None:
+      batch_entropy = None
+      # With one micro-batch the loss's own forward sees the whole mini-batch and
+      # computes H itself (batch_entropy=None): no extra forward pass.
+      if loss_cfg.entropy_granularity == "batch" and cfg.microbatches > 1:
+
+        def ent_sums(carry, mb):
+          params, fz, s, c = carry  # params in the carry, as in _chunked_logprobs
+          _, ent = _logprobs(graphdef, params, mb, cfg, frozen=fz)
+          ds, dc = obj.entropy_sum_and_count(ent, mb["response_mask"])
+          return (params, fz, s + ds, c + dc), None
+
+        (_, _, s, c), _ = jax.lax.scan(ent_sums, (state["params"], frozen, 0.0, 0.0), micro)
+        batch_entropy = jax.lax.stop_gradient(s / jnp.maximum(c, 1.0))
+
+      def accumulate(carry, xs):
+        mb, j = xs
+        grads, loss, fz = carry  # the frozen base in the carry, as the params above
+        key = jax.random.fold_in(jax.random.fold_in(step_key, i), j)  # LoRA dropout only
+        (l, parts), (g, _) = grad_fn((state["params"], fz), mb, denominators, batch_entropy, key)
+        return (jax.tree.map(jnp.add, grads, g), loss + l, fz), parts
+
+      zeros = jax.tree.map(jnp.zeros_like, state["params"])
+      (grads, loss, _), parts = jax.lax.scan(
+        accumulate,
+        (zeros, jnp.zeros((), jnp.float32), frozen),
+        (micro, jnp.arange(cfg.microbatches)),
+      )
+    else:
+      grads, loss, parts = packed_grads(state, micro, xs[2], denominators, i)
     # Metrics of the whole mini-batch from the micro-batches' (sum, count) pairs.
     total = obj.LossParts(
       {k: jnp.sum(v, axis=0) for k, v in parts.sums.items()},
@@ -442,9 +631,8 @@ def train_step(
     metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32)}
     return new_state, metrics
 
-  state, metrics = jax.lax.scan(
-    update, state, (_split(batch, cfg.minibatches), jnp.arange(cfg.minibatches))
-  )
+  xs = (_split(batch, cfg.minibatches), jnp.arange(cfg.minibatches))
+  state, metrics = jax.lax.scan(update, state, xs if pack is None else xs + (pack,))
   metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), metrics)
   metrics["skipped"] = metrics["skipped"] * cfg.minibatches
   metrics.update(pre)
@@ -501,11 +689,16 @@ def batch_shardings(batch: dict, mesh, rules=None) -> dict:
   return {k: shd.batch_sharding(mesh, v.ndim, rules, v.shape) for k, v in batch.items()}
 
 
-def jit_train_step(graphdef, tx, cfg: StepConfig, state_sh, batch_sh, ref_sh=None, frozen_sh=None):
+def jit_train_step(
+  graphdef, tx, cfg: StepConfig, state_sh, batch_sh, ref_sh=None, frozen_sh=None, pack_sh=None
+):
   """`train_step` jitted with explicit shardings and the state donated; called
-  as fn(state, batch, ref_params) (ref_params None unless `cfg.reference`), and
-  with `frozen_sh` (LoRA) as fn(state, batch, ref_params, frozen)."""
+  as fn(state, batch, ref_params) (ref_params None unless `cfg.reference`),
+  with `frozen_sh` (LoRA) as fn(state, batch, ref_params, frozen), and with
+  `pack_sh` (packing) as fn(state, batch, ref_params, frozen or None, plan)."""
   in_sh = (state_sh, batch_sh, ref_sh) + (() if frozen_sh is None else (frozen_sh,))
+  if pack_sh is not None:
+    in_sh = (state_sh, batch_sh, ref_sh, frozen_sh, pack_sh)
   return jax.jit(
     functools.partial(train_step, graphdef, tx, cfg),
     in_shardings=in_sh,

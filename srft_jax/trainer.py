@@ -10,7 +10,8 @@ Host side of a step (`Trainer.run_step`), each stage a named call:
   3. `assemble`: group advantages and the training batch, one jitted program
                  whose output rows are split over the data axes;
   4. `update`:   the jitted, donated train step (mini-batch updates with exact
-                 micro-batch accumulation, `step.train_step`).
+                 micro-batch accumulation, `step.train_step`); with packing, the
+                 rows' packing plan is made on the host from host masks first.
 Each stage returns its value and its metrics; `run_step` merges the metrics.
 Update metrics are fetched one step late so the host never stalls the device.
 """
@@ -34,6 +35,7 @@ from srft_jax import factory
 from srft_jax import lora as lora_lib
 from srft_jax import metrics as metrics_lib
 from srft_jax import multihost
+from srft_jax import packing
 from srft_jax import sampler as sampler_lib
 from srft_jax import sharding as shd
 from srft_jax import step as step_lib
@@ -158,7 +160,7 @@ class Trainer:
     if keep is not None:
       prompts, rollouts, scored = take_groups(keep, prompts, rollouts, scored, layout)
     train_batch = self.assemble(prompts, rollouts, scored)
-    metrics = self.update(train_batch, step)
+    metrics = self.update(train_batch, step, row_mask(prompts, rollouts, layout))
     host["time/sample_s"] = t1 - t0
     host["time/score_s"] = t2 - t1
     host["time/update_dispatch_s"] = time.perf_counter() - t2
@@ -250,19 +252,41 @@ class Trainer:
       )
     return self._prepare_fn(*args)
 
-  def update(self, train_batch: dict, step: int) -> dict:
-    """The jitted train step on `train_batch`; returns its (unfetched) metrics."""
+  def update(self, train_batch: dict, step: int, mask: np.ndarray) -> dict:
+    """The jitted train step on `train_batch`, whose real tokens are `mask`
+    ([rows, T] on the host: with packing, the plan is made from it);
+    returns its (unfetched) metrics."""
+    cfg = self.step_cfg
+    plan = None
+    if cfg.pack_len:  # docs/method.md §18
+      starts, lengths = packing.row_extents(mask)
+      plan = packing.make_plan(
+        starts,
+        lengths,
+        row_len=mask.shape[1],
+        pack_len=cfg.pack_len,
+        pack_rows=cfg.pack_rows,
+        minibatches=cfg.minibatches,
+        microbatches=cfg.microbatches,
+      )
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     if self._step_fn is None:
       batch_sh = step_lib.batch_shardings(train_batch, self.mesh, self.rules)
-      ref_sh = self.ref_sh if self.step_cfg.reference else None
+      ref_sh = self.ref_sh if cfg.reference else None
+      pack_sh = None if plan is None else replicated
       self._step_fn = step_lib.jit_train_step(
-        self.graphdef, self.tx, self.step_cfg, self.state_sh, batch_sh, ref_sh, self.frozen_sh
+        self.graphdef, self.tx, cfg, self.state_sh, batch_sh, ref_sh, self.frozen_sh, pack_sh
       )
-    ref = self.ref_params if self.step_cfg.reference else None
-    frozen = () if self.frozen is None else (self.frozen,)
+    ref = self.ref_params if cfg.reference else None
+    if plan is None:
+      args = () if self.frozen is None else (self.frozen,)
+    else:
+      args = (self.frozen, {k: shd.put_global(v, replicated) for k, v in plan.items()})
     with jax.set_mesh(self.mesh):  # the model's logical activation constraints apply
-      self.state, metrics = self._step_fn(self.state, train_batch, ref, *frozen)
+      self.state, metrics = self._step_fn(self.state, train_batch, ref, *args)
     metrics = dict(metrics)
+    lengths = mask.sum(1)
+    metrics["batch/real_token_fraction"] = packing.real_token_fraction(lengths, plan, mask.shape[1])
     metrics["tokens/trained"] = jnp.sum(train_batch["response_mask"])
     metrics["optim/lr"] = self.schedule(step - self.stage.start)
     metrics["optim/grad_norm"] = metrics.pop("grad_norm")
@@ -290,6 +314,21 @@ class Scored(NamedTuple):
   weights: np.ndarray  # loss weight of each row: 0 where its tokens must not reach the loss
   correct: np.ndarray  # [prompts, n]: the rollouts' raw verifier outcome, before any shaping
   shaping: np.ndarray | None = None  # [prompts, n]: the overlong shaping added (None: off)
+
+
+def row_mask(prompts: dict, rollouts: Rollouts | None, layout) -> np.ndarray:
+  """The real tokens [prompts * g, P + R] of the training batch's rows, on the
+  host (`step.assemble_batch`'s layout: each prompt's rollouts, then its demos)."""
+  pm, dm = prompts["prompt_mask"], prompts["demo_mask"]
+  b, r = dm.shape
+  n, d, g = layout.n_rollouts, layout.n_demos, layout.size
+  parts = []
+  if n:
+    parts.append(np.asarray(rollouts.host_mask).reshape(b, n, r))
+  if d:
+    parts.append(np.repeat(dm[:, None], d, axis=1))
+  resp = np.concatenate(parts, axis=1).reshape(b * g, r)
+  return np.concatenate([np.repeat(pm, g, axis=0), resp], axis=1).astype(np.int32)
 
 
 def shape_rewards(raw: np.ndarray, rollouts: Rollouts | None, layout, r, max_len: int) -> Scored:
@@ -372,6 +411,10 @@ def take_groups(keep: np.ndarray, prompts: dict, rollouts: Rollouts, scored: Sco
     tokens=jnp.take(rollouts.tokens, idx, axis=0),
     mask=jnp.take(rollouts.mask, idx, axis=0),
     logprobs=jnp.take(rollouts.logprobs, idx, axis=0),
+    host_tokens=rollouts.host_tokens[rows],
+    host_mask=rollouts.host_mask[rows],
+    lengths=rollouts.lengths[rows],
+    truncated=rollouts.truncated[rows],
   )
   weights = np.where((keep < 0)[:, None], 0.0, scored.weights[src])
   shaping = None if scored.shaping is None else scored.shaping[src]

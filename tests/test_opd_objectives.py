@@ -1,4 +1,4 @@
-"""On-policy distillation terms of srft_jax.objectives against NumPy (docs/method.md §20)."""
+"""On-policy distillation terms of srft_jax.objectives against NumPy (docs/method.md §19)."""
 
 import functools
 import re
@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from srft_jax import objectives as obj
 
 # --------------------------------------------------------------------------
-# NumPy references, written from the docs/method.md §20 formulas (float64)
+# NumPy references, written from the docs/method.md §19 formulas (float64)
 # --------------------------------------------------------------------------
 
 
@@ -36,7 +36,7 @@ def np_kl(zs, zt, temperature=1.0, teacher_temperature=None):
 
 
 def np_distill(logp, batch, cfg):
-  """The teacher terms alone: (value, d value / d logp), token loops (§20.1, §20.3)."""
+  """The teacher terms alone: (value, d value / d logp), token loops (§19.1, §19.3)."""
   logp = np.asarray(logp, np.float64)
   mask = np.asarray(batch["response_mask"]) > 0
   demo = np.asarray(batch["is_demo"]).astype(bool)
@@ -106,12 +106,12 @@ def _loss_grad(cfg):
 
 
 # --------------------------------------------------------------------------
-# The exact KL over the vocabulary (§20.2, §20.3)
+# The exact KL over the vocabulary (§19.2, §19.3)
 # --------------------------------------------------------------------------
 
 
 def test_kl_logit_gradient_formula_by_finite_differences():
-  """The §20.2 / §20.3 logit gradients, checked in float64 by central differences."""
+  """The §19.2 / §19.3 logit gradients, checked in float64 by central differences."""
   rng = np.random.default_rng(1)
   zs, zt = rng.normal(0, 2, 7), rng.normal(0, 2, 7)
   for tau, tau_t in ((1.0, None), (0.7, 1.3)):
@@ -242,7 +242,7 @@ def test_full_kl_memory_no_larger_than_chunked_logprobs():
 
 
 # --------------------------------------------------------------------------
-# The sampled estimator (§20.1) and the demonstrations' term (§20.3)
+# The sampled estimator (§19.1) and the demonstrations' term (§19.3)
 # --------------------------------------------------------------------------
 
 SAMPLED = {

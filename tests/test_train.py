@@ -194,6 +194,7 @@ EXPECTED_KEYS = [
   "optim/lr",
   "tokens/sampled",
   "tokens/trained",
+  "batch/real_token_fraction",
   "time/sample_s",
   "time/score_s",
   "time/step_s",

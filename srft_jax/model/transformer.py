@@ -287,6 +287,7 @@ class Transformer(nnx.Module):
     remat: bool | None = None,
     decode: bool = False,
     lora_dropout_key: Array | None = None,
+    segment_ids_BT: Array | None = None,
   ) -> ModelOutput:
     """Logits [B, T, V] float32 (or with `return_hidden` the final hidden
     states), the updated `cache` and the MoE router statistics: a `ModelOutput`.
@@ -297,7 +298,9 @@ class Transformer(nnx.Module):
     (one new token a row, a cache, no backward pass): only there does
     `cfg.decode_attention` apply. `lora_dropout_key` switches on the
     adapters' dropout (`lora_delta`; the trainer's loss forward), layer i
-    with the key folded with i.
+    with the key folded with i. `segment_ids_BT` (no cache): packed rows
+    (docs/method.md §18), a token attending only to earlier tokens of its own
+    segment (id > 0; 0 is padding); `positions_BT` then restart per segment.
     """
     cfg = self.cfg
     dt = cfg.jnp_dtype
@@ -307,7 +310,7 @@ class Transformer(nnx.Module):
     # attention="cudnn" without a cache: each row's real tokens (contiguous, as
     # the trainer lays rows out) move to the front, so causal attention needs
     # no padding mask; hidden states move back after the last layer.
-    align = cache is None and cfg.attention == "cudnn"
+    align = cache is None and cfg.attention == "cudnn" and segment_ids_BT is None
     if align:
       to_front, to_back = left_align(mask_BT)
       tokens_BT = jnp.take_along_axis(tokens_BT, to_front, axis=1)
@@ -319,6 +322,11 @@ class Transformer(nnx.Module):
 
     if align:
       allowed, index = None, None
+    elif cache is None and segment_ids_BT is not None:
+      idx, seg = jnp.arange(t), segment_ids_BT
+      same = (seg[:, None, :] == seg[:, :, None]) & (seg[:, None, :] > 0)
+      allowed = (idx[None, :] <= idx[:, None])[None] & same
+      index = None
     elif cache is None:
       idx = jnp.arange(t)
       allowed = (idx[None, :] <= idx[:, None])[None] & (mask_BT[:, None, :] > 0)
