@@ -90,7 +90,9 @@ class Checkpointer:
     # Saves are retried in a bucket, and by one process: a multi-host save is
     # collective (Orbax's barriers), so a retry on one host alone would hang.
     self._retry = "://" in directory and jax.process_count() == 1
-    self._pending: tuple[int, Any] | None = None  # (step, args) of the save in flight
+    # (step, args, state) of the save in flight: `state` is the train state it
+    # holds, whose arrays the next step may donate away.
+    self._pending: tuple[int, Any, Any] | None = None
     self._streak = io_retry.Streak("checkpoint save", directory)
     self._mgr = self._open()
 
@@ -131,9 +133,9 @@ class Checkpointer:
     except Exception as e:
       if not (self._retry and io_retry.is_transient(e)):
         raise
-      self._failed(step, args, e)
+      self._failed(step, args, state, e)
       return
-    self._pending = (step, args)
+    self._pending = (step, args, state)
 
   def wait(self):
     self._settle()
@@ -152,11 +154,11 @@ class Checkpointer:
     if pending is not None:
       self._streak.succeeded()
 
-  def _failed(self, step: int, args: Any, e: BaseException) -> None:
+  def _failed(self, step: int, args: Any, state: Any, e: BaseException) -> None:
     global failed_saves
     failed_saves += 1
     self._reopen()
-    if not _arrays_alive(args):  # the next step replaced them: the next save takes its place
+    if not _arrays_alive(state):  # the next step replaced them: the next save takes its place
       log.warning(
         "checkpoint step %d in %s was not saved (%s: %s); the next save takes its place",
         step,

@@ -106,12 +106,21 @@ _TRANSIENT_TEXT = re.compile(
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+# Libraries whose errors raised while handling another one (implicit chaining)
+# are taken to wrap it; any other error's context is only where it happened (a
+# bug hit while a storage error was being handled is no storage error).
+_WRAPPERS = ("gcsfs", "fsspec", "aiohttp", "orbax", "etils", "tensorstore", "google")
+
+
 def _chain(e: BaseException):
+  """`e` and the errors it was raised from (`raise ... from`), and the error it
+  was raised during when `e` is a storage library's own or an OSError."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     yield e
-    e = e.__cause__ or e.__context__
+    wraps = isinstance(e, OSError) or type(e).__module__.split(".")[0] in _WRAPPERS
+    e = e.__cause__ or (e.__context__ if wraps and not e.__suppress_context__ else None)
 
 
 def _one_line(e: BaseException) -> str:

@@ -78,6 +78,13 @@ def test_which_errors_are_transient():
     KeyError("step"),
     io_retry.StorageUnavailable("write", "gs://b/x", ConnectionResetError(), 600),
   ]
+  try:  # a bug met while a storage error was being handled is no storage error
+    try:
+      raise ConnectionResetError("reset")
+    except ConnectionResetError:
+      raise RuntimeError("Array has been deleted with shape=float32[256,32].")  # noqa: B904
+  except RuntimeError as bug:
+    permanent.append(bug)
   assert [io_retry.is_transient(e) for e in transient] == [True] * len(transient)
   assert [io_retry.is_transient(e) for e in permanent] == [False] * len(permanent)
 
@@ -222,4 +229,35 @@ def test_checkpoint_save_in_an_outage_is_saved_again_whole(gcs, monkeypatch):
     s, state, data, meta = ck.restore(ckpt_lib.abstract_like(want), step)
     np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(want["w"]))
     assert (data, meta) == ({"i": step}, {"step": step})
+  ck.close()
+
+
+def test_a_failed_save_is_saved_again_while_its_arrays_exist_else_dropped(tmp_path, caplog):
+  """`Checkpointer._failed`, the decision after a save failed transiently: a
+  state whose arrays still exist is saved again whole (synchronously); one
+  whose arrays the next step donated away is dropped, the failure streak
+  started, nothing retried."""
+  import orbax.checkpoint as ocp
+
+  ck = ckpt_lib.Checkpointer(tmp_path / "ck", keep=5)
+  ck._retry = True  # as in a bucket (the decision is the same)
+
+  def args(state, step):
+    return ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave({"i": step}),
+      meta=ocp.args.JsonSave({"step": step}),
+    )
+
+  alive = {"w": jnp.arange(4.0)}
+  ck._failed(3, args(alive, 3), alive, ConnectionResetError("reset"))
+  assert ck.all_steps() == [3] and ck._streak.since is None
+  gone = {"w": jnp.arange(4.0) + 1}
+  gone["w"].delete()  # what donation to the next step does
+  with caplog.at_level(logging.WARNING, logger="srft_jax.checkpoint"):
+    ck._failed(4, args(gone, 4), gone, ConnectionResetError("reset"))
+  assert ck.all_steps() == [3] and ck._streak.since is not None
+  assert "checkpoint step 4" in caplog.text and "the next save takes its place" in caplog.text
+  restored = ck.restore(ckpt_lib.abstract_like(alive), 3)[1]
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
   ck.close()
