@@ -309,14 +309,14 @@ def test_packed_train_step_is_the_trainers(tmp_path):
 
 
 def test_packed_plan_has_make_plans_shapes():
-  """The 7B recipe with packing: the abstract plan `lower_train` compiles for is
+  """The 7B recipe (packed): the abstract plan `lower_train` compiles for is
   the one packing.make_plan gives the trainer, whatever the rows' lengths."""
   import numpy as np
 
   from srft_jax import packing
 
   config = factory.load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
-  spec = factory.run_spec(config, {"batch.packing": True, "batch.pack_rows": 4}, validate=False)
+  spec = factory.run_spec(config, validate=False)
   step = spec.biggest_stage().step
   rows, t = 1024, 1024 + 8192
   abstract = aot.packed_plan(step, rows, t)
@@ -333,4 +333,4 @@ def test_packed_plan_has_make_plans_shapes():
     assert {k: (v.shape, v.dtype) for k, v in plan.items()} == {
       k: (v.shape, v.dtype) for k, v in abstract.items()
     }
-  assert abstract["row"].shape == (2, 16, 8, 4, t)  # 32 rows a micro-batch, 4 a slot
+  assert abstract["row"].shape == (2, 4, 4, 32, t)  # 128 rows a micro-batch, 32 a slot
