@@ -72,9 +72,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
     c.batch.prompts_per_step = 128  # 128 prompts x 8 slots = 1,024 sequences a step
     c.batch.minibatches = 2  # mini-batch 64 prompts: 2 optimizer updates a step
-    # 32 sequences per gradient chunk: one per chip on v5p-64 (fsdp=32). AOT on v5p-64:
-    # 4 -> 102 GB/chip, 8 -> 93 GB (98% of 95 GB), 16 -> 52 GB (55%); see the README table.
-    c.batch.microbatches = 16
+    # Sequence packing (docs/method.md §18): 128 rows a gradient chunk packed into up
+    # to 4 slots of 32 rows x 9,216 tokens, one packed row a chip on v5p-64 (fsdp=32);
+    # AOT on v5p-64: 13.95 GB a chip (14.7%), padded 13.63 GB (docs/benchmarks.md).
+    # Padded (packing off), 16 chunks of 32 rows are one row a chip there.
+    c.batch.packing = True
+    c.batch.pack_rows = 32  # a multiple of the data shards, else the slot runs replicated
+    c.batch.microbatches = 4
 
     c.optim.lr = 1e-6  # AdamW, constant, no warmup
     c.optim.schedule = "constant"
@@ -116,6 +120,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # the micro-batch holds 2 rows a chip there (64 chunks of 8 rows) instead
     # of the full fine-tuning row's 1 (128 chunks).
     c.batch.microbatches = 64
+    c.batch.packing = False  # these micro-batches were fitted padded, not packed
   if "qwen3_30b_a3b" in args:
     # Qwen3-30B-A3B (docs/method.md §15): the paper's RoPE / window change is
     # Qwen2.5-Math's, so the checkpoint keeps its own (theta 1e6, 40,960 tokens).
@@ -127,5 +132,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.model.rope_theta = 0.0
     c.model.max_seq_len = 0
     c.batch.microbatches = 32
+    c.batch.packing = False  # these micro-batches were fitted padded, not packed
   c.lock()
   return c

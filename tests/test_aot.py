@@ -221,3 +221,116 @@ def test_rows_per_shard_sets_the_micro_batches():
     aot.microbatches_for(tiny, v5e4, 1)
   with pytest.raises(ValueError, match="do not split"):
     aot.microbatches_for(tiny, v5e4, 3)
+
+
+@pytest.mark.multidevice
+def test_packed_train_step_is_the_trainers(tmp_path):
+  """With batch.packing, `lower_train` lowers the step Trainer.update jits
+  (docs/method.md §18): compiled on this host's mesh, the AOT program takes the
+  trainer's own state, batch and packing plan (a compiled program refuses any
+  other shape, dtype, sharding or argument structure) and gives its update."""
+  import jax
+  import numpy as np
+
+  from srft_jax import model as model_lib
+  from srft_jax import packing
+  from srft_jax import sharding as shd
+  from srft_jax import trainer as trainer_lib
+
+  over = {
+    "model.num_layers": 1,
+    "model.embed_dim": 32,
+    "model.mlp_dim": 64,
+    "data.prompt_buckets": (8,),
+    "data.max_response_len": 8,
+    "mesh.data": 2,
+    "mesh.fsdp": 4,
+    "batch.packing": True,
+    "batch.pack_rows": 3,  # 32 rows a micro-batch of <= 16 tokens: 16 bins, 6 slots
+  }
+  spec = factory.run_spec(factory.load_config(str(ROOT / "configs" / "default.py")), over)
+  mesh = spec.make_mesh()
+  vocab = 64
+  model = model_lib.create_model(spec.model.config(vocab), seed=0, mesh=mesh)
+  tr = trainer_lib.Trainer(model, spec, tokenizer=None, scorer=None, mesh=mesh)
+  tr.enter_stage(spec.stages[0], fresh_optimizer=True)
+  cfg = tr.step_cfg
+  assert (cfg.pack_len, cfg.pack_rows) == (16, 3)
+
+  # One step's rows as the trainer has them: left-padded prompts, right-padded responses.
+  layout = tr.stage.layout
+  b, n, p, r = spec.batch.prompts_per_step, layout.n_rollouts, 8, 8
+  rs = np.random.RandomState(0)
+  pmask = (np.arange(p)[None] >= rs.randint(0, p - 1, (b, 1))).astype(np.int32)
+  rmask = (np.arange(r)[None] < rs.randint(1, r + 1, (b * n, 1))).astype(np.int32)
+  dmask = (np.arange(r)[None] < rs.randint(1, r + 1, (b, 1))).astype(np.int32)
+  tok = lambda m: (rs.randint(1, vocab, m.shape) * m).astype(np.int32)  # noqa: E731
+  rtok = tok(rmask)
+  rollouts = trainer_lib.Rollouts(
+    rtok, rmask, (-rs.rand(*rmask.shape) * rmask).astype(np.float32), rtok, rmask,
+    rmask.sum(1), np.zeros(b * n, bool),
+  )  # fmt: skip
+  prompts = {
+    "prompt_tokens": tok(pmask),
+    "prompt_mask": pmask,
+    "demo_tokens": tok(dmask),
+    "demo_mask": dmask,
+  }
+  rewards = rs.randint(0, 2, (b, layout.size)).astype(np.float32)
+  scored = trainer_lib.Scored(rewards, np.ones_like(rewards), rewards[:, :n])
+  train_batch = tr.assemble(prompts, rollouts, scored)
+  mask = trainer_lib.row_mask(prompts, rollouts, layout)
+  starts, lengths = packing.row_extents(mask)
+  plan = packing.make_plan(
+    starts,
+    lengths,
+    row_len=p + r,
+    pack_len=cfg.pack_len,
+    pack_rows=cfg.pack_rows,
+    minibatches=cfg.minibatches,
+    microbatches=cfg.microbatches,
+  )
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  plan = {k: shd.put_global(v, replicated) for k, v in plan.items()}
+
+  compiled = aot.lower_train(spec, aot.model_config(spec, vocab), mesh).compile()
+  state = jax.device_put(jax.device_get(tr.state), tr.state_sh)  # a copy: the step donates it
+  with jax.set_mesh(mesh):
+    got_state, got = compiled(state, train_batch, None, None, plan)
+  want = jax.device_get(tr.update(train_batch, 1, mask))
+  assert tr._step_fn._cache_size() == 1
+  for k in ("loss", "grad_norm"):
+    np.testing.assert_allclose(got[k], want["optim/" + k if k == "grad_norm" else k], rtol=1e-6)
+  jax.tree.map(
+    lambda a, w: np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-6, atol=1e-7),
+    jax.device_get(got_state["params"]),
+    jax.device_get(tr.state["params"]),
+  )
+
+
+def test_packed_plan_has_make_plans_shapes():
+  """The 7B recipe (packed): the abstract plan `lower_train` compiles for is
+  the one packing.make_plan gives the trainer, whatever the rows' lengths."""
+  import numpy as np
+
+  from srft_jax import packing
+
+  config = factory.load_config(str(ROOT / "configs" / "srft_7b_tpu.py"))
+  spec = factory.run_spec(config, validate=False)
+  step = spec.biggest_stage().step
+  rows, t = 1024, 1024 + 8192
+  abstract = aot.packed_plan(step, rows, t)
+  for lengths in (np.full(rows, t), np.random.RandomState(0).randint(1, 2000, rows)):
+    plan = packing.make_plan(
+      np.zeros(rows, np.int64),
+      lengths,
+      row_len=t,
+      pack_len=step.pack_len,
+      pack_rows=step.pack_rows,
+      minibatches=step.minibatches,
+      microbatches=step.microbatches,
+    )
+    assert {k: (v.shape, v.dtype) for k, v in plan.items()} == {
+      k: (v.shape, v.dtype) for k, v in abstract.items()
+    }
+  assert abstract["row"].shape == (2, 4, 4, 32, t)  # 128 rows a micro-batch, 32 a slot

@@ -53,6 +53,7 @@ from srft_jax import console
 from srft_jax import factory
 from srft_jax import lora
 from srft_jax import model as model_lib
+from srft_jax import packing
 from srft_jax import sampler as sampler_lib
 from srft_jax import sharding as shd
 from srft_jax import step as step_lib
@@ -222,9 +223,33 @@ def lower_train(spec: factory.RunSpec, mcfg, mesh):
   ref = None
   if step_cfg.reference:
     ref = _abstract(jax.eval_shape(step_lib.reference_params, params, base), ref_sh)
-  fn = step_lib.jit_train_step(graphdef, tx, step_cfg, state_sh, batch_sh, ref_sh, frozen_sh)
+  args = (_abstract(state, state_sh), _abstract(batch, batch_sh), ref)
+  if not step_cfg.pack_len:
+    fn = step_lib.jit_train_step(graphdef, tx, step_cfg, state_sh, batch_sh, ref_sh, frozen_sh)
+    with jax.set_mesh(mesh):
+      return fn.lower(*args, *frozen)
+  # Packing (docs/method.md §18): the plan as Trainer.update passes it, replicated,
+  # after the frozen base (None without LoRA), at its static worst-case slots.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  plan = packed_plan(step_cfg, b * layout.size, p + r, replicated)
+  fn = step_lib.jit_train_step(
+    graphdef, tx, step_cfg, state_sh, batch_sh, ref_sh, frozen_sh, replicated
+  )
   with jax.set_mesh(mesh):
-    return fn.lower(_abstract(state, state_sh), _abstract(batch, batch_sh), ref, *frozen)
+    return fn.lower(*args, frozen[0] if frozen else None, plan)
+
+
+def packed_plan(step_cfg: step_lib.StepConfig, rows: int, row_len: int, sharding=None) -> dict:
+  """Abstract int32 leaves of `packing.make_plan` for a step of `rows` rows of
+  `row_len` tokens: [minibatches, microbatches, slots, pack_rows, pack_len],
+  slots = `packing.slots_for` of a micro-batch's rows (every plan's, whatever
+  the rows' lengths)."""
+  mb, micro = step_cfg.minibatches, step_cfg.microbatches
+  per = rows // (mb * micro)
+  slots = packing.slots_for(per, row_len, step_cfg.pack_len, step_cfg.pack_rows)
+  shape = (mb, micro, slots, step_cfg.pack_rows, step_cfg.pack_len)
+  leaf = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+  return {k: leaf for k in packing.PLAN_KEYS}
 
 
 def _per_chip_bytes(tree) -> int:
@@ -496,6 +521,17 @@ def analyse(
     "logit_chunk": spec.biggest_stage().step.logit_chunk,
     "programs": {},
   }
+  step_cfg = spec.biggest_stage().step
+  if step_cfg.pack_len:  # docs/method.md §18: a slot's packed rows split over the data shards
+    shards = shd.batch_shards(dict(mesh.shape), mcfg.rules)
+    plan = packed_plan(step_cfg, report["rows"], report["length"])
+    report["packing"] = {
+      "pack_len": step_cfg.pack_len,
+      "pack_rows": step_cfg.pack_rows,
+      "slots": plan["row"].shape[2],
+      "data_shards": shards,
+      "replicated": step_cfg.pack_rows % shards != 0,
+    }
   lowerers = {
     "train": lambda: lower_train(spec, mcfg, mesh),
     "sample": lambda: lower_sample(spec, mcfg, mesh),
@@ -634,6 +670,21 @@ def _gb(x) -> str:
   return "-" if x is None else f"{x / 1e9:.2f}"
 
 
+def _packing_note(pk: dict[str, Any] | None) -> str:
+  if not pk:
+    return ""
+  note = (
+    f", packed: {pk['slots']} slots x {pk['pack_rows']} rows x {pk['pack_len']} tokens "
+    f"a micro-batch"
+  )
+  if pk["replicated"]:
+    note += (
+      f" (WARNING: {pk['pack_rows']} packed rows do not split over {pk['data_shards']} "
+      f"data shards: every shard runs the whole slot)"
+    )
+  return note
+
+
 def format_table(report: dict[str, Any]) -> str:
   r = report
   lines = [
@@ -643,6 +694,7 @@ def format_table(report: dict[str, Any]) -> str:
     f"step: {r['prompts']} prompts x {r['group']} = {r['rows']} rows x {r['length']} tokens, "
     f"{r['minibatches']} mini-batches x {r['microbatches']} micro-batches, "
     f"logit chunk {r['logit_chunk']}"
+    + _packing_note(r.get("packing"))
     + (
       f"  [EXTRAPOLATED from {r['extrapolated_from_layers']} layers to {r['num_layers']}]"
       if r.get("extrapolated_from_layers")
