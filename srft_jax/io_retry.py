@@ -47,14 +47,22 @@ def budget() -> float:
   return _budget_s
 
 
+# Orbax's background save threads log their own failure before the save's
+# error reaches the caller (Checkpointer.wait), where it is reported or retried;
+# the threads of a failed save then log what failed after it (a read of an
+# upload that never finished).
+_SAVE_THREAD = "_SignalingThread.run() raised an exception"
+
+
 class _OneLine(logging.Filter):
   """Storage clients (gcsfs, Orbax's save threads) log each transient failure
   with its whole traceback; the retries here report it in one line, so the
-  traceback goes and the message stays."""
+  traceback goes and the message stays. So do Orbax's save threads, whose
+  error the Checkpointer receives and reports itself."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     err = record.exc_info[1] if record.exc_info else None
-    if err is not None and is_transient(err):
+    if err is not None and (is_transient(err) or _SAVE_THREAD in record.getMessage()):
       record.exc_info = None
       record.exc_text = None
     return True

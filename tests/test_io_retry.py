@@ -175,10 +175,22 @@ def test_transient_tracebacks_leave_the_log_in_one_line():
         raise err
       except Exception as e:  # noqa: BLE001
         log.error("request failed: %s", e, exc_info=True)
+    try:  # an Orbax save thread's failure: the Checkpointer gets and reports it
+      raise ValueError("NOT_FOUND: Error reading step/.zarray")
+    except ValueError as e:
+      logging.getLogger("absl").error(
+        "[thread=array_type_handler] _SignalingThread.run() raised an exception: %s",
+        e,
+        exc_info=True,
+      )
   finally:
     root.removeHandler(handler)
   assert records[0] == "request failed: [Errno 111] refused"  # retried: one line
   assert "Traceback" in records[1] and "ValueError: a bug" in records[1]  # a bug keeps its own
+  assert records[2] == (
+    "[thread=array_type_handler] _SignalingThread.run() raised an exception: "
+    "NOT_FOUND: Error reading step/.zarray"
+  )
 
 
 # ----------------------------------------------------------------------------
