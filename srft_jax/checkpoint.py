@@ -31,6 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from srft_jax import io_retry
 
@@ -64,6 +65,33 @@ def _quiet_failed_saves():
     absl_log.removeFilter(_QUIET)
 
 
+def tensorstore_retries(budget_s: float) -> dict:
+  """TensorStore's per-request GCS retries (Orbax writes and reads arrays
+  through it) as a context resource whose backoff (1 s doubling to 30 s) adds
+  up to at most `budget_s`, with at least one retry. Its default (32 retries up
+  to 32 s apart) keeps a save waiting on a dead bucket for about 15 minutes,
+  past any budget of the job's own."""
+  retries, total, delay = 0, 0.0, io_retry.FIRST_DELAY_S
+  while retries == 0 or total + delay <= budget_s:
+    retries, total = retries + 1, total + delay
+    delay = min(2 * delay, io_retry.MAX_DELAY_S)
+  return {
+    "max_retries": retries,
+    "initial_delay": f"{io_retry.FIRST_DELAY_S:g}s",
+    "max_delay": f"{io_retry.MAX_DELAY_S:g}s",
+  }
+
+
+def bound_tensorstore_retries(budget_s: float) -> None:
+  """Every TensorStore context Orbax builds from now on carries
+  `tensorstore_retries(budget_s)`. Orbax has no option for it: its contexts
+  are copies of two module-level specs, extended here (tests/test_io_retry.py
+  fails if an Orbax release builds them otherwise)."""
+  spec = tensorstore_retries(budget_s)
+  for base in (ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT):
+    base["gcs_request_retries"] = spec
+
+
 def _arrays_alive(tree: Any) -> bool:
   """Whether every array of `tree` still holds its buffers (not donated away)."""
   return not any(
@@ -90,6 +118,10 @@ class Checkpointer:
     # Saves are retried in a bucket, and by one process: a multi-host save is
     # collective (Orbax's barriers), so a retry on one host alone would hang.
     self._retry = "://" in directory and jax.process_count() == 1
+    if "://" in directory:
+      # A request's own retries take half the budget when a failed save is
+      # saved again here, the whole budget when they are the only ones.
+      bound_tensorstore_retries(io_retry.budget() / (2 if self._retry else 1))
     # (step, args, state) of the save in flight: `state` is the train state it
     # holds, whose arrays the next step may donate away.
     self._pending: tuple[int, Any, Any] | None = None

@@ -220,6 +220,51 @@ def test_paths_ride_out_an_outage(gcs):
   assert paths.list_files(f"{BUCKET}/blip") == {"a.json": 8}
 
 
+def test_tensorstore_retries_add_up_to_the_budget():
+  # backoff 1, 2, 4, 8, 16, then 30 s: the most retries whose delays fit
+  spec = ckpt_lib.tensorstore_retries
+  assert spec(0.5)["max_retries"] == 1  # at least one
+  assert spec(3)["max_retries"] == 2  # 1 + 2
+  assert spec(6.9)["max_retries"] == 2  # 1 + 2 (+ 4 > 6.9)
+  assert spec(7)["max_retries"] == 3
+  assert spec(300)["max_retries"] == 13  # 31 + 8 * 30 = 271 (+ 30 > 300)
+  assert spec(300)["initial_delay"] == "1s" and spec(300)["max_delay"] == "30s"
+
+
+def test_orbax_writes_to_a_dead_bucket_give_up_within_the_budget(gcs, monkeypatch):
+  """Orbax writes arrays through TensorStore, whose own GCS retries (32, up to
+  32 s apart) would keep a save waiting on a dead bucket for ~15 minutes: a
+  Checkpointer in a bucket bounds them by the budget, in every context Orbax
+  builds."""
+  import tensorstore as ts
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+  for base in (ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT):
+    monkeypatch.setitem(base, "gcs_request_retries", None)  # put back after the test
+  monkeypatch.setattr(io_retry, "_budget_s", 6.0)
+  ckpt_lib.Checkpointer(f"{BUCKET}/ts_bound").close()
+  want = ckpt_lib.tensorstore_retries(3.0)  # half the budget: the Checkpointer retries too
+  for ocdbt in (False, True):
+    got = ts_utils.get_ts_context(use_ocdbt=ocdbt).spec.to_json()["gcs_request_retries"]
+    assert (got["max_retries"], got["max_delay"]) == (want["max_retries"], want["max_delay"])
+
+  ctx = ts_utils.get_ts_context(use_ocdbt=False)
+  gcs.stop()
+  t0 = time.monotonic()
+  try:
+    with pytest.raises(ValueError, match="retry attempts failed"):
+      ts.open(
+        {"driver": "zarr", "kvstore": f"{BUCKET}/ts_bound/x"},
+        create=True,
+        dtype=ts.float32,
+        shape=[4],
+        context=ctx,
+      ).result()
+  finally:
+    gcs.start()
+  assert time.monotonic() - t0 < 20  # 1 + 2 s of backoff, not minutes
+
+
 @pytest.mark.slow
 def test_checkpoint_save_in_an_outage_is_saved_again_whole(gcs, monkeypatch):
   """A save whose upload fails (gcsfs gives up after its own ~30 s of retries)
