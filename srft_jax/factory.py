@@ -691,6 +691,15 @@ def _check_devices(spec: RunSpec) -> None:
       shared_prefix=stage.step.group > 0,
       label=stage.name,
     )
+  shards = shd.batch_shards(mesh_shape, spec.model.rules)
+  for stage in spec.stages:
+    pack_rows = stage.step.pack_rows
+    if stage.step.pack_len and pack_rows % shards:
+      raise ValueError(
+        f"config.batch.pack_rows: a packed slot's {pack_rows} rows (0 takes a quarter "
+        f"of a micro-batch's) do not split over the mesh's {shards} data shards, so "
+        f"every shard would run every slot; set a multiple of {shards}"
+      )
   if b.prompts_per_step % jax.process_count():
     raise ValueError(
       f"config.batch.prompts_per_step: must divide over {jax.process_count()} processes"

@@ -246,7 +246,7 @@ def test_packed_train_step_is_the_trainers(tmp_path):
     "mesh.data": 2,
     "mesh.fsdp": 4,
     "batch.packing": True,
-    "batch.pack_rows": 3,  # 32 rows a micro-batch of <= 16 tokens: 16 bins, 6 slots
+    "batch.pack_rows": 8,  # 32 rows a micro-batch of <= 16 tokens: 16 bins, 2 slots
   }
   spec = factory.run_spec(factory.load_config(str(ROOT / "configs" / "default.py")), over)
   mesh = spec.make_mesh()
@@ -255,7 +255,7 @@ def test_packed_train_step_is_the_trainers(tmp_path):
   tr = trainer_lib.Trainer(model, spec, tokenizer=None, scorer=None, mesh=mesh)
   tr.enter_stage(spec.stages[0], fresh_optimizer=True)
   cfg = tr.step_cfg
-  assert (cfg.pack_len, cfg.pack_rows) == (16, 3)
+  assert (cfg.pack_len, cfg.pack_rows) == (16, 8)
 
   # One step's rows as the trainer has them: left-padded prompts, right-padded responses.
   layout = tr.stage.layout

@@ -369,6 +369,22 @@ def test_config_fields_reach_the_step_and_are_checked(tokenizer_path):
     factory.run_spec(c, {"batch.pack_rows": -1})
 
 
+def test_pack_rows_must_split_over_the_data_shards(tokenizer_path):
+  """A slot whose rows do not split over the data shards would run whole on
+  every shard: refused before anything compiles, naming the field."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  c = factory.with_overrides(
+    factory.load_config(helpers.ROOT + "/configs/default.py"),
+    {"batch.packing": True, "data.tokenizer": tokenizer_path, "warmup.steps": 0},
+  )
+  assert factory.run_spec(c, {"batch.pack_rows": 8}).stages[0].step.pack_rows == 8
+  with pytest.raises(factory.ConfigError, match=r"config\.batch\.pack_rows: .* 8 data shards"):
+    factory.run_spec(c, {"batch.pack_rows": 12})
+  four = {"batch.pack_rows": 12, "mesh.data": 4, "mesh.tensor": 2}  # 4 data shards: 12 splits
+  assert factory.run_spec(c, four).stages[0].step.pack_rows == 12
+
+
 def test_host_row_mask_is_the_assembled_batch_mask():
   """The trainer plans from host masks: they equal the assembled batch's,
   also after dynamic sampling's `take_groups` re-indexes the rollouts."""
@@ -431,7 +447,7 @@ def test_a_packed_run_compiles_once_and_logs_the_fraction(tokenizer_path, tmp_pa
     "data.tokenizer": tokenizer_path,
     "batch.prompts_per_step": 4,
     "batch.packing": True,
-    "batch.pack_rows": 2,
+    "batch.pack_rows": 8,  # a multiple of the 8 data shards
     "checkpoint.every": 0,
     "eval.before": False,
     "eval.after": False,
