@@ -15,7 +15,9 @@ an async save whose arrays the next step has already replaced is dropped with
 a warning, the next save taking its place. Either way the last complete
 checkpoint stays intact (Orbax marks a finished step last and a new manager
 clears unfinished ones), and failures that outlast `checkpoint.io_retry_s`
-raise `io_retry.StorageUnavailable` (docs/method.md §14.3).
+raise `io_retry.StorageUnavailable` (docs/method.md §14.3). With several
+processes every save ends in an agreement (one all-gather of each process's
+outcome), so they retry, drop or give up together.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import threading
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -115,13 +118,13 @@ class Checkpointer:
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=True,
     )
-    # Saves are retried in a bucket, and by one process: a multi-host save is
-    # collective (Orbax's barriers), so a retry on one host alone would hang.
-    self._retry = "://" in directory and jax.process_count() == 1
-    if "://" in directory:
-      # A request's own retries take half the budget when a failed save is
-      # saved again here, the whole budget when they are the only ones.
-      bound_tensorstore_retries(io_retry.budget() / (2 if self._retry else 1))
+    # Saves are retried in a bucket. A multi-host save is collective (Orbax's
+    # barriers), so the processes agree after every save and every try on what
+    # they all do next (`_agree`): a retry on one host alone would hang.
+    self._retry = "://" in directory
+    if self._retry:
+      # A request's own retries take half the budget: a failed save is saved again.
+      bound_tensorstore_retries(io_retry.budget() / 2)
     # (step, args, state) of the save in flight: `state` is the train state it
     # holds, whose arrays the next step may donate away.
     self._pending: tuple[int, Any, Any] | None = None
@@ -134,7 +137,36 @@ class Checkpointer:
 
     if not self._retry:
       return open_manager()
-    return io_retry.retry("open checkpoints", str(self.directory), open_manager)
+    return io_retry.retry(
+      "open checkpoints", str(self.directory), open_manager, agree=self._agreement()
+    )
+
+  def _agreement(self):
+    """`_agree` when several processes save together, else None (alone, a
+    process's own outcome decides)."""
+    return self._agree if jax.process_count() > 1 else None
+
+  def _agree(self, outcome: int) -> int:
+    """The worst of the processes' outcomes (`io_retry.OK` ... `FAIL`), by one
+    small all-gather: every process then takes the same way."""
+    if jax.process_count() == 1:
+      return outcome
+    return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+
+  def _decide(self, err: BaseException | None, what: str) -> int:
+    """The agreed outcome of a save (or its wait) that raised `err` here (None:
+    it did not); raises when no retry cures it, here or on another process."""
+    mine = io_retry.outcome(err) if self._retry or err is None else io_retry.FAIL
+    worst = self._agree(mine)
+    if worst == io_retry.FAIL:
+      if err is not None:
+        raise err
+      raise RuntimeError(f"{what} in {self.directory} failed on another process")
+    return worst
+
+  @staticmethod
+  def _elsewhere(err: BaseException | None, what: str) -> BaseException:
+    return err if err is not None else ConnectionError(f"{what} failed on another process")
 
   def _reopen(self) -> None:
     """A new manager after a failed save (the old one re-raises its error on
@@ -160,14 +192,15 @@ class Checkpointer:
       data=ocp.args.JsonSave(data_state),
       meta=ocp.args.JsonSave(meta),
     )
+    err = None
     try:
       self._mgr.save(step, args=args, force=force)
-    except Exception as e:
-      if not (self._retry and io_retry.is_transient(e)):
-        raise
-      self._failed(step, args, state, e)
+    except Exception as e:  # noqa: BLE001 - `_decide` raises what no retry cures
+      err = e
+    if self._decide(err, f"checkpoint step {step}") == io_retry.OK:
+      self._pending = (step, args, state)
       return
-    self._pending = (step, args, state)
+    self._failed(step, args, state, self._elsewhere(err, f"checkpoint step {step}"))
 
   def wait(self):
     self._settle()
@@ -175,22 +208,28 @@ class Checkpointer:
   def _settle(self) -> None:
     """Waits for the save in flight; a failed one is saved again or dropped (`_failed`)."""
     pending, self._pending = self._pending, None
+    err = None
     try:
       with _quiet_failed_saves():
         self._mgr.wait_until_finished()
-    except Exception as e:
-      if not (self._retry and io_retry.is_transient(e) and pending is not None):
-        raise
-      self._failed(*pending, e)
+    except Exception as e:  # noqa: BLE001 - raised below unless a retry cures it
+      err = e
+    if pending is None:  # (the same on every process: saves are collective)
+      if err is not None:
+        raise err
       return
-    if pending is not None:
+    what = f"checkpoint step {pending[0]}"
+    if self._decide(err, what) == io_retry.OK:
       self._streak.succeeded()
+      return
+    self._failed(*pending, self._elsewhere(err, what))
 
   def _failed(self, step: int, args: Any, state: Any, e: BaseException) -> None:
     global failed_saves
     failed_saves += 1
     self._reopen()
-    if not _arrays_alive(state):  # the next step replaced them: the next save takes its place
+    alive = self._agree(io_retry.OK if _arrays_alive(state) else io_retry.RETRY) == io_retry.OK
+    if not alive:  # the next step replaced them: the next save takes its place
       log.warning(
         "checkpoint step %d in %s was not saved (%s: %s); the next save takes its place",
         step,
@@ -198,7 +237,7 @@ class Checkpointer:
         type(e).__name__,
         str(e)[:200],
       )
-      self._streak.failed(e)
+      self._streak.failed(e, agree=self._agreement())
       return
     log.warning(
       "checkpoint step %d in %s failed (%s: %s); saving it again",
@@ -208,18 +247,22 @@ class Checkpointer:
       str(e)[:200],
     )
 
+    tries = 0
+
     def save_now():
+      nonlocal tries
+      if tries:  # after a failed try, on every process (a manager opens collectively)
+        self._reopen()
+      tries += 1
       if step in self._mgr.all_steps():  # finished before the error
         return
-      try:
-        self._mgr.save(step, args=args, force=True)
-        self._mgr.wait_until_finished()
-      except Exception:
-        self._reopen()
-        raise
+      self._mgr.save(step, args=args, force=True)
+      self._mgr.wait_until_finished()
 
     with _quiet_failed_saves():
-      io_retry.retry("checkpoint save", f"{self.directory}/{step}", save_now)
+      io_retry.retry(
+        "checkpoint save", f"{self.directory}/{step}", save_now, agree=self._agreement()
+      )
     self._streak.succeeded()
 
   def restore(

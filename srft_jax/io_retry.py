@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -71,12 +72,48 @@ class _OneLine(logging.Filter):
 _ONE_LINE = _OneLine()
 
 
+def _late_callback(exc: BaseException | None) -> bool:
+  """A storage client's completion callback that ran after the event loop it
+  reports to had closed: TensorStore finishing a write of a failed async save
+  (whose loop Orbax already ended) prints one such bare traceback per write.
+  Nothing is lost with it; the save's own error is handled where it is raised."""
+  return type(exc) is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def _excepthook(hook):
+  def quiet(exc_type, exc, tb):
+    if _late_callback(exc):
+      log.debug("a storage callback ran after its event loop closed")
+      return
+    hook(exc_type, exc, tb)
+
+  quiet.srft_quiet = True
+  return quiet
+
+
+def _unraisablehook(hook):
+  def quiet(unraisable):
+    if _late_callback(unraisable.exc_value):
+      log.debug("a storage callback ran after its event loop closed")
+      return
+    hook(unraisable)
+
+  quiet.srft_quiet = True
+  return quiet
+
+
 def quiet_client_logs() -> None:
   """Tracebacks of transient storage errors out of the log (`_OneLine`), on
-  every handler of the root logger (a library's records reach them all)."""
+  every handler of the root logger (a library's records reach them all); and
+  out of stderr, the late callbacks of a failed save (`_late_callback`), which
+  reach `sys.excepthook` (or `sys.unraisablehook`) from a client's thread."""
   for handler in logging.getLogger().handlers:
     if _ONE_LINE not in handler.filters:
       handler.addFilter(_ONE_LINE)
+  if not getattr(sys.excepthook, "srft_quiet", False):
+    sys.excepthook = _excepthook(sys.excepthook)
+  if not getattr(sys.unraisablehook, "srft_quiet", False):
+    sys.unraisablehook = _unraisablehook(sys.unraisablehook)
 
 
 class StorageUnavailable(OSError):
@@ -160,6 +197,20 @@ def is_transient(e: BaseException) -> bool:
   return False
 
 
+# A try's outcome, ordered: the worst over the processes decides what they all do.
+OK, RETRY, GIVE_UP, FAIL = 0, 1, 2, 3
+
+
+def outcome(err: BaseException | None, *, past_budget: bool = False) -> int:
+  """`OK` (no error), `RETRY` (transient, budget left), `GIVE_UP` (transient,
+  budget spent) or `FAIL` (an error no retry cures)."""
+  if err is None:
+    return OK
+  if not is_transient(err):
+    return FAIL
+  return GIVE_UP if past_budget else RETRY
+
+
 def retry(
   op: str,
   path: str,
@@ -168,40 +219,64 @@ def retry(
   budget_s: float | None = None,
   sleep: Callable[[float], Any] = time.sleep,
   clock: Callable[[], float] = time.monotonic,
+  agree: Callable[[int], int] | None = None,
 ) -> T:
   """`fn()`, retried with backoff while it fails transiently, for up to the
-  budget; then `StorageUnavailable`. Non-transient errors pass through."""
+  budget; then `StorageUnavailable`. Non-transient errors pass through.
+
+  `agree` makes the retries collective (a multi-host checkpoint save): every
+  process calls `fn` the same number of times and leaves together. After each
+  try it maps this process's outcome (`OK`, `RETRY`, `GIVE_UP`, `FAIL`) to the
+  worst over all processes: one failure retries everyone, one spent budget or
+  non-transient error ends it for all."""
   budget_s = _budget_s if budget_s is None else budget_s
   start = clock()
   delay = FIRST_DELAY_S
   attempt = 0
   while True:
     attempt += 1
+    err = None
     try:
       out = fn()
     except Exception as e:  # noqa: BLE001 - classified just below
-      if not is_transient(e):
-        raise
-      waited = clock() - start
+      err = e
+    waited = clock() - start
+    if agree is None:
+      if err is None:
+        break
+      if not is_transient(err):
+        raise err
       if waited + delay > budget_s:
-        raise StorageUnavailable(op, path, e, waited) from e
-      log.warning(
-        "%s %s: %s: %s; retry %d in %.0fs (%.0fs of the %.0fs budget used)",
-        op,
-        path,
-        type(e).__name__,
-        _one_line(e),
-        attempt,
-        delay,
-        waited,
-        budget_s,
-      )
-      sleep(delay)
-      delay = min(2 * delay, MAX_DELAY_S)
-      continue
-    if attempt > 1:
-      log.warning("%s %s: succeeded on try %d after %.0fs", op, path, attempt, clock() - start)
-    return out
+        raise StorageUnavailable(op, path, err, waited) from err
+    else:  # every process takes the worst outcome's way
+      mine = outcome(err, past_budget=waited + delay > budget_s)
+      worst = agree(mine)
+      if worst == OK:
+        break
+      if err is None:  # this process's try succeeded, another one's did not
+        err = ConnectionError(f"{op} {path} failed on another process")
+      if worst == FAIL:
+        if mine == FAIL:
+          raise err
+        raise RuntimeError(f"{op} {path} failed on another process") from err
+      if worst == GIVE_UP:
+        raise StorageUnavailable(op, path, err, waited) from err
+    log.warning(
+      "%s %s: %s: %s; retry %d in %.0fs (%.0fs of the %.0fs budget used)",
+      op,
+      path,
+      type(err).__name__,
+      _one_line(err),
+      attempt,
+      delay,
+      waited,
+      budget_s,
+    )
+    sleep(delay)
+    delay = min(2 * delay, MAX_DELAY_S)
+  if attempt > 1:
+    log.warning("%s %s: succeeded on try %d after %.0fs", op, path, attempt, clock() - start)
+  return out
 
 
 class Streak:
@@ -213,11 +288,16 @@ class Streak:
     self.op, self.path, self._clock = op, str(path), clock
     self.since: float | None = None
 
-  def failed(self, e: BaseException) -> None:
+  def failed(self, e: BaseException, agree: Callable[[int], int] | None = None) -> None:
+    """Counts a failure; past the budget raises. With `agree` (a collective
+    save) the processes give up together, when any one's budget is spent."""
     now = self._clock()
     if self.since is None:
       self.since = now
-    if now - self.since > _budget_s:
+    past = now - self.since > _budget_s
+    if agree is not None:
+      past = agree(GIVE_UP if past else RETRY) == GIVE_UP
+    if past:
       raise StorageUnavailable(self.op, self.path, e, now - self.since) from e
 
   def succeeded(self) -> None:

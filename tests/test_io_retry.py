@@ -124,6 +124,50 @@ def test_budget_runs_out_with_one_line_naming_path_op_and_error():
   assert isinstance(e, OSError)
 
 
+def test_collective_retries_take_the_worst_outcome_of_the_processes():
+  """With `agree` (a multi-host save) this process follows the worst outcome:
+  it tries again after its own success when another failed, stops when another
+  spent its budget or hit a permanent error, and returns only when all did."""
+  clock = _Clock()
+  ok = lambda: "ok"  # noqa: E731
+
+  def run(others, fn=ok, budget_s=600):
+    seen, script = [], iter(others)
+
+    def agree(mine):
+      seen.append(mine)
+      return max(mine, next(script))
+
+    try:
+      return io_retry.retry(
+        "save", "gs://b/ck/3", fn, budget_s=budget_s, sleep=clock.sleep, clock=clock, agree=agree
+      ), seen
+    except Exception as e:  # noqa: BLE001
+      return e, seen
+
+  R, G, F, OK = io_retry.RETRY, io_retry.GIVE_UP, io_retry.FAIL, io_retry.OK
+  assert run([R, R, OK]) == ("ok", [OK, OK, OK])  # tried 3 times for the others
+  e, seen = run([G])
+  assert isinstance(e, io_retry.StorageUnavailable) and seen == [OK]
+  assert "failed on another process" in str(e)
+  e, seen = run([F])
+  assert isinstance(e, RuntimeError) and "save gs://b/ck/3 failed on another process" in str(e)
+
+  def down():
+    raise ConnectionResetError("reset by peer")
+
+  clock.sleeps.clear()
+  e, seen = run([OK] * 10, down, budget_s=20)  # its own budget: it gives up, and says so
+  assert isinstance(e, io_retry.StorageUnavailable) and seen == [R, R, R, R, G]
+  assert clock.sleeps == [1, 2, 4, 8]
+
+  def denied():
+    raise PermissionError("gs://b/ck/3")
+
+  e, seen = run([OK], denied)
+  assert isinstance(e, PermissionError) and seen == [F]
+
+
 def test_permanent_errors_are_not_retried():
   clock = _Clock()
   for err in (FileNotFoundError("gs://b/none"), ValueError("bad")):
@@ -150,6 +194,13 @@ def test_streak_raises_only_past_the_budget_and_resets_on_success(monkeypatch):
   clock.now = 40.5
   with pytest.raises(io_retry.StorageUnavailable, match="checkpoint save gs://b/ck failed for 10s"):
     s.failed(err)
+  # Collective (multi-host): given up when any process's budget is spent.
+  s = io_retry.Streak("checkpoint save", "gs://b/ck", clock=clock)
+  told = []
+  s.failed(err, agree=lambda mine: told.append(mine) or io_retry.RETRY)
+  with pytest.raises(io_retry.StorageUnavailable):
+    s.failed(err, agree=lambda mine: told.append(mine) or io_retry.GIVE_UP)
+  assert told == [io_retry.RETRY, io_retry.RETRY]  # its own budget was not spent
 
 
 def test_budget_is_validated():
@@ -191,6 +242,51 @@ def test_transient_tracebacks_leave_the_log_in_one_line():
     "[thread=array_type_handler] _SignalingThread.run() raised an exception: "
     "NOT_FOUND: Error reading step/.zarray"
   )
+
+
+_LATE_CALLBACK = """
+import asyncio, os, sys, time
+os.environ["TENSORSTORE_GCS_HTTP_URL"] = "http://127.0.0.1:9"  # nothing listens
+os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "x"
+import tensorstore as ts
+if sys.argv[1] == "quiet":
+  from srft_jax import io_retry
+  io_retry.quiet_client_logs()
+retries = {"max_retries": 2, "initial_delay": "0.2s", "max_delay": "0.5s"}
+ctx = ts.Context({"gcs_request_retries": retries})
+
+async def save():  # an async save that ends (fails) before its write does
+  write = ts.open({"driver": "zarr", "kvstore": "gs://bucket-x/x"}, create=True,
+                  dtype=ts.float32, shape=[4], context=ctx)
+  asyncio.ensure_future(write)
+  await asyncio.sleep(0.05)
+
+loop = asyncio.new_event_loop()
+loop.run_until_complete(save())
+loop.close()
+time.sleep(2)  # the write gives up and reports to the closed loop
+raise RuntimeError("the main thread's own error is still printed")
+"""
+
+
+def test_late_callbacks_of_a_failed_save_print_no_traceback():
+  """TensorStore reports a write that outlived its event loop (a failed async
+  save's) through sys.excepthook: a bare traceback per write, which the job
+  drops; any other error is printed as before."""
+  import subprocess
+  import sys
+
+  def run(mode):
+    p = subprocess.run(
+      [sys.executable, "-c", _LATE_CALLBACK, mode], capture_output=True, text=True, timeout=120
+    )
+    return p.stderr
+
+  loud, quiet = run("loud"), run("quiet")
+  assert "RuntimeError: Event loop is closed" in loud  # what the job's log showed
+  assert "Event loop is closed" not in quiet, quiet[-2000:]
+  assert "RuntimeError: the main thread's own error is still printed" in quiet
+  assert quiet.count("Traceback") == 1
 
 
 # ----------------------------------------------------------------------------

@@ -180,3 +180,110 @@ def test_two_processes_in_a_bucket_match_one_process_after_kill_and_resume(singl
   assert f"checkpoints/{STEPS}/_CHECKPOINT_METADATA" in files
   assert "results.json" in files and any(f.startswith("tokenizer/task_sp_") for f in files)
   _assert_same_run(single, multi)
+
+
+# ----------------------------------------------------------------------------
+# Failed saves across hosts: the processes agree, so none waits at a barrier
+# ----------------------------------------------------------------------------
+
+# Each process saves a (4,)-sharded array over both processes' devices at steps
+# 1-5 in the bucket, with storage faults injected into Orbax's manager (a
+# ConnectionError is what gcsfs raises when the bucket is away): step 2 fails on
+# both hosts as the save starts; step 3 on host 1 only, after the save finished
+# (its wait raises); step 4 on host 0 only, with a permanent error; step 5 on
+# both, for good (past the 4 s budget). Prints one JSON line.
+_SAVES = r"""
+import json, sys
+import jax, numpy as np
+import orbax.checkpoint as ocp
+pid, port, wd = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from jax.sharding import NamedSharding, PartitionSpec as P
+from srft_jax import checkpoint as ckpt_lib, io_retry
+
+io_retry.set_budget(4)
+mesh = jax.make_mesh((4,), ("d",), devices=jax.devices())
+sh = NamedSharding(mesh, P("d"))
+
+def state(step):
+  return {"w": jax.make_array_from_callback((8,), sh, lambda i: np.arange(8.0)[i] * step)}
+
+faults = {"save": [], "wait": []}  # the errors the next calls raise, one a call
+real_save, real_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+
+def save(self, *a, **k):
+  if faults["save"]:
+    raise faults["save"].pop()
+  return real_save(self, *a, **k)
+
+def wait(self):
+  real_wait(self)
+  if faults["wait"]:
+    raise faults["wait"].pop()
+
+ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished = save, wait
+ck = ckpt_lib.Checkpointer(f"{wd}/checkpoints", keep=10)
+out = {}
+for step, where, kind in [
+  (1, (), None), (2, (0, 1), "save"), (3, (1,), "wait"), (4, (0,), "perm"), (5, (0, 1), "down")
+]:
+  mine = pid in where
+  if mine and kind == "save":
+    faults["save"] = [ConnectionError("injected: the bucket blinked")]
+  if mine and kind == "down":
+    faults["save"] = [ConnectionError("injected: the bucket is gone")] * 10**6
+  try:
+    ck.save(step, state(step), {"i": step}, {"step": step})
+    if mine and kind == "wait":  # the save's own wait (Checkpointer.wait)
+      faults["wait"] = [ConnectionError("injected: the upload was cut")]
+    if mine and kind == "perm":
+      faults["wait"] = [PermissionError("injected: the bucket refuses")]
+    ck.wait()
+    out[step] = "ok"
+  except Exception as e:
+    out[step] = type(e).__name__ + ": " + str(e)[:160]
+  faults = {"save": [], "wait": []}
+  out[f"failed_{step}"] = ckpt_lib.failed_saves
+steps = ck.all_steps()
+_, got, data, meta = ck.restore({"w": jax.ShapeDtypeStruct((8,), np.float64, sharding=sh)}, 3)
+out["restored_3"] = np.asarray(jax.experimental.multihost_utils.process_allgather(got["w"], tiled=True)).tolist()
+out["steps"] = steps
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def test_failed_saves_are_agreed_across_hosts(gcs, tmp_path):
+  """Retried together, dropped together, given up together: both processes
+  see the same outcome at every step and neither hangs at Orbax's barriers."""
+  import json
+  import subprocess
+  import sys
+
+  port, wd = _free_port(), "gs://srft-test/mh_saves"
+  env = {**_env(2), "JAX_ENABLE_X64": "1"}
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _SAVES, str(pid), str(port), wd],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for pid in range(2)
+  ]
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  results = []
+  for p, text in zip(procs, outs):
+    assert p.returncode == 0, text[-4000:]
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+    results.append(json.loads(line[len("RESULT ") :]))
+  r0, r1 = results
+  for r in results:
+    assert r["1"] == r["2"] == r["3"] == "ok", r  # 2 and 3 saved again by both
+    assert r["failed_1"] == 0 and r["failed_2"] == 1 and r["failed_3"] == 2, r
+    assert r["5"].startswith("StorageUnavailable: storage unavailable: checkpoint save"), r
+    assert "checkpoint.io_retry_s=4" in r["5"], r
+    assert r["restored_3"] == [3.0 * i for i in range(8)], r
+  assert r0["4"].startswith("PermissionError: injected"), r0  # the host that failed
+  assert r1["4"].startswith("RuntimeError: checkpoint step 4 in gs://srft-test/mh_saves"), r1
+  assert r0["steps"] == r1["steps"] and {1, 2, 3} <= set(r0["steps"]), r0
