@@ -351,3 +351,101 @@ def test_resume_with_another_teacher_is_refused(tmp_path):
   with pytest.raises(factory.ConfigError, match=r"distilled from /teachers/a.*has no teacher"):
     trainer_lib.check_resume_teacher(ckpt, None)
   ckpt.close()
+
+
+# ----------------------------------------------------------------------------
+# End to end: `opd` through job.run, a stop and a resume
+# ----------------------------------------------------------------------------
+
+E2E = {
+  "warmup.steps": 0,
+  "method": "opd",
+  "batch.prompts_per_step": 4,
+  "batch.minibatches": 1,
+  "rollout.n_rollouts": 4,
+  "data.max_response_len": 16,
+  "data.task_train_size": 64,
+  "model.embed_dim": 32,
+  "model.num_layers": 1,
+  "model.mlp_dim": 64,
+  "optim.lr": 1e-2,
+  # The exact KL: a steady fall in a few steps (the sampled estimate is noisy at this size).
+  "loss.distill_estimator": "full",
+  "eval.before": False,
+  "eval.after": False,
+  "log.progress": False,
+  "log.tensorboard": False,
+  "log.plots": False,
+  "checkpoint.every": 1,
+  "seed": 3,
+}
+E2E_STEPS = 12
+
+
+def _confident_teacher(path, vocab_size, seed, scale=20.0):
+  """A random teacher whose output layer is scaled up: peaked distributions
+  that a random student is far from (a large reverse KL to close)."""
+  cfg = dataclasses.replace(TEACHER, vocab_size=vocab_size, tie_embeddings=False, max_seq_len=128)
+  model = model_lib.create_model(cfg, seed=seed)
+  model.lm_head[...] = model.lm_head[...] * scale
+  hf.save_model(model, str(path))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def opd_runs(tmp_path_factory, tokenizer_path):
+  """`run(workdir, **overrides)`: job.run of the tiny `opd` run (a confident
+  random teacher, the task tokenizer named by teacher.tokenizer), every run
+  sharing one persistent compilation cache."""
+  from srft_jax import job
+  from srft_jax import tokenizer as tok_lib
+
+  root = tmp_path_factory.mktemp("opd")
+  vocab = tok_lib.load_tokenizer(tokenizer_path).vocab_size
+  teachers = {s: _confident_teacher(root / f"teacher{s}", vocab, seed=s) for s in (5, 6)}
+  base = {
+    **E2E,
+    "data.tokenizer": tokenizer_path,
+    "teacher.hf_path": teachers[5],
+    "teacher.tokenizer": tokenizer_path,
+    "checkpoint.compile_cache": str(root / "compile_cache"),
+  }
+
+  def run(workdir, **overrides):
+    c = factory.with_overrides(
+      factory.load_config(os.path.join(helpers.ROOT, "configs", "default.py")),
+      {**base, "steps": E2E_STEPS, **overrides},
+    )
+    return job.run(factory.run_spec(c), str(workdir))
+
+  run.teachers, run.root = teachers, root
+  return run
+
+
+def _metric_rows(workdir):
+  with open(os.path.join(str(workdir), "logs", "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [{k: v for k, v in r.items() if k.startswith(("loss/", "step"))} for r in rows]
+
+
+@pytest.mark.slow
+def test_opd_run_closes_the_kl_and_resumes_bitwise(opd_runs, tmp_path):
+  """`opd` end to end: the teacher KL falls; the checkpoints name the teacher;
+  a run stopped halfway and resumed ends bitwise where the unbroken run ends
+  (metrics and export); a resume with another teacher is refused before its
+  step compiles."""
+  straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+  assert opd_runs(straight)["steps"] == E2E_STEPS
+  rows = _metric_rows(straight)
+  kl = [r["loss/teacher_kl"] for r in rows]
+  assert len(kl) == E2E_STEPS and np.mean(kl[-3:]) < 0.9 * np.mean(kl[:3]), kl
+  meta = ckpt_lib.Checkpointer(str(straight / "checkpoints")).read_meta()
+  assert meta["teacher"]["path"] == opd_runs.teachers[5] and len(meta["teacher"]["hash"]) == 64
+
+  assert opd_runs(stopped, steps=E2E_STEPS // 2)["steps"] == E2E_STEPS // 2
+  with pytest.raises(factory.ConfigError, match="another teacher"):
+    opd_runs(stopped, **{"teacher.hf_path": opd_runs.teachers[6]})
+  assert opd_runs(stopped)["steps"] == E2E_STEPS
+  assert _metric_rows(stopped) == rows
+  export = os.path.join("export", "hf", "model.safetensors")
+  assert (straight / export).read_bytes() == (stopped / export).read_bytes()
