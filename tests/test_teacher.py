@@ -17,8 +17,10 @@ from flax import nnx
 from srft_jax import checkpoint as ckpt_lib
 from srft_jax import factory
 from srft_jax import hf
+from srft_jax import lora
 from srft_jax import model as model_lib
 from srft_jax import objectives as obj
+from srft_jax import packing
 from srft_jax import sharding as shd
 from srft_jax import step as step_lib
 from srft_jax import trainer as trainer_lib
@@ -46,16 +48,19 @@ TEACHER = dataclasses.replace(
 
 
 def _batch(seed, rows=8):
-  """[rows, P + R] rows as the trainer lays them out: a left-padded prompt, a
-  right-padded response; every fourth row a demonstration."""
+  """[rows, P + R] rows as the trainer lays them out: groups of 4 rows sharing
+  a left-padded prompt, each with a right-padded response; the fourth of a
+  group a demonstration."""
   rs = np.random.RandomState(seed)
-  plen, rlen = rs.randint(2, P + 1, rows), rs.randint(1, R + 1, rows)
+  plen, rlen = np.repeat(rs.randint(2, P + 1, rows // 4), 4), rs.randint(1, R + 1, rows)
   pmask = np.arange(P)[None] >= (P - plen)[:, None]
   rmask = np.arange(R)[None] < rlen[:, None]
   mask = np.concatenate([pmask, rmask], 1).astype(np.int32)
   response = np.concatenate([np.zeros_like(pmask), rmask], 1)[:, 1:].astype(np.int32)
+  tokens = rs.randint(1, V, (rows, T))
+  tokens[:, :P] = np.repeat(tokens[::4, :P], 4, axis=0)
   return {
-    "tokens": jnp.asarray(rs.randint(1, V, (rows, T)) * mask, jnp.int32),
+    "tokens": jnp.asarray(tokens * mask, jnp.int32),
     "mask": jnp.asarray(mask),
     "response_mask": jnp.asarray(response),
     "old_logp": jnp.asarray(-3.0 * rs.rand(rows, T - 1) * response, jnp.float32),
@@ -133,10 +138,10 @@ CASES = {
   # the published recipe: sampled estimator, the ratio against the sampler's old_logp
   "opd_sampled": (obj.LossConfig.preset("opd"), {}),
   # SRFT + the exact KL, demonstrations too, a teacher at its own temperature,
-  # only the response columns' logits (as the trainer runs it)
+  # as the trainer runs it: only the response columns, each prompt once a group
   "srft_opd_full": (
     obj.LossConfig.preset("srft_opd", distill_estimator="full", distill_on_demos=True),
-    dict(teacher_temperature=0.7, response_len=R),
+    dict(teacher_temperature=0.7, response_len=R, group=4),
   ),
 }
 
@@ -171,11 +176,11 @@ def test_teacher_equal_to_student_gives_zero_full_loss_and_gradient(models):
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) < 1e-6
 
 
-@pytest.mark.parametrize("estimator", ["sampled", "full"])
-def test_micro_batches_with_a_teacher_are_exact(models, estimator):
-  """Two micro-batches (the teacher's pre-pass in micro-batch chunks) give the
-  one micro-batch's loss, metrics and gradient."""
-  loss_cfg = obj.LossConfig.preset("srft_opd", distill_estimator=estimator, distill_on_demos=True)
+def test_micro_batches_with_a_teacher_are_exact(models):
+  """Two micro-batches (the teacher's pre-pass in micro-batch chunks, its
+  hidden states split with the rows) give the one micro-batch's loss, metrics
+  and gradient; the sampled estimator's: the packed test below."""
+  loss_cfg = obj.LossConfig.preset("srft_opd", distill_estimator="full", distill_on_demos=True)
   one = step_lib.StepConfig(loss=loss_cfg, logit_chunk=16, response_len=R)
   two = dataclasses.replace(one, microbatches=2)
   batch = _batch(2)
@@ -218,6 +223,38 @@ def test_sharded_step_with_a_teacher_equals_single_device(models):
   for k in ("loss", "distill", "distill_demo", "teacher_kl"):
     np.testing.assert_allclose(float(metrics[k]), float(want[0][k]), rtol=1e-5, atol=1e-6)
   _close(grads, want[1])
+
+
+def test_packed_lora_step_with_a_teacher_equals_unpacked(models):
+  """LoRA adapters train beside a separate teacher, the rows packed in two
+  micro-batches (docs/method.md §18): the teacher's log-probs come from the
+  same packed slots, and the step equals the unpacked one-micro-batch step."""
+  _, _, t_graphdef, t_params = models
+  model = lora.attach(model_lib.create_model(STUDENT, seed=1), lora.LoRAConfig(rank=4, alpha=8.0))
+  graphdef, adapters, base = lora.split(model)
+  adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # B != 0: the adapters act
+  batch = _batch(5)
+  plain = step_lib.StepConfig(
+    loss=obj.LossConfig.preset("srft_opd", distill_on_demos=True), logit_chunk=16
+  )
+  packed = dataclasses.replace(plain, microbatches=2, pack_len=T, pack_rows=2)
+  starts, lengths = packing.row_extents(np.asarray(batch["mask"]))
+  plan = packing.make_plan(
+    starts, lengths, row_len=T, pack_len=T, pack_rows=2, minibatches=1, microbatches=2
+  )
+  run = jax.jit(
+    functools.partial(step_lib.train_step, teacher_graphdef=t_graphdef), static_argnums=(0, 1, 2)
+  )
+  out = []
+  for cfg, pack in ((plain, None), (packed, jax.tree.map(jnp.asarray, plan))):
+    state = step_lib.init_train_state(adapters, _SGD)
+    state, metrics = run(graphdef, _SGD, cfg, state, batch, None, base, pack, t_params)
+    out.append((metrics, jax.tree.map(lambda a, b: a - b, adapters, state["params"])))
+  (m0, g0), (m1, g1) = out
+  for k in ("loss", "distill", "distill_demo", "teacher_kl"):
+    np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+  _close(g1, g0)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-3
 
 
 def test_a_teacher_term_needs_the_teacher(models):
