@@ -268,21 +268,26 @@ class TeacherSpec:
     except FileNotFoundError as e:
       raise ConfigError(str(e)) from None
 
+  def _overrides(self, model: ModelSpec) -> dict:
+    """How the teacher runs: the student's rules, layer layout and attention."""
+    kw = dict(rules=model.rules, scan_layers=model.scan_layers)
+    return kw | ({"attention": model.attention} if model.attention else {})
+
   def load(self, model: ModelSpec, mesh):
     """The teacher, loaded as the student is (hf.load_model, any family) and
     sharded on `mesh` by the student's rules, parameters in `dtype`."""
     hf_dir, _ = self.resolve()
     dtype = model_lib.DTYPES[self.dtype]
-    kw = {name: getattr(model, name) for name in ("attention",) if getattr(model, name)}
     return hf.load_model(
-      hf_dir,
-      mesh=mesh,
-      rules=model.rules,
-      dtype=dtype,
-      param_dtype=dtype,
-      scan_layers=model.scan_layers,
-      **kw,
+      hf_dir, mesh=mesh, dtype=dtype, param_dtype=dtype, **self._overrides(model)
     )
+
+  def config(self, model: ModelSpec) -> model_lib.ModelConfig:
+    """The ModelConfig `load` builds, from config.json alone (the AOT tool)."""
+    export = os.path.join(self.hf_path, "export", "hf")
+    where = self.hf_path if paths.exists(os.path.join(self.hf_path, "config.json")) else export
+    kw = dict(dtype=self.dtype, param_dtype=self.dtype, **self._overrides(model))
+    return hf.config_from_hf(hf.read_config(where), **kw)
 
 
 @dataclasses.dataclass(frozen=True)

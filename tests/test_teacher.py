@@ -270,20 +270,6 @@ def test_a_teacher_term_needs_the_teacher(models):
 # ----------------------------------------------------------------------------
 
 
-def _tokenizer_dir(path, words):
-  """A word-level HF tokenizer.json of `words` (after <unk> and </s>) in `path`."""
-  import tokenizers
-
-  vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-  os.makedirs(path, exist_ok=True)
-  tok.save(os.path.join(path, "tokenizer.json"))
-  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump({"eos_token": "</s>"}, f)
-  return str(path)
-
-
 WORDS = [f"w{i}" for i in range(V - 2)]
 
 
@@ -291,14 +277,14 @@ def _teacher_dir(path, vocab_size, words):
   """A tiny random teacher checkpoint (HF layout) with its tokenizer beside it."""
   cfg = dataclasses.replace(TEACHER, vocab_size=vocab_size)
   hf.save_model(model_lib.create_model(cfg, seed=5), str(path))
-  return _tokenizer_dir(path, words)
+  return helpers.word_tokenizer(path, words)
 
 
 def _spec(tmp_path, teacher, **overrides):
   c = factory.with_overrides(
     factory.load_config(os.path.join(helpers.ROOT, "configs", "default.py")),
     {
-      "data.tokenizer": _tokenizer_dir(tmp_path / "student_tok", WORDS),
+      "data.tokenizer": helpers.word_tokenizer(tmp_path / "student_tok", WORDS),
       "warmup.steps": 0,
       "method": "opd",
       "rollout.n_rollouts": 8,  # groups that split over the 8 test devices
@@ -314,7 +300,7 @@ def test_the_teacher_shares_the_students_tokenizer_and_vocabulary(tmp_path):
   of the same size, then another vocabulary size; the same passes."""
   from srft_jax import tokenizer as tok_lib
 
-  student_tok = tok_lib.load_tokenizer(_tokenizer_dir(tmp_path / "student_tok", WORDS))
+  student_tok = tok_lib.load_tokenizer(helpers.word_tokenizer(tmp_path / "student_tok", WORDS))
   same = _teacher_dir(tmp_path / "same", V, WORDS)
   factory.check_teacher(_spec(tmp_path, same), student_tok)
 
