@@ -85,12 +85,21 @@ def _batch(seed, rows=8):
 @pytest.fixture(scope="module")
 def models():
   """(student graphdef, student params, teacher graphdef, teacher params)."""
-  graphdef, params = nnx.split(model_lib.create_model(STUDENT, seed=1))
-  t_graphdef, t_params = nnx.split(model_lib.create_model(TEACHER, seed=2))
+  graphdef, params = nnx.split(model_lib.Transformer(STUDENT, rngs=nnx.Rngs(1)))
+  t_graphdef, t_params = nnx.split(model_lib.Transformer(TEACHER, rngs=nnx.Rngs(2)))
   return graphdef, params, t_graphdef, t_params
 
 
 _SGD = optax.sgd(1.0)  # one object: a static argument; lr 1, so the update is the gradient
+
+
+@functools.cache
+def _jitted_step(teacher_graphdef):
+  """train_step jitted once per teacher graph: a repeated (config, shapes) reuses its program."""
+  return jax.jit(
+    functools.partial(step_lib.train_step, teacher_graphdef=teacher_graphdef),
+    static_argnums=(0, 1, 2),
+  )
 
 
 def _step(models, cfg, batch, teacher=None):
@@ -98,9 +107,7 @@ def _step(models, cfg, batch, teacher=None):
   graphdef, params, t_graphdef, t_params = models
   t_graphdef, t_params = teacher or (t_graphdef, t_params)
   state = step_lib.init_train_state(params, _SGD)
-  run = jax.jit(
-    functools.partial(step_lib.train_step, teacher_graphdef=t_graphdef), static_argnums=(0, 1, 2)
-  )
+  run = _jitted_step(t_graphdef)
   state, metrics = run(graphdef, _SGD, cfg, state, batch, None, None, None, t_params)
   return metrics, jax.tree.map(lambda a, b: a - b, params, state["params"])
 
@@ -216,7 +223,10 @@ def test_sharded_step_with_a_teacher_equals_single_device(models):
   batch = _batch(3)
   want = _step(models, cfg, batch)
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  s_params = nnx.state(model_lib.create_model(STUDENT, seed=1, mesh=mesh))
+  # From host copies: the step donates its state, the fixture's params must survive.
+  s_params = jax.device_put(
+    jax.device_get(params), shd.state_shardings(params, mesh, STUDENT.rules)
+  )
   t_sh = shd.state_shardings(t_params, mesh, STUDENT.rules)
   s_teacher = jax.device_put(t_params, t_sh)
   state = step_lib.init_train_state(s_params, _SGD)
@@ -242,7 +252,9 @@ def test_packed_lora_step_with_a_teacher_equals_unpacked(models):
   micro-batches (docs/method.md §18): the teacher's log-probs come from the
   same packed slots, and the step equals the unpacked one-micro-batch step."""
   _, _, t_graphdef, t_params = models
-  model = lora.attach(model_lib.create_model(STUDENT, seed=1), lora.LoRAConfig(rank=4, alpha=8.0))
+  model = lora.attach(
+    model_lib.Transformer(STUDENT, rngs=nnx.Rngs(1)), lora.LoRAConfig(rank=4, alpha=8.0)
+  )
   graphdef, adapters, base = lora.split(model)
   adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # B != 0: the adapters act
   batch = _batch(5)
@@ -254,9 +266,7 @@ def test_packed_lora_step_with_a_teacher_equals_unpacked(models):
   plan = packing.make_plan(
     starts, lengths, row_len=T, pack_len=T, pack_rows=2, minibatches=1, microbatches=2
   )
-  run = jax.jit(
-    functools.partial(step_lib.train_step, teacher_graphdef=t_graphdef), static_argnums=(0, 1, 2)
-  )
+  run = _jitted_step(t_graphdef)
   out = []
   for cfg, pack in ((plain, None), (packed, jax.tree.map(jnp.asarray, plan))):
     state = step_lib.init_train_state(adapters, _SGD)
