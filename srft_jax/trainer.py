@@ -309,12 +309,13 @@ class Trainer:
         *teacher,
       )
     ref = self.ref_params if cfg.reference else None
-    if plan is None:
-      args = () if self.frozen is None else (self.frozen,)
+    plan_arg = None if plan is None else {k: shd.put_global(v, replicated) for k, v in plan.items()}
+    if cfg.distill:  # jit_train_step's argument layouts
+      args = (self.frozen, plan_arg, self.teacher)
+    elif plan is not None:
+      args = (self.frozen, plan_arg)
     else:
-      args = (self.frozen, {k: shd.put_global(v, replicated) for k, v in plan.items()})
-    if cfg.distill:  # fn(state, batch, ref, frozen, plan, teacher)
-      args = (self.frozen, args[1] if plan is not None else None, self.teacher)
+      args = () if self.frozen is None else (self.frozen,)
     with jax.set_mesh(self.mesh):  # the model's logical activation constraints apply
       self.state, metrics = self._step_fn(self.state, train_batch, ref, *args)
     metrics = dict(metrics)
