@@ -375,6 +375,10 @@ def test_distill_presets_are_selected_like_the_others(tmp_path):
   spec = _spec(tmp_path, teacher, method="opd")
   assert spec.stages[0].layout.n_rollouts > 0  # the teacher term trains on rollouts
   assert not _spec(tmp_path, "", method="srft", **seven).distills
+  c = factory.load_config(os.path.join(helpers.ROOT, "configs", "default.py") + ":srft_opd")
+  assert c.method == "srft_opd"  # a config arg, as the other presets
+  with pytest.raises(factory.ConfigError, match=r"^config\.teacher\.hf_path: stage 'srft_opd'"):
+    factory.run_spec(c)
 
 
 # ----------------------------------------------------------------------------
