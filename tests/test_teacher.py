@@ -445,8 +445,8 @@ def _confident_teacher(path, vocab_size, seed, scale=20.0):
 @pytest.fixture(scope="module")
 def opd_runs(tmp_path_factory, tokenizer_path):
   """`run(workdir, **overrides)`: job.run of the tiny `opd` run (a confident
-  random teacher, the task tokenizer named by teacher.tokenizer), every run
-  sharing one persistent compilation cache."""
+  random teacher in bfloat16, the task tokenizer named by teacher.tokenizer),
+  every run sharing one persistent compilation cache."""
   from srft_jax import job
   from srft_jax import tokenizer as tok_lib
 
@@ -458,6 +458,7 @@ def opd_runs(tmp_path_factory, tokenizer_path):
     "data.tokenizer": tokenizer_path,
     "teacher.hf_path": teachers[5],
     "teacher.tokenizer": tokenizer_path,
+    "teacher.dtype": "bfloat16",  # as a large teacher runs: its params and hidden states
     "checkpoint.compile_cache": str(root / "compile_cache"),
   }
 
