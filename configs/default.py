@@ -5,7 +5,9 @@ First warms a tiny random model up with a short SFT run (so it starts with
 some, not much, accuracy), then trains SRFT from it and reports ID / OOD
 accuracy before and after. Preset args select other methods on the same
 data: `--config=configs/default.py:grpo` (any name of docs/method.md §4, plus
-`sft_then_grpo` and `rl_then_sft`).
+`sft_then_grpo` and `rl_then_sft`). The on-policy distillation presets
+(`opd`, `srft_opd`, docs/method.md §19) need a teacher:
+`--config=configs/default.py:opd --config.teacher.hf_path=TEACHER_WORKDIR`.
 """
 
 import dataclasses
@@ -36,7 +38,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.seed = 0  # model init, data order, sampling keys
   c.steps = 60  # optimizer steps of the main run (all stages)
-  c.method = "srft"  # loss preset (objectives.PRESETS) for a single stage
+  c.method = "srft"  # loss preset (objectives.PRESETS or DISTILL_PRESETS) for a single stage
   c.stages = ""  # two-stage schedule, e.g. "sft:60,grpo" (overrides method)
   c.loss = optional_fields(obj.LossConfig)  # per-field overrides of the preset (single stage only)
   # Group advantages (docs/method.md §1.3): normalize_std, eps; None = the preset's.
@@ -71,6 +73,17 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.lora.dropout = 0.0  # PEFT's lora_dropout: the adapters' input, in the loss forward only
   c.lora.init_seed = 0  # A's random init (B starts at zero: the run starts at the base)
   c.lora.adapter_path = ""  # a PEFT adapter directory to continue from ("" = fresh adapters)
+
+  # A frozen teacher for on-policy distillation (docs/method.md §19): it scores every
+  # token of the student's rollouts in the update's no-gradient pre-pass. Needed by
+  # the distill presets (opd, srft_opd) and any loss.distill_coef > 0; refused otherwise.
+  c.teacher = config_dict.ConfigDict()
+  c.teacher.hf_path = ""  # HF checkpoint directory or training workdir (its export/hf); gs:// ok
+  c.teacher.tokenizer = ""  # its tokenizer where the directory holds none ("" = found beside it)
+  c.teacher.dtype = (
+    "float32"  # compute and parameter dtype of the teacher (bfloat16 for large ones)
+  )
+  c.teacher.temperature = 0.0  # the teacher's softmax temperature; 0 = the student's (rollout's)
 
   c.data = config_dict.ConfigDict()
   c.data.source = "task"  # "task" (built-in) | "tfds" (prepared with srft_jax.data)
@@ -203,12 +216,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       c.batch.prompts_per_step = 16
       c.batch.minibatches = 1
       c.checkpoint.every = 400
-    elif name in obj.PRESETS:
-      c.method = name
+    elif name in obj.PRESETS or name in obj.DISTILL_PRESETS:
+      c.method = name  # a distill preset also needs --config.teacher.hf_path
     else:
       raise ValueError(
         f"configs/default.py: unknown preset arg {arg!r}; known: "
-        f"{sorted(obj.PRESETS) + sorted(TWO_STAGE) + ['teacher']}"
+        f"{sorted(obj.PRESETS) + sorted(obj.DISTILL_PRESETS) + sorted(TWO_STAGE) + ['teacher']}"
       )
     if name in ("grpo", "dapo", "dr_grpo"):
       c.rollout.n_rollouts = 8  # same 8 slots a prompt, all on-policy

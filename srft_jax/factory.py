@@ -30,12 +30,17 @@ from srft_jax import sharding as shd
 from srft_jax import step as step_lib
 from srft_jax import tokenizer as tok_lib
 from srft_jax.data import builders
+from srft_jax.data import distill
 from srft_jax.data import pipeline
 from srft_jax.data import task
 
 # Where a run's training prompts come from: the built-in task, or a dataset
 # prepared with `python -m srft_jax.data prepare`.
 DATA_SOURCES = ("task", "tfds")
+
+# Every loss preset a run can select (config.method, config.stages): the paper's
+# and the on-policy distillation presets, which need config.teacher (§19.5).
+LOSS_PRESETS = {**obj.PRESETS, **obj.DISTILL_PRESETS}
 
 
 class ConfigError(ValueError):
@@ -115,8 +120,10 @@ def parse_stages(stages: str, steps: int, default_method: str) -> list[tuple[str
   items = [s.strip() for s in stages.split(",") if s.strip()]
   for i, item in enumerate(items):
     name, _, n = item.partition(":")
-    if name not in obj.PRESETS:
-      raise ValueError(f"config.stages: unknown loss preset {name!r}; known: {sorted(obj.PRESETS)}")
+    if name not in LOSS_PRESETS:
+      raise ValueError(
+        f"config.stages: unknown loss preset {name!r}; known: {sorted(LOSS_PRESETS)}"
+      )
     if not n:
       if i != len(items) - 1:
         raise ValueError(f"config.stages: only the last stage may omit its length ({stages!r})")
@@ -132,10 +139,11 @@ def parse_stages(stages: str, steps: int, default_method: str) -> list[tuple[str
 
 
 def stage_layout(loss_cfg: obj.LossConfig, n_rollouts: int, n_demos: int) -> step_lib.GroupLayout:
-  """Rollouts only when a rollout term is on; demos only when a demo term is on;
-  demos in the advantage group only when their RL term is on."""
-  n = n_rollouts if loss_cfg.use_self_rl else 0
-  d = n_demos if (loss_cfg.use_sft or loss_cfg.use_demo_rl) else 0
+  """Rollouts only when a rollout term is on (the RL term or the teacher's);
+  demos only when a demo term is on; demos in the advantage group only when
+  their RL term is on."""
+  n = n_rollouts if (loss_cfg.use_self_rl or loss_cfg.distill_coef > 0) else 0
+  d = n_demos if (loss_cfg.use_sft or loss_cfg.use_demo_rl or loss_cfg.distill_on_demos) else 0
   if n + d == 0:
     raise ValueError("loss preset uses neither rollouts nor demonstrations")
   return step_lib.GroupLayout(n, d, demos_in_group=loss_cfg.use_demo_rl)
@@ -149,7 +157,7 @@ def loss_config(name: str, overrides: dict | None, max_response_len: int) -> obj
   """A loss preset with config overrides; Dr.GRPO's constant normaliser uses
   this run's response length unless the config pins one."""
   overrides = _set_fields(overrides)
-  aggregation = overrides.get("aggregation", obj.PRESETS.get(name, {}).get("aggregation"))
+  aggregation = overrides.get("aggregation", LOSS_PRESETS.get(name, {}).get("aggregation"))
   if aggregation == "constant_len" and "max_response_len" not in overrides:
     overrides["max_response_len"] = max_response_len  # also replaces a preset's (srft_code: 8192)
   return obj.LossConfig.preset(name, **overrides)
@@ -232,6 +240,54 @@ class ModelSpec:
       scan_layers=self.scan_layers,
       **self.hf_overrides(),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+  """The frozen teacher of on-policy distillation (config.teacher, docs/method.md §19)."""
+
+  hf_path: str  # HF checkpoint directory or training workdir ("" = no teacher)
+  tokenizer: str  # its tokenizer where the directory holds none ("" = found beside it)
+  dtype: str  # compute and parameter dtype
+  temperature: float  # its softmax temperature; 0 = the student's
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.hf_path)
+
+  def resolve(self) -> tuple[str, str]:
+    """(HF checkpoint directory, tokenizer path) of `hf_path`, a checkpoint
+    directory or a training workdir (its export/hf); ConfigError naming the field."""
+    try:
+      return distill.resolve_teacher(
+        self.hf_path,
+        self.tokenizer,
+        flag="config.teacher.hf_path",
+        tokenizer_flag="config.teacher.tokenizer",
+      )
+    except FileNotFoundError as e:
+      raise ConfigError(str(e)) from None
+
+  def _overrides(self, model: ModelSpec) -> dict:
+    """How the teacher runs: the student's rules, layer layout and attention."""
+    kw = dict(rules=model.rules, scan_layers=model.scan_layers)
+    return kw | ({"attention": model.attention} if model.attention else {})
+
+  def load(self, model: ModelSpec, mesh):
+    """The teacher, loaded as the student is (hf.load_model, any family) and
+    sharded on `mesh` by the student's rules, parameters in `dtype`."""
+    hf_dir, _ = self.resolve()
+    dtype = model_lib.DTYPES[self.dtype]
+    return hf.load_model(
+      hf_dir, mesh=mesh, dtype=dtype, param_dtype=dtype, **self._overrides(model)
+    )
+
+  def config(self, model: ModelSpec) -> model_lib.ModelConfig:
+    """The ModelConfig `load` builds, from config.json alone (the AOT tool)."""
+    export = os.path.join(self.hf_path, "export", "hf")
+    where = self.hf_path if paths.exists(os.path.join(self.hf_path, "config.json")) else export
+    kw = dict(dtype=self.dtype, param_dtype=self.dtype, **self._overrides(model))
+    return hf.config_from_hf(hf.read_config(where), **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,6 +413,7 @@ class RunSpec:
   model: ModelSpec
   lora: lora_lib.LoRAConfig
   lora_adapter_path: str  # a PEFT adapter the run continues from ("" = none)
+  teacher: TeacherSpec  # on-policy distillation's teacher (hf_path "" = none)
   data: DataSpec
   rollout: RolloutSpec
   batch: BatchSpec
@@ -398,6 +455,11 @@ class RunSpec:
     )
     batch = dataclasses.replace(self.batch, microbatches=microbatches)
     return dataclasses.replace(self, batch=batch, stages=stages)
+
+  @property
+  def distills(self) -> bool:
+    """Whether some stage has a teacher term (distill_coef > 0): it needs the teacher."""
+    return any(s.loss.distill_coef > 0 for s in self.stages)
 
   @property
   def reference(self) -> bool:
@@ -467,6 +529,7 @@ def _stage_step_config(c, loss: obj.LossConfig, layout: step_lib.GroupLayout):
     dropout_seed=int(c.seed),
     pack_len=pack_len,
     pack_rows=pack_rows,
+    teacher_temperature=_teacher(c).temperature if loss.distill_coef > 0 else 0.0,
   )
 
 
@@ -508,6 +571,19 @@ def _lora(c) -> tuple[lora_lib.LoRAConfig, str]:
     init_seed=int(lc.init_seed),
   )
   return cfg, (lc.get("adapter_path") or "") if lc.rank > 0 else ""
+
+
+def _teacher(c) -> TeacherSpec:
+  """config.teacher as a TeacherSpec (no teacher block: none)."""
+  t = c.get("teacher")
+  if t is None:
+    return TeacherSpec("", "", "float32", 0.0)
+  return TeacherSpec(
+    hf_path=t.get("hf_path") or "",
+    tokenizer=t.get("tokenizer") or "",
+    dtype=t.get("dtype") or "float32",
+    temperature=float(t.get("temperature") or 0.0),
+  )
 
 
 def _rules(c) -> tuple:
@@ -566,6 +642,7 @@ def _build(c, name: str) -> RunSpec:
     ),
     lora=lcfg,
     lora_adapter_path=adapter,
+    teacher=_teacher(c),
     data=DataSpec(
       source=d.source,
       data_dir=d.data_dir,
@@ -791,6 +868,34 @@ def tokenizer(spec: RunSpec, workdir: str):
   return task.get_task_tokenizer(cache, seed=d.task_seed)
 
 
+def check_teacher(spec: RunSpec, tokenizer) -> None:
+  """The teacher shares the student's tokenizer and vocabulary (docs/method.md
+  §19), or ConfigError naming both: read from their files (config.json and the
+  tokenizers), before any model is built or anything compiles."""
+  if not spec.teacher.enabled:
+    return
+  hf_dir, tok_path = spec.teacher.resolve()
+  student_tok = spec.data.tokenizer or "the built-in task's tokenizer (WORKDIR/tokenizer)"
+  student = spec.model.hf_path or f"model.preset={spec.model.preset!r}"
+  teacher_tok = tok_lib.load_tokenizer(tok_path)
+  mine, theirs = tok_lib.vocabulary_digest(tokenizer), tok_lib.vocabulary_digest(teacher_tok)
+  if mine != theirs:
+    raise ConfigError(
+      f"config.teacher.hf_path: the teacher's tokenizer {tok_path} ({teacher_tok.vocab_size} "
+      f"tokens, vocabulary digest {theirs[:12]}) is not the student's {student_tok} "
+      f"({tokenizer.vocab_size} tokens, digest {mine[:12]}): the teacher scores the "
+      "student's token ids, so both must use one tokenizer"
+    )
+  v_student = spec.model.config(tokenizer.vocab_size).vocab_size
+  v_teacher = hf.config_from_hf(hf.read_config(hf_dir)).vocab_size
+  if v_student != v_teacher:
+    raise ConfigError(
+      f"config.teacher.hf_path: the teacher {hf_dir} has a vocabulary of {v_teacher} rows, "
+      f"the student ({student}) {v_student} rows: the two distributions must be over one "
+      "vocabulary"
+    )
+
+
 def eval_sets(spec: RunSpec) -> dict[str, list[dict]]:
   """The evaluation sets {name: rows} of the built-in task (for a prepared
   dataset only with eval.task_splits)."""
@@ -865,6 +970,8 @@ def _warmup_config(c):
     if "lora" in w:
       w.lora.rank = 0  # the warm-up makes the (full) base the adapters then sit on
       w.lora.adapter_path = ""
+    if "teacher" in w:
+      w.teacher.hf_path = ""  # plain SFT: no teacher term
   return w
 
 
@@ -885,6 +992,48 @@ def _validate(c) -> None:
     raise ConfigError(str(e)) from None
 
 
+def _check_teacher_fields(c, need) -> None:
+  """config.teacher against the stages' teacher terms (docs/method.md §19): a
+  teacher term needs a teacher, a teacher needs a teacher term."""
+  teacher = _teacher(c)
+  distills = [s for s in _stages(c) if s.loss.distill_coef > 0]
+  if distills:
+    s = distills[0]
+    need(
+      teacher.enabled,
+      "teacher.hf_path",
+      f"stage {s.name!r} has a teacher term (loss.distill_coef={s.loss.distill_coef} > 0): "
+      "give the teacher, an HF checkpoint directory or a training workdir",
+    )
+  need(
+    bool(distills) or not teacher.enabled,
+    "teacher.hf_path",
+    f"a teacher ({teacher.hf_path!r}) but no stage has a teacher term (method {c.method!r}, "
+    f"loss.distill_coef 0): choose a distill preset {sorted(obj.DISTILL_PRESETS)}, set "
+    "loss.distill_coef > 0, or leave teacher.hf_path empty",
+  )
+  if not teacher.enabled:
+    return
+  need(
+    teacher.dtype in model_lib.DTYPES,
+    "teacher.dtype",
+    f"unknown dtype {teacher.dtype!r}; known: {sorted(model_lib.DTYPES)}",
+  )
+  need(
+    teacher.temperature >= 0,
+    "teacher.temperature",
+    f"must be >= 0 (0: the student's), got {teacher.temperature}",
+  )
+  full = [s.name for s in distills if s.loss.distill_estimator == "full"]
+  need(
+    not (c.batch.get("packing", False) and full),
+    "batch.packing",
+    f"loss.distill_estimator='full' (stage {full[:1]}) runs on unpacked rows: the teacher's "
+    "hidden states are laid out by row; use batch.packing=False or the sampled estimator",
+  )
+  teacher.resolve()  # its checkpoint and tokenizer exist (ConfigError naming the field)
+
+
 def _check(c) -> None:
   def need(ok, field, msg):
     if not ok:
@@ -892,9 +1041,9 @@ def _check(c) -> None:
 
   need(c.steps > 0, "steps", f"must be positive, got {c.steps}")
   need(
-    c.method in obj.PRESETS,
+    c.method in LOSS_PRESETS,
     "method",
-    f"unknown loss preset {c.method!r}; known: {sorted(obj.PRESETS)}",
+    f"unknown loss preset {c.method!r}; known: {sorted(LOSS_PRESETS)}",
   )
   n_stages = len(parse_stages(c.stages, c.steps, c.method))
   need(
@@ -1046,6 +1195,7 @@ def _check(c) -> None:
       f"loss.is_correction={stage.loss.is_correction!r} needs the trainer's old_logp "
       "(leave recompute_old_logp unset or True)",
     )
+  _check_teacher_fields(c, need)
   try:
     _rules(c)
   except ValueError as e:

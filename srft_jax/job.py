@@ -192,6 +192,7 @@ def run(spec: factory.RunSpec, workdir: str) -> dict:
   paths.makedirs(out)
   mesh = spec.make_mesh()
   tokenizer = factory.tokenizer(spec, workdir)
+  factory.check_teacher(spec, tokenizer)  # one tokenizer and vocabulary, before any model
   source, evals = factory.datasets(spec)
   with rewards_lib.RewardScorer(require_think=spec.rollout.require_think) as scorer:
     model = base_model(spec, tokenizer, mesh, workdir, scorer)
@@ -213,6 +214,10 @@ def run(spec: factory.RunSpec, workdir: str) -> dict:
           paths.write_json(cache, {"key": key, "accuracy": before, "levels": before_levels})
       log.info("before: %s", before)
     base_path = spec.model.hf_path or os.path.join(spec.base_dir(workdir), "hf")
+    teacher = None
+    if spec.teacher.enabled:  # docs/method.md §19: loaded once, sharded like the student
+      teacher = spec.teacher.load(spec.model, mesh)
+      log.info("teacher: %s (%s)", spec.teacher.hf_path, spec.teacher.dtype)
     trainer = trainer_lib.Trainer(
       model,
       spec,
@@ -220,6 +225,8 @@ def run(spec: factory.RunSpec, workdir: str) -> dict:
       scorer=scorer,
       mesh=mesh,
       base_path=base_path if (spec.model.hf_path or spec.warmup_run is not None) else "",
+      teacher=teacher,
+      teacher_path=spec.teacher.hf_path,
     )
     it = factory.data_iter(spec, source, tokenizer)
     t_train = time.time()

@@ -64,6 +64,19 @@ class StepConfig:
   # trainer passes (packing.make_plan); `group` is then unused.
   pack_len: int = 0
   pack_rows: int = 0
+  # The teacher's softmax temperature (on-policy distillation, docs/method.md §19);
+  # 0 = `temperature`. A teacher runs where loss.distill_coef > 0.
+  teacher_temperature: float = 0.0
+
+  @property
+  def distill(self) -> str:
+    """The teacher term's estimator: "sampled" (the pre-pass gives the
+    teacher's log-probs), "full" (its hidden states), or "" (no teacher term)."""
+    return self.loss.distill_estimator if self.loss.distill_coef > 0 else ""
+
+  def teacher_cfg(self) -> StepConfig:
+    """This config with the teacher's temperature: its pre-pass's settings."""
+    return dataclasses.replace(self, temperature=self.teacher_temperature or self.temperature)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,35 +140,9 @@ def make_optimizer(
   return optax.chain(*parts), sched
 
 
-def sequence_logprobs(
-  graphdef,
-  params,
-  tokens_BT,
-  mask_BT,
-  *,
-  temperature=1.0,
-  chunk=1024,
-  last: int = 0,
-  group: int = 0,
-  router_aux: bool = False,
-  frozen=None,
-  dropout_key=None,
-):
-  """Teacher-forced log-prob of each next token and the full-vocab entropy, [B, T-1].
-
-  Logits are computed in chunks from the final hidden states, so [B, T, V]
-  float32 logits never exist (objectives.chunked_logprobs_and_entropy). With
-  `last` > 0 only the last `last` target columns are computed; the columns
-  before them are 0 (static shapes, no LM-head work spent on the prompt).
-  With `group` > 1 as well, rows [i*group, (i+1)*group) share the prompt
-  (the first T - last columns) and it runs once per group.
-  `router_aux=True` also returns the MoE router's load-balancing loss over
-  the rows' real tokens (`model.RouterAux`; None for a dense model).
-  `frozen`: the state that is not trained (LoRA's base, `lora.split`), merged
-  with `params` (the adapters) into the model. `dropout_key` switches on the
-  adapters' dropout (the loss forward; model.lora_delta).
-  """
-  model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+def _target_hidden(model, tokens_BT, mask_BT, *, last: int, group: int, dropout_key=None):
+  """(final hidden states [B, C, D] of the target columns, first target column,
+  the model's output): C = T - 1, or the last `last` columns (`sequence_logprobs`)."""
   t = tokens_BT.shape[1]
   first = t - 1 - last if 0 < last < t else 0
   if first and group > 1:
@@ -174,15 +161,70 @@ def sequence_logprobs(
     positions = model_lib.positions_from_mask(mask_BT)
     out = model(tokens_BT, positions, mask_BT, return_hidden=True, lora_dropout_key=dropout_key)
     hidden = out.hidden[:, first:-1]
-  logp, ent = obj.chunked_logprobs_and_entropy(
-    hidden, model.unembed(), tokens_BT[:, first + 1 :], temperature=temperature, chunk_size=chunk
+  return hidden, first, out
+
+
+def sequence_logprobs(
+  graphdef,
+  params,
+  tokens_BT,
+  mask_BT,
+  *,
+  temperature=1.0,
+  chunk=1024,
+  last: int = 0,
+  group: int = 0,
+  router_aux: bool = False,
+  frozen=None,
+  dropout_key=None,
+  teacher=None,
+):
+  """Teacher-forced log-prob of each next token and the full-vocab entropy, [B, T-1].
+
+  Logits are computed in chunks from the final hidden states, so [B, T, V]
+  float32 logits never exist (objectives.chunked_logprobs_and_entropy). With
+  `last` > 0 only the last `last` target columns are computed; the columns
+  before them are 0 (static shapes, no LM-head work spent on the prompt).
+  With `group` > 1 as well, rows [i*group, (i+1)*group) share the prompt
+  (the first T - last columns) and it runs once per group.
+  `router_aux=True` also returns the MoE router's load-balancing loss over
+  the rows' real tokens (`model.RouterAux`; None for a dense model).
+  `frozen`: the state that is not trained (LoRA's base, `lora.split`), merged
+  with `params` (the adapters) into the model. `dropout_key` switches on the
+  adapters' dropout (the loss forward; model.lora_delta).
+  `teacher`: (its hidden states [B, C, E] of the same target columns,
+  `teacher_hidden`; its unembedding [E, V]; its temperature) also returns, after
+  the entropy, the per-token (reverse, forward) KL to it, [B, T-1] each, from
+  these hidden states (objectives.chunked_teacher_kl, docs/method.md §19.2).
+  """
+  model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+  hidden, first, out = _target_hidden(
+    model, tokens_BT, mask_BT, last=last, group=group, dropout_key=dropout_key
   )
+  unembed = model.unembed()
+  logp, ent = obj.chunked_logprobs_and_entropy(
+    hidden, unembed, tokens_BT[:, first + 1 :], temperature=temperature, chunk_size=chunk
+  )
+  outs = [logp, ent]
+  if teacher is not None:
+    hidden_t, unembed_t, temperature_t = teacher
+    outs += obj.chunked_teacher_kl(
+      hidden, unembed, hidden_t, unembed_t, temperature, temperature_t, chunk_size=chunk
+    )
   if first:
-    pad = ((0, 0), (first, 0))
-    logp, ent = jnp.pad(logp, pad), jnp.pad(ent, pad)
+    outs = [jnp.pad(x, ((0, 0), (first, 0))) for x in outs]
+  if teacher is not None:
+    outs = outs[:2] + [tuple(outs[2:])]
   if router_aux:
-    return logp, ent, model_lib.router_aux(model.cfg, out.router_stats)
-  return logp, ent
+    outs.append(model_lib.router_aux(model.cfg, out.router_stats))
+  return tuple(outs)
+
+
+def teacher_hidden(graphdef, params, tokens_BT, mask_BT, *, last: int = 0, group: int = 0):
+  """A teacher's final hidden states [B, C, E] of `sequence_logprobs`'s target
+  columns (the same `last` and `group`), for its `teacher` argument."""
+  model = nnx.merge(graphdef, params)
+  return _target_hidden(model, tokens_BT, mask_BT, last=last, group=group)[0]
 
 
 def group_ids(layout: GroupLayout, prompts: int) -> Array:
@@ -277,7 +319,14 @@ def _split(tree, n: int):
 
 
 def _logprobs(
-  graphdef, params, mb: dict, cfg: StepConfig, router_aux: bool = False, frozen=None, key=None
+  graphdef,
+  params,
+  mb: dict,
+  cfg: StepConfig,
+  router_aux: bool = False,
+  frozen=None,
+  key=None,
+  teacher=None,
 ):
   return sequence_logprobs(
     graphdef,
@@ -291,7 +340,18 @@ def _logprobs(
     router_aux=router_aux,
     frozen=frozen,
     dropout_key=key,
+    teacher=teacher,
   )
+
+
+def _teacher_pass(graphdef, params, mb: dict, cfg: StepConfig) -> Array:
+  """The teacher's part of the pre-pass on one chunk: its log-probs [B, T-1]
+  ("sampled") or its hidden states of the target columns ("full")."""
+  if cfg.distill == "full":
+    return teacher_hidden(
+      graphdef, params, mb["tokens"], mb["mask"], last=cfg.response_len, group=cfg.group
+    )
+  return _logprobs(graphdef, params, mb, cfg.teacher_cfg())[0]
 
 
 def packed_logprobs(
@@ -402,20 +462,25 @@ def _packed_chunked_logprobs(
 
 
 def _chunked_logprobs(
-  graphdef, params_list, batch: dict, cfg: StepConfig, frozen=None
+  graphdef, params_list, batch: dict, cfg: StepConfig, frozen=None, teacher=None
 ) -> list[Array]:
   """Log-probs [B, T-1] of the whole batch under each params (no gradient), one
-  pass over micro-batch-sized chunks so memory stays that of one micro-batch."""
+  pass over micro-batch-sized chunks so memory stays that of one micro-batch.
+  `teacher` (its graphdef, params): its `_teacher_pass` of each chunk comes last."""
   n = cfg.minibatches * cfg.microbatches
   chunks = _split({"tokens": batch["tokens"], "mask": batch["mask"]}, n)
+  t_graphdef, t_params = teacher if teacher is not None else (None, None)
 
   # The params ride in the carry: a closed-over outer value cannot be merged
   # into a module inside the scan when the model is rematerialised (flax).
   def body(carry, mb):
-    ps, fz = carry
-    return carry, [_logprobs(graphdef, p, mb, cfg, frozen=fz)[0] for p in ps]
+    ps, fz, tp = carry
+    out = [_logprobs(graphdef, p, mb, cfg, frozen=fz)[0] for p in ps]
+    if tp is not None:
+      out.append(_teacher_pass(t_graphdef, tp, mb, cfg))
+    return carry, out
 
-  _, out = jax.lax.scan(body, (params_list, frozen), chunks)
+  _, out = jax.lax.scan(body, (params_list, frozen, t_params), chunks)
   return [jax.lax.stop_gradient(x.reshape((-1,) + x.shape[2:])) for x in out]
 
 
@@ -443,7 +508,17 @@ def mismatch_metrics(old_logp_BT: Array, sampler_logp_BT: Array, rollout_mask_BT
 
 
 def train_step(
-  graphdef, tx, cfg: StepConfig, state: dict, batch: dict, ref_params=None, frozen=None, pack=None
+  graphdef,
+  tx,
+  cfg: StepConfig,
+  state: dict,
+  batch: dict,
+  ref_params=None,
+  frozen=None,
+  pack=None,
+  teacher=None,
+  *,
+  teacher_graphdef=None,
 ) -> tuple[dict, dict]:
   """One rollout batch: `cfg.minibatches` optimizer updates, each accumulating
   gradients over `cfg.microbatches` chunks with the full mini-batch's loss
@@ -462,17 +537,30 @@ def train_step(
   [minibatches, microbatches, slots, pack_rows, pack_len]); every forward then
   runs packed slots (docs/method.md §18), the loss sees the same [rows, T-1]
   arrays. Without it the rows run as they are.
+
+  `teacher` (with `teacher_graphdef`; needed where `cfg.distill`): the frozen
+  teacher's params, never updated (docs/method.md §19). The same pre-pass gives
+  `teacher_logp` ("sampled"), or its hidden states of the target columns
+  ("full"), from which the loss forward computes the exact per-token KL.
   """
   loss_cfg = cfg.loss
   pre = {}
-  if cfg.recompute_old_logp or cfg.reference:
+  if cfg.distill and teacher is None:
+    raise ValueError(f"loss.distill_coef > 0 ({cfg.distill} estimator) needs the teacher's params")
+  t_pass = (teacher_graphdef, teacher) if cfg.distill else None
+  t_unembed = None
+  if cfg.distill == "full":
+    t_unembed = jax.lax.stop_gradient(nnx.merge(teacher_graphdef, teacher).unembed())
+  if cfg.recompute_old_logp or cfg.reference or t_pass is not None:
     params_list = ([state["params"]] if cfg.recompute_old_logp else []) + (
       [ref_params] if cfg.reference else []
     )
     if pack is None:
-      out = _chunked_logprobs(graphdef, params_list, batch, cfg, frozen)
+      out = _chunked_logprobs(graphdef, params_list, batch, cfg, frozen, t_pass)
     else:
       out = _packed_chunked_logprobs(graphdef, params_list, batch, pack, cfg, frozen)
+      if t_pass is not None:  # the sampled estimator only (full: rows unpacked, factory)
+        out += _packed_chunked_logprobs(teacher_graphdef, [teacher], batch, pack, cfg.teacher_cfg())
     mask = batch["response_mask"].astype(jnp.float32)
     batch = dict(batch)
     if cfg.recompute_old_logp:
@@ -482,15 +570,26 @@ def train_step(
       batch["sampler_logp"], batch["old_logp"] = batch["old_logp"], old
     if cfg.reference:
       batch["ref_logp"] = out.pop(0) * mask
+    if cfg.distill == "sampled":
+      batch["teacher_logp"] = out.pop(0) * mask
+    elif cfg.distill == "full":
+      batch["teacher_hidden"] = out.pop(0)  # [rows, target columns, E], split like the rows
 
   def loss_fn(trainable, mb, denominators, batch_entropy, key):
     # LoRA's frozen base rides with the adapters through value_and_grad, so both
     # are traced alike (nnx.remat refuses a module mixing trace levels), and
     # stop_gradient gives it a zero tangent: no gradient work, no base gradient.
     params, frozen = trainable[0], jax.lax.stop_gradient(trainable[1])
-    logp, ent, router = _logprobs(
-      graphdef, params, mb, cfg, router_aux=True, frozen=frozen, key=key
-    )
+    if cfg.distill == "full":  # docs/method.md §19.2: the KL from the student's own forward
+      t_in = (mb["teacher_hidden"], t_unembed, cfg.teacher_cfg().temperature)
+      logp, ent, (rkl, fkl), router = _logprobs(
+        graphdef, params, mb, cfg, router_aux=True, frozen=frozen, key=key, teacher=t_in
+      )
+      mb = {**mb, "distill_rkl": rkl, "distill_fkl": fkl}
+    else:
+      logp, ent, router = _logprobs(
+        graphdef, params, mb, cfg, router_aux=True, frozen=frozen, key=key
+      )
     parts = obj.srft_loss_parts(logp, ent, mb, loss_cfg, batch_entropy=batch_entropy)
     parts = obj.with_denominators(parts, denominators)
     loss = obj.combine(parts)[0]
@@ -690,17 +789,31 @@ def batch_shardings(batch: dict, mesh, rules=None) -> dict:
 
 
 def jit_train_step(
-  graphdef, tx, cfg: StepConfig, state_sh, batch_sh, ref_sh=None, frozen_sh=None, pack_sh=None
+  graphdef,
+  tx,
+  cfg: StepConfig,
+  state_sh,
+  batch_sh,
+  ref_sh=None,
+  frozen_sh=None,
+  pack_sh=None,
+  teacher_sh=None,
+  teacher_graphdef=None,
 ):
   """`train_step` jitted with explicit shardings and the state donated; called
   as fn(state, batch, ref_params) (ref_params None unless `cfg.reference`),
-  with `frozen_sh` (LoRA) as fn(state, batch, ref_params, frozen), and with
-  `pack_sh` (packing) as fn(state, batch, ref_params, frozen or None, plan)."""
+  with `frozen_sh` (LoRA) as fn(state, batch, ref_params, frozen), with
+  `pack_sh` (packing) as fn(state, batch, ref_params, frozen or None, plan),
+  and with `teacher_sh` (a teacher, `teacher_graphdef`) as fn(state, batch,
+  ref_params, frozen or None, plan or None, teacher params): the teacher is an
+  argument like the frozen base, never donated."""
   in_sh = (state_sh, batch_sh, ref_sh) + (() if frozen_sh is None else (frozen_sh,))
   if pack_sh is not None:
     in_sh = (state_sh, batch_sh, ref_sh, frozen_sh, pack_sh)
+  if teacher_sh is not None:
+    in_sh = (state_sh, batch_sh, ref_sh, frozen_sh, pack_sh, teacher_sh)
   return jax.jit(
-    functools.partial(train_step, graphdef, tx, cfg),
+    functools.partial(train_step, graphdef, tx, cfg, teacher_graphdef=teacher_graphdef),
     in_shardings=in_sh,
     out_shardings=(state_sh, None),
     donate_argnums=(0,),

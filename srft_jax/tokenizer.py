@@ -12,6 +12,7 @@ runtime does not depend on transformers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ __all__ = [
   "SentencePieceTokenizer",
   "HFTokenizer",
   "load_tokenizer",
+  "vocabulary_digest",
   "render_prompt",
   "TEMPLATES",
   "QWEN_MATH_SYSTEM_PROMPT",
@@ -305,6 +307,15 @@ class HFTokenizer(Tokenizer):
 
   def token_to_id(self, token: str) -> int | None:
     return self._tok.token_to_id(token)
+
+
+def vocabulary_digest(tok: Tokenizer) -> str:
+  """A hash of the id -> token table: two tokenizers with the same digest turn
+  every text into the same ids (a teacher must share the student's, docs/method.md §19)."""
+  h = hashlib.sha256(str(tok.vocab_size).encode())
+  for i in range(tok.vocab_size):
+    h.update(b"\0" + str(tok.id_to_token(i)).encode())
+  return h.hexdigest()
 
 
 def load_tokenizer(path: str | os.PathLike, **kwargs) -> Tokenizer:

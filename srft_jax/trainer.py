@@ -50,7 +50,17 @@ class Trainer:
   """Owns the train state and runs steps; the host loop lives in `fit`."""
 
   def __init__(
-    self, model, spec: factory.RunSpec, *, tokenizer, scorer, mesh, rules=None, base_path: str = ""
+    self,
+    model,
+    spec: factory.RunSpec,
+    *,
+    tokenizer,
+    scorer,
+    mesh,
+    rules=None,
+    base_path: str = "",
+    teacher=None,
+    teacher_path: str = "",
   ):
     self.spec = spec
     self.tokenizer = tokenizer
@@ -73,6 +83,16 @@ class Trainer:
         "alpha": lcfg.alpha,
         "targets": list(lcfg.targets),
       }
+    # On-policy distillation's frozen teacher (docs/method.md §19): its own
+    # graphdef (any family or size), its params sharded by the same rules and
+    # passed to every step with a teacher term, never donated, never in the
+    # train state; the checkpoints record its path and content hash, not it.
+    self.teacher_graphdef = self.teacher = self.teacher_sh = self.teacher_meta = None
+    if teacher is not None:
+      self.teacher_graphdef, teacher_params = nnx.split(teacher)
+      self.teacher_sh = shd.state_shardings(teacher_params, mesh, self.rules)
+      self.teacher = jax.device_put(teacher_params, self.teacher_sh)
+      self.teacher_meta = {"path": teacher_path, "hash": lora_lib.base_hash(self.teacher)}
     self.state = None
     self.stage: factory.Stage | None = None
     # The KL term's reference, sharded like the policy; kept only where a stage
@@ -270,18 +290,32 @@ class Trainer:
         microbatches=cfg.microbatches,
       )
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    if cfg.distill and self.teacher is None:
+      raise ValueError(f"stage {self.stage.name!r} has a teacher term: the Trainer needs `teacher`")
     if self._step_fn is None:
       batch_sh = step_lib.batch_shardings(train_batch, self.mesh, self.rules)
       ref_sh = self.ref_sh if cfg.reference else None
       pack_sh = None if plan is None else replicated
+      teacher = (self.teacher_sh, self.teacher_graphdef) if cfg.distill else (None, None)
       self._step_fn = step_lib.jit_train_step(
-        self.graphdef, self.tx, cfg, self.state_sh, batch_sh, ref_sh, self.frozen_sh, pack_sh
+        self.graphdef,
+        self.tx,
+        cfg,
+        self.state_sh,
+        batch_sh,
+        ref_sh,
+        self.frozen_sh,
+        pack_sh,
+        *teacher,
       )
     ref = self.ref_params if cfg.reference else None
-    if plan is None:
-      args = () if self.frozen is None else (self.frozen,)
+    plan_arg = None if plan is None else {k: shd.put_global(v, replicated) for k, v in plan.items()}
+    if cfg.distill:  # jit_train_step's argument layouts
+      args = (self.frozen, plan_arg, self.teacher)
+    elif plan is not None:
+      args = (self.frozen, plan_arg)
     else:
-      args = (self.frozen, {k: shd.put_global(v, replicated) for k, v in plan.items()})
+      args = () if self.frozen is None else (self.frozen,)
     with jax.set_mesh(self.mesh):  # the model's logical activation constraints apply
       self.state, metrics = self._step_fn(self.state, train_batch, ref, *args)
     metrics = dict(metrics)
@@ -486,6 +520,36 @@ def check_resume_base(ckpt: ckpt_lib.Checkpointer, lora_meta: dict | None) -> No
       )
 
 
+def check_resume_teacher(ckpt: ckpt_lib.Checkpointer, teacher_meta: dict | None) -> None:
+  """Refuses (ConfigError) to resume a run distilled from one teacher with
+  another, or with none (docs/method.md §19.6): the teacher is not in the
+  checkpoint, its path and content hash are. A moved teacher (same hash) resumes."""
+  saved = ckpt.read_meta()
+  if saved is None:
+    return
+  old = saved.get("teacher")
+  if old is None and teacher_meta is None:
+    return
+  where = f"{ckpt.directory} (step {saved.get('step')})"
+
+  def named(meta):
+    return f"{meta['path'] or '(no path)'} (content hash {meta['hash'][:16]})"
+
+  if old is None or teacher_meta is None:
+    raise factory.ConfigError(
+      f"config.teacher.hf_path: {where} holds a run "
+      + ("trained without a teacher" if old is None else f"distilled from {named(old)}")
+      + ", this run "
+      + (f"distills from {named(teacher_meta)}" if old is None else "has no teacher")
+      + "; refusing to resume (give another workdir, or the config that wrote it)"
+    )
+  if old["hash"] != teacher_meta["hash"]:
+    raise factory.ConfigError(
+      f"config.teacher.hf_path: {where} holds a run distilled from another teacher: "
+      f"{named(old)}, this run's teacher is {named(teacher_meta)}; refusing to resume"
+    )
+
+
 def fit(trainer: Trainer, data_iter, *, workdir: str, eval_hook=None) -> dict:
   """The training loop of `trainer.spec`: resume, steps, checkpoints,
   preemption, metrics, the progress bar (labelled with the spec's name).
@@ -507,10 +571,13 @@ def fit(trainer: Trainer, data_iter, *, workdir: str, eval_hook=None) -> dict:
   meta = {"config": spec.config_json}
   if trainer.lora_meta is not None:
     meta["lora"] = trainer.lora_meta  # the base the adapters belong to (checked on resume)
+  if trainer.teacher_meta is not None:
+    meta["teacher"] = trainer.teacher_meta  # the teacher distilled from (checked on resume)
 
   # Resume: the newest readable checkpoint decides the step, stage and data position.
   start = 0
   check_resume_base(ckpt, trainer.lora_meta)
+  check_resume_teacher(ckpt, trainer.teacher_meta)
   restored = (
     ckpt.restore(trainer.abstract_state(stages[0]), delete_unreadable=True)
     if ckpt.latest_step() is not None

@@ -2,6 +2,7 @@
 
 - `task_tokenizer_path`: the built-in task's SentencePiece tokenizer, trained once.
 - `tiny_hf_config`, `save_tiny_hf`: tiny random transformers checkpoints.
+- `word_tokenizer`: a word-level HF tokenizer.json of given words.
 - `main_command`, `MainJob`, `run_main`, `run_cli`: `python -m srft_jax.main`
   (or another CLI) in a subprocess, with overrides, environment, timeout and
   SIGTERM / SIGKILL.
@@ -92,6 +93,23 @@ def save_tiny_hf(config, path, *, seed: int = 0):
   ref.eval()
   ref.save_pretrained(str(path))
   return ref
+
+
+def word_tokenizer(path, words) -> str:
+  """A word-level HF tokenizer.json of `words` (after <unk> and </s>, the EOS)
+  written into directory `path`; returns the directory."""
+  import json
+
+  import tokenizers
+
+  vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  os.makedirs(path, exist_ok=True)
+  tok.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"eos_token": "</s>"}, f)
+  return str(path)
 
 
 # ----------------------------------------------------------------------------

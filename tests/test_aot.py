@@ -224,14 +224,21 @@ def test_rows_per_shard_sets_the_micro_batches():
 
 
 @pytest.mark.multidevice
-def test_packed_train_step_is_the_trainers(tmp_path):
+@pytest.mark.parametrize("teacher", [False, True], ids=["student", "teacher"])
+def test_packed_train_step_is_the_trainers(tmp_path, teacher):
   """With batch.packing, `lower_train` lowers the step Trainer.update jits
   (docs/method.md §18): compiled on this host's mesh, the AOT program takes the
   trainer's own state, batch and packing plan (a compiled program refuses any
-  other shape, dtype, sharding or argument structure) and gives its update."""
+  other shape, dtype, sharding or argument structure) and gives its update.
+  With a distillation teacher (`srft_opd`, docs/method.md §19.6) the program
+  takes the Trainer's teacher params too, and the sampling programs' resident
+  bytes count them."""
+  import dataclasses
+
   import jax
   import numpy as np
 
+  from srft_jax import hf
   from srft_jax import model as model_lib
   from srft_jax import packing
   from srft_jax import sharding as shd
@@ -248,11 +255,23 @@ def test_packed_train_step_is_the_trainers(tmp_path):
     "batch.packing": True,
     "batch.pack_rows": 8,  # 32 rows a micro-batch of <= 16 tokens: 16 bins, 2 slots
   }
-  spec = factory.run_spec(factory.load_config(str(ROOT / "configs" / "default.py")), over)
-  mesh = spec.make_mesh()
   vocab = 64
+  config = factory.load_config(str(ROOT / "configs" / "default.py"))
+  plain = factory.run_spec(config, over)
+  if teacher:  # another shape than the student's, the same vocabulary
+    tcfg = dataclasses.replace(
+      model_lib.ModelConfig.preset("tiny"), vocab_size=vocab, embed_dim=48, num_layers=2
+    )
+    hf.save_model(model_lib.create_model(tcfg, seed=7), str(tmp_path / "teacher"))
+    helpers.word_tokenizer(tmp_path / "teacher", [f"w{i}" for i in range(vocab - 2)])
+    over |= {"method": "srft_opd", "teacher.hf_path": str(tmp_path / "teacher")}
+  spec = factory.run_spec(config, over)
+  mesh = spec.make_mesh()
   model = model_lib.create_model(spec.model.config(vocab), seed=0, mesh=mesh)
-  tr = trainer_lib.Trainer(model, spec, tokenizer=None, scorer=None, mesh=mesh)
+  t_model = spec.teacher.load(spec.model, mesh) if teacher else None
+  tr = trainer_lib.Trainer(
+    model, spec, tokenizer=None, scorer=None, mesh=mesh, teacher=t_model, teacher_path="t"
+  )
   tr.enter_stage(spec.stages[0], fresh_optimizer=True)
   cfg = tr.step_cfg
   assert (cfg.pack_len, cfg.pack_rows) == (16, 8)
@@ -293,12 +312,18 @@ def test_packed_train_step_is_the_trainers(tmp_path):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   plan = {k: shd.put_global(v, replicated) for k, v in plan.items()}
 
-  compiled = aot.lower_train(spec, aot.model_config(spec, vocab), mesh).compile()
+  mcfg = aot.model_config(spec, vocab)
+  compiled = aot.lower_train(spec, mcfg, mesh).compile()
   state = jax.device_put(jax.device_get(tr.state), tr.state_sh)  # a copy: the step donates it
   with jax.set_mesh(mesh):
-    got_state, got = compiled(state, train_batch, None, None, plan)
+    got_state, got = compiled(state, train_batch, None, None, plan, *[tr.teacher][:teacher])
   want = jax.device_get(tr.update(train_batch, 1, mask))
   assert tr._step_fn._cache_size() == 1
+  if teacher:
+    np.testing.assert_allclose(got["teacher_kl"], want["teacher_kl"], rtol=1e-6)
+    t_bytes = sum(x.nbytes for x in jax.tree.leaves(jax.device_get(tr.teacher)))
+    extra = aot.resident_bytes(spec, mcfg, mesh) - aot.resident_bytes(plain, mcfg, mesh)
+    assert t_bytes / 4 <= extra < t_bytes  # one chip's shards over fsdp = 4
   for k in ("loss", "grad_norm"):
     np.testing.assert_allclose(got[k], want["optim/" + k if k == "grad_norm" else k], rtol=1e-6)
   jax.tree.map(

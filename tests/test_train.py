@@ -857,6 +857,27 @@ LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.1}
 
 
 @pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, tokenizer_path):
+  """Overrides of an `srft_opd` run (docs/method.md §19.6): a tiny random
+  teacher of another shape on the task tokenizer, the exact KL on rollouts
+  and demonstrations."""
+  from srft_jax import hf
+  from srft_jax import tokenizer as tok_lib
+
+  path = str(tmp_path_factory.mktemp("teacher") / "hf")
+  vocab = tok_lib.load_tokenizer(tokenizer_path).vocab_size
+  cfg = dataclasses.replace(SMALL, vocab_size=vocab, embed_dim=48, num_layers=1, max_seq_len=256)
+  hf.save_model(model_lib.create_model(cfg, seed=11), path)
+  return {
+    "method": "srft_opd",
+    "loss.distill_estimator": "full",
+    "loss.distill_on_demos": True,
+    "teacher.hf_path": path,
+    "teacher.tokenizer": tokenizer_path,
+  }
+
+
+@pytest.fixture(scope="module")
 def straight(cli, tmp_path_factory):
   wd = tmp_path_factory.mktemp("straight") / "run"
   rc, out = cli(wd).wait()
@@ -868,6 +889,14 @@ def straight(cli, tmp_path_factory):
 def straight_lora(cli, tmp_path_factory):
   wd = tmp_path_factory.mktemp("straight_lora") / "run"
   rc, out = cli(wd, extra=LORA).wait()
+  assert rc == 0, out[-3000:]
+  return wd
+
+
+@pytest.fixture(scope="module")
+def straight_teacher(cli, teacher_run, tmp_path_factory):
+  wd = tmp_path_factory.mktemp("straight_teacher") / "run"
+  rc, out = cli(wd, extra=teacher_run).wait()
   assert rc == 0, out[-3000:]
   return wd
 
@@ -939,13 +968,15 @@ def _resumed_step(log_text):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_sigterm_saves_and_resumes(cli, lora, request, tmp_path):
+@pytest.mark.parametrize("kind", ["full", "lora", "teacher"])
+def test_sigterm_saves_and_resumes(cli, kind, request, tmp_path):
   """SIGTERM saves the current step; the rerun resumes there and ends bitwise
   where the unbroken run ends (with LoRA on too: adapters, their Adam state,
-  the dropout masks, the PEFT export)."""
-  straight = request.getfixturevalue("straight_lora" if lora else "straight")
-  extra = LORA if lora else None
+  the dropout masks, the PEFT export; with a distillation teacher: loaded
+  again, checked against the checkpoint's hash, never saved)."""
+  lora = kind == "lora"
+  straight = request.getfixturevalue({"full": "straight"}.get(kind, f"straight_{kind}"))
+  extra = {"lora": LORA, "teacher": request.getfixturevalue("teacher_run")}.get(kind)
   wd = tmp_path / "term"
   run = cli(wd, extra)
   assert _wait_for_checkpoint(run, wd, 1) is not None

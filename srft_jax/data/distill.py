@@ -253,8 +253,11 @@ class Prompt:
 # Inputs: the teacher and the prompts.
 
 
-def resolve_teacher(teacher: str, tokenizer: str = "") -> tuple[str, str]:
-  """(HF checkpoint directory, tokenizer path) of a checkpoint dir or a training workdir."""
+def resolve_teacher(
+  teacher: str, tokenizer: str = "", *, flag: str = "--teacher", tokenizer_flag: str = "--tokenizer"
+) -> tuple[str, str]:
+  """(HF checkpoint directory, tokenizer path) of a checkpoint dir or a training
+  workdir; errors name `flag` / `tokenizer_flag` (a CLI flag or a config field)."""
   export = os.path.join(teacher, "export", "hf")
   if paths.exists(os.path.join(teacher, "config.json")):
     hf_dir, workdir = teacher, None
@@ -262,21 +265,21 @@ def resolve_teacher(teacher: str, tokenizer: str = "") -> tuple[str, str]:
     hf_dir, workdir = export, teacher
   else:
     raise FileNotFoundError(
-      f"--teacher: no HF checkpoint (config.json) at {teacher} or {export}; a training "
+      f"{flag}: no HF checkpoint (config.json) at {teacher} or {export}; a training "
       "workdir has one once its run ends (checkpoint.export_hf)"
     )
   if tokenizer:
     if not paths.exists(tokenizer):
-      raise FileNotFoundError(f"--tokenizer: no file or directory {tokenizer}")
+      raise FileNotFoundError(f"{tokenizer_flag}: no file or directory {tokenizer}")
     return hf_dir, tokenizer
   if any(paths.exists(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "tokenizer.model")):
     return hf_dir, hf_dir
   if workdir is not None and paths.isdir(os.path.join(workdir, "tokenizer")):
     return hf_dir, os.path.join(workdir, "tokenizer")
   raise FileNotFoundError(
-    f"--teacher: {hf_dir} holds no tokenizer.json / tokenizer.model"
+    f"{flag}: {hf_dir} holds no tokenizer.json / tokenizer.model"
     + (f" and {workdir}/tokenizer does not exist" if workdir else "")
-    + "; pass --tokenizer"
+    + f"; pass {tokenizer_flag}"
   )
 
 

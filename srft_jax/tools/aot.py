@@ -12,7 +12,9 @@ touched. The programs are the ones the trainer runs, built the same way:
 
   train    step.train_step via step.jit_train_step (state and batch shardings
            from step.state_shardings / step.batch_shardings, state donated),
-           on one step's batch: prompts x (rollouts + demos) rows of P + R tokens.
+           on one step's batch: prompts x (rollouts + demos) rows of P + R tokens;
+           with a distillation teacher (docs/method.md §19.6), its params
+           (config.json's shapes, teacher.dtype) as the step's last argument.
   sample   the sampler's jitted core (prefill + while-loop decode) for
            prompts x rollouts rows and a P + R slot KV cache (donated).
   prefill  one model call with the cache over the P prompt tokens.
@@ -20,10 +22,11 @@ touched. The programs are the ones the trainer runs, built the same way:
 
 Memory comes from `compiled.memory_analysis()` (per chip); the sampling
 programs' totals add the train state that stays on the chip while they run
-(optimizer moments, a KL reference: `resident_bytes`). FLOPs come from
-`compiled.cost_analysis()` (per chip; XLA counts each loop body once, so for
-the scanned train step and the decode loop it is a lower bound) and, for the
-whole step, from the model: 6 N tokens + causal attention (what MFU uses).
+(optimizer moments, a KL reference, a distillation teacher: `resident_bytes`).
+FLOPs come from `compiled.cost_analysis()` (per chip; XLA counts each loop
+body once, so for the scanned train step and the decode loop it is a lower
+bound) and, for the whole step, from the model: 6 N tokens + causal attention
+(what MFU uses).
 The last line printed is one JSON object with everything.
 """
 
@@ -224,6 +227,17 @@ def lower_train(spec: factory.RunSpec, mcfg, mesh):
   if step_cfg.reference:
     ref = _abstract(jax.eval_shape(step_lib.reference_params, params, base), ref_sh)
   args = (_abstract(state, state_sh), _abstract(batch, batch_sh), ref)
+  if step_cfg.distill:  # docs/method.md §19.6: the teacher, an argument after the plan
+    teacher_graphdef, teacher, teacher_sh = _teacher(spec, mcfg, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    pack_sh = replicated if step_cfg.pack_len else None
+    plan = packed_plan(step_cfg, b * layout.size, p + r, replicated) if step_cfg.pack_len else None
+    fn = step_lib.jit_train_step(
+      graphdef, tx, step_cfg, state_sh, batch_sh, ref_sh, frozen_sh, pack_sh, teacher_sh,
+      teacher_graphdef,
+    )  # fmt: skip
+    with jax.set_mesh(mesh):
+      return fn.lower(*args, frozen[0] if frozen else None, plan, teacher)
   if not step_cfg.pack_len:
     fn = step_lib.jit_train_step(graphdef, tx, step_cfg, state_sh, batch_sh, ref_sh, frozen_sh)
     with jax.set_mesh(mesh):
@@ -252,6 +266,14 @@ def packed_plan(step_cfg: step_lib.StepConfig, rows: int, row_len: int, sharding
   return {k: leaf for k in packing.PLAN_KEYS}
 
 
+def _teacher(spec: factory.RunSpec, mcfg, mesh):
+  """(graphdef, abstract params, shardings) of the run's teacher (its config.json,
+  in teacher.dtype), sharded by the student's rules as the Trainer shards it."""
+  graphdef, params = nnx.split(model_lib.abstract_model(spec.teacher.config(spec.model)))
+  sh = shd.state_shardings(params, mesh, mcfg.rules)
+  return graphdef, _abstract(params, sh), sh
+
+
 def _per_chip_bytes(tree) -> int:
   """Bytes of one chip's shards of a tree of sharded ShapeDtypeStructs."""
   return sum(
@@ -263,14 +285,17 @@ def _per_chip_bytes(tree) -> int:
 def resident_bytes(spec: factory.RunSpec, mcfg, mesh) -> int:
   """Bytes a chip keeps through sampling besides the sampling programs' own
   arguments (the policy's parameters and the KV cache): the train state's
-  optimizer moments (with LoRA the adapters too; the programs take the base)
-  and a KL reference. Added to `sample`, `prefill` and `decode`."""
+  optimizer moments (with LoRA the adapters too; the programs take the base),
+  a KL reference and a distillation teacher (docs/method.md §19.6). Added to
+  `sample`, `prefill` and `decode`."""
   tx, _ = _optimizer(spec)
   _, state, base = _train_state(spec, mcfg, tx)
   state = _abstract(state, step_lib.state_shardings(state, mesh, mcfg.rules))
   kept = _per_chip_bytes(state) - (0 if base is not None else _per_chip_bytes(state["params"]))
   if spec.reference:  # a copy of the params (LoRA: zeros)
     kept += _per_chip_bytes(state["params"])
+  if spec.distills:
+    kept += _per_chip_bytes(_teacher(spec, mcfg, mesh)[1])
   return kept
 
 
