@@ -1012,6 +1012,13 @@ def _check_teacher_fields(c, need) -> None:
     f"loss.distill_coef 0): choose a distill preset {sorted(obj.DISTILL_PRESETS)}, set "
     "loss.distill_coef > 0, or leave teacher.hf_path empty",
   )
+  blind = [s.name for s in distills if not (s.loss.use_self_rl or s.loss.use_demo_rl)]
+  need(
+    not (c.rollout.get("dynamic_sampling", False) and blind),
+    "rollout.dynamic_sampling",
+    f"stage {blind[:1]} has no reward term (the teacher term alone): filtering its groups "
+    "by reward would only drop rollouts the teacher scores; set it False",
+  )
   if not teacher.enabled:
     return
   need(

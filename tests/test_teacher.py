@@ -356,6 +356,10 @@ def test_the_teacher_shares_the_students_tokenizer_and_vocabulary(tmp_path):
       r"config\.batch\.packing: .*'full'",
     ),
     ({"teacher.hf_path": "/no/such/teacher"}, r"config\.teacher\.hf_path: no HF checkpoint"),
+    (
+      {"method": "opd", "rollout.dynamic_sampling": True},
+      r"config\.rollout\.dynamic_sampling: stage \['opd'\] has no reward term",
+    ),
   ],
 )
 def test_teacher_fields_are_checked_naming_the_field(tmp_path, overrides, match):
