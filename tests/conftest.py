@@ -30,7 +30,27 @@ import helpers  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# The files that take minutes, longest first: collected before the rest, so
+# `-n 2 --dist loadfile` (which hands out whole files in collection order) starts
+# them early and fills in with short files, instead of ending with one worker
+# on a long file while the other idles.
+LONG_FILES = (
+  "test_train.py",
+  "test_gcs.py",
+  "test_moe.py",
+  "test_multihost.py",
+  "test_rl_switches.py",
+  "test_packing.py",
+  "test_scan_layers.py",
+  "test_study.py",
+  "test_teacher.py",
+  "test_io_retry.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONG_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable otherwise
   if jax.device_count() >= 8:
     return
   skip = pytest.mark.skip(reason=f"needs 8 devices; {jax.device_count()} on {_PLATFORM}")

@@ -14,6 +14,7 @@ import shutil
 import signal
 import struct
 import sys
+import tempfile
 import time
 
 import jax
@@ -33,10 +34,14 @@ assert OVERRIDES["steps"] == STEPS
 
 
 def _local_dirs(base) -> dict[str, str]:
-  """Where a run could leave files on this machine: HOME, TMPDIR and its cwd."""
-  out = {name: os.path.join(str(base), name) for name in ("home", "tmp", "cwd")}
+  """Where a run could leave files on this machine: HOME, TMPDIR and its cwd.
+  TMPDIR is a short path of its own: the reward workers' forkserver puts its
+  socket there, and a socket path is at most 107 bytes (a test's tmp_path
+  under pytest's numbered folders came to more)."""
+  out = {name: os.path.join(str(base), name) for name in ("home", "cwd")}
   for d in out.values():
     os.makedirs(d, exist_ok=True)
+  out["tmp"] = tempfile.mkdtemp(prefix="srft-")
   return out
 
 

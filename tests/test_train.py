@@ -968,12 +968,14 @@ def _resumed_step(log_text):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["full", "lora", "teacher"])
+@pytest.mark.parametrize("kind", ["lora", "teacher"])
 def test_sigterm_saves_and_resumes(cli, kind, request, tmp_path):
   """SIGTERM saves the current step; the rerun resumes there and ends bitwise
-  where the unbroken run ends (with LoRA on too: adapters, their Adam state,
-  the dropout masks, the PEFT export; with a distillation teacher: loaded
-  again, checked against the checkpoint's hash, never saved)."""
+  where the unbroken run ends: with LoRA (adapters, their Adam state, the
+  dropout masks, the PEFT export) and with a distillation teacher (loaded
+  again, checked against the checkpoint's hash, never saved). Both run the
+  SIGTERM path a plain run takes; a plain run's exact resume is
+  test_exact_resume_after_sigkill_under_the_supervisor's."""
   lora = kind == "lora"
   straight = request.getfixturevalue({"full": "straight"}.get(kind, f"straight_{kind}"))
   extra = {"lora": LORA, "teacher": request.getfixturevalue("teacher_run")}.get(kind)
