@@ -3,6 +3,7 @@
 - `task_tokenizer_path`: the built-in task's SentencePiece tokenizer, trained once.
 - `tiny_hf_config`, `save_tiny_hf`: tiny random transformers checkpoints.
 - `word_tokenizer`: a word-level HF tokenizer.json of given words.
+- `step_batch`: a train step's rows, left-padded prompts and right-padded responses.
 - `main_command`, `MainJob`, `run_main`, `run_cli`: `python -m srft_jax.main`
   (or another CLI) in a subprocess, with overrides, environment, timeout and
   SIGTERM / SIGKILL.
@@ -115,6 +116,37 @@ def word_tokenizer(path, words) -> str:
 # ----------------------------------------------------------------------------
 # Subprocess runs of the main job and the other CLIs
 # ----------------------------------------------------------------------------
+
+
+def step_batch(seed, *, rows, prompt_len, response_len, vocab, group=1) -> dict:
+  """A train step's batch of `rows` rows as the trainer lays them out: a
+  left-padded prompt of 2..prompt_len tokens and a right-padded response of
+  1..response_len; every fourth row a demonstration; sampler log-probs far
+  enough from any model's that ratios and clips act. With `group` > 1 each run
+  of `group` rows shares one prompt (a shared-prefix group)."""
+  import jax.numpy as jnp  # noqa: PLC0415 (after conftest has set the devices)
+  import numpy as np  # noqa: PLC0415
+
+  p, r = prompt_len, response_len
+  t = p + r
+  rs = np.random.RandomState(seed)
+  plen = np.repeat(rs.randint(2, p + 1, rows // group), group)
+  rlen = rs.randint(1, r + 1, rows)
+  pmask = np.arange(p)[None] >= (p - plen)[:, None]
+  rmask = np.arange(r)[None] < rlen[:, None]
+  mask = np.concatenate([pmask, rmask], 1).astype(np.int32)
+  response = np.concatenate([np.zeros_like(pmask), rmask], 1)[:, 1:].astype(np.int32)
+  tokens = rs.randint(1, vocab, (rows, t))
+  tokens[:, :p] = np.repeat(tokens[::group, :p], group, axis=0)
+  return {
+    "tokens": jnp.asarray(tokens * mask, jnp.int32),
+    "mask": jnp.asarray(mask),
+    "response_mask": jnp.asarray(response),
+    "old_logp": jnp.asarray(-3.0 * rs.rand(rows, t - 1) * response, jnp.float32),
+    "is_demo": jnp.asarray(np.arange(rows) % 4 == 3),
+    "rewards": jnp.asarray(rs.randint(0, 2, rows), jnp.float32),
+    "advantages": jnp.asarray(rs.randn(rows), jnp.float32),
+  }
 
 
 def compilation_cache_env(directory) -> dict:

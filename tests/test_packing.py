@@ -42,25 +42,7 @@ TINY = model_lib.ModelConfig(
 
 
 def _batch(seed, rows=8, vocab=TINY.vocab_size):
-  """[rows, P + R] rows as the trainer lays them out: a left-padded prompt of
-  2..P tokens, a right-padded response of 1..R; every fourth row a demo."""
-  rs = np.random.RandomState(seed)
-  plen = rs.randint(2, P + 1, rows)
-  rlen = rs.randint(1, R + 1, rows)
-  pmask = np.arange(P)[None] >= (P - plen)[:, None]
-  rmask = np.arange(R)[None] < rlen[:, None]
-  mask = np.concatenate([pmask, rmask], 1).astype(np.int32)
-  response = np.concatenate([np.zeros_like(pmask), rmask], 1)[:, 1:].astype(np.int32)
-  return {
-    "tokens": jnp.asarray(rs.randint(1, vocab, (rows, T)) * mask, jnp.int32),
-    "mask": jnp.asarray(mask),
-    "response_mask": jnp.asarray(response),
-    # the sampler's log-probs: far enough from the trainer's that ratios and clips act
-    "old_logp": jnp.asarray(-3.0 * rs.rand(rows, T - 1) * response, jnp.float32),
-    "is_demo": jnp.asarray(np.arange(rows) % 4 == 3),
-    "rewards": jnp.asarray(rs.randint(0, 2, rows), jnp.float32),
-    "advantages": jnp.asarray(rs.randn(rows), jnp.float32),
-  }
+  return helpers.step_batch(seed, rows=rows, prompt_len=P, response_len=R, vocab=vocab)
 
 
 def _plan(batch, cfg: step_lib.StepConfig):

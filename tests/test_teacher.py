@@ -60,26 +60,8 @@ TEACHER = model_lib.ModelConfig.preset(
 
 
 def _batch(seed, rows=8):
-  """[rows, P + R] rows as the trainer lays them out: groups of 4 rows sharing
-  a left-padded prompt, each with a right-padded response; the fourth of a
-  group a demonstration."""
-  rs = np.random.RandomState(seed)
-  plen, rlen = np.repeat(rs.randint(2, P + 1, rows // 4), 4), rs.randint(1, R + 1, rows)
-  pmask = np.arange(P)[None] >= (P - plen)[:, None]
-  rmask = np.arange(R)[None] < rlen[:, None]
-  mask = np.concatenate([pmask, rmask], 1).astype(np.int32)
-  response = np.concatenate([np.zeros_like(pmask), rmask], 1)[:, 1:].astype(np.int32)
-  tokens = rs.randint(1, V, (rows, T))
-  tokens[:, :P] = np.repeat(tokens[::4, :P], 4, axis=0)
-  return {
-    "tokens": jnp.asarray(tokens * mask, jnp.int32),
-    "mask": jnp.asarray(mask),
-    "response_mask": jnp.asarray(response),
-    "old_logp": jnp.asarray(-3.0 * rs.rand(rows, T - 1) * response, jnp.float32),
-    "is_demo": jnp.asarray(np.arange(rows) % 4 == 3),
-    "rewards": jnp.asarray(rs.randint(0, 2, rows), jnp.float32),
-    "advantages": jnp.asarray(rs.randn(rows), jnp.float32),
-  }
+  """Groups of 4 rows sharing a prompt (helpers.step_batch), the fourth a demonstration."""
+  return helpers.step_batch(seed, rows=rows, prompt_len=P, response_len=R, vocab=V, group=4)
 
 
 @pytest.fixture(scope="module")
