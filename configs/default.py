@@ -223,8 +223,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
         f"configs/default.py: unknown preset arg {arg!r}; known: "
         f"{sorted(obj.PRESETS) + sorted(obj.DISTILL_PRESETS) + sorted(TWO_STAGE) + ['teacher']}"
       )
-    if name in ("grpo", "dapo", "dr_grpo"):
-      c.rollout.n_rollouts = 8  # same 8 slots a prompt, all on-policy
+    if name in ("grpo", "dapo", "dr_grpo", "opd"):
+      c.rollout.n_rollouts = 8  # same 8 slots a prompt, all on-policy (opd: no demo term)
     if name == "dapo":  # DAPO's trainer side: dynamic sampling, overlong shaping
       c.rollout.dynamic_sampling = True
       c.rollout.oversample = 2

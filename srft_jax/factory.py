@@ -869,9 +869,10 @@ def tokenizer(spec: RunSpec, workdir: str):
 
 
 def check_teacher(spec: RunSpec, tokenizer) -> None:
-  """The teacher shares the student's tokenizer and vocabulary (docs/method.md
-  §19), or ConfigError naming both: read from their files (config.json and the
-  tokenizers), before any model is built or anything compiles."""
+  """The teacher shares the student's tokenizer, and both unembeddings have a
+  row for each of its ids (docs/method.md §19), or ConfigError naming both:
+  read from their files (config.json and the tokenizers), before any model is
+  built or anything compiles."""
   if not spec.teacher.enabled:
     return
   hf_dir, tok_path = spec.teacher.resolve()
@@ -886,14 +887,19 @@ def check_teacher(spec: RunSpec, tokenizer) -> None:
       f"({tokenizer.vocab_size} tokens, digest {mine[:12]}): the teacher scores the "
       "student's token ids, so both must use one tokenizer"
     )
+  # Padded sizes may differ (one tokenizer padded to different multiples): the
+  # exact KL is taken over the ids both have (docs/method.md §19.2). Every id
+  # the tokenizer can give must be a row of both unembeddings.
   v_student = spec.model.config(tokenizer.vocab_size).vocab_size
   v_teacher = hf.config_from_hf(hf.read_config(hf_dir)).vocab_size
-  if v_student != v_teacher:
-    raise ConfigError(
-      f"config.teacher.hf_path: the teacher {hf_dir} has a vocabulary of {v_teacher} rows, "
-      f"the student ({student}) {v_student} rows: the two distributions must be over one "
-      "vocabulary"
-    )
+  for who, rows in ((f"the teacher {hf_dir}", v_teacher), (f"the student ({student})", v_student)):
+    if rows < tokenizer.vocab_size:
+      raise ConfigError(
+        f"config.teacher.hf_path: {who} has a vocabulary of {rows} rows, fewer than the "
+        f"{tokenizer.vocab_size} ids of the tokenizer {tok_path} the student "
+        f"({v_student} rows) and the teacher ({v_teacher} rows) share: it cannot score "
+        "every token"
+      )
 
 
 def eval_sets(spec: RunSpec) -> dict[str, list[dict]]:
@@ -1030,13 +1036,6 @@ def _check_teacher_fields(c, need) -> None:
     teacher.temperature >= 0,
     "teacher.temperature",
     f"must be >= 0 (0: the student's), got {teacher.temperature}",
-  )
-  full = [s.name for s in distills if s.loss.distill_estimator == "full"]
-  need(
-    not (c.batch.get("packing", False) and full),
-    "batch.packing",
-    f"loss.distill_estimator='full' (stage {full[:1]}) runs on unpacked rows: the teacher's "
-    "hidden states are laid out by row; use batch.packing=False or the sampled estimator",
   )
   teacher.resolve()  # its checkpoint and tokenizer exist (ConfigError naming the field)
 

@@ -237,11 +237,24 @@ def _kl_stats(zs_NV: Array, zt_NV: Array) -> tuple[Array, Array, Array, Array, A
   return rkl_N, fkl_N, p_NV, jnp.where(p_NV > 0, log_ratio_NV, 0.0), q_NV
 
 
-def _kl_forward(hs_NBCD, ws_DV, ht_NBCE, wt_EV, temperature, teacher_temperature):
+def _limit_vocab(z_BCV: Array, vocab_limit: int) -> Array:
+  """-inf at the ids >= vocab_limit (0: none): zero probability on both sides."""
+  if not vocab_limit:
+    return z_BCV
+  ids = lax.broadcasted_iota(jnp.int32, z_BCV.shape, z_BCV.ndim - 1)
+  return jnp.where(ids < vocab_limit, z_BCV, -jnp.inf)
+
+
+def _kl_logits(hs_BCD, ws_DV, ht_BCE, wt_EV, temperature, teacher_temperature, vocab_limit):
+  zs = _limit_vocab(_chunk_logits(hs_BCD, ws_DV, temperature), vocab_limit)
+  zt = _limit_vocab(_chunk_logits(ht_BCE, wt_EV, teacher_temperature), vocab_limit)
+  return zs, zt
+
+
+def _kl_forward(hs_NBCD, ws_DV, ht_NBCE, wt_EV, temperature, teacher_temperature, vocab_limit):
   def one_chunk(_, xs):
     hs_BCD, ht_BCE = xs
-    zs = _chunk_logits(hs_BCD, ws_DV, temperature)
-    zt = _chunk_logits(ht_BCE, wt_EV, teacher_temperature)
+    zs, zt = _kl_logits(hs_BCD, ws_DV, ht_BCE, wt_EV, temperature, teacher_temperature, vocab_limit)
     rkl, fkl, _, _, _ = _kl_stats(zs, zt)
     return None, (rkl, fkl)
 
@@ -251,23 +264,22 @@ def _kl_forward(hs_NBCD, ws_DV, ht_NBCE, wt_EV, temperature, teacher_temperature
 
 # As _chunked_core: each chunk's logits (student and teacher) are recomputed in
 # the backward pass, never stored; the teacher gets no gradient.
-_kl_core = jax.custom_vjp(_kl_forward, nondiff_argnums=(4, 5))
+_kl_core = jax.custom_vjp(_kl_forward, nondiff_argnums=(4, 5, 6))
 
 
-def _kl_core_fwd(hs_NBCD, ws_DV, ht_NBCE, wt_EV, temperature, teacher_temperature):
-  out = _kl_forward(hs_NBCD, ws_DV, ht_NBCE, wt_EV, temperature, teacher_temperature)
+def _kl_core_fwd(hs_NBCD, ws_DV, ht_NBCE, wt_EV, temperature, teacher_temperature, vocab_limit):
+  out = _kl_forward(hs_NBCD, ws_DV, ht_NBCE, wt_EV, temperature, teacher_temperature, vocab_limit)
   return out, (hs_NBCD, ws_DV, ht_NBCE, wt_EV)
 
 
-def _kl_core_bwd(temperature, teacher_temperature, residuals, cotangents):
+def _kl_core_bwd(temperature, teacher_temperature, vocab_limit, residuals, cotangents):
   hs_NBCD, ws_DV, ht_NBCE, wt_EV = residuals
   g_rkl_NBC, g_fkl_NBC = cotangents
   compute_dtype = jnp.result_type(hs_NBCD.dtype, ws_DV.dtype)
 
   def one_chunk(dw_DV, xs):
     hs_BCD, ht_BCE, g_rkl, g_fkl = xs
-    zs = _chunk_logits(hs_BCD, ws_DV, temperature)
-    zt = _chunk_logits(ht_BCE, wt_EV, teacher_temperature)
+    zs, zt = _kl_logits(hs_BCD, ws_DV, ht_BCE, wt_EV, temperature, teacher_temperature, vocab_limit)
     rkl, _, p, log_ratio, q = _kl_stats(zs, zt)
     # docs/method.md §19.2: d KL(p||q) / dz = p (log p - log q - KL);
     # d KL(q||p) / dz = p - q (z the student's scaled logits).
@@ -308,8 +320,10 @@ def chunked_teacher_kl(
   logit rows in all: the same memory), with a custom VJP that recomputes each
   chunk's logits. Gradients reach the student's hidden states and unembedding
   only; the teacher's inputs get zero cotangents. Student and teacher may
-  differ in width (D, E) but not in vocabulary: slice both unembeddings to the
-  tokenizer's vocabulary first when their padded sizes differ. Batch, D and V
+  differ in width (D, E) and in padded vocabulary size (one tokenizer, padded to
+  different multiples: Qwen2.5-1.5B's 151,936 rows, 7B's 152,064): then both
+  distributions are taken over the ids both models have, the first
+  min(V_s, V_t), each renormalised there (docs/method.md §19.2). Batch, D and V
   sharding work as in ``chunked_logprobs_and_entropy``.
   """
   if (
@@ -328,11 +342,6 @@ def chunked_teacher_kl(
       f"student and teacher hidden states differ in [B, T]: {student_hidden_BTD.shape[:2]} "
       f"vs {teacher_hidden_BTE.shape[:2]}"
     )
-  if student_unembed_DV.shape[1] != teacher_unembed_EV.shape[1]:
-    raise ValueError(
-      f"student and teacher vocabularies differ: {student_unembed_DV.shape[1]} vs "
-      f"{teacher_unembed_EV.shape[1]}; slice both unembeddings to the tokenizer's vocabulary"
-    )
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
@@ -340,13 +349,23 @@ def chunked_teacher_kl(
   # student's and the teacher's logits, so at most about chunk_size rows in all.
   plan = _ChunkPlan.of(student_hidden_BTD.shape, max(1, chunk_size // 2))
   sg = lax.stop_gradient
+  # The teacher's unembedding at the student's width (never the student's: its
+  # gradient keeps its shape): the ids past the student's sliced off, or zero
+  # columns past the teacher's, masked on both sides.
+  v_s, v_t = student_unembed_DV.shape[1], teacher_unembed_EV.shape[1]
+  teacher_unembed_EV = sg(teacher_unembed_EV)
+  if v_t > v_s:
+    teacher_unembed_EV = teacher_unembed_EV[:, :v_s]
+  elif v_t < v_s:
+    teacher_unembed_EV = jnp.pad(teacher_unembed_EV, ((0, 0), (0, v_s - v_t)))
   rkl_NBC, fkl_NBC = _kl_core(
     plan.split(student_hidden_BTD),
     student_unembed_DV,
     plan.split(sg(teacher_hidden_BTE)),
-    sg(teacher_unembed_EV),
+    teacher_unembed_EV,
     float(temperature),
     float(teacher_temperature),
+    v_t if v_t < v_s else 0,
   )
   return plan.join(rkl_NBC), plan.join(fkl_NBC)
 

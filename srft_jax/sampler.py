@@ -69,6 +69,10 @@ class SamplingConfig:
   # n > 1: rows come in groups of n copies of one prompt (as `sample` repeats
   # them); each prompt is prefilled once and its keys/values copied to its rows.
   share_prefill: bool = True
+  # Draw only ids below this (0 = any row of the unembedding): a student whose
+  # padded vocabulary is wider than its teacher's samples only ids the teacher
+  # has (docs/method.md §19.6). Log-probs are then under that renormalised softmax.
+  vocab_limit: int = 0
 
   def __post_init__(self):
     # Normalise list inputs so the config stays hashable.
@@ -87,6 +91,7 @@ class SamplingConfig:
         and list(self.prompt_buckets) == sorted(set(self.prompt_buckets))
       ),
       "n": self.n >= 1,
+      "vocab_limit": self.vocab_limit >= 0,
       "cache_dtype": self.cache_dtype is None or self.cache_dtype in model_lib.DTYPES,
     }
     for name, ok in checks.items():
@@ -179,14 +184,23 @@ def draw_categorical(key: Array, scores_BC: Array, block: int = 128) -> Array:
 
 
 def select_tokens(
-  logits_BV: Array, key: Array, temperature: float, top_k: int, top_p: float
+  logits_BV: Array,
+  key: Array,
+  temperature: float,
+  top_k: int,
+  top_p: float,
+  vocab_limit: int = 0,
 ) -> tuple[Array, Array]:
   """Draws one token per row. Returns (tokens int32 [B], log-probs float32 [B]).
 
   Log-probs are under the untruncated softmax(logits / temperature), or
-  softmax(logits) for greedy (temperature 0).
+  softmax(logits) for greedy (temperature 0); with `vocab_limit` > 0 the ids
+  from it on are masked out first (zero probability, the rest renormalised).
   """
   z = logits_BV.astype(f32)
+  if 0 < vocab_limit < z.shape[-1]:
+    ids = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+    z = jnp.where(ids < vocab_limit, z, -jnp.inf)
   if temperature == 0.0:
     tok = jnp.argmax(z, axis=-1).astype(jnp.int32)
   else:
@@ -307,7 +321,12 @@ def sample_core(
   next_pos_B = jnp.sum(mask_BP, axis=-1).astype(jnp.int32)  # position of token 0
 
   tok0, logp0 = select_tokens(
-    logits_B1V[:, 0], jax.random.fold_in(rng, 0), cfg.temperature, cfg.top_k, cfg.top_p
+    logits_B1V[:, 0],
+    jax.random.fold_in(rng, 0),
+    cfg.temperature,
+    cfg.top_k,
+    cfg.top_p,
+    cfg.vocab_limit,
   )
   out_tok_BR, out_logp_BR, out_mask_BR, cache = _decode_loop(
     model, wkw, cache, tok0, logp0, next_pos_B, rng, cfg
@@ -355,6 +374,7 @@ def _decode_loop(
       cfg.temperature,
       cfg.top_k,
       cfg.top_p,
+      cfg.vocab_limit,
     )
     tok = jnp.where(done, cfg.pad_id, tok)
     logp = jnp.where(done, 0.0, logp)

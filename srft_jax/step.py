@@ -365,6 +365,7 @@ def packed_logprobs(
   router_aux: bool = False,
   frozen=None,
   dropout_key=None,
+  teacher=None,
 ):
   """`sequence_logprobs` [B, T-1] of the rows one packed slot holds
   (docs/method.md §18); rows it does not hold get 0.
@@ -374,6 +375,9 @@ def packed_logprobs(
   Q packed rows (attention inside a segment, positions restarting per
   segment), and each token's log-prob of its row's next token and its
   entropy are scattered back to the row's column.
+  `teacher`: (its hidden states [Q, L, E] of this slot, `packed_hidden`; its
+  unembedding; its temperature) also returns, after the entropy, the per-token
+  (reverse, forward) KL to it, [B, T-1] each, as `sequence_logprobs`'s.
   """
   model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
   row, col, seg = plan["row"], plan["col"], plan["segment"]
@@ -386,24 +390,61 @@ def packed_logprobs(
     lora_dropout_key=dropout_key,
     segment_ids_BT=seg,
   )
-  logp, ent = obj.chunked_logprobs_and_entropy(
-    out.hidden[:, :-1], model.unembed(), tok_QL[:, 1:], temperature=temperature, chunk_size=chunk
+  unembed = model.unembed()
+  outs = list(
+    obj.chunked_logprobs_and_entropy(
+      out.hidden[:, :-1], unembed, tok_QL[:, 1:], temperature=temperature, chunk_size=chunk
+    )
   )
+  if teacher is not None:
+    hidden_t, unembed_t, temperature_t = teacher
+    outs += obj.chunked_teacher_kl(
+      out.hidden[:, :-1],
+      unembed,
+      hidden_t[:, :-1],
+      unembed_t,
+      temperature,
+      temperature_t,
+      chunk_size=chunk,
+    )
   # A packed token predicts the next packed token only inside its own segment.
   b, t = tokens_BT.shape
   target = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
   to_row = jnp.where(target, row[:, :-1], b)  # out of range: dropped
   to_col = col[:, :-1]
-  logp, ent = (
-    jnp.zeros((b, t - 1), x.dtype).at[to_row, to_col].add(x, mode="drop") for x in (logp, ent)
-  )
+  outs = [jnp.zeros((b, t - 1), x.dtype).at[to_row, to_col].add(x, mode="drop") for x in outs]
+  if teacher is not None:
+    outs = outs[:2] + [tuple(outs[2:])]
   if router_aux:
-    return logp, ent, model_lib.router_aux(model.cfg, out.router_stats)
-  return logp, ent
+    outs.append(model_lib.router_aux(model.cfg, out.router_stats))
+  return tuple(outs)
+
+
+def packed_hidden(graphdef, params, tokens_BT, plan: dict) -> Array:
+  """A teacher's final hidden states [Q, L, E] of one packed slot (`plan` as
+  `packed_logprobs`'s), for its `teacher` argument."""
+  model = nnx.merge(graphdef, params)
+  seg = plan["segment"]
+  out = model(
+    tokens_BT[plan["row"], plan["col"]],
+    plan["position"],
+    (seg > 0).astype(jnp.int32),
+    return_hidden=True,
+    segment_ids_BT=seg,
+  )
+  return out.hidden
 
 
 def _packed(
-  graphdef, params, tokens_BT, plan, cfg: StepConfig, router_aux=False, frozen=None, key=None
+  graphdef,
+  params,
+  tokens_BT,
+  plan,
+  cfg: StepConfig,
+  router_aux=False,
+  frozen=None,
+  key=None,
+  teacher=None,
 ):
   return packed_logprobs(
     graphdef,
@@ -415,6 +456,7 @@ def _packed(
     router_aux=router_aux,
     frozen=frozen,
     dropout_key=key,
+    teacher=teacher,
   )
 
 
@@ -459,6 +501,30 @@ def _packed_chunked_logprobs(
 
   _, out = jax.lax.scan(body, (params_list, frozen), (chunks, plans))
   return [jax.lax.stop_gradient(x.reshape((-1,) + x.shape[2:])) for x in out]
+
+
+def _packed_teacher_hidden(graphdef, params, batch: dict, plan: dict, cfg: StepConfig) -> Array:
+  """The teacher's hidden states of every packed slot, [minibatches,
+  microbatches, S, Q, L, E] like the plan's leaves, no gradient; a slot holding
+  nothing is zeros."""
+  n = cfg.minibatches * cfg.microbatches
+  chunks = _split({"tokens": batch["tokens"]}, n)
+  plans = {k: v.reshape((n,) + v.shape[2:]) for k, v in plan.items()}
+
+  def body(ps, xs):
+    mb, pl = xs
+
+    def slot(ps, p):
+      run = lambda ops: packed_hidden(graphdef, ops, mb["tokens"], p)  # noqa: E731
+      empty = jax.eval_shape(run, ps)
+      zeros = lambda ops: jnp.zeros(empty.shape, empty.dtype)  # noqa: E731
+      return ps, jax.lax.cond(jnp.any(p["segment"] > 0), run, zeros, ps)
+
+    return jax.lax.scan(slot, ps, pl)  # params in the carry, as in _chunked_logprobs
+
+  _, h = jax.lax.scan(body, params, (chunks, plans))
+  lead = next(iter(plan.values())).shape[:2]
+  return jax.lax.stop_gradient(h.reshape(lead + h.shape[1:]))
 
 
 def _chunked_logprobs(
@@ -559,8 +625,10 @@ def train_step(
       out = _chunked_logprobs(graphdef, params_list, batch, cfg, frozen, t_pass)
     else:
       out = _packed_chunked_logprobs(graphdef, params_list, batch, pack, cfg, frozen)
-      if t_pass is not None:  # the sampled estimator only (full: rows unpacked, factory)
+      if cfg.distill == "sampled":
         out += _packed_chunked_logprobs(teacher_graphdef, [teacher], batch, pack, cfg.teacher_cfg())
+      elif cfg.distill == "full":  # slot by slot, carried with the plan to the loss forward
+        pack = {**pack, "teacher_hidden": _packed_teacher_hidden(*t_pass, batch, pack, cfg)}
     mask = batch["response_mask"].astype(jnp.float32)
     batch = dict(batch)
     if cfg.recompute_old_logp:
@@ -572,7 +640,7 @@ def train_step(
       batch["ref_logp"] = out.pop(0) * mask
     if cfg.distill == "sampled":
       batch["teacher_logp"] = out.pop(0) * mask
-    elif cfg.distill == "full":
+    elif cfg.distill == "full" and pack is None:
       batch["teacher_hidden"] = out.pop(0)  # [rows, target columns, E], split like the rows
 
   def loss_fn(trainable, mb, denominators, batch_entropy, key):
@@ -614,9 +682,16 @@ def train_step(
   def packed_loss_fn(trainable, mb, plan, denominators, batch_entropy, key):
     # loss_fn over one packed slot: rows it does not hold leave every sum and count.
     params, frozen = trainable[0], jax.lax.stop_gradient(trainable[1])
-    logp, ent, router = _packed(
-      graphdef, params, mb["tokens"], plan, cfg, router_aux=True, frozen=frozen, key=key
-    )
+    if cfg.distill == "full":  # the teacher's hidden states of this slot (the pre-pass)
+      t_in = (plan["teacher_hidden"], t_unembed, cfg.teacher_cfg().temperature)
+      logp, ent, (rkl, fkl), router = _packed(
+        graphdef, params, mb["tokens"], plan, cfg, True, frozen, key, teacher=t_in
+      )
+      mb = {**mb, "distill_rkl": rkl, "distill_fkl": fkl}
+    else:
+      logp, ent, router = _packed(
+        graphdef, params, mb["tokens"], plan, cfg, router_aux=True, frozen=frozen, key=key
+      )
     held = _slot_holds(plan, mb["tokens"].shape[0])
     mb = {**mb, "response_mask": mb["response_mask"] * held[:, None]}
     parts = obj.srft_loss_parts(logp, ent, mb, loss_cfg, batch_entropy=batch_entropy)

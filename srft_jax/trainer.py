@@ -88,6 +88,9 @@ class Trainer:
     # passed to every step with a teacher term, never donated, never in the
     # train state; the checkpoints record its path and content hash, not it.
     self.teacher_graphdef = self.teacher = self.teacher_sh = self.teacher_meta = None
+    # A teacher with fewer unembedding rows than the student (one tokenizer padded
+    # to different sizes): rollouts draw only ids it has (docs/method.md §19.6).
+    self.teacher_rows = teacher.cfg.vocab_size if teacher is not None else 0
     if teacher is not None:
       self.teacher_graphdef, teacher_params = nnx.split(teacher)
       self.teacher_sh = shd.state_shardings(teacher_params, mesh, self.rules)
@@ -200,6 +203,8 @@ class Trainer:
       return None, {}
     if self._sampling is None:
       self._sampling = self.spec.sampling(self.tokenizer, n=n)
+      if 0 < self.teacher_rows < self.model().cfg.vocab_size:
+        self._sampling = dataclasses.replace(self._sampling, vocab_limit=self.teacher_rows)
     out = sampler_lib.sample(
       self.model(),
       prompts["prompt_tokens"],

@@ -165,6 +165,29 @@ def test_sampling_distribution_matches_target(temperature, top_k, top_p):
   np.testing.assert_allclose(logp, np.asarray(full)[toks], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.8, 3), (0.0, 0)])
+def test_vocab_limit_draws_only_the_ids_below_it(temperature, top_k):
+  """`vocab_limit` (a student wider than its teacher): the most likely ids lie
+  past the limit and are never drawn; the rest keep their renormalised
+  frequencies, and the log-probs are under that renormalised softmax."""
+  logits, limit = LOGITS[::-1].copy(), 5  # ids 5-7 hold most of the mass
+  cfg = smp.SamplingConfig(
+    max_new_tokens=4, temperature=temperature, top_k=top_k, vocab_limit=limit, prompt_buckets=(1,)
+  )
+  toks, logp, _ = _draws(cfg, logits=logits)
+  assert toks.max() < limit
+  z = logits[:limit] / (temperature or 1.0)
+  np.testing.assert_allclose(logp, np.asarray(jax.nn.log_softmax(z))[toks], rtol=1e-6, atol=1e-6)
+  if temperature == 0.0:
+    assert (toks == limit - 1).all()  # greedy: the best id below the limit
+    return
+  target = _expected(logits[:limit], temperature, top_k)
+  counts = np.bincount(toks.ravel(), minlength=limit)
+  assert counts[target == 0].sum() == 0
+  kept = target > 0
+  assert stats.chisquare(counts[kept], target[kept] * counts.sum()).pvalue > 1e-3
+
+
 def test_draw_categorical_across_blocks_never_draws_zero_mass():
   """Blocked inverse-CDF draws: right frequencies across blocks and padding,
   and never a token whose mass is zero (-inf or underflowed scores)."""

@@ -226,6 +226,68 @@ def test_sweep_picks_each_familys_best_val_rate(tmp_path):
   assert (s["eval.n_id"], s["eval.n_ood"], s["eval.n_val"]) == (0, 0, settings["eval.n_id"])
   md, _ = report.sweep_table(out)
   assert "| rl (`grpo`) | 40.0 | 40.0 | 20.0 | **0.0001** |" in md
+  # The distillation family is swept on its own later (another --methods): the
+  # earlier families' choices stay in chosen.json.
+  for lr, a in zip(grid, (0.2, 0.1, 0.1)):
+    os.makedirs(runner.sweep_dir(out, "distill", lr))
+    with open(os.path.join(runner.sweep_dir(out, "distill", lr), "results.json"), "w") as f:
+      json.dump({"after": {"val_acc": a}}, f)
+  assert runner.run_sweep(out, settings, grid, families=("distill",))["distill"]["lr"] == 1e-4
+  with open(os.path.join(out, "sweep", "chosen.json")) as f:
+    assert {k: v["lr"] for k, v in json.load(f).items()} == {**lrs, "distill": 1e-4}
+
+
+def test_teacher_methods_distil_from_the_regimes_teacher(tmp_path):
+  out, settings = str(tmp_path), runner.study_settings()
+  assert runner.study_families(["grpo", "srft", "opd", "srft_opd"]) == ("rl", "mixed", "distill")
+  assert runner.study_families(runner.METHODS) == ("sft", "rl", "mixed")  # the default study
+  with pytest.raises(ValueError, match=r"need the distilled regime's teacher.*--regime=distilled"):
+    runner.run_spec("opd", 0, out, settings, validate=False)
+  teacher = os.path.join(out, "teacher")
+  os.makedirs(os.path.join(teacher, "export", "hf"))
+  with open(os.path.join(teacher, "export", "hf", "config.json"), "w") as f:
+    f.write("{}")
+  lrs = {"sft": 1e-3, "rl": 1e-4, "mixed": 1e-2, "distill": 5e-5}
+  opd = runner.run_spec("opd", 0, out, settings, lrs, validate=False)
+  mixed = runner.run_spec("srft_opd", 0, out, settings, lrs, validate=False)
+  grpo = runner.run_spec("grpo", 0, out, settings, lrs, validate=False)
+  assert opd.teacher.hf_path == mixed.teacher.hf_path == teacher
+  assert [s.lr for s in opd.stages] == [5e-5] and [s.lr for s in mixed.stages] == [1e-2]
+  # opd has no demonstration term: every slot of a group is a rollout, as GRPO's.
+  assert opd.stages[0].layout == grpo.stages[0].layout
+  assert (opd.stages[0].layout.n_rollouts, opd.stages[0].layout.n_demos) == (8, 0)
+  assert mixed.stages[0].layout.n_demos == 1
+  assert study_cli.main(["--out", out, "--methods", "opd,grpo"]) == 2  # needs the regime
+
+
+def test_steps_to_reach_the_references_final_accuracy():
+  # GRPO ends at 0.5 and 0.7 (target 0.6); evaluations every 2 steps.
+  def run(method, seed, curve):
+    return _run(method, seed, steps=8, evals=lambda t: curve.get(t, float("nan")))
+
+  runs = {
+    "grpo": [run("grpo", 0, {0: 0.1, 4: 0.4, 8: 0.5}), run("grpo", 1, {0: 0.1, 4: 0.5, 8: 0.7})],
+    # mean 0.55 at step 4, 0.65 at step 6: reached at 6; seed 1 alone at 4.
+    "opd": [
+      run("opd", 0, {0: 0.1, 4: 0.5, 6: 0.6, 8: 0.6}),
+      run("opd", 1, {0: 0.1, 4: 0.6, 6: 0.7, 8: 0.8}),
+    ],
+    "srft": [run("srft", 0, {0: 0.1, 8: 0.3}), run("srft", 1, {0: 0.1, 8: 0.65})],
+  }
+  md, js = report.reach_table(runs)
+  assert js["target"] == pytest.approx(0.6)
+  assert js["methods"]["grpo"] == {
+    "steps": 8,
+    "per_seed": {0: None, 1: 8},
+    "final": pytest.approx(0.6),
+  }
+  assert js["methods"]["opd"]["steps"] == 6 and js["methods"]["opd"]["per_seed"] == {0: 6, 1: 4}
+  assert js["methods"]["srft"]["steps"] is None and js["methods"]["srft"]["per_seed"] == {
+    0: None,
+    1: 8,
+  }
+  assert "| opd | 6 | 6, 4 | 70.0 |" in md and "| srft | not reached | –, 8 | 47.5 |" in md
+  assert "no periodic evaluations" in report.reach_table({"srft": runs["srft"]})[0]
 
 
 def test_verdict_rule():
@@ -323,9 +385,10 @@ def test_budget_estimate():
     lr_grid=(1e-4, 1e-3),
   )
   assert est["per_run_s"] == {"sft": 20.0, "grpo": 30.0, "rl_then_sft": 25.0}
-  # warm-up + the sweep (2 rates x sft, grpo, srft) + 2 seeds of the runs
-  assert est["sweep_s"] == pytest.approx(2 * (20 + 30 + 30))
-  assert est["total_s"] == pytest.approx(5 + 10 + 160 + 2 * 75)
+  # warm-up + the sweep (2 rates x the families these methods train with: sft,
+  # grpo; no srft, as run_study sweeps) + 2 seeds of the runs
+  assert est["sweep_s"] == pytest.approx(2 * (20 + 30))
+  assert est["total_s"] == pytest.approx(5 + 10 + 100 + 2 * 75)
   # The chosen defaults fit the budget with the default timing.
   full = runner.estimate_seconds(settings, runner.METHODS, runner.SEEDS)
   assert full["total_s"] < 0.9 * runner.BUDGET_MIN * 60

@@ -110,19 +110,25 @@ def _reference(models, cfg: step_lib.StepConfig, batch, teacher=None):
   targets = batch["tokens"][:, 1:]
   t_temp = cfg.teacher_temperature or cfg.temperature
   ht, wt = _direct(t_graphdef, t_params, batch)
-  logq = jax.nn.log_softmax((ht @ wt).astype(jnp.float32) / t_temp)
+  zt = (ht @ wt).astype(jnp.float32) / t_temp
+  logq = jax.nn.log_softmax(zt)
+  # The exact KL over the ids both vocabularies have, each side renormalised there.
+  vc = min(wt.shape[-1], STUDENT.vocab_size)
+  logq_c = jax.nn.log_softmax(zt[..., :vc])
 
   def loss(params):
     hs, ws = _direct(graphdef, params, batch)
-    logp_all = jax.nn.log_softmax((hs @ ws).astype(jnp.float32) / cfg.temperature)
+    zs = (hs @ ws).astype(jnp.float32) / cfg.temperature
+    logp_all = jax.nn.log_softmax(zs)
     logp = jnp.take_along_axis(logp_all, targets[..., None], -1)[..., 0]
     ent = -jnp.sum(jnp.exp(logp_all) * logp_all, -1)
     extra = {"teacher_logp": jnp.take_along_axis(logq, targets[..., None], -1)[..., 0]}
     if cfg.distill == "full":
-      p, q = jnp.exp(logp_all), jnp.exp(logq)
+      logp_c = jax.nn.log_softmax(zs[..., :vc])
+      p, q = jnp.exp(logp_c), jnp.exp(logq_c)
       extra = {
-        "distill_rkl": jnp.sum(p * (logp_all - logq), -1),
-        "distill_fkl": jnp.sum(q * (logq - logp_all), -1),
+        "distill_rkl": jnp.sum(p * (logp_c - logq_c), -1),
+        "distill_fkl": jnp.sum(q * (logq_c - logp_c), -1),
       }
     return obj.srft_loss(logp, ent, {**batch, **extra}, cfg.loss)
 
@@ -162,6 +168,29 @@ def test_step_with_a_teacher_equals_the_pure_loss(models, case):
   assert abs(float(aux["teacher_kl"])) > 1e-2  # two different models: a real term
   _close(grads, want)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3
+
+
+@pytest.mark.parametrize("rows", [V + 16, V - 8], ids=["wider", "narrower"])
+def test_a_teacher_with_another_padded_vocabulary(models, rows):
+  """One tokenizer, unembeddings padded to different sizes (Qwen2.5-1.5B and
+  7B): the exact KL is over the ids both have, each side renormalised there;
+  the sampled estimator's teacher log-prob is over the teacher's own rows."""
+  graphdef, params, _, _ = models
+  t_graphdef, t_params = nnx.split(
+    model_lib.Transformer(dataclasses.replace(TEACHER, vocab_size=rows), rngs=nnx.Rngs(2))
+  )
+  batch = helpers.step_batch(7, rows=8, prompt_len=P, response_len=R, vocab=min(V, rows), group=4)
+  for loss_cfg in (
+    obj.LossConfig.preset("srft_opd", distill_estimator="full", distill_on_demos=True),
+    obj.LossConfig.preset("opd"),
+  ):
+    cfg = step_lib.StepConfig(loss=loss_cfg, logit_chunk=16)
+    metrics, grads = _step(models, cfg, batch, teacher=(t_graphdef, t_params))
+    value, aux, want = _reference(models, cfg, batch, teacher=(t_graphdef, t_params))
+    np.testing.assert_allclose(float(metrics["loss"]), float(value), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["teacher_kl"]), float(aux["teacher_kl"]), rtol=1e-5)
+    assert abs(float(aux["teacher_kl"])) > 1e-2
+    _close(grads, want)
 
 
 def test_teacher_equal_to_student_gives_zero_full_loss_and_gradient(models):
@@ -229,10 +258,12 @@ def test_sharded_step_with_a_teacher_equals_single_device(models):
   _close(grads, want[1])
 
 
-def test_packed_lora_step_with_a_teacher_equals_unpacked(models):
+@pytest.mark.parametrize("estimator", ["sampled", "full"])
+def test_packed_lora_step_with_a_teacher_equals_unpacked(models, estimator):
   """LoRA adapters train beside a separate teacher, the rows packed in two
-  micro-batches (docs/method.md §18): the teacher's log-probs come from the
-  same packed slots, and the step equals the unpacked one-micro-batch step."""
+  micro-batches (docs/method.md §18): the teacher's log-probs (sampled) or
+  hidden states (full) come from the same packed slots, and the step equals
+  the unpacked one-micro-batch step."""
   _, _, t_graphdef, t_params = models
   model = lora.attach(
     model_lib.Transformer(STUDENT, rngs=nnx.Rngs(1)), lora.LoRAConfig(rank=4, alpha=8.0)
@@ -241,7 +272,8 @@ def test_packed_lora_step_with_a_teacher_equals_unpacked(models):
   adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # B != 0: the adapters act
   batch = _batch(5)
   plain = step_lib.StepConfig(
-    loss=obj.LossConfig.preset("srft_opd", distill_on_demos=True), logit_chunk=16
+    loss=obj.LossConfig.preset("srft_opd", distill_on_demos=True, distill_estimator=estimator),
+    logit_chunk=16,
   )
   packed = dataclasses.replace(plain, microbatches=2, pack_len=T, pack_rows=2)
   starts, lengths = packing.row_extents(np.asarray(batch["mask"]))
@@ -301,7 +333,8 @@ def _spec(tmp_path, teacher, **overrides):
 
 def test_the_teacher_shares_the_students_tokenizer_and_vocabulary(tmp_path):
   """Refused before any model is built, naming both sides: another tokenizer
-  of the same size, then another vocabulary size; the same passes."""
+  of the same size, then a teacher with fewer rows than the tokenizer has
+  ids; the same tokenizer passes, padded to another size too."""
   from srft_jax import tokenizer as tok_lib
 
   student_tok = tok_lib.load_tokenizer(helpers.word_tokenizer(tmp_path / "student_tok", WORDS))
@@ -315,11 +348,18 @@ def test_the_teacher_shares_the_students_tokenizer_and_vocabulary(tmp_path):
   assert msg.startswith("config.teacher.hf_path:") and "tokenizer" in msg
   assert str(tmp_path / "other_tok") in msg and str(tmp_path / "student_tok") in msg
 
-  wider = _teacher_dir(tmp_path / "wider", V + 16, WORDS)
+  # Padded to another size (docs/method.md §19.2): accepted while every id of
+  # the tokenizer is a row; a teacher with fewer rows than ids is refused.
+  factory.check_teacher(
+    _spec(tmp_path, _teacher_dir(tmp_path / "wider", V + 16, WORDS)), student_tok
+  )
+  n = student_tok.vocab_size
+  narrow = _teacher_dir(tmp_path / "narrow", n - 1, WORDS)
   with pytest.raises(factory.ConfigError) as e:
-    factory.check_teacher(_spec(tmp_path, wider), student_tok)
+    factory.check_teacher(_spec(tmp_path, narrow), student_tok)
   msg = str(e.value)
-  assert str(tmp_path / "wider") in msg and f"{V + 16} rows" in msg and f"{V} rows:" in msg
+  assert msg.startswith("config.teacher.hf_path:") and str(tmp_path / "narrow") in msg
+  assert f"{n - 1} rows, fewer than the {n} ids" in msg and f"the teacher ({n - 1} rows)" in msg
 
 
 @pytest.mark.parametrize(
@@ -333,10 +373,6 @@ def test_the_teacher_shares_the_students_tokenizer_and_vocabulary(tmp_path):
     ({"method": "srft"}, r"config\.teacher\.hf_path: a teacher .* no stage has a teacher term"),
     ({"teacher.dtype": "int8"}, r"config\.teacher\.dtype: unknown dtype"),
     ({"teacher.temperature": -1.0}, r"config\.teacher\.temperature"),
-    (
-      {"batch.packing": True, "loss.distill_estimator": "full"},
-      r"config\.batch\.packing: .*'full'",
-    ),
     ({"teacher.hf_path": "/no/such/teacher"}, r"config\.teacher\.hf_path: no HF checkpoint"),
     (
       {"method": "opd", "rollout.dynamic_sampling": True},

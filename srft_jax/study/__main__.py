@@ -9,6 +9,9 @@
     regime where the demonstrations are a teacher's, distilled, and teach what the base
     lacks: criteria (a)-(c) of docs/method.md §16 on the base, the teacher and SFT alone;
     the study then runs in it only if they are met)
+`python -m srft_jax.study --out DIR --regime=distilled --methods=opd,srft_opd,grpo,srft`
+    (on-policy distillation from that regime's teacher beside GRPO and SRFT; the
+    report adds the steps each method needs to reach GRPO's final accuracy)
 
 The runs (`runner`) share one warmed-up base, go seed-major and resume where a
 previous invocation stopped; the report (`report`) gives accuracy, compute,
@@ -51,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument(
     "--methods",
     default=None,
-    help="comma-separated subset of methods (default: all; --report-only: the study's)",
+    help="comma-separated subset of methods (default: the ten of the study; --report-only: "
+    "the study's; opd and srft_opd only when named, with --regime=distilled)",
   )
   p.add_argument("--quick", action="store_true", help="tiny smoke run of the whole pipeline")
   p.add_argument(
@@ -114,10 +118,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   ):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   named = [m.strip() for m in (a.methods or "").split(",") if m.strip()]
-  if [m for m in named if m not in runner.METHODS]:
+  if [m for m in named if m not in runner.ALL_METHODS]:
     print(
-      f"--methods: unknown {[m for m in named if m not in runner.METHODS]}; "
-      f"known: {list(runner.METHODS)}",
+      f"--methods: unknown {[m for m in named if m not in runner.ALL_METHODS]}; "
+      f"known: {list(runner.ALL_METHODS)}",
+      file=sys.stderr,
+    )
+    return 2
+  teacher_methods = [m for m in named if m in runner.TEACHER_METHODS]
+  if teacher_methods and a.regime != "distilled" and not a.report_only:
+    print(
+      f"--methods: {teacher_methods} distil from the distilled regime's teacher: "
+      "add --regime=distilled",
       file=sys.stderr,
     )
     return 2

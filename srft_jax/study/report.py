@@ -14,6 +14,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -212,6 +213,47 @@ def levels_table(out: str, runs: dict[str, list[runner.Run]]) -> tuple[str, dict
   return "\n".join(lines) + "\n", rows
 
 
+def reach_table(
+  runs: dict[str, list[runner.Run]], reference: str = "grpo", key: str = "eval/task_id"
+) -> tuple[str, dict]:
+  """The optimizer steps each method needs to reach `reference`'s final accuracy
+  on the periodic evaluations (`key`, the same problems at every evaluation).
+  The target is the reference's last evaluation, mean over its seeds; a method
+  reaches it at the first evaluated step where its seed-mean curve is at or above
+  it (each seed's own first step too). Steps no method evaluated on all its seeds
+  are left out of the mean curve."""
+  ref = runs.get(reference) or []
+  finals = [r.series(key)[max(r.series(key))] for r in ref if r.series(key)]
+  if not finals:
+    return f"_no periodic evaluations of {reference} in these runs_\n", {}
+  target = float(np.mean(finals))
+  js: dict[str, Any] = {"reference": reference, "key": key, "target": target, "methods": {}}
+  lines = [
+    f"| method | steps to reach {100 * target:.1f}% (seed mean) | per seed | final (seed mean) |",
+    "|---|---|---|---|",
+  ]
+  for method, rs in runs.items():
+    curves = [r.series(key) for r in rs if r.series(key)]
+    if not curves:
+      continue
+    common = sorted(set.intersection(*(set(c) for c in curves)))
+    mean = {st: float(np.mean([c[st] for c in curves])) for st in common}
+    first = next((st for st in common if mean[st] >= target - 1e-9), None)
+    per_seed = {
+      r.seed: next((st for st, v in r.series(key).items() if v >= target - 1e-9), None)
+      for r in rs
+      if r.series(key)
+    }
+    final = mean[common[-1]] if common else float("nan")
+    js["methods"][method] = {"steps": first, "per_seed": per_seed, "final": final}
+    seeds_md = ", ".join(f"{'–' if v is None else v}" for v in per_seed.values())
+    lines.append(
+      f"| {method} | {'not reached' if first is None else first} | {seeds_md} | "
+      f"{_pct(final, float('nan'))} |"
+    )
+  return "\n".join(lines) + "\n", js
+
+
 def compute_table(
   runs: dict[str, list[runner.Run]], n_params: int | None, prompt_width: int
 ) -> tuple[str, dict]:
@@ -366,6 +408,15 @@ def write_report(
   regime_md = regime_section(out)
   sweep_md, sweep_js = sweep_table(out)
   comp_md, comp_js = compute_table(runs, n_params, width)
+  reach_md, reach_js = reach_table(runs) if len(runs) > 1 and "grpo" in runs else ("", {})
+  if reach_md:
+    reach_md = (
+      "### Steps to reach GRPO's final accuracy\n\n"
+      f"Periodic greedy evaluations (every {settings.get('eval.every')} steps, the same "
+      f"{settings.get('eval.every_n')} Task-ID problems each time); the target is GRPO's last "
+      "one, mean over seeds. Per seed: the first step that seed's own curve reaches it "
+      "(– = never).\n\n" + reach_md + "\n"
+    )
   events = []
   if os.path.exists(os.path.join(out, "study_log.jsonl")):
     with open(os.path.join(out, "study_log.jsonl")) as f:
@@ -423,7 +474,7 @@ split (Task-ID, {settings["eval.n_id"]} problems) and one out-of-distribution sp
 Task-ID's levels (steps a problem) and Task-OOD (4 steps): where each method gains.
 
 {lv_md}
-### Compute per run (mean over seeds)
+{reach_md}### Compute per run (mean over seeds)
 
 {claims_lib.FLOPS_FORMULA}
 
@@ -463,6 +514,7 @@ Per-method overrides: `{json.dumps(info.get("method_overrides", {}))}`.
         "levels": lv_js,
         "sweep": sweep_js,
         "compute": comp_js,
+        "reach": reach_js,
         "claims": claims,
         "token_change": tc,
         "n_params": n_params,

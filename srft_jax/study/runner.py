@@ -61,6 +61,11 @@ METHODS = (
   "rl_then_sft",
 )
 TWO_STAGE_METHODS = ("sft_then_grpo", "rl_then_sft")
+# The on-policy distillation presets (docs/method.md §19): they need the
+# distilled regime's trained teacher (DIR/teacher, `--regime=distilled`), so
+# they run only when named (`--methods`), never by default.
+TEACHER_METHODS = ("opd", "srft_opd")
+ALL_METHODS = METHODS + TEACHER_METHODS
 SEEDS = (0, 1, 2)
 BASE_SEED = 0  # the shared base is warmed up once, with this seed
 
@@ -108,7 +113,10 @@ STUDY: dict[str, Any] = {
 # each method family on the `val` split (SWEEP_SEED, the study's steps); each
 # family's best final val accuracy picks its rate (ties: the smaller rate).
 LR_GRID = (5e-5, 2e-4, 8e-4)
-FAMILIES = {"sft": "sft", "rl": "grpo", "mixed": "srft"}  # family -> the method swept
+# family -> the method swept. `srft_opd` is SRFT with one more term: the mixed
+# family's rate, like SRFT's other variants; `opd` (the teacher's term alone) is
+# a family of its own.
+FAMILIES = {"sft": "sft", "rl": "grpo", "mixed": "srft", "distill": "opd"}
 SWEEP_SEED = 0
 SWEEP: dict[str, Any] = {
   "eval.n_id": 0,  # the test splits stay untouched while choosing ...
@@ -125,13 +133,19 @@ def families_of(method: str) -> tuple[str, ...]:
     "grpo": ("rl",),
     "sft_then_grpo": ("sft", "rl"),
     "rl_then_sft": ("rl", "sft"),
+    "opd": ("distill",),
   }.get(method, ("mixed",))
 
 
-# Methods whose only rollout term is GRPO without demonstrations put every slot
+def study_families(methods: Sequence[str]) -> tuple[str, ...]:
+  """The families `methods` train with: the ones the sweep chooses a rate for."""
+  return tuple(f for f in FAMILIES if any(f in families_of(m) for m in methods))
+
+
+# Methods whose only terms are on rollouts (GRPO, or the teacher's) put every slot
 # of the group on rollouts (n_rollouts + n_demos; configs/default.py does this
 # for `grpo`): the two-stage runs' GRPO stages then are exactly `grpo`.
-ALL_SLOTS_ON_ROLLOUTS = ("grpo", "sft_then_grpo", "rl_then_sft")
+ALL_SLOTS_ON_ROLLOUTS = ("grpo", "sft_then_grpo", "rl_then_sft", "opd")
 # --quick: a smoke run of the whole pipeline in a few minutes.
 QUICK: dict[str, Any] = {
   "steps": 4,
@@ -195,6 +209,8 @@ def run_spec(
   overrides = {**settings, **method_overrides(method, settings)}
   overrides["seed"] = int(seed)
   overrides["warmup.dir"] = os.path.join(out, "base")
+  if method in TEACHER_METHODS:
+    overrides["teacher.hf_path"] = teacher_dir(out)
   if method in mod.TWO_STAGE:
     overrides["stages"] = mod.TWO_STAGE[method].format(half=switch_step(settings))
   if lrs:
@@ -213,6 +229,18 @@ def tokenizer_path(out: str, task_seed: int) -> str:
   return os.path.join(
     out, "tokenizer", task.task_tokenizer_filename(task_seed, task.DEFAULT_VOCAB_SIZE)
   )
+
+
+def teacher_dir(out: str) -> str:
+  """The distilled regime's teacher workdir (study/regime.py), which the
+  on-policy distillation methods (TEACHER_METHODS) distil from."""
+  wd = os.path.join(out, "teacher")
+  if not os.path.exists(os.path.join(wd, "export", "hf", "config.json")):
+    raise ValueError(
+      f"methods {list(TEACHER_METHODS)} need the distilled regime's teacher, and {wd} "
+      "holds none: run the study with --regime=distilled"
+    )
+  return wd
 
 
 def run_dir(out: str, method: str, seed: int) -> str:
@@ -258,11 +286,12 @@ def run_sweep(
   grid: Sequence[float],
   *,
   bar=None,
-  families: Sequence[str] = tuple(FAMILIES),
+  families: Sequence[str] = ("sft", "rl", "mixed"),
 ) -> dict:
   """The learning-rate sweep: each of `families`' method at each rate of `grid`
   on the `val` split (finished runs are skipped, like the study's). Writes and
-  returns DIR/sweep/chosen.json: {family: {"lr": chosen, "val": {lr: accuracy}}}."""
+  returns these families' {family: {"lr": chosen, "val": {lr: accuracy}}}, merged
+  into DIR/sweep/chosen.json (other families' entries are kept)."""
   s = sweep_settings(settings)
   for family in families:
     method = FAMILIES[family]
@@ -294,8 +323,13 @@ def run_sweep(
         val[f"{lr:g}"] = float(json.load(f)["after"]["val_acc"])
     best = max(grid, key=lambda lr: (val[f"{lr:g}"], -lr))  # ties: the smaller rate
     chosen[family] = {"lr": best, "val": val, "method": FAMILIES[family]}
-  with open(os.path.join(out, "sweep", "chosen.json"), "w") as f:
-    json.dump(chosen, f, indent=2)
+  path = os.path.join(out, "sweep", "chosen.json")
+  kept = {}  # other families' choices (an earlier sweep of other methods) stay
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = {k: v for k, v in json.load(f).items() if k not in chosen}
+  with open(path, "w") as f:
+    json.dump({**kept, **chosen}, f, indent=2)
   return chosen
 
 
@@ -326,9 +360,9 @@ def run_study(
   QUICK_LR_GRID; empty: no sweep, every run at optim.lr). Returns {"ran": [(method, seed)...], "skipped": [...],
   "failed": [...], "report": path (None without `write_report`)}.
   """
-  unknown = [m for m in methods if m not in METHODS]
+  unknown = [m for m in methods if m not in ALL_METHODS]
   if unknown:
-    raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+    raise ValueError(f"unknown methods {unknown}; known: {list(ALL_METHODS)}")
   settings = study_settings(quick=quick, steps=steps, overrides=overrides)
   half = switch_step(settings)
   if settings["eval.every"] and half % settings["eval.every"]:
@@ -351,7 +385,7 @@ def run_study(
   grid = tuple(lr_grid if lr_grid is not None else (QUICK_LR_GRID if quick else LR_GRID))
   runs = [(m, s) for s in seeds for m in methods]
   # Only the families these methods train with are swept.
-  families = [f for f in FAMILIES if any(f in families_of(m) for m in methods)]
+  families = study_families(methods)
   done = [
     r
     for r in runs
@@ -533,7 +567,7 @@ def estimate_seconds(
     if base_cached
     else int(settings["warmup.steps"]) * timing.warmup_step_s + timing.run_overhead_s
   )
-  sweep = len(lr_grid) * sum(run_s(m) for m in FAMILIES.values())
+  sweep = len(lr_grid) * sum(run_s(FAMILIES[f]) for f in study_families(methods))
   total = warm + sweep + len(seeds) * sum(per_method.values())
   return {
     "total_s": total,
