@@ -301,15 +301,19 @@ def test_packed_step_does_not_recompile_when_rows_spill(tiny):
 
 
 @pytest.mark.multidevice
-def test_sharded_packed_step_equals_single_device(tiny):
-  graphdef, params = tiny
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scanned"])
+def test_sharded_packed_step_equals_single_device(tiny, scan):
+  """Packed rows on a (data, fsdp, tensor) mesh of 2 x 2 x 2, the layers in a
+  loop or scanned (their stacked params sharded by the same rules)."""
+  model_cfg = dataclasses.replace(TINY, scan_layers=scan)
+  graphdef, params = tiny if not scan else nnx.split(model_lib.create_model(model_cfg, seed=1))
   batch = _batch(8)
   cfg = step_lib.StepConfig(loss=obj.LossConfig.preset("srft"), microbatches=2, logit_chunk=16)
   cfg = dataclasses.replace(cfg, pack_len=2 * T, pack_rows=2)
   plan = _plan(batch, cfg)
   want = _grads_step(graphdef, cfg, batch, params, plan)
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  s_params = nnx.state(model_lib.create_model(TINY, seed=1, mesh=mesh))
+  s_params = nnx.state(model_lib.create_model(model_cfg, seed=1, mesh=mesh))
   tx = _SGD[1.0]
   s_state = step_lib.init_train_state(s_params, tx)
   state_sh = step_lib.state_shardings(s_state, mesh, TINY.rules)

@@ -205,20 +205,43 @@ def _sha(path):
     return hashlib.sha256(f.read()).hexdigest()
 
 
+# The resume test in both model/update layouts (docs/method.md §17, §18): the
+# layers in a Python loop with padded rows, and scanned layers with packed rows
+# (two layers, so the scan has a length; 8 packed rows a slot split over the 8
+# data shards), fewer steps there.
+LAYOUTS = {
+  "loop_padded": (12, {}),
+  "scanned_packed": (
+    6,
+    {
+      "model.scan_layers": True,
+      "model.num_layers": 2,
+      "batch.packing": True,
+      "batch.pack_rows": 8,
+    },
+  ),
+}
+
+
 @pytest.mark.slow
-def test_dapo_with_corrections_and_kl_compiles_once_and_resumes_exactly(tokenizer_path, tmp_path):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_dapo_with_corrections_and_kl_compiles_once_and_resumes_exactly(
+  tokenizer_path, tmp_path, layout
+):
   """The dapo preset (dynamic sampling over 2x the prompts, overlong shaping)
-  with an importance correction and a KL term: over 12 steps, after the first
-  steps and the first checkpoint nothing compiles; a run killed mid-way resumes to the unbroken run's
-  parameters bitwise, with the same metrics rows."""
+  with an importance correction and a KL term: after the first steps and the
+  first checkpoint nothing compiles; a run killed mid-way resumes to the
+  unbroken run's parameters bitwise, with the same metrics rows."""
+  steps, extra = LAYOUTS[layout]
   over = {
-    "steps": 12,
+    "steps": steps,
     "checkpoint.every": 2,
     "checkpoint.async_save": False,
     "loss.is_correction": "token_truncate",
     "loss.kl_coef": 0.01,
     "loss.kl_estimator": "low_var_kl",
     "rollout.overlong_filter": True,
+    **extra,
   }
   c = _config(tokenizer_path, "dapo", **over)
   counts = []
@@ -226,8 +249,8 @@ def test_dapo_with_corrections_and_kl_compiles_once_and_resumes_exactly(tokenize
   assert a["after"] == {"id_acc": None, "ood_acc": None, "levels": {}}
   per_step = counts[::2]  # two draws a step (oversample 2)
   # Steps 0-1 compile the programs, the first checkpoint (at 2) its own; then nothing.
-  assert len(per_step) == 12 and per_step[-1] == per_step[3], per_step
-  # Killed at step 5's first draw (after the checkpoint at 4), then rerun.
+  assert len(per_step) == steps and per_step[-1] == per_step[3], per_step
+  # Killed at the first draw of the step after the second checkpoint (at 4), then rerun.
   assert _run(c, str(tmp_path / "b"), kill_at_draw=2 * 5 + 1) is None
   _run(c, str(tmp_path / "b"))
   for f in ("export/hf/model.safetensors",):
@@ -236,7 +259,9 @@ def test_dapo_with_corrections_and_kl_compiles_once_and_resumes_exactly(tokenize
   for name in ("a", "b"):
     with open(tmp_path / name / "logs" / "metrics.jsonl") as f:
       rows[name] = [json.loads(line) for line in f]
-  assert [r["step"] for r in rows["b"]] == list(range(12))
+  assert [r["step"] for r in rows["b"]] == list(range(steps))
+  if extra.get("batch.packing"):
+    assert all(0 < r["batch/real_token_fraction"] <= 1 for r in rows["a"])
   keys = ("loss/loss", "dynamic/filled_slots", "mismatch/abs_max", "reward/overlong_mean")
   for ra, rb in zip(rows["a"], rows["b"]):
     for k in keys:
