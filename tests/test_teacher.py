@@ -491,8 +491,37 @@ def opd_runs(tmp_path_factory, tokenizer_path):
     )
     return job.run(factory.run_spec(c), str(workdir))
 
-  run.teachers, run.root = teachers, root
+  run.teachers, run.root, run.tokenizer = teachers, root, tokenizer_path
   return run
+
+
+@pytest.mark.slow
+def test_a_student_wider_than_its_teacher_rolls_out_only_the_teachers_ids(opd_runs, tmp_path):
+  """A student padded 16 rows past the tokenizer (its HF checkpoint) beside a
+  teacher with exactly the tokenizer's rows: rollouts draw only ids the
+  teacher has (the sampler's vocab_limit), so its pre-pass never reads a row
+  it lacks; without the limit the random student draws padded ids and the
+  teacher's KL turns non-finite, which the step would skip."""
+  from srft_jax import tokenizer as tok_lib
+
+  spec = factory.run_spec(
+    factory.with_overrides(
+      factory.load_config(os.path.join(helpers.ROOT, "configs", "default.py")), E2E
+    ),
+    validate=False,
+  )
+  vocab = tok_lib.load_tokenizer(opd_runs.tokenizer).vocab_size
+  student = model_lib.create_model(
+    dataclasses.replace(spec.model.config(vocab), vocab_size=vocab + 16), seed=0
+  )
+  hf.save_model(student, str(tmp_path / "student"))
+  res = opd_runs(tmp_path / "run", steps=3, **{"model.hf_path": str(tmp_path / "student")})
+  assert res["steps"] == 3
+  rows = _metric_rows(tmp_path / "run")
+  assert [r["step"] for r in rows] == [0, 1, 2]
+  assert all(np.isfinite(r["loss/teacher_kl"]) and r["loss/teacher_kl"] > 0 for r in rows), rows
+  with open(tmp_path / "run" / "logs" / "metrics.jsonl") as f:
+    assert all(json.loads(line).get("nonfinite/total", 0) == 0 for line in f if line.strip())
 
 
 def _metric_rows(workdir):
