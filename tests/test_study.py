@@ -252,6 +252,7 @@ def test_teacher_methods_distil_from_the_regimes_teacher(tmp_path):
   mixed = runner.run_spec("srft_opd", 0, out, settings, lrs, validate=False)
   grpo = runner.run_spec("grpo", 0, out, settings, lrs, validate=False)
   assert opd.teacher.hf_path == mixed.teacher.hf_path == teacher
+  assert opd.teacher.tokenizer == opd.data.tokenizer  # the study's, which the teacher learned on
   assert [s.lr for s in opd.stages] == [5e-5] and [s.lr for s in mixed.stages] == [1e-2]
   # opd has no demonstration term: every slot of a group is a rollout, as GRPO's.
   assert opd.stages[0].layout == grpo.stages[0].layout

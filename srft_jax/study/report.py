@@ -38,7 +38,8 @@ CRITERIA_MD = f"""\
 Fixed in `srft_jax/study/claims.py` before any run (also written to `criteria.md` when the study starts).
 
 **Learning rates.** One grid, {", ".join(f"{lr:g}" for lr in runner.LR_GRID)}, is swept for each
-method family (SFT only: `sft`; RL only: `grpo`; mixed: `srft`) on the `val` split, seed
+method family (SFT only: `sft`; RL only: `grpo`; mixed: `srft`, also `srft_opd`'s; the
+teacher's term alone: `opd`; only the families of the study's methods) on the `val` split, seed
 {runner.SWEEP_SEED}, at the study's step count; each family takes the rate with the best final val
 accuracy (ties: the smaller rate). Every method runs at its family's rate; a two-stage method runs
 each stage at the rate of that stage's family. The test splits are not evaluated in the sweep.

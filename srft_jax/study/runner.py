@@ -222,6 +222,8 @@ def run_spec(
   config = mod.get_config(method)
   task_seed = factory.run_spec(config, overrides, validate=False).data.task_seed
   overrides["data.tokenizer"] = tokenizer_path(out, task_seed)
+  if method in TEACHER_METHODS:  # the teacher was trained on the study's tokenizer
+    overrides["teacher.tokenizer"] = overrides["data.tokenizer"]
   return factory.run_spec(config, overrides, validate=validate)
 
 
