@@ -468,15 +468,22 @@ def _confident_teacher(path, vocab_size, seed, scale=20.0):
 def opd_runs(tmp_path_factory, tokenizer_path):
   """`run(workdir, **overrides)`: job.run of the tiny `opd` run (a confident
   random teacher in bfloat16, the task tokenizer named by teacher.tokenizer),
-  every run sharing one persistent compilation cache."""
+  every run sharing one persistent compilation cache. The student is an HF
+  checkpoint padded 16 rows past the tokenizer, the teacher has exactly its
+  rows (one tokenizer padded to two sizes, docs/method.md §19.6)."""
   from srft_jax import job
   from srft_jax import tokenizer as tok_lib
 
   root = tmp_path_factory.mktemp("opd")
   vocab = tok_lib.load_tokenizer(tokenizer_path).vocab_size
   teachers = {s: _confident_teacher(root / f"teacher{s}", vocab, seed=s) for s in (5, 6)}
+  defaults = factory.load_config(os.path.join(helpers.ROOT, "configs", "default.py"))
+  spec = factory.run_spec(factory.with_overrides(defaults, E2E), validate=False)
+  student = dataclasses.replace(spec.model.config(vocab), vocab_size=vocab + 16)
+  hf.save_model(model_lib.create_model(student, seed=0), str(root / "student"))
   base = {
     **E2E,
+    "model.hf_path": str(root / "student"),
     "data.tokenizer": tokenizer_path,
     "teacher.hf_path": teachers[5],
     "teacher.tokenizer": tokenizer_path,
@@ -491,37 +498,8 @@ def opd_runs(tmp_path_factory, tokenizer_path):
     )
     return job.run(factory.run_spec(c), str(workdir))
 
-  run.teachers, run.root, run.tokenizer = teachers, root, tokenizer_path
+  run.teachers, run.root = teachers, root
   return run
-
-
-@pytest.mark.slow
-def test_a_student_wider_than_its_teacher_rolls_out_only_the_teachers_ids(opd_runs, tmp_path):
-  """A student padded 16 rows past the tokenizer (its HF checkpoint) beside a
-  teacher with exactly the tokenizer's rows: rollouts draw only ids the
-  teacher has (the sampler's vocab_limit), so its pre-pass never reads a row
-  it lacks; without the limit the random student draws padded ids and the
-  teacher's KL turns non-finite, which the step would skip."""
-  from srft_jax import tokenizer as tok_lib
-
-  spec = factory.run_spec(
-    factory.with_overrides(
-      factory.load_config(os.path.join(helpers.ROOT, "configs", "default.py")), E2E
-    ),
-    validate=False,
-  )
-  vocab = tok_lib.load_tokenizer(opd_runs.tokenizer).vocab_size
-  student = model_lib.create_model(
-    dataclasses.replace(spec.model.config(vocab), vocab_size=vocab + 16), seed=0
-  )
-  hf.save_model(student, str(tmp_path / "student"))
-  res = opd_runs(tmp_path / "run", steps=3, **{"model.hf_path": str(tmp_path / "student")})
-  assert res["steps"] == 3
-  rows = _metric_rows(tmp_path / "run")
-  assert [r["step"] for r in rows] == [0, 1, 2]
-  assert all(np.isfinite(r["loss/teacher_kl"]) and r["loss/teacher_kl"] > 0 for r in rows), rows
-  with open(tmp_path / "run" / "logs" / "metrics.jsonl") as f:
-    assert all(json.loads(line).get("nonfinite/total", 0) == 0 for line in f if line.strip())
 
 
 def _metric_rows(workdir):
@@ -534,10 +512,16 @@ def _metric_rows(workdir):
 def test_opd_run_closes_the_kl_and_refuses_another_teacher(opd_runs, tmp_path):
   """`opd` end to end: the teacher KL falls; the checkpoint names the teacher;
   resuming it with another teacher is refused before any step compiles. (A
-  kill and resume bitwise with a teacher: tests/test_train.py, SIGTERM.)"""
+  kill and resume bitwise with a teacher: tests/test_train.py, SIGTERM.)
+  The student is wider than its teacher: its rollouts draw only ids the
+  teacher has (the sampler's vocab_limit); without the limit the random
+  student draws padded ids, the teacher's KL turns non-finite and the steps
+  are skipped."""
   assert opd_runs(tmp_path)["steps"] == E2E_STEPS
   kl = [r["loss/teacher_kl"] for r in _metric_rows(tmp_path)]
   assert len(kl) == E2E_STEPS and np.mean(kl[-3:]) < 0.9 * np.mean(kl[:3]), kl
+  with open(tmp_path / "logs" / "metrics.jsonl") as f:
+    assert all(json.loads(line).get("nonfinite/total", 0) == 0 for line in f if line.strip())
   meta = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).read_meta()
   assert meta["step"] == E2E_STEPS and meta["teacher"]["path"] == opd_runs.teachers[5]
   with pytest.raises(factory.ConfigError, match="another teacher"):
