@@ -2,7 +2,9 @@
 (data=2, fsdp=4) mesh spanning both, with a gs:// workdir on the GCS emulator
 (conftest.py `gcs`: process 0 writes the shared files, both read them), killed
 after a checkpoint and resumed, end with bitwise the same parameters as one
-process with 8 devices (that process also reduces through gloo)."""
+process with 8 devices (that process also reduces through gloo). The run is
+`srft_opd`: a distillation teacher of another family and width, which each
+process loads from its HF directory into its own shards (docs/method.md §19.6)."""
 
 import os
 import socket
@@ -68,12 +70,35 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_process(workdir, port, log_dir) -> list[helpers.MainJob]:
+@pytest.fixture(scope="module")
+def overrides(tmp_path_factory, tokenizer_path):
+  """OVERRIDES with a teacher: a random Qwen3-family model (q/k norms, tied
+  embeddings, wider) on the task tokenizer, saved in HF layout."""
+
+  from srft_jax import hf
+  from srft_jax import model as model_lib
+  from srft_jax import tokenizer as tok_lib
+
+  vocab = tok_lib.load_tokenizer(tokenizer_path).vocab_size
+  cfg = model_lib.ModelConfig.preset(
+    "tiny_qwen3", vocab_size=vocab, embed_dim=48, mlp_dim=96, num_layers=1, max_seq_len=256
+  )
+  path = str(tmp_path_factory.mktemp("teacher") / "hf")
+  hf.save_model(model_lib.create_model(cfg, seed=7), path)
+  return {
+    **OVERRIDES,
+    "method": "srft_opd",
+    "teacher.hf_path": path,
+    "teacher.tokenizer": tokenizer_path,
+  }
+
+
+def _two_process(workdir, port, log_dir, overrides) -> list[helpers.MainJob]:
   return [
     helpers.MainJob(
       workdir,
       {
-        **OVERRIDES,
+        **overrides,
         "multihost": True,
         "distributed.coordinator": f"127.0.0.1:{port}",
         "distributed.num_processes": 2,
@@ -115,7 +140,9 @@ def _assert_same_run(single, multi) -> None:
     r1, r2 = rows[single][step], rows[multi][step]
     assert r1["reward/rollout_mean"] == r2["reward/rollout_mean"], step
     assert r1["tokens/sampled"] == r2["tokens/sampled"], step
-    np.testing.assert_allclose(r1["loss/loss"], r2["loss/loss"], rtol=1e-5, err_msg=str(step))
+    for k in ("loss/loss", "loss/teacher_kl"):  # the teacher's term: it ran on both
+      np.testing.assert_allclose(r1[k], r2[k], rtol=1e-5, err_msg=f"{k} {step}")
+    assert r1["loss/teacher_kl"] > 0
   a, b = _final_params(single), _final_params(multi)
   assert a.keys() == b.keys()
   for k in a:
@@ -134,7 +161,7 @@ def _steps(workdir) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single(tmp_path_factory, overrides):
   """One process, 8 devices, with the distributed runtime up so its
   cross-device reductions run through gloo as the two processes' do."""
   from srft_jax.data import task
@@ -147,19 +174,21 @@ def single(tmp_path_factory):
     "distributed.num_processes": 1,
     "distributed.process_id": 0,
   }
-  rc, log = helpers.run_main(single, {**OVERRIDES, **gloo}, env=_env(8), timeout=600)
+  rc, log = helpers.run_main(single, {**overrides, **gloo}, env=_env(8), timeout=600)
   assert rc == 0, log[-6000:]
   return single
 
 
-def test_two_processes_in_a_bucket_match_one_process_after_kill_and_resume(single, gcs, tmp_path):
+def test_two_processes_in_a_bucket_match_one_process_after_kill_and_resume(
+  single, gcs, tmp_path, overrides
+):
   """Every shared file in the bucket (the task tokenizer process 0 makes and
   process 1 reads after it, checkpoints, metrics, the export); both processes
   SIGKILLed once a checkpoint past step 1 is there, rerun: the same run."""
   from srft_jax import paths
 
   multi = "gs://srft-test/multihost"
-  procs = _two_process(multi, _free_port(), tmp_path)
+  procs = _two_process(multi, _free_port(), tmp_path, overrides)
   deadline = time.time() + 420
   while time.time() < deadline and not any(s >= 2 for s in _steps(multi)):
     if any(p.poll() is not None for p in procs):
@@ -171,7 +200,7 @@ def test_two_processes_in_a_bucket_match_one_process_after_kill_and_resume(singl
   killed_at = _steps(multi)
   assert killed_at and max(killed_at) < STEPS, f"not killed mid-run: {killed_at}"
 
-  procs = _two_process(multi, _free_port(), tmp_path)
+  procs = _two_process(multi, _free_port(), tmp_path, overrides)
   codes = [p.wait(timeout=600)[0] for p in procs]
   logs = {f.name: f.read_text() for f in sorted(tmp_path.glob("proc*.log"))}
   assert codes == [0, 0], "".join(text[-2000:] for text in logs.values())
