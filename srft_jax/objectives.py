@@ -51,6 +51,7 @@ __all__ = [
   "token_logprobs_and_entropy",
   "chunked_logprobs_and_entropy",
   "chunked_teacher_kl",
+  "limit_vocab",
   "group_advantages",
   "LossConfig",
   "PRESETS",
@@ -237,17 +238,18 @@ def _kl_stats(zs_NV: Array, zt_NV: Array) -> tuple[Array, Array, Array, Array, A
   return rkl_N, fkl_N, p_NV, jnp.where(p_NV > 0, log_ratio_NV, 0.0), q_NV
 
 
-def _limit_vocab(z_BCV: Array, vocab_limit: int) -> Array:
-  """-inf at the ids >= vocab_limit (0: none): zero probability on both sides."""
-  if not vocab_limit:
+def limit_vocab(z_BCV: Array, vocab_limit: int) -> Array:
+  """Logits with -inf at the ids >= `vocab_limit` (0, or not below the last
+  axis's size: unchanged): those ids get zero probability, the rest renormalise."""
+  if not 0 < vocab_limit < z_BCV.shape[-1]:
     return z_BCV
   ids = lax.broadcasted_iota(jnp.int32, z_BCV.shape, z_BCV.ndim - 1)
   return jnp.where(ids < vocab_limit, z_BCV, -jnp.inf)
 
 
 def _kl_logits(hs_BCD, ws_DV, ht_BCE, wt_EV, temperature, teacher_temperature, vocab_limit):
-  zs = _limit_vocab(_chunk_logits(hs_BCD, ws_DV, temperature), vocab_limit)
-  zt = _limit_vocab(_chunk_logits(ht_BCE, wt_EV, teacher_temperature), vocab_limit)
+  zs = limit_vocab(_chunk_logits(hs_BCD, ws_DV, temperature), vocab_limit)
+  zt = limit_vocab(_chunk_logits(ht_BCE, wt_EV, teacher_temperature), vocab_limit)
   return zs, zt
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from srft_jax import model as model_lib
+from srft_jax import objectives as obj
 from srft_jax import sharding as shd
 
 Array = jax.Array
@@ -197,10 +198,7 @@ def select_tokens(
   softmax(logits) for greedy (temperature 0); with `vocab_limit` > 0 the ids
   from it on are masked out first (zero probability, the rest renormalised).
   """
-  z = logits_BV.astype(f32)
-  if 0 < vocab_limit < z.shape[-1]:
-    ids = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
-    z = jnp.where(ids < vocab_limit, z, -jnp.inf)
+  z = obj.limit_vocab(logits_BV.astype(f32), vocab_limit)
   if temperature == 0.0:
     tok = jnp.argmax(z, axis=-1).astype(jnp.int32)
   else:

@@ -382,14 +382,7 @@ def packed_logprobs(
   model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
   row, col, seg = plan["row"], plan["col"], plan["segment"]
   tok_QL = tokens_BT[row, col]
-  out = model(
-    tok_QL,
-    plan["position"],
-    (seg > 0).astype(jnp.int32),
-    return_hidden=True,
-    lora_dropout_key=dropout_key,
-    segment_ids_BT=seg,
-  )
+  out = _packed_forward(model, tok_QL, plan, dropout_key)
   unembed = model.unembed()
   outs = list(
     obj.chunked_logprobs_and_entropy(
@@ -420,19 +413,25 @@ def packed_logprobs(
   return tuple(outs)
 
 
+def _packed_forward(model, tok_QL, plan: dict, dropout_key=None):
+  """The model over one packed slot's gathered tokens [Q, L]: attention inside
+  a segment, positions restarting per segment; final hidden states."""
+  seg = plan["segment"]
+  return model(
+    tok_QL,
+    plan["position"],
+    (seg > 0).astype(jnp.int32),
+    return_hidden=True,
+    lora_dropout_key=dropout_key,
+    segment_ids_BT=seg,
+  )
+
+
 def packed_hidden(graphdef, params, tokens_BT, plan: dict) -> Array:
   """A teacher's final hidden states [Q, L, E] of one packed slot (`plan` as
   `packed_logprobs`'s), for its `teacher` argument."""
   model = nnx.merge(graphdef, params)
-  seg = plan["segment"]
-  out = model(
-    tokens_BT[plan["row"], plan["col"]],
-    plan["position"],
-    (seg > 0).astype(jnp.int32),
-    return_hidden=True,
-    segment_ids_BT=seg,
-  )
-  return out.hidden
+  return _packed_forward(model, tokens_BT[plan["row"], plan["col"]], plan).hidden
 
 
 def _packed(

@@ -221,8 +221,8 @@ def reach_table(
   on the periodic evaluations (`key`, the same problems at every evaluation).
   The target is the reference's last evaluation, mean over its seeds; a method
   reaches it at the first evaluated step where its seed-mean curve is at or above
-  it (each seed's own first step too). Steps no method evaluated on all its seeds
-  are left out of the mean curve."""
+  it (each seed's own first step too). The mean curve holds only the steps
+  evaluated on all of the method's seeds."""
   ref = runs.get(reference) or []
   finals = [r.series(key)[max(r.series(key))] for r in ref if r.series(key)]
   if not finals:

@@ -288,13 +288,15 @@ def run_sweep(
   grid: Sequence[float],
   *,
   bar=None,
-  families: Sequence[str] = ("sft", "rl", "mixed"),
+  families: Sequence[str] | None = None,
 ) -> dict:
-  """The learning-rate sweep: each of `families`' method at each rate of `grid`
-  on the `val` split (finished runs are skipped, like the study's). Writes and
+  """The learning-rate sweep: each of `families`' method (default: the ten
+  methods' families) at each rate of `grid` on the `val` split (finished runs
+  are skipped, like the study's). Writes and
   returns these families' {family: {"lr": chosen, "val": {lr: accuracy}}}, merged
   into DIR/sweep/chosen.json (other families' entries are kept)."""
   s = sweep_settings(settings)
+  families = study_families(METHODS) if families is None else families
   for family in families:
     method = FAMILIES[family]
     for lr in grid:
