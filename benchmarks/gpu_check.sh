@@ -11,6 +11,8 @@
 #    bf16 compute), cuDNN flash attention: tokens/s and MFU (model FLOPs / step
 #    time / peak dense bf16 FLOP/s);
 # 3. the model / objective / sampler tests on the GPU (multidevice tests skip).
+# 4. (PARTS="packing packing_tests") sequence packing with cuDNN's packed layout:
+#    packed vs padded update of the 1.5B shape, and cuDNN against the segment mask.
 # Other parts (named in PARTS) look for where time goes: profiles, operand
 # orders, and the Pallas decode-attention kernel (attn_sweep, decode_*_pallas,
 # sampler_*_pallas, kernel_tests), e.g.
@@ -124,6 +126,19 @@ for name in $PARTS; do
         --param_dtype bfloat16 --profile 40 ;;
     train_chunked) part $name ${TRAIN_LIMIT:-180} $TRAIN --microbatches 4 --remat dots \
         --attention chunked ;;
+    # Sequence packing in the update (docs/method.md §18) with cuDNN's packed layout:
+    # the 1.5B shape, 32 rows of 512 + 2,048 tokens (long-tailed responses), packed
+    # into slots of 4 x 5,120 tokens vs padded, one update each, side by side.
+    packing) part $name ${PACKING_LIMIT:-240} $PY benchmarks/packing.py --preset qwen2_5_1_5b \
+        --dtype bfloat16 --attention cudnn --remat full --prompt_len 512 --response_len 2048 \
+        --pack_rows 4 --repeats 3 ;;
+    # the packing tests on the GPU: cuDNN's packed layout against the segment mask
+    packing_tests)
+      echo "== packing tests on the GPU"
+      SRFT_TEST_PLATFORM=cuda timeout ${PACKING_TESTS_LIMIT:-150} $PY -m pytest -q -p no:cacheprovider \
+        tests/test_packing.py -k "cudnn or runs or never_crosses" >"$OUT_DIR/packing_tests.log" 2>&1
+      echo "   rc=$?"
+      tail -n 25 "$OUT_DIR/packing_tests.log" ;;
     # the kernel's own tests, compiled through Triton
     kernel_tests)
       echo "== kernel tests on the GPU"

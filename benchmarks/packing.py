@@ -16,6 +16,9 @@ speed-up, the padded step's loss and the absolute difference of the packed
 step's (and the relative difference of the gradient norms).
 
   python benchmarks/packing.py [--rows 32] [--pack_len 0] [--pack_rows 1] [--repeats 7]
+  # on a GPU (benchmarks/gpu_check.sh's `packing` part): Qwen2.5-1.5B's shape, cuDNN
+  python benchmarks/packing.py --preset qwen2_5_1_5b --dtype bfloat16 --attention cudnn \\
+      --remat full --prompt_len 512 --response_len 2048 --pack_rows 4
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ def _args(argv=None):
   p.add_argument("--pack_rows", type=int, default=1)
   p.add_argument("--repeats", type=int, default=7, help="timed steps after one warm-up; median")
   p.add_argument("--seed", type=int, default=0)
+  # An accelerator's run: a real shape, bf16, cuDNN attention (its packed layout), e.g.
+  # --preset qwen2_5_1_5b --dtype bfloat16 --attention cudnn --remat full
+  p.add_argument("--preset", default="", help="a model preset; '' = the small shape below")
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--attention", default="xla", help="xla | chunked | cudnn")
+  p.add_argument("--remat", default="none")
   return p.parse_args(argv)
 
 
@@ -88,16 +97,21 @@ def _time(runs, repeats):
 
 def main(argv=None):
   a = _args(argv)
-  cfg = model_lib.ModelConfig(
-    vocab_size=2048,
-    embed_dim=128,
-    mlp_dim=384,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=32,
-    max_seq_len=4 * (a.prompt_len + a.response_len),
-  )
+  common = dict(dtype=a.dtype, attention=a.attention, remat=a.remat, scan_layers=True)
+  if a.preset:
+    cfg = model_lib.ModelConfig.preset(a.preset, **common)
+  else:
+    cfg = model_lib.ModelConfig(
+      vocab_size=2048,
+      embed_dim=128,
+      mlp_dim=384,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=32,
+      max_seq_len=4 * (a.prompt_len + a.response_len),
+      **common,
+    )
   graphdef, params = nnx.split(model_lib.create_model(cfg, seed=a.seed))
   tx = optax.adamw(1e-4)
   state = step_lib.init_train_state(params, tx)
@@ -142,7 +156,11 @@ def main(argv=None):
         "grad_norm_rel_diff": float(
           abs(float(m_pad["grad_norm"]) - float(m_pack["grad_norm"])) / float(m_pad["grad_norm"])
         ),
+        "model": a.preset or "small",
+        "dtype": a.dtype,
+        "attention": a.attention,
         "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
       }
     )
   )

@@ -55,6 +55,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.batch.prompts_per_step = 16  # 128 sequences a step
     c.batch.minibatches = 2
     c.batch.microbatches = 8  # 8 sequences per gradient chunk
+    # Sequence packing (docs/method.md §18) runs cuDNN's packed layout here
+    # (attention="cudnn", Hopper or newer); it is off until that layout has been
+    # measured on a GPU (benchmarks/gpu_check.sh, PARTS="packing packing_tests").
+    c.batch.packing = False
 
     c.optim.lr = 1e-6
     c.optim.schedule = "constant"

@@ -382,7 +382,7 @@ def packed_logprobs(
   model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
   row, col, seg = plan["row"], plan["col"], plan["segment"]
   tok_QL = tokens_BT[row, col]
-  out = _packed_forward(model, tok_QL, plan, dropout_key)
+  out = _packed_forward(model, tok_QL, plan, tokens_BT.shape[0], dropout_key)
   unembed = model.unembed()
   outs = list(
     obj.chunked_logprobs_and_entropy(
@@ -413,9 +413,10 @@ def packed_logprobs(
   return tuple(outs)
 
 
-def _packed_forward(model, tok_QL, plan: dict, dropout_key=None):
-  """The model over one packed slot's gathered tokens [Q, L]: attention inside
-  a segment, positions restarting per segment; final hidden states."""
+def _packed_forward(model, tok_QL, plan: dict, rows: int, dropout_key=None):
+  """The model over one packed slot's gathered tokens [Q, L] from `rows`
+  source rows (a packed row holds at most that many segments): attention
+  inside a segment, positions restarting per segment; final hidden states."""
   seg = plan["segment"]
   return model(
     tok_QL,
@@ -424,6 +425,7 @@ def _packed_forward(model, tok_QL, plan: dict, dropout_key=None):
     return_hidden=True,
     lora_dropout_key=dropout_key,
     segment_ids_BT=seg,
+    max_segments=rows,
   )
 
 
@@ -431,7 +433,8 @@ def packed_hidden(graphdef, params, tokens_BT, plan: dict) -> Array:
   """A teacher's final hidden states [Q, L, E] of one packed slot (`plan` as
   `packed_logprobs`'s), for its `teacher` argument."""
   model = nnx.merge(graphdef, params)
-  return _packed_forward(model, tokens_BT[plan["row"], plan["col"]], plan).hidden
+  tok_QL = tokens_BT[plan["row"], plan["col"]]
+  return _packed_forward(model, tok_QL, plan, tokens_BT.shape[0]).hidden
 
 
 def _packed(

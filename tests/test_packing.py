@@ -23,6 +23,7 @@ from srft_jax import packing
 from srft_jax import sharding as shd
 from srft_jax import step as step_lib
 from srft_jax import trainer as trainer_lib
+from srft_jax.model import attention as attn_lib
 
 import helpers
 
@@ -170,6 +171,80 @@ def test_packed_forward_equals_rows_and_never_crosses_segments(attention, scan):
   assert moved[(seg > 1)].max() == 0.0  # no other segment saw it
 
 
+def _numpy_runs(seg_BT):
+  """Each row's runs of equal ids as (start, length) lists, the NumPy way."""
+  out = []
+  for row in np.asarray(seg_BT):
+    edges = np.flatnonzero(np.diff(row)) + 1
+    starts = np.concatenate([[0], edges])
+    out.append((starts.tolist(), np.diff(np.append(starts, len(row))).tolist()))
+  return out
+
+
+def test_packed_runs_are_cudnns_packed_layout():
+  """`packed_runs` (attention="cudnn"'s packed layout): every segment and the
+  padding tail a run, -1 past the last (q_offsets [B, M+1], q_seqlen [B, M]),
+  and the mask those runs mean (`runs_allowed`) is the segment mask on every
+  real token: causal, never across segments."""
+  rs = np.random.RandomState(0)
+  lengths = rs.randint(1, 12, size=9)
+  plan = packing.make_plan(np.zeros(9), lengths, row_len=12, pack_len=24, pack_rows=6)
+  seg = plan["segment"][0, 0].reshape(-1, 24)
+  seg = np.concatenate([seg, np.zeros((1, 24), np.int32), np.ones((1, 24), np.int32)])
+  m = 10  # room for 9 segments and the tail
+  runs = jax.jit(attn_lib.packed_runs, static_argnums=1)(jnp.asarray(seg), m)
+  assert runs.starts_BM.shape == (len(seg), m + 1) and runs.lengths_BM.shape == (len(seg), m)
+  for b, (starts, lens) in enumerate(_numpy_runs(seg)):
+    want_s = starts + [-1] * (m + 1 - len(starts))
+    want_l = lens + [-1] * (m - len(lens))
+    assert np.asarray(runs.starts_BM[b]).tolist() == want_s, b
+    assert np.asarray(runs.lengths_BM[b]).tolist() == want_l, b
+  assert np.asarray(runs.starts_BM[-2]).tolist()[:2] == [0, -1]  # all padding: one run
+  ok = np.asarray(attn_lib.runs_allowed(runs, 24))
+  i, j = np.arange(24)[:, None], np.arange(24)[None]
+  for b in range(len(seg)):
+    same = seg[b][:, None] == seg[b][None]
+    np.testing.assert_array_equal(ok[b], same & (j <= i))
+  real = seg > 0
+  seg_mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0) & (j <= i)[None]
+  np.testing.assert_array_equal(ok[real], seg_mask[real])
+
+
+@pytest.mark.skipif(
+  not attn_lib.cudnn_available(jnp.bfloat16), reason="cuDNN: SRFT_TEST_PLATFORM=cuda on a GPU"
+)
+def test_cudnn_packed_attention_equals_the_segment_mask():
+  """On a GPU: cuDNN's packed layout (`attend_packed`) equals XLA attention
+  under the segment mask on every real token, values and gradients (bf16)."""
+  rs = np.random.RandomState(1)
+  b, t, n, k, h = 2, 256, 4, 2, 64
+  lengths = np.array([100, 60, 40, 30, 128, 90, 20])
+  plan = packing.make_plan(np.zeros(7), lengths, row_len=128, pack_len=t, pack_rows=b)
+  seg = jnp.asarray(plan["segment"][0, 0, 0])
+  q, kk, v = (jnp.asarray(rs.randn(b, t, x, h), jnp.bfloat16) for x in (n, k, k))
+  runs = attn_lib.packed_runs(seg, 8)
+  real = np.asarray(seg) > 0
+
+  def masked(q, kk, v):
+    idx = jnp.arange(t)
+    ok = (seg[:, None, :] == seg[:, :, None]) & (idx[None] <= idx[:, None])[None]
+    return attn_lib.attend(q, kk.transpose(0, 2, 3, 1), v.swapaxes(1, 2), ok)
+
+  def loss(fn, q, kk, v):
+    w = jnp.asarray(real, jnp.float32)[:, :, None, None]
+    return jnp.sum(fn(q, kk, v).astype(jnp.float32) ** 2 * w)
+
+  cudnn = lambda q, kk, v: attn_lib.attend_packed(q, kk, v, runs, 64)  # noqa: E731
+  got, want = jax.jit(cudnn)(q, kk, v), jax.jit(masked)(q, kk, v)
+  f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+  np.testing.assert_allclose(f32(got)[real], f32(want)[real], atol=2e-2)
+  g_got = jax.jit(jax.grad(functools.partial(loss, cudnn), argnums=(0, 1, 2)))(q, kk, v)
+  g_want = jax.jit(jax.grad(functools.partial(loss, masked), argnums=(0, 1, 2)))(q, kk, v)
+  for a, w in zip(g_got, g_want):
+    scale = np.abs(f32(w)).max()
+    np.testing.assert_allclose(f32(a) / scale, f32(w) / scale, atol=3e-2)
+
+
 # ----------------------------------------------------------------------------
 # The train step: packed equals unpacked
 # ----------------------------------------------------------------------------
@@ -231,6 +306,22 @@ def test_packed_step_equals_unpacked_for_every_preset(tiny, preset):
   packed_cfg = dataclasses.replace(base, pack_len=2 * T, pack_rows=1)
   plan = _plan(batch, packed_cfg)
   assert (plan["segment"][0, 0] > 0).any(axis=(1, 2)).sum() >= 2  # spilled
+  want = _grads_step(graphdef, base, batch, params)
+  got = _grads_step(graphdef, packed_cfg, batch, params, plan)
+  _assert_same_step(want, got)
+
+
+def test_packed_step_equals_unpacked_with_cudnn_attention():
+  """attention="cudnn", scanned: the packed step (segments as cuDNN's packed
+  runs) equals the unpacked one (left-aligned causal rows). On CPU both run
+  XLA under the same masks; `test_cudnn_packed_attention_equals_the_segment_mask`
+  checks cuDNN's kernel itself on a GPU."""
+  cfg = dataclasses.replace(TINY, attention="cudnn", scan_layers=True)
+  graphdef, params = nnx.split(model_lib.create_model(cfg, seed=1))
+  batch = _batch(2)
+  base = step_lib.StepConfig(loss=obj.LossConfig.preset("srft"), logit_chunk=16)
+  packed_cfg = dataclasses.replace(base, pack_len=2 * T, pack_rows=1)
+  plan = _plan(batch, packed_cfg)
   want = _grads_step(graphdef, base, batch, params)
   got = _grads_step(graphdef, packed_cfg, batch, params, plan)
   _assert_same_step(want, got)

@@ -8,7 +8,9 @@ Qwen3 q/k norms, LoRA hooks on q, k, v, o).
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,7 @@ from srft_jax.model.lora_hooks import plus_delta
 
 Array = jax.Array
 f32 = jnp.float32
+log = logging.getLogger(__name__)
 
 
 def rope_frequencies(cfg: ModelConfig) -> Array:
@@ -143,6 +146,101 @@ def attend_causal(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array) -> Array:
   return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=impl)
 
 
+class PackedRuns(NamedTuple):
+  """A packed row's segments for cuDNN's packed (THD) layout: each run of equal
+  segment ids, the padding tail included as a run of its own (so every token
+  has finite outputs), as (start, length) pairs, -1 past a row's last run."""
+
+  starts_BM: Array  # int32 [B, M + 1]: first column of each run (cuDNN's q_offsets)
+  lengths_BM: Array  # int32 [B, M]: tokens in each run (cuDNN's q_seqlen)
+
+
+def packed_runs(segment_ids_BT: Array, max_runs: int) -> PackedRuns:
+  """The runs of `segment_ids_BT` (docs/method.md §18: a packed row is segments
+  1, 2, ... one after the other, then padding 0) as `PackedRuns` with room for
+  `max_runs` runs a row; a row with more runs than that loses the extra ones,
+  so the caller bounds it (the step: its rows a micro-batch, plus the tail)."""
+  b, t = segment_ids_BT.shape
+  seg = segment_ids_BT
+  first = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  run = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1  # [B, T]: each token's run
+  rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+  cols = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+  # Out-of-range runs (past max_runs) are dropped by the scatters' mode.
+  lengths = jnp.zeros((b, max_runs), jnp.int32).at[rows, run].add(1, mode="drop")
+  starts = jnp.full((b, max_runs + 1), t, jnp.int32).at[rows, run].min(cols, mode="drop")
+  used = jnp.arange(max_runs + 1)[None] < run[:, -1:] + 1
+  return PackedRuns(jnp.where(used, starts, -1), jnp.where(used[:, :-1], lengths, -1))
+
+
+def runs_allowed(runs: PackedRuns, t: int) -> Array:
+  """[B, T, T]: query i sees key j when both lie in one run and j <= i, the
+  mask cuDNN's packed layout with a causal padding mask applies."""
+  cols = jnp.arange(t)
+  starts = runs.starts_BM[:, :-1]
+  ends = jnp.where(runs.lengths_BM >= 0, starts + runs.lengths_BM, -1)
+  # each token's run: the last start at or before it
+  inside = (cols[None, :, None] >= starts[:, None, :]) & (cols[None, :, None] < ends[:, None, :])
+  run = jnp.argmax(inside, axis=-1)  # [B, T]
+  return (run[:, :, None] == run[:, None, :]) & (cols[None, None, :] <= cols[None, :, None])
+
+
+def cudnn_available(dtype) -> bool:
+  """cuDNN flash attention applies: a CUDA backend and a 16-bit compute dtype."""
+  on_gpu = jax.default_backend() in ("gpu", "cuda")
+  return on_gpu and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _cudnn_packed(q_BTNH, k_BTKH, v_BTKH, runs: PackedRuns) -> Array | None:
+  """cuDNN flash attention over its packed layout, or None where this jax,
+  cuDNN or GPU has none (it needs Hopper or newer): the caller falls back."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # noqa: PLC0415 (GPUs only; jax has no public packed API)
+
+    return cudnn_fa.dot_product_attention(
+      q_BTNH,
+      k_BTKH,
+      v_BTKH,
+      q_seqlen=runs.lengths_BM,
+      kv_seqlen=runs.lengths_BM,
+      q_offsets=runs.starts_BM,
+      kv_offsets=runs.starts_BM,
+      scale=q_BTNH.shape[-1] ** -0.5,
+      mask_type=cudnn_fa.MaskType.PADDING_CAUSAL,
+    )
+  except (ImportError, AttributeError, TypeError, NotImplementedError, RuntimeError) as e:
+    _warn_once(f"cuDNN's packed attention is not available here ({e}); using chunked attention")
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+  if msg not in _WARNED:
+    _WARNED.add(msg)
+    log.warning(msg)
+
+
+def attend_packed(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, runs: PackedRuns, chunk: int):
+  """Causal attention inside each run of a packed row.
+
+  On a GPU in bf16/fp16: cuDNN flash attention over its packed layout (each
+  run a sequence of its own: no [T, T] mask, no score matrix, nothing computed
+  across runs). Elsewhere, or where cuDNN has no packed layout (before
+  Hopper): `attend_chunked` under `runs_allowed`, the same mask, so the CPU
+  tests check the runs themselves.
+  """
+  if cudnn_available(q_BTNH.dtype):
+    out = _cudnn_packed(q_BTNH, k_BTKH, v_BTKH, runs)
+    if out is not None:
+      return out
+  t = q_BTNH.shape[1]
+  k = k_BTKH.transpose(0, 2, 3, 1)  # the cache layouts `attend` reads
+  v = v_BTKH.swapaxes(1, 2)
+  return attend_chunked(q_BTNH, k, v, runs_allowed(runs, t), chunk)
+
+
 def left_align(mask_BT: Array) -> tuple[Array, Array]:
   """Row gathers that move each row's real tokens to the front, and back.
 
@@ -258,6 +356,10 @@ class Attention(nnx.Module):
     if allowed_BTS is None:  # packed causal rows (attention="cudnn", no cache)
       k = shd.constrain(k, ("batch", "length", "act_kv_heads", "head_dim"), rules)
       return self._out(attend_causal(q, k, v), w, dropout_key), None
+    if isinstance(allowed_BTS, PackedRuns):  # packed segments (attention="cudnn", no cache)
+      k = shd.constrain(k, ("batch", "length", "act_kv_heads", "head_dim"), rules)
+      out = attend_packed(q, k, v, allowed_BTS, cfg.attention_chunk)
+      return self._out(out, w, dropout_key), None
     # The cache layouts: keys [B, K, H, T], values [B, K, T, H] (see `attend`).
     k = k.transpose(0, 2, 3, 1)
     v = v.swapaxes(1, 2)

@@ -20,8 +20,10 @@ from flax import nnx
 
 from srft_jax import sharding as shd
 from srft_jax.model.attention import Attention
+from srft_jax.model.attention import PackedRuns
 from srft_jax.model.attention import dense_out_major
 from srft_jax.model.attention import left_align
+from srft_jax.model.attention import packed_runs
 from srft_jax.model.attention import rope_frequencies
 from srft_jax.model.config import ModelConfig
 from srft_jax.model.layers import RMSNorm
@@ -196,7 +198,8 @@ class _LayerInputs(NamedTuple):
 
   positions: Array  # [B, T]
   inv_freq: Array  # [H/2]
-  allowed: Array | None  # [B, T, S]; None: packed causal rows (attention="cudnn")
+  # [B, T, S]; None: packed causal rows, PackedRuns: packed segments (attention="cudnn")
+  allowed: Array | PackedRuns | None
   index: Array | None  # the cache's fill index; None without a cache
   mask: Array  # [B, T] real tokens
 
@@ -288,6 +291,7 @@ class Transformer(nnx.Module):
     decode: bool = False,
     lora_dropout_key: Array | None = None,
     segment_ids_BT: Array | None = None,
+    max_segments: int | None = None,
   ) -> ModelOutput:
     """Logits [B, T, V] float32 (or with `return_hidden` the final hidden
     states), the updated `cache` and the MoE router statistics: a `ModelOutput`.
@@ -301,6 +305,8 @@ class Transformer(nnx.Module):
     with the key folded with i. `segment_ids_BT` (no cache): packed rows
     (docs/method.md §18), a token attending only to earlier tokens of its own
     segment (id > 0; 0 is padding); `positions_BT` then restart per segment.
+    `max_segments` bounds the segments a packed row holds (default T): with
+    attention="cudnn" the rows go to cuDNN's packed layout, sized by it.
     """
     cfg = self.cfg
     dt = cfg.jnp_dtype
@@ -322,6 +328,10 @@ class Transformer(nnx.Module):
 
     if align:
       allowed, index = None, None
+    elif cache is None and segment_ids_BT is not None and cfg.attention == "cudnn":
+      # each segment, and the padding tail, one sequence of cuDNN's packed layout
+      runs = t if max_segments is None else min(int(max_segments) + 1, t)
+      allowed, index = packed_runs(segment_ids_BT, max(runs, 2)), None
     elif cache is None and segment_ids_BT is not None:
       idx, seg = jnp.arange(t), segment_ids_BT
       same = (seg[:, None, :] == seg[:, :, None]) & (seg[:, None, :] > 0)
