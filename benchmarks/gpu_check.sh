@@ -132,6 +132,13 @@ for name in $PARTS; do
     packing) part $name ${PACKING_LIMIT:-240} $PY benchmarks/packing.py --preset qwen2_5_1_5b \
         --dtype bfloat16 --attention cudnn --remat full --prompt_len 512 --response_len 2048 \
         --pack_rows 4 --repeats 3 ;;
+    # start to first step after a resume, compilation cache off vs on: the 1.5B GPU
+    # config (random init, the built-in task, 256 new tokens; about 5 minutes)
+    resume_1p5b) part $name ${RESUME_LIMIT:-420} $PY benchmarks/resume_time.py --device --in_place \
+        --repeats 1 --out /tmp/srft_resume --config configs/qwen2p5_1p5b_gpu.py \
+        --set model.hf_path= --set data.source=task --set data.tokenizer= \
+        --set data.template=plain --set "data.prompt_buckets=[64]" \
+        --set data.max_response_len=256 --set checkpoint.keep=1 ;;
     # the packing tests on the GPU: cuDNN's packed layout against the segment mask
     packing_tests)
       echo "== packing tests on the GPU"

@@ -12,7 +12,16 @@ Prints one JSON line:
   {"off_s", "on_s", "speedup", "runs": [...], "cache_entries", "cache_mb", ...}
 (medians over `--repeats` resumes each).
 
-  python benchmarks/resume_time.py [--out DIR] [--repeats 2] [--set key=value ...]
+  python benchmarks/resume_time.py [--out DIR] [--repeats 2] [--config FILE] [--set key=value ...]
+
+On a GPU (benchmarks/gpu_check.sh's `resume_1p5b` part): the 1.5B GPU config,
+a random-init model on the built-in task (nothing to download), shorter rows:
+  python benchmarks/resume_time.py --device --in_place --config configs/qwen2p5_1p5b_gpu.py \\
+      --set model.hf_path= --set data.source=task --set data.tokenizer= \\
+      --set data.template=plain --set data.prompt_buckets=[64] --set data.max_response_len=256 \\
+      --set checkpoint.keep=1
+(`--in_place`: each resume continues the same workdir, so the disk holds one run's
+checkpoints, about 18.5 GB each for 1.5B float32 weights and Adam moments.)
 
 The warm-up's base model is cached in DIR/base (reused by reruns).
 """
@@ -40,6 +49,11 @@ def _args(argv=None):
   p.add_argument("--repeats", type=int, default=2, help="resumes of each kind, alternating")
   p.add_argument("--stop_after", type=int, default=2, help="steps before the SIGTERM")
   p.add_argument("--timeout", type=float, default=1800.0)
+  p.add_argument("--config", default=CONFIG, help="the run's config file")
+  p.add_argument("--device", action="store_true", help="the runs use the accelerator (else CPU)")
+  p.add_argument(
+    "--in_place", action="store_true", help="resume the stopped run itself, not copies of it"
+  )
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   return p.parse_args(argv)
 
@@ -56,8 +70,8 @@ def _last_step(workdir: str) -> int:
   return max((int(r["step"]) for r in _rows(workdir)), default=-1)
 
 
-def _start(workdir: str, overrides: dict, env: dict, log: str) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "srft_jax.main", f"--config={CONFIG}", f"--workdir={workdir}"]
+def _start(config: str, workdir: str, overrides: dict, env: dict, log: str) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "srft_jax.main", f"--config={config}", f"--workdir={workdir}"]
   cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
   with open(log, "a") as f:
     return subprocess.Popen(
@@ -101,26 +115,37 @@ def main(argv=None) -> int:
   }
   overrides.update(kv.split("=", 1) for kv in a.set)
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-  env.update(PYTHONUNBUFFERED="1", JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"))
+  env.update(PYTHONUNBUFFERED="1")
+  if "JAX_PLATFORMS" not in env and not a.device:
+    env["JAX_PLATFORMS"] = "cpu"
 
   # The preempted run: it fills the cache with every program up to its stop.
   first = os.path.join(out, "preempted")
   shutil.rmtree(first, ignore_errors=True)
   shutil.rmtree(cache, ignore_errors=True)
-  proc = _start(first, {**overrides, "checkpoint.compile_cache": cache}, env, first + ".log")
+  proc = _start(
+    a.config, first, {**overrides, "checkpoint.compile_cache": cache}, env, first + ".log"
+  )
   _wait_for_step(proc, first, a.stop_after - 2, a.timeout)
   _stop(proc, a.timeout)
-  stopped_at = _last_step(first)
+  stopped_at = first_stop = _last_step(first)
 
   runs = []
   for i in range(a.repeats):
     for kind, setting in (("off", ""), ("on", cache)):
-      wd = os.path.join(out, f"resume_{kind}_{i}")
-      shutil.rmtree(wd, ignore_errors=True)
-      shutil.copytree(first, wd)
-      proc = _start(wd, {**overrides, "checkpoint.compile_cache": setting}, env, wd + ".log")
+      if a.in_place:  # resume the run itself again (no copy: a large model's checkpoint)
+        wd = first
+      else:
+        wd = os.path.join(out, f"resume_{kind}_{i}")
+        shutil.rmtree(wd, ignore_errors=True)
+        shutil.copytree(first, wd)
+      proc = _start(
+        a.config, wd, {**overrides, "checkpoint.compile_cache": setting}, env, wd + ".log"
+      )
       seconds = _wait_for_step(proc, wd, stopped_at, a.timeout)
       _stop(proc, a.timeout)
+      if a.in_place:
+        stopped_at = _last_step(wd)
       runs.append({"kind": kind, "first_step_s": round(seconds, 2)})
       print(f"resume {kind} #{i}: {seconds:.1f} s to the first step", file=sys.stderr)
 
@@ -133,9 +158,10 @@ def main(argv=None) -> int:
     json.dumps(
       {
         "benchmark": "resume_time",
-        "config": "configs/default.py",
+        "config": os.path.relpath(a.config, ROOT),
+        "platform": env.get("JAX_PLATFORMS") or "the accelerator",
         "overrides": {k: v for k, v in overrides.items() if k != "warmup.dir"},
-        "stopped_at_step": stopped_at,
+        "stopped_at_step": first_stop,
         "off_s": median("off"),
         "on_s": median("on"),
         "speedup": round(median("off") / median("on"), 2),
