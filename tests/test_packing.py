@@ -208,6 +208,73 @@ def test_packed_runs_are_cudnns_packed_layout():
   real = seg > 0
   seg_mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0) & (j <= i)[None]
   np.testing.assert_array_equal(ok[real], seg_mask[real])
+  # Too little room: a row keeps its first m runs, the last offset stays -1.
+  few = attn_lib.packed_runs(jnp.asarray(seg), 2)
+  for b, (starts, lens) in enumerate(_numpy_runs(seg)):
+    assert np.asarray(few.starts_BM[b]).tolist() == (starts[:2] + [-1] * 3)[:3], b
+    assert np.asarray(few.lengths_BM[b]).tolist() == (lens[:2] + [-1])[:2], b
+
+
+def _emulate_cudnn_packed(q, k, v, q_len, kv_len, q_off, kv_off):
+  """What cuDNN computes from jax's packed-layout operands, in NumPy: jax
+  (`_fix_seqlen_offsets`) flattens the runs of all rows into one list of
+  sequences with element offsets into the flat q [B*T*N*H] and k [B*S*K*H]
+  buffers; each sequence is causal attention on its own. Tokens in no
+  sequence stay NaN."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  lens_q, lens_k, offs_q, offs_k = (
+    np.asarray(x).ravel() for x in cudnn_fa._fix_seqlen_offsets(q_len, kv_len, q_off, kv_off, q, k)
+  )
+  qf = np.asarray(q, np.float64).reshape(b * t, n, h)
+  kf, vf = (np.asarray(x, np.float64).reshape(b * t, kh, h) for x in (k, v))
+  out = np.full((b * t, n, h), np.nan)
+  for i in range(len(lens_q)):
+    lq, lk = int(lens_q[i]), int(lens_k[i])
+    if lq <= 0:
+      continue
+    a, c = int(offs_q[i]) // (n * h), int(offs_k[i]) // (kh * h)  # the buffers' real strides
+    assert 0 <= c and c + lk <= b * t, "a sequence past the key buffer"
+    for head in range(n):
+      g = head // (n // kh)
+      sc = qf[a : a + lq, head] @ kf[c : c + lk, g].T / np.sqrt(h)
+      sc = np.where(np.tril(np.ones((lq, lk), bool)), sc, -np.inf)
+      p = np.exp(sc - sc.max(-1, keepdims=True))
+      out[a : a + lq, head] = (p / p.sum(-1, keepdims=True)) @ vf[c : c + lk, g]
+  return out.reshape(b, t, n, h)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_cudnn_operands_mean_the_segment_mask(heads, kv_heads):
+  """The operands `attend_packed` hands jax's cuDNN attention, run through
+  jax's own offset arithmetic and an emulation of cuDNN's packed layout,
+  give the segment-masked attention on every real token and finite values
+  on padding; with grouped-query keys too (jax 0.10 strides key offsets by
+  the query's heads: the keys are repeated to match). A row with more runs
+  than the room leaves the other row exact."""
+  rs = np.random.RandomState(2)
+  lengths = np.array([100, 60, 40, 30, 128, 90, 20])
+  plan = packing.make_plan(np.zeros(7), lengths, row_len=128, pack_len=256, pack_rows=2)
+  seg = np.asarray(plan["segment"][0, 0, 0])
+  q, k, v = (rs.randn(2, 256, x, 16).astype(np.float32) for x in (heads, kv_heads, kv_heads))
+  kk, vv = (np.repeat(x, heads // kv_heads, 2) for x in (k, v))
+  i, j = np.arange(256)[:, None], np.arange(256)[None]
+  ok = (seg[:, :, None] == seg[:, None, :]) & (j <= i)[None]
+  sc = np.einsum("btnh,bsnh->bnts", q, kk) / 4.0
+  p = np.exp(np.where(ok[:, None], sc, -np.inf) - sc.max(-1, keepdims=True))
+  want = np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), vv)
+  real = seg > 0
+  runs_per_row = [len(r[0]) for r in _numpy_runs(seg)]
+  for room in (8, min(runs_per_row)):  # enough; too little for the longer row
+    runs = attn_lib.packed_runs(jnp.asarray(seg), room)
+    ops = attn_lib.cudnn_packed_operands(*(jnp.asarray(x) for x in (q, k, v)), runs)
+    got = _emulate_cudnn_packed(*ops)
+    fits = np.array(runs_per_row) <= room
+    np.testing.assert_allclose(got[fits][real[fits]], want[fits][real[fits]], atol=1e-5)
+    assert np.isfinite(got[fits]).all()  # the padding tail is a run of its own
+  assert not fits.all()  # the second pass did overflow a row
 
 
 @pytest.mark.skipif(
@@ -235,6 +302,7 @@ def test_cudnn_packed_attention_equals_the_segment_mask():
     return jnp.sum(fn(q, kk, v).astype(jnp.float32) ** 2 * w)
 
   cudnn = lambda q, kk, v: attn_lib.attend_packed(q, kk, v, runs, 64)  # noqa: E731
+  assert "cudnn" in jax.jit(cudnn).lower(q, kk, v).as_text()  # cuDNN ran, not the fallback
   got, want = jax.jit(cudnn)(q, kk, v), jax.jit(masked)(q, kk, v)
   f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
   np.testing.assert_allclose(f32(got)[real], f32(want)[real], atol=2e-2)
@@ -392,11 +460,13 @@ def test_packed_step_does_not_recompile_when_rows_spill(tiny):
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scanned"])
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scanned_cudnn"])
 def test_sharded_packed_step_equals_single_device(tiny, scan):
   """Packed rows on a (data, fsdp, tensor) mesh of 2 x 2 x 2, the layers in a
-  loop or scanned (their stacked params sharded by the same rules)."""
-  model_cfg = dataclasses.replace(TINY, scan_layers=scan)
+  loop or scanned (their stacked params sharded by the same rules; attention
+  "cudnn", whose packed runs are sharded like the rows)."""
+  attention = "cudnn" if scan else TINY.attention
+  model_cfg = dataclasses.replace(TINY, scan_layers=scan, attention=attention)
   graphdef, params = tiny if not scan else nnx.split(model_lib.create_model(model_cfg, seed=1))
   batch = _batch(8)
   cfg = step_lib.StepConfig(loss=obj.LossConfig.preset("srft"), microbatches=2, logit_chunk=16)

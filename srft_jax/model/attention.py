@@ -158,19 +158,22 @@ class PackedRuns(NamedTuple):
 def packed_runs(segment_ids_BT: Array, max_runs: int) -> PackedRuns:
   """The runs of `segment_ids_BT` (docs/method.md §18: a packed row is segments
   1, 2, ... one after the other, then padding 0) as `PackedRuns` with room for
-  `max_runs` runs a row; a row with more runs than that loses the extra ones,
-  so the caller bounds it (the step: its rows a micro-batch, plus the tail)."""
+  `max_runs` runs a row. A row's runs past `max_runs` are left out (their
+  tokens attend to nothing; the other rows are unaffected), so the caller
+  bounds it: the step by its rows a micro-batch, plus the tail."""
   b, t = segment_ids_BT.shape
   seg = segment_ids_BT
   first = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
   run = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1  # [B, T]: each token's run
   rows = jnp.arange(b, dtype=jnp.int32)[:, None]
   cols = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-  # Out-of-range runs (past max_runs) are dropped by the scatters' mode.
+  # Runs past max_runs are dropped by the scatters' mode.
   lengths = jnp.zeros((b, max_runs), jnp.int32).at[rows, run].add(1, mode="drop")
-  starts = jnp.full((b, max_runs + 1), t, jnp.int32).at[rows, run].min(cols, mode="drop")
-  used = jnp.arange(max_runs + 1)[None] < run[:, -1:] + 1
-  return PackedRuns(jnp.where(used, starts, -1), jnp.where(used[:, :-1], lengths, -1))
+  starts = jnp.full((b, max_runs), t, jnp.int32).at[rows, run].min(cols, mode="drop")
+  used = jnp.arange(max_runs)[None] < run[:, -1:] + 1
+  # The offsets' last column is never a start: -1 (the packed layout's [B, M + 1]).
+  starts = jnp.concatenate([jnp.where(used, starts, -1), jnp.full((b, 1), -1, jnp.int32)], 1)
+  return PackedRuns(starts, jnp.where(used, lengths, -1))
 
 
 def runs_allowed(runs: PackedRuns, t: int) -> Array:
@@ -191,24 +194,42 @@ def cudnn_available(dtype) -> bool:
   return on_gpu and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def cudnn_packed_operands(q_BTNH, k_BTKH, v_BTKH, runs: PackedRuns) -> tuple[Array, ...]:
+  """(q, k, v, q_seqlen, kv_seqlen, q_offsets, kv_offsets) as `_cudnn_packed`
+  hands them to jax's cuDNN attention. Keys and values are repeated to the
+  query's head count: jax 0.10's packed layout turns the key offsets into
+  element offsets with the query's heads as the token stride, which is wrong
+  for grouped-query keys (it reads other segments' keys, without an error)."""
+  n, kh = q_BTNH.shape[2], k_BTKH.shape[2]
+  if kh != n:
+    k_BTKH = jnp.repeat(k_BTKH, n // kh, axis=2)  # query head i reads kv head i // (n / kh)
+    v_BTKH = jnp.repeat(v_BTKH, n // kh, axis=2)
+  lengths, starts = runs.lengths_BM, runs.starts_BM
+  return q_BTNH, k_BTKH, v_BTKH, lengths, lengths, starts, starts
+
+
 def _cudnn_packed(q_BTNH, k_BTKH, v_BTKH, runs: PackedRuns) -> Array | None:
   """cuDNN flash attention over its packed layout, or None where this jax,
   cuDNN or GPU has none (it needs Hopper or newer): the caller falls back."""
   try:
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # noqa: PLC0415 (GPUs only; jax has no public packed API)
-
+  except ImportError as e:
+    _warn_once(f"this jax has no cuDNN packed attention ({e}); using chunked attention")
+    return None
+  q, k, v, q_len, kv_len, q_off, kv_off = cudnn_packed_operands(q_BTNH, k_BTKH, v_BTKH, runs)
+  try:
     return cudnn_fa.dot_product_attention(
-      q_BTNH,
-      k_BTKH,
-      v_BTKH,
-      q_seqlen=runs.lengths_BM,
-      kv_seqlen=runs.lengths_BM,
-      q_offsets=runs.starts_BM,
-      kv_offsets=runs.starts_BM,
-      scale=q_BTNH.shape[-1] ** -0.5,
+      q,
+      k,
+      v,
+      q_seqlen=q_len,
+      kv_seqlen=kv_len,
+      q_offsets=q_off,
+      kv_offsets=kv_off,
+      scale=q.shape[-1] ** -0.5,
       mask_type=cudnn_fa.MaskType.PADDING_CAUSAL,
     )
-  except (ImportError, AttributeError, TypeError, NotImplementedError, RuntimeError) as e:
+  except NotImplementedError as e:  # before Hopper, or a shape cuDNN refuses
     _warn_once(f"cuDNN's packed attention is not available here ({e}); using chunked attention")
     return None
 

@@ -330,8 +330,11 @@ class Transformer(nnx.Module):
       allowed, index = None, None
     elif cache is None and segment_ids_BT is not None and cfg.attention == "cudnn":
       # each segment, and the padding tail, one sequence of cuDNN's packed layout
-      runs = t if max_segments is None else min(int(max_segments) + 1, t)
-      allowed, index = packed_runs(segment_ids_BT, max(runs, 2)), None
+      room = t if max_segments is None else min(int(max_segments) + 1, t)
+      runs = packed_runs(segment_ids_BT, max(room, 2))  # 1 would mean "not packed" to jax
+      # sharded like the rows: cuDNN's partitioned call reads each shard's own offsets
+      allowed = PackedRuns(*(shd.constrain(x, ("batch", None), cfg.rules) for x in runs))
+      index = None
     elif cache is None and segment_ids_BT is not None:
       idx, seg = jnp.arange(t), segment_ids_BT
       same = (seg[:, None, :] == seg[:, :, None]) & (seg[:, None, :] > 0)
