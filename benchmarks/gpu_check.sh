@@ -130,7 +130,7 @@ for name in $PARTS; do
     # the 1.5B shape, 32 rows of 512 + 2,048 tokens (long-tailed responses), packed
     # into slots of 4 x 5,120 tokens vs padded, one update each, side by side.
     packing) part $name ${PACKING_LIMIT:-240} $PY benchmarks/packing.py --preset qwen2_5_1_5b \
-        --dtype bfloat16 --attention cudnn --remat full --prompt_len 512 --response_len 2048 \
+        --dtype bfloat16 --attention cudnn --remat full --scan_layers --prompt_len 512 --response_len 2048 \
         --pack_rows 4 --repeats 3 ;;
     # start to first step after a resume, compilation cache off vs on: the 1.5B GPU
     # config (random init, the built-in task, 256 new tokens; about 5 minutes)

@@ -18,7 +18,7 @@ step's (and the relative difference of the gradient norms).
   python benchmarks/packing.py [--rows 32] [--pack_len 0] [--pack_rows 1] [--repeats 7]
   # on a GPU (benchmarks/gpu_check.sh's `packing` part): Qwen2.5-1.5B's shape, cuDNN
   python benchmarks/packing.py --preset qwen2_5_1_5b --dtype bfloat16 --attention cudnn \\
-      --remat full --prompt_len 512 --response_len 2048 --pack_rows 4
+      --remat full --scan_layers --prompt_len 512 --response_len 2048 --pack_rows 4
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def _args(argv=None):
   p.add_argument("--dtype", default="float32")
   p.add_argument("--attention", default="xla", help="xla | chunked | cudnn")
   p.add_argument("--remat", default="none")
+  p.add_argument("--scan_layers", action="store_true", help="the layers as one lax.scan")
   return p.parse_args(argv)
 
 
@@ -97,7 +98,7 @@ def _time(runs, repeats):
 
 def main(argv=None):
   a = _args(argv)
-  common = dict(dtype=a.dtype, attention=a.attention, remat=a.remat, scan_layers=True)
+  common = dict(dtype=a.dtype, attention=a.attention, remat=a.remat, scan_layers=a.scan_layers)
   if a.preset:
     cfg = model_lib.ModelConfig.preset(a.preset, **common)
   else:

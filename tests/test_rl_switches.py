@@ -210,7 +210,7 @@ def _sha(path):
 # (two layers, so the scan has a length; 8 packed rows a slot split over the 8
 # data shards), fewer steps there.
 LAYOUTS = {
-  "loop_padded": (12, {}),
+  "loop_padded": (8, {}),
   "scanned_packed": (
     6,
     {
