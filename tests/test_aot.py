@@ -224,7 +224,9 @@ def test_rows_per_shard_sets_the_micro_batches():
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("teacher", [False, True], ids=["student", "teacher"])
+@pytest.mark.parametrize(
+  "teacher", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["student", "teacher"]
+)
 def test_packed_train_step_is_the_trainers(tmp_path, teacher):
   """With batch.packing, `lower_train` lowers the step Trainer.update jits
   (docs/method.md §18): compiled on this host's mesh, the AOT program takes the

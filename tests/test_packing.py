@@ -379,6 +379,7 @@ def test_packed_step_equals_unpacked_for_every_preset(tiny, preset):
   _assert_same_step(want, got)
 
 
+@pytest.mark.slow
 def test_packed_step_equals_unpacked_with_cudnn_attention():
   """attention="cudnn", scanned: the packed step (segments as cuDNN's packed
   runs) equals the unpacked one (left-aligned causal rows). On CPU both run
@@ -425,6 +426,7 @@ def test_packed_step_equals_unpacked_with_micro_batches_and_pre_passes(tiny):
   _assert_same_step(want, got)
 
 
+@pytest.mark.slow
 def test_packed_step_equals_unpacked_with_lora(tiny):
   model = lora.attach(model_lib.create_model(TINY, seed=1), lora.LoRAConfig(rank=4, alpha=8.0))
   graphdef, adapters, base_state = lora.split(model)
@@ -460,7 +462,9 @@ def test_packed_step_does_not_recompile_when_rows_spill(tiny):
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scanned_cudnn"])
+@pytest.mark.parametrize(
+  "scan", [pytest.param(False, marks=pytest.mark.slow), True], ids=["loop", "scanned_cudnn"]
+)
 def test_sharded_packed_step_equals_single_device(tiny, scan):
   """Packed rows on a (data, fsdp, tensor) mesh of 2 x 2 x 2, the layers in a
   loop or scanned (their stacked params sharded by the same rules; attention

@@ -312,6 +312,7 @@ def test_sharded_scanned_load(hf_checkpoints):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lora_adapters_logits_dropout_and_exports(tmp_path):
   base = model_lib.create_model(_cfg("qwen2"), seed=0)
   loop, scanned = nnx.clone(base), model_lib.with_layer_layout(base, True)

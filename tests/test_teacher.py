@@ -170,7 +170,9 @@ def test_step_with_a_teacher_equals_the_pure_loss(models, case):
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3
 
 
-@pytest.mark.parametrize("rows", [V + 16, V - 8], ids=["wider", "narrower"])
+@pytest.mark.parametrize(
+  "rows", [pytest.param(V + 16, marks=pytest.mark.slow), V - 8], ids=["wider", "narrower"]
+)
 def test_a_teacher_with_another_padded_vocabulary(models, rows):
   """One tokenizer, unembeddings padded to different sizes (Qwen2.5-1.5B and
   7B): the exact KL is over the ids both have, each side renormalised there;
@@ -258,7 +260,7 @@ def test_sharded_step_with_a_teacher_equals_single_device(models):
   _close(grads, want[1])
 
 
-@pytest.mark.parametrize("estimator", ["sampled", "full"])
+@pytest.mark.parametrize("estimator", ["sampled", pytest.param("full", marks=pytest.mark.slow)])
 def test_packed_lora_step_with_a_teacher_equals_unpacked(models, estimator):
   """LoRA adapters train beside a separate teacher, the rows packed in two
   micro-batches (docs/method.md §18): the teacher's log-probs (sampled) or
