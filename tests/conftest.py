@@ -10,8 +10,16 @@ import os
 import pytest
 
 _PLATFORM = os.environ.get("SRFT_TEST_PLATFORM", "cpu")
+# The 8 CPU devices share 2 cores with another test process (xdist) and its
+# subprocesses: a device can reach a collective tens of seconds after the
+# others. XLA:CPU aborts the whole process when a collective's rendezvous
+# waits past its termination timeout, so that timeout is 10 minutes here (a
+# real deadlock still aborts), and the "may be stuck" warning comes after 2.
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "")
+  + " --xla_force_host_platform_device_count=8"
+  + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+  + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
 ).strip()
 if _PLATFORM == "cpu":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
