@@ -141,8 +141,7 @@ def attend_causal(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array) -> Array:
   scores) when running on a GPU in bf16/fp16; XLA's implementation elsewhere,
   so the same model runs and is tested on CPU.
   """
-  on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
-  impl = "cudnn" if on_gpu and q_BTNH.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+  impl = "cudnn" if cudnn_available(q_BTNH.dtype) else "xla"
   return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=impl)
 
 
